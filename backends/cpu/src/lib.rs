@@ -1,0 +1,1 @@
+//! flashattn-cpu backend (in progress).

@@ -1,0 +1,1 @@
+//! flashattn-cuda backend (in progress).

@@ -1,0 +1,1 @@
+//! flashattn-wgpu backend (in progress).
