@@ -28,6 +28,18 @@ pub struct BenchMeasure {
     pub extra_bytes: Option<u64>,
 }
 
+impl BenchMeasure {
+    /// Median of the finite timings; `None` if there are none.
+    pub fn median_ms(&self) -> Option<f64> {
+        let mut t: Vec<f64> = self.times_ms.iter().copied().filter(|x| x.is_finite()).collect();
+        if t.is_empty() {
+            return None;
+        }
+        t.sort_by(f64::total_cmp);
+        Some(t[t.len() / 2])
+    }
+}
+
 /// A compute backend. Backends are discovered by the runtime and must never panic on user input.
 pub trait Backend: Send + Sync {
     /// Short name: "cpu", "wgpu", "cuda".

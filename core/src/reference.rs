@@ -22,6 +22,8 @@ pub fn reference_attention(
     let softcap = spec.softcap as f64;
     let mut out = vec![0.0f64; spec.out_elems().unwrap_or(0)];
     let mut lse = vec![f64::NEG_INFINITY; spec.lse_elems().unwrap_or(0)];
+    // Widen once: the row loops below then run over plain f64 slices.
+    let (q, k, v) = (widen(&q), widen(&k), widen(&v));
     let mut scores = Vec::new();
     for b in 0..spec.batch {
         let s = spec.seq(b);
@@ -38,10 +40,12 @@ pub fn reference_attention(
                 scores.clear();
                 for j in lo..hi {
                     let krow = ((s.k_start + j) * hkv + kh) * d;
-                    let dot: f64 = (0..d)
-                        .map(|x| q.get_f32(qrow + x) as f64 * dq * k.get_f32(krow + x) as f64 * dk)
+                    let dot: f64 = q[qrow..qrow + d]
+                        .iter()
+                        .zip(&k[krow..krow + d])
+                        .map(|(a, b)| a * b)
                         .sum();
-                    let mut score = scale * dot;
+                    let mut score = scale * dot * dq * dk;
                     if softcap > 0.0 {
                         score = softcap * (score / softcap).tanh();
                     }
@@ -56,8 +60,8 @@ pub fn reference_attention(
                 for (jj, j) in (lo..hi).enumerate() {
                     let p = (scores[jj] - max).exp() / sum;
                     let vrow = ((s.k_start + j) * hkv + kh) * dv;
-                    for x in 0..dv {
-                        out[orow + x] += p * v.get_f32(vrow + x) as f64 * dvs;
+                    for (o, x) in out[orow..orow + dv].iter_mut().zip(&v[vrow..vrow + dv]) {
+                        *o += p * x * dvs;
                     }
                 }
             }
@@ -74,4 +78,8 @@ fn descales(spec: &AttentionSpec, b: usize, kh: usize) -> (f64, f64, f64) {
         }
         None => (1.0, 1.0, 1.0),
     }
+}
+
+fn widen(t: &TensorRef<'_>) -> Vec<f64> {
+    t.to_f32_vec().into_iter().map(f64::from).collect()
 }
