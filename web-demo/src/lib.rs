@@ -1,0 +1,12 @@
+//! flashattn in the browser: the page's form becomes an `AttentionSpec`, the wgpu backend runs
+//! it on WebGPU, and the result is checked against the f64 reference and drawn as a heatmap.
+//!
+//! The logic (`config`, `heatmap`, `report`) is plain Rust, tested natively with `cargo test`;
+//! the wasm-bindgen glue in `web` exists only on wasm32.
+
+pub mod config;
+pub mod heatmap;
+pub mod report;
+
+#[cfg(target_arch = "wasm32")]
+mod web;
