@@ -1,0 +1,425 @@
+//! The tiled online-softmax forward (FlashAttention-2 style) on CPU threads.
+//!
+//! One task = (batch, query head, block of BR query rows). A task packs its Q block once,
+//! transposed and pre-scaled (`Qt[d][BR]`), then walks the visible key blocks of BC keys:
+//! `S^T = K_blk · Qt` (keys x queries, so the softmax vectorises across queries), masks and
+//! rescales, `P = 2^(S - m)`, `O = O * alpha + P · V_blk`. Only per-worker tile scratch is
+//! allocated; the score matrix never exists. Key blocks the mask hides entirely are skipped
+//! because each task only walks `[min lo, max hi)` of its rows' `key_range`.
+
+use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
+use crate::isa::Isa;
+use crate::parallel::Pool;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+use crate::simd::{Portable, Simd, Tile};
+use flashattn_core::{AttentionSpec, Output, Result, TensorRef};
+use std::f32::consts::{LN_2, LOG2_E};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Query rows per task (a multiple of every ISA's Q·K tile width and P·V tile height).
+const BR: usize = 48;
+/// Keys per block.
+const BC: usize = 128;
+
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    b: usize,
+    h: usize,
+    q0: usize,
+}
+
+/// Everything the workers share for one forward call.
+struct Problem<'a> {
+    spec: &'a AttentionSpec,
+    q: Src<'a>,
+    k: Src<'a>,
+    v: Src<'a>,
+    out: OutBuf,
+    lse: Option<LseBuf>,
+    tasks: Vec<Task>,
+    next: AtomicUsize,
+    /// Multiplier folded into Q when packing: scale, times log2(e) unless softcap needs
+    /// the natural-scale score first.
+    q_mul: f32,
+    /// Whether scores need the scalar softcap / ALiBi pass.
+    post: bool,
+    /// Value dimension padded to the vector width (O scratch row length).
+    dv_pad: usize,
+    /// f32 V with `dv` a multiple of the vector width is read in place, else packed.
+    v_direct: bool,
+}
+
+/// Per-worker tile scratch: O(BR * (d + dv) + BC * (BR + d + dv)) floats, independent of
+/// the sequence lengths.
+struct Scratch {
+    qt: AlignedBuf,
+    kp: AlignedBuf,
+    vp: AlignedBuf,
+    s: AlignedBuf,
+    o: AlignedBuf,
+    m: AlignedBuf,
+    l: AlignedBuf,
+    alpha: AlignedBuf,
+    m_use: AlignedBuf,
+    m_blk: AlignedBuf,
+    row: Vec<f32>,
+    lo: Vec<usize>,
+    hi: Vec<usize>,
+}
+
+impl Scratch {
+    fn new(p: &Problem) -> Self {
+        let d = p.spec.head_dim;
+        let k_packed = p.k.as_f32().is_none();
+        Scratch {
+            qt: AlignedBuf::zeroed(d * BR),
+            kp: AlignedBuf::zeroed(if k_packed { BC * d } else { 0 }),
+            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { BC * p.dv_pad }),
+            s: AlignedBuf::zeroed(BC * BR),
+            o: AlignedBuf::zeroed(BR * p.dv_pad),
+            m: AlignedBuf::zeroed(BR),
+            l: AlignedBuf::zeroed(BR),
+            alpha: AlignedBuf::zeroed(BR),
+            m_use: AlignedBuf::zeroed(BR),
+            m_blk: AlignedBuf::zeroed(BR),
+            row: vec![0.0; d.max(p.dv_pad)],
+            lo: vec![0; BR],
+            hi: vec![0; BR],
+        }
+    }
+}
+
+/// Flash forward on validated inputs.
+pub(crate) fn forward(
+    pool: &Pool,
+    isa: Isa,
+    spec: &AttentionSpec,
+    q: TensorRef<'_>,
+    k: TensorRef<'_>,
+    v: TensorRef<'_>,
+) -> Result<Output> {
+    let lanes = match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 | Isa::Portable => 8,
+    };
+    let dv = spec.head_dim_v;
+    let dv_pad = dv.div_ceil(lanes) * lanes;
+    let (out_t, out) = OutBuf::zeroed(spec.dtype.output(), spec.out_elems().unwrap_or(0))?;
+    let mut lse_v = if spec.return_lse {
+        vec![f32::NEG_INFINITY; spec.lse_elems().unwrap_or(0)]
+    } else {
+        Vec::new()
+    };
+    let v = Src::new(v)?;
+    let post = spec.softcap > 0.0 || spec.alibi.is_some();
+    let scale = spec.scale_value();
+    let problem = Problem {
+        spec,
+        q: Src::new(q)?,
+        k: Src::new(k)?,
+        v,
+        out,
+        lse: spec.return_lse.then(|| LseBuf::new(&mut lse_v)),
+        tasks: tasks(spec),
+        next: AtomicUsize::new(0),
+        q_mul: if spec.softcap > 0.0 {
+            scale
+        } else {
+            scale * LOG2_E
+        },
+        post,
+        dv_pad,
+        v_direct: v.as_f32().is_some() && dv == dv_pad,
+    };
+    pool.run(problem.tasks.len(), &|| run_worker(isa, &problem));
+    Ok(Output {
+        out: out_t,
+        lse: spec.return_lse.then_some(lse_v),
+    })
+}
+
+/// All (batch, head, query block) tasks, heaviest first when a mask makes them uneven
+/// (so the dynamic queue ends with short tasks and the threads finish together).
+fn tasks(spec: &AttentionSpec) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for b in 0..spec.batch {
+        let s = spec.seq(b);
+        for h in 0..spec.heads_q {
+            for q0 in (0..s.q_len).step_by(BR) {
+                tasks.push(Task { b, h, q0 });
+            }
+        }
+    }
+    if spec.is_masked() || spec.is_varlen() {
+        let work = |t: &Task| {
+            let s = spec.seq(t.b);
+            let last = (t.q0 + BR).min(s.q_len) - 1;
+            let (lo, _) = spec.key_range(t.q0, s.q_len, s.k_len);
+            let (_, hi) = spec.key_range(last, s.q_len, s.k_len);
+            hi.saturating_sub(lo) * (last + 1 - t.q0)
+        };
+        tasks.sort_by_key(|t| std::cmp::Reverse(work(t)));
+    }
+    tasks
+}
+
+fn run_worker(isa: Isa, p: &Problem) {
+    let mut sc = Scratch::new(p);
+    // SAFETY: a backend only holds an `Isa` that `Isa::available()` confirmed on this CPU.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => worker_avx512(p, &mut sc),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => worker_avx2(p, &mut sc),
+            _ => worker::<Portable>(p, &mut sc),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn worker_avx512(p: &Problem, sc: &mut Scratch) {
+    worker::<Avx512>(p, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn worker_avx2(p: &Problem, sc: &mut Scratch) {
+    worker::<Avx2>(p, sc)
+}
+
+/// Pulls tasks off the shared queue until it is empty.
+#[inline(always)]
+unsafe fn worker<S: Simd>(p: &Problem, sc: &mut Scratch) {
+    loop {
+        let t = p.next.fetch_add(1, Ordering::Relaxed);
+        let Some(&task) = p.tasks.get(t) else { break };
+        run_task::<S>(p, sc, task);
+    }
+}
+
+#[inline(always)]
+unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
+    let spec = p.spec;
+    let s = spec.seq(t.b);
+    let rows = BR.min(s.q_len - t.q0);
+    let (d, dv, hq, hkv) = (spec.head_dim, spec.head_dim_v, spec.heads_q, spec.heads_kv);
+    let kh = spec.kv_head(t.h);
+    let dv_pad = p.dv_pad;
+
+    // Visible key range of each row; the task walks the union.
+    let (mut klo, mut khi) = (usize::MAX, 0);
+    for i in 0..BR {
+        let (lo, hi) = if i < rows {
+            spec.key_range(t.q0 + i, s.q_len, s.k_len)
+        } else {
+            (0, 0)
+        };
+        sc.lo[i] = lo;
+        sc.hi[i] = hi;
+        if lo < hi {
+            klo = klo.min(lo);
+            khi = khi.max(hi);
+        }
+    }
+    if klo >= khi {
+        // Every row is masked: out stays 0, LSE stays -inf.
+        return;
+    }
+
+    // Qt[x][i] = q[i][x] * q_mul; padding rows are zero.
+    let qt = sc.qt.as_mut_slice();
+    for i in 0..BR {
+        if i < rows {
+            let off = ((s.q_start + t.q0 + i) * hq + t.h) * d;
+            p.q.read_row(off, &mut sc.row[..d]);
+            for (x, &val) in sc.row[..d].iter().enumerate() {
+                qt[x * BR + i] = val * p.q_mul;
+            }
+        } else {
+            for x in 0..d {
+                qt[x * BR + i] = 0.0;
+            }
+        }
+    }
+    sc.o.as_mut_slice().fill(0.0);
+    sc.m.as_mut_slice().fill(f32::NEG_INFINITY);
+    sc.l.as_mut_slice().fill(0.0);
+
+    let slope = spec.alibi_slope(t.b, t.h) * LOG2_E;
+    let diag_shift = s.k_len as i64 - s.q_len as i64;
+    let mut j0 = klo;
+    while j0 < khi {
+        let nk = BC.min(khi - j0);
+
+        // K rows: in place for f32, else widened into kp.
+        let (kptr, krs) = match p.k.as_f32() {
+            Some(k) => (k.as_ptr().add(((s.k_start + j0) * hkv + kh) * d), hkv * d),
+            None => {
+                let kp = sc.kp.as_mut_slice();
+                for j in 0..nk {
+                    let off = ((s.k_start + j0 + j) * hkv + kh) * d;
+                    p.k.read_row(off, &mut kp[j * d..(j + 1) * d]);
+                }
+                (sc.kp.as_ptr(), d)
+            }
+        };
+
+        // S^T[j][i] = k_j · qt_i (keys x queries).
+        let sp = sc.s.as_mut_ptr();
+        let qtp = sc.qt.as_ptr();
+        let qw = S::NV_QK * S::LANES;
+        let mut jt = 0;
+        while jt < nk {
+            let mr = S::MR_QK.min(nk - jt);
+            for ig in (0..BR).step_by(qw) {
+                S::qk_tile(
+                    mr,
+                    Tile {
+                        k: d,
+                        a: kptr.add(jt * krs),
+                        a_rs: krs,
+                        a_cs: 1,
+                        b: qtp.add(ig),
+                        ldb: BR,
+                        c: sp.add(jt * BR + ig),
+                        ldc: BR,
+                        alpha: std::ptr::null(),
+                    },
+                );
+            }
+            jt += mr;
+        }
+
+        let sm = sc.s.as_mut_slice();
+        if p.post {
+            // Softcap and ALiBi, then into the log2 domain.
+            let cap = spec.softcap;
+            for j in 0..nk {
+                let kj = (j0 + j) as i64;
+                for i in 0..rows {
+                    let x = &mut sm[j * BR + i];
+                    let mut val = *x;
+                    if cap > 0.0 {
+                        val = cap * (val / cap).tanh() * LOG2_E;
+                    }
+                    let dist = ((t.q0 + i) as i64 + diag_shift - kj).unsigned_abs();
+                    *x = val - slope * dist as f32;
+                }
+            }
+        }
+        let full = (0..rows).all(|i| sc.lo[i] <= j0 && sc.hi[i] >= j0 + nk);
+        if !full {
+            for j in 0..nk {
+                let kj = j0 + j;
+                for i in 0..BR {
+                    if kj < sc.lo[i] || kj >= sc.hi[i] {
+                        sm[j * BR + i] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+
+        // Online softmax, vectorised across queries.
+        let mb = sc.m_blk.as_mut_ptr();
+        for ig in (0..BR).step_by(S::LANES) {
+            let mut mx = S::splat(f32::NEG_INFINITY);
+            for j in 0..nk {
+                mx = S::max(mx, S::load(sp.add(j * BR + ig)));
+            }
+            S::store(mb.add(ig), mx);
+        }
+        {
+            let m = sc.m.as_mut_slice();
+            let alpha = sc.alpha.as_mut_slice();
+            let m_use = sc.m_use.as_mut_slice();
+            let m_blk = sc.m_blk.as_slice();
+            for i in 0..BR {
+                let m_new = m[i].max(m_blk[i]);
+                if m_new == f32::NEG_INFINITY {
+                    // Nothing visible yet: keep O and l at 0, p = 2^-inf = 0.
+                    alpha[i] = 1.0;
+                    m_use[i] = 0.0;
+                } else {
+                    alpha[i] = (m[i] - m_new).exp2();
+                    m_use[i] = m_new;
+                }
+                m[i] = m_new;
+            }
+        }
+        let (lp, ap, up) = (sc.l.as_mut_ptr(), sc.alpha.as_ptr(), sc.m_use.as_ptr());
+        for ig in (0..BR).step_by(S::LANES) {
+            let mu = S::load(up.add(ig));
+            let mut sum = S::zero();
+            for j in 0..nk {
+                let e = S::exp2(S::sub(S::load(sp.add(j * BR + ig)), mu));
+                S::store(sp.add(j * BR + ig), e);
+                sum = S::add(sum, e);
+            }
+            let l = S::fma(S::load(lp.add(ig)), S::load(ap.add(ig)), sum);
+            S::store(lp.add(ig), l);
+        }
+
+        // V rows: in place for f32 with a vector-multiple dv, else widened and padded.
+        let (vptr, vrs) = match (p.v_direct, p.v.as_f32()) {
+            (true, Some(v)) => (v.as_ptr().add(((s.k_start + j0) * hkv + kh) * dv), hkv * dv),
+            _ => {
+                let vp = sc.vp.as_mut_slice();
+                for j in 0..nk {
+                    let off = ((s.k_start + j0 + j) * hkv + kh) * dv;
+                    p.v.read_row(off, &mut vp[j * dv_pad..j * dv_pad + dv]);
+                }
+                (sc.vp.as_ptr(), dv_pad)
+            }
+        };
+
+        // O = O * alpha + P · V.
+        let op = sc.o.as_mut_ptr();
+        for ig in (0..BR).step_by(S::MR_PV) {
+            let mut n0 = 0;
+            while n0 < dv_pad {
+                let nv = S::NV_PV.min((dv_pad - n0) / S::LANES);
+                S::pv_tile(
+                    nv,
+                    Tile {
+                        k: nk,
+                        a: sp.add(ig),
+                        a_rs: 1,
+                        a_cs: BR,
+                        b: vptr.add(n0),
+                        ldb: vrs,
+                        c: op.add(ig * dv_pad + n0),
+                        ldc: dv_pad,
+                        alpha: ap.add(ig),
+                    },
+                );
+                n0 += nv * S::LANES;
+            }
+        }
+        j0 += nk;
+    }
+
+    // Normalise once, write out and LSE.
+    let o = sc.o.as_mut_slice();
+    let (m, l) = (sc.m.as_slice(), sc.l.as_slice());
+    for i in 0..rows {
+        if l[i] <= 0.0 || m[i] == f32::NEG_INFINITY {
+            continue; // fully masked row: out 0, LSE -inf (already there)
+        }
+        let inv = 1.0 / l[i];
+        let orow = &mut o[i * dv_pad..i * dv_pad + dv];
+        for x in orow.iter_mut() {
+            *x *= inv;
+        }
+        p.out
+            .write_row(((s.q_start + t.q0 + i) * hq + t.h) * dv, orow);
+        if let Some(lse) = &p.lse {
+            lse.write(
+                spec.lse_index(t.b, t.h, t.q0 + i),
+                (m[i] + l[i].log2()) * LN_2,
+            );
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Reading input rows as f32 and writing output rows in the output dtype.
+
+use flashattn_core::{DType, Error, Result, Tensor, TensorRef};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// An input tensor of a dtype the CPU computes with (fp8 is rejected before this).
+#[derive(Clone, Copy)]
+pub(crate) enum Src<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Src<'a> {
+    pub fn new(t: TensorRef<'a>) -> Result<Self> {
+        match t {
+            TensorRef::F32(s) => Ok(Src::F32(s)),
+            TensorRef::F16(s) => Ok(Src::F16(s)),
+            TensorRef::Bf16(s) => Ok(Src::Bf16(s)),
+            TensorRef::Fp8E4m3(_) => Err(crate::fp8_unsupported()),
+        }
+    }
+
+    /// The f32 data when the tensor is f32 (the kernels then read it in place).
+    pub fn as_f32(&self) -> Option<&'a [f32]> {
+        match self {
+            Src::F32(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Widens `dst.len()` elements starting at `offset` into `dst`. The caller keeps the
+    /// range inside the validated tensor.
+    #[inline]
+    pub fn read_row(&self, offset: usize, dst: &mut [f32]) {
+        let end = offset + dst.len();
+        match self {
+            Src::F32(s) => dst.copy_from_slice(&s[offset..end]),
+            Src::F16(s) => s[offset..end].convert_to_f32_slice(dst),
+            Src::Bf16(s) => s[offset..end].convert_to_f32_slice(dst),
+        }
+    }
+}
+
+/// The output buffer, written row by row from many threads through a raw pointer.
+pub(crate) struct OutBuf {
+    ptr: OutPtr,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+enum OutPtr {
+    F32(*mut f32),
+    F16(*mut f16),
+    Bf16(*mut bf16),
+}
+
+// SAFETY: threads only write disjoint rows (each (token, head) row belongs to one task).
+unsafe impl Send for OutBuf {}
+unsafe impl Sync for OutBuf {}
+
+impl OutBuf {
+    /// A zeroed output tensor of `dtype` with `len` elements and a writer into it. The writer
+    /// stays valid while the tensor is alive and not resized (moving the `Tensor` is fine).
+    pub fn zeroed(dtype: DType, len: usize) -> Result<(Tensor, OutBuf)> {
+        let mut t = match dtype {
+            DType::F32 => Tensor::F32(vec![0.0; len]),
+            DType::F16 => Tensor::F16(vec![f16::ZERO; len]),
+            DType::Bf16 => Tensor::Bf16(vec![bf16::ZERO; len]),
+            DType::Fp8E4m3 => return Err(crate::fp8_unsupported()),
+        };
+        let ptr = match &mut t {
+            Tensor::F32(v) => OutPtr::F32(v.as_mut_ptr()),
+            Tensor::F16(v) => OutPtr::F16(v.as_mut_ptr()),
+            Tensor::Bf16(v) => OutPtr::Bf16(v.as_mut_ptr()),
+            Tensor::Fp8E4m3(_) => return Err(Error::backend("cpu", "fp8 output buffer")),
+        };
+        Ok((t, OutBuf { ptr, len }))
+    }
+
+    /// Writes `vals` at `offset`, rounding to the output dtype.
+    ///
+    /// # Safety
+    /// No other thread writes this range concurrently and the tensor is alive.
+    #[inline]
+    pub unsafe fn write_row(&self, offset: usize, vals: &[f32]) {
+        assert!(offset + vals.len() <= self.len, "output row out of bounds");
+        match self.ptr {
+            OutPtr::F32(p) => {
+                std::slice::from_raw_parts_mut(p.add(offset), vals.len()).copy_from_slice(vals)
+            }
+            OutPtr::F16(p) => std::slice::from_raw_parts_mut(p.add(offset), vals.len())
+                .convert_from_f32_slice(vals),
+            OutPtr::Bf16(p) => std::slice::from_raw_parts_mut(p.add(offset), vals.len())
+                .convert_from_f32_slice(vals),
+        }
+    }
+}
+
+/// The LSE buffer, written per row from many threads.
+pub(crate) struct LseBuf {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: as for `OutBuf`, every LSE entry belongs to exactly one task.
+unsafe impl Send for LseBuf {}
+unsafe impl Sync for LseBuf {}
+
+impl LseBuf {
+    pub fn new(v: &mut [f32]) -> Self {
+        LseBuf {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other thread writes entry `i` concurrently and the vector is alive.
+    #[inline]
+    pub unsafe fn write(&self, i: usize, value: f32) {
+        assert!(i < self.len, "lse index out of bounds");
+        *self.ptr.add(i) = value;
+    }
+}
+
+/// A 64-byte aligned f32 buffer (whole cache lines for the tiles' vector loads).
+pub(crate) struct AlignedBuf {
+    blocks: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> Self {
+        AlignedBuf {
+            blocks: vec![Line([0.0; 16]); len.div_ceil(16)],
+            len,
+        }
+    }
+    pub fn as_ptr(&self) -> *const f32 {
+        self.blocks.as_ptr() as *const f32
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.blocks.as_mut_ptr() as *mut f32
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: `Line` is 16 f32 with no padding; `len <= 16 * blocks.len()`.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), self.len) }
+    }
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+}

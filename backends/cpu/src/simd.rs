@@ -1,0 +1,352 @@
+//! The vector primitives each instruction set provides, and the register-blocked FMA tile
+//! that both block products (S^T = K·Q^T and O += P·V) are made of.
+//!
+//! Everything here is `#[inline(always)]`: the generic kernel is instantiated inside one
+//! `#[target_feature]` entry point per instruction set (see `flash.rs`), so the intrinsics
+//! are compiled with that feature set enabled.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// One C tile of `C[MR][NV * LANES] (=|+=) A · B`, `A(i, k) = a[i * a_rs + k * a_cs]`
+/// (broadcast), `B` rows of contiguous vectors at `b + k * ldb`, `C` rows at `c + i * ldc`.
+/// With a null `alpha` the tile starts from zero (overwriting C); else from `C * alpha[i]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub k: usize,
+    pub a: *const f32,
+    pub a_rs: usize,
+    pub a_cs: usize,
+    pub b: *const f32,
+    pub ldb: usize,
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub alpha: *const f32,
+}
+
+/// Vector primitives of one instruction set, plus its tile shapes.
+pub(crate) trait Simd {
+    type V: Copy;
+    const LANES: usize;
+    /// Q·K tile: MR_QK keys (rows, broadcast) x NV_QK vectors of queries.
+    const MR_QK: usize;
+    const NV_QK: usize;
+    /// P·V tile: MR_PV queries (rows, broadcast) x NV_PV vectors of the value dimension.
+    const MR_PV: usize;
+    const NV_PV: usize;
+
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a * b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// 2^x for x <= 0 (~2e-7 relative), exactly 0 for -inf.
+    unsafe fn exp2(x: Self::V) -> Self::V;
+
+    /// Q·K tile with `mr` (1..=MR_QK) rows and NV_QK vectors.
+    unsafe fn qk_tile(mr: usize, t: Tile);
+    /// P·V tile with MR_PV rows and `nv` (1..=NV_PV) vectors.
+    unsafe fn pv_tile(nv: usize, t: Tile);
+}
+
+/// The generic register tile. MR x NV accumulators stay in registers for the whole k loop.
+#[inline(always)]
+pub(crate) unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(t: Tile) {
+    let mut acc = [[S::zero(); NV]; MR];
+    if !t.alpha.is_null() {
+        for (i, row) in acc.iter_mut().enumerate() {
+            let al = S::splat(*t.alpha.add(i));
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = S::mul(S::load(t.c.add(i * t.ldc + v * S::LANES)), al);
+            }
+        }
+    }
+    let mut a = t.a;
+    let mut b = t.b;
+    for _ in 0..t.k {
+        let mut bv = [S::zero(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = S::load(b.add(v * S::LANES));
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = S::splat(*a.add(i * t.a_rs));
+            for (x, bx) in row.iter_mut().zip(bv.iter()) {
+                *x = S::fma(av, *bx, *x);
+            }
+        }
+        a = a.add(t.a_cs);
+        b = b.add(t.ldb);
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            S::store(t.c.add(i * t.ldc + v * S::LANES), *x);
+        }
+    }
+}
+
+/// Dispatches a runtime row / vector count to the const-generic tile.
+macro_rules! dispatch {
+    ($S:ty, rows $n:expr, nv $nv:literal, $t:expr; $($r:literal)+) => {
+        match $n { $($r => tile::<$S, $r, $nv>($t),)+ _ => debug_assert!(false, "bad tile rows") }
+    };
+    ($S:ty, nv $n:expr, rows $mr:literal, $t:expr; $($v:literal)+) => {
+        match $n { $($v => tile::<$S, $mr, $v>($t),)+ _ => debug_assert!(false, "bad tile width") }
+    };
+}
+
+// Cephes exp2f minimax polynomial on [-0.5, 0.5]: 2^f ~= 1 + f * P(f).
+pub(crate) const EXP2_P: [f32; 6] = [
+    1.535_336_2e-4,
+    1.339_887_4e-3,
+    9.618_437_4e-3,
+    5.550_332_5e-2,
+    2.402_264_8e-1,
+    6.931_472e-1,
+];
+
+/// Portable 2^x for one lane, written so that lane loops auto-vectorise
+/// (no libm calls: rounding by the 1.5 * 2^23 trick, 2^n by building the exponent bits).
+#[inline(always)]
+pub(crate) fn exp2_scalar(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+    let xc = x.clamp(-126.0, 127.0);
+    let n = (xc + ROUND) - ROUND;
+    let f = xc - n;
+    let mut p = EXP2_P[0];
+    for c in &EXP2_P[1..] {
+        p = p * f + c;
+    }
+    p = p * f + 1.0;
+    let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x >= -126.0 {
+        p * pow2n
+    } else {
+        0.0
+    }
+}
+
+/// Portable fallback: 8-lane arrays that LLVM vectorises for whatever the target has
+/// (SSE2 on x86_64, NEON on aarch64).
+#[derive(Clone, Copy)]
+pub(crate) struct Portable;
+
+const PL: usize = 8;
+
+impl Simd for Portable {
+    type V = [f32; PL];
+    const LANES: usize = PL;
+    const MR_QK: usize = 4;
+    const NV_QK: usize = 3;
+    const MR_PV: usize = 4;
+    const NV_PV: usize = 2;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        [0.0; PL]
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        [x; PL]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        std::ptr::read_unaligned(p as *const [f32; PL])
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        std::ptr::write_unaligned(p as *mut [f32; PL], v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] - b[i])
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| if a[i] > b[i] { a[i] } else { b[i] })
+    }
+    #[inline(always)]
+    unsafe fn exp2(x: Self::V) -> Self::V {
+        std::array::from_fn(|i| exp2_scalar(x[i]))
+    }
+    #[inline(always)]
+    unsafe fn qk_tile(mr: usize, t: Tile) {
+        dispatch!(Portable, rows mr, nv 3, t; 4 3 2 1)
+    }
+    #[inline(always)]
+    unsafe fn pv_tile(nv: usize, t: Tile) {
+        dispatch!(Portable, nv nv, rows 4, t; 2 1)
+    }
+}
+
+/// AVX2 + FMA (+ F16C, checked together): 16 ymm registers, 12 accumulators per tile.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx2 {
+    type V = __m256;
+    const LANES: usize = 8;
+    const MR_QK: usize = 4;
+    const NV_QK: usize = 3;
+    const MR_PV: usize = 6;
+    const NV_PV: usize = 2;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        _mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp2(x: Self::V) -> Self::V {
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-126.0));
+        let xc = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-126.0)),
+            _mm256_set1_ps(127.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
+        let f = _mm256_sub_ps(xc, n);
+        let mut p = _mm256_set1_ps(EXP2_P[0]);
+        for c in &EXP2_P[1..] {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*c));
+        }
+        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep)
+    }
+    #[inline(always)]
+    unsafe fn qk_tile(mr: usize, t: Tile) {
+        dispatch!(Avx2, rows mr, nv 3, t; 4 3 2 1)
+    }
+    #[inline(always)]
+    unsafe fn pv_tile(nv: usize, t: Tile) {
+        dispatch!(Avx2, nv nv, rows 6, t; 2 1)
+    }
+}
+
+/// AVX-512F: 32 zmm registers, 24 accumulators per tile.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx512 {
+    type V = __m512;
+    const LANES: usize = 16;
+    const MR_QK: usize = 8;
+    const NV_QK: usize = 3;
+    const MR_PV: usize = 6;
+    const NV_PV: usize = 4;
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        _mm512_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp2(x: Self::V) -> Self::V {
+        // Clamping at -150 makes scalef underflow to exactly 0 (2^-150 rounds to 0).
+        let xc = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-150.0)),
+            _mm512_set1_ps(127.0),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
+        let f = _mm512_sub_ps(xc, n);
+        let mut p = _mm512_set1_ps(EXP2_P[0]);
+        for c in &EXP2_P[1..] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+        }
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
+        _mm512_scalef_ps(p, n)
+    }
+    #[inline(always)]
+    unsafe fn qk_tile(mr: usize, t: Tile) {
+        dispatch!(Avx512, rows mr, nv 3, t; 8 7 6 5 4 3 2 1)
+    }
+    #[inline(always)]
+    unsafe fn pv_tile(nv: usize, t: Tile) {
+        dispatch!(Avx512, nv nv, rows 6, t; 4 3 2 1)
+    }
+}

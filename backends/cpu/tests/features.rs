@@ -1,0 +1,79 @@
+//! Every named feature case, for every dtype, instruction set and a few thread counts,
+//! against the f64 reference.
+
+use flashattn_core::testing::{check_backend, feature_cases};
+use flashattn_core::{AttentionSpec, Backend, DType, Output, Result, TensorRef};
+use flashattn_cpu::{CpuBackend, Isa};
+
+fn run_cases(backend: &dyn Backend, label: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        for (i, (name, spec)) in feature_cases(dtype).into_iter().enumerate() {
+            if let Err(e) = check_backend(backend, &spec, 1000 + i as u64) {
+                failures.push(format!("[{label}] {name} ({dtype}): {e}"));
+            }
+        }
+    }
+    failures
+}
+
+#[test]
+fn feature_cases_every_isa_and_thread_count() {
+    let mut failures = Vec::new();
+    for isa in Isa::all_available() {
+        for threads in [1, 3] {
+            let backend = CpuBackend::with_threads(threads).with_isa(isa).unwrap();
+            failures.extend(run_cases(&backend, &format!("{isa}, {threads} threads")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn default_backend_passes_feature_cases() {
+    let backend = CpuBackend::new();
+    let failures = run_cases(&backend, "default");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The naive (materialised scores) path, seen through the `Backend` trait so the same
+/// checker applies.
+struct Naive(CpuBackend);
+
+impl Backend for Naive {
+    fn name(&self) -> &'static str {
+        "cpu-naive"
+    }
+    fn device(&self) -> String {
+        self.0.device()
+    }
+    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
+        self.0.supports(spec)
+    }
+    fn forward(
+        &self,
+        spec: &AttentionSpec,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+    ) -> Result<Output> {
+        self.0.naive_forward(spec, q, k, v)
+    }
+    fn bench(
+        &self,
+        spec: &AttentionSpec,
+        algo: flashattn_core::Algorithm,
+        plan: &flashattn_core::BenchPlan,
+        progress: &mut dyn FnMut(),
+    ) -> Result<flashattn_core::BenchMeasure> {
+        self.0.bench(spec, algo, plan, progress)
+    }
+}
+
+#[test]
+fn naive_path_matches_reference() {
+    for threads in [1, 3] {
+        let failures = run_cases(&Naive(CpuBackend::with_threads(threads)), "naive");
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}
