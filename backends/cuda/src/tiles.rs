@@ -1,0 +1,122 @@
+//! Tile sizes of the Hopper kernel, chosen in one place, and the tile arithmetic the host
+//! shares with the kernel (which mirrors it in kernels/hopper_fwd.cu).
+
+/// One Hopper kernel configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HopperTiles {
+    /// Query rows per tile: two consumer warpgroups of 64 rows (wgmma's M is 64).
+    pub block_m: usize,
+    /// Keys per block.
+    pub block_n: usize,
+    /// Depth of the K/V shared-memory ring.
+    pub stages: usize,
+}
+
+/// Shared memory one block of the Hopper kernel may use on sm_90 (227 KiB).
+pub const HOPPER_SMEM_LIMIT: usize = 232_448;
+
+/// Head dimensions the Hopper kernel is built for (TMA boxes of 64 columns, 128-byte swizzle).
+pub const HOPPER_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Threads of the Hopper kernel: one producer and two consumer warpgroups.
+pub const HOPPER_THREADS: u32 = 384;
+
+/// The tiles for `head_dim`:
+/// - 64: 128 x 128. Small rows: a 128-key block keeps the S accumulator at 64 registers and
+///   the smem ring small enough for 2 stages with room to spare.
+/// - 128: 128 x 128. O (64 regs) + S (64) + P (32) fit the 240-register consumer budget;
+///   Q 32 KiB + 2 stages x (K+V) 64 KiB = 160 KiB.
+/// - 256: 128 x 80 (FA3's choice). O takes 128 registers, so S must stay small (40);
+///   Q 64 KiB + 2 stages x (K+V) 80 KiB = 224 KiB, just under the 227 KiB limit.
+pub fn hopper_tiles(head_dim: usize) -> Option<HopperTiles> {
+    match head_dim {
+        64 => Some(HopperTiles { block_m: 128, block_n: 128, stages: 2 }),
+        128 => Some(HopperTiles { block_m: 128, block_n: 128, stages: 2 }),
+        256 => Some(HopperTiles { block_m: 128, block_n: 80, stages: 2 }),
+        _ => None,
+    }
+}
+
+impl HopperTiles {
+    /// Dynamic shared memory: Q, the K and V rings, 1 KiB for aligning to the swizzle
+    /// period, and the mbarriers.
+    pub fn smem_bytes(&self, head_dim: usize) -> usize {
+        let q = self.block_m * head_dim * 2;
+        let kv = 2 * self.stages * self.block_n * head_dim * 2;
+        let barriers = 8 * (2 + 4 * self.stages);
+        q + kv + 1024 + barriers
+    }
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+/// Query blocks of `block_m` rows covering `rows` rows.
+pub fn num_blocks(rows: usize, block: usize) -> usize {
+    rows.div_ceil(block)
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+/// Tiles the persistent kernel walks: every (query block, head, batch).
+pub fn total_tiles(num_m_blocks: usize, heads_q: usize, batch: usize) -> usize {
+    num_m_blocks * heads_q * batch
+}
+
+/// Persistent grid: one block per SM, never more blocks than tiles.
+pub fn persistent_grid(total_tiles: usize, sm_count: usize) -> usize {
+    total_tiles.min(sm_count.max(1))
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+/// The (batch, head, query block) of tile `t`, as the kernel decodes it: the last query
+/// blocks first, since under a causal mask they see the most keys.
+pub fn decode_tile(t: usize, num_m_blocks: usize, heads_q: usize, batch: usize) -> (usize, usize, usize) {
+    let per_m = heads_q * batch;
+    let m_block = num_m_blocks - 1 - t / per_m;
+    let rem = t % per_m;
+    (rem / heads_q, rem % heads_q, m_block)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_shared_memory_and_wgmma_shapes() {
+        for d in HOPPER_HEAD_DIMS {
+            let t = hopper_tiles(d).unwrap();
+            assert!(t.smem_bytes(d) <= HOPPER_SMEM_LIMIT, "d={d}: {} bytes", t.smem_bytes(d));
+            assert_eq!(t.block_m, 128);
+            // wgmma N is a multiple of 8 (S = Q K^T); P V steps over keys 16 at a time.
+            assert_eq!(t.block_n % 16, 0);
+            assert!(t.block_n <= 256 && t.block_n <= 256);
+            // TMA boxes are at most 256 rows.
+            assert!(t.block_m <= 256);
+        }
+        assert_eq!(hopper_tiles(96), None);
+        assert_eq!(hopper_tiles(256).unwrap().smem_bytes(256), 65536 + 163840 + 1024 + 80);
+    }
+
+    #[test]
+    fn decode_visits_every_tile_once_longest_first() {
+        let (m, h, b) = (3, 2, 2);
+        let n = total_tiles(m, h, b);
+        let mut seen = std::collections::HashSet::new();
+        let mut last_m = usize::MAX;
+        for t in 0..n {
+            let (bb, hh, mb) = decode_tile(t, m, h, b);
+            assert!(bb < b && hh < h && mb < m);
+            assert!(mb <= last_m, "query blocks must not increase");
+            last_m = mb;
+            assert!(seen.insert((bb, hh, mb)));
+        }
+        assert_eq!(seen.len(), n);
+        assert_eq!(decode_tile(0, m, h, b).2, m - 1);
+    }
+
+    #[test]
+    fn grid_is_capped() {
+        assert_eq!(persistent_grid(10, 132), 10);
+        assert_eq!(persistent_grid(1000, 132), 132);
+        assert_eq!(num_blocks(129, 128), 2);
+        assert_eq!(num_blocks(128, 128), 1);
+    }
+}
