@@ -1,0 +1,82 @@
+//! Flash vs naive attention on the best wgpu adapter, on device-resident random inputs.
+//!
+//! cargo run --release -p flashattn-wgpu --example wgpu_bench -- [seqlen ...] [--heads H]
+//!     [--dim D] [--dtype f32|f16|bf16] [--causal] [--iters N] [--no-naive]
+
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType};
+use flashattn_wgpu::WgpuBackend;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut seqlens = Vec::new();
+    let (mut heads, mut dim, mut iters) = (4usize, 64usize, 5usize);
+    let mut dtype = DType::F32;
+    let (mut causal, mut naive) = (false, true);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> usize {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} needs a number"))
+        };
+        match a.as_str() {
+            "--heads" => heads = num("--heads"),
+            "--dim" => dim = num("--dim"),
+            "--iters" => iters = num("--iters"),
+            "--causal" => causal = true,
+            "--no-naive" => naive = false,
+            "--dtype" => {
+                dtype = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("--dtype needs f32, f16 or bf16"))
+            }
+            s => seqlens.push(s.parse::<usize>().unwrap_or_else(|_| panic!("bad argument {s}"))),
+        }
+    }
+    if seqlens.is_empty() {
+        seqlens = vec![1024, 4096];
+    }
+    let backend = match WgpuBackend::new() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "device: {}  timing: {:?}  subgroups: {}",
+        backend.device(),
+        backend.bench_timing(),
+        backend.subgroup_size()
+    );
+    println!("algo   seqlen  heads  dim  dtype  causal  median_ms  GFLOP/s  extra_bytes");
+    for &s in &seqlens {
+        let spec = AttentionSpec::new(1, heads, s, s, dim)
+            .dtype(dtype)
+            .causal(causal)
+            .return_lse(true);
+        let plan = BenchPlan { warmup: 1, iters, seed: 1 };
+        let algos: &[Algorithm] = if naive { &[Algorithm::Flash, Algorithm::Naive] } else { &[Algorithm::Flash] };
+        for &algo in algos {
+            match backend.bench(&spec, algo, &plan, &mut || {}) {
+                Ok(m) => {
+                    let ms = median(&m.times_ms);
+                    println!(
+                        "{:<6} {s:>6}  {heads:>5}  {dim:>3}  {dtype:>5}  {causal:>6}  {ms:>9.2}  {:>7.1}  {}",
+                        format!("{algo:?}").to_lowercase(),
+                        spec.flops() / (ms * 1e-3) / 1e9,
+                        m.extra_bytes.map_or("-".into(), |b| b.to_string())
+                    );
+                }
+                Err(e) => println!("{:<6} {s:>6}  error: {e}", format!("{algo:?}").to_lowercase()),
+            }
+        }
+    }
+}

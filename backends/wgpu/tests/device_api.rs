@@ -1,0 +1,161 @@
+//! The device-resident API on the caller's buffers, wgpu errors surfacing as `Error::Backend`,
+//! and the benchmark path (flash vs naive).
+
+mod common;
+
+use flashattn_core::{
+    random_inputs, reference_attention, rel_l2_error, Algorithm, AttentionSpec, Backend, BenchPlan,
+    DType, Error, Tensor,
+};
+use flashattn_wgpu::{wgpu, DeviceInputs, DeviceOutputs, WgpuBackend};
+
+fn storage_buffer(device: &wgpu::Device, queue: &wgpu::Queue, bytes: &[u8]) -> wgpu::Buffer {
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: (bytes.len() as u64).next_multiple_of(4),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let mut padded = bytes.to_vec();
+    padded.resize(bytes.len().next_multiple_of(4), 0);
+    queue.write_buffer(&buf, 0, &padded);
+    buf
+}
+
+fn read_back(device: &wgpu::Device, queue: &wgpu::Queue, src: &wgpu::Buffer) -> Vec<u8> {
+    let read = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: src.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(src, 0, &read, 0, src.size());
+    queue.submit([enc.finish()]);
+    read.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
+    device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+    let bytes = read.get_mapped_range(..).expect("range").to_vec();
+    bytes
+}
+
+#[test]
+fn forward_buffers_on_a_callers_device() {
+    let Some(shared) = common::backend() else { return };
+    let (device, queue) = (shared.device_handle().clone(), shared.queue().clone());
+    let b = WgpuBackend::from_device(device.clone(), queue.clone());
+    for dtype in [DType::F32, DType::Bf16] {
+        let spec = AttentionSpec::new(2, 4, 33, 70, 64)
+            .heads_kv(2)
+            .causal(true)
+            .dtype(dtype)
+            .return_lse(true);
+        let (q, k, v) = random_inputs(&spec, 7);
+        let up = |t: &Tensor| storage_buffer(&device, &queue, t.as_ref().as_bytes());
+        let (qb, kb, vb) = (up(&q), up(&k), up(&v));
+        let out_bytes = spec.out_elems().unwrap() * dtype.size_bytes();
+        let out = storage_buffer(&device, &queue, &vec![0u8; out_bytes]);
+        let lse = storage_buffer(&device, &queue, &vec![0u8; spec.lse_elems().unwrap() * 4]);
+        pollster::block_on(b.forward_buffers(
+            &spec,
+            DeviceInputs { q: &qb, k: &kb, v: &vb },
+            DeviceOutputs { out: &out, lse: Some(&lse) },
+        ))
+        .expect("forward_buffers");
+        let got = Tensor::from_bytes(dtype, &read_back(&device, &queue, &out)[..out_bytes]);
+        let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+        let err = rel_l2_error(&got.to_f32_vec(), &reference.out);
+        assert!(err < dtype.tolerance(), "{dtype}: rel L2 {err:.3e}");
+        let lse_got: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(&device, &queue, &lse));
+        let lse_err = flashattn_core::lse_max_error(&lse_got, &reference.lse);
+        assert!(lse_err < 1e-3, "{dtype}: LSE error {lse_err:.3e}");
+    }
+}
+
+#[test]
+fn wgpu_validation_errors_become_backend_errors() {
+    let Some(b) = common::backend() else { return };
+    let (device, queue) = (b.device_handle(), b.queue());
+    let spec = AttentionSpec::new(1, 1, 8, 8, 16);
+    let bytes = vec![0u8; 8 * 16 * 4];
+    let (qb, kb, vb, out) = (
+        storage_buffer(device, queue, &bytes),
+        storage_buffer(device, queue, &bytes),
+        storage_buffer(device, queue, &bytes),
+        storage_buffer(device, queue, &bytes),
+    );
+    // A destroyed buffer passes our size checks but fails wgpu's validation at submit.
+    qb.destroy();
+    let err = pollster::block_on(b.forward_buffers(
+        &spec,
+        DeviceInputs { q: &qb, k: &kb, v: &vb },
+        DeviceOutputs { out: &out, lse: None },
+    ))
+    .unwrap_err();
+    assert!(matches!(err, Error::Backend { backend: "wgpu", .. }), "{err:?}");
+    // The backend still works afterwards.
+    flashattn_core::testing::check_backend(b, &spec, 3).expect("forward after an error");
+}
+
+#[test]
+fn short_buffers_are_rejected_with_sizes() {
+    let Some(b) = common::backend() else { return };
+    let (device, queue) = (b.device_handle(), b.queue());
+    let spec = AttentionSpec::new(1, 1, 8, 8, 16);
+    let small = storage_buffer(device, queue, &[0u8; 64]);
+    let err = pollster::block_on(b.forward_buffers(
+        &spec,
+        DeviceInputs { q: &small, k: &small, v: &small },
+        DeviceOutputs { out: &small, lse: None },
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("512"), "{err}");
+}
+
+#[test]
+fn bench_flash_uses_far_less_memory_than_naive() {
+    let Some(b) = common::backend() else { return };
+    let spec = AttentionSpec::new(1, 2, 256, 256, 64).return_lse(true);
+    let plan = BenchPlan { warmup: 1, iters: 2, seed: 1 };
+    let mut runs = 0;
+    let flash = b.bench(&spec, Algorithm::Flash, &plan, &mut || runs += 1).expect("flash bench");
+    assert_eq!(runs, 3);
+    let naive = b.bench(&spec, Algorithm::Naive, &plan, &mut || {}).expect("naive bench");
+    assert_eq!(flash.times_ms.len(), 2);
+    assert!(flash.times_ms.iter().chain(&naive.times_ms).all(|t| t.is_finite() && *t > 0.0));
+    let (fe, ne) = (flash.extra_bytes.unwrap(), naive.extra_bytes.unwrap());
+    // Naive holds the 2 x 256 x 256 f32 scores.
+    assert!(ne >= 2 * 256 * 256 * 4, "naive extra {ne}");
+    assert!(fe * 20 < ne, "flash extra {fe} vs naive {ne}");
+}
+
+#[test]
+fn naive_reports_a_score_buffer_that_does_not_fit() {
+    if common::backend().is_none() {
+        return;
+    }
+    let b = WgpuBackend::new().expect("device").with_max_binding_bytes(1 << 20);
+    let spec = AttentionSpec::new(1, 4, 1024, 1024, 16);
+    let plan = BenchPlan { warmup: 0, iters: 1, seed: 1 };
+    let err = b.bench(&spec, Algorithm::Naive, &plan, &mut || {}).unwrap_err();
+    assert!(err.to_string().contains("score buffer"), "{err}");
+    // Flash runs the same problem through chunked bindings.
+    b.bench(&spec, Algorithm::Flash, &plan, &mut || {}).expect("flash under the same limit");
+}
+
+#[test]
+fn naive_matches_the_reference() {
+    let Some(b) = common::backend() else { return };
+    for (name, spec) in flashattn_core::testing::feature_cases(DType::F32) {
+        if spec.is_varlen() {
+            continue;
+        }
+        let (q, k, v) = random_inputs(&spec, 11);
+        let got = pollster::block_on(b.naive_forward_async(&spec, q.as_ref(), k.as_ref(), v.as_ref()))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+        let err = rel_l2_error(&got.out.to_f32_vec(), &reference.out);
+        assert!(err < 1e-4, "{name}: rel L2 {err:.3e}");
+        let lse_err = flashattn_core::lse_max_error(&got.lse.unwrap(), &reference.lse);
+        assert!(lse_err < 1e-3, "{name}: LSE {lse_err:.3e}");
+    }
+}

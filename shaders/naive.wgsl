@@ -1,0 +1,123 @@
+// Naive attention, the benchmark's peer: the full score matrix [batch, heads_q, seqlen_q,
+// seqlen_k] is materialised in device memory (bound as `part`, f32 bits) by three passes:
+// scores = Q K^T (masked, log2 domain), a row softmax in place, out = P V. Dense layout only.
+// The host prepends the same header as for flash_fwd.wgsl.
+
+fn score_row(b: u32, h: u32, i: u32) -> u32 {
+    return (b * p.heads_q + h) * p.seqlen_q + i;
+}
+
+@compute @workgroup_size(16, 16)
+fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    let i = gid.y;
+    let b = gid.z / p.heads_q;
+    let h = gid.z % p.heads_q;
+    if i >= p.seqlen_q || j >= p.seqlen_k {
+        return;
+    }
+    let kh = h / p.group;
+    let idx = score_row(b, h, i) * p.seqlen_k + j;
+    let key = i32(j);
+    if key < key_lo(i, p.seqlen_q, p.seqlen_k) || key >= key_hi(i, p.seqlen_q, p.seqlen_k) {
+        part[idx] = NEG_INF_BITS;
+        return;
+    }
+    let qb = ((b * p.seqlen_q + i) * p.heads_q + h) * p.d;
+    let kb = ((b * p.seqlen_k + j) * p.heads_kv + kh) * p.d;
+    var dot = 0.0;
+    for (var e = 0u; e < p.d; e++) {
+        dot += ld_q(qb + e) * ld_k(kb + e);
+    }
+    let diag = i32(i) + i32(p.seqlen_k) - i32(p.seqlen_q);
+    part[idx] = bitcast<u32>(finish_score(dot, alibi_slope_log2(b, h), diag - key));
+}
+
+var<workgroup> red_max: array<f32, 64>;
+var<workgroup> red_sum: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn softmax(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    let rows = p.batch * p.heads_q * p.seqlen_q;
+    if row >= rows {
+        return; // uniform: the whole workgroup shares `row`
+    }
+    let base = row * p.seqlen_k;
+    var m = NEG_BIG;
+    for (var j = lid; j < p.seqlen_k; j += 64u) {
+        let bits = part[base + j];
+        if bits != NEG_INF_BITS {
+            m = max(m, bitcast<f32>(bits));
+        }
+    }
+    red_max[lid] = m;
+    workgroupBarrier();
+    for (var w = 32u; w > 0u; w >>= 1u) {
+        if lid < w {
+            red_max[lid] = max(red_max[lid], red_max[lid + w]);
+        }
+        workgroupBarrier();
+    }
+    m = red_max[0];
+    var sum = 0.0;
+    for (var j = lid; j < p.seqlen_k; j += 64u) {
+        let bits = part[base + j];
+        if bits != NEG_INF_BITS {
+            sum += exp2(bitcast<f32>(bits) - m);
+        }
+    }
+    red_sum[lid] = sum;
+    workgroupBarrier();
+    for (var w = 32u; w > 0u; w >>= 1u) {
+        if lid < w {
+            red_sum[lid] += red_sum[lid + w];
+        }
+        workgroupBarrier();
+    }
+    sum = red_sum[0];
+    let inv = select(0.0, 1.0 / sum, sum > 0.0);
+    for (var j = lid; j < p.seqlen_k; j += 64u) {
+        let bits = part[base + j];
+        var pj = 0.0;
+        if bits != NEG_INF_BITS {
+            pj = exp2(bitcast<f32>(bits) - m) * inv;
+        }
+        part[base + j] = bitcast<u32>(pj);
+    }
+    if lid == 0u && (p.flags & FLAG_LSE) != 0u {
+        lse[row] = select(NEG_INF_BITS, bitcast<u32>((m + log2(sum)) * LN2), sum > 0.0);
+    }
+}
+
+@compute @workgroup_size(64)
+fn pv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let total = p.batch * p.seqlen_q * p.heads_q * p.dv;
+    let e0 = (gid.x + gid.y * nwg.x * 64u) * 2u;
+    if e0 >= total {
+        return;
+    }
+    var vals: array<f32, 2>;
+    for (var c = 0u; c < 2u; c++) {
+        let e = e0 + c;
+        if e < total {
+            let x = e % p.dv;
+            let h = (e / p.dv) % p.heads_q;
+            let tok = e / (p.dv * p.heads_q);
+            let b = tok / p.seqlen_q;
+            let i = tok % p.seqlen_q;
+            let kh = h / p.group;
+            let base = score_row(b, h, i) * p.seqlen_k;
+            var acc = 0.0;
+            for (var j = 0u; j < p.seqlen_k; j++) {
+                acc += bitcast<f32>(part[base + j]) * ld_v(((b * p.seqlen_k + j) * p.heads_kv + kh) * p.dv + x);
+            }
+            vals[c] = acc;
+        }
+    }
+    st_out_pair(e0, vals[0], vals[1], e0 + 1u < total);
+}
