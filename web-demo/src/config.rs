@@ -48,6 +48,8 @@ pub struct DemoConfig {
     pub heatmap_head: usize,
     /// Timed runs (after one warm-up).
     pub iters: usize,
+    /// Also time naive attention (materialised scores) on the same device.
+    pub naive: bool,
 }
 
 impl Default for DemoConfig {
@@ -66,6 +68,7 @@ impl Default for DemoConfig {
             check: CheckMode::Auto,
             heatmap_head: 0,
             iters: 5,
+            naive: true,
         }
     }
 }
