@@ -190,15 +190,25 @@ impl WgpuBackend {
     }
 
     /// Split-KV splits: more workgroups when (batch x heads x query blocks) alone is too few.
+    /// A CPU adapter (lavapipe) has few cores to fill, so it gets a smaller target.
     fn splits_for(&self, spec: &AttentionSpec, tiles: &Tiles) -> u32 {
         let q_blocks = Self::max_q_len(spec).div_ceil(u64::from(tiles.br));
         let wgs = q_blocks * spec.heads_q as u64 * spec.batch as u64;
         let k_tiles = Self::max_k_len(spec).div_ceil(u64::from(tiles.bc));
-        if wgs >= TARGET_WORKGROUPS || k_tiles < 8 {
+        // Only for short queries (decode): one query block, so the partials stay small.
+        if q_blocks > 1 || wgs >= TARGET_WORKGROUPS || k_tiles < 8 {
             return 1;
         }
         let max_z = u64::from(self.limits.max_compute_workgroups_per_dimension) / spec.batch as u64;
-        TARGET_WORKGROUPS
+        let target = if self.info.device_type == wgpu::DeviceType::Cpu {
+            TARGET_WORKGROUPS / 8
+        } else {
+            TARGET_WORKGROUPS
+        };
+        if wgs >= target {
+            return 1;
+        }
+        target
             .div_ceil(wgs)
             .min(k_tiles / 4)
             .min(MAX_SPLITS)
