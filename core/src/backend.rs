@@ -31,7 +31,12 @@ pub struct BenchMeasure {
 impl BenchMeasure {
     /// Median of the finite timings; `None` if there are none.
     pub fn median_ms(&self) -> Option<f64> {
-        let mut t: Vec<f64> = self.times_ms.iter().copied().filter(|x| x.is_finite()).collect();
+        let mut t: Vec<f64> = self
+            .times_ms
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect();
         if t.is_empty() {
             return None;
         }

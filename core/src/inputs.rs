@@ -14,9 +14,30 @@ pub fn validate_inputs(
     let tokens_q = spec.q_tokens().unwrap_or(0);
     let tokens_k = spec.k_tokens().unwrap_or(0);
     let checks = [
-        ("q", q, spec.q_elems(), tokens_q, spec.heads_q, spec.head_dim),
-        ("k", k, spec.k_elems(), tokens_k, spec.heads_kv, spec.head_dim),
-        ("v", v, spec.v_elems(), tokens_k, spec.heads_kv, spec.head_dim_v),
+        (
+            "q",
+            q,
+            spec.q_elems(),
+            tokens_q,
+            spec.heads_q,
+            spec.head_dim,
+        ),
+        (
+            "k",
+            k,
+            spec.k_elems(),
+            tokens_k,
+            spec.heads_kv,
+            spec.head_dim,
+        ),
+        (
+            "v",
+            v,
+            spec.v_elems(),
+            tokens_k,
+            spec.heads_kv,
+            spec.head_dim_v,
+        ),
     ];
     for (name, t, expected, tokens, heads, dim) in checks {
         if t.dtype() != spec.dtype {
@@ -43,7 +64,11 @@ pub fn validate_inputs(
 pub fn random_inputs(spec: &AttentionSpec, seed: u64) -> (Tensor, Tensor, Tensor) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut gen = |n: usize| -> Tensor {
-        let amp = if spec.dtype == DType::Fp8E4m3 { 4.0 } else { 1.0 };
+        let amp = if spec.dtype == DType::Fp8E4m3 {
+            4.0
+        } else {
+            1.0
+        };
         let vals: Vec<f32> = (0..n).map(|_| rng.random_range(-amp..amp)).collect();
         Tensor::from_f32(spec.dtype, &vals)
     };

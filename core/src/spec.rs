@@ -73,7 +73,13 @@ pub struct SeqBounds {
 
 impl AttentionSpec {
     /// A dense, unmasked f32 problem with `heads` query and key/value heads.
-    pub fn new(batch: usize, heads: usize, seqlen_q: usize, seqlen_k: usize, head_dim: usize) -> Self {
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        seqlen_q: usize,
+        seqlen_k: usize,
+        head_dim: usize,
+    ) -> Self {
         AttentionSpec {
             batch,
             heads_q: heads,
@@ -160,14 +166,17 @@ impl AttentionSpec {
         positive("seqlen_k", self.seqlen_k)?;
         head_dim_ok("head_dim", self.head_dim)?;
         head_dim_ok("head_dim_v", self.head_dim_v)?;
-        if self.heads_q % self.heads_kv != 0 {
+        if !self.heads_q.is_multiple_of(self.heads_kv) {
             return Err(Error::invalid(
                 "heads_kv",
                 self.heads_kv,
                 format!("heads_q ({}) must be a multiple of heads_kv", self.heads_q),
             ));
         }
-        for (name, w) in [("window.left", self.window.0), ("window.right", self.window.1)] {
+        for (name, w) in [
+            ("window.left", self.window.0),
+            ("window.right", self.window.1),
+        ] {
             if w < -1 {
                 return Err(Error::invalid(name, w, "must be -1 (unbounded) or >= 0"));
             }
@@ -227,7 +236,12 @@ impl AttentionSpec {
                 format!("expected {shape}"),
             ));
         }
-        if let Some((i, s)) = alibi.slopes.iter().enumerate().find(|(_, s)| !s.is_finite()) {
+        if let Some((i, s)) = alibi
+            .slopes
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !s.is_finite())
+        {
             return Err(Error::invalid(
                 "alibi.slopes",
                 format!("slopes[{i}] = {s}"),
@@ -253,12 +267,21 @@ impl AttentionSpec {
                 ));
             }
             if cu[0] != 0 {
-                return Err(Error::invalid(name, format!("{name}[0] = {}", cu[0]), "must start at 0"));
+                return Err(Error::invalid(
+                    name,
+                    format!("{name}[0] = {}", cu[0]),
+                    "must start at 0",
+                ));
             }
             if let Some(i) = (1..cu.len()).find(|&i| cu[i] < cu[i - 1]) {
                 return Err(Error::invalid(
                     name,
-                    format!("{name}[{i}] = {} < {name}[{}] = {}", cu[i], i - 1, cu[i - 1]),
+                    format!(
+                        "{name}[{i}] = {} < {name}[{}] = {}",
+                        cu[i],
+                        i - 1,
+                        cu[i - 1]
+                    ),
                     "offsets must not decrease",
                 ));
             }
@@ -343,16 +366,24 @@ impl AttentionSpec {
     }
 
     pub fn q_elems(&self) -> Option<usize> {
-        self.q_tokens()?.checked_mul(self.heads_q)?.checked_mul(self.head_dim)
+        self.q_tokens()?
+            .checked_mul(self.heads_q)?
+            .checked_mul(self.head_dim)
     }
     pub fn k_elems(&self) -> Option<usize> {
-        self.k_tokens()?.checked_mul(self.heads_kv)?.checked_mul(self.head_dim)
+        self.k_tokens()?
+            .checked_mul(self.heads_kv)?
+            .checked_mul(self.head_dim)
     }
     pub fn v_elems(&self) -> Option<usize> {
-        self.k_tokens()?.checked_mul(self.heads_kv)?.checked_mul(self.head_dim_v)
+        self.k_tokens()?
+            .checked_mul(self.heads_kv)?
+            .checked_mul(self.head_dim_v)
     }
     pub fn out_elems(&self) -> Option<usize> {
-        self.q_tokens()?.checked_mul(self.heads_q)?.checked_mul(self.head_dim_v)
+        self.q_tokens()?
+            .checked_mul(self.heads_q)?
+            .checked_mul(self.head_dim_v)
     }
     pub fn lse_elems(&self) -> Option<usize> {
         self.q_tokens()?.checked_mul(self.heads_q)
@@ -420,7 +451,9 @@ impl AttentionSpec {
         let diag = i as i64 + k_len as i64 - q_len as i64;
         let (left, right) = self.effective_window();
         let lo = left.map_or(0, |l| (diag - l as i64).max(0));
-        let hi = right.map_or(k_len as i64, |r| (diag + r as i64 + 1).clamp(0, k_len as i64));
+        let hi = right.map_or(k_len as i64, |r| {
+            (diag + r as i64 + 1).clamp(0, k_len as i64)
+        });
         (lo.min(k_len as i64) as usize, hi as usize)
     }
 

@@ -73,7 +73,11 @@ pub fn backend_required(backend: &str) -> bool {
 
 /// The named feature cases every backend must pass, at odd sizes, for `dtype`.
 pub fn feature_cases(dtype: DType) -> Vec<(&'static str, AttentionSpec)> {
-    let base = |b, h, sq, sk, d| AttentionSpec::new(b, h, sq, sk, d).dtype(dtype).return_lse(true);
+    let base = |b, h, sq, sk, d| {
+        AttentionSpec::new(b, h, sq, sk, d)
+            .dtype(dtype)
+            .return_lse(true)
+    };
     vec![
         ("single row", base(1, 1, 1, 1, 64)),
         ("odd sizes", base(2, 3, 17, 129, 40)),
@@ -82,20 +86,37 @@ pub fn feature_cases(dtype: DType) -> Vec<(&'static str, AttentionSpec)> {
         ("head_dim 256", base(1, 2, 64, 64, 256)),
         ("long keys", base(1, 2, 5, 513, 64)),
         ("causal square", base(2, 2, 129, 129, 64).causal(true)),
-        ("causal sq>sk (masked rows)", base(1, 2, 40, 17, 64).causal(true)),
+        (
+            "causal sq>sk (masked rows)",
+            base(1, 2, 40, 17, 64).causal(true),
+        ),
         ("causal sq<sk", base(1, 2, 17, 200, 128).causal(true)),
         ("window", base(1, 2, 100, 130, 64).window(16, 8)),
         ("window left only", base(1, 1, 65, 65, 32).window(10, -1)),
-        ("window + causal", base(1, 2, 70, 70, 64).window(20, -1).causal(true)),
+        (
+            "window + causal",
+            base(1, 2, 70, 70, 64).window(20, -1).causal(true),
+        ),
         ("softcap", base(1, 2, 33, 77, 64).softcap(5.0)),
-        ("alibi", base(2, 4, 31, 31, 64).alibi(vec![0.5, 0.25, 0.125, 0.0625], false)),
+        (
+            "alibi",
+            base(2, 4, 31, 31, 64).alibi(vec![0.5, 0.25, 0.125, 0.0625], false),
+        ),
         (
             "alibi per batch + causal",
-            base(2, 2, 31, 45, 64).causal(true).alibi(vec![0.3, 0.1, 0.2, 0.05], true),
+            base(2, 2, 31, 45, 64)
+                .causal(true)
+                .alibi(vec![0.3, 0.1, 0.2, 0.05], true),
         ),
         ("gqa", base(1, 8, 37, 37, 64).heads_kv(2)),
-        ("mqa causal", base(2, 4, 21, 50, 64).heads_kv(1).causal(true)),
-        ("head_dim_v differs", base(1, 2, 23, 41, 192).head_dim_v(128)),
+        (
+            "mqa causal",
+            base(2, 4, 21, 50, 64).heads_kv(1).causal(true),
+        ),
+        (
+            "head_dim_v differs",
+            base(1, 2, 23, 41, 192).head_dim_v(128),
+        ),
         ("custom scale", base(1, 1, 9, 9, 16).scale(0.3)),
         (
             "varlen",
@@ -106,7 +127,9 @@ pub fn feature_cases(dtype: DType) -> Vec<(&'static str, AttentionSpec)> {
         ),
         (
             "varlen window",
-            base(1, 2, 60, 60, 64).varlen(vec![0, 25, 60], vec![0, 25, 60]).window(5, 5),
+            base(1, 2, 60, 60, 64)
+                .varlen(vec![0, 25, 60], vec![0, 25, 60])
+                .window(5, 5),
         ),
     ]
 }

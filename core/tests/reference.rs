@@ -3,7 +3,13 @@
 use flashattn_core::{reference_attention, AttentionSpec, TensorRef};
 
 fn run(spec: &AttentionSpec, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f64>, Vec<f64>) {
-    let r = reference_attention(spec, TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v)).unwrap();
+    let r = reference_attention(
+        spec,
+        TensorRef::F32(q),
+        TensorRef::F32(k),
+        TensorRef::F32(v),
+    )
+    .unwrap();
     (r.out, r.lse)
 }
 
@@ -42,7 +48,9 @@ fn window_alibi_and_softcap_change_the_scores() {
     let (o, _) = run(&s, &[0.0], &[0.0; 3], &[100.0, 2.0, 4.0]);
     assert!((o[0] - 3.0).abs() < 1e-9);
     // ALiBi slope ln 2: key 1 is at distance 1 -> weight halves.
-    let s = AttentionSpec::new(1, 1, 1, 2, 1).scale(1.0).alibi(vec![2f32.ln()], false);
+    let s = AttentionSpec::new(1, 1, 1, 2, 1)
+        .scale(1.0)
+        .alibi(vec![2f32.ln()], false);
     let (o, _) = run(&s, &[0.0], &[0.0; 2], &[3.0, 0.0]);
     assert!((o[0] - 1.0).abs() < 1e-6, "{o:?}");
     // Softcap 1 bounds a huge score to tanh(100) ~ 1.

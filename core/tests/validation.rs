@@ -9,7 +9,9 @@ fn spec() -> AttentionSpec {
 /// Asserts that `spec` is rejected for `field`, and the message names the bad value.
 fn rejects(spec: AttentionSpec, field: &str, value_fragment: &str) {
     match spec.validate() {
-        Err(Error::InvalidSpec { field: f, value, .. }) => {
+        Err(Error::InvalidSpec {
+            field: f, value, ..
+        }) => {
             assert_eq!(f, field, "wrong field for {spec:?}");
             assert!(
                 value.contains(value_fragment),
@@ -25,7 +27,14 @@ fn rejects(spec: AttentionSpec, field: &str, value_fragment: &str) {
 #[test]
 fn a_valid_spec_passes() {
     spec().validate().unwrap();
-    spec().causal(true).window(3, 0).softcap(30.0).heads_kv(2).return_lse(true).build().unwrap();
+    spec()
+        .causal(true)
+        .window(3, 0)
+        .softcap(30.0)
+        .heads_kv(2)
+        .return_lse(true)
+        .build()
+        .unwrap();
 }
 
 #[test]
@@ -77,9 +86,17 @@ fn bad_scale_and_softcap_are_rejected() {
 
 #[test]
 fn alibi_slopes_must_match_heads() {
-    rejects(spec().alibi(vec![0.1; 3], false), "alibi.slopes", "3 slopes");
+    rejects(
+        spec().alibi(vec![0.1; 3], false),
+        "alibi.slopes",
+        "3 slopes",
+    );
     rejects(spec().alibi(vec![0.1; 4], true), "alibi.slopes", "4 slopes");
-    rejects(spec().alibi(vec![0.1, f32::NAN, 0.1, 0.1], false), "alibi.slopes", "NaN");
+    rejects(
+        spec().alibi(vec![0.1, f32::NAN, 0.1, 0.1], false),
+        "alibi.slopes",
+        "NaN",
+    );
     spec().alibi(vec![0.1; 8], true).validate().unwrap();
 }
 
@@ -87,9 +104,21 @@ fn alibi_slopes_must_match_heads() {
 fn cu_seqlens_are_checked() {
     let v = |q: Vec<i32>, k: Vec<i32>| AttentionSpec::new(1, 2, 10, 12, 16).varlen(q, k);
     v(vec![0, 4, 10], vec![0, 6, 12]).validate().unwrap();
-    rejects(v(vec![1, 4, 10], vec![0, 6, 12]), "cu_seqlens_q", "cu_seqlens_q[0] = 1");
-    rejects(v(vec![0, 6, 4], vec![0, 6, 12]), "cu_seqlens_q", "cu_seqlens_q[2] = 4");
-    rejects(v(vec![0, 4, 11], vec![0, 6, 12]), "cu_seqlens_q", "cu_seqlens_q[2] = 11");
+    rejects(
+        v(vec![1, 4, 10], vec![0, 6, 12]),
+        "cu_seqlens_q",
+        "cu_seqlens_q[0] = 1",
+    );
+    rejects(
+        v(vec![0, 6, 4], vec![0, 6, 12]),
+        "cu_seqlens_q",
+        "cu_seqlens_q[2] = 4",
+    );
+    rejects(
+        v(vec![0, 4, 11], vec![0, 6, 12]),
+        "cu_seqlens_q",
+        "cu_seqlens_q[2] = 11",
+    );
     rejects(v(vec![0, 4, 10], vec![0, 6, 13]), "cu_seqlens_k", "13");
     rejects(v(vec![0, 4, 10], vec![0, 12]), "cu_seqlens_k", "2 offsets");
     rejects(v(vec![0], vec![0]), "batch", "0");
@@ -104,7 +133,11 @@ fn fp8_descales_are_checked() {
     };
     let s = spec().dtype(DType::Fp8E4m3);
     s.clone().fp8_descale(d(8, 1.0)).validate().unwrap();
-    rejects(s.clone().fp8_descale(d(3, 1.0)), "fp8_descale.q", "3 values");
+    rejects(
+        s.clone().fp8_descale(d(3, 1.0)),
+        "fp8_descale.q",
+        "3 values",
+    );
     rejects(s.fp8_descale(d(8, 0.0)), "fp8_descale.q", "0");
     rejects(spec().fp8_descale(d(8, 1.0)), "fp8_descale", "set");
 }
@@ -121,12 +154,36 @@ fn buffers_must_match_the_spec() {
     let q = vec![0.5f32; 24];
     let k = vec![0.5f32; 20];
     let v = vec![0.5f32; 20];
-    validate_inputs(&s, &TensorRef::F32(&q), &TensorRef::F32(&k), &TensorRef::F32(&v)).unwrap();
+    validate_inputs(
+        &s,
+        &TensorRef::F32(&q),
+        &TensorRef::F32(&k),
+        &TensorRef::F32(&v),
+    )
+    .unwrap();
     let short = vec![0.5f32; 19];
-    let err = validate_inputs(&s, &TensorRef::F32(&q), &TensorRef::F32(&short), &TensorRef::F32(&v))
-        .unwrap_err();
-    assert!(matches!(err, Error::BufferLength { tensor: "k", expected: 20, actual: 19, .. }));
+    let err = validate_inputs(
+        &s,
+        &TensorRef::F32(&q),
+        &TensorRef::F32(&short),
+        &TensorRef::F32(&v),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::BufferLength {
+            tensor: "k",
+            expected: 20,
+            actual: 19,
+            ..
+        }
+    ));
     let h = Tensor::from_f32(DType::F16, &v);
-    let err = validate_inputs(&s, &TensorRef::F32(&q), &TensorRef::F32(&k), &h.as_ref()).unwrap_err();
-    assert!(err.to_string().contains("v is f16 but the spec's dtype is f32"), "{err}");
+    let err =
+        validate_inputs(&s, &TensorRef::F32(&q), &TensorRef::F32(&k), &h.as_ref()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("v is f16 but the spec's dtype is f32"),
+        "{err}"
+    );
 }

@@ -1,0 +1,42 @@
+//! `flashattn info`: what this machine offers.
+
+use super::CliResult;
+use flashattn::Runtime;
+
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn info(args: InfoArgs) -> CliResult<i32> {
+    let runtime = Runtime::new();
+    if args.json {
+        let list: Vec<_> = runtime
+            .statuses()
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "backend": s.name,
+                    "available": s.available,
+                    if s.available { "device" } else { "reason" }: s.detail,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+        );
+    } else {
+        for s in runtime.statuses() {
+            let state = if s.available {
+                "available  "
+            } else {
+                "unavailable"
+            };
+            println!("{:<5} {state} {}", s.name, s.detail);
+        }
+    }
+    Ok(0)
+}
