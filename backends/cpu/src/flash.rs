@@ -1,7 +1,7 @@
 //! The tiled online-softmax forward (FlashAttention-2 style) on CPU threads.
 //!
-//! One task = (batch, query head, block of BR query rows). A task packs its Q block once,
-//! transposed and pre-scaled (`Qt[d][BR]`), then walks the visible key blocks of BC keys:
+//! One task = (batch, query head, block of br query rows). A task packs its Q block once,
+//! transposed and pre-scaled (`Qt[d][br]`), then walks the visible key blocks of bc keys:
 //! `S^T = K_blk · Qt` (keys x queries, so the softmax vectorises across queries), masks and
 //! rescales, `P = 2^(S - m)`, `O = O * alpha + P · V_blk`. Only per-worker tile scratch is
 //! allocated; the score matrix never exists. Key blocks the mask hides entirely are skipped
@@ -17,9 +17,12 @@ use flashattn_core::{AttentionSpec, Output, Result, TensorRef};
 use std::f32::consts::{LN_2, LOG2_E};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Query rows per task (a multiple of every ISA's Q·K tile width and P·V tile height).
-const BR: usize = 48;
-/// Keys per block.
+/// Granularity of the query block: a multiple of every ISA's vector width and P·V tile height.
+const BR_STEP: usize = 48;
+/// Largest query block. Large blocks amortise streaming (and packing) K and V per task:
+/// measured on the 2-core AVX-512 box, 192 beat 48 and 96 clearly at seqlen 2048 and 384.
+const BR_MAX: usize = 192;
+/// Keys per block (measured: 128 beat 32, 64 and 256 with BR 192).
 const BC: usize = 128;
 
 #[derive(Clone, Copy, Debug)]
@@ -48,9 +51,13 @@ struct Problem<'a> {
     dv_pad: usize,
     /// f32 V with `dv` a multiple of the vector width is read in place, else packed.
     v_direct: bool,
+    /// f32 K read in place, else packed.
+    k_direct: bool,
+    br: usize,
+    bc: usize,
 }
 
-/// Per-worker tile scratch: O(BR * (d + dv) + BC * (BR + d + dv)) floats, independent of
+/// Per-worker tile scratch: O(br * (d + dv) + bc * (br + d + dv)) floats, independent of
 /// the sequence lengths.
 struct Scratch {
     qt: AlignedBuf,
@@ -71,21 +78,21 @@ struct Scratch {
 impl Scratch {
     fn new(p: &Problem) -> Self {
         let d = p.spec.head_dim;
-        let k_packed = p.k.as_f32().is_none();
+        let (br, bc) = (p.br, p.bc);
         Scratch {
-            qt: AlignedBuf::zeroed(d * BR),
-            kp: AlignedBuf::zeroed(if k_packed { BC * d } else { 0 }),
-            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { BC * p.dv_pad }),
-            s: AlignedBuf::zeroed(BC * BR),
-            o: AlignedBuf::zeroed(BR * p.dv_pad),
-            m: AlignedBuf::zeroed(BR),
-            l: AlignedBuf::zeroed(BR),
-            alpha: AlignedBuf::zeroed(BR),
-            m_use: AlignedBuf::zeroed(BR),
-            m_blk: AlignedBuf::zeroed(BR),
+            qt: AlignedBuf::zeroed(d * br),
+            kp: AlignedBuf::zeroed(if p.k_direct { 0 } else { bc * d }),
+            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { bc * p.dv_pad }),
+            s: AlignedBuf::zeroed(bc * br),
+            o: AlignedBuf::zeroed(br * p.dv_pad),
+            m: AlignedBuf::zeroed(br),
+            l: AlignedBuf::zeroed(br),
+            alpha: AlignedBuf::zeroed(br),
+            m_use: AlignedBuf::zeroed(br),
+            m_blk: AlignedBuf::zeroed(br),
             row: vec![0.0; d.max(p.dv_pad)],
-            lo: vec![0; BR],
-            hi: vec![0; BR],
+            lo: vec![0; br],
+            hi: vec![0; br],
         }
     }
 }
@@ -111,17 +118,19 @@ pub(crate) fn forward(
     } else {
         Vec::new()
     };
-    let v = Src::new(v)?;
+    let (k, v) = (Src::new(k)?, Src::new(v)?);
+    let br = block_rows(spec, pool.threads());
+    let bc = BC;
     let post = spec.softcap > 0.0 || spec.alibi.is_some();
     let scale = spec.scale_value();
     let problem = Problem {
         spec,
         q: Src::new(q)?,
-        k: Src::new(k)?,
+        k,
         v,
         out,
         lse: spec.return_lse.then(|| LseBuf::new(&mut lse_v)),
-        tasks: tasks(spec),
+        tasks: tasks(spec, br),
         next: AtomicUsize::new(0),
         q_mul: if spec.softcap > 0.0 {
             scale
@@ -130,7 +139,13 @@ pub(crate) fn forward(
         },
         post,
         dv_pad,
-        v_direct: v.as_f32().is_some() && dv == dv_pad,
+        // Rows of one kv head are contiguous only with one kv head; otherwise they are
+        // far apart (4 KiB at 8 heads x 128), which costs L1 set conflicts and TLB misses,
+        // so the block is packed.
+        v_direct: spec.heads_kv == 1 && v.as_f32().is_some() && dv == dv_pad,
+        k_direct: spec.heads_kv == 1 && k.as_f32().is_some(),
+        br,
+        bc,
     };
     pool.run(problem.tasks.len(), &|| run_worker(isa, &problem));
     Ok(Output {
@@ -139,14 +154,30 @@ pub(crate) fn forward(
     })
 }
 
+/// The query block: as large as BR_MAX, but no larger than the longest sequence needs, and
+/// small enough to give every thread a few tasks.
+fn block_rows(spec: &AttentionSpec, threads: usize) -> usize {
+    let max_q = (0..spec.batch).map(|b| spec.seq(b).q_len).max().unwrap_or(0);
+    let cap = max_q.div_ceil(BR_STEP).clamp(1, BR_MAX / BR_STEP) * BR_STEP;
+    let count = |br: usize| -> usize {
+        let blocks: usize = (0..spec.batch).map(|b| spec.seq(b).q_len.div_ceil(br)).sum();
+        blocks * spec.heads_q
+    };
+    let mut br = cap;
+    while br > BR_STEP && count(br) < 2 * threads {
+        br -= BR_STEP;
+    }
+    br
+}
+
 /// All (batch, head, query block) tasks, heaviest first when a mask makes them uneven
 /// (so the dynamic queue ends with short tasks and the threads finish together).
-fn tasks(spec: &AttentionSpec) -> Vec<Task> {
+fn tasks(spec: &AttentionSpec, br: usize) -> Vec<Task> {
     let mut tasks = Vec::new();
     for b in 0..spec.batch {
         let s = spec.seq(b);
         for h in 0..spec.heads_q {
-            for q0 in (0..s.q_len).step_by(BR) {
+            for q0 in (0..s.q_len).step_by(br) {
                 tasks.push(Task { b, h, q0 });
             }
         }
@@ -154,7 +185,7 @@ fn tasks(spec: &AttentionSpec) -> Vec<Task> {
     if spec.is_masked() || spec.is_varlen() {
         let work = |t: &Task| {
             let s = spec.seq(t.b);
-            let last = (t.q0 + BR).min(s.q_len) - 1;
+            let last = (t.q0 + br).min(s.q_len) - 1;
             let (lo, _) = spec.key_range(t.q0, s.q_len, s.k_len);
             let (_, hi) = spec.key_range(last, s.q_len, s.k_len);
             hi.saturating_sub(lo) * (last + 1 - t.q0)
@@ -204,14 +235,18 @@ unsafe fn worker<S: Simd>(p: &Problem, sc: &mut Scratch) {
 unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     let spec = p.spec;
     let s = spec.seq(t.b);
-    let rows = BR.min(s.q_len - t.q0);
+    let (br, bc) = (p.br, p.bc);
+    let rows = br.min(s.q_len - t.q0);
+    // Rows actually computed: the valid ones rounded up to the vector width (a short last
+    // block or a decode step does not pay for a whole block).
+    let rows_l = rows.div_ceil(S::LANES) * S::LANES;
     let (d, dv, hq, hkv) = (spec.head_dim, spec.head_dim_v, spec.heads_q, spec.heads_kv);
     let kh = spec.kv_head(t.h);
     let dv_pad = p.dv_pad;
 
     // Visible key range of each row; the task walks the union.
     let (mut klo, mut khi) = (usize::MAX, 0);
-    for i in 0..BR {
+    for i in 0..br {
         let (lo, hi) = if i < rows {
             spec.key_range(t.q0 + i, s.q_len, s.k_len)
         } else {
@@ -231,20 +266,20 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
 
     // Qt[x][i] = q[i][x] * q_mul; padding rows are zero.
     let qt = sc.qt.as_mut_slice();
-    for i in 0..BR {
+    for i in 0..rows_l {
         if i < rows {
             let off = ((s.q_start + t.q0 + i) * hq + t.h) * d;
             p.q.read_row(off, &mut sc.row[..d]);
             for (x, &val) in sc.row[..d].iter().enumerate() {
-                qt[x * BR + i] = val * p.q_mul;
+                qt[x * br + i] = val * p.q_mul;
             }
         } else {
             for x in 0..d {
-                qt[x * BR + i] = 0.0;
+                qt[x * br + i] = 0.0;
             }
         }
     }
-    sc.o.as_mut_slice().fill(0.0);
+    sc.o.as_mut_slice()[..rows_l * dv_pad].fill(0.0);
     sc.m.as_mut_slice().fill(f32::NEG_INFINITY);
     sc.l.as_mut_slice().fill(0.0);
 
@@ -252,12 +287,12 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     let diag_shift = s.k_len as i64 - s.q_len as i64;
     let mut j0 = klo;
     while j0 < khi {
-        let nk = BC.min(khi - j0);
+        let nk = bc.min(khi - j0);
 
         // K rows: in place for f32, else widened into kp.
         let (kptr, krs) = match p.k.as_f32() {
-            Some(k) => (k.as_ptr().add(((s.k_start + j0) * hkv + kh) * d), hkv * d),
-            None => {
+            Some(k) if p.k_direct => (k.as_ptr().add(((s.k_start + j0) * hkv + kh) * d), hkv * d),
+            _ => {
                 let kp = sc.kp.as_mut_slice();
                 for j in 0..nk {
                     let off = ((s.k_start + j0 + j) * hkv + kh) * d;
@@ -274,18 +309,19 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
         let mut jt = 0;
         while jt < nk {
             let mr = S::MR_QK.min(nk - jt);
-            for ig in (0..BR).step_by(qw) {
+            for ig in (0..rows_l).step_by(qw) {
                 S::qk_tile(
                     mr,
+                    S::NV_QK.min((rows_l - ig) / S::LANES),
                     Tile {
                         k: d,
                         a: kptr.add(jt * krs),
                         a_rs: krs,
                         a_cs: 1,
                         b: qtp.add(ig),
-                        ldb: BR,
-                        c: sp.add(jt * BR + ig),
-                        ldc: BR,
+                        ldb: br,
+                        c: sp.add(jt * br + ig),
+                        ldc: br,
                         alpha: std::ptr::null(),
                     },
                 );
@@ -300,7 +336,7 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             for j in 0..nk {
                 let kj = (j0 + j) as i64;
                 for i in 0..rows {
-                    let x = &mut sm[j * BR + i];
+                    let x = &mut sm[j * br + i];
                     let mut val = *x;
                     if cap > 0.0 {
                         val = cap * (val / cap).tanh() * LOG2_E;
@@ -314,9 +350,9 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
         if !full {
             for j in 0..nk {
                 let kj = j0 + j;
-                for i in 0..BR {
+                for i in 0..rows_l {
                     if kj < sc.lo[i] || kj >= sc.hi[i] {
-                        sm[j * BR + i] = f32::NEG_INFINITY;
+                        sm[j * br + i] = f32::NEG_INFINITY;
                     }
                 }
             }
@@ -324,10 +360,10 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
 
         // Online softmax, vectorised across queries.
         let mb = sc.m_blk.as_mut_ptr();
-        for ig in (0..BR).step_by(S::LANES) {
+        for ig in (0..rows_l).step_by(S::LANES) {
             let mut mx = S::splat(f32::NEG_INFINITY);
             for j in 0..nk {
-                mx = S::max(mx, S::load(sp.add(j * BR + ig)));
+                mx = S::max(mx, S::load(sp.add(j * br + ig)));
             }
             S::store(mb.add(ig), mx);
         }
@@ -336,7 +372,7 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             let alpha = sc.alpha.as_mut_slice();
             let m_use = sc.m_use.as_mut_slice();
             let m_blk = sc.m_blk.as_slice();
-            for i in 0..BR {
+            for i in 0..rows_l {
                 let m_new = m[i].max(m_blk[i]);
                 if m_new == f32::NEG_INFINITY {
                     // Nothing visible yet: keep O and l at 0, p = 2^-inf = 0.
@@ -350,12 +386,12 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             }
         }
         let (lp, ap, up) = (sc.l.as_mut_ptr(), sc.alpha.as_ptr(), sc.m_use.as_ptr());
-        for ig in (0..BR).step_by(S::LANES) {
+        for ig in (0..rows_l).step_by(S::LANES) {
             let mu = S::load(up.add(ig));
             let mut sum = S::zero();
             for j in 0..nk {
-                let e = S::exp2(S::sub(S::load(sp.add(j * BR + ig)), mu));
-                S::store(sp.add(j * BR + ig), e);
+                let e = S::exp2(S::sub(S::load(sp.add(j * br + ig)), mu));
+                S::store(sp.add(j * br + ig), e);
                 sum = S::add(sum, e);
             }
             let l = S::fma(S::load(lp.add(ig)), S::load(ap.add(ig)), sum);
@@ -377,17 +413,19 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
 
         // O = O * alpha + P · V.
         let op = sc.o.as_mut_ptr();
-        for ig in (0..BR).step_by(S::MR_PV) {
+        for ig in (0..rows_l).step_by(S::MR_PV) {
+            let mr = S::MR_PV.min(rows_l - ig);
             let mut n0 = 0;
             while n0 < dv_pad {
                 let nv = S::NV_PV.min((dv_pad - n0) / S::LANES);
                 S::pv_tile(
+                    mr,
                     nv,
                     Tile {
                         k: nk,
                         a: sp.add(ig),
                         a_rs: 1,
-                        a_cs: BR,
+                        a_cs: br,
                         b: vptr.add(n0),
                         ldb: vrs,
                         c: op.add(ig * dv_pad + n0),

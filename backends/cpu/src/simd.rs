@@ -48,10 +48,10 @@ pub(crate) trait Simd {
     /// 2^x for x <= 0 (~2e-7 relative), exactly 0 for -inf.
     unsafe fn exp2(x: Self::V) -> Self::V;
 
-    /// Q·K tile with `mr` (1..=MR_QK) rows and NV_QK vectors.
-    unsafe fn qk_tile(mr: usize, t: Tile);
-    /// P·V tile with MR_PV rows and `nv` (1..=NV_PV) vectors.
-    unsafe fn pv_tile(nv: usize, t: Tile);
+    /// Q·K tile with `mr` (1..=MR_QK) rows and `nv` (1..=NV_QK) vectors.
+    unsafe fn qk_tile(mr: usize, nv: usize, t: Tile);
+    /// P·V tile with `mr` (1..=MR_PV) rows and `nv` (1..=NV_PV) vectors.
+    unsafe fn pv_tile(mr: usize, nv: usize, t: Tile);
 }
 
 /// The generic register tile. MR x NV accumulators stay in registers for the whole k loop.
@@ -89,13 +89,19 @@ pub(crate) unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(t: Tile) {
     }
 }
 
-/// Dispatches a runtime row / vector count to the const-generic tile.
+/// Dispatches runtime (rows, vectors) counts to the const-generic tile.
 macro_rules! dispatch {
-    ($S:ty, rows $n:expr, nv $nv:literal, $t:expr; $($r:literal)+) => {
-        match $n { $($r => tile::<$S, $r, $nv>($t),)+ _ => debug_assert!(false, "bad tile rows") }
+    ($S:ty, $rows:expr, $nv:expr, $t:expr; rows [$($mr:literal)+]; nv $nvs:tt) => {
+        match $rows {
+            $($mr => dispatch!(@nv $S, $mr, $nv, $t, $nvs),)+
+            _ => debug_assert!(false, "bad tile rows"),
+        }
     };
-    ($S:ty, nv $n:expr, rows $mr:literal, $t:expr; $($v:literal)+) => {
-        match $n { $($v => tile::<$S, $mr, $v>($t),)+ _ => debug_assert!(false, "bad tile width") }
+    (@nv $S:ty, $mr:literal, $nv:expr, $t:expr, [$($v:literal)+]) => {
+        match $nv {
+            $($v => tile::<$S, $mr, $v>($t),)+
+            _ => debug_assert!(false, "bad tile width"),
+        }
     };
 }
 
@@ -186,12 +192,12 @@ impl Simd for Portable {
         std::array::from_fn(|i| exp2_scalar(x[i]))
     }
     #[inline(always)]
-    unsafe fn qk_tile(mr: usize, t: Tile) {
-        dispatch!(Portable, rows mr, nv 3, t; 4 3 2 1)
+    unsafe fn qk_tile(mr: usize, nv: usize, t: Tile) {
+        dispatch!(Portable, mr, nv, t; rows [4 3 2 1]; nv [3 2 1])
     }
     #[inline(always)]
-    unsafe fn pv_tile(nv: usize, t: Tile) {
-        dispatch!(Portable, nv nv, rows 4, t; 2 1)
+    unsafe fn pv_tile(mr: usize, nv: usize, t: Tile) {
+        dispatch!(Portable, mr, nv, t; rows [4 3 2 1]; nv [2 1])
     }
 }
 
@@ -266,12 +272,12 @@ impl Simd for Avx2 {
         _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep)
     }
     #[inline(always)]
-    unsafe fn qk_tile(mr: usize, t: Tile) {
-        dispatch!(Avx2, rows mr, nv 3, t; 4 3 2 1)
+    unsafe fn qk_tile(mr: usize, nv: usize, t: Tile) {
+        dispatch!(Avx2, mr, nv, t; rows [4 3 2 1]; nv [3 2 1])
     }
     #[inline(always)]
-    unsafe fn pv_tile(nv: usize, t: Tile) {
-        dispatch!(Avx2, nv nv, rows 6, t; 2 1)
+    unsafe fn pv_tile(mr: usize, nv: usize, t: Tile) {
+        dispatch!(Avx2, mr, nv, t; rows [6 5 4 3 2 1]; nv [2 1])
     }
 }
 
@@ -342,11 +348,89 @@ impl Simd for Avx512 {
         _mm512_scalef_ps(p, n)
     }
     #[inline(always)]
-    unsafe fn qk_tile(mr: usize, t: Tile) {
-        dispatch!(Avx512, rows mr, nv 3, t; 8 7 6 5 4 3 2 1)
+    unsafe fn qk_tile(mr: usize, nv: usize, t: Tile) {
+        dispatch!(Avx512, mr, nv, t; rows [8 7 6 5 4 3 2 1]; nv [3 2 1])
     }
     #[inline(always)]
-    unsafe fn pv_tile(nv: usize, t: Tile) {
-        dispatch!(Avx512, nv nv, rows 6, t; 4 3 2 1)
+    unsafe fn pv_tile(mr: usize, nv: usize, t: Tile) {
+        dispatch!(Avx512, mr, nv, t; rows [6 5 4 3 2 1]; nv [4 3 2 1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2^x over `xs` (length a multiple of 16) with `S`'s vector exp2.
+    #[inline(always)]
+    unsafe fn exp2_all<S: Simd>(xs: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; xs.len()];
+        for (x, o) in xs.chunks_exact(S::LANES).zip(out.chunks_exact_mut(S::LANES)) {
+            S::store(o.as_mut_ptr(), S::exp2(S::load(x.as_ptr())));
+        }
+        out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp2_avx512(xs: &[f32]) -> Vec<f32> {
+        exp2_all::<Avx512>(xs)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn exp2_avx2(xs: &[f32]) -> Vec<f32> {
+        exp2_all::<Avx2>(xs)
+    }
+
+    /// Inputs over the softmax's whole range (x = s - max <= 0), plus the edges.
+    fn inputs() -> Vec<f32> {
+        let n = 1 << 20;
+        let mut xs: Vec<f32> = (0..n).map(|i| -130.0 * i as f32 / n as f32).collect();
+        xs.extend([0.0, -0.5, 0.5 - 1.0, -1e-8, -125.99, -126.0, -200.0, -1e30]);
+        xs.extend([f32::NEG_INFINITY; 8]);
+        xs.resize(xs.len().div_ceil(16) * 16, f32::NEG_INFINITY);
+        xs
+    }
+
+    fn check(name: &str, xs: &[f32], ys: &[f32]) {
+        let mut worst = 0.0f64;
+        for (&x, &y) in xs.iter().zip(ys) {
+            let exact = (x as f64).exp2();
+            if x >= -126.0 {
+                // Normal results: relative error.
+                let rel = ((y as f64 - exact) / exact).abs();
+                assert!(rel < 5e-7, "{name}: exp2({x}) = {y}, exact {exact}, rel {rel:.2e}");
+                worst = worst.max(rel);
+            } else {
+                // Below the normal range the result may flush to 0, never more than 2^-126.
+                assert!(
+                    (0.0..=1.2e-38).contains(&y),
+                    "{name}: exp2({x}) = {y}, expected ~0"
+                );
+            }
+            if x == f32::NEG_INFINITY {
+                assert_eq!(y, 0.0, "{name}: exp2(-inf) must be exactly 0");
+            }
+        }
+        assert!(worst > 0.0, "{name}: suspiciously exact");
+        eprintln!("{name}: max relative error {worst:.2e}");
+    }
+
+    #[test]
+    fn fast_exp2_is_accurate_on_every_isa() {
+        let xs = inputs();
+        let ys: Vec<f32> = xs.iter().map(|&x| exp2_scalar(x)).collect();
+        check("portable scalar", &xs, &ys);
+        check("portable vector", &xs, &unsafe { exp2_all::<Portable>(&xs) });
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::Isa::Avx512.available() {
+                check("avx512", &xs, &unsafe { exp2_avx512(&xs) });
+            }
+            if crate::Isa::Avx2.available() {
+                check("avx2", &xs, &unsafe { exp2_avx2(&xs) });
+            }
+        }
     }
 }

@@ -1,0 +1,70 @@
+"""Back-to-back rounds of flashattn-cpu (examples/cpu_bench) and PyTorch CPU SDPA on the same
+shape, so both see the same machine load; prints each round and the median ratio.
+
+python3 backends/cpu/bench/compare.py BENCH_BINARY [--rounds 5] [--seq 2048] [--heads 8]
+    [--dims 64,128] [--iters 5] [--threads 2]
+"""
+import argparse
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def torch_median_ms(q, k, v, warmup, iters):
+    with torch.no_grad():
+        for _ in range(warmup):
+            F.scaled_dot_product_attention(q, k, v)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dims = [int(x) for x in args.dims.split(",")]
+    ratios = {d: [] for d in dims}
+    ours_all = {d: [] for d in dims}
+    torch_all = {d: [] for d in dims}
+    for r in range(args.rounds):
+        for d in dims:
+            out = subprocess.run(
+                [args.binary, "--seq", str(args.seq), "--heads", str(args.heads),
+                 "--dims", str(d), "--iters", str(args.iters), "--threads", str(args.threads)],
+                capture_output=True, text=True, check=True).stdout
+            ours = float(re.search(r"median ([\d.]+) ms", out).group(1))
+            g = torch.Generator().manual_seed(7)
+            q, k, v = (torch.rand((1, args.heads, args.seq, d), generator=g) * 2 - 1
+                       for _ in range(3))
+            theirs = torch_median_ms(q, k, v, 2, args.iters)
+            flops = 4 * args.heads * args.seq * args.seq * d
+            go, gt = flops / ours / 1e6, flops / theirs / 1e6
+            ratios[d].append(go / gt)
+            ours_all[d].append(go)
+            torch_all[d].append(gt)
+            print(f"round {r} d={d}: flashattn-cpu {go:.1f} GFLOP/s, torch sdpa {gt:.1f} GFLOP/s, "
+                  f"ratio {go / gt:.2f}", flush=True)
+    for d in dims:
+        print(f"d={d}: flashattn-cpu median {statistics.median(ours_all[d]):.1f} "
+              f"(best {max(ours_all[d]):.1f}) GFLOP/s, torch sdpa median "
+              f"{statistics.median(torch_all[d]):.1f} (best {max(torch_all[d]):.1f}) GFLOP/s, "
+              f"median ratio {statistics.median(ratios[d]):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+//! Times the CPU backend on the headline shape and prints GFLOP/s (median of runs after
+//! warm-up), plus the measured extra heap bytes.
+//!
+//! cargo run --release -p flashattn-cpu --example cpu_bench -- [--seq 2048] [--heads 8]
+//!     [--dims 64,128] [--iters 10] [--threads N] [--dtype f32] [--causal] [--naive] [--isa avx2]
+
+use flashattn_core::alloc_meter::MeteredAlloc;
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType};
+use flashattn_cpu::{CpuBackend, Isa};
+
+#[global_allocator]
+static ALLOC: MeteredAlloc = MeteredAlloc;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let seq: usize = opt("--seq").map_or(2048, |s| s.parse().expect("--seq"));
+    let heads: usize = opt("--heads").map_or(8, |s| s.parse().expect("--heads"));
+    let iters: usize = opt("--iters").map_or(10, |s| s.parse().expect("--iters"));
+    let dims: Vec<usize> = opt("--dims")
+        .unwrap_or_else(|| "64,128".into())
+        .split(',')
+        .map(|s| s.parse().expect("--dims"))
+        .collect();
+    let dtype: DType = opt("--dtype").map_or(DType::F32, |s| s.parse().expect("--dtype"));
+    let mut backend = match opt("--threads") {
+        Some(t) => CpuBackend::with_threads(t.parse().expect("--threads")),
+        None => CpuBackend::new(),
+    };
+    if let Some(isa) = opt("--isa") {
+        let isa = match isa.as_str() {
+            "avx512" => Isa::Avx512,
+            "avx2" => Isa::Avx2,
+            _ => Isa::Portable,
+        };
+        backend = backend.with_isa(isa).expect("--isa");
+    }
+    let algo = if flag("--naive") {
+        Algorithm::Naive
+    } else {
+        Algorithm::Flash
+    };
+    println!("{}", backend.device());
+    for d in dims {
+        let spec = AttentionSpec::new(1, heads, seq, seq, d)
+            .dtype(dtype)
+            .causal(flag("--causal"));
+        let plan = BenchPlan {
+            warmup: 2,
+            iters,
+            seed: 7,
+        };
+        let cpu0 = process_cpu_seconds();
+        let m = backend
+            .bench(&spec, algo, &plan, &mut || {})
+            .expect("bench failed");
+        // CPU seconds per run over all threads (input generation and warm-up included):
+        // a throughput per busy core that the other processes on the machine disturb less.
+        let cpu_per_run = (process_cpu_seconds() - cpu0) / (plan.warmup + plan.iters) as f64;
+        let mut t = m.times_ms.clone();
+        t.sort_by(f64::total_cmp);
+        let median = t[t.len() / 2];
+        println!(
+            "{algo:?} {spec}: median {median:.2} ms  {:.1} GFLOP/s  (min {:.2} ms = {:.1} GFLOP/s)  {:.1} GFLOP per CPU-s  extra {:.2} MiB",
+            spec.flops() / median / 1e6,
+            t[0],
+            spec.flops() / t[0] / 1e6,
+            spec.flops() / cpu_per_run / 1e9,
+            m.extra_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+/// User + system CPU time of this process (all threads), from /proc/self/stat; 0 elsewhere.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the ")" that ends the command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0 // USER_HZ
+}
