@@ -2,8 +2,7 @@
 
 use crate::CpuBackend;
 use flashattn_core::{
-    alloc_meter, random_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan,
-    Result,
+    alloc_meter, random_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, Result,
 };
 use std::time::Instant;
 

@@ -157,10 +157,15 @@ pub(crate) fn forward(
 /// The query block: as large as BR_MAX, but no larger than the longest sequence needs, and
 /// small enough to give every thread a few tasks.
 fn block_rows(spec: &AttentionSpec, threads: usize) -> usize {
-    let max_q = (0..spec.batch).map(|b| spec.seq(b).q_len).max().unwrap_or(0);
+    let max_q = (0..spec.batch)
+        .map(|b| spec.seq(b).q_len)
+        .max()
+        .unwrap_or(0);
     let cap = max_q.div_ceil(BR_STEP).clamp(1, BR_MAX / BR_STEP) * BR_STEP;
     let count = |br: usize| -> usize {
-        let blocks: usize = (0..spec.batch).map(|b| spec.seq(b).q_len.div_ceil(br)).sum();
+        let blocks: usize = (0..spec.batch)
+            .map(|b| spec.seq(b).q_len.div_ceil(br))
+            .sum();
         blocks * spec.heads_q
     };
     let mut br = cap;

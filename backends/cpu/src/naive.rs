@@ -100,8 +100,14 @@ fn head(
     let mut ks = vec![0.0f32; s.k_len * d];
     let mut vs = vec![0.0f32; s.k_len * dv];
     for j in 0..s.k_len {
-        k.read_row(((s.k_start + j) * hkv + kh) * d, &mut ks[j * d..(j + 1) * d]);
-        v.read_row(((s.k_start + j) * hkv + kh) * dv, &mut vs[j * dv..(j + 1) * dv]);
+        k.read_row(
+            ((s.k_start + j) * hkv + kh) * d,
+            &mut ks[j * d..(j + 1) * d],
+        );
+        v.read_row(
+            ((s.k_start + j) * hkv + kh) * dv,
+            &mut vs[j * dv..(j + 1) * dv],
+        );
     }
     let scale = spec.scale_value();
     let slope = spec.alibi_slope(b, h);

@@ -43,7 +43,9 @@ fn fp8_is_unsupported_with_a_reason() {
 
 #[test]
 fn wrong_buffer_lengths_are_errors() {
-    let spec = AttentionSpec::new(2, 4, 9, 11, 40).heads_kv(2).head_dim_v(24);
+    let spec = AttentionSpec::new(2, 4, 9, 11, 40)
+        .heads_kv(2)
+        .head_dim_v(24);
     let (q, k, v) = random_inputs(&spec, 2);
     let b = backend();
     let short = |t: &Tensor| t.to_f32_vec()[1..].to_vec();
@@ -81,12 +83,24 @@ fn invalid_specs_are_errors_naming_the_field() {
     let cases: Vec<(&str, AttentionSpec)> = vec![
         ("heads_kv", AttentionSpec::new(1, 3, 4, 4, 16).heads_kv(2)),
         ("head_dim", AttentionSpec::new(1, 1, 4, 4, 300)),
-        ("head_dim_v", AttentionSpec::new(1, 1, 4, 4, 16).head_dim_v(0)),
+        (
+            "head_dim_v",
+            AttentionSpec::new(1, 1, 4, 4, 16).head_dim_v(0),
+        ),
         ("batch", AttentionSpec::new(0, 1, 4, 4, 16)),
-        ("window.left", AttentionSpec::new(1, 1, 4, 4, 16).window(-3, 0)),
-        ("softcap", AttentionSpec::new(1, 1, 4, 4, 16).softcap(f32::NAN)),
+        (
+            "window.left",
+            AttentionSpec::new(1, 1, 4, 4, 16).window(-3, 0),
+        ),
+        (
+            "softcap",
+            AttentionSpec::new(1, 1, 4, 4, 16).softcap(f32::NAN),
+        ),
         ("scale", AttentionSpec::new(1, 1, 4, 4, 16).scale(-1.0)),
-        ("alibi.slopes", AttentionSpec::new(1, 2, 4, 4, 16).alibi(vec![0.5], false)),
+        (
+            "alibi.slopes",
+            AttentionSpec::new(1, 2, 4, 4, 16).alibi(vec![0.5], false),
+        ),
         (
             "cu_seqlens_q",
             AttentionSpec::new(1, 1, 10, 10, 16).varlen(vec![0, 6, 4], vec![0, 5, 10]),
@@ -103,10 +117,26 @@ fn invalid_specs_are_errors_naming_the_field() {
             other => panic!("expected InvalidSpec({field}), got {other:?}"),
         }
         let q = vec![0.0f32; 64];
-        let r = b.forward(&spec, TensorRef::F32(&q), TensorRef::F32(&q), TensorRef::F32(&q));
-        assert!(matches!(r, Err(Error::InvalidSpec { .. })), "{field}: {r:?}");
-        let r = b.naive_forward(&spec, TensorRef::F32(&q), TensorRef::F32(&q), TensorRef::F32(&q));
-        assert!(matches!(r, Err(Error::InvalidSpec { .. })), "{field}: {r:?}");
+        let r = b.forward(
+            &spec,
+            TensorRef::F32(&q),
+            TensorRef::F32(&q),
+            TensorRef::F32(&q),
+        );
+        assert!(
+            matches!(r, Err(Error::InvalidSpec { .. })),
+            "{field}: {r:?}"
+        );
+        let r = b.naive_forward(
+            &spec,
+            TensorRef::F32(&q),
+            TensorRef::F32(&q),
+            TensorRef::F32(&q),
+        );
+        assert!(
+            matches!(r, Err(Error::InvalidSpec { .. })),
+            "{field}: {r:?}"
+        );
     }
 }
 
