@@ -17,7 +17,7 @@ fail() {
 
 # Native unit tests (config, heatmap, report): the wasm build does not run them.
 unit_log=$(mktemp)
-cargo test --locked 2>&1 | tee "$unit_log" | grep -E '^(test |error|failures)' >&2
+cargo test 2>&1 | tee "$unit_log" | grep -E '^(test |error|failures)' >&2
 unit_rc=${PIPESTATUS[0]}
 unit_passed=$(awk '/^test result:/ { s += $4 } END { print s + 0 }' "$unit_log")
 unit_failed=$(awk '/^test result:/ { s += $6 } END { print s + 0 }' "$unit_log")

@@ -109,7 +109,11 @@ impl DemoConfig {
             ));
         }
         if self.iters == 0 || self.iters > 100 {
-            return Err(Error::invalid("iters", self.iters, "must be between 1 and 100"));
+            return Err(Error::invalid(
+                "iters",
+                self.iters,
+                "must be between 1 and 100",
+            ));
         }
         let mut spec = AttentionSpec::new(1, self.heads, self.seqlen, self.seqlen, self.head_dim)
             .dtype(dtype)
@@ -161,17 +165,76 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         let cases: Vec<(DemoConfig, &str)> = vec![
-            (DemoConfig { dtype: "f8".into(), ..Default::default() }, "dtype"),
-            (DemoConfig { dtype: "fp8".into(), ..Default::default() }, "dtype"),
-            (DemoConfig { seqlen: 0, ..Default::default() }, "seqlen_q"),
-            (DemoConfig { head_dim: 300, ..Default::default() }, "head_dim"),
-            (DemoConfig { window_left: -2, ..Default::default() }, "window.left"),
-            (DemoConfig { softcap: -1.0, ..Default::default() }, "softcap"),
-            (DemoConfig { heatmap_head: 4, ..Default::default() }, "heatmap_head"),
-            (DemoConfig { seqlen: 40000, ..Default::default() }, "seqlen"),
-            (DemoConfig { iters: 0, ..Default::default() }, "iters"),
             (
-                DemoConfig { seqlen: 32768, heads: 128, head_dim: 256, ..Default::default() },
+                DemoConfig {
+                    dtype: "f8".into(),
+                    ..Default::default()
+                },
+                "dtype",
+            ),
+            (
+                DemoConfig {
+                    dtype: "fp8".into(),
+                    ..Default::default()
+                },
+                "dtype",
+            ),
+            (
+                DemoConfig {
+                    seqlen: 0,
+                    ..Default::default()
+                },
+                "seqlen_q",
+            ),
+            (
+                DemoConfig {
+                    head_dim: 300,
+                    ..Default::default()
+                },
+                "head_dim",
+            ),
+            (
+                DemoConfig {
+                    window_left: -2,
+                    ..Default::default()
+                },
+                "window.left",
+            ),
+            (
+                DemoConfig {
+                    softcap: -1.0,
+                    ..Default::default()
+                },
+                "softcap",
+            ),
+            (
+                DemoConfig {
+                    heatmap_head: 4,
+                    ..Default::default()
+                },
+                "heatmap_head",
+            ),
+            (
+                DemoConfig {
+                    seqlen: 40000,
+                    ..Default::default()
+                },
+                "seqlen",
+            ),
+            (
+                DemoConfig {
+                    iters: 0,
+                    ..Default::default()
+                },
+                "iters",
+            ),
+            (
+                DemoConfig {
+                    seqlen: 32768,
+                    heads: 128,
+                    head_dim: 256,
+                    ..Default::default()
+                },
                 "shape",
             ),
         ];
@@ -185,8 +248,16 @@ mod tests {
 
     #[test]
     fn alibi_slopes_follow_the_paper() {
-        assert_eq!(alibi_slopes(8), vec![0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]);
-        let spec = DemoConfig { alibi: true, ..Default::default() }.to_spec().unwrap();
+        assert_eq!(
+            alibi_slopes(8),
+            vec![0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
+        );
+        let spec = DemoConfig {
+            alibi: true,
+            ..Default::default()
+        }
+        .to_spec()
+        .unwrap();
         assert_eq!(spec.alibi_slope(0, 3), 2f32.powi(-8));
     }
 }

@@ -27,7 +27,14 @@ pub struct Heatmap {
 
 /// Scores of row `i` against keys `j` exactly as the kernels define them:
 /// `softcap(scale * q_i . k_j) - slope * |i + sk - sq - j|`.
-fn score(spec: &AttentionSpec, q: &TensorRef<'_>, k: &TensorRef<'_>, h: usize, i: usize, j: usize) -> f64 {
+fn score(
+    spec: &AttentionSpec,
+    q: &TensorRef<'_>,
+    k: &TensorRef<'_>,
+    h: usize,
+    i: usize,
+    j: usize,
+) -> f64 {
     let d = spec.head_dim;
     let qrow = (i * spec.heads_q + h) * d;
     let krow = (j * spec.heads_kv + spec.kv_head(h)) * d;
@@ -55,10 +62,18 @@ pub fn attention_heatmap(
 ) -> Result<Heatmap> {
     spec.validate()?;
     if spec.is_varlen() {
-        return Err(Error::invalid("varlen", "set", "the heatmap draws dense problems only"));
+        return Err(Error::invalid(
+            "varlen",
+            "set",
+            "the heatmap draws dense problems only",
+        ));
     }
     if head >= spec.heads_q {
-        return Err(Error::invalid("heatmap_head", head, format!("must be below heads_q = {}", spec.heads_q)));
+        return Err(Error::invalid(
+            "heatmap_head",
+            head,
+            format!("must be below heads_q = {}", spec.heads_q),
+        ));
     }
     if max_side == 0 {
         return Err(Error::invalid("max_side", 0, "must be at least 1"));
@@ -78,7 +93,10 @@ pub fn attention_heatmap(
             tensor: "lse",
             expected: spec.lse_elems().unwrap_or(0),
             actual: lse.len(),
-            shape: format!("batch {} x heads {} x seqlen_q {}", spec.batch, spec.heads_q, spec.seqlen_q),
+            shape: format!(
+                "batch {} x heads {} x seqlen_q {}",
+                spec.batch, spec.heads_q, spec.seqlen_q
+            ),
         });
     }
     let (sq, sk) = (spec.seqlen_q, spec.seqlen_k);
@@ -86,7 +104,13 @@ pub fn attention_heatmap(
     let cols = sk.min(max_side);
     // Sample rows evenly (first and last included); bin keys into equal-width bins.
     let query_rows: Vec<usize> = (0..rows)
-        .map(|r| if rows == 1 { 0 } else { r * (sq - 1) / (rows - 1) })
+        .map(|r| {
+            if rows == 1 {
+                0
+            } else {
+                r * (sq - 1) / (rows - 1)
+            }
+        })
         .collect();
     let bin_of = |j: usize| j * cols / sk;
     let mut bin_width = vec![0usize; cols];
@@ -114,7 +138,11 @@ pub fn attention_heatmap(
         }
         // NaN (an LSE of NaN or +-inf on a visible row) must show up as an error, not 0.
         let err = (row_sum - 1.0).abs();
-        row_sum_max_err = if err.is_nan() { f64::INFINITY } else { row_sum_max_err.max(err) };
+        row_sum_max_err = if err.is_nan() {
+            f64::INFINITY
+        } else {
+            row_sum_max_err.max(err)
+        };
         for c in 0..cols {
             if seen[c] {
                 values[r * cols + c] = (mass[c] / bin_width[c] as f64) as f32;
@@ -152,7 +180,9 @@ mod tests {
             base.clone(),
             base.clone().causal(true),
             base.clone().window(5, 3),
-            base.clone().softcap(2.0).alibi(vec![0.5, 0.25, 0.125], false),
+            base.clone()
+                .softcap(2.0)
+                .alibi(vec![0.5, 0.25, 0.125], false),
             base.clone().dtype(DType::F16).heads_kv(1),
         ] {
             let m = heatmap_of(&spec, 2, 256);
@@ -176,17 +206,33 @@ mod tests {
     #[test]
     fn masked_cells_follow_causal_and_window() {
         let n = 40;
-        let causal = heatmap_of(&AttentionSpec::new(1, 1, n, n, 16).return_lse(true).causal(true), 0, 64);
+        let causal = heatmap_of(
+            &AttentionSpec::new(1, 1, n, n, 16)
+                .return_lse(true)
+                .causal(true),
+            0,
+            64,
+        );
         assert_eq!(causal.masked_cells, n * (n - 1) / 2);
         assert!(causal.values[1].is_nan() && !causal.values[n].is_nan()); // (0,1) hidden, (1,0) seen
-        let window = heatmap_of(&AttentionSpec::new(1, 1, n, n, 16).return_lse(true).window(3, 2), 0, 64);
-        let visible: usize = (0..n).map(|i| (i + 2).min(n - 1) + 1 - i.saturating_sub(3)).sum();
+        let window = heatmap_of(
+            &AttentionSpec::new(1, 1, n, n, 16)
+                .return_lse(true)
+                .window(3, 2),
+            0,
+            64,
+        );
+        let visible: usize = (0..n)
+            .map(|i| (i + 2).min(n - 1) + 1 - i.saturating_sub(3))
+            .sum();
         assert_eq!(window.masked_cells, n * n - visible);
     }
 
     #[test]
     fn causal_sq_greater_than_sk_leaves_masked_rows_empty() {
-        let spec = AttentionSpec::new(1, 1, 20, 8, 16).return_lse(true).causal(true);
+        let spec = AttentionSpec::new(1, 1, 20, 8, 16)
+            .return_lse(true)
+            .causal(true);
         let m = heatmap_of(&spec, 0, 64);
         // rows 0..12 see no key (j <= i - 12)
         assert!(m.values[..12 * 8].iter().all(|v| v.is_nan()));
@@ -195,20 +241,28 @@ mod tests {
 
     #[test]
     fn binning_keeps_mass_and_samples_ends() {
-        let spec = AttentionSpec::new(1, 2, 300, 301, 16).return_lse(true).causal(true);
+        let spec = AttentionSpec::new(1, 2, 300, 301, 16)
+            .return_lse(true)
+            .causal(true);
         let m = heatmap_of(&spec, 1, 64);
         assert_eq!((m.rows, m.cols), (64, 64));
         assert_eq!((m.query_rows[0], m.query_rows[63]), (0, 299));
         assert!(m.row_sum_max_err < 1e-5);
         // The last sampled row sees all keys: its bins' mass (mean * width) sums to 1.
-        let widths: Vec<usize> = (0..64).map(|c| (0..301).filter(|j| j * 64 / 301 == c).count()).collect();
-        let total: f64 = (0..64).map(|c| m.values[63 * 64 + c] as f64 * widths[c] as f64).sum();
+        let widths: Vec<usize> = (0..64)
+            .map(|c| (0..301).filter(|j| j * 64 / 301 == c).count())
+            .collect();
+        let total: f64 = (0..64)
+            .map(|c| m.values[63 * 64 + c] as f64 * widths[c] as f64)
+            .sum();
         assert!((total - 1.0).abs() < 1e-4, "{total}");
     }
 
     #[test]
     fn alibi_decays_away_from_the_diagonal() {
-        let spec = AttentionSpec::new(1, 1, 64, 64, 16).return_lse(true).alibi(vec![0.5], false);
+        let spec = AttentionSpec::new(1, 1, 64, 64, 16)
+            .return_lse(true)
+            .alibi(vec![0.5], false);
         let m = heatmap_of(&spec, 0, 64);
         let row = &m.values[32 * 64..33 * 64];
         assert!(row[32] > 10.0 * row[20] && row[32] > 10.0 * row[44]);

@@ -121,7 +121,11 @@ pub fn median_ms(times: &[f64]) -> Option<f64> {
     let mut t = times.to_vec();
     t.sort_by(f64::total_cmp);
     let m = t.len() / 2;
-    Some(if t.len() % 2 == 1 { t[m] } else { (t[m - 1] + t[m]) / 2.0 })
+    Some(if t.len() % 2 == 1 {
+        t[m]
+    } else {
+        (t[m - 1] + t[m]) / 2.0
+    })
 }
 
 /// TFLOP/s of `spec` (visible pairs only, so causal and window count what they compute) in `ms`.
@@ -152,7 +156,9 @@ mod tests {
 
     #[test]
     fn the_reference_itself_passes_and_a_perturbation_fails() {
-        let spec = AttentionSpec::new(1, 2, 20, 30, 16).causal(true).return_lse(true);
+        let spec = AttentionSpec::new(1, 2, 20, 30, 16)
+            .causal(true)
+            .return_lse(true);
         let (q, k, v, mut got) = exact_output(&spec, 3);
         let clock = || 0.0;
         let ok = check_against_reference(&spec, q.as_ref(), k.as_ref(), v.as_ref(), &got, &clock);
@@ -176,7 +182,9 @@ mod tests {
 
     #[test]
     fn wrong_output_dtype_fails() {
-        let spec = AttentionSpec::new(1, 1, 4, 4, 8).dtype(DType::F16).return_lse(true);
+        let spec = AttentionSpec::new(1, 1, 4, 4, 8)
+            .dtype(DType::F16)
+            .return_lse(true);
         let (q, k, v, mut got) = exact_output(&spec, 1);
         got.out = Tensor::from_f32(DType::F32, &got.out.to_f32_vec());
         let r = check_against_reference(&spec, q.as_ref(), k.as_ref(), v.as_ref(), &got, &|| 0.0);
@@ -185,7 +193,9 @@ mod tests {
 
     #[test]
     fn memory_and_speed_arithmetic() {
-        let spec = AttentionSpec::new(1, 4, 256, 256, 64).dtype(DType::F16).return_lse(true);
+        let spec = AttentionSpec::new(1, 4, 256, 256, 64)
+            .dtype(DType::F16)
+            .return_lse(true);
         let m = MemoryReport::new(&spec);
         assert_eq!(m.inputs_bytes, 3 * 256 * 4 * 64 * 2);
         assert_eq!(m.outputs_bytes, 256 * 4 * 64 * 2 + 4 * 256 * 4);

@@ -178,7 +178,14 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
         .lse
         .as_deref()
         .ok_or_else(|| Error::backend("wgpu", "the kernel returned no LSE"))?;
-    let map = attention_heatmap(&spec, q.as_ref(), k.as_ref(), lse, cfg.heatmap_head, HEATMAP_SIDE)?;
+    let map = attention_heatmap(
+        &spec,
+        q.as_ref(),
+        k.as_ref(),
+        lse,
+        cfg.heatmap_head,
+        HEATMAP_SIDE,
+    )?;
     drop((q, k, v, out));
 
     let plan = BenchPlan {

@@ -155,9 +155,10 @@ test('page finds the SwiftShader WebGPU adapter', async () => {
   assert(state === 'ready', `state ${state}: ${banner}\n${logs.join('\n')}`);
   const info = await page.evaluate(() => window.flashattnAdapter);
   assert(info.description.length > 0, 'empty adapter description');
+  assert(/swiftshader/i.test(info.browser_name), `adapter "${info.browser_name}" is not SwiftShader`);
   const f16 = await page.evaluate(() => !document.querySelector('select[name=dtype] option[value=f16]').disabled);
   assert(f16 === info.shader_f16, `f16 option enabled=${f16} but shader_f16=${info.shader_f16}`);
-  return `${info.description}; dtypes ${info.dtypes.join(',')}; timer ${info.timestamps ? 'timestamps' : 'host'}`;
+  return `${info.browser_name} / ${info.description}; dtypes ${info.dtypes.join(',')}; timer ${info.timestamps ? 'timestamps' : 'host'}`;
 });
 
 test('causal case matches the reference and draws a triangle', async () => {

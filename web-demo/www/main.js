@@ -71,8 +71,12 @@ const bytes = (n) => {
   return `${n.toFixed(u === 0 ? 0 : 1)} ${units[u]}`;
 };
 const ms = (t) => (t === null || t === undefined ? '—' : `${t.toFixed(3)} ms`);
-const rate = (tf) => (tf === null || tf === undefined ? '—'
-  : tf >= 0.1 ? `${tf.toFixed(2)} TFLOP/s` : `${(tf * 1000).toFixed(1)} GFLOP/s`);
+const rate = (tf) => {
+  if (tf === null || tf === undefined) return '—';
+  if (tf >= 0.1) return `${tf.toPrecision(3)} TFLOP/s`;
+  if (tf >= 1e-4) return `${(tf * 1e3).toPrecision(3)} GFLOP/s`;
+  return `${(tf * 1e6).toPrecision(3)} MFLOP/s`;
+};
 const sci = (x) => (x === null || x === undefined ? '—' : Number(x).toExponential(2));
 
 function showReport(r) {
@@ -99,7 +103,7 @@ function showReport(r) {
     const speedup = t.naive_ms && t.flash_ms ? ` — flash is ${(t.naive_ms / t.flash_ms).toFixed(2)}× faster` : '';
     rows.push(['naive time', `${ms(t.naive_ms)}, ${rate(t.naive_tflops)}${speedup}`]);
   }
-  rows.push(['first forward (upload + run + readback)', ms(t.first_forward_ms)]);
+  rows.push(['first forward (upload, shader compile, run, readback)', ms(t.first_forward_ms)]);
   rows.push(['inputs / outputs', `${bytes(m.inputs_bytes)} / ${bytes(m.outputs_bytes)}`]);
   rows.push(['extra device memory, flash', `${bytes(m.flash_extra_bytes)} (measured: buffers allocated beyond inputs and outputs)`]);
   rows.push(['extra device memory, naive', m.naive_extra_bytes === null ? 'not measured'
@@ -129,7 +133,9 @@ function showHeatmap(r) {
   $('legend-hi').textContent = `10^${range.hi.toFixed(1)}`;
   const sampled = map.rows < r.seqlen ? `, ${map.rows} of ${r.seqlen} query rows (${map.first_row}…${map.last_row})` : '';
   const binned = map.cols < r.seqlen ? `, keys binned ${map.cols} wide (mean weight per bin)` : '';
-  $('caption').textContent = `Head ${map.head} of ${r.heads}${sampled}${binned}; ${map.masked_cells} masked cells.`;
+  $('caption').textContent = `Head ${map.head} of ${r.heads}${sampled}${binned}. Rows are queries, ` +
+    `columns keys; colour is log10 of p_ij = exp(s_ij − lse_i) from the kernel's LSE; ` +
+    `grey: masked (${map.masked_cells} cells).`;
 }
 
 async function run(demo) {
@@ -156,9 +162,21 @@ async function run(demo) {
   }
 }
 
+// The browser's own words for the adapter (wgpu's AdapterInfo has no names on the web).
+async function browserAdapterName() {
+  try {
+    const a = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
+    const i = a && (a.info || (a.requestAdapterInfo ? await a.requestAdapterInfo() : null));
+    if (!i) return '';
+    return [i.vendor, i.architecture, i.device, i.description].filter((x) => x).join(' ');
+  } catch {
+    return '';
+  }
+}
+
 function showAdapter(info) {
   const entries = [
-    ['adapter', info.description],
+    ['adapter', `${info.browser_name || 'unnamed adapter'} — wgpu: ${info.description}`],
     ['dtypes', info.dtypes.join(', ') + (info.shader_f16 ? '' : ' (no shader-f16: f16 is off)')],
     ['timer', info.timestamps ? 'device timestamps' : 'host clock (no timestamp-query)'],
     ['subgroups', info.subgroup_size ? `width ${info.subgroup_size}` : 'not used'],
@@ -202,6 +220,7 @@ async function main() {
     return;
   }
   const info = demo.adapter();
+  info.browser_name = await browserAdapterName();
   window.flashattnAdapter = info;
   showAdapter(info);
   form.addEventListener('submit', (ev) => { ev.preventDefault(); run(demo); });
@@ -211,7 +230,7 @@ async function main() {
     run: async (values = {}) => { setForm(values); await run(demo); return window.flashattnReport; },
   };
   runButton.disabled = false;
-  setState('ready', `WebGPU ready on ${info.description}.`, 'ok');
+  setState('ready', `WebGPU ready on ${info.browser_name || info.description}.`, 'ok');
 }
 
 main();
