@@ -12,7 +12,12 @@ use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType};
 use flashattn_cuda::CudaBackend;
 
 fn arg_list(args: &[String], name: &str, default: &str) -> Vec<String> {
-    let v = args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str).unwrap_or(default);
+    let v = args
+        .iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+        .unwrap_or(default);
     v.split(',').map(str::to_string).collect()
 }
 
@@ -24,7 +29,7 @@ fn median(v: &[f64]) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let backend = match CudaBackend::new() {
+    let mut backend = match CudaBackend::new() {
         Ok(b) => b,
         Err(e) => {
             eprintln!("cuda backend unavailable: {e}");
@@ -36,20 +41,45 @@ fn main() {
         .iter()
         .filter_map(|s| s.parse().ok())
         .collect();
-    let dims: Vec<usize> = arg_list(&args, "--dims", "64,128,256").iter().filter_map(|s| s.parse().ok()).collect();
+    let dims: Vec<usize> = arg_list(&args, "--dims", "64,128,256")
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
     let causal = match arg_list(&args, "--causal", "both")[0].as_str() {
         "yes" => vec![true],
         "no" => vec![false],
         _ => vec![false, true],
     };
-    let dtype: DType = arg_list(&args, "--dtype", "bf16")[0].parse().unwrap_or(DType::Bf16);
+    let dtype: DType = arg_list(&args, "--dtype", "bf16")[0]
+        .parse()
+        .unwrap_or(DType::Bf16);
     let naive = args.iter().any(|a| a == "--naive");
+    // --block-n 128,176: time the Hopper kernel at each keys-per-block (0 = default).
+    let block_ns: Vec<usize> = arg_list(&args, "--block-n", "0")
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    // --stages 2,3: ... and at each K/V ring depth (0 = default).
+    let stage_list: Vec<usize> = arg_list(&args, "--stages", "0")
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let tunings: Vec<(usize, usize)> = block_ns
+        .iter()
+        .flat_map(|&b| stage_list.iter().map(move |&s| (b, s)))
+        .collect();
     println!("device: {}", backend.device());
-    println!("{:>6} {:>4} {:>5} {:>4} {:>6} {:>9} {:>9} {:>22} {:>8}", "algo", "d", "seq", "b", "causal", "ms", "TFLOP/s", "kernel", "extraMB");
+    println!(
+        "{:>6} {:>4} {:>5} {:>4} {:>6} {:>9} {:>9} {:>22} {:>8}",
+        "algo", "d", "seq", "b", "causal", "ms", "TFLOP/s", "kernel", "extraMB"
+    );
     for &d in &dims {
         // Correctness of the exact kernel variants we time, on a short sequence.
         for &c in &causal {
-            let spec = AttentionSpec::new(2, 2048 / d, 1000, 1000, d).dtype(dtype).causal(c).return_lse(true);
+            let spec = AttentionSpec::new(2, 2048 / d, 1000, 1000, d)
+                .dtype(dtype)
+                .causal(c)
+                .return_lse(true);
             match check_backend(&backend, &spec, 7) {
                 Ok(r) => println!("check d={d} causal={c}: rel_l2 {:.2e}", r.rel_l2),
                 Err(e) => println!("CHECK FAILED d={d} causal={c}: {e}"),
@@ -57,28 +87,52 @@ fn main() {
         }
         for &s in &seqlens {
             for &c in &causal {
-                let spec = AttentionSpec::new((16384 / s).max(1), 2048 / d, s, s, d).dtype(dtype).causal(c);
-                let algos: &[Algorithm] = if naive && s <= 4096 { &[Algorithm::Flash, Algorithm::Naive] } else { &[Algorithm::Flash] };
-                for &algo in algos {
-                    let plan = BenchPlan { warmup: 3, iters, seed: 1 };
-                    let kernel = match algo {
-                        Algorithm::Flash => backend.variant_for(&spec).map(|v| v.name()).unwrap_or_default(),
-                        Algorithm::Naive => "naive".into(),
+                let spec = AttentionSpec::new((16384 / s).max(1), 2048 / d, s, s, d)
+                    .dtype(dtype)
+                    .causal(c);
+                let algos: &[Algorithm] = if naive && s <= 4096 {
+                    &[Algorithm::Flash, Algorithm::Naive]
+                } else {
+                    &[Algorithm::Flash]
+                };
+                for &(bn, st) in &tunings {
+                    backend.set_block_n((bn != 0).then_some(bn));
+                    backend.set_stages((st != 0).then_some(st));
+                    let algos = if (bn, st) == tunings[0] {
+                        algos
+                    } else {
+                        &[Algorithm::Flash][..]
                     };
-                    match backend.bench(&spec, algo, &plan, &mut || {}) {
-                        Ok(m) => {
-                            let ms = median(&m.times_ms);
-                            let tflops = spec.flops() / (ms * 1e-3) / 1e12;
-                            let extra = m.extra_bytes.unwrap_or(0) as f64 / 1048576.0;
-                            println!(
+                    for &algo in algos {
+                        let plan = BenchPlan {
+                            warmup: 3,
+                            iters,
+                            seed: 1,
+                        };
+                        let kernel = match algo {
+                            Algorithm::Flash => backend
+                                .variant_for(&spec)
+                                .map(|v| v.name())
+                                .unwrap_or_default(),
+                            Algorithm::Naive => "naive".into(),
+                        };
+                        match backend.bench(&spec, algo, &plan, &mut || {}) {
+                            Ok(m) => {
+                                let ms = median(&m.times_ms);
+                                let tflops = spec.flops() / (ms * 1e-3) / 1e12;
+                                let extra = m.extra_bytes.unwrap_or(0) as f64 / 1048576.0;
+                                println!(
                                 "{:>6} {d:>4} {s:>5} {:>4} {c:>6} {ms:>9.3} {tflops:>9.1} {kernel:>22} {extra:>8.1}",
                                 format!("{algo:?}").to_lowercase(),
                                 spec.batch
                             );
+                            }
+                            Err(e) => println!("{algo:?} d={d} s={s} causal={c}: {e}"),
                         }
-                        Err(e) => println!("{algo:?} d={d} s={s} causal={c}: {e}"),
                     }
                 }
+                backend.set_block_n(None);
+                backend.set_stages(None);
             }
         }
     }

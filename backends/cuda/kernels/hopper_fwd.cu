@@ -4,6 +4,9 @@
 //   * two consumer warpgroups each own 64 query rows of the 128-row tile and run
 //     S = Q K^T with wgmma from shared memory (SS), the online softmax in registers, and
 //     O += P V with P from registers (RS);
+//   * pingpong: named barriers make the two consumer warpgroups take turns issuing GEMMs, and
+//     inside a warpgroup the next S = Q K^T is issued before this block's softmax, which
+//     then overlaps P V (intra-warpgroup overlap);
 //   * setmaxnreg moves registers from the producer to the consumers;
 //   * a persistent grid walks the tiles, heaviest (last query blocks, for causal) first;
 //   * key blocks hidden by the causal/window mask are skipped; partially visible ones masked.
@@ -15,7 +18,7 @@
 #define COL_BLOCK 64                          // elements per 128-byte swizzled row
 #define Q_BYTES (BLOCK_M * HEAD_DIM * 2)
 #define KV_BYTES (BLOCK_N * HEAD_DIM * 2)     // one K (or V) stage
-#define PRODUCER_REGS 24
+#define PRODUCER_REGS 24                      // 24 x 128 + 240 x 256 = the 168 x 384 at launch
 #define CONSUMER_REGS 240
 
 #if FA_DTYPE == 2
@@ -83,7 +86,6 @@ DEV void tma_prefetch_map(const TensorMap* map) {
 
 DEV void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 DEV void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-DEV void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
 
 // Keeps the compiler from moving accumulator reads/writes across wgmma fences and waits.
 template <int N>
@@ -129,6 +131,100 @@ DEV void tile_blocks(const Params& p, const Tile& t, const SeqInfo& s, int& n_lo
     }
     int m1 = min(m0 + BLOCK_M, s.q_len);
     block_range(p, m0, m1, s.q_len, s.k_len, BLOCK_N, n_lo, n_hi);
+}
+
+// ---- consumer pieces --------------------------------------------------------------------
+
+// What the softmax of one key block needs about the current tile and this thread's two rows.
+struct BlockCtx {
+    const Params& p;
+    SeqInfo s;
+    int m0, row0, col0;
+    float slope, sl2;
+    int full_lo, full_hi;  // keys every row of the tile sees
+    int lo0, lo1, hi0, hi1;
+};
+
+// Pingpong between the two consumer warpgroups (named barriers 1 and 2, 256 threads each):
+// a warpgroup issues its GEMMs only after the other has issued its own, so one's softmax
+// runs while the other's GEMMs occupy the tensor cores. Barrier ids are immediates.
+DEV void pingpong_wait(int wg) {
+    if (wg == 0) asm volatile("bar.sync 1, 256;" ::: "memory");
+    else asm volatile("bar.sync 2, 256;" ::: "memory");
+}
+DEV void pingpong_release(int wg) {
+    if (wg == 0) asm volatile("bar.arrive 2, 256;" ::: "memory");
+    else asm volatile("bar.arrive 1, 256;" ::: "memory");
+}
+
+template <int N>
+DEV void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+// S = Q K^T for this warpgroup's 64 rows: HEAD_DIM / 16 wgmmas of k = 16.
+DEV void issue_qk(float (&sc)[BLOCK_N / 2], uint32_t q_wg, uint32_t k_stage) {
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        uint64_t da = smem_desc(q_wg + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32, 16, 1024);
+        uint64_t db = smem_desc(k_stage + (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32, 16, 1024);
+        WGMMA_SS(WG_TYPE, BLOCK_N)(sc, da, db, kk > 0);
+    }
+}
+
+// O += P V: BLOCK_N / 16 wgmmas, P from registers, V N-major from shared memory.
+DEV void issue_pv(float (&o)[HEAD_DIM / 2], const uint32_t (&pa)[BLOCK_N / 16][4], uint32_t v_stage) {
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        uint64_t db = smem_desc(v_stage + kk * 16 * 128, BLOCK_N * 128, 1024);
+        WGMMA_RS(WG_TYPE, HEAD_DIM)(o, pa[kk], db, 1);
+    }
+}
+
+// Score mods and mask of the block starting at key j0, then the online softmax update:
+// sc becomes P (unnormalised, f32), m and l advance, corr is the factor O must be scaled by.
+DEV void softmax_block(const BlockCtx& c, float (&sc)[BLOCK_N / 2], int j0, float (&m_run)[2], float (&l_run)[2],
+                       float (&corr)[2]) {
+    const bool need_mask = j0 < c.full_lo || j0 + BLOCK_N > c.full_hi || j0 + BLOCK_N > c.s.k_len;
+#pragma unroll
+    for (int v = 0; v < BLOCK_N / 2; ++v) {
+        const int r = (v / 2) % 2;
+        const int j = j0 + 8 * (v / 4) + c.col0 + (v % 2);
+        if (SCORE_MOD) sc[v] = score_mod(c.p, sc[v], c.slope, c.m0 + c.row0 + 8 * r, j, c.s.q_len, c.s.k_len);
+        if (need_mask && (j < (r ? c.lo1 : c.lo0) || j >= (r ? c.hi1 : c.hi0))) sc[v] = NEG_INF;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float mx = m_run[r];
+#pragma unroll
+        for (int v = 0; v < BLOCK_N / 2; ++v)
+            if ((v / 2) % 2 == r) mx = fmaxf(mx, sc[v]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_scaled = mx == NEG_INF ? 0.f : mx * c.sl2;
+        corr[r] = exp2f(m_run[r] * c.sl2 - m_scaled);
+        float sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < BLOCK_N / 2; ++v)
+            if ((v / 2) % 2 == r) {
+                sc[v] = exp2f(sc[v] * c.sl2 - m_scaled);
+                sum += sc[v];
+            }
+        l_run[r] = l_run[r] * corr[r] + sum;
+        m_run[r] = mx;
+    }
+}
+
+DEV void rescale_o(float (&o)[HEAD_DIM / 2], const float (&corr)[2]) {
+    fence_regs(o);
+#pragma unroll
+    for (int v = 0; v < HEAD_DIM / 2; ++v) o[v] *= corr[(v / 2) % 2];
+}
+
+// P as the A operand of the next wgmma: S's accumulator layout is A's register layout.
+DEV void to_p(const float (&sc)[BLOCK_N / 2], uint32_t (&pa)[BLOCK_N / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+#pragma unroll
+        for (int x = 0; x < 4; ++x) pa[kk][x] = PACK2(sc[8 * kk + 2 * x], sc[8 * kk + 2 * x + 1]);
 }
 
 // ---- the kernel -------------------------------------------------------------------------
@@ -184,6 +280,7 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             // Q: wait until both consumers are done with the previous tile's Q.
             mbar_wait(q_empty, (q_count & 1) ^ 1);
             mbar_expect_tx(q_full, Q_BYTES);
+#pragma unroll 1
             for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
                 tma_load(sQ + c * BLOCK_M * 128, &tm_q, q_full, c * COL_BLOCK, tile.h,
                          s.q_start + tile.m_block * BLOCK_M);
@@ -193,10 +290,12 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
                 const int row = s.k_start + n * BLOCK_N;
                 mbar_wait(K_EMPTY(st), ph);
                 mbar_expect_tx(K_FULL(st), KV_BYTES);
+#pragma unroll 1
                 for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
                     tma_load(sK + st * KV_BYTES + c * BLOCK_N * 128, &tm_k, K_FULL(st), c * COL_BLOCK, kv_h, row);
                 mbar_wait(V_EMPTY(st), ph);
                 mbar_expect_tx(V_FULL(st), KV_BYTES);
+#pragma unroll 1
                 for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
                     tma_load(sV + st * KV_BYTES + c * BLOCK_N * 128, &tm_v, V_FULL(st), c * COL_BLOCK, kv_h, row);
             }
@@ -212,6 +311,8 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     const int row0 = wg * 64 + warp_in_wg * 16 + lane / 4;
     const int col0 = 2 * (lane % 4);
     const float sl2 = SCORE_MOD ? LOG2E : p.scale * LOG2E;
+    // Warpgroup 0 issues first: warpgroup 1 releases it once.
+    if (wg == 1) pingpong_release(wg);
 
     uint32_t it = 0, q_count = 0;
     for (int t = blockIdx.x; t < p.total_tiles; t += gridDim.x) {
@@ -240,83 +341,72 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             mbar_wait(q_full, q_count & 1);
             ++q_count;
             const uint32_t q_wg = sQ + wg * 64 * 128;
-            for (int n = n_lo; n < n_hi; ++n, ++it) {
-                const uint32_t st = it % STAGES, ph = (it / STAGES) & 1;
-                const int j0 = n * BLOCK_N;
+            const BlockCtx ctx{p, s, m0, row0, col0, slope, sl2, full_lo, full_hi, lo[0], lo[1], hi[0], hi[1]};
+            float sc[BLOCK_N / 2];
+            uint32_t pa[BLOCK_N / 16][4];
+            float corr[2];
 
-                // ---- S = Q K^T ----
-                float sc[BLOCK_N / 2];
-                mbar_wait(K_FULL(st), ph);
+            // Prologue: S for the first block, its softmax, P.
+            {
+                const uint32_t st = it % STAGES;
+                mbar_wait(K_FULL(st), (it / STAGES) & 1);
+                pingpong_wait(wg);
                 wg_fence();
-#pragma unroll
-                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                    uint64_t da = smem_desc(q_wg + (kk / 4) * BLOCK_M * 128 + (kk % 4) * 32, 16, 1024);
-                    uint64_t db = smem_desc(sK + st * KV_BYTES + (kk / 4) * BLOCK_N * 128 + (kk % 4) * 32, 16, 1024);
-                    WGMMA_SS(WG_TYPE, BLOCK_N)(sc, da, db, kk > 0);
-                }
+                issue_qk(sc, q_wg, sK + st * KV_BYTES);
                 wg_commit();
-                wg_wait_all();
+                pingpong_release(wg);
+                wg_wait<0>();
                 fence_regs(sc);
                 mbar_arrive(K_EMPTY(st));
-
-                // ---- scores: mods and mask ----
-                const bool need_mask = j0 < full_lo || j0 + BLOCK_N > full_hi || j0 + BLOCK_N > s.k_len;
-#pragma unroll
-                for (int v = 0; v < BLOCK_N / 2; ++v) {
-                    const int r = (v / 2) % 2;
-                    const int j = j0 + 8 * (v / 4) + col0 + (v % 2);
-                    if (SCORE_MOD) sc[v] = score_mod(p, sc[v], slope, m0 + row0 + 8 * r, j, s.q_len, s.k_len);
-                    if (need_mask && (j < lo[r] || j >= hi[r])) sc[v] = NEG_INF;
-                }
-
-                // ---- online softmax (each row lives in 4 lanes) ----
-                float corr[2];
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float mx = m_run[r];
-#pragma unroll
-                    for (int v = 0; v < BLOCK_N / 2; ++v)
-                        if ((v / 2) % 2 == r) mx = fmaxf(mx, sc[v]);
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-                    const float m_scaled = mx == NEG_INF ? 0.f : mx * sl2;
-                    corr[r] = exp2f(m_run[r] * sl2 - m_scaled);
-                    float sum = 0.f;
-#pragma unroll
-                    for (int v = 0; v < BLOCK_N / 2; ++v)
-                        if ((v / 2) % 2 == r) {
-                            sc[v] = exp2f(sc[v] * sl2 - m_scaled);
-                            sum += sc[v];
-                        }
-                    l_run[r] = l_run[r] * corr[r] + sum;
-                    m_run[r] = mx;
-                }
-#pragma unroll
-                for (int v = 0; v < HEAD_DIM / 2; ++v) o[v] *= corr[(v / 2) % 2];
-
-                // P as the A operand: the accumulator layout of S is the register layout of A.
-                uint32_t pa[BLOCK_N / 16][4];
-#pragma unroll
-                for (int kk = 0; kk < BLOCK_N / 16; ++kk)
-#pragma unroll
-                    for (int x = 0; x < 4; ++x) pa[kk][x] = PACK2(sc[8 * kk + 2 * x], sc[8 * kk + 2 * x + 1]);
-
-                // ---- O += P V ----
-                mbar_wait(V_FULL(st), ph);
+                if (n_hi - n_lo == 1) mbar_arrive(q_empty);
+                softmax_block(ctx, sc, n_lo * BLOCK_N, m_run, l_run, corr);
+                to_p(sc, pa);
+            }
+            // Steady state: while the tensor cores run P_n V_n, this warpgroup does the softmax
+            // of S_{n+1}, issued just before (intra-warpgroup overlap); the other warpgroup's
+            // GEMMs fill this one's softmax gaps (pingpong).
+            for (int n = n_lo; n + 1 < n_hi; ++n, ++it) {
+                const uint32_t st = it % STAGES, st1 = (it + 1) % STAGES;
+                mbar_wait(K_FULL(st1), ((it + 1) / STAGES) & 1);
+                pingpong_wait(wg);
                 wg_fence();
-                fence_regs(o);
-#pragma unroll
-                for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-                    uint64_t db = smem_desc(sV + st * KV_BYTES + kk * 16 * 128, BLOCK_N * 128, 1024);
-                    WGMMA_RS(WG_TYPE, HEAD_DIM)(o, pa[kk], db, 1);
-                }
+                issue_qk(sc, q_wg, sK + st1 * KV_BYTES);
                 wg_commit();
-                wg_wait_all();
+                // Rescale O for the previous softmax while S_{n+1} runs on the tensor cores.
+                rescale_o(o, corr);  // a no-op scale of zeros on the first block
+                mbar_wait(V_FULL(st), (it / STAGES) & 1);
+                wg_fence();
+                issue_pv(o, pa, sV + st * KV_BYTES);
+                wg_commit();
+                pingpong_release(wg);
+                wg_wait<1>();  // S_{n+1} is ready; P_n V_n may still run
+                fence_regs(sc);
+                mbar_arrive(K_EMPTY(st1));
+                // That was this tile's last use of Q: let the producer load the next tile's.
+                if (n + 2 == n_hi) mbar_arrive(q_empty);
+                softmax_block(ctx, sc, (n + 1) * BLOCK_N, m_run, l_run, corr);
+                wg_wait<0>();
                 fence_regs(o);
                 mbar_arrive(V_EMPTY(st));
+                to_p(sc, pa);
             }
-            mbar_arrive(q_empty);
+            // Last block: P V only.
+            {
+                const uint32_t st = it % STAGES;
+                rescale_o(o, corr);
+                mbar_wait(V_FULL(st), (it / STAGES) & 1);
+                pingpong_wait(wg);
+                wg_fence();
+                issue_pv(o, pa, sV + st * KV_BYTES);
+                wg_commit();
+                pingpong_release(wg);
+                wg_wait<0>();
+                fence_regs(o);
+                mbar_arrive(V_EMPTY(st));
+                ++it;
+            }
         }
+
 
         // ---- epilogue: normalise, write O and LSE ----
         elem_t* out = (elem_t*)p.out;

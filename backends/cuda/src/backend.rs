@@ -5,11 +5,11 @@ use crate::device::{DevBuf, DeviceInfo, Gpu, Timer};
 use crate::loader::load_nvrtc;
 use crate::params::{max_seqlen_q, KernelParams};
 use crate::tensor_map::TensorMapParams;
-use crate::tiles::{hopper_tiles, persistent_grid, HOPPER_SMEM_LIMIT, HOPPER_THREADS};
+use crate::tiles::{check_tiles, hopper_tiles, persistent_grid, HOPPER_SMEM_LIMIT, HOPPER_THREADS};
 use crate::variants::{KernelKind, Variant};
 use flashattn_core::{
-    random_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, DType, Error,
-    Output, Result, Tensor, TensorRef,
+    random_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan,
+    DType, Error, Output, Result, Tensor, TensorRef,
 };
 use std::ffi::c_void;
 
@@ -19,22 +19,34 @@ const GENERIC_BLOCK_N: usize = 32;
 
 /// Shared memory of the generic kernel: Q rows, a padded K block, a V block, all f32.
 pub fn generic_smem_bytes(head_dim: usize, head_dim_v: usize) -> usize {
-    4 * (GENERIC_BLOCK_M * head_dim + GENERIC_BLOCK_N * (head_dim + 1) + GENERIC_BLOCK_N * head_dim_v)
+    4 * (GENERIC_BLOCK_M * head_dim
+        + GENERIC_BLOCK_N * (head_dim + 1)
+        + GENERIC_BLOCK_N * head_dim_v)
 }
 
 /// The CUDA backend on device 0.
 pub struct CudaBackend {
     gpu: Gpu,
     forced: Option<KernelKind>,
+    /// Keys per block and ring depth of the Hopper kernel when not its defaults (tuning).
+    block_n: Option<usize>,
+    stages: Option<usize>,
 }
 
 fn unsupported(reason: impl Into<String>) -> Error {
-    Error::Unsupported { backend: BACKEND, reason: reason.into() }
+    Error::Unsupported {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
 }
 
 /// Which kernel `FLASHATTN_CUDA_KERNEL` forces: "hopper", "generic", or none (automatic).
 fn forced_kernel() -> Option<KernelKind> {
-    match std::env::var("FLASHATTN_CUDA_KERNEL").ok()?.to_ascii_lowercase().as_str() {
+    match std::env::var("FLASHATTN_CUDA_KERNEL")
+        .ok()?
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "hopper" => Some(KernelKind::Hopper),
         "generic" => Some(KernelKind::Generic),
         _ => None,
@@ -87,7 +99,11 @@ impl Buffers {
     }
 
     fn extra_bytes(&self) -> u64 {
-        [&self.cu_q, &self.cu_k, &self.alibi].iter().filter_map(|b| b.as_ref()).map(|b| b.bytes as u64).sum()
+        [&self.cu_q, &self.cu_k, &self.alibi]
+            .iter()
+            .filter_map(|b| b.as_ref())
+            .map(|b| b.bytes as u64)
+            .sum()
     }
 
     fn params(&self, spec: &AttentionSpec, block_m: usize) -> Result<KernelParams> {
@@ -112,8 +128,29 @@ impl CudaBackend {
     /// Opens device 0. `Error::Unavailable` says what is missing: the driver, a device, NVRTC.
     pub fn new() -> Result<CudaBackend> {
         let gpu = Gpu::open()?;
-        load_nvrtc().map_err(|reason| Error::Unavailable { backend: BACKEND, reason })?;
-        Ok(CudaBackend { gpu, forced: forced_kernel() })
+        load_nvrtc().map_err(|reason| Error::Unavailable {
+            backend: BACKEND,
+            reason,
+        })?;
+        let env = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        Ok(CudaBackend {
+            gpu,
+            forced: forced_kernel(),
+            block_n: env("FLASHATTN_CUDA_BLOCK_N"),
+            stages: env("FLASHATTN_CUDA_STAGES"),
+        })
+    }
+
+    /// Sets the Hopper kernel's keys per block (`None`: the default of `hopper_tiles`);
+    /// starts from `FLASHATTN_CUDA_BLOCK_N`. Checked when a spec is run.
+    pub fn set_block_n(&mut self, block_n: Option<usize>) {
+        self.block_n = block_n;
+    }
+
+    /// Sets the Hopper kernel's K/V ring depth (`None`: default); starts from
+    /// `FLASHATTN_CUDA_STAGES`. Checked when a spec is run.
+    pub fn set_stages(&mut self, stages: Option<usize>) {
+        self.stages = stages;
     }
 
     /// Forces a kernel family (`None`: automatic, the fastest that supports the spec).
@@ -130,14 +167,22 @@ impl CudaBackend {
     pub fn variant_for(&self, spec: &AttentionSpec) -> Result<Variant> {
         spec.validate()?;
         if spec.dtype == DType::Fp8E4m3 {
-            return Err(unsupported("fp8e4m3 is not implemented in the CUDA backend yet"));
+            return Err(unsupported(
+                "fp8e4m3 is not implemented in the CUDA backend yet",
+            ));
         }
         let hopper_ok = || -> std::result::Result<(), String> {
             if self.gpu.info.arch() != "sm_90a" {
-                return Err(format!("the Hopper kernel needs sm_90a, this GPU is {}", self.gpu.info.arch()));
+                return Err(format!(
+                    "the Hopper kernel needs sm_90a, this GPU is {}",
+                    self.gpu.info.arch()
+                ));
             }
             if !matches!(spec.dtype, DType::Bf16 | DType::F16) {
-                return Err(format!("the Hopper kernel takes bf16 or f16, not {}", spec.dtype));
+                return Err(format!(
+                    "the Hopper kernel takes bf16 or f16, not {}",
+                    spec.dtype
+                ));
             }
             if spec.head_dim != spec.head_dim_v || hopper_tiles(spec.head_dim).is_none() {
                 return Err(format!(
@@ -160,7 +205,28 @@ impl CudaBackend {
         match (self.forced, hopper_ok()) {
             (Some(KernelKind::Generic), _) => generic(),
             (Some(KernelKind::Hopper), Err(why)) => Err(unsupported(why)),
-            (_, Ok(())) => Ok(Variant::hopper(spec.dtype, spec.head_dim, spec.softcap > 0.0 || spec.alibi.is_some())),
+            (_, Ok(())) => {
+                let v = Variant::hopper(
+                    spec.dtype,
+                    spec.head_dim,
+                    spec.softcap > 0.0 || spec.alibi.is_some(),
+                );
+                if self.block_n.is_none() && self.stages.is_none() {
+                    return Ok(v);
+                }
+                let t =
+                    check_tiles(spec.head_dim, self.block_n, self.stages).map_err(unsupported)?;
+                let v = if self.block_n.is_some() {
+                    v.with_block_n(t.block_n)
+                } else {
+                    v
+                };
+                Ok(if self.stages.is_some() {
+                    v.with_stages(t.stages)
+                } else {
+                    v
+                })
+            }
             (_, Err(_)) => generic(),
         }
     }
@@ -173,30 +239,47 @@ impl CudaBackend {
         }
         match variant.kind {
             KernelKind::Hopper => {
-                let tiles = hopper_tiles(spec.head_dim).ok_or_else(|| unsupported("no Hopper tiles"))?;
+                let tiles = variant
+                    .tiles()
+                    .ok_or_else(|| unsupported("no Hopper tiles"))?;
                 let mut p = bufs.params(spec, tiles.block_m)?;
                 let bf16 = spec.dtype == DType::Bf16;
                 let q_tokens = spec.q_tokens().unwrap_or(0);
                 let k_tokens = spec.k_tokens().unwrap_or(0);
                 let mut tq =
-                    TensorMapParams::new(q_tokens, spec.heads_q, spec.head_dim, tiles.block_m)?.encode(bufs.q.ptr, bf16)?;
-                let mut tk = TensorMapParams::new(k_tokens, spec.heads_kv, spec.head_dim, tiles.block_n)?
-                    .encode(bufs.k.ptr, bf16)?;
-                let mut tv = TensorMapParams::new(k_tokens, spec.heads_kv, spec.head_dim_v, tiles.block_n)?
-                    .encode(bufs.v.ptr, bf16)?;
+                    TensorMapParams::new(q_tokens, spec.heads_q, spec.head_dim, tiles.block_m)?
+                        .encode(bufs.q.ptr, bf16)?;
+                let mut tk =
+                    TensorMapParams::new(k_tokens, spec.heads_kv, spec.head_dim, tiles.block_n)?
+                        .encode(bufs.k.ptr, bf16)?;
+                let mut tv =
+                    TensorMapParams::new(k_tokens, spec.heads_kv, spec.head_dim_v, tiles.block_n)?
+                        .encode(bufs.v.ptr, bf16)?;
                 let smem = tiles.smem_bytes(spec.head_dim);
                 if smem > self.gpu.info.smem_optin.min(HOPPER_SMEM_LIMIT) {
-                    return Err(unsupported(format!("the Hopper kernel needs {smem} bytes of shared memory")));
+                    return Err(unsupported(format!(
+                        "the Hopper kernel needs {smem} bytes of shared memory"
+                    )));
                 }
                 let f = self.gpu.function(variant, 0, smem)?;
                 let grid = persistent_grid(p.total_tiles as usize, self.gpu.info.sm_count) as u32;
-                self.gpu.launch(f, (grid, 1, 1), HOPPER_THREADS, smem, &mut [arg(&mut tq), arg(&mut tk), arg(&mut tv), arg(&mut p)])
+                self.gpu.launch(
+                    f,
+                    (grid, 1, 1),
+                    HOPPER_THREADS,
+                    smem,
+                    &mut [arg(&mut tq), arg(&mut tk), arg(&mut tv), arg(&mut p)],
+                )
             }
             KernelKind::Generic => {
                 let mut p = bufs.params(spec, GENERIC_BLOCK_M)?;
                 let smem = generic_smem_bytes(spec.head_dim, spec.head_dim_v);
                 let f = self.gpu.function(variant, 0, smem)?;
-                let grid = (p.num_m_blocks as u32, spec.heads_q as u32, spec.batch as u32);
+                let grid = (
+                    p.num_m_blocks as u32,
+                    spec.heads_q as u32,
+                    spec.batch as u32,
+                );
                 if grid.1 > 65535 || grid.2 > 65535 {
                     return Err(unsupported("heads_q and batch must be at most 65535"));
                 }
@@ -214,17 +297,28 @@ impl CudaBackend {
         let bh = (spec.batch * spec.heads_q) as u32;
         let f = self.gpu.function(&variant, 0, 0)?;
         let grid = (spec.seqlen_k.div_ceil(128) as u32, spec.seqlen_q as u32, bh);
-        self.gpu.launch(f, grid, 128, 0, &mut [arg(&mut p), arg(&mut s)])?;
+        self.gpu
+            .launch(f, grid, 128, 0, &mut [arg(&mut p), arg(&mut s)])?;
         let f = self.gpu.function(&variant, 1, 0)?;
-        self.gpu.launch(f, (spec.seqlen_q.div_ceil(4) as u32, bh, 1), 128, 0, &mut [arg(&mut p), arg(&mut s)])
+        self.gpu.launch(
+            f,
+            (spec.seqlen_q.div_ceil(4) as u32, bh, 1),
+            128,
+            0,
+            &mut [arg(&mut p), arg(&mut s)],
+        )
     }
 
     fn naive_scores_bytes(spec: &AttentionSpec) -> Result<usize> {
         if spec.is_varlen() {
-            return Err(unsupported("naive attention benchmarks take dense batches only"));
+            return Err(unsupported(
+                "naive attention benchmarks take dense batches only",
+            ));
         }
         if spec.seqlen_q > 65535 || spec.batch * spec.heads_q > 65535 {
-            return Err(unsupported("naive attention: seqlen_q and batch x heads_q must be at most 65535"));
+            return Err(unsupported(
+                "naive attention: seqlen_q and batch x heads_q must be at most 65535",
+            ));
         }
         spec.batch
             .checked_mul(spec.heads_q)
@@ -248,7 +342,13 @@ impl Backend for CudaBackend {
         self.variant_for(spec).map(|_| ())
     }
 
-    fn forward(&self, spec: &AttentionSpec, q: TensorRef<'_>, k: TensorRef<'_>, v: TensorRef<'_>) -> Result<Output> {
+    fn forward(
+        &self,
+        spec: &AttentionSpec,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+    ) -> Result<Output> {
         validate_inputs(spec, &q, &k, &v)?;
         let variant = self.variant_for(spec)?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -280,7 +380,12 @@ impl Backend for CudaBackend {
         let (q, k, v) = random_inputs(spec, plan.seed);
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let bufs = Buffers::new(spec, q.as_ref().as_bytes(), k.as_ref().as_bytes(), v.as_ref().as_bytes())?;
+        let bufs = Buffers::new(
+            spec,
+            q.as_ref().as_bytes(),
+            k.as_ref().as_bytes(),
+            v.as_ref().as_bytes(),
+        )?;
         let scores = match scores_bytes {
             Some(n) => Some(DevBuf::alloc(n)?),
             None => None,
@@ -304,7 +409,10 @@ impl Backend for CudaBackend {
         }
         self.gpu.synchronize()?;
         let extra = bufs.extra_bytes() + scores.as_ref().map_or(0, |s| s.bytes as u64);
-        Ok(BenchMeasure { times_ms, extra_bytes: Some(extra) })
+        Ok(BenchMeasure {
+            times_ms,
+            extra_bytes: Some(extra),
+        })
     }
 }
 
@@ -315,7 +423,10 @@ mod tests {
     #[test]
     fn generic_smem_matches_the_kernel_layout() {
         // sq [16][d] + sk [32][d+1] + sv [32][dv], f32.
-        assert_eq!(generic_smem_bytes(64, 64), 4 * (16 * 64 + 32 * 65 + 32 * 64));
+        assert_eq!(
+            generic_smem_bytes(64, 64),
+            4 * (16 * 64 + 32 * 65 + 32 * 64)
+        );
         // The largest shapes fit a 96 KiB opt-in (V100) and below.
         assert!(generic_smem_bytes(256, 256) <= 96 * 1024);
     }

@@ -34,7 +34,12 @@ pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
 pub fn cache_key(source: &str, options: &[String], arch: &str, nvrtc_version: (i32, i32)) -> u64 {
     let opts = options.join("\u{1}");
     let ver = format!("{}.{}", nvrtc_version.0, nvrtc_version.1);
-    fnv1a64(&[source.as_bytes(), opts.as_bytes(), arch.as_bytes(), ver.as_bytes()])
+    fnv1a64(&[
+        source.as_bytes(),
+        opts.as_bytes(),
+        arch.as_bytes(),
+        ver.as_bytes(),
+    ])
 }
 
 pub fn cubin_path(dir: &Path, variant: &str, arch: &str, key: u64) -> PathBuf {
@@ -62,7 +67,10 @@ mod tests {
         let k = cache_key("src", &opts, "sm_90a", (13, 0));
         assert_eq!(k, cache_key("src", &opts, "sm_90a", (13, 0)));
         assert_ne!(k, cache_key("src2", &opts, "sm_90a", (13, 0)));
-        assert_ne!(k, cache_key("src", &["-DX=2".to_string()], "sm_90a", (13, 0)));
+        assert_ne!(
+            k,
+            cache_key("src", &["-DX=2".to_string()], "sm_90a", (13, 0))
+        );
         assert_ne!(k, cache_key("src", &opts, "sm_80", (13, 0)));
         assert_ne!(k, cache_key("src", &opts, "sm_90a", (13, 1)));
         assert_ne!(fnv1a64(&[b"ab", b"c"]), fnv1a64(&[b"a", b"bc"]));
@@ -81,7 +89,9 @@ mod tests {
     fn atomic_write_round_trips() {
         let dir = std::env::temp_dir().join(format!("flashattn-cache-test-{}", std::process::id()));
         let p = cubin_path(&dir, "v", "sm_90a", 42);
-        assert!(p.to_string_lossy().ends_with("v-sm_90a-000000000000002a.cubin"));
+        assert!(p
+            .to_string_lossy()
+            .ends_with("v-sm_90a-000000000000002a.cubin"));
         write_atomic(&p, b"abc").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"abc");
         let _ = std::fs::remove_dir_all(&dir);

@@ -21,7 +21,10 @@ pub struct Compiled {
 
 /// NVRTC's (major, minor) version; `Unavailable` when NVRTC cannot be found.
 pub fn nvrtc_version() -> Result<(i32, i32)> {
-    load_nvrtc().map_err(|reason| Error::Unavailable { backend: BACKEND, reason })?;
+    load_nvrtc().map_err(|reason| Error::Unavailable {
+        backend: BACKEND,
+        reason,
+    })?;
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain out-parameters.
     unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }
@@ -34,7 +37,11 @@ fn check_arch(arch: &str) -> Result<()> {
     let digits = arch.strip_prefix("sm_").map(|s| s.trim_end_matches('a'));
     match digits {
         Some(d) if d.len() >= 2 && d.chars().all(|c| c.is_ascii_digit()) => Ok(()),
-        _ => Err(Error::invalid("arch", arch, "expected sm_XY or sm_XYa, e.g. sm_90a")),
+        _ => Err(Error::invalid(
+            "arch",
+            arch,
+            "expected sm_XY or sm_XYa, e.g. sm_90a",
+        )),
     }
 }
 
@@ -68,13 +75,21 @@ pub fn compile(variant: &Variant, arch: &str) -> Result<Compiled> {
     let path = cubin_path(&cache_root(), &variant.name(), arch, key);
     if let Ok(cubin) = std::fs::read(&path) {
         if !cubin.is_empty() {
-            return Ok(Compiled { cubin, log: String::new(), from_cache: true });
+            return Ok(Compiled {
+                cubin,
+                log: String::new(),
+                from_cache: true,
+            });
         }
     }
     let (cubin, log) = compile_uncached(&variant.name(), &source, &opts)?;
     // A cache that cannot be written only costs time: compile again next process.
     let _ = write_atomic(&path, &cubin);
-    Ok(Compiled { cubin, log, from_cache: false })
+    Ok(Compiled {
+        cubin,
+        log,
+        from_cache: false,
+    })
 }
 
 fn nvrtc_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -94,7 +109,10 @@ fn compile_uncached(name: &str, source: &str, opts: &[String]) -> Result<(Vec<u8
         })
         .unwrap_or_default();
     let result = match compiled {
-        Err(e) => Err(Error::backend(BACKEND, format!("NVRTC failed to compile {name} ({e:?}):\n{log}"))),
+        Err(e) => Err(Error::backend(
+            BACKEND,
+            format!("NVRTC failed to compile {name} ({e:?}):\n{log}"),
+        )),
         Ok(()) => get_cubin(prog).map(|c| (c, log)),
     };
     // SAFETY: created above, destroyed once.
@@ -106,7 +124,9 @@ fn get_cubin(prog: nvrtc_sys::nvrtcProgram) -> Result<Vec<u8>> {
     let mut size = 0usize;
     // SAFETY: `prog` compiled successfully; the buffer has the size NVRTC reports.
     unsafe {
-        nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| nvrtc_err("cubin size", e))?;
+        nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size)
+            .result()
+            .map_err(|e| nvrtc_err("cubin size", e))?;
         let mut buf = vec![0u8; size];
         nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
             .result()
@@ -119,14 +139,16 @@ fn get_cubin(prog: nvrtc_sys::nvrtcProgram) -> Result<Vec<u8>> {
 /// `out_dir` (created if missing). Returns the written paths, in variant order.
 pub fn compile_all(arch: &str, out_dir: &Path) -> Result<Vec<PathBuf>> {
     check_arch(arch)?;
-    std::fs::create_dir_all(out_dir)
-        .map_err(|e| Error::backend(BACKEND, format!("cannot create {}: {e}", out_dir.display())))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| {
+        Error::backend(BACKEND, format!("cannot create {}: {e}", out_dir.display()))
+    })?;
     let mut paths = Vec::new();
     for v in variants_for_arch(arch) {
         let c = compile(&v, arch)?;
         let path = out_dir.join(format!("{}.cubin", v.name()));
-        std::fs::write(&path, &c.cubin)
-            .map_err(|e| Error::backend(BACKEND, format!("cannot write {}: {e}", path.display())))?;
+        std::fs::write(&path, &c.cubin).map_err(|e| {
+            Error::backend(BACKEND, format!("cannot write {}: {e}", path.display()))
+        })?;
         paths.push(path);
     }
     Ok(paths)
@@ -141,7 +163,13 @@ mod tests {
         assert!(check_arch("sm_90a").is_ok());
         assert!(check_arch("sm_80").is_ok());
         for bad in ["", "sm_", "sm_9", "compute_90", "sm_9x", "90a"] {
-            assert!(matches!(check_arch(bad), Err(Error::InvalidSpec { field: "arch", .. })), "{bad}");
+            assert!(
+                matches!(
+                    check_arch(bad),
+                    Err(Error::InvalidSpec { field: "arch", .. })
+                ),
+                "{bad}"
+            );
         }
     }
 

@@ -13,8 +13,14 @@ use std::sync::Mutex;
 /// A driver error as our error, naming the call.
 pub fn drv_err(what: &'static str) -> impl Fn(DriverError) -> Error {
     move |e: DriverError| {
-        let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = e
+            .error_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = e
+            .error_string()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Error::backend(BACKEND, format!("{what}: {name} ({text})"))
     }
 }
@@ -52,7 +58,10 @@ impl DeviceInfo {
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
-    Error::Unavailable { backend: BACKEND, reason: reason.into() }
+    Error::Unavailable {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
 }
 
 /// Loads the driver, initialises it and describes device 0; `Unavailable` says what is missing.
@@ -71,7 +80,9 @@ pub fn probe() -> Result<DeviceInfo> {
     use sys::CUdevice_attribute as A;
     let mut driver_version = 0;
     // SAFETY: out-parameter.
-    unsafe { sys::cuDriverGetVersion(&mut driver_version) }.result().map_err(drv_err("cuDriverGetVersion"))?;
+    unsafe { sys::cuDriverGetVersion(&mut driver_version) }
+        .result()
+        .map_err(drv_err("cuDriverGetVersion"))?;
     Ok(DeviceInfo {
         name: drv::device::get_name(dev).map_err(drv_err("cuDeviceGetName"))?,
         compute_capability: (
@@ -117,8 +128,15 @@ impl Gpu {
         }
         let dev = drv::device::get(0).map_err(drv_err("cuDeviceGet"))?;
         // SAFETY: valid device; released in Drop.
-        let ctx = unsafe { drv::primary_ctx::retain(dev) }.map_err(drv_err("cuDevicePrimaryCtxRetain"))?;
-        let gpu = Gpu { info, dev, ctx, modules: Mutex::new(HashMap::new()), lock: Mutex::new(()) };
+        let ctx = unsafe { drv::primary_ctx::retain(dev) }
+            .map_err(drv_err("cuDevicePrimaryCtxRetain"))?;
+        let gpu = Gpu {
+            info,
+            dev,
+            ctx,
+            modules: Mutex::new(HashMap::new()),
+            lock: Mutex::new(()),
+        };
         gpu.bind()?;
         Ok(gpu)
     }
@@ -131,7 +149,12 @@ impl Gpu {
 
     /// Entry point `entry` (index into `variant.entry_points()`), compiling and loading the
     /// module on first use and raising its dynamic shared-memory limit to `smem`.
-    pub fn function(&self, variant: &Variant, entry: usize, smem: usize) -> Result<sys::CUfunction> {
+    pub fn function(
+        &self,
+        variant: &Variant,
+        entry: usize,
+        smem: usize,
+    ) -> Result<sys::CUfunction> {
         let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
         if !modules.contains_key(variant) {
             let compiled = compile(variant, &self.info.arch())?;
@@ -141,8 +164,13 @@ impl Gpu {
             let mut funcs = Vec::new();
             for name in variant.entry_points() {
                 // SAFETY: `module` is loaded; the name exists in the source (unit-tested).
-                let f = unsafe { drv::module::get_function(module, std::ffi::CString::new(*name).unwrap_or_default()) }
-                    .map_err(drv_err("cuModuleGetFunction"))?;
+                let f = unsafe {
+                    drv::module::get_function(
+                        module,
+                        std::ffi::CString::new(*name).unwrap_or_default(),
+                    )
+                }
+                .map_err(drv_err("cuModuleGetFunction"))?;
                 funcs.push(f);
             }
             modules.insert(*variant, Module { module, funcs });
@@ -173,14 +201,22 @@ impl Gpu {
     ) -> Result<()> {
         // SAFETY: the caller passes pointers to live values whose types match the kernel's
         // parameters (KernelParams mirrors the CUDA struct; tensor maps are 128-byte blobs).
-        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), smem as u32, std::ptr::null_mut(), args) }
-            .map_err(drv_err("cuLaunchKernel"))
+        unsafe {
+            drv::launch_kernel(
+                f,
+                grid,
+                (block, 1, 1),
+                smem as u32,
+                std::ptr::null_mut(),
+                args,
+            )
+        }
+        .map_err(drv_err("cuLaunchKernel"))
     }
 
     pub fn synchronize(&self) -> Result<()> {
         drv::ctx::synchronize().map_err(drv_err("kernel execution (cuCtxSynchronize)"))
     }
-
 }
 
 impl Drop for Gpu {
@@ -265,15 +301,20 @@ impl Timer {
     }
     pub fn start(&self) -> Result<()> {
         // SAFETY: live event, default stream.
-        unsafe { drv::event::record(self.start, std::ptr::null_mut()) }.map_err(drv_err("cuEventRecord"))
+        unsafe { drv::event::record(self.start, std::ptr::null_mut()) }
+            .map_err(drv_err("cuEventRecord"))
     }
     /// Stops and waits; milliseconds between start and stop.
     pub fn stop_ms(&self) -> Result<f64> {
         // SAFETY: live events.
         unsafe {
-            drv::event::record(self.stop, std::ptr::null_mut()).map_err(drv_err("cuEventRecord"))?;
-            drv::event::synchronize(self.stop).map_err(drv_err("kernel execution (cuEventSynchronize)"))?;
-            drv::event::elapsed(self.start, self.stop).map(|t| t as f64).map_err(drv_err("cuEventElapsedTime"))
+            drv::event::record(self.stop, std::ptr::null_mut())
+                .map_err(drv_err("cuEventRecord"))?;
+            drv::event::synchronize(self.stop)
+                .map_err(drv_err("kernel execution (cuEventSynchronize)"))?;
+            drv::event::elapsed(self.start, self.stop)
+                .map(|t| t as f64)
+                .map_err(drv_err("cuEventElapsedTime"))
         }
     }
 }

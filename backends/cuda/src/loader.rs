@@ -51,7 +51,11 @@ pub fn nvrtc_search_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(p) = std::env::var_os("FLASHATTN_NVRTC_PATH") {
         let p = PathBuf::from(p);
-        dirs.push(if p.is_file() { p.parent().map(Path::to_path_buf).unwrap_or(p) } else { p });
+        dirs.push(if p.is_file() {
+            p.parent().map(Path::to_path_buf).unwrap_or(p)
+        } else {
+            p
+        });
     }
     for var in ["CUDA_PATH", "CUDA_HOME", "CUDA_ROOT"] {
         if let Some(root) = std::env::var_os(var) {
@@ -77,10 +81,18 @@ fn python_site_dirs() -> Vec<PathBuf> {
     if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
         dirs.extend(glob_python_dirs(&PathBuf::from(venv).join("lib")));
     }
-    let script = "import site,sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))";
-    if let Ok(out) = std::process::Command::new("python3").args(["-c", script]).output() {
+    let script =
+        "import site,sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))";
+    if let Ok(out) = std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+    {
         if out.status.success() {
-            dirs.extend(String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from));
+            dirs.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(PathBuf::from),
+            );
         }
     }
     dirs
@@ -93,14 +105,20 @@ fn glob_python_dirs(lib: &Path) -> Vec<PathBuf> {
     entries
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("python3")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+        })
         .map(|p| p.join("site-packages"))
         .collect()
 }
 
 /// The NVRTC library file in `dir`, if any.
 pub fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
-    NVRTC_NAMES.iter().map(|n| dir.join(n)).find(|p| p.is_file())
+    NVRTC_NAMES
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
 }
 
 /// Makes NVRTC loadable; `Err` says where we looked.

@@ -34,7 +34,10 @@ pub struct KernelParams {
 
 /// Longest query sequence of the batch.
 pub fn max_seqlen_q(spec: &AttentionSpec) -> usize {
-    (0..spec.batch).map(|b| spec.seq(b).q_len).max().unwrap_or(0)
+    (0..spec.batch)
+        .map(|b| spec.seq(b).q_len)
+        .max()
+        .unwrap_or(0)
 }
 
 fn to_i32(field: &'static str, v: usize) -> Result<i32> {
@@ -51,8 +54,18 @@ impl KernelParams {
         let num_m_blocks = max_seqlen_q(spec).div_ceil(block_m);
         let total_tiles = num_m_blocks * spec.heads_q * spec.batch;
         // Token indices times heads must fit the kernels' int arithmetic.
-        to_i32("tokens x heads", spec.q_tokens().unwrap_or(usize::MAX).saturating_mul(spec.heads_q))?;
-        to_i32("tokens x heads", spec.k_tokens().unwrap_or(usize::MAX).saturating_mul(spec.heads_kv))?;
+        to_i32(
+            "tokens x heads",
+            spec.q_tokens()
+                .unwrap_or(usize::MAX)
+                .saturating_mul(spec.heads_q),
+        )?;
+        to_i32(
+            "tokens x heads",
+            spec.k_tokens()
+                .unwrap_or(usize::MAX)
+                .saturating_mul(spec.heads_kv),
+        )?;
         Ok(KernelParams {
             batch: to_i32("batch", spec.batch)?,
             heads_q: to_i32("heads_q", spec.heads_q)?,
@@ -65,7 +78,8 @@ impl KernelParams {
             num_m_blocks: to_i32("query blocks", num_m_blocks)?,
             total_tiles: to_i32("tiles", total_tiles)?,
             win_left: left.map_or(Ok(-1), |l| to_i32("window.left", l.min(i32::MAX as usize)))?,
-            win_right: right.map_or(Ok(-1), |r| to_i32("window.right", r.min(i32::MAX as usize)))?,
+            win_right: right
+                .map_or(Ok(-1), |r| to_i32("window.right", r.min(i32::MAX as usize)))?,
             alibi_per_batch: spec.alibi.as_ref().is_some_and(|a| a.per_batch) as i32,
             scale: spec.scale_value(),
             softcap: spec.softcap,
@@ -81,13 +95,19 @@ mod tests {
     #[test]
     fn layout_matches_the_cuda_struct() {
         // 8 pointers, 13 ints, 2 floats, padded to 8.
-        assert_eq!(std::mem::size_of::<KernelParams>(), 8 * 8 + 13 * 4 + 2 * 4 + 4);
+        assert_eq!(
+            std::mem::size_of::<KernelParams>(),
+            8 * 8 + 13 * 4 + 2 * 4 + 4
+        );
         assert_eq!(std::mem::align_of::<KernelParams>(), 8);
     }
 
     #[test]
     fn folds_causal_into_the_window() {
-        let spec = AttentionSpec::new(2, 4, 300, 500, 64).causal(true).window(16, -1).heads_kv(2);
+        let spec = AttentionSpec::new(2, 4, 300, 500, 64)
+            .causal(true)
+            .window(16, -1)
+            .heads_kv(2);
         let p = KernelParams::from_spec(&spec, 128).unwrap();
         assert_eq!((p.win_left, p.win_right), (16, 0));
         assert_eq!(p.group, 2);
@@ -101,7 +121,8 @@ mod tests {
 
     #[test]
     fn varlen_blocks_follow_the_longest_sequence() {
-        let spec = AttentionSpec::new(1, 2, 300, 300, 64).varlen(vec![0, 10, 290, 300], vec![0, 100, 200, 300]);
+        let spec = AttentionSpec::new(1, 2, 300, 300, 64)
+            .varlen(vec![0, 10, 290, 300], vec![0, 100, 200, 300]);
         let p = KernelParams::from_spec(&spec, 128).unwrap();
         assert_eq!(p.num_m_blocks, 3); // 280 rows
         assert_eq!(p.batch, 3);

@@ -39,7 +39,12 @@ impl TensorMapParams {
     /// TMA's constraints: strides multiples of 16 bytes and below 2^40, sizes in (0, 2^32],
     /// box sides in [1, 256], the inner box side within the 128-byte swizzle span.
     pub fn check(&self) -> Result<()> {
-        let bad = |what: String| Err(Error::Unsupported { backend: BACKEND, reason: format!("TMA: {what}") });
+        let bad = |what: String| {
+            Err(Error::Unsupported {
+                backend: BACKEND,
+                reason: format!("TMA: {what}"),
+            })
+        };
         for (i, &d) in self.dims.iter().enumerate() {
             if d == 0 || d > (1u64 << 32) {
                 return bad(format!("dimension {i} has size {d}, must be in 1..=2^32"));
@@ -47,7 +52,10 @@ impl TensorMapParams {
         }
         for (i, &s) in self.strides.iter().enumerate() {
             if s % 16 != 0 || s >= (1u64 << 40) {
-                return bad(format!("stride {} is {s} bytes, must be a multiple of 16 below 2^40", i + 1));
+                return bad(format!(
+                    "stride {} is {s} bytes, must be a multiple of 16 below 2^40",
+                    i + 1
+                ));
             }
         }
         for (i, &b) in self.box_dims.iter().enumerate() {
@@ -56,10 +64,16 @@ impl TensorMapParams {
             }
         }
         if self.box_dims[0] as u64 * 2 > 128 {
-            return bad(format!("inner box of {} bytes exceeds the 128-byte swizzle", self.box_dims[0] * 2));
+            return bad(format!(
+                "inner box of {} bytes exceeds the 128-byte swizzle",
+                self.box_dims[0] * 2
+            ));
         }
         if self.dims[0] % BOX_COLS as u64 != 0 {
-            return bad(format!("dim {} is not a multiple of {BOX_COLS}", self.dims[0]));
+            return bad(format!(
+                "dim {} is not a multiple of {BOX_COLS}",
+                self.dims[0]
+            ));
         }
         Ok(())
     }
@@ -73,7 +87,10 @@ impl TensorMapParams {
     /// Encodes the map for data at device address `ptr` (16-byte aligned).
     pub fn encode(&self, ptr: sys::CUdeviceptr, bf16: bool) -> Result<sys::CUtensorMap> {
         if ptr % 16 != 0 {
-            return Err(Error::backend(BACKEND, format!("TMA: address {ptr:#x} is not 16-byte aligned")));
+            return Err(Error::backend(
+                BACKEND,
+                format!("TMA: address {ptr:#x} is not 16-byte aligned"),
+            ));
         }
         let dtype = if bf16 {
             sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16

@@ -30,11 +30,62 @@ pub const HOPPER_THREADS: u32 = 384;
 ///   Q 64 KiB + 2 stages x (K+V) 80 KiB = 224 KiB, just under the 227 KiB limit.
 pub fn hopper_tiles(head_dim: usize) -> Option<HopperTiles> {
     match head_dim {
-        64 => Some(HopperTiles { block_m: 128, block_n: 128, stages: 2 }),
-        128 => Some(HopperTiles { block_m: 128, block_n: 128, stages: 2 }),
-        256 => Some(HopperTiles { block_m: 128, block_n: 80, stages: 2 }),
+        64 => Some(HopperTiles {
+            block_m: 128,
+            block_n: 128,
+            stages: 2,
+        }),
+        128 => Some(HopperTiles {
+            block_m: 128,
+            block_n: 128,
+            stages: 2,
+        }),
+        256 => Some(HopperTiles {
+            block_m: 128,
+            block_n: 80,
+            stages: 2,
+        }),
         _ => None,
     }
+}
+
+/// Keys-per-block values the kernel can be built with: wgmma N sizes generated in
+/// kernels/wgmma.cuh that are multiples of 16 (P V steps over keys 16 at a time).
+pub const HOPPER_BLOCK_N_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
+
+/// Checks overrides of the keys per block and ring depth for `head_dim` (`None`: the
+/// default): a generated wgmma size, 2 to 4 stages, and a ring that fits in shared memory.
+/// Register pressure is checked by the SASS test, not here.
+pub fn check_tiles(
+    head_dim: usize,
+    block_n: Option<usize>,
+    stages: Option<usize>,
+) -> Result<HopperTiles, String> {
+    let mut t = hopper_tiles(head_dim)
+        .ok_or_else(|| format!("no Hopper kernel for head_dim {head_dim}"))?;
+    if let Some(n) = block_n {
+        if !HOPPER_BLOCK_N_CHOICES.contains(&n) {
+            return Err(format!(
+                "block_n {n} is not one of {HOPPER_BLOCK_N_CHOICES:?}"
+            ));
+        }
+        t.block_n = n;
+    }
+    if let Some(s) = stages {
+        if !(2..=4).contains(&s) {
+            return Err(format!("stages {s} is not in 2..=4"));
+        }
+        t.stages = s;
+    }
+    if t.smem_bytes(head_dim) > HOPPER_SMEM_LIMIT {
+        return Err(format!(
+            "block_n {} with {} stages needs {} bytes of shared memory",
+            t.block_n,
+            t.stages,
+            t.smem_bytes(head_dim)
+        ));
+    }
+    Ok(t)
 }
 
 impl HopperTiles {
@@ -68,7 +119,12 @@ pub fn persistent_grid(total_tiles: usize, sm_count: usize) -> usize {
 #[cfg_attr(not(test), allow(dead_code))]
 /// The (batch, head, query block) of tile `t`, as the kernel decodes it: the last query
 /// blocks first, since under a causal mask they see the most keys.
-pub fn decode_tile(t: usize, num_m_blocks: usize, heads_q: usize, batch: usize) -> (usize, usize, usize) {
+pub fn decode_tile(
+    t: usize,
+    num_m_blocks: usize,
+    heads_q: usize,
+    batch: usize,
+) -> (usize, usize, usize) {
     let per_m = heads_q * batch;
     let m_block = num_m_blocks - 1 - t / per_m;
     let rem = t % per_m;
@@ -83,7 +139,11 @@ mod tests {
     fn tiles_fit_shared_memory_and_wgmma_shapes() {
         for d in HOPPER_HEAD_DIMS {
             let t = hopper_tiles(d).unwrap();
-            assert!(t.smem_bytes(d) <= HOPPER_SMEM_LIMIT, "d={d}: {} bytes", t.smem_bytes(d));
+            assert!(
+                t.smem_bytes(d) <= HOPPER_SMEM_LIMIT,
+                "d={d}: {} bytes",
+                t.smem_bytes(d)
+            );
             assert_eq!(t.block_m, 128);
             // wgmma N is a multiple of 8 (S = Q K^T); P V steps over keys 16 at a time.
             assert_eq!(t.block_n % 16, 0);
@@ -92,7 +152,10 @@ mod tests {
             assert!(t.block_m <= 256);
         }
         assert_eq!(hopper_tiles(96), None);
-        assert_eq!(hopper_tiles(256).unwrap().smem_bytes(256), 65536 + 163840 + 1024 + 80);
+        assert_eq!(
+            hopper_tiles(256).unwrap().smem_bytes(256),
+            65536 + 163840 + 1024 + 80
+        );
     }
 
     #[test]
@@ -110,6 +173,26 @@ mod tests {
         }
         assert_eq!(seen.len(), n);
         assert_eq!(decode_tile(0, m, h, b).2, m - 1);
+    }
+
+    #[test]
+    fn block_n_overrides_are_checked() {
+        assert_eq!(check_tiles(128, Some(176), None).unwrap().block_n, 176);
+        assert_eq!(check_tiles(128, None, Some(3)).unwrap().stages, 3);
+        assert!(
+            check_tiles(128, Some(176), Some(3)).is_err(),
+            "does not fit shared memory"
+        );
+        assert!(
+            check_tiles(256, Some(192), None).is_err(),
+            "does not fit shared memory"
+        );
+        assert!(
+            check_tiles(128, Some(100), None).is_err(),
+            "not a generated wgmma size"
+        );
+        assert!(check_tiles(128, None, Some(5)).is_err());
+        assert!(check_tiles(96, Some(128), None).is_err());
     }
 
     #[test]

@@ -37,13 +37,24 @@ fn generic_backend() -> Option<&'static CudaBackend> {
 fn run_cases(b: &CudaBackend, cases: &[(String, AttentionSpec)]) {
     let mut failures = Vec::new();
     for (i, (name, spec)) in cases.iter().enumerate() {
-        let kernel = b.variant_for(spec).map(|v| v.name()).unwrap_or_else(|e| e.to_string());
+        let kernel = b
+            .variant_for(spec)
+            .map(|v| v.name())
+            .unwrap_or_else(|e| e.to_string());
         match check_backend(b, spec, 1000 + i as u64) {
-            Ok(r) => println!("ok   {name:34} {kernel:22} rel_l2 {:.2e} lse {:?}", r.rel_l2, r.lse_max_abs),
+            Ok(r) => println!(
+                "ok   {name:34} {kernel:22} rel_l2 {:.2e} lse {:?}",
+                r.rel_l2, r.lse_max_abs
+            ),
             Err(e) => failures.push(format!("{name} [{kernel}]: {e}")),
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 fn named(cases: Vec<(&'static str, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
@@ -54,21 +65,37 @@ fn named(cases: Vec<(&'static str, AttentionSpec)>) -> Vec<(String, AttentionSpe
 fn hopper_cases(dtype: DType) -> Vec<(String, AttentionSpec)> {
     let mut v = Vec::new();
     for d in [64, 128, 256] {
-        let base = |b, h, sq, sk| AttentionSpec::new(b, h, sq, sk, d).dtype(dtype).return_lse(true);
+        let base = |b, h, sq, sk| {
+            AttentionSpec::new(b, h, sq, sk, d)
+                .dtype(dtype)
+                .return_lse(true)
+        };
         v.push((format!("d{d} many blocks"), base(2, 3, 300, 700)));
         v.push((format!("d{d} causal"), base(1, 2, 513, 513).causal(true)));
-        v.push((format!("d{d} causal sq<sk"), base(1, 2, 130, 400).causal(true)));
+        v.push((
+            format!("d{d} causal sq<sk"),
+            base(1, 2, 130, 400).causal(true),
+        ));
         v.push((format!("d{d} window"), base(1, 2, 400, 400).window(100, 37)));
         v.push((format!("d{d} gqa"), base(2, 8, 200, 333).heads_kv(2)));
         v.push((format!("d{d} softcap"), base(1, 2, 200, 260).softcap(8.0)));
-        v.push((format!("d{d} alibi causal"), base(1, 2, 260, 260).causal(true).alibi(vec![0.1, 0.03], false)));
+        v.push((
+            format!("d{d} alibi causal"),
+            base(1, 2, 260, 260)
+                .causal(true)
+                .alibi(vec![0.1, 0.03], false),
+        ));
         v.push((
             format!("d{d} varlen"),
-            base(1, 4, 700, 900).heads_kv(2).varlen(vec![0, 5, 300, 700], vec![0, 128, 129, 900]),
+            base(1, 4, 700, 900)
+                .heads_kv(2)
+                .varlen(vec![0, 5, 300, 700], vec![0, 128, 129, 900]),
         ));
         v.push((
             format!("d{d} varlen causal empty seq"),
-            base(1, 2, 400, 500).varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500]).causal(true),
+            base(1, 2, 400, 500)
+                .varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500])
+                .causal(true),
         ));
         // More tiles than SMs: the persistent loop and the Q reuse barrier.
         v.push((format!("d{d} many tiles"), base(4, 40, 256, 128)));
@@ -99,6 +126,25 @@ fn generic_kernel_on_the_same_cases() {
     let mut cases = named(feature_cases(DType::Bf16));
     cases.extend(hopper_cases(DType::F16).into_iter().step_by(3));
     run_cases(b, &cases);
+}
+
+#[test]
+fn hopper_block_n_variants() {
+    let Some(b) = backend() else { return };
+    if b.info().arch() != "sm_90a" {
+        return;
+    }
+    for (d, n, st) in [(64, 176, 3), (128, 176, 2), (128, 128, 3), (256, 64, 2)] {
+        let mut be = CudaBackend::new().unwrap();
+        be.set_block_n(Some(n));
+        be.set_stages(Some(st));
+        let cases: Vec<_> = hopper_cases(DType::Bf16)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&format!("d{d} ")))
+            .collect();
+        println!("== d={d} block_n={n} stages={st}");
+        run_cases(&be, &cases);
+    }
 }
 
 #[test]

@@ -12,7 +12,12 @@ fn cuobjdump() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("FLASHATTN_CUOBJDUMP") {
         return Some(PathBuf::from(p));
     }
-    Command::new("cuobjdump").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| "cuobjdump".into())
+    Command::new("cuobjdump")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| "cuobjdump".into())
 }
 
 fn skip_or_fail(reason: &str) {
@@ -23,7 +28,13 @@ fn skip_or_fail(reason: &str) {
 }
 
 fn count(sass: &str, op: &str) -> usize {
-    sass.lines().filter(|l| l.split_whitespace().any(|w| w.starts_with(op) && w.trim_start_matches(op).starts_with(['.', ' ']) || w == op)).count()
+    sass.lines()
+        .filter(|l| {
+            l.split_whitespace().any(|w| {
+                w.starts_with(op) && w.trim_start_matches(op).starts_with(['.', ' ']) || w == op
+            })
+        })
+        .count()
 }
 
 #[test]
@@ -41,17 +52,32 @@ fn every_variant_compiles_with_hopper_instructions_and_no_spills() {
         let c = compile(&v, "sm_90a").unwrap_or_else(|e| panic!("{}: {e}", v.name()));
         let path = dir.join(format!("{}.cubin", v.name()));
         std::fs::write(&path, &c.cubin).unwrap();
-        let out = Command::new(&tool).arg("-sass").arg(&path).output().expect("run cuobjdump");
-        assert!(out.status.success(), "cuobjdump failed on {}: {}", v.name(), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&tool)
+            .arg("-sass")
+            .arg(&path)
+            .output()
+            .expect("run cuobjdump");
+        assert!(
+            out.status.success(),
+            "cuobjdump failed on {}: {}",
+            v.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let sass = String::from_utf8_lossy(&out.stdout);
         let (hgmma, utmaldg) = (count(&sass, "HGMMA"), count(&sass, "UTMALDG"));
         let (ldl, stl) = (count(&sass, "LDL"), count(&sass, "STL"));
-        println!("{:24} HGMMA {hgmma:3} UTMALDG {utmaldg:3} LDL {ldl} STL {stl}", v.name());
+        println!(
+            "{:24} HGMMA {hgmma:3} UTMALDG {utmaldg:3} LDL {ldl} STL {stl}",
+            v.name()
+        );
         if v.kind == KernelKind::Hopper && (hgmma == 0 || utmaldg == 0) {
             failures.push(format!("{}: HGMMA {hgmma}, UTMALDG {utmaldg}", v.name()));
         }
         if ldl + stl > 0 {
-            failures.push(format!("{}: {ldl} LDL / {stl} STL (register spills)", v.name()));
+            failures.push(format!(
+                "{}: {ldl} LDL / {stl} STL (register spills)",
+                v.name()
+            ));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
