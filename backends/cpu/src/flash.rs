@@ -119,8 +119,10 @@ pub(crate) fn forward(
         Vec::new()
     };
     let (k, v) = (Src::new(k)?, Src::new(v)?);
-    let br = block_rows(spec, pool.threads());
-    let bc = BC;
+    let (br, bc) = match tuning() {
+        Some((br, bc)) => (br, bc),
+        None => (block_rows(spec, pool.threads()), BC),
+    };
     let post = spec.softcap > 0.0 || spec.alibi.is_some();
     let scale = spec.scale_value();
     let problem = Problem {
@@ -151,6 +153,21 @@ pub(crate) fn forward(
     Ok(Output {
         out: out_t,
         lse: spec.return_lse.then_some(lse_v),
+    })
+}
+
+/// `FLASHATTN_CPU_BLOCKS=br,bc` overrides the block sizes, for tuning on a new machine
+/// (br a multiple of 48). Read once.
+fn tuning() -> Option<(usize, usize)> {
+    static T: std::sync::OnceLock<Option<(usize, usize)>> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        let v = std::env::var("FLASHATTN_CPU_BLOCKS").ok()?;
+        let (br, bc) = v.split_once(',')?;
+        let (br, bc) = (
+            br.trim().parse::<usize>().ok()?,
+            bc.trim().parse::<usize>().ok()?,
+        );
+        (br > 0 && br % BR_STEP == 0 && bc > 0).then_some((br, bc))
     })
 }
 
@@ -294,6 +311,11 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     while j0 < khi {
         let nk = bc.min(khi - j0);
 
+        // The next block's K and V rows get fetched a few at a time during this block's Q·K
+        // (one burst would stall on the line-fill buffers).
+        let next_nk = bc.min(khi - (j0 + nk).min(khi));
+        let prefetch = !(p.k_direct && p.v_direct);
+
         // K rows: in place for f32, else widened into kp.
         let (kptr, krs) = match p.k.as_f32() {
             Some(k) if p.k_direct => (k.as_ptr().add(((s.k_start + j0) * hkv + kh) * d), hkv * d),
@@ -310,14 +332,24 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
         // S^T[j][i] = k_j · qt_i (keys x queries).
         let sp = sc.s.as_mut_ptr();
         let qtp = sc.qt.as_ptr();
+        // Query groups outer: one group's Qt slice (d x 48 floats) stays in L1 while the
+        // block's K rows stream past it.
         let qw = S::NV_QK * S::LANES;
-        let mut jt = 0;
-        while jt < nk {
-            let mr = S::MR_QK.min(nk - jt);
-            for ig in (0..rows_l).step_by(qw) {
+        for ig in (0..rows_l).step_by(qw) {
+            let nv = S::NV_QK.min((rows_l - ig) / S::LANES);
+            let mut jt = 0;
+            while jt < nk {
+                let mr = S::MR_QK.min(nk - jt);
+                if prefetch && ig == 0 {
+                    for j in (j0 + nk + jt)..(j0 + nk + (jt + mr).min(next_nk)) {
+                        let row = (s.k_start + j) * hkv + kh;
+                        p.k.prefetch(row * d, d);
+                        p.v.prefetch(row * dv, dv);
+                    }
+                }
                 S::qk_tile(
                     mr,
-                    S::NV_QK.min((rows_l - ig) / S::LANES),
+                    nv,
                     Tile {
                         k: d,
                         a: kptr.add(jt * krs),
@@ -330,8 +362,8 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
                         alpha: std::ptr::null(),
                     },
                 );
+                jt += mr;
             }
-            jt += mr;
         }
 
         let sm = sc.s.as_mut_slice();
@@ -416,15 +448,15 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             }
         };
 
-        // O = O * alpha + P · V.
+        // O = O * alpha + P · V. Value-dimension chunks outer: one chunk of the V block
+        // (BC x 64 floats) stays in L1 while the query groups pass over it.
         let op = sc.o.as_mut_ptr();
-        for ig in (0..rows_l).step_by(S::MR_PV) {
-            let mr = S::MR_PV.min(rows_l - ig);
-            let mut n0 = 0;
-            while n0 < dv_pad {
-                let nv = S::NV_PV.min((dv_pad - n0) / S::LANES);
+        let mut n0 = 0;
+        while n0 < dv_pad {
+            let nv = S::NV_PV.min((dv_pad - n0) / S::LANES);
+            for ig in (0..rows_l).step_by(S::MR_PV) {
                 S::pv_tile(
-                    mr,
+                    S::MR_PV.min(rows_l - ig),
                     nv,
                     Tile {
                         k: nk,
@@ -438,8 +470,8 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
                         alpha: ap.add(ig),
                     },
                 );
-                n0 += nv * S::LANES;
             }
+            n0 += nv * S::LANES;
         }
         j0 += nk;
     }
