@@ -311,11 +311,6 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     while j0 < khi {
         let nk = bc.min(khi - j0);
 
-        // The next block's K and V rows get fetched a few at a time during this block's Q·K
-        // (one burst would stall on the line-fill buffers).
-        let next_nk = bc.min(khi - (j0 + nk).min(khi));
-        let prefetch = !(p.k_direct && p.v_direct);
-
         // K rows: in place for f32, else widened into kp.
         let (kptr, krs) = match p.k.as_f32() {
             Some(k) if p.k_direct => (k.as_ptr().add(((s.k_start + j0) * hkv + kh) * d), hkv * d),
@@ -340,13 +335,6 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             let mut jt = 0;
             while jt < nk {
                 let mr = S::MR_QK.min(nk - jt);
-                if prefetch && ig == 0 {
-                    for j in (j0 + nk + jt)..(j0 + nk + (jt + mr).min(next_nk)) {
-                        let row = (s.k_start + j) * hkv + kh;
-                        p.k.prefetch(row * d, d);
-                        p.v.prefetch(row * dv, dv);
-                    }
-                }
                 S::qk_tile(
                     mr,
                     nv,
@@ -385,12 +373,12 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
         }
         let full = (0..rows).all(|i| sc.lo[i] <= j0 && sc.hi[i] >= j0 + nk);
         if !full {
-            for j in 0..nk {
-                let kj = j0 + j;
-                for i in 0..rows_l {
-                    if kj < sc.lo[i] || kj >= sc.hi[i] {
-                        sm[j * br + i] = f32::NEG_INFINITY;
-                    }
+            // Per row, the hidden keys of this block are the two runs outside [lo, hi).
+            for i in 0..rows_l {
+                let lo = sc.lo[i].clamp(j0, j0 + nk);
+                let hi = sc.hi[i].clamp(lo, j0 + nk);
+                for j in (j0..lo).chain(hi..j0 + nk) {
+                    sm[(j - j0) * br + i] = f32::NEG_INFINITY;
                 }
             }
         }

@@ -30,27 +30,6 @@ impl<'a> Src<'a> {
         }
     }
 
-    /// Asks the CPU to start loading `len` elements from `offset` into L2 (a hint: K and V
-    /// rows of one head lie a page apart, which the hardware prefetchers do not follow).
-    #[inline]
-    pub fn prefetch(&self, offset: usize, len: usize) {
-        let (ptr, bytes) = match self {
-            Src::F32(s) => (s[offset..offset + len].as_ptr() as *const u8, len * 4),
-            Src::F16(s) => (s[offset..offset + len].as_ptr() as *const u8, len * 2),
-            Src::Bf16(s) => (s[offset..offset + len].as_ptr() as *const u8, len * 2),
-        };
-        #[cfg(target_arch = "x86_64")]
-        for line in (0..bytes).step_by(64) {
-            // SAFETY: prefetch never faults; the address is inside the slice anyway.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-                _mm_prefetch::<_MM_HINT_T1>(ptr.add(line) as *const i8);
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (ptr, bytes);
-    }
-
     /// Widens `dst.len()` elements starting at `offset` into `dst`. The caller keeps the
     /// range inside the validated tensor.
     #[inline]
