@@ -29,6 +29,30 @@ fn feature_cases_every_isa_and_thread_count() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Layouts that switch the kernel between reading K / V in place and packing them
+/// (one kv head: contiguous rows; a 4 KiB row stride: packed; other strides: K in place).
+#[test]
+fn in_place_and_packed_kv_layouts() {
+    let cases = [
+        AttentionSpec::new(1, 8, 70, 150, 128), // 4 KiB K stride: packed
+        AttentionSpec::new(1, 8, 70, 150, 128).heads_kv(4), // 2 KiB: K in place
+        AttentionSpec::new(2, 4, 33, 300, 256).causal(true), // 4 KiB: packed
+        AttentionSpec::new(1, 3, 200, 257, 64).heads_kv(1), // contiguous: K and V in place
+        AttentionSpec::new(1, 2, 50, 129, 40).heads_kv(1), // contiguous K, dv padded
+    ];
+    let mut failures = Vec::new();
+    for isa in Isa::all_available() {
+        let backend = CpuBackend::with_threads(2).with_isa(isa).unwrap();
+        for (i, spec) in cases.iter().enumerate() {
+            let spec = spec.clone().return_lse(true);
+            if let Err(e) = check_backend(&backend, &spec, 77 + i as u64) {
+                failures.push(format!("[{isa}] {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn default_backend_passes_feature_cases() {
     let backend = CpuBackend::new();
