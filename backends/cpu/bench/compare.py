@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 
-def torch_median_ms(q, k, v, warmup, iters):
+def torch_median_ms(q, k, v, warmup, iters, causal):
     with torch.no_grad():
         for _ in range(warmup):
-            F.scaled_dot_product_attention(q, k, v)
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         times = []
         for _ in range(iters):
             t0 = time.perf_counter()
-            F.scaled_dot_product_attention(q, k, v)
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -35,6 +35,9 @@ def main():
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--bshd", action="store_true",
+                    help="give torch flashattn's memory layout [b, s, h, d] (a transposed view)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dims = [int(x) for x in args.dims.split(",")]
@@ -45,14 +48,21 @@ def main():
         for d in dims:
             out = subprocess.run(
                 [args.binary, "--seq", str(args.seq), "--heads", str(args.heads),
-                 "--dims", str(d), "--iters", str(args.iters), "--threads", str(args.threads)],
+                 "--dims", str(d), "--iters", str(args.iters), "--threads", str(args.threads)]
+                + (["--causal"] if args.causal else []),
                 capture_output=True, text=True, check=True).stdout
             ours = float(re.search(r"median ([\d.]+) ms", out).group(1))
             g = torch.Generator().manual_seed(7)
-            q, k, v = (torch.rand((1, args.heads, args.seq, d), generator=g) * 2 - 1
-                       for _ in range(3))
-            theirs = torch_median_ms(q, k, v, 2, args.iters)
+            if args.bshd:
+                q, k, v = ((torch.rand((1, args.seq, args.heads, d), generator=g) * 2 - 1)
+                           .transpose(1, 2) for _ in range(3))
+            else:
+                q, k, v = (torch.rand((1, args.heads, args.seq, d), generator=g) * 2 - 1
+                           for _ in range(3))
+            theirs = torch_median_ms(q, k, v, 2, args.iters, args.causal)
             flops = 4 * args.heads * args.seq * args.seq * d
+            if args.causal:  # visible pairs only, as AttentionSpec::flops counts them
+                flops = 2 * args.heads * args.seq * (args.seq + 1) * d
             go, gt = flops / ours / 1e6, flops / theirs / 1e6
             ratios[d].append(go / gt)
             ours_all[d].append(go)

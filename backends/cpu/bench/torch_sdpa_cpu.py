@@ -33,13 +33,19 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--bshd", action="store_true",
+                    help="flashattn's memory layout [b, s, h, d] (SDPA gets a transposed view)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for d in [int(x) for x in args.dims.split(",")]:
         g = torch.Generator().manual_seed(7)
         shape = (1, args.heads, args.seq, d)
-        q, k, v = (torch.rand(shape, generator=g) * 2 - 1 for _ in range(3))
+        if args.bshd:
+            q, k, v = ((torch.rand((1, args.seq, args.heads, d), generator=g) * 2 - 1)
+                       .transpose(1, 2) for _ in range(3))
+        else:
+            q, k, v = (torch.rand(shape, generator=g) * 2 - 1 for _ in range(3))
         flops = 4 * args.heads * args.seq * args.seq * d
         if args.causal:
             flops = 2 * args.heads * args.seq * (args.seq + 1) * d
