@@ -21,6 +21,15 @@
 #define PRODUCER_REGS 24                      // 24 x 128 + 240 x 256 = the 168 x 384 at launch
 #define CONSUMER_REGS 240
 
+// Schedule choices, fixed here after measuring both ways on an H100 (PERF_NOTES.md); the
+// tuning hook FLASHATTN_CUDA_EXTRA_DEFINES can flip them for an A/B run.
+#ifndef RESCALE_UNDER_QK
+#define RESCALE_UNDER_QK 1   // rescale O while S = Q K^T runs (1) or before taking the turn (0)
+#endif
+#ifndef EARLY_Q_RELEASE
+#define EARLY_Q_RELEASE 1    // free Q after the tile's last Q K^T (1) or after its last P V (0)
+#endif
+
 #if FA_DTYPE == 2
 #define WG_TYPE bf16
 #define PACK2 pack_bf16x2
@@ -358,7 +367,7 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
                 wg_wait<0>();
                 fence_regs(sc);
                 mbar_arrive(K_EMPTY(st));
-                if (n_hi - n_lo == 1) mbar_arrive(q_empty);
+                if (EARLY_Q_RELEASE && n_hi - n_lo == 1) mbar_arrive(q_empty);
                 softmax_block(ctx, sc, n_lo * BLOCK_N, m_run, l_run, corr);
                 to_p(sc, pa);
             }
@@ -368,14 +377,19 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             for (int n = n_lo; n + 1 < n_hi; ++n, ++it) {
                 const uint32_t st = it % STAGES, st1 = (it + 1) % STAGES;
                 mbar_wait(K_FULL(st1), ((it + 1) / STAGES) & 1);
+                mbar_wait(V_FULL(st), (it / STAGES) & 1);
+#if !RESCALE_UNDER_QK
+                rescale_o(o, corr);  // a no-op scale of zeros on the first block
+#endif
                 pingpong_wait(wg);
                 wg_fence();
                 issue_qk(sc, q_wg, sK + st1 * KV_BYTES);
                 wg_commit();
+#if RESCALE_UNDER_QK
                 // Rescale O for the previous softmax while S_{n+1} runs on the tensor cores.
                 rescale_o(o, corr);  // a no-op scale of zeros on the first block
-                mbar_wait(V_FULL(st), (it / STAGES) & 1);
                 wg_fence();
+#endif
                 issue_pv(o, pa, sV + st * KV_BYTES);
                 wg_commit();
                 pingpong_release(wg);
@@ -383,8 +397,11 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
                 fence_regs(sc);
                 mbar_arrive(K_EMPTY(st1));
                 // That was this tile's last use of Q: let the producer load the next tile's.
-                if (n + 2 == n_hi) mbar_arrive(q_empty);
-                softmax_block(ctx, sc, (n + 1) * BLOCK_N, m_run, l_run, corr);
+                if (EARLY_Q_RELEASE && n + 2 == n_hi) mbar_arrive(q_empty);
+                // A branch the compiler cannot fold (k_len > 0 always holds here) keeps the softmax
+                // in its own basic block, so ptxas does not hoist the wait below above it and
+                // the softmax overlaps P V.
+                if (ctx.s.k_len > 0) softmax_block(ctx, sc, (n + 1) * BLOCK_N, m_run, l_run, corr);
                 wg_wait<0>();
                 fence_regs(o);
                 mbar_arrive(V_EMPTY(st));
@@ -393,8 +410,8 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
             // Last block: P V only.
             {
                 const uint32_t st = it % STAGES;
-                rescale_o(o, corr);
                 mbar_wait(V_FULL(st), (it / STAGES) & 1);
+                rescale_o(o, corr);
                 pingpong_wait(wg);
                 wg_fence();
                 issue_pv(o, pa, sV + st * KV_BYTES);
@@ -405,6 +422,7 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
                 mbar_arrive(V_EMPTY(st));
                 ++it;
             }
+            if (!EARLY_Q_RELEASE) mbar_arrive(q_empty);
         }
 
 

@@ -56,6 +56,16 @@ pub fn options(variant: &Variant, arch: &str) -> Vec<String> {
         "--ptxas-options=-v".to_string(),
     ];
     o.extend(variant.defines());
+    // Tuning hook for A/B runs of schedule choices (e.g. "-DRESCALE_UNDER_QK=0"); part of the
+    // cache key like every option.
+    if let Ok(extra) = std::env::var("FLASHATTN_CUDA_EXTRA_DEFINES") {
+        o.extend(
+            extra
+                .split_whitespace()
+                .filter(|d| d.starts_with("-D"))
+                .map(str::to_string),
+        );
+    }
     o
 }
 

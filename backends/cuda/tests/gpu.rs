@@ -134,7 +134,7 @@ fn hopper_block_n_variants() {
     if b.info().arch() != "sm_90a" {
         return;
     }
-    for (d, n, st) in [(64, 176, 3), (128, 176, 2), (128, 128, 3), (256, 64, 2)] {
+    for (d, n, st) in [(64, 176, 3), (128, 128, 2), (128, 128, 3), (256, 64, 2)] {
         let mut be = CudaBackend::new().unwrap();
         be.set_block_n(Some(n));
         be.set_stages(Some(st));
