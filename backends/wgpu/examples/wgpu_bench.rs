@@ -1,7 +1,9 @@
 //! Flash vs naive attention on the best wgpu adapter, on device-resident random inputs.
 //!
 //! cargo run --release -p flashattn-wgpu --example wgpu_bench -- [seqlen ...] [--heads H]
-//!     [--dim D] [--dtype f32|f16|bf16] [--causal] [--iters N] [--no-naive]
+//!     [--dim D] [--dtype f32|f16|bf16] [--causal] [--iters N] [--warmup N] [--no-naive] [--no-subgroups]
+//!
+//! FLASHATTN_WGPU_TILES="br=32,bc=16" forces tile sizes (for tuning).
 
 use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType};
 use flashattn_wgpu::WgpuBackend;
@@ -15,9 +17,9 @@ fn median(v: &[f64]) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut seqlens = Vec::new();
-    let (mut heads, mut dim, mut iters) = (4usize, 64usize, 5usize);
+    let (mut heads, mut dim, mut iters, mut warmup) = (4usize, 64usize, 5usize, 1usize);
     let mut dtype = DType::F32;
-    let (mut causal, mut naive) = (false, true);
+    let (mut causal, mut naive, mut no_subgroups) = (false, true, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> usize {
@@ -29,21 +31,27 @@ fn main() {
             "--heads" => heads = num("--heads"),
             "--dim" => dim = num("--dim"),
             "--iters" => iters = num("--iters"),
+            "--warmup" => warmup = num("--warmup"),
             "--causal" => causal = true,
             "--no-naive" => naive = false,
+            "--no-subgroups" => no_subgroups = true,
             "--dtype" => {
                 dtype = it
                     .next()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or_else(|| panic!("--dtype needs f32, f16 or bf16"))
             }
-            s => seqlens.push(s.parse::<usize>().unwrap_or_else(|_| panic!("bad argument {s}"))),
+            s => seqlens.push(
+                s.parse::<usize>()
+                    .unwrap_or_else(|_| panic!("bad argument {s}")),
+            ),
         }
     }
     if seqlens.is_empty() {
         seqlens = vec![1024, 4096];
     }
     let backend = match WgpuBackend::new() {
+        Ok(b) if no_subgroups => b.without_subgroups(),
         Ok(b) => b,
         Err(e) => {
             eprintln!("{e}");
@@ -62,8 +70,16 @@ fn main() {
             .dtype(dtype)
             .causal(causal)
             .return_lse(true);
-        let plan = BenchPlan { warmup: 1, iters, seed: 1 };
-        let algos: &[Algorithm] = if naive { &[Algorithm::Flash, Algorithm::Naive] } else { &[Algorithm::Flash] };
+        let plan = BenchPlan {
+            warmup,
+            iters,
+            seed: 1,
+        };
+        let algos: &[Algorithm] = if naive {
+            &[Algorithm::Flash, Algorithm::Naive]
+        } else {
+            &[Algorithm::Flash]
+        };
         for &algo in algos {
             match backend.bench(&spec, algo, &plan, &mut || {}) {
                 Ok(m) => {
@@ -75,7 +91,10 @@ fn main() {
                         m.extra_bytes.map_or("-".into(), |b| b.to_string())
                     );
                 }
-                Err(e) => println!("{:<6} {s:>6}  error: {e}", format!("{algo:?}").to_lowercase()),
+                Err(e) => println!(
+                    "{:<6} {s:>6}  error: {e}",
+                    format!("{algo:?}").to_lowercase()
+                ),
             }
         }
     }

@@ -55,7 +55,11 @@ impl WgpuBackend {
             }
             buf
         };
-        let (qb, kb, vb) = (input(&q, "bench q"), input(&k, "bench k"), input(&v, "bench v"));
+        let (qb, kb, vb) = (
+            input(&q, "bench q"),
+            input(&k, "bench k"),
+            input(&v, "bench v"),
+        );
         drop((q, k, v));
         let out_bytes =
             spec.out_elems().unwrap_or(0) as u64 * spec.dtype.output().size_bytes() as u64;
@@ -99,8 +103,15 @@ impl WgpuBackend {
             extra_bytes: Some(0),
         };
         for run in 0..plan.warmup + plan.iters {
-            let inputs = DeviceInputs { q: &qb, k: &kb, v: &vb };
-            let outputs = DeviceOutputs { out: &out, lse: lse.as_ref() };
+            let inputs = DeviceInputs {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+            };
+            let outputs = DeviceOutputs {
+                out: &out,
+                lse: lse.as_ref(),
+            };
             let t0 = gpu::now_ms();
             let scratch = scoped(&self.device, || {
                 let mut enc = self.device.create_command_encoder(&Default::default());

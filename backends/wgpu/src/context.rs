@@ -16,6 +16,7 @@ pub fn unsupported(reason: impl Into<String>) -> Error {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Rank of a device type: discrete first, then integrated, virtual, CPU, other.
 fn device_rank(t: wgpu::DeviceType) -> u32 {
     match t {
@@ -104,7 +105,10 @@ impl ErrorSink {
 
     /// The first uncaptured error since the last check, as `Error::Backend`.
     pub fn check(&self) -> Result<()> {
-        let mut v = self.0.lock().map_err(|_| backend_err("error sink poisoned"))?;
+        let mut v = self
+            .0
+            .lock()
+            .map_err(|_| backend_err("error sink poisoned"))?;
         let first = v.drain(..).next();
         match first {
             Some(e) => Err(backend_err(format!("wgpu error: {e}"))),

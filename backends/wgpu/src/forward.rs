@@ -7,7 +7,9 @@ use crate::plan::{plan, Geometry, Plan};
 use crate::shaders::{Kernel, Variant};
 use crate::tiles::Tiles;
 use crate::WgpuBackend;
-use flashattn_core::{validate_inputs, Algorithm, AttentionSpec, Output, Result, Tensor, TensorRef};
+use flashattn_core::{
+    validate_inputs, Algorithm, AttentionSpec, Output, Result, Tensor, TensorRef,
+};
 
 /// Device-resident inputs in the spec's layout and dtype (bf16 as raw 16-bit words, f16 as
 /// IEEE half), created with `BufferUsages::STORAGE` on this backend's device.
@@ -78,14 +80,27 @@ impl WgpuBackend {
         self.check_supported(spec)?;
         self.probe_subgroups().await?;
         self.errors.check()?;
-        let out_bytes = spec.out_elems().unwrap_or(0) as u64 * spec.dtype.output().size_bytes() as u64;
-        let lse_bytes = if spec.return_lse { spec.lse_elems().unwrap_or(0) as u64 * 4 } else { 0 };
+        let out_bytes =
+            spec.out_elems().unwrap_or(0) as u64 * spec.dtype.output().size_bytes() as u64;
+        let lse_bytes = if spec.return_lse {
+            spec.lse_elems().unwrap_or(0) as u64 * 4
+        } else {
+            0
+        };
         let storage = wgpu::BufferUsages::STORAGE;
         let (qb, kb, vb) = (self.upload(q)?, self.upload(k)?, self.upload(v)?);
-        let out = self.pool.take(&self.device, out_bytes, storage | wgpu::BufferUsages::COPY_SRC);
-        let lse = spec
-            .return_lse
-            .then(|| self.pool.take(&self.device, lse_bytes, storage | wgpu::BufferUsages::COPY_SRC));
+        let out = self.pool.take(
+            &self.device,
+            out_bytes,
+            storage | wgpu::BufferUsages::COPY_SRC,
+        );
+        let lse = spec.return_lse.then(|| {
+            self.pool.take(
+                &self.device,
+                lse_bytes,
+                storage | wgpu::BufferUsages::COPY_SRC,
+            )
+        });
         let read_len = out_bytes.next_multiple_of(4) + lse_bytes;
         let read = self.pool.take(
             &self.device,
@@ -94,8 +109,15 @@ impl WgpuBackend {
         );
         let scratch = scoped(&self.device, || {
             let mut enc = self.device.create_command_encoder(&Default::default());
-            let inputs = DeviceInputs { q: &qb, k: &kb, v: &vb };
-            let outputs = DeviceOutputs { out: &out, lse: lse.as_ref() };
+            let inputs = DeviceInputs {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+            };
+            let outputs = DeviceOutputs {
+                out: &out,
+                lse: lse.as_ref(),
+            };
             let scratch = match algo {
                 Algorithm::Flash => self.encode_forward(spec, inputs, outputs, &mut enc, None)?,
                 Algorithm::Naive => self.encode_naive(spec, inputs, outputs, &mut enc, None)?,
@@ -109,7 +131,12 @@ impl WgpuBackend {
         })
         .await?;
         let bytes = gpu::read_mapped(&self.device, &read, read_len).await;
-        for b in scratch.buffers.into_iter().chain([qb, kb, vb, out, read]).chain(lse) {
+        for b in scratch
+            .buffers
+            .into_iter()
+            .chain([qb, kb, vb, out, read])
+            .chain(lse)
+        {
             self.pool.give(b);
         }
         let bytes = bytes?;
@@ -168,16 +195,22 @@ impl WgpuBackend {
     }
 
     fn max_q_len(spec: &AttentionSpec) -> u64 {
-        (0..spec.batch).map(|b| spec.seq(b).q_len as u64).max().unwrap_or(0)
+        (0..spec.batch)
+            .map(|b| spec.seq(b).q_len as u64)
+            .max()
+            .unwrap_or(0)
     }
 
     fn max_k_len(spec: &AttentionSpec) -> u64 {
-        (0..spec.batch).map(|b| spec.seq(b).k_len as u64).max().unwrap_or(0)
+        (0..spec.batch)
+            .map(|b| spec.seq(b).k_len as u64)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The tiles for `spec` on this adapter.
     pub(crate) fn tiles_for(&self, spec: &AttentionSpec) -> Tiles {
-        Tiles::choose(
+        let tiles = Tiles::choose(
             spec.head_dim as u32,
             spec.head_dim_v as u32,
             Self::max_q_len(spec).min(u64::from(u32::MAX)) as u32,
@@ -186,7 +219,10 @@ impl WgpuBackend {
                 .min(self.limits.max_compute_workgroup_size_x),
             self.limits.max_compute_workgroup_storage_size,
             self.subgroup_size(),
-        )
+        );
+        self.tile_override.map_or(tiles, |o| {
+            o.apply(tiles, self.limits.max_compute_workgroup_storage_size)
+        })
     }
 
     /// Split-KV splits: more workgroups when (batch x heads x query blocks) alone is too few.
@@ -238,7 +274,11 @@ impl WgpuBackend {
         let lse_bytes = q_tokens * hq * 4;
         match (spec.return_lse, outputs.lse) {
             (true, Some(l)) => check_size("lse", l, lse_bytes)?,
-            (true, None) => return Err(backend_err("the spec asks for LSE but no lse buffer was given")),
+            (true, None) => {
+                return Err(backend_err(
+                    "the spec asks for LSE but no lse buffer was given",
+                ))
+            }
             _ => {}
         }
 
@@ -272,11 +312,15 @@ impl WgpuBackend {
             )));
         }
 
-        let mut scratch = Scratch { buffers: Vec::new() };
+        let mut scratch = Scratch {
+            buffers: Vec::new(),
+        };
         let tables = self.tables_for(spec);
         let part = if plan.partial {
             let bytes = u64::from(plan.total_splits) * plan.max_rows * geom.part_row;
-            let buf = self.pool.take(&self.device, bytes, wgpu::BufferUsages::STORAGE);
+            let buf = self
+                .pool
+                .take(&self.device, bytes, wgpu::BufferUsages::STORAGE);
             scratch.buffers.push(buf.clone());
             Some(buf)
         } else {
@@ -319,9 +363,15 @@ impl WgpuBackend {
         self.queue.write_buffer(&uniform, 0, &ubytes);
         scratch.buffers.push(uniform.clone());
 
-        let flash = self.pipeline(Variant { kernel: Kernel::Flash(tiles), dtype: spec.dtype })?;
+        let flash = self.pipeline(Variant {
+            kernel: Kernel::Flash(tiles),
+            dtype: spec.dtype,
+        })?;
         let combine = if plan.partial {
-            Some(self.pipeline(Variant { kernel: Kernel::Combine, dtype: spec.dtype })?)
+            Some(self.pipeline(Variant {
+                kernel: Kernel::Combine,
+                dtype: spec.dtype,
+            })?)
         } else {
             None
         };
@@ -347,7 +397,10 @@ impl WgpuBackend {
                 let u = uniform_range(&uniform, di, stride);
                 groups.push((
                     false,
-                    gpu::bind_group(self, [u, q_r, k_r, v_r, o_r, tables_range, lse_range, part_range]),
+                    gpu::bind_group(
+                        self,
+                        [u, q_r, k_r, v_r, o_r, tables_range, lse_range, part_range],
+                    ),
                 ));
                 di += 1;
             }
@@ -361,7 +414,16 @@ impl WgpuBackend {
                     true,
                     gpu::bind_group(
                         self,
-                        [u, first(inputs.q)?, first(inputs.k)?, first(inputs.v)?, o_r, tables_range, lse_range, part_range],
+                        [
+                            u,
+                            first(inputs.q)?,
+                            first(inputs.k)?,
+                            first(inputs.v)?,
+                            o_r,
+                            tables_range,
+                            lse_range,
+                            part_range,
+                        ],
                     ),
                 ));
                 di += 1;
@@ -432,7 +494,11 @@ impl WgpuBackend {
             d: spec.head_dim as u32,
             dv: spec.head_dim_v as u32,
             scale_log2: scale * log2e,
-            scale_over_cap: if spec.softcap > 0.0 { scale / spec.softcap } else { 0.0 },
+            scale_over_cap: if spec.softcap > 0.0 {
+                scale / spec.softcap
+            } else {
+                0.0
+            },
             softcap_log2: spec.softcap * log2e,
             win_left: to_i32(left),
             win_right: to_i32(right),
@@ -469,7 +535,8 @@ impl WgpuBackend {
             words.len() as u64 * 4,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         );
-        self.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&words));
+        self.queue
+            .write_buffer(&buf, 0, bytemuck::cast_slice(&words));
         buf
     }
 }
@@ -488,14 +555,18 @@ pub(crate) fn grid_2d(n: u64, dims: u64) -> Result<(u32, u32)> {
     let x = n.min(dims);
     let y = n.div_ceil(x);
     if y > dims {
-        return Err(unsupported(format!("{n} workgroups exceed the adapter's {dims} x {dims} grid")));
+        return Err(unsupported(format!(
+            "{n} workgroups exceed the adapter's {dims} x {dims} grid"
+        )));
     }
     Ok((x as u32, y as u32))
 }
 
 fn check_size(name: &str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
     if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return Err(backend_err(format!("{name} buffer lacks BufferUsages::STORAGE")));
+        return Err(backend_err(format!(
+            "{name} buffer lacks BufferUsages::STORAGE"
+        )));
     }
     if buffer.size() < bytes.next_multiple_of(4) {
         return Err(backend_err(format!(

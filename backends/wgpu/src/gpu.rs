@@ -43,7 +43,8 @@ pub const FLAG_PARTIAL: u32 = 16;
 
 /// Stride of the per-dispatch `Params` in the uniform buffer.
 pub fn params_stride(limits: &wgpu::Limits) -> u64 {
-    (std::mem::size_of::<Params>() as u64).next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment))
+    (std::mem::size_of::<Params>() as u64)
+        .next_multiple_of(u64::from(limits.min_uniform_buffer_offset_alignment))
 }
 
 /// Binding 0: uniform; 1-3: q, k, v; 4: out; 5: tables; 6: lse; 7: partials / scores.
@@ -134,11 +135,13 @@ pub fn bind_group(backend: &WgpuBackend, ranges: [Range<'_>; 8]) -> wgpu::BindGr
         .enumerate()
         .map(|(i, r)| r.entry(i as u32))
         .collect();
-    backend.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("flashattn"),
-        layout: &backend.layout,
-        entries: &entries,
-    })
+    backend
+        .device
+        .create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("flashattn"),
+            layout: &backend.layout,
+            entries: &entries,
+        })
 }
 
 /// Waits for submitted work on native (on the web the browser drives completion).
@@ -153,7 +156,11 @@ pub fn wait(device: &wgpu::Device) -> Result<()> {
 }
 
 /// Maps a MAP_READ buffer (after its copy was submitted) and returns its first `len` bytes.
-pub async fn read_mapped(device: &wgpu::Device, buffer: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+pub async fn read_mapped(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    len: u64,
+) -> Result<Vec<u8>> {
     let (tx, rx) = futures_channel::oneshot::channel();
     buffer.map_async(wgpu::MapMode::Read, .., move |r| {
         let _ = tx.send(r);
@@ -179,7 +186,8 @@ pub async fn sync(device: &wgpu::Device, queue: &wgpu::Queue) -> Result<()> {
         let _ = tx.send(());
     });
     wait(device)?;
-    rx.await.map_err(|_| backend_err("device lost while waiting for work"))
+    rx.await
+        .map_err(|_| backend_err("device lost while waiting for work"))
 }
 
 /// Milliseconds on a host clock (fallback timing where the adapter has no timestamp queries).
@@ -188,7 +196,11 @@ pub fn now_ms() -> f64 {
     {
         use std::sync::OnceLock;
         static START: OnceLock<std::time::Instant> = OnceLock::new();
-        START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64() * 1e3
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+            * 1e3
     }
     #[cfg(target_arch = "wasm32")]
     {
@@ -253,7 +265,10 @@ pub async fn probe_subgroups(backend: &WgpuBackend) -> Result<u32> {
         return Ok(0);
     }
     // Every xor distance below the subgroup width (up to 8) must address lid ^ m.
-    let needed: u32 = (0..4).map(|b| 1u32 << b).filter(|&m| m < size).fold(0, |a, m| a | m);
+    let needed: u32 = (0..4)
+        .map(|b| 1u32 << b)
+        .filter(|&m| m < size)
+        .fold(0, |a, m| a | m);
     let ok = words.chunks(2).all(|w| w[0] & needed == needed);
     Ok(if ok { size.min(16) } else { 0 })
 }

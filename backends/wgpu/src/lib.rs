@@ -44,6 +44,7 @@ pub struct WgpuBackend {
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
     pipelines: Mutex<HashMap<Variant, wgpu::ComputePipeline>>,
+    tile_override: Option<tiles::TileOverride>,
     pool: pool::Pool,
     /// Bound where a binding is unused (LSE not requested, no partials).
     dummy_lse: wgpu::Buffer,
@@ -121,6 +122,7 @@ impl WgpuBackend {
             layout,
             pipeline_layout,
             pipelines: Mutex::new(HashMap::new()),
+            tile_override: tiles::TileOverride::from_env(),
             pool: pool::Pool::default(),
             errors,
         }
@@ -229,10 +231,12 @@ impl WgpuBackend {
             return Ok(p.clone());
         }
         let source = variant.source();
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("flashattn"),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("flashattn"),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

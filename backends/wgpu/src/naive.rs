@@ -20,7 +20,9 @@ impl WgpuBackend {
         timer: Option<&wgpu::QuerySet>,
     ) -> Result<Scratch> {
         if spec.is_varlen() {
-            return Err(unsupported("naive attention here takes dense (not varlen) specs"));
+            return Err(unsupported(
+                "naive attention here takes dense (not varlen) specs",
+            ));
         }
         let rows = (spec.batch * spec.heads_q) as u64 * spec.seqlen_q as u64;
         let score_bytes = rows * spec.seqlen_k as u64 * 4;
@@ -38,14 +40,21 @@ impl WgpuBackend {
         let k_bytes = spec.k_elems().unwrap_or(0) as u64 * es;
         let v_bytes = spec.v_elems().unwrap_or(0) as u64 * es;
         let o_bytes = spec.out_elems().unwrap_or(0) as u64 * es;
-        for (name, b) in [("q", q_bytes), ("k", k_bytes), ("v", v_bytes), ("out", o_bytes)] {
+        for (name, b) in [
+            ("q", q_bytes),
+            ("k", k_bytes),
+            ("v", v_bytes),
+            ("out", o_bytes),
+        ] {
             if b > max_binding {
                 return Err(unsupported(format!(
                     "naive attention binds whole tensors: {name} ({b} bytes) exceeds the storage binding limit of {max_binding} bytes"
                 )));
             }
         }
-        let scores = self.pool.take(&self.device, score_bytes, wgpu::BufferUsages::STORAGE);
+        let scores = self
+            .pool
+            .take(&self.device, score_bytes, wgpu::BufferUsages::STORAGE);
         let plan = Plan {
             chunks: Vec::new(),
             splits: 1,
@@ -59,7 +68,8 @@ impl WgpuBackend {
             std::mem::size_of::<gpu::Params>() as u64,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         );
-        self.queue.write_buffer(&uniform, 0, bytemuck::bytes_of(&params));
+        self.queue
+            .write_buffer(&uniform, 0, bytemuck::bytes_of(&params));
         let tables = self.tables_for(spec);
         let lse_range = match outputs.lse {
             Some(l) if spec.return_lse => Range::words(l, 0, rows * 4)?,
@@ -83,7 +93,12 @@ impl WgpuBackend {
                 Range::whole(&scores),
             ],
         );
-        let pipe = |kernel| self.pipeline(Variant { kernel, dtype: spec.dtype });
+        let pipe = |kernel| {
+            self.pipeline(Variant {
+                kernel,
+                dtype: spec.dtype,
+            })
+        };
         let (p_scores, p_softmax, p_pv) = (
             pipe(Kernel::NaiveScores)?,
             pipe(Kernel::NaiveSoftmax)?,
@@ -94,7 +109,9 @@ impl WgpuBackend {
         let gy = (spec.seqlen_q as u64).div_ceil(16);
         let gz = (spec.batch * spec.heads_q) as u64;
         if gx > dims || gy > dims || gz > dims {
-            return Err(unsupported("naive attention grid exceeds the adapter's workgroup limits"));
+            return Err(unsupported(
+                "naive attention grid exceeds the adapter's workgroup limits",
+            ));
         }
         let (sx, sy) = grid_2d(rows, dims)?;
         let pairs = (spec.out_elems().unwrap_or(0) as u64).div_ceil(2);

@@ -68,7 +68,13 @@ fn ranges(total: u64, per: u64) -> Vec<(u64, u64)> {
 }
 
 /// The plan for `g` under a binding limit of `limit` bytes with offsets aligned to `align`.
-pub fn plan(g: &Geometry, limit: u64, align: u64, splits: u32, force_partial: bool) -> Result<Plan> {
+pub fn plan(
+    g: &Geometry,
+    limit: u64,
+    align: u64,
+    splits: u32,
+    force_partial: bool,
+) -> Result<Plan> {
     // Room for rounding the last range up to whole words.
     let lim = limit.saturating_sub(4);
     let kv_row = g.k_row.max(g.v_row);
@@ -97,7 +103,11 @@ pub fn plan(g: &Geometry, limit: u64, align: u64, splits: u32, force_partial: bo
     } else {
         1
     };
-    let part_row = if partial { g.part_row * u64::from(total_splits) } else { 0 };
+    let part_row = if partial {
+        g.part_row * u64::from(total_splits)
+    } else {
+        0
+    };
     let q_row = g.q_row.max(g.o_row).max(part_row);
     let q_per = if g.q_tokens * q_row <= lim {
         g.q_tokens

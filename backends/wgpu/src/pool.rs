@@ -24,7 +24,12 @@ fn size_class(size: u64) -> u64 {
 
 impl Pool {
     /// A buffer of at least `size` bytes with exactly `usage`.
-    pub fn take(&self, device: &wgpu::Device, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    pub fn take(
+        &self,
+        device: &wgpu::Device,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
         let want = size_class(size);
         if let Ok(mut idle) = self.idle.lock() {
             if let Some(pos) = idle
@@ -63,9 +68,20 @@ mod tests {
 
     #[test]
     fn size_classes_cover_the_request_with_bounded_waste() {
-        for size in [1u64, 4, 255, 256, 257, 65536, 65537, 1 << 20, (1 << 20) + 1, 3 << 29] {
+        for size in [
+            1u64,
+            4,
+            255,
+            256,
+            257,
+            65536,
+            65537,
+            1 << 20,
+            (1 << 20) + 1,
+            3 << 29,
+        ] {
             let c = size_class(size);
-            assert!(c >= size && c % 16 == 0, "{size} -> {c}");
+            assert!(c >= size && c.is_multiple_of(16), "{size} -> {c}");
             assert!(c <= size + size / 4 + 256, "{size} -> {c}");
         }
     }

@@ -38,7 +38,11 @@ impl Tiles {
 
     /// Bytes of workgroup memory the variant declares.
     pub fn workgroup_bytes(&self) -> u32 {
-        let red = if self.subgroups { 0 } else { self.br * self.bc * self.tpr };
+        let red = if self.subgroups {
+            0
+        } else {
+            self.br * self.bc * self.tpr
+        };
         4 * (self.bc * self.kvw() + red)
     }
 
@@ -80,6 +84,50 @@ impl Tiles {
             tiles.bc /= 2;
         }
         tiles
+    }
+}
+
+/// Tile sizes forced by `FLASHATTN_WGPU_TILES="br=32,bc=16"` (for tuning on new hardware);
+/// values that do not fit the adapter are ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TileOverride {
+    pub br: Option<u32>,
+    pub bc: Option<u32>,
+}
+
+impl TileOverride {
+    pub fn from_env() -> Option<TileOverride> {
+        let s = std::env::var("FLASHATTN_WGPU_TILES").ok()?;
+        let mut o = TileOverride::default();
+        for kv in s.split(',') {
+            let (k, v) = kv.split_once('=')?;
+            let v: u32 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v: &u32| v.is_power_of_two())?;
+            match k.trim() {
+                "br" => o.br = Some(v),
+                "bc" => o.bc = Some(v.min(64)),
+                _ => return None,
+            }
+        }
+        Some(o)
+    }
+
+    pub fn apply(&self, tiles: Tiles, workgroup_storage: u32) -> Tiles {
+        let mut t = tiles;
+        if let Some(br) = self.br {
+            t.br = br.clamp(1, (256 / t.tpr).max(1));
+        }
+        if let Some(bc) = self.bc {
+            t.bc = bc;
+        }
+        if t.workgroup_bytes() <= workgroup_storage.min(WEBGPU_WORKGROUP_STORAGE) {
+            t
+        } else {
+            tiles
+        }
     }
 }
 

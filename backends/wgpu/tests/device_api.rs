@@ -13,7 +13,9 @@ fn storage_buffer(device: &wgpu::Device, queue: &wgpu::Queue, bytes: &[u8]) -> w
     let buf = device.create_buffer(&wgpu::BufferDescriptor {
         label: None,
         size: (bytes.len() as u64).next_multiple_of(4),
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
         mapped_at_creation: false,
     });
     let mut padded = bytes.to_vec();
@@ -33,14 +35,19 @@ fn read_back(device: &wgpu::Device, queue: &wgpu::Queue, src: &wgpu::Buffer) -> 
     enc.copy_buffer_to_buffer(src, 0, &read, 0, src.size());
     queue.submit([enc.finish()]);
     read.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
-    device.poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
     let bytes = read.get_mapped_range(..).expect("range").to_vec();
+    read.unmap();
     bytes
 }
 
 #[test]
 fn forward_buffers_on_a_callers_device() {
-    let Some(shared) = common::backend() else { return };
+    let Some(shared) = common::backend() else {
+        return;
+    };
     let (device, queue) = (shared.device_handle().clone(), shared.queue().clone());
     let b = WgpuBackend::from_device(device.clone(), queue.clone());
     for dtype in [DType::F32, DType::Bf16] {
@@ -57,8 +64,15 @@ fn forward_buffers_on_a_callers_device() {
         let lse = storage_buffer(&device, &queue, &vec![0u8; spec.lse_elems().unwrap() * 4]);
         pollster::block_on(b.forward_buffers(
             &spec,
-            DeviceInputs { q: &qb, k: &kb, v: &vb },
-            DeviceOutputs { out: &out, lse: Some(&lse) },
+            DeviceInputs {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+            },
+            DeviceOutputs {
+                out: &out,
+                lse: Some(&lse),
+            },
         ))
         .expect("forward_buffers");
         let got = Tensor::from_bytes(dtype, &read_back(&device, &queue, &out)[..out_bytes]);
@@ -87,11 +101,27 @@ fn wgpu_validation_errors_become_backend_errors() {
     qb.destroy();
     let err = pollster::block_on(b.forward_buffers(
         &spec,
-        DeviceInputs { q: &qb, k: &kb, v: &vb },
-        DeviceOutputs { out: &out, lse: None },
+        DeviceInputs {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+        },
+        DeviceOutputs {
+            out: &out,
+            lse: None,
+        },
     ))
     .unwrap_err();
-    assert!(matches!(err, Error::Backend { backend: "wgpu", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                backend: "wgpu",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // The backend still works afterwards.
     flashattn_core::testing::check_backend(b, &spec, 3).expect("forward after an error");
 }
@@ -104,8 +134,15 @@ fn short_buffers_are_rejected_with_sizes() {
     let small = storage_buffer(device, queue, &[0u8; 64]);
     let err = pollster::block_on(b.forward_buffers(
         &spec,
-        DeviceInputs { q: &small, k: &small, v: &small },
-        DeviceOutputs { out: &small, lse: None },
+        DeviceInputs {
+            q: &small,
+            k: &small,
+            v: &small,
+        },
+        DeviceOutputs {
+            out: &small,
+            lse: None,
+        },
     ))
     .unwrap_err();
     assert!(err.to_string().contains("512"), "{err}");
@@ -115,13 +152,25 @@ fn short_buffers_are_rejected_with_sizes() {
 fn bench_flash_uses_far_less_memory_than_naive() {
     let Some(b) = common::backend() else { return };
     let spec = AttentionSpec::new(1, 2, 256, 256, 64).return_lse(true);
-    let plan = BenchPlan { warmup: 1, iters: 2, seed: 1 };
+    let plan = BenchPlan {
+        warmup: 1,
+        iters: 2,
+        seed: 1,
+    };
     let mut runs = 0;
-    let flash = b.bench(&spec, Algorithm::Flash, &plan, &mut || runs += 1).expect("flash bench");
+    let flash = b
+        .bench(&spec, Algorithm::Flash, &plan, &mut || runs += 1)
+        .expect("flash bench");
     assert_eq!(runs, 3);
-    let naive = b.bench(&spec, Algorithm::Naive, &plan, &mut || {}).expect("naive bench");
+    let naive = b
+        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
+        .expect("naive bench");
     assert_eq!(flash.times_ms.len(), 2);
-    assert!(flash.times_ms.iter().chain(&naive.times_ms).all(|t| t.is_finite() && *t > 0.0));
+    assert!(flash
+        .times_ms
+        .iter()
+        .chain(&naive.times_ms)
+        .all(|t| t.is_finite() && *t > 0.0));
     let (fe, ne) = (flash.extra_bytes.unwrap(), naive.extra_bytes.unwrap());
     // Naive holds the 2 x 256 x 256 f32 scores.
     assert!(ne >= 2 * 256 * 256 * 4, "naive extra {ne}");
@@ -133,13 +182,22 @@ fn naive_reports_a_score_buffer_that_does_not_fit() {
     if common::backend().is_none() {
         return;
     }
-    let b = WgpuBackend::new().expect("device").with_max_binding_bytes(1 << 20);
+    let b = WgpuBackend::new()
+        .expect("device")
+        .with_max_binding_bytes(1 << 20);
     let spec = AttentionSpec::new(1, 4, 1024, 1024, 16);
-    let plan = BenchPlan { warmup: 0, iters: 1, seed: 1 };
-    let err = b.bench(&spec, Algorithm::Naive, &plan, &mut || {}).unwrap_err();
+    let plan = BenchPlan {
+        warmup: 0,
+        iters: 1,
+        seed: 1,
+    };
+    let err = b
+        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
+        .unwrap_err();
     assert!(err.to_string().contains("score buffer"), "{err}");
     // Flash runs the same problem through chunked bindings.
-    b.bench(&spec, Algorithm::Flash, &plan, &mut || {}).expect("flash under the same limit");
+    b.bench(&spec, Algorithm::Flash, &plan, &mut || {})
+        .expect("flash under the same limit");
 }
 
 #[test]
@@ -150,8 +208,9 @@ fn naive_matches_the_reference() {
             continue;
         }
         let (q, k, v) = random_inputs(&spec, 11);
-        let got = pollster::block_on(b.naive_forward_async(&spec, q.as_ref(), k.as_ref(), v.as_ref()))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got =
+            pollster::block_on(b.naive_forward_async(&spec, q.as_ref(), k.as_ref(), v.as_ref()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
         let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
         let err = rel_l2_error(&got.out.to_f32_vec(), &reference.out);
         assert!(err < 1e-4, "{name}: rel L2 {err:.3e}");

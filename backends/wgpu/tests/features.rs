@@ -21,7 +21,10 @@ fn feature_cases_f32() {
 fn feature_cases_f16() {
     let Some(b) = common::backend() else { return };
     if !b.has_f16() {
-        eprintln!("SKIP f16: adapter {} has no SHADER_F16", b.adapter_info().name);
+        eprintln!(
+            "SKIP f16: adapter {} has no SHADER_F16",
+            b.adapter_info().name
+        );
         return;
     }
     common::check_all(b, &named(feature_cases(DType::F16)));
@@ -38,7 +41,9 @@ fn feature_cases_without_subgroups() {
     if common::backend().is_none() {
         return;
     }
-    let b = WgpuBackend::new().expect("second device").without_subgroups();
+    let b = WgpuBackend::new()
+        .expect("second device")
+        .without_subgroups();
     assert_eq!(b.subgroup_size(), 0);
     common::check_all(&b, &named(feature_cases(DType::F32)));
 }
@@ -58,11 +63,18 @@ fn chunked_bindings_match_the_reference() {
     if common::backend().is_none() {
         return;
     }
-    let b = WgpuBackend::new().expect("second device").with_max_binding_bytes(16 * 1024);
+    let b = WgpuBackend::new()
+        .expect("second device")
+        .with_max_binding_bytes(16 * 1024);
     let lse = |s: AttentionSpec| s.return_lse(true);
     let cases = vec![
         ("dense", lse(AttentionSpec::new(2, 2, 37, 129, 40))),
-        ("causal gqa", lse(AttentionSpec::new(1, 8, 65, 65, 32).heads_kv(2).causal(true))),
+        (
+            "causal gqa",
+            lse(AttentionSpec::new(1, 8, 65, 65, 32)
+                .heads_kv(2)
+                .causal(true)),
+        ),
         (
             "window alibi softcap",
             lse(AttentionSpec::new(1, 4, 50, 70, 48)
@@ -70,14 +82,21 @@ fn chunked_bindings_match_the_reference() {
                 .alibi(vec![0.3, 0.1, 0.2, 0.05], false)
                 .softcap(4.0)),
         ),
-        ("dv differs, odd", lse(AttentionSpec::new(1, 8, 33, 47, 20).head_dim_v(13))),
+        (
+            "dv differs, odd",
+            lse(AttentionSpec::new(1, 8, 33, 47, 20).head_dim_v(13)),
+        ),
         (
             "bf16 odd dv",
-            lse(AttentionSpec::new(1, 12, 21, 40, 64).head_dim_v(7).dtype(DType::Bf16)),
+            lse(AttentionSpec::new(1, 12, 21, 40, 64)
+                .head_dim_v(7)
+                .dtype(DType::Bf16)),
         ),
         (
             "bf16 causal",
-            lse(AttentionSpec::new(2, 8, 31, 31, 64).causal(true).dtype(DType::Bf16)),
+            lse(AttentionSpec::new(2, 8, 31, 31, 64)
+                .causal(true)
+                .dtype(DType::Bf16)),
         ),
         (
             "varlen",
@@ -86,5 +105,11 @@ fn chunked_bindings_match_the_reference() {
                 .causal(true)),
         ),
     ];
-    common::check_all(&b, &cases.into_iter().map(|(n, s)| (n.to_string(), s)).collect::<Vec<_>>());
+    common::check_all(
+        &b,
+        &cases
+            .into_iter()
+            .map(|(n, s)| (n.to_string(), s))
+            .collect::<Vec<_>>(),
+    );
 }

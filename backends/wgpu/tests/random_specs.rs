@@ -11,16 +11,39 @@ fn spec_strategy() -> impl Strategy<Value = (AttentionSpec, u64)> {
     let sizes = prop_oneof![Just(1usize), Just(17), Just(129), 2usize..80];
     let dims = prop_oneof![Just(40usize), Just(72), Just(200), Just(64), 1usize..=256];
     (
-        (1usize..=2, prop_oneof![Just(1usize), Just(2), Just(4)], 1usize..=2),
+        (
+            1usize..=2,
+            prop_oneof![Just(1usize), Just(2), Just(4)],
+            1usize..=2,
+        ),
         (sizes.clone(), sizes),
-        (dims.clone(), prop_oneof![3 => Just(None), 1 => dims.prop_map(Some)]),
+        (
+            dims.clone(),
+            prop_oneof![3 => Just(None), 1 => dims.prop_map(Some)],
+        ),
         prop_oneof![Just(DType::F32), Just(DType::F16), Just(DType::Bf16)],
-        (any::<bool>(), prop_oneof![Just(-1i64), 0i64..40], prop_oneof![Just(-1i64), 0i64..40]),
-        (prop_oneof![3 => Just(0.0f32), 1 => 1.0f32..30.0], any::<bool>(), any::<bool>()),
+        (
+            any::<bool>(),
+            prop_oneof![Just(-1i64), 0i64..40],
+            prop_oneof![Just(-1i64), 0i64..40],
+        ),
+        (
+            prop_oneof![3 => Just(0.0f32), 1 => 1.0f32..30.0],
+            any::<bool>(),
+            any::<bool>(),
+        ),
         any::<u64>(),
     )
         .prop_map(
-            |((batch, group, heads_kv), (sq, sk), (d, dv), dtype, (causal, wl, wr), (cap, alibi, varlen), seed)| {
+            |(
+                (batch, group, heads_kv),
+                (sq, sk),
+                (d, dv),
+                dtype,
+                (causal, wl, wr),
+                (cap, alibi, varlen),
+                seed,
+            )| {
                 let heads_q = heads_kv * group;
                 let mut s = AttentionSpec::new(batch, heads_q, sq, sk, d)
                     .heads_kv(heads_kv)

@@ -28,13 +28,22 @@ pub fn backend() -> Option<&'static WgpuBackend> {
 }
 
 /// Runs every case; panics listing all failures.
+#[allow(dead_code)] // not every test binary uses it
 pub fn check_all(backend: &WgpuBackend, cases: &[(String, AttentionSpec)]) {
     let mut failures = Vec::new();
     for (i, (name, spec)) in cases.iter().enumerate() {
         match check_backend(backend, spec, 1000 + i as u64) {
-            Ok(r) => eprintln!("ok   {name}: {spec} rel_l2 {:.2e} lse {:?}", r.rel_l2, r.lse_max_abs),
+            Ok(r) => eprintln!(
+                "ok   {name}: {spec} rel_l2 {:.2e} lse {:?}",
+                r.rel_l2, r.lse_max_abs
+            ),
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
