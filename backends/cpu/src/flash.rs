@@ -19,10 +19,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Granularity of the query block: a multiple of every ISA's vector width and P·V tile height.
 const BR_STEP: usize = 48;
-/// Largest query block. Large blocks amortise streaming (and packing) K and V per task:
-/// measured on the 2-core AVX-512 box, 192 beat 48 and 96 clearly at seqlen 2048 and 384.
-const BR_MAX: usize = 192;
-/// Keys per block (measured: 128 beat 32, 64 and 256 with BR 192).
+/// Largest query block. Every task streams its head's whole K and V once, so large blocks
+/// cut that traffic (with flashattn's [b, s, h, d] layout those rows lie a page apart and
+/// cost more than the arithmetic suggests). Measured on the 2-core AVX-512 box at
+/// [1, 8, 2048, 64/128]: 192 beat 48 and 96 clearly, 384 beat 192 by ~2-13% (CPU-time).
+const BR_MAX: usize = 384;
+/// Keys per block (measured: 128 beat 32, 64 and 256 with 192-row blocks).
 const BC: usize = 128;
 
 #[derive(Clone, Copy, Debug)]
