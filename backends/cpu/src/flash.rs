@@ -329,14 +329,23 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             }
         };
 
+        // Rows that see any key of this block: a contiguous range, because lo and hi grow
+        // with the row. Tiles of rows outside it are skipped (the causal / window diagonal
+        // costs 48 x 128 granules, not whole blocks); the mask below gives those rows -inf,
+        // so their P is 0 and alpha 1, exactly what skipping their P·V leaves.
+        let seen = |i: &usize| sc.lo[*i] < j0 + nk && sc.hi[*i] > j0 && sc.lo[*i] < sc.hi[*i];
+        let r0 = (0..rows).find(seen).unwrap_or(0);
+        let r1 = (0..rows).rev().find(seen).map_or(0, |i| i + 1);
+        let r1_l = r1.div_ceil(S::LANES) * S::LANES;
+
         // S^T[j][i] = k_j · qt_i (keys x queries).
         let sp = sc.s.as_mut_ptr();
         let qtp = sc.qt.as_ptr();
         // Query groups outer: one group's Qt slice (d x 48 floats) stays in L1 while the
         // block's K rows stream past it.
         let qw = S::NV_QK * S::LANES;
-        for ig in (0..rows_l).step_by(qw) {
-            let nv = S::NV_QK.min((rows_l - ig) / S::LANES);
+        for ig in (r0 / qw * qw..r1_l).step_by(qw) {
+            let nv = S::NV_QK.min((r1_l - ig) / S::LANES);
             let mut jt = 0;
             while jt < nk {
                 let mr = S::MR_QK.min(nk - jt);
@@ -447,9 +456,9 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
         let mut n0 = 0;
         while n0 < dv_pad {
             let nv = S::NV_PV.min((dv_pad - n0) / S::LANES);
-            for ig in (0..rows_l).step_by(S::MR_PV) {
+            for ig in (r0 / S::MR_PV * S::MR_PV..r1_l).step_by(S::MR_PV) {
                 S::pv_tile(
-                    S::MR_PV.min(rows_l - ig),
+                    S::MR_PV.min(r1_l - ig),
                     nv,
                     Tile {
                         k: nk,

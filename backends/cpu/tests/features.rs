@@ -53,6 +53,32 @@ fn in_place_and_packed_kv_layouts() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Sequences long enough for full-size query blocks (up to 384 rows) and several key
+/// blocks, where whole blocks and row groups are skipped along the mask's diagonal.
+#[test]
+fn long_masked_sequences() {
+    let cases = [
+        AttentionSpec::new(1, 2, 800, 800, 64).causal(true),
+        AttentionSpec::new(1, 2, 500, 900, 32).causal(true),
+        AttentionSpec::new(1, 1, 900, 700, 64).window(100, 50),
+        AttentionSpec::new(1, 2, 640, 640, 16)
+            .window(-1, 0)
+            .alibi(vec![0.1, 0.02], false),
+        AttentionSpec::new(1, 2, 900, 900, 64)
+            .varlen(vec![0, 400, 900], vec![0, 500, 900])
+            .causal(true),
+    ];
+    for threads in [1, 3] {
+        let backend = CpuBackend::with_threads(threads);
+        for (i, spec) in cases.iter().enumerate() {
+            let spec = spec.clone().return_lse(true);
+            if let Err(e) = check_backend(&backend, &spec, 300 + i as u64) {
+                panic!("{threads} threads: {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn default_backend_passes_feature_cases() {
     let backend = CpuBackend::new();
