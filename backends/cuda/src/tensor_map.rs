@@ -38,6 +38,8 @@ impl TensorMapParams {
 
     /// TMA's constraints: strides multiples of 16 bytes and below 2^40, sizes in (0, 2^32],
     /// box sides in [1, 256], the inner box side within the 128-byte swizzle span.
+    // `%` rather than `is_multiple_of`: the workspace's minimum Rust is 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     pub fn check(&self) -> Result<()> {
         let bad = |what: String| {
             Err(Error::Unsupported {
@@ -85,6 +87,7 @@ impl TensorMapParams {
     }
 
     /// Encodes the map for data at device address `ptr` (16-byte aligned).
+    #[allow(clippy::manual_is_multiple_of)] // minimum Rust 1.85
     pub fn encode(&self, ptr: sys::CUdeviceptr, bf16: bool) -> Result<sys::CUtensorMap> {
         if ptr % 16 != 0 {
             return Err(Error::backend(

@@ -148,7 +148,7 @@ mod tests {
             assert_eq!(t.block_m, 128);
             // wgmma N is a multiple of 8 (S = Q K^T); P V steps over keys 16 at a time.
             assert_eq!(t.block_n % 16, 0);
-            assert!(t.block_n <= 256 && t.block_n <= 256);
+            assert!(t.block_n <= 256);
             // TMA boxes are at most 256 rows.
             assert!(t.block_m <= 256);
         }
