@@ -1,23 +1,22 @@
 // Naive attention, the benchmark's peer: the full score matrix [batch, heads_q, seqlen_q,
 // seqlen_k] is materialised in device memory (bound as `part`, f32 bits) by three passes:
 // scores = Q K^T (masked, log2 domain), a row softmax in place, out = P V. Dense layout only.
-// The host prepends the same header as for flash_fwd.wgsl.
-
-fn score_row(b: u32, h: u32, i: u32) -> u32 {
-    return (b * p.heads_q + h) * p.seqlen_q + i;
-}
+// Score rows (b, h, i) are numbered (b * heads_q + h) * seqlen_q + i; one dispatch group
+// covers rows [q_tok0, q_tok1), whose scores are bound from row q_tok0 on (the whole matrix
+// may exceed the binding limit). The host prepends the same header as for flash_fwd.wgsl.
 
 @compute @workgroup_size(16, 16)
 fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
     let j = gid.x;
-    let i = gid.y;
-    let b = gid.z / p.heads_q;
-    let h = gid.z % p.heads_q;
-    if i >= p.seqlen_q || j >= p.seqlen_k {
+    let row = p.q_tok0 + gid.y + gid.z * 65535u * 16u;
+    if row >= p.q_tok1 || j >= p.seqlen_k {
         return;
     }
+    let i = row % p.seqlen_q;
+    let b = row / p.seqlen_q / p.heads_q;
+    let h = (row / p.seqlen_q) % p.heads_q;
     let kh = h / p.group;
-    let idx = score_row(b, h, i) * p.seqlen_k + j;
+    let idx = (row - p.q_tok0) * p.seqlen_k + j;
     let key = i32(j);
     if key < key_lo(i, p.seqlen_q, p.seqlen_k) || key >= key_hi(i, p.seqlen_q, p.seqlen_k) {
         part[idx] = NEG_INF_BITS;
@@ -42,12 +41,11 @@ fn softmax(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
-    let rows = p.batch * p.heads_q * p.seqlen_q;
-    if row >= rows {
+    let row = p.q_tok0 + wid.x + wid.y * nwg.x;
+    if row >= p.q_tok1 {
         return; // uniform: the whole workgroup shares `row`
     }
-    let base = row * p.seqlen_k;
+    let base = (row - p.q_tok0) * p.seqlen_k;
     var m = NEG_BIG;
     for (var j = lid; j < p.seqlen_k; j += 64u) {
         let bits = part[base + j];
@@ -101,7 +99,10 @@ fn pv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw
     if e0 >= total {
         return;
     }
+    // Elements of rows outside this group are left alone (the host keeps a bf16 word within
+    // one row: dv is even there when there are several groups).
     var vals: array<f32, 2>;
+    var mine = array<bool, 2>(false, false);
     for (var c = 0u; c < 2u; c++) {
         let e = e0 + c;
         if e < total {
@@ -110,14 +111,20 @@ fn pv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw
             let tok = e / (p.dv * p.heads_q);
             let b = tok / p.seqlen_q;
             let i = tok % p.seqlen_q;
-            let kh = h / p.group;
-            let base = score_row(b, h, i) * p.seqlen_k;
-            var acc = 0.0;
-            for (var j = 0u; j < p.seqlen_k; j++) {
-                acc += bitcast<f32>(part[base + j]) * ld_v(((b * p.seqlen_k + j) * p.heads_kv + kh) * p.dv + x);
+            let row = (b * p.heads_q + h) * p.seqlen_q + i;
+            if row >= p.q_tok0 && row < p.q_tok1 {
+                let kh = h / p.group;
+                let base = (row - p.q_tok0) * p.seqlen_k;
+                var acc = 0.0;
+                for (var j = 0u; j < p.seqlen_k; j++) {
+                    acc += bitcast<f32>(part[base + j]) * ld_v(((b * p.seqlen_k + j) * p.heads_kv + kh) * p.dv + x);
+                }
+                vals[c] = acc;
+                mine[c] = true;
             }
-            vals[c] = acc;
         }
     }
-    st_out_pair(e0, vals[0], vals[1], e0 + 1u < total);
+    if mine[0] {
+        st_out_pair(e0, vals[0], vals[1], mine[1]);
+    }
 }

@@ -59,10 +59,11 @@ fn main() {
         }
     };
     println!(
-        "device: {}  timing: {:?}  subgroups: {}",
+        "device: {}  timing: {:?}  subgroups: {}  max binding: {} bytes",
         backend.device(),
         backend.bench_timing(),
-        backend.subgroup_size()
+        backend.subgroup_size(),
+        backend.max_binding_bytes()
     );
     println!("algo   seqlen  heads  dim  dtype  causal  median_ms  GFLOP/s  extra_bytes");
     for &s in &seqlens {

@@ -143,6 +143,11 @@ impl WgpuBackend {
         self
     }
 
+    /// The largest storage binding this backend uses, in bytes; larger tensors are chunked.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.binding_limit
+    }
+
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }

@@ -1,0 +1,32 @@
+//! A real tensor larger than the adapter's own storage binding limit (q and out are bound in
+//! token ranges). Slow on a CPU adapter, so ignored by default:
+//! `cargo test -p flashattn-wgpu --test large -- --ignored --nocapture`.
+
+mod common;
+
+use flashattn_core::testing::check_backend;
+use flashattn_core::AttentionSpec;
+
+#[test]
+#[ignore = "allocates > max_storage_buffer_binding_size (128 MiB+ on lavapipe); run explicitly"]
+fn q_larger_than_the_binding_limit() {
+    let Some(b) = common::backend() else { return };
+    let limit = b.max_binding_bytes();
+    if limit > 512 << 20 {
+        eprintln!("SKIP: binding limit {limit} bytes; a larger-than-limit q would not fit the test's time");
+        return;
+    }
+    let (heads, dim) = (16usize, 64usize);
+    let row = (heads * dim * 4) as u64;
+    let seqlen_q = (limit / row) as usize + 1000;
+    // Few keys: the size is in q and out, the compute stays small.
+    let spec = AttentionSpec::new(1, heads, seqlen_q, 48, dim)
+        .causal(true)
+        .return_lse(true);
+    eprintln!(
+        "{spec}: q = {} bytes, binding limit {limit}",
+        spec.q_elems().unwrap() * 4
+    );
+    let r = check_backend(b, &spec, 5).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("rel_l2 {:.2e}", r.rel_l2);
+}
