@@ -7,12 +7,22 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-/// Sequence lengths above this are measured at this length: enough to rank backends.
-const PROXY_MAX_SEQLEN: usize = 4096;
-const TUNE_PLAN: BenchPlan = BenchPlan {
+/// Tuning runs a shrunken copy of the problem: the first, quick round on one this small
+/// (in FLOPs) weeds out backends far slower than the best (a software GPU adapter can be 100x
+/// slower than the CPU), so that only close contenders are timed on the larger copy.
+const QUICK_FLOPS: f64 = 5e7;
+const FULL_FLOPS: f64 = 4e9;
+/// A backend this many times slower than the best in the quick round is not timed further.
+const SLOW_FACTOR: f64 = 4.0;
+const QUICK_PLAN: BenchPlan = BenchPlan {
+    warmup: 1,
+    iters: 1,
+    seed: 0x7a11,
+};
+const FULL_PLAN: BenchPlan = BenchPlan {
     warmup: 1,
     iters: 2,
-    seed: 0x7a11,
+    seed: 0x7a12,
 };
 
 /// bucket -> ("name@device" -> median milliseconds)
@@ -60,30 +70,34 @@ impl Autotuner {
             return (0, "highest static priority (FLASHATTN_AUTOTUNE=0)".into());
         }
         let bucket = bucket(spec);
-        let mut times = Vec::new();
-        let mut measured_now = false;
-        for b in candidates {
-            let id = format!("{}@{}", b.name(), b.device());
-            let cached = self.lock().get(&bucket).and_then(|m| m.get(&id)).copied();
-            let ms = match cached {
-                Some(ms) => Some(ms),
-                None => {
-                    measured_now = true;
-                    let ms = measure(b.as_ref(), spec);
-                    if let Some(ms) = ms {
-                        self.lock()
-                            .entry(bucket.clone())
-                            .or_default()
-                            .insert(id, ms);
+        let ids: Vec<String> = candidates
+            .iter()
+            .map(|b| format!("{}@{}", b.name(), b.device()))
+            .collect();
+        let cached: Option<Vec<Option<f64>>> = {
+            let table = self.lock();
+            let row = table.get(&bucket);
+            ids.iter()
+                .map(|id| row.and_then(|r| r.get(id)).copied().map(Some))
+                .collect()
+        };
+        let measured_now = cached.is_none();
+        let times = match cached {
+            Some(times) => times,
+            None => {
+                let times = measure_all(spec, candidates);
+                let mut table = self.lock();
+                let row = table.entry(bucket.clone()).or_default();
+                for (id, t) in ids.iter().zip(&times) {
+                    if let Some(t) = t {
+                        row.insert(id.clone(), *t);
                     }
-                    ms
                 }
-            };
-            times.push(ms);
-        }
-        if measured_now {
-            self.save();
-        }
+                drop(table);
+                self.save();
+                times
+            }
+        };
         let best = times
             .iter()
             .enumerate()
@@ -110,7 +124,10 @@ impl Autotuner {
         };
         (
             index,
-            format!("fastest measured ({}; {source})", listing.join(", ")),
+            format!(
+                "fastest measured (proxy timings {}; {source})",
+                listing.join(", ")
+            ),
         )
     }
 
@@ -140,10 +157,37 @@ impl Autotuner {
     }
 }
 
-/// Median milliseconds of `backend` on a proxy of `spec`; `None` if it failed.
-fn measure(backend: &dyn Backend, spec: &AttentionSpec) -> Option<f64> {
-    let proxy = proxy(spec);
-    match backend.bench(&proxy, Algorithm::Flash, &TUNE_PLAN, &mut || {}) {
+/// Estimated milliseconds of each candidate on a proxy of `spec`; `None` where it failed.
+/// Candidates far behind in the quick round keep their quick time scaled up by the FLOP ratio.
+fn measure_all(spec: &AttentionSpec, candidates: &[Arc<dyn Backend>]) -> Vec<Option<f64>> {
+    let quick = shrink(spec, QUICK_FLOPS);
+    let full = shrink(spec, FULL_FLOPS);
+    let ratio = full.flops() / quick.flops().max(1.0);
+    let quick_times: Vec<Option<f64>> = candidates
+        .iter()
+        .map(|b| time(b.as_ref(), &quick, &QUICK_PLAN))
+        .collect();
+    let best = quick_times
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    candidates
+        .iter()
+        .zip(quick_times)
+        .map(|(b, t)| {
+            let t = t?;
+            if t > SLOW_FACTOR * best || ratio <= 1.0 {
+                Some(t * ratio)
+            } else {
+                time(b.as_ref(), &full, &FULL_PLAN)
+            }
+        })
+        .collect()
+}
+
+fn time(backend: &dyn Backend, spec: &AttentionSpec, plan: &BenchPlan) -> Option<f64> {
+    match backend.bench(spec, Algorithm::Flash, plan, &mut || {}) {
         Ok(m) => m.median_ms(),
         Err(e) => {
             log::warn!("flashattn: autotune of {} failed: {e}", backend.name());
@@ -152,12 +196,19 @@ fn measure(backend: &dyn Backend, spec: &AttentionSpec) -> Option<f64> {
     }
 }
 
-/// The spec with its sequence lengths capped for timing (dense problems only).
-fn proxy(spec: &AttentionSpec) -> AttentionSpec {
+/// A copy of a dense `spec` with its sequence lengths halved (the longer first) until its
+/// FLOPs are at most `flops`; varlen problems are timed as they are.
+fn shrink(spec: &AttentionSpec, flops: f64) -> AttentionSpec {
     let mut p = spec.clone();
-    if p.varlen.is_none() {
-        p.seqlen_q = p.seqlen_q.min(PROXY_MAX_SEQLEN);
-        p.seqlen_k = p.seqlen_k.min(PROXY_MAX_SEQLEN);
+    if p.varlen.is_some() {
+        return p;
+    }
+    while p.flops() > flops && p.seqlen_q.max(p.seqlen_k) > 16 {
+        if p.seqlen_k >= p.seqlen_q {
+            p.seqlen_k = p.seqlen_k.div_ceil(2);
+        } else {
+            p.seqlen_q = p.seqlen_q.div_ceil(2);
+        }
     }
     p
 }
