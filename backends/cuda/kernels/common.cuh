@@ -30,6 +30,7 @@ struct Params {
     int total_tiles;         // num_m_blocks * heads_q * batch
     int win_left, win_right; // causal already folded in (right = 0); -1 unbounded
     int alibi_per_batch;
+    int head_major_tiles;    // Hopper tile order, see decode_tile in hopper_fwd.cu
     float scale;             // softmax scale
     float softcap;           // 0 = off
 };

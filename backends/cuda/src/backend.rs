@@ -5,7 +5,9 @@ use crate::device::{DevBuf, DeviceInfo, Gpu, Timer};
 use crate::loader::load_nvrtc;
 use crate::params::{max_seqlen_q, KernelParams};
 use crate::tensor_map::TensorMapParams;
-use crate::tiles::{check_tiles, hopper_tiles, persistent_grid, HOPPER_SMEM_LIMIT, HOPPER_THREADS};
+use crate::tiles::{
+    check_tiles, head_major_order, hopper_tiles, persistent_grid, HOPPER_SMEM_LIMIT, HOPPER_THREADS,
+};
 use crate::variants::{KernelKind, Variant};
 use flashattn_core::{
     random_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan,
@@ -243,6 +245,7 @@ impl CudaBackend {
                     .tiles()
                     .ok_or_else(|| unsupported("no Hopper tiles"))?;
                 let mut p = bufs.params(spec, tiles.block_m)?;
+                p.head_major_tiles = head_major_order(spec.causal, spec.head_dim) as i32;
                 let bf16 = spec.dtype == DType::Bf16;
                 let q_tokens = spec.q_tokens().unwrap_or(0);
                 let k_tokens = spec.k_tokens().unwrap_or(0);

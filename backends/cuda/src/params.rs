@@ -28,6 +28,8 @@ pub struct KernelParams {
     pub win_left: i32,
     pub win_right: i32,
     pub alibi_per_batch: i32,
+    /// Hopper tile order (see `tiles::head_major_order`); set by the launcher.
+    pub head_major_tiles: i32,
     pub scale: f32,
     pub softcap: f32,
 }

@@ -117,19 +117,31 @@ pub fn persistent_grid(total_tiles: usize, sm_count: usize) -> usize {
     total_tiles.min(sm_count.max(1))
 }
 
+/// The Hopper kernel's tile order for a problem: head-major (the query blocks of one head in a
+/// row) keeps a wave's K/V in L2 and was faster on an H100 for non-causal d128/d256 (8k:
+/// 600 vs 560 and 693 vs 651 TFLOP/s); block-major (every head's last block first) balances
+/// causal work and was faster for causal (8k d256: 552 vs 451) and for d64 (335 vs 307).
+/// Measurements: PERF_NOTES.md, 2026-11-22 run 7.
+pub fn head_major_order(causal: bool, head_dim: usize) -> bool {
+    !causal && head_dim >= 128
+}
+
 #[cfg_attr(not(test), allow(dead_code))]
-/// The (batch, head, query block) of tile `t`, as the kernel decodes it: the last query
-/// blocks first, since under a causal mask they see the most keys.
+/// The (batch, head, query block) of tile `t`, as the kernel decodes it.
 pub fn decode_tile(
     t: usize,
     num_m_blocks: usize,
     heads_q: usize,
     batch: usize,
+    head_major: bool,
 ) -> (usize, usize, usize) {
-    let per_m = heads_q * batch;
-    let m_block = num_m_blocks - 1 - t / per_m;
-    let rem = t % per_m;
-    (rem / heads_q, rem % heads_q, m_block)
+    let (bh, m_block) = if head_major {
+        (t / num_m_blocks, num_m_blocks - 1 - t % num_m_blocks)
+    } else {
+        let per_m = heads_q * batch;
+        (t % per_m, num_m_blocks - 1 - t / per_m)
+    };
+    (bh / heads_q, bh % heads_q, m_block)
 }
 
 #[cfg(test)]
@@ -163,17 +175,28 @@ mod tests {
     fn decode_visits_every_tile_once_longest_first() {
         let (m, h, b) = (3, 2, 2);
         let n = total_tiles(m, h, b);
-        let mut seen = std::collections::HashSet::new();
-        let mut last_m = usize::MAX;
-        for t in 0..n {
-            let (bb, hh, mb) = decode_tile(t, m, h, b);
-            assert!(bb < b && hh < h && mb < m);
-            assert!(mb <= last_m, "query blocks must not increase");
-            last_m = mb;
-            assert!(seen.insert((bb, hh, mb)));
+        for head_major in [false, true] {
+            let mut seen = std::collections::HashSet::new();
+            for t in 0..n {
+                let (bb, hh, mb) = decode_tile(t, m, h, b, head_major);
+                assert!(bb < b && hh < h && mb < m);
+                assert!(seen.insert((bb, hh, mb)));
+            }
+            assert_eq!(seen.len(), n);
+            assert_eq!(decode_tile(0, m, h, b, head_major), (0, 0, m - 1));
         }
-        assert_eq!(seen.len(), n);
-        assert_eq!(decode_tile(0, m, h, b).2, m - 1);
+        // Head-major: one (batch, head) at a time, its query blocks last to first.
+        assert_eq!(decode_tile(1, m, h, b, true), (0, 0, m - 2));
+        assert_eq!(decode_tile(m, m, h, b, true), (0, 1, m - 1));
+        assert_eq!(decode_tile(2 * m, m, h, b, true), (1, 0, m - 1));
+        // Block-major: every (batch, head)'s last block, then the next-to-last ones.
+        assert_eq!(decode_tile(1, m, h, b, false), (0, 1, m - 1));
+        assert_eq!(decode_tile(h * b, m, h, b, false), (0, 0, m - 2));
+        assert!(
+            head_major_order(false, 128)
+                && !head_major_order(true, 128)
+                && !head_major_order(false, 64)
+        );
     }
 
     #[test]
