@@ -98,7 +98,7 @@ impl ErrorSink {
         let sink = self.0.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             if let Ok(mut v) = sink.lock() {
-                v.push(e.to_string());
+                v.push(describe(&e));
             }
         }));
     }
@@ -111,9 +111,20 @@ impl ErrorSink {
             .map_err(|_| backend_err("error sink poisoned"))?;
         let first = v.drain(..).next();
         match first {
-            Some(e) => Err(backend_err(format!("wgpu error: {e}"))),
+            Some(e) => Err(backend_err(e)),
             None => Ok(()),
         }
+    }
+}
+
+/// The error with its description (wgpu's Display says only "Validation Error").
+pub fn describe(e: &wgpu::Error) -> String {
+    match e {
+        wgpu::Error::Validation { description, .. } => {
+            format!("wgpu validation error: {description}")
+        }
+        wgpu::Error::OutOfMemory { .. } => "wgpu out of memory".to_string(),
+        other => format!("wgpu error: {other}"),
     }
 }
 
@@ -124,11 +135,8 @@ pub async fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> 
     let result = f();
     let v = validation.pop().await;
     let o = oom.pop().await;
-    if let Some(e) = v {
-        return Err(backend_err(format!("wgpu validation error: {e}")));
-    }
-    if let Some(e) = o {
-        return Err(backend_err(format!("wgpu out of memory: {e}")));
+    if let Some(e) = v.or(o) {
+        return Err(backend_err(describe(&e)));
     }
     result
 }

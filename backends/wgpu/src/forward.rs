@@ -89,26 +89,35 @@ impl WgpuBackend {
         };
         let storage = wgpu::BufferUsages::STORAGE;
         let (qb, kb, vb) = (self.upload(q)?, self.upload(k)?, self.upload(v)?);
-        let out = self.pool.take(
-            &self.device,
-            out_bytes,
-            storage | wgpu::BufferUsages::COPY_SRC,
-        );
-        let lse = spec.return_lse.then(|| {
-            self.pool.take(
-                &self.device,
-                lse_bytes,
-                storage | wgpu::BufferUsages::COPY_SRC,
-            )
-        });
+        // COPY_DST: cleared / filled when varlen leaves tokens uncovered.
+        let io = storage | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let out = self.pool.take(&self.device, out_bytes, io);
+        let lse = spec
+            .return_lse
+            .then(|| self.pool.take(&self.device, lse_bytes, io));
         let read_len = out_bytes.next_multiple_of(4) + lse_bytes;
         let read = self.pool.take(
             &self.device,
             read_len,
             wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         );
+        // Varlen tokens past cu_seqlens_q[batch] belong to no sequence: out 0, LSE -inf (the
+        // kernels never visit them, and pooled buffers hold old data).
+        let uncovered = spec
+            .varlen
+            .as_ref()
+            .is_some_and(|v| v.cu_seqlens_q.last().map_or(0, |&x| x as usize) < spec.seqlen_q);
+        if uncovered {
+            if let Some(lse) = &lse {
+                let ninf = vec![f32::NEG_INFINITY; spec.lse_elems().unwrap_or(0)];
+                self.queue.write_buffer(lse, 0, bytemuck::cast_slice(&ninf));
+            }
+        }
         let scratch = scoped(&self.device, || {
             let mut enc = self.device.create_command_encoder(&Default::default());
+            if uncovered {
+                enc.clear_buffer(&out, 0, None);
+            }
             let inputs = DeviceInputs {
                 q: &qb,
                 k: &kb,

@@ -48,6 +48,19 @@ fn feature_cases_without_subgroups() {
     common::check_all(&b, &named(feature_cases(DType::F32)));
 }
 
+/// Varlen tokens past cu_seqlens_q[batch] belong to no sequence: out 0 and LSE -inf, even
+/// when a pooled buffer held other data before.
+#[test]
+fn varlen_tokens_outside_every_sequence() {
+    let Some(b) = common::backend() else { return };
+    let dense = AttentionSpec::new(1, 2, 30, 30, 16);
+    flashattn_core::testing::check_backend(b, &dense, 1).expect("fills the pool");
+    let spec = AttentionSpec::new(1, 2, 30, 30, 16)
+        .varlen(vec![0, 10, 20], vec![0, 15, 30])
+        .return_lse(true);
+    common::check_all(b, &[("uncovered tail".to_string(), spec)]);
+}
+
 #[test]
 fn fp8_is_unsupported_with_a_reason() {
     let Some(b) = common::backend() else { return };
