@@ -1,6 +1,5 @@
 //! A real tensor larger than the adapter's own storage binding limit (q and out are bound in
-//! token ranges). Slow on a CPU adapter, so ignored by default:
-//! `cargo test -p flashattn-wgpu --test large -- --ignored --nocapture`.
+//! token ranges): 132 MiB of q on lavapipe (128 MiB limit), few keys so it stays quick.
 
 mod common;
 
@@ -8,7 +7,6 @@ use flashattn_core::testing::check_backend;
 use flashattn_core::AttentionSpec;
 
 #[test]
-#[ignore = "allocates > max_storage_buffer_binding_size (128 MiB+ on lavapipe); run explicitly"]
 fn q_larger_than_the_binding_limit() {
     let Some(b) = common::backend() else { return };
     let limit = b.max_binding_bytes();
@@ -20,9 +18,8 @@ fn q_larger_than_the_binding_limit() {
     let row = (heads * dim * 4) as u64;
     let seqlen_q = (limit / row) as usize + 1000;
     // Few keys: the size is in q and out, the compute stays small.
-    let spec = AttentionSpec::new(1, heads, seqlen_q, 48, dim)
-        .causal(true)
-        .return_lse(true);
+    // Unmasked: every row sees every key, so every q/out chunk carries real values.
+    let spec = AttentionSpec::new(1, heads, seqlen_q, 48, dim).return_lse(true);
     eprintln!(
         "{spec}: q = {} bytes, binding limit {limit}",
         spec.q_elems().unwrap() * 4
