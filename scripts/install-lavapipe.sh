@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs lavapipe (Mesa's CPU Vulkan driver) so the wgpu backend has an adapter on machines
-# without a GPU. Idempotent and quiet; run as root (or with sudo) on Debian/Ubuntu.
+# Installs lavapipe (Mesa's CPU Vulkan driver) and the Vulkan loader, so the wgpu backend has
+# an adapter on machines without a GPU. Idempotent and quiet (prints one line when it installs,
+# the apt log only on failure). Run as root, or as a user with sudo, on Debian or Ubuntu.
 set -euo pipefail
 
 PACKAGES=(mesa-vulkan-drivers libvulkan1)
@@ -11,22 +12,25 @@ for p in "${PACKAGES[@]}"; do
         missing+=("$p")
     fi
 done
+[ ${#missing[@]} -eq 0 ] && exit 0
 
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
-fi
-
-SUDO=""
+SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
-        SUDO="sudo"
+        SUDO=(sudo)
     else
         echo "install-lavapipe: need root to install ${missing[*]}" >&2
         exit 1
     fi
 fi
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if ! { "${SUDO[@]}" apt-get update -qq && \
+       "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "install-lavapipe: apt-get failed installing ${missing[*]}" >&2
+    exit 1
+fi
 echo "install-lavapipe: installed ${missing[*]}"

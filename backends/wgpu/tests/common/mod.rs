@@ -7,24 +7,27 @@ use std::sync::OnceLock;
 
 /// The backend, or `None` after printing why the test is skipped.
 pub fn backend() -> Option<&'static WgpuBackend> {
-    static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    static B: OnceLock<Result<WgpuBackend, String>> = OnceLock::new();
     let b = B.get_or_init(|| match WgpuBackend::new() {
         Ok(b) => {
             eprintln!("wgpu tests on {}", b.device_description());
-            Some(b)
+            Ok(b)
         }
         Err(e) => {
             assert!(
                 !backend_required("wgpu"),
                 "FLASHATTN_REQUIRE_BACKENDS names wgpu but it is unavailable: {e}"
             );
-            None
+            Err(e.to_string())
         }
     });
-    if b.is_none() {
-        eprintln!("SKIP: no wgpu adapter (run scripts/install-lavapipe.sh for a CPU one)");
+    match b {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("SKIP: {e} (scripts/install-lavapipe.sh installs a CPU Vulkan driver)");
+            None
+        }
     }
-    b.as_ref()
 }
 
 /// Runs every case; panics listing all failures.
