@@ -48,3 +48,19 @@ fn every_available_backend_matches_the_reference_on_every_feature() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn varlen_tokens_past_the_last_sequence_get_zero_output() {
+    // cu_seqlens end before the buffers do: the trailing tokens belong to no sequence.
+    let rt = Runtime::new();
+    let spec = flashattn::AttentionSpec::new(1, 2, 40, 50, 32)
+        .varlen(vec![0, 10, 30], vec![0, 20, 45])
+        .causal(true)
+        .return_lse(true);
+    for backend in rt.backends() {
+        if backend.supports(&spec).is_err() {
+            continue;
+        }
+        check_backend(backend.as_ref(), &spec, 5).unwrap();
+    }
+}
