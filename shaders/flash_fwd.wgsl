@@ -10,7 +10,10 @@
 // KVW), common.wgsl and the dtype file (ld_q/ld_k/ld_v/st_out_pair). `//#if SUBGROUPS` blocks
 // are kept only where the adapter has subgroup operations.
 
-var<workgroup> kv_tile: array<f32, BC * KVW>;
+// Pairs of elements: one 8-byte workgroup load feeds an invocation's two FMAs.
+const DP2: u32 = DP / 2u;
+const DVP2: u32 = DVP / 2u;
+var<workgroup> kv_tile: array<vec2<f32>, BC * KVW / 2u>;
 //#if !SUBGROUPS
 // Per-invocation partial dot products, summed by the invocations of each row.
 var<workgroup> red: array<f32, BR * BC * TPR>;
@@ -78,15 +81,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var kt = t_begin; kt < t_end; kt += i32(BC)) {
         // K tile -> workgroup memory (rows past the end are zeros).
         workgroupBarrier();
-        for (var idx = lid; idx < BC * DP; idx += WG) {
-            let j = idx / DP;
-            let e = idx % DP;
+        for (var idx = lid; idx < BC * DP2; idx += WG) {
+            let j = idx / DP2;
+            let e = 2u * (idx % DP2);
             let key = kt + i32(j);
-            var x = 0.0;
+            var x = vec2<f32>(0.0, 0.0);
             if key < t_end && e < p.d {
-                x = ld_k(((sq.k_start + u32(key) - p.k_tok0) * p.heads_kv + kh) * p.d + e);
+                let base = ((sq.k_start + u32(key) - p.k_tok0) * p.heads_kv + kh) * p.d + e;
+                x.x = ld_k(base);
+                if e + 1u < p.d {
+                    x.y = ld_k(base + 1u);
+                }
             }
-            kv_tile[j * DP + e] = x;
+            kv_tile[idx] = x;
         }
         workgroupBarrier();
 
@@ -94,8 +101,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var j = 0u; j < BC; j++) {
             var acc = 0.0;
             for (var s = 0u; s < DS; s += 2u) {
-                let e = 2u * (t + TPR * (s >> 1u));
-                acc += qv[s] * kv_tile[j * DP + e] + qv[s + 1u] * kv_tile[j * DP + e + 1u];
+                let kk = kv_tile[j * DP2 + t + TPR * (s >> 1u)];
+                acc += qv[s] * kk.x + qv[s + 1u] * kk.y;
             }
             sc[j] = row_sum(acc, r, j, t);
         }
@@ -138,26 +145,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
         // V tile -> the same workgroup buffer.
         workgroupBarrier();
-        for (var idx = lid; idx < BC * DVP; idx += WG) {
-            let j = idx / DVP;
-            let e = idx % DVP;
+        for (var idx = lid; idx < BC * DVP2; idx += WG) {
+            let j = idx / DVP2;
+            let e = 2u * (idx % DVP2);
             let key = kt + i32(j);
-            var x = 0.0;
+            var x = vec2<f32>(0.0, 0.0);
             if key < t_end && e < p.dv {
-                x = ld_v(((sq.k_start + u32(key) - p.k_tok0) * p.heads_kv + kh) * p.dv + e);
+                let base = ((sq.k_start + u32(key) - p.k_tok0) * p.heads_kv + kh) * p.dv + e;
+                x.x = ld_v(base);
+                if e + 1u < p.dv {
+                    x.y = ld_v(base + 1u);
+                }
             }
-            kv_tile[j * DVP + e] = x;
+            kv_tile[idx] = x;
         }
         workgroupBarrier();
 
         // O = O * alpha + P V.
         for (var s = 0u; s < DVS; s += 2u) {
-            let e = 2u * (t + TPR * (s >> 1u));
+            let c = t + TPR * (s >> 1u);
             var a0 = o[s] * alpha;
             var a1 = o[s + 1u] * alpha;
             for (var j = 0u; j < BC; j++) {
-                a0 += sc[j] * kv_tile[j * DVP + e];
-                a1 += sc[j] * kv_tile[j * DVP + e + 1u];
+                let vv = kv_tile[j * DVP2 + c];
+                a0 += sc[j] * vv.x;
+                a1 += sc[j] * vv.y;
             }
             o[s] = a0;
             o[s + 1u] = a1;
