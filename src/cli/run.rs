@@ -6,7 +6,7 @@ use flashattn::{
     lse_max_error, random_inputs, reference_attention, rel_l2_error, AttentionSpec, DType, Runtime,
     Tensor,
 };
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -188,7 +188,7 @@ fn finite_or_null(x: f64) -> serde_json::Value {
     }
 }
 
-fn from_files(args: &RunArgs, q: &PathBuf, k: &PathBuf, v: &PathBuf) -> CliResult<Problem> {
+fn from_files(args: &RunArgs, q: &Path, k: &Path, v: &Path) -> CliResult<Problem> {
     let given = args.shape.given_shape_flags();
     if !given.is_empty() {
         return Err(format!(
@@ -248,7 +248,7 @@ fn from_files(args: &RunArgs, q: &PathBuf, k: &PathBuf, v: &PathBuf) -> CliResul
     })
 }
 
-fn load4(path: &PathBuf, name: &str) -> CliResult<npy::NpyTensor> {
+fn load4(path: &Path, name: &str) -> CliResult<npy::NpyTensor> {
     let t = npy::read(path)?;
     if t.shape.len() != 4 {
         return Err(format!(
@@ -260,7 +260,7 @@ fn load4(path: &PathBuf, name: &str) -> CliResult<npy::NpyTensor> {
     Ok(t)
 }
 
-fn with_alibi(spec: AttentionSpec, path: &PathBuf) -> CliResult<AttentionSpec> {
+fn with_alibi(spec: AttentionSpec, path: &Path) -> CliResult<AttentionSpec> {
     let t = npy::read(path)?;
     let per_batch = match t.shape.as_slice() {
         [h] if *h == spec.heads_q => false,
