@@ -35,11 +35,18 @@ pub fn wanted_features(adapter: &wgpu::Features) -> wgpu::Features {
     *adapter & wanted
 }
 
-/// Picks the best adapter: discrete, then integrated, then CPU (e.g. lavapipe).
-pub async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+/// Picks the best adapter: discrete, then integrated, then CPU (e.g. lavapipe). GL is asked
+/// only when Vulkan/Metal/DX12 have none (probing EGL is slow and noisy on headless machines).
+pub async fn pick_adapter() -> Result<wgpu::Adapter> {
     #[cfg(not(target_arch = "wasm32"))]
-    {
-        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+    for backends in [wgpu::Backends::PRIMARY, wgpu::Backends::all()] {
+        let mut adapters = instance(backends).enumerate_adapters(backends).await;
         adapters.sort_by_key(|a| {
             let info = a.get_info();
             // Among equals, prefer Vulkan/Metal/DX12 over GL.
@@ -50,7 +57,7 @@ pub async fn pick_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
             return Ok(best);
         }
     }
-    instance
+    instance(wgpu::Backends::all())
         .request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
             force_fallback_adapter: false,

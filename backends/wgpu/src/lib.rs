@@ -69,8 +69,7 @@ impl WgpuBackend {
 
     /// Opens the best adapter (the only constructor that discovers one on the web).
     pub async fn new_async() -> Result<WgpuBackend> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-        let adapter = context::pick_adapter(&instance).await?;
+        let adapter = context::pick_adapter().await?;
         let (device, queue) = context::open_device(&adapter).await?;
         let backend = Self::build(device, queue, adapter.get_info());
         backend.probe_subgroups().await?;
