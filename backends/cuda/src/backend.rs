@@ -9,6 +9,7 @@ use crate::tiles::{
     check_tiles, head_major_order, hopper_tiles, persistent_grid, HOPPER_SMEM_LIMIT, HOPPER_THREADS,
 };
 use crate::variants::{KernelKind, Variant};
+use cudarc::driver::sys;
 use flashattn_core::{
     random_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan,
     DType, Error, Output, Result, Tensor, TensorRef,
@@ -55,13 +56,49 @@ fn forced_kernel() -> Option<KernelKind> {
     }
 }
 
+/// A tensor on the device: allocated by us (freed on drop) or owned by the caller.
+enum DevTensor {
+    Ours(DevBuf),
+    Callers(sys::CUdeviceptr),
+}
+
+impl DevTensor {
+    fn ptr(&self) -> sys::CUdeviceptr {
+        match self {
+            DevTensor::Ours(b) => b.ptr,
+            DevTensor::Callers(p) => *p,
+        }
+    }
+
+    /// Copies our allocation back to the host (the caller's tensors are never read back).
+    fn to_vec(&self) -> Result<Vec<u8>> {
+        match self {
+            DevTensor::Ours(b) => b.to_vec(),
+            DevTensor::Callers(_) => Err(Error::backend("cuda", "caller-owned tensor read back")),
+        }
+    }
+}
+
+/// Device pointers (`CUdeviceptr`) of tensors the caller owns, in the spec's layouts: q, k, v in
+/// the spec's dtype, out in `spec.dtype.output()`, lse f32 (present iff `spec.return_lse`).
+/// They must live in the primary context of device 0, the one the CUDA runtime (and so PyTorch)
+/// and cudarc use by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceTensors {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub out: u64,
+    pub lse: Option<u64>,
+}
+
 /// Device buffers of one problem.
 struct Buffers {
-    q: DevBuf,
-    k: DevBuf,
-    v: DevBuf,
-    out: DevBuf,
-    lse: Option<DevBuf>,
+    q: DevTensor,
+    k: DevTensor,
+    v: DevTensor,
+    out: DevTensor,
+    lse: Option<DevTensor>,
     /// cu_seqlens and ALiBi slopes: allocations beyond inputs and outputs.
     cu_q: Option<DevBuf>,
     cu_k: Option<DevBuf>,
@@ -69,14 +106,49 @@ struct Buffers {
 }
 
 impl Buffers {
+    /// Uploads host inputs into fresh allocations, with a zeroed output and an LSE preset to
+    /// -inf (rows of no sequence keep those values).
     fn new(spec: &AttentionSpec, q: &[u8], k: &[u8], v: &[u8]) -> Result<Buffers> {
         let out_bytes = spec.out_elems().unwrap_or(0) * spec.dtype.output().size_bytes();
         let lse = if spec.return_lse {
             let init = vec![f32::NEG_INFINITY; spec.lse_elems().unwrap_or(0)];
-            Some(DevBuf::from_bytes(bytemuck::cast_slice(&init))?)
+            Some(DevTensor::Ours(DevBuf::from_bytes(bytemuck::cast_slice(
+                &init,
+            ))?))
         } else {
             None
         };
+        let ours = |b: DevBuf| DevTensor::Ours(b);
+        Buffers::with_tensors(
+            spec,
+            ours(DevBuf::from_bytes(q)?),
+            ours(DevBuf::from_bytes(k)?),
+            ours(DevBuf::from_bytes(v)?),
+            ours(DevBuf::zeroed(out_bytes)?),
+            lse,
+        )
+    }
+
+    /// Wraps the caller's tensors; only the small side tables are allocated.
+    fn callers(spec: &AttentionSpec, t: &DeviceTensors) -> Result<Buffers> {
+        Buffers::with_tensors(
+            spec,
+            DevTensor::Callers(t.q),
+            DevTensor::Callers(t.k),
+            DevTensor::Callers(t.v),
+            DevTensor::Callers(t.out),
+            t.lse.map(DevTensor::Callers),
+        )
+    }
+
+    fn with_tensors(
+        spec: &AttentionSpec,
+        q: DevTensor,
+        k: DevTensor,
+        v: DevTensor,
+        out: DevTensor,
+        lse: Option<DevTensor>,
+    ) -> Result<Buffers> {
         let (cu_q, cu_k) = match &spec.varlen {
             Some(vl) => (
                 Some(DevBuf::from_bytes(bytemuck::cast_slice(&vl.cu_seqlens_q))?),
@@ -89,10 +161,10 @@ impl Buffers {
             None => None,
         };
         Ok(Buffers {
-            q: DevBuf::from_bytes(q)?,
-            k: DevBuf::from_bytes(k)?,
-            v: DevBuf::from_bytes(v)?,
-            out: DevBuf::zeroed(out_bytes)?,
+            q,
+            k,
+            v,
+            out,
             lse,
             cu_q,
             cu_k,
@@ -110,11 +182,11 @@ impl Buffers {
 
     fn params(&self, spec: &AttentionSpec, block_m: usize) -> Result<KernelParams> {
         let mut p = KernelParams::from_spec(spec, block_m)?;
-        p.q = self.q.ptr;
-        p.k = self.k.ptr;
-        p.v = self.v.ptr;
-        p.out = self.out.ptr;
-        p.lse = self.lse.as_ref().map_or(0, |b| b.ptr);
+        p.q = self.q.ptr();
+        p.k = self.k.ptr();
+        p.v = self.v.ptr();
+        p.out = self.out.ptr();
+        p.lse = self.lse.as_ref().map_or(0, |b| b.ptr());
         p.cu_seqlens_q = self.cu_q.as_ref().map_or(0, |b| b.ptr);
         p.cu_seqlens_k = self.cu_k.as_ref().map_or(0, |b| b.ptr);
         p.alibi = self.alibi.as_ref().map_or(0, |b| b.ptr);
@@ -233,6 +305,57 @@ impl CudaBackend {
         }
     }
 
+    /// The forward pass on tensors already on the GPU (no host round trip); returns when the
+    /// kernel has finished. Tokens of no varlen sequence are left as the caller had them.
+    ///
+    /// # Safety
+    /// Each pointer must address at least its tensor's bytes for `spec` (see [`DeviceTensors`])
+    /// in device 0's primary context and stay valid for the call; `out` and `lse` must not
+    /// overlap the inputs or each other.
+    pub unsafe fn forward_device(
+        &self,
+        spec: &AttentionSpec,
+        tensors: &DeviceTensors,
+    ) -> Result<()> {
+        spec.validate()?;
+        let variant = self.variant_for(spec)?;
+        if spec.return_lse != tensors.lse.is_some() {
+            return Err(Error::invalid(
+                "lse",
+                if tensors.lse.is_some() {
+                    "given"
+                } else {
+                    "missing"
+                },
+                format!(
+                    "an lse pointer is needed exactly when return_lse is set ({})",
+                    spec.return_lse
+                ),
+            ));
+        }
+        let named = [
+            ("q", tensors.q),
+            ("k", tensors.k),
+            ("v", tensors.v),
+            ("out", tensors.out),
+        ];
+        for (name, ptr) in named.into_iter().chain(tensors.lse.map(|p| ("lse", p))) {
+            // TMA reads need 16-byte aligned global addresses; null is never valid.
+            if ptr == 0 || ptr % 16 != 0 {
+                return Err(Error::invalid(
+                    name,
+                    format!("{ptr:#x}"),
+                    "device pointers must be non-null and 16-byte aligned",
+                ));
+            }
+        }
+        let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.gpu.bind()?;
+        let bufs = Buffers::callers(spec, tensors)?;
+        self.launch_flash(spec, &variant, &bufs)?;
+        self.gpu.synchronize()
+    }
+
     /// Queues the flash kernel for `spec` on the default stream (no synchronisation).
     fn launch_flash(&self, spec: &AttentionSpec, variant: &Variant, bufs: &Buffers) -> Result<()> {
         let max_q = max_seqlen_q(spec);
@@ -251,13 +374,13 @@ impl CudaBackend {
                 let k_tokens = spec.k_tokens().unwrap_or(0);
                 let mut tq =
                     TensorMapParams::new(q_tokens, spec.heads_q, spec.head_dim, tiles.block_m)?
-                        .encode(bufs.q.ptr, bf16)?;
+                        .encode(bufs.q.ptr(), bf16)?;
                 let mut tk =
                     TensorMapParams::new(k_tokens, spec.heads_kv, spec.head_dim, tiles.block_n)?
-                        .encode(bufs.k.ptr, bf16)?;
+                        .encode(bufs.k.ptr(), bf16)?;
                 let mut tv =
                     TensorMapParams::new(k_tokens, spec.heads_kv, spec.head_dim_v, tiles.block_n)?
-                        .encode(bufs.v.ptr, bf16)?;
+                        .encode(bufs.v.ptr(), bf16)?;
                 let smem = tiles.smem_bytes(spec.head_dim);
                 if smem > self.gpu.info.smem_optin.min(HOPPER_SMEM_LIMIT) {
                     return Err(unsupported(format!(

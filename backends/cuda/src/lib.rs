@@ -23,7 +23,7 @@ mod tensor_map;
 mod tiles;
 mod variants;
 
-pub use backend::CudaBackend;
+pub use backend::{CudaBackend, DeviceTensors};
 pub use cache::cache_root;
 pub use compile::{compile, compile_all, nvrtc_version, options as nvrtc_options, Compiled};
 pub use device::{probe, DeviceInfo};

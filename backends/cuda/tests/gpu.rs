@@ -185,3 +185,90 @@ proptest! {
         }
     }
 }
+
+/// The device-resident API on buffers this test allocates itself in the primary context.
+#[test]
+fn forward_device_on_caller_buffers() {
+    use cudarc::driver::result as drv;
+    use flashattn_core::{lse_max_error, random_inputs, reference_attention, rel_l2_error, Tensor};
+    use flashattn_cuda::DeviceTensors;
+    let Some(b) = backend() else { return };
+    let dev = drv::device::get(0).unwrap();
+    // SAFETY: device 0 exists (the backend opened it); retaining the primary context is
+    // what the CUDA runtime does too.
+    let ctx = unsafe { drv::primary_ctx::retain(dev) }.unwrap();
+    unsafe { drv::ctx::set_current(ctx) }.unwrap();
+    let upload = |bytes: &[u8]| -> u64 {
+        let p = unsafe { drv::malloc_sync(bytes.len().max(16)) }.unwrap();
+        unsafe { drv::memcpy_htod_sync(p, bytes) }.unwrap();
+        p
+    };
+    let download = |p: u64, n: usize| -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        unsafe { drv::memcpy_dtoh_sync(&mut v, p) }.unwrap();
+        v
+    };
+    let specs = [
+        AttentionSpec::new(2, 8, 300, 517, 128)
+            .heads_kv(2)
+            .dtype(DType::Bf16)
+            .causal(true)
+            .return_lse(true),
+        AttentionSpec::new(1, 3, 70, 90, 72)
+            .varlen(vec![0, 30, 70], vec![0, 50, 90])
+            .window(20, 5)
+            .return_lse(true),
+        AttentionSpec::new(1, 4, 64, 64, 64).dtype(DType::F16),
+    ];
+    for (i, spec) in specs.iter().enumerate() {
+        let (q, k, v) = random_inputs(spec, 77 + i as u64);
+        let out_bytes = spec.out_elems().unwrap() * spec.dtype.output().size_bytes();
+        let lse_n = spec.lse_elems().unwrap();
+        let tensors = DeviceTensors {
+            q: upload(q.as_ref().as_bytes()),
+            k: upload(k.as_ref().as_bytes()),
+            v: upload(v.as_ref().as_bytes()),
+            out: upload(&vec![0u8; out_bytes]),
+            lse: spec
+                .return_lse
+                .then(|| upload(bytemuck::cast_slice(&vec![f32::NEG_INFINITY; lse_n]))),
+        };
+        // SAFETY: every pointer holds its tensor's bytes for `spec`, freshly allocated above.
+        unsafe { b.forward_device(spec, &tensors) }.unwrap();
+        let out = Tensor::from_bytes(spec.dtype.output(), &download(tensors.out, out_bytes));
+        let r = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+        let err = rel_l2_error(&out.to_f32_vec(), &r.out);
+        assert!(err < spec.dtype.tolerance(), "{spec}: rel L2 {err}");
+        if let Some(p) = tensors.lse {
+            let lse: Vec<f32> = bytemuck::pod_collect_to_vec(&download(p, lse_n * 4));
+            let e = lse_max_error(&lse, &r.lse);
+            assert!(e < 1e-3, "{spec}: lse error {e}");
+        }
+        println!("ok   forward_device {spec}: rel_l2 {err:.2e}");
+        // Bad calls are refused before any launch.
+        let misaligned = DeviceTensors {
+            q: tensors.q + 2,
+            ..tensors
+        };
+        let e = unsafe { b.forward_device(spec, &misaligned) }.unwrap_err();
+        assert!(e.to_string().contains("16-byte aligned"), "{e}");
+        let flipped = DeviceTensors {
+            lse: if tensors.lse.is_some() {
+                None
+            } else {
+                Some(tensors.out)
+            },
+            ..tensors
+        };
+        let e = unsafe { b.forward_device(spec, &flipped) }.unwrap_err();
+        assert!(e.to_string().contains("lse"), "{e}");
+        for p in [tensors.q, tensors.k, tensors.v, tensors.out]
+            .into_iter()
+            .chain(tensors.lse)
+        {
+            unsafe { drv::free_sync(p) }.unwrap();
+        }
+    }
+    // SAFETY: retained above.
+    unsafe { drv::primary_ctx::release(dev) }.unwrap();
+}
