@@ -122,7 +122,7 @@ pub fn bench(args: BenchArgs) -> CliResult<i32> {
             naive,
         };
         if !args.json {
-            bar.println(table_row(&record));
+            bar.suspend(|| println!("{}", table_row(&record)));
         }
         records.push(record);
     }
