@@ -61,6 +61,22 @@ struct Problem<'a> {
     k_direct: bool,
     br: usize,
     bc: usize,
+    /// Row stride of Qt and S^T (floats): br, padded so that it is an odd number of cache
+    /// lines (see `odd_lines`).
+    ld: usize,
+    /// Row stride of the packed V block: dv_pad, padded likewise when the P·V loop reads
+    /// it in chunks narrower than a row.
+    vld: usize,
+}
+
+/// `n` floats rounded up to an odd number of 64-byte lines. The tiles walk Qt, S^T and V
+/// down their columns; with a stride of an even number of lines (384 floats = 24 lines,
+/// 128 floats = 8) those columns fall into a fraction of L1's 64 sets and evict each other
+/// (at 384 x 128: the 48-query Qt slice and the 128 x 64 V chunk each need 16 ways of a
+/// 12-way L1). An odd stride spreads them over every set.
+fn odd_lines(n: usize) -> usize {
+    let lines = n.div_ceil(16);
+    (lines | 1) * 16
 }
 
 /// Per-worker tile scratch: O(br * (d + dv) + bc * (br + d + dv)) floats, independent of
@@ -86,10 +102,10 @@ impl Scratch {
         let d = p.spec.head_dim;
         let (br, bc) = (p.br, p.bc);
         Scratch {
-            qt: AlignedBuf::zeroed(d * br),
+            qt: AlignedBuf::zeroed(d * p.ld),
             kp: AlignedBuf::zeroed(if p.k_direct { 0 } else { bc * d }),
-            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { bc * p.dv_pad }),
-            s: AlignedBuf::zeroed(bc * br),
+            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { bc * p.vld }),
+            s: AlignedBuf::zeroed(bc * p.ld),
             o: AlignedBuf::zeroed(br * p.dv_pad),
             m: AlignedBuf::zeroed(br),
             l: AlignedBuf::zeroed(br),
@@ -157,6 +173,12 @@ pub(crate) fn forward(
             && (spec.heads_kv == 1 || !(spec.heads_kv * spec.head_dim * 4).is_multiple_of(4096)),
         br,
         bc,
+        ld: odd_lines(br),
+        vld: if dv_pad > 64 {
+            odd_lines(dv_pad)
+        } else {
+            dv_pad
+        },
     };
     pool.run(problem.tasks.len(), &|| run_worker(isa, &problem));
     Ok(Output {
@@ -271,7 +293,7 @@ unsafe fn worker<S: Simd>(p: &Problem, sc: &mut Scratch) {
 unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     let spec = p.spec;
     let s = spec.seq(t.b);
-    let (br, bc) = (p.br, p.bc);
+    let (br, bc, ld) = (p.br, p.bc, p.ld);
     let rows = br.min(s.q_len - t.q0);
     // Rows actually computed: the valid ones rounded up to the vector width (a short last
     // block or a decode step does not pay for a whole block).
@@ -307,11 +329,11 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             let off = ((s.q_start + t.q0 + i) * hq + t.h) * d;
             p.q.read_row(off, &mut sc.row[..d]);
             for (x, &val) in sc.row[..d].iter().enumerate() {
-                qt[x * br + i] = val * p.q_mul;
+                qt[x * ld + i] = val * p.q_mul;
             }
         } else {
             for x in 0..d {
-                qt[x * br + i] = 0.0;
+                qt[x * ld + i] = 0.0;
             }
         }
     }
@@ -367,9 +389,9 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
                         a_rs: krs,
                         a_cs: 1,
                         b: qtp.add(ig),
-                        ldb: br,
-                        c: sp.add(jt * br + ig),
-                        ldc: br,
+                        ldb: ld,
+                        c: sp.add(jt * ld + ig),
+                        ldc: ld,
                         alpha: std::ptr::null(),
                     },
                 );
@@ -384,7 +406,7 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             for j in 0..nk {
                 let kj = (j0 + j) as i64;
                 for i in 0..rows {
-                    let x = &mut sm[j * br + i];
+                    let x = &mut sm[j * ld + i];
                     let mut val = *x;
                     if cap > 0.0 {
                         val = cap * (val / cap).tanh() * LOG2_E;
@@ -401,7 +423,7 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
                 let lo = sc.lo[i].clamp(j0, j0 + nk);
                 let hi = sc.hi[i].clamp(lo, j0 + nk);
                 for j in (j0..lo).chain(hi..j0 + nk) {
-                    sm[(j - j0) * br + i] = f32::NEG_INFINITY;
+                    sm[(j - j0) * ld + i] = f32::NEG_INFINITY;
                 }
             }
         }
@@ -411,7 +433,7 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
         for ig in (0..rows_l).step_by(S::LANES) {
             let mut mx = S::splat(f32::NEG_INFINITY);
             for j in 0..nk {
-                mx = S::max(mx, S::load(sp.add(j * br + ig)));
+                mx = S::max(mx, S::load(sp.add(j * ld + ig)));
             }
             S::store(mb.add(ig), mx);
         }
@@ -438,8 +460,8 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             let mu = S::load(up.add(ig));
             let mut sum = S::zero();
             for j in 0..nk {
-                let e = S::exp2(S::sub(S::load(sp.add(j * br + ig)), mu));
-                S::store(sp.add(j * br + ig), e);
+                let e = S::exp2(S::sub(S::load(sp.add(j * ld + ig)), mu));
+                S::store(sp.add(j * ld + ig), e);
                 sum = S::add(sum, e);
             }
             let l = S::fma(S::load(lp.add(ig)), S::load(ap.add(ig)), sum);
@@ -453,9 +475,9 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
                 let vp = sc.vp.as_mut_slice();
                 for j in 0..nk {
                     let off = ((s.k_start + j0 + j) * hkv + kh) * dv;
-                    p.v.read_row(off, &mut vp[j * dv_pad..j * dv_pad + dv]);
+                    p.v.read_row(off, &mut vp[j * p.vld..j * p.vld + dv]);
                 }
-                (sc.vp.as_ptr(), dv_pad)
+                (sc.vp.as_ptr(), p.vld)
             }
         };
 
@@ -473,7 +495,7 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
                         k: nk,
                         a: sp.add(ig),
                         a_rs: 1,
-                        a_cs: br,
+                        a_cs: ld,
                         b: vptr.add(n0),
                         ldb: vrs,
                         c: op.add(ig * dv_pad + n0),
