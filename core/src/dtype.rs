@@ -50,6 +50,12 @@ impl DType {
             DType::Fp8E4m3 => 8e-2,
         }
     }
+
+    /// Largest absolute LSE error a correct kernel stays under. LSE is an f32 log of f32 sums,
+    /// so its error is small for every dtype; the bound scales with the output tolerance.
+    pub fn lse_tolerance(self) -> f64 {
+        (self.tolerance() * 10.0).max(1e-3)
+    }
 }
 
 impl fmt::Display for DType {

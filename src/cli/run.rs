@@ -129,7 +129,7 @@ pub fn run(args: RunArgs) -> CliResult<i32> {
             rel_l2,
             lse_err,
             tolerance,
-            rel_l2 <= tolerance && lse_err <= (tolerance * 10.0).max(1e-3),
+            rel_l2 <= tolerance && lse_err <= spec.dtype.lse_tolerance(),
         ));
     }
 
