@@ -2,7 +2,7 @@
 //! the result on disk, so the runtime learns, e.g., that a software Vulkan adapter is slower
 //! than the CPU backend instead of assuming a GPU always wins.
 
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, Pass};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,11 +18,13 @@ const QUICK_PLAN: BenchPlan = BenchPlan {
     warmup: 1,
     iters: 1,
     seed: 0x7a11,
+    pass: Pass::Forward,
 };
 const FULL_PLAN: BenchPlan = BenchPlan {
     warmup: 1,
     iters: 2,
     seed: 0x7a12,
+    pass: Pass::Forward,
 };
 
 /// bucket -> ("name@device" -> median milliseconds)

@@ -1,12 +1,32 @@
 //! The one trait every backend implements.
 
-use crate::{AttentionSpec, Output, Result, TensorRef};
+use crate::{
+    AttentionSpec, CacheConfig, Error, Grads, KvCacheHandle, Output, Result, TensorMut, TensorRef,
+};
 
 /// What a benchmark times: our flash kernel, or naive attention that materialises the scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
     Flash,
     Naive,
+}
+
+/// Which computation: the forward pass, the backward pass, or a decode step against a KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    Forward,
+    Backward,
+    Decode,
+}
+
+impl Pass {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "forward",
+            Pass::Backward => "backward",
+            Pass::Decode => "decode",
+        }
+    }
 }
 
 /// How many runs a benchmark makes.
@@ -16,6 +36,49 @@ pub struct BenchPlan {
     pub iters: usize,
     /// Seed of the random inputs.
     pub seed: u64,
+    pub pass: Pass,
+}
+
+impl BenchPlan {
+    /// Total runs (warm-up + timed); an error when there is nothing to time or the count overflows.
+    pub fn runs(&self) -> Result<usize> {
+        if self.iters == 0 {
+            return Err(Error::argument(
+                "iters",
+                0,
+                "at least one timed run is needed",
+            ));
+        }
+        self.warmup
+            .checked_add(self.iters)
+            .ok_or_else(|| Error::argument("warmup", self.warmup, "warmup + iters overflows"))
+    }
+}
+
+/// Host inputs of a backward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardInputs<'a> {
+    pub q: TensorRef<'a>,
+    pub k: TensorRef<'a>,
+    pub v: TensorRef<'a>,
+    /// The forward's output, in the output dtype.
+    pub out: TensorRef<'a>,
+    /// The forward's LSE (f32, the forward's layout).
+    pub lse: &'a [f32],
+    /// Gradient of the loss with respect to `out`, in the output dtype.
+    pub dout: TensorRef<'a>,
+}
+
+/// Host inputs of a decode call. The caches are appended to in place (`seqlen_new` rows per
+/// batch entry from `k_new` / `v_new`) before attending.
+#[derive(Debug)]
+pub struct DecodeInputs<'a> {
+    pub q: TensorRef<'a>,
+    pub k_cache: TensorMut<'a>,
+    pub v_cache: TensorMut<'a>,
+    /// `[batch, seqlen_new, heads_kv, head_dim]`; `None` when `seqlen_new` is 0.
+    pub k_new: Option<TensorRef<'a>>,
+    pub v_new: Option<TensorRef<'a>>,
 }
 
 /// What a backend measured.
@@ -65,7 +128,49 @@ pub trait Backend: Send + Sync {
         v: TensorRef<'_>,
     ) -> Result<Output>;
 
-    /// Times `algo` on random inputs that stay resident on the device (no host round trips
+    /// `Ok` if this backend can run the backward pass of `spec`; else `Error::Unsupported`.
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
+        let _ = spec;
+        Err(Error::unsupported(
+            self.name(),
+            "the backward pass is not implemented on this backend yet",
+        ))
+    }
+
+    /// Backward pass on host data: dq, dk, dv in the input dtype.
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        let _ = inputs;
+        self.supports_backward(spec)?;
+        Err(Error::unsupported(self.name(), "backward"))
+    }
+
+    /// `Ok` if this backend can run a decode step of `spec` (which has a `kv_cache`).
+    fn supports_decode(&self, spec: &AttentionSpec) -> Result<()> {
+        let _ = spec;
+        Err(Error::unsupported(
+            self.name(),
+            "decode against a KV cache is not implemented on this backend yet",
+        ))
+    }
+
+    /// One decode step on host data: appends the new rows to the caches in place, then
+    /// attends; out and LSE as the forward's.
+    fn decode(&self, spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
+        let _ = inputs;
+        self.supports_decode(spec)?;
+        Err(Error::unsupported(self.name(), "decode"))
+    }
+
+    /// A KV cache handle on this backend's device, for a serving loop's decode steps.
+    fn kv_cache(&self, config: CacheConfig) -> Result<Box<dyn KvCacheHandle + '_>> {
+        let _ = config;
+        Err(Error::unsupported(
+            self.name(),
+            "KV cache handles are not implemented on this backend yet",
+        ))
+    }
+
+    /// Times `algo` for `plan.pass` on random inputs that stay resident on the device (no host round trips
     /// inside the timed region). `progress` is called once per run, warm-up included.
     fn bench(
         &self,

@@ -3,11 +3,19 @@
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Error {
     /// An invalid spec field: `field` is its name, `value` what was given, `reason` the rule.
     #[error("invalid {field} = {value}: {reason}")]
     InvalidSpec {
         field: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// A bad argument that is not a spec field: a device pointer, a backend name, a path.
+    #[error("invalid argument {argument} = {value}: {reason}")]
+    InvalidArgument {
+        argument: &'static str,
         value: String,
         reason: String,
     },
@@ -51,6 +59,25 @@ impl Error {
         Error::InvalidSpec {
             field,
             value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn argument(
+        argument: &'static str,
+        value: impl ToString,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::InvalidArgument {
+            argument,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn unsupported(backend: &'static str, reason: impl Into<String>) -> Self {
+        Error::Unsupported {
+            backend,
             reason: reason.into(),
         }
     }

@@ -1,82 +1,163 @@
 //! Checks that host buffers match a spec, and makes random inputs for tests and benchmarks.
 
-use crate::{AttentionSpec, DType, Error, Result, Tensor, TensorRef};
+use crate::{
+    AttentionSpec, BackwardInputs, CheckedSpec, DType, DecodeInputs, Error, Result, Tensor,
+    TensorRef,
+};
 use rand::{Rng, SeedableRng};
 
-/// Validates the spec and that q, k, v have its dtype and element counts.
-pub fn validate_inputs(
-    spec: &AttentionSpec,
+/// Validates the spec of a forward pass and that q, k, v have its dtype and element counts.
+pub fn validate_inputs<'s>(
+    spec: &'s AttentionSpec,
+    q: &TensorRef<'_>,
+    k: &TensorRef<'_>,
+    v: &TensorRef<'_>,
+) -> Result<CheckedSpec<'s>> {
+    let c = spec.validate()?;
+    if spec.kv_cache.is_some() {
+        return Err(Error::invalid(
+            "kv_cache",
+            "set",
+            "a spec with a KV cache runs through decode, not forward",
+        ));
+    }
+    check_qkv(&c, q, k, v)?;
+    Ok(c)
+}
+
+/// Validates the spec of a backward pass and every input buffer.
+pub fn validate_backward_inputs<'s>(
+    spec: &'s AttentionSpec,
+    t: &BackwardInputs<'_>,
+) -> Result<CheckedSpec<'s>> {
+    let c = validate_inputs(spec, &t.q, &t.k, &t.v)?;
+    if spec.dtype == DType::Fp8E4m3 {
+        return Err(Error::invalid(
+            "dtype",
+            spec.dtype,
+            "the backward pass takes f32, f16 or bf16",
+        ));
+    }
+    let od = spec.dtype.output();
+    let (tq, hq, dv) = (c.sizes.q_tokens, spec.heads_q, spec.head_dim_v);
+    check_tensor("out", &t.out, od, c.sizes.out, tq, hq, dv)?;
+    check_tensor("dout", &t.dout, od, c.sizes.out, tq, hq, dv)?;
+    if t.lse.len() != c.sizes.lse {
+        return Err(Error::BufferLength {
+            tensor: "lse",
+            expected: c.sizes.lse,
+            actual: t.lse.len(),
+            shape: "the forward's LSE layout".into(),
+        });
+    }
+    Ok(c)
+}
+
+/// Validates the spec of a decode call (it must have a KV cache) and every input buffer.
+pub fn validate_decode_inputs<'s>(
+    spec: &'s AttentionSpec,
+    t: &DecodeInputs<'_>,
+) -> Result<CheckedSpec<'s>> {
+    let (kc, vc) = (t.k_cache.as_ref(), t.v_cache.as_ref());
+    check_decode(spec, &t.q, &kc, &vc, t.k_new.as_ref(), t.v_new.as_ref())
+}
+
+pub(crate) fn check_decode<'s>(
+    spec: &'s AttentionSpec,
+    q: &TensorRef<'_>,
+    k_cache: &TensorRef<'_>,
+    v_cache: &TensorRef<'_>,
+    k_new: Option<&TensorRef<'_>>,
+    v_new: Option<&TensorRef<'_>>,
+) -> Result<CheckedSpec<'s>> {
+    let c = spec.validate()?;
+    let Some(cache) = &spec.kv_cache else {
+        return Err(Error::invalid(
+            "kv_cache",
+            "none",
+            "a decode call needs the KV cache's arguments",
+        ));
+    };
+    check_qkv(&c, q, k_cache, v_cache)?;
+    let rows = spec.batch * cache.seqlen_new;
+    for (name, new, n, dim) in [
+        ("k_new", k_new, c.sizes.k_new, spec.head_dim),
+        ("v_new", v_new, c.sizes.v_new, spec.head_dim_v),
+    ] {
+        match new {
+            Some(x) => check_tensor(name, x, spec.dtype, n, rows, spec.heads_kv, dim)?,
+            None if n > 0 => {
+                return Err(Error::argument(
+                    name,
+                    "none",
+                    format!(
+                        "seqlen_new is {} but no new rows were given",
+                        cache.seqlen_new
+                    ),
+                ))
+            }
+            None => {}
+        }
+    }
+    Ok(c)
+}
+
+fn check_qkv(
+    c: &CheckedSpec<'_>,
     q: &TensorRef<'_>,
     k: &TensorRef<'_>,
     v: &TensorRef<'_>,
 ) -> Result<()> {
-    spec.validate()?;
-    let tokens_q = spec.q_tokens().unwrap_or(0);
-    let tokens_k = spec.k_tokens().unwrap_or(0);
-    let checks = [
-        (
-            "q",
-            q,
-            spec.q_elems(),
-            tokens_q,
-            spec.heads_q,
-            spec.head_dim,
-        ),
-        (
-            "k",
-            k,
-            spec.k_elems(),
-            tokens_k,
-            spec.heads_kv,
-            spec.head_dim,
-        ),
-        (
-            "v",
-            v,
-            spec.v_elems(),
-            tokens_k,
-            spec.heads_kv,
-            spec.head_dim_v,
-        ),
-    ];
-    for (name, t, expected, tokens, heads, dim) in checks {
-        if t.dtype() != spec.dtype {
-            return Err(Error::DTypeMismatch {
-                tensor: name,
-                expected: spec.dtype,
-                actual: t.dtype(),
-            });
-        }
-        let expected = expected.unwrap_or(usize::MAX);
-        if t.len() != expected {
-            return Err(Error::BufferLength {
-                tensor: name,
-                expected,
-                actual: t.len(),
-                shape: format!("{tokens} tokens x {heads} heads x {dim}"),
-            });
-        }
+    let (dt, s) = (c.dtype, &c.sizes);
+    check_tensor("q", q, dt, s.q, s.q_tokens, c.heads_q, c.head_dim)?;
+    check_tensor("k", k, dt, s.k, s.k_tokens, c.heads_kv, c.head_dim)?;
+    check_tensor("v", v, dt, s.v, s.k_tokens, c.heads_kv, c.head_dim_v)
+}
+
+fn check_tensor(
+    name: &'static str,
+    t: &TensorRef<'_>,
+    dtype: DType,
+    expected: usize,
+    tokens: usize,
+    heads: usize,
+    dim: usize,
+) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::DTypeMismatch {
+            tensor: name,
+            expected: dtype,
+            actual: t.dtype(),
+        });
+    }
+    if t.len() != expected {
+        return Err(Error::BufferLength {
+            tensor: name,
+            expected,
+            actual: t.len(),
+            shape: format!("{tokens} tokens x {heads} heads x {dim}"),
+        });
     }
     Ok(())
 }
 
 /// Random q, k, v for `spec`, uniform in [-1, 1) (scaled for fp8 so descales matter), seeded.
+/// With a KV cache, k and v fill the whole cache buffers.
 pub fn random_inputs(spec: &AttentionSpec, seed: u64) -> (Tensor, Tensor, Tensor) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut gen = |n: usize| -> Tensor {
-        let amp = if spec.dtype == DType::Fp8E4m3 {
-            4.0
-        } else {
-            1.0
-        };
-        let vals: Vec<f32> = (0..n).map(|_| rng.random_range(-amp..amp)).collect();
-        Tensor::from_f32(spec.dtype, &vals)
-    };
+    let n = |x: Option<usize>| x.unwrap_or(0);
     (
-        gen(spec.q_elems().unwrap_or(0)),
-        gen(spec.k_elems().unwrap_or(0)),
-        gen(spec.v_elems().unwrap_or(0)),
+        random_tensor(&mut rng, spec.dtype, n(spec.q_elems())),
+        random_tensor(&mut rng, spec.dtype, n(spec.k_elems())),
+        random_tensor(&mut rng, spec.dtype, n(spec.v_elems())),
     )
+}
+
+/// `n` random values of `dtype`, uniform in [-1, 1) (±4 for fp8), from `rng`.
+pub fn random_tensor(rng: &mut impl Rng, dtype: DType, n: usize) -> Tensor {
+    let amp = if dtype == DType::Fp8E4m3 { 4.0 } else { 1.0 };
+    let vals: Vec<f32> = (0..n).map(|_| rng.random_range(-amp..amp)).collect();
+    Tensor::from_f32(dtype, &vals)
 }
 
 /// Relative L2 error `|actual - expected| / |expected|`; infinite if any value is NaN or

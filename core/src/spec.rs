@@ -1,6 +1,6 @@
 //! `AttentionSpec`: the whole description of one attention forward problem, and its validation.
 
-use crate::{DType, Error, Result};
+use crate::{CheckedSpec, DType, Error, KvCache, Mask, Result};
 use std::fmt;
 
 /// Largest head dimension any backend accepts (FlashAttention's limit).
@@ -36,9 +36,12 @@ pub struct Fp8Descale {
 /// Dense layout: q `[batch, seqlen_q, heads_q, head_dim]`, k `[batch, seqlen_k, heads_kv, head_dim]`,
 /// v `[batch, seqlen_k, heads_kv, head_dim_v]`, out `[batch, seqlen_q, heads_q, head_dim_v]`,
 /// lse `[batch, heads_q, seqlen_q]`.
+/// With a KV cache (`kv_cache`), k and v are the cache buffers (see [`KvCache`]), batch entry
+/// `b` attends to `kv_cache.keys(b)` keys, and `seqlen_k` is the cache's rows per sequence.
 /// Varlen layout: `seqlen_q` / `seqlen_k` are the total token counts, q `[total_q, heads_q, head_dim]`
 /// and so on, lse `[heads_q, total_q]` (as FlashAttention's varlen API returns it).
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct AttentionSpec {
     pub batch: usize,
     pub heads_q: usize,
@@ -60,6 +63,11 @@ pub struct AttentionSpec {
     pub varlen: Option<Varlen>,
     pub return_lse: bool,
     pub fp8_descale: Option<Fp8Descale>,
+    /// Backward: bitwise-reproducible gradients are required. The CPU and wgpu backends are
+    /// always deterministic; CUDA then uses a fixed-order dq reduction instead of atomics.
+    pub deterministic: bool,
+    /// Decode against a KV cache (FlashAttention's `flash_attn_with_kvcache`).
+    pub kv_cache: Option<KvCache>,
 }
 
 /// Where one sequence of the batch lies, in tokens.
@@ -97,6 +105,8 @@ impl AttentionSpec {
             varlen: None,
             return_lse: false,
             fp8_descale: None,
+            deterministic: false,
+            kv_cache: None,
         }
     }
 
@@ -140,6 +150,16 @@ impl AttentionSpec {
         self.fp8_descale = Some(descale);
         self
     }
+    pub fn deterministic(mut self, deterministic: bool) -> Self {
+        self.deterministic = deterministic;
+        self
+    }
+    /// Decodes against a KV cache; `seqlen_k` becomes the cache's rows per sequence.
+    pub fn kv_cache(mut self, cache: KvCache) -> Self {
+        self.seqlen_k = cache.capacity();
+        self.kv_cache = Some(cache);
+        self
+    }
     /// Packs variable-length sequences: `seqlen_q` / `seqlen_k` become the total token counts
     /// and `batch` becomes `cu_seqlens_q.len() - 1`.
     pub fn varlen(mut self, cu_seqlens_q: Vec<i32>, cu_seqlens_k: Vec<i32>) -> Self {
@@ -157,13 +177,22 @@ impl AttentionSpec {
         Ok(self)
     }
 
-    /// Checks every field; the error names the first bad field and its value.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks every field (the error names the first bad field and its value) and returns the
+    /// checked spec, with its sizes as plain numbers, that backends pass down.
+    pub fn validate(&self) -> Result<CheckedSpec<'_>> {
+        self.validate_fields()?;
+        CheckedSpec::new(self)
+    }
+
+    fn validate_fields(&self) -> Result<()> {
         positive("batch", self.batch)?;
         positive("heads_q", self.heads_q)?;
         positive("heads_kv", self.heads_kv)?;
         positive("seqlen_q", self.seqlen_q)?;
-        positive("seqlen_k", self.seqlen_k)?;
+        if self.kv_cache.is_none() {
+            // With a cache, seqlen_k is the cache's capacity (checked with the cache).
+            positive("seqlen_k", self.seqlen_k)?;
+        }
         head_dim_ok("head_dim", self.head_dim)?;
         head_dim_ok("head_dim_v", self.head_dim_v)?;
         if !self.heads_q.is_multiple_of(self.heads_kv) {
@@ -193,24 +222,27 @@ impl AttentionSpec {
                 "must be finite and > 0 (or 0 for off)",
             ));
         }
+        // Products of sizes below must not overflow, whatever the public fields hold.
+        if self.batch.checked_mul(self.heads_q).is_none() {
+            return Err(Error::invalid(
+                "shape",
+                self.shape_string(),
+                "batch x heads_q overflows",
+            ));
+        }
         self.validate_alibi()?;
         self.validate_varlen()?;
         self.validate_fp8()?;
-        // Every element count must fit in usize (and so in the backends' index arithmetic).
-        for (name, count) in [
-            ("q", self.q_elems()),
-            ("k", self.k_elems()),
-            ("v", self.v_elems()),
-            ("out", self.out_elems()),
-            ("lse", self.lse_elems()),
-        ] {
-            if count.is_none() {
+        if let Some(cache) = &self.kv_cache {
+            if self.varlen.is_some() {
                 return Err(Error::invalid(
-                    "shape",
-                    self.shape_string(),
-                    format!("the element count of {name} overflows"),
+                    "kv_cache",
+                    "set",
+                    "a KV cache takes dense q ([batch, seqlen_q, ..]), not varlen",
                 ));
             }
+            let positional_q = self.causal || self.window != (-1, -1);
+            cache.validate(self.batch, self.head_dim, self.seqlen_q, positional_q)?;
         }
         Ok(())
     }
@@ -259,11 +291,11 @@ impl AttentionSpec {
             ("cu_seqlens_q", &varlen.cu_seqlens_q, self.seqlen_q),
             ("cu_seqlens_k", &varlen.cu_seqlens_k, self.seqlen_k),
         ] {
-            if cu.len() != self.batch + 1 {
+            if cu.len() != self.batch.saturating_add(1) {
                 return Err(Error::invalid(
                     name,
                     format!("{} offsets", cu.len()),
-                    format!("expected batch + 1 = {}", self.batch + 1),
+                    format!("expected batch + 1 = {}", self.batch.saturating_add(1)),
                 ));
             }
             if cu[0] != 0 {
@@ -308,7 +340,7 @@ impl AttentionSpec {
                 format!("descales apply to fp8e4m3 inputs only, not {}", self.dtype),
             ));
         }
-        let expected = self.batch * self.heads_kv;
+        let expected = self.batch.saturating_mul(self.heads_kv);
         for (name, d) in [
             ("fp8_descale.q", &descale.q),
             ("fp8_descale.k", &descale.k),
@@ -357,7 +389,11 @@ impl AttentionSpec {
         }
     }
 
+    /// Rows of k / v in the buffer (batch * seqlen_k dense, total_k varlen, the cache's rows).
     pub fn k_tokens(&self) -> Option<usize> {
+        if let Some(cache) = &self.kv_cache {
+            return cache.rows();
+        }
         if self.is_varlen() {
             Some(self.seqlen_k)
         } else {
@@ -388,9 +424,33 @@ impl AttentionSpec {
     pub fn lse_elems(&self) -> Option<usize> {
         self.q_tokens()?.checked_mul(self.heads_q)
     }
+    /// Elements of the new k rows a decode call appends (`[batch, seqlen_new, heads_kv, d]`).
+    pub fn k_new_elems(&self) -> Option<usize> {
+        let new = self.kv_cache.as_ref().map_or(0, |c| c.seqlen_new);
+        self.batch
+            .checked_mul(new)?
+            .checked_mul(self.heads_kv)?
+            .checked_mul(self.head_dim)
+    }
+    pub fn v_new_elems(&self) -> Option<usize> {
+        let new = self.kv_cache.as_ref().map_or(0, |c| c.seqlen_new);
+        self.batch
+            .checked_mul(new)?
+            .checked_mul(self.heads_kv)?
+            .checked_mul(self.head_dim_v)
+    }
 
-    /// Token ranges of sequence `b`. Requires a validated spec.
+    /// Token ranges of sequence `b`. Requires a validated spec. With a KV cache, `k_start` is 0
+    /// and rows are found through [`KvCache::row`].
     pub fn seq(&self, b: usize) -> SeqBounds {
+        if let Some(cache) = &self.kv_cache {
+            return SeqBounds {
+                q_start: b * self.seqlen_q,
+                q_len: self.seqlen_q,
+                k_start: 0,
+                k_len: cache.keys(b),
+            };
+        }
         match &self.varlen {
             Some(v) => {
                 let (q0, q1) = (v.cu_seqlens_q[b] as usize, v.cu_seqlens_q[b + 1] as usize);
@@ -411,6 +471,21 @@ impl AttentionSpec {
         }
     }
 
+    /// Whether every sequence has `seqlen_q` queries and `seqlen_k` keys (no varlen, no cache).
+    pub fn is_uniform(&self) -> bool {
+        self.varlen.is_none() && self.kv_cache.is_none()
+    }
+
+    /// The longest sequence of the batch: (queries, keys). Requires a validated spec.
+    pub fn max_lens(&self) -> (usize, usize) {
+        if self.is_uniform() {
+            return (self.seqlen_q, self.seqlen_k);
+        }
+        (0..self.batch)
+            .map(|b| self.seq(b))
+            .fold((0, 0), |(q, k), s| (q.max(s.q_len), k.max(s.k_len)))
+    }
+
     /// Index into lse of row `i` of sequence `b`, query head `h`.
     pub fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
         if self.is_varlen() {
@@ -429,50 +504,38 @@ impl AttentionSpec {
         }
     }
 
-    /// The (left, right) window after folding in the causal mask; `None` is unbounded.
-    pub fn effective_window(&self) -> (Option<usize>, Option<usize>) {
-        let left = (self.window.0 >= 0).then_some(self.window.0 as usize);
-        let right = if self.causal {
-            Some(0)
-        } else {
-            (self.window.1 >= 0).then_some(self.window.1 as usize)
-        };
-        (left, right)
+    /// The causal / window mask, with window bounds longer than any sequence dropped.
+    pub fn mask(&self) -> Mask {
+        let longest = (self.seqlen_q as u64).saturating_add(self.seqlen_k as u64);
+        Mask::new(self.window, self.causal, longest)
     }
 
-    /// Whether any key is hidden by the causal or window mask (before looking at sizes).
-    pub fn is_masked(&self) -> bool {
-        self.effective_window() != (None, None)
-    }
-
-    /// Visible keys `[lo, hi)` of query row `i` in a sequence of `q_len` queries and `k_len`
-    /// keys (bottom-right aligned). `lo >= hi` means the row is fully masked.
-    pub fn key_range(&self, i: usize, q_len: usize, k_len: usize) -> (usize, usize) {
-        let diag = i as i64 + k_len as i64 - q_len as i64;
-        let (left, right) = self.effective_window();
-        let lo = left.map_or(0, |l| (diag - l as i64).max(0));
-        let hi = right.map_or(k_len as i64, |r| {
-            (diag + r as i64 + 1).clamp(0, k_len as i64)
-        });
-        (lo.min(k_len as i64) as usize, hi as usize)
-    }
-
-    /// Pairs (query, key) the mask leaves visible, summed over the batch and query heads.
-    pub fn visible_pairs(&self) -> u64 {
-        let mut pairs = 0u64;
-        for b in 0..self.batch {
-            let s = self.seq(b);
-            for i in 0..s.q_len {
-                let (lo, hi) = self.key_range(i, s.q_len, s.k_len);
-                pairs += hi.saturating_sub(lo) as u64;
-            }
+    /// Pairs (query, key) the mask leaves visible, summed over the batch and query heads
+    /// (closed form per sequence). Requires a validated spec.
+    pub fn visible_pairs(&self) -> u128 {
+        let mask = self.mask();
+        if self.is_uniform() {
+            let per_seq = mask.visible_pairs(self.seqlen_q, self.seqlen_k);
+            return per_seq * self.batch as u128 * self.heads_q as u128;
         }
-        pairs * self.heads_q as u64
+        let pairs: u128 = (0..self.batch)
+            .map(|b| {
+                let s = self.seq(b);
+                mask.visible_pairs(s.q_len, s.k_len)
+            })
+            .sum();
+        pairs * self.heads_q as u128
     }
 
     /// Floating-point operations of the forward pass: 2*d for Q·K^T and 2*dv for P·V per visible pair.
     pub fn flops(&self) -> f64 {
         self.visible_pairs() as f64 * 2.0 * (self.head_dim + self.head_dim_v) as f64
+    }
+
+    /// Floating-point operations of the backward pass, counted as 2.5 x the forward's
+    /// (FlashAttention's convention).
+    pub fn backward_flops(&self) -> f64 {
+        2.5 * self.flops()
     }
 
     /// A short one-line description for logs and benchmark records.
@@ -506,6 +569,12 @@ impl fmt::Display for AttentionSpec {
         }
         if self.alibi.is_some() {
             write!(f, " alibi")?;
+        }
+        if let Some(c) = &self.kv_cache {
+            if let crate::CacheLayout::Paged { page_size, .. } = c.layout {
+                write!(f, " paged({page_size})")?;
+            }
+            write!(f, " kv_cache(+{})", c.seqlen_new)?;
         }
         Ok(())
     }

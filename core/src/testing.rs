@@ -1,8 +1,17 @@
-//! Shared test support: every backend's tests run the same cases against the f64 reference.
+//! Shared test support: every backend's tests run the same cases against the f64 reference
+//! (forward, backward, decode), skip a missing backend with a printed reason (or fail where
+//! `FLASHATTN_REQUIRE_BACKENDS` names it), and draw random specs from one proptest strategy
+//! (feature `proptest`).
+
+#[cfg(feature = "proptest")]
+pub mod strategy;
 
 use crate::{
-    lse_max_error, random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType,
+    lse_max_error, random_inputs, random_tensor, reference_attention, reference_backward,
+    reference_decode, rel_l2_error, AttentionSpec, Backend, BackwardInputs, DType, DecodeInputs,
+    Result as FaResult, Tensor,
 };
+use rand::SeedableRng;
 
 /// What one check against the reference found.
 #[derive(Clone, Debug)]
@@ -24,41 +33,226 @@ pub fn check_backend(
     let got = backend
         .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
         .map_err(|e| format!("{} failed on {spec}: {e}", backend.name()))?;
+    compare_output(
+        backend.name(),
+        spec,
+        seed,
+        &got,
+        &reference.out,
+        &reference.lse,
+    )
+}
+
+/// Compares a backend's out (dtype, relative L2) and LSE (max abs) with the reference's.
+fn compare_output(
+    name: &str,
+    spec: &AttentionSpec,
+    seed: u64,
+    got: &crate::Output,
+    out: &[f64],
+    lse: &[f64],
+) -> Result<CheckReport, String> {
     if got.out.dtype() != spec.dtype.output() {
         return Err(format!(
-            "{}: output dtype {} on {spec}, expected {}",
-            backend.name(),
+            "{name}: output dtype {} on {spec}, expected {}",
             got.out.dtype(),
             spec.dtype.output()
         ));
     }
-    let rel_l2 = rel_l2_error(&got.out.to_f32_vec(), &reference.out);
+    let rel_l2 = rel_l2_error(&got.out.to_f32_vec(), out);
     let tol = spec.dtype.tolerance();
     if rel_l2.is_nan() || rel_l2 > tol {
         return Err(format!(
-            "{}: relative L2 error {rel_l2:.3e} > {tol:.0e} on {spec} (seed {seed})",
-            backend.name()
+            "{name}: relative L2 error {rel_l2:.3e} > {tol:.0e} on {spec} (seed {seed})"
         ));
     }
     let lse_max_abs = match (&got.lse, spec.return_lse) {
-        (Some(lse), true) => {
-            let err = lse_max_error(lse, &reference.lse);
+        (Some(got_lse), true) => {
+            let err = lse_max_error(got_lse, lse);
             let bound = spec.dtype.lse_tolerance();
             if err.is_nan() || err > bound {
                 return Err(format!(
-                    "{}: LSE max abs error {err:.3e} > {bound:.0e} on {spec} (seed {seed})",
-                    backend.name()
+                    "{name}: LSE max abs error {err:.3e} > {bound:.0e} on {spec} (seed {seed})"
                 ));
             }
             Some(err)
         }
-        (None, true) => return Err(format!("{}: LSE missing on {spec}", backend.name())),
+        (None, true) => return Err(format!("{name}: LSE missing on {spec}")),
         (_, false) => None,
     };
     Ok(CheckReport {
         rel_l2,
         lse_max_abs,
     })
+}
+
+/// Runs every named case (seeds `seed`, `seed + 1`, ...) and returns one line per failure.
+pub fn check_cases<S: AsRef<str>>(
+    backend: &dyn Backend,
+    cases: &[(S, AttentionSpec)],
+    seed: u64,
+    check: fn(&dyn Backend, &AttentionSpec, u64) -> Result<CheckReport, String>,
+) -> Vec<String> {
+    cases
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (name, spec))| {
+            check(backend, spec, seed + i as u64)
+                .err()
+                .map(|e| format!("{}: {e}", name.as_ref()))
+        })
+        .collect()
+}
+
+/// Relative L2 bound of the backward's gradients: the forward's, doubled (dq and dk sum over
+/// every key / query of a block, in f32).
+pub fn backward_tolerance(dtype: DType) -> f64 {
+    2.0 * dtype.tolerance()
+}
+
+/// Runs the forward (for out and LSE) and the backward of `spec` on `backend` with fresh
+/// random q, k, v, dout (`seed`) and compares dq, dk, dv with the f64 reference backward.
+/// The report's `rel_l2` is the worst of the three.
+pub fn check_backward(
+    backend: &dyn Backend,
+    spec: &AttentionSpec,
+    seed: u64,
+) -> Result<CheckReport, String> {
+    let spec = &spec.clone().return_lse(true);
+    let name = backend.name();
+    let (q, k, v) = random_inputs(spec, seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap_or(0));
+    let fwd = backend
+        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .map_err(|e| format!("{name} forward failed on {spec}: {e}"))?;
+    let lse = fwd
+        .lse
+        .ok_or_else(|| format!("{name}: forward gave no LSE on {spec}"))?;
+    let inputs = BackwardInputs {
+        q: q.as_ref(),
+        k: k.as_ref(),
+        v: v.as_ref(),
+        out: fwd.out.as_ref(),
+        lse: &lse,
+        dout: dout.as_ref(),
+    };
+    let got = backend
+        .backward(spec, inputs)
+        .map_err(|e| format!("{name} backward failed on {spec}: {e}"))?;
+    let want = reference_backward(spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref())
+        .map_err(|e| format!("reference backward failed on {spec}: {e}"))?;
+    let tol = backward_tolerance(spec.dtype);
+    let mut worst = 0.0f64;
+    for (which, g, w) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ] {
+        if g.dtype() != spec.dtype {
+            return Err(format!(
+                "{name}: {which} is {} on {spec}, expected {}",
+                g.dtype(),
+                spec.dtype
+            ));
+        }
+        let err = rel_l2_error(&g.to_f32_vec(), w);
+        if err.is_nan() || err > tol {
+            return Err(format!(
+                "{name}: {which} relative L2 error {err:.3e} > {tol:.0e} on {spec} (seed {seed})"
+            ));
+        }
+        worst = worst.max(err);
+    }
+    Ok(CheckReport {
+        rel_l2: worst,
+        lse_max_abs: None,
+    })
+}
+
+/// Runs one decode step of `spec` (which has a KV cache) on `backend` with random q, caches
+/// and new rows (`seed`) and compares out, LSE and both caches after the append with the f64
+/// reference. Rows the call must not write are compared exactly.
+pub fn check_decode(
+    backend: &dyn Backend,
+    spec: &AttentionSpec,
+    seed: u64,
+) -> Result<CheckReport, String> {
+    let name = backend.name();
+    let (q, k_cache, v_cache) = random_inputs(spec, seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xdec0de);
+    let k_new = random_tensor(&mut rng, spec.dtype, spec.k_new_elems().unwrap_or(0));
+    let v_new = random_tensor(&mut rng, spec.dtype, spec.v_new_elems().unwrap_or(0));
+    let has_new = spec.kv_cache.as_ref().is_some_and(|c| c.seqlen_new > 0);
+    let want = reference_decode(
+        spec,
+        q.as_ref(),
+        k_cache.as_ref(),
+        v_cache.as_ref(),
+        has_new.then(|| k_new.as_ref()),
+        has_new.then(|| v_new.as_ref()),
+    )
+    .map_err(|e| format!("reference decode failed on {spec}: {e}"))?;
+    let (mut kc, mut vc) = (k_cache.clone(), v_cache.clone());
+    let got = backend
+        .decode(
+            spec,
+            DecodeInputs {
+                q: q.as_ref(),
+                k_cache: kc.as_mut(),
+                v_cache: vc.as_mut(),
+                k_new: has_new.then(|| k_new.as_ref()),
+                v_new: has_new.then(|| v_new.as_ref()),
+            },
+        )
+        .map_err(|e| format!("{name} decode failed on {spec}: {e}"))?;
+    for (which, after, before, expected) in [
+        ("k cache", &kc, &k_cache, &want.k_cache),
+        ("v cache", &vc, &v_cache, &want.v_cache),
+    ] {
+        cache_matches(after, before, expected, spec.dtype).map_err(|e| {
+            format!("{name}: {which} after the append: {e} on {spec} (seed {seed})")
+        })?;
+    }
+    compare_output(name, spec, seed, &got, &want.out, &want.lse)
+}
+
+/// Each cache element after the append: exactly as before where the reference left it
+/// unchanged, else within the dtype's rounding of the expected value.
+fn cache_matches(
+    after: &Tensor,
+    before: &Tensor,
+    expected: &[f64],
+    dtype: DType,
+) -> Result<(), String> {
+    let (a, b) = (after.to_f32_vec(), before.to_f32_vec());
+    for (i, ((&x, &old), &e)) in a.iter().zip(&b).zip(expected).enumerate() {
+        let unchanged = old as f64 == e;
+        let ok = if unchanged {
+            x.to_bits() == old.to_bits()
+        } else {
+            (x as f64 - e).abs() <= dtype.tolerance() * e.abs().max(1.0)
+        };
+        if !ok {
+            return Err(format!("element {i} is {x}, expected {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// A backend from `open`, or `None` after printing why it is skipped; a failure instead when
+/// `FLASHATTN_REQUIRE_BACKENDS` names `name`.
+pub fn backend_or_skip<B>(name: &str, open: impl FnOnce() -> FaResult<B>) -> Option<B> {
+    match open() {
+        Ok(b) => Some(b),
+        Err(e) if backend_required(name) => {
+            panic!("backend {name} is required (FLASHATTN_REQUIRE_BACKENDS) but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP {name}: {e}");
+            None
+        }
+    }
 }
 
 /// Whether `FLASHATTN_REQUIRE_BACKENDS` (comma-separated) names `backend`: then a missing

@@ -2,7 +2,7 @@
 
 use super::shape::ShapeArgs;
 use super::{plot, CliResult};
-use flashattn::{Algorithm, AttentionSpec, Backend, BenchPlan, Runtime};
+use flashattn::{Algorithm, AttentionSpec, Backend, BenchPlan, Pass, Runtime};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -95,6 +95,7 @@ pub fn bench(args: BenchArgs) -> CliResult<i32> {
         warmup: args.warmup,
         iters: args.iters,
         seed: args.seed,
+        pass: Pass::Forward,
     };
     let runs_per_job = (plan.warmup + plan.iters) as u64 * if args.compare_naive { 2 } else { 1 };
     let bar = ProgressBar::new(runs_per_job * jobs.len() as u64);

@@ -122,7 +122,8 @@ pub fn attention_heatmap(
     let mut seen = vec![false; cols];
     let mut row_sum_max_err = 0f64;
     for (r, &i) in query_rows.iter().enumerate() {
-        let (lo, hi) = spec.key_range(i, sq, sk);
+        let keys = spec.mask().keys(i, sq, sk);
+        let (lo, hi) = (keys.start, keys.end);
         if lo >= hi {
             continue; // fully masked row: nothing visible, the cells stay NaN
         }

@@ -6,7 +6,7 @@ use crate::heatmap::attention_heatmap;
 use crate::report::{
     check_against_reference, median_ms, tflops, CheckResult, MemoryReport, REFERENCE_MAX_FLOPS,
 };
-use flashattn_core::{random_inputs, Algorithm, AttentionSpec, BenchPlan, DType, Error};
+use flashattn_core::{random_inputs, Algorithm, AttentionSpec, BenchPlan, Pass, DType, Error};
 use flashattn_wgpu::{BenchOptions, WgpuBackend};
 use serde::Serialize;
 use std::rc::Rc;
@@ -192,6 +192,7 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
         warmup: 1,
         iters: cfg.iters,
         seed: cfg.seed,
+        pass: Pass::Forward,
     };
     let flash = backend
         .bench_async(&spec, Algorithm::Flash, &plan, &mut || {})

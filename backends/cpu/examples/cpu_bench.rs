@@ -5,7 +5,7 @@
 //!     [--dims 64,128] [--iters 10] [--threads N] [--dtype f32] [--causal] [--naive] [--isa avx2]
 
 use flashattn_core::alloc_meter::MeteredAlloc;
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
 use flashattn_cpu::{CpuBackend, Isa};
 
 #[global_allocator]
@@ -54,6 +54,7 @@ fn main() {
             warmup: 2,
             iters,
             seed: 7,
+            pass: Pass::Forward,
         };
         let cpu0 = process_cpu_seconds();
         let m = backend

@@ -5,7 +5,7 @@
 //! `S^T = K_blk · Qt` (keys x queries, so the softmax vectorises across queries), masks and
 //! rescales, `P = 2^(S - m)`, `O = O * alpha + P · V_blk`. Only per-worker tile scratch is
 //! allocated; the score matrix never exists. Key blocks the mask hides entirely are skipped
-//! because each task only walks `[min lo, max hi)` of its rows' `key_range`, and inside a
+//! because each task only walks `[min lo, max hi)` of its rows' visible keys (`Mask::keys`), and inside a
 //! block the tiles of query rows that see none of its keys are skipped too.
 
 use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
@@ -14,7 +14,7 @@ use crate::parallel::Pool;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Avx2, Avx512};
 use crate::simd::{Portable, Simd, Tile};
-use flashattn_core::{AttentionSpec, Output, Result, TensorRef};
+use flashattn_core::{AttentionSpec, Mask, Output, Result, TensorRef};
 use std::f32::consts::{LN_2, LOG2_E};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -43,6 +43,7 @@ struct Task {
 /// Everything the workers share for one forward call.
 struct Problem<'a> {
     spec: &'a AttentionSpec,
+    mask: Mask,
     q: Src<'a>,
     k: Src<'a>,
     v: Src<'a>,
@@ -151,6 +152,7 @@ pub(crate) fn forward(
     let scale = spec.scale_value();
     let problem = Problem {
         spec,
+        mask: spec.mask(),
         q: Src::new(q)?,
         k,
         v,
@@ -211,7 +213,7 @@ fn block_rows(spec: &AttentionSpec, threads: usize) -> usize {
         .map(|b| spec.seq(b).q_len)
         .max()
         .unwrap_or(0);
-    let max_br = if spec.is_masked() {
+    let max_br = if spec.mask().is_masked() {
         BR_MAX_MASKED
     } else {
         BR_MAX
@@ -242,13 +244,13 @@ fn tasks(spec: &AttentionSpec, br: usize) -> Vec<Task> {
             }
         }
     }
-    if spec.is_masked() || spec.is_varlen() {
+    let mask = spec.mask();
+    if mask.is_masked() || spec.is_varlen() {
         let work = |t: &Task| {
             let s = spec.seq(t.b);
             let last = (t.q0 + br).min(s.q_len) - 1;
-            let (lo, _) = spec.key_range(t.q0, s.q_len, s.k_len);
-            let (_, hi) = spec.key_range(last, s.q_len, s.k_len);
-            hi.saturating_sub(lo) * (last + 1 - t.q0)
+            let keys = mask.keys_of_rows(t.q0..last + 1, s.q_len, s.k_len);
+            keys.len() * (last + 1 - t.q0)
         };
         tasks.sort_by_key(|t| std::cmp::Reverse(work(t)));
     }
@@ -308,7 +310,8 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     let (mut klo, mut khi) = (usize::MAX, 0);
     for i in 0..br {
         let (lo, hi) = if i < rows {
-            spec.key_range(t.q0 + i, s.q_len, s.k_len)
+            let r = p.mask.keys(t.q0 + i, s.q_len, s.k_len);
+            (r.start, r.end)
         } else {
             (0, 0)
         };

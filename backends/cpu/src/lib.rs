@@ -113,7 +113,8 @@ impl Backend for CpuBackend {
         if spec.dtype == DType::Fp8E4m3 {
             return Err(fp8_unsupported());
         }
-        spec.validate()
+        spec.validate()?;
+        Ok(())
     }
 
     fn forward(

@@ -117,7 +117,8 @@ fn head(
     for i in 0..s.q_len {
         q.read_row(((s.q_start + i) * hq + h) * d, &mut qrow);
         let row = &mut scores[i * s.k_len..(i + 1) * s.k_len];
-        let (lo, hi) = spec.key_range(i, s.q_len, s.k_len);
+        let keys = spec.mask().keys(i, s.q_len, s.k_len);
+        let (lo, hi) = (keys.start, keys.end);
         for (j, x) in row.iter_mut().enumerate() {
             *x = if j < lo || j >= hi {
                 f32::NEG_INFINITY

@@ -1,8 +1,8 @@
 //! Bad input gives typed errors, never panics; fp8 is rejected with a reason.
 
 use flashattn_core::{
-    random_inputs, Algorithm, AttentionSpec, Backend, BenchPlan, DType, Error, Fp8Descale, Tensor,
-    TensorRef,
+    random_inputs, Algorithm, AttentionSpec, Backend, BenchPlan, DType, Error, Fp8Descale, Pass,
+    Tensor, TensorRef,
 };
 use flashattn_cpu::CpuBackend;
 
@@ -36,6 +36,7 @@ fn fp8_is_unsupported_with_a_reason() {
         warmup: 0,
         iters: 1,
         seed: 1,
+        pass: Pass::Forward,
     };
     let bench = b.bench(&spec, Algorithm::Flash, &plan, &mut || {});
     assert!(matches!(bench, Err(Error::Unsupported { .. })), "{bench:?}");

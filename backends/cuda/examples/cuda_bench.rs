@@ -10,7 +10,7 @@
 //! FlashAttention's benchmarks. Prints one line per shape: median ms and TFLOP/s.
 
 use flashattn_core::testing::check_backend;
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
 use flashattn_cuda::CudaBackend;
 
 fn arg_list(args: &[String], name: &str, default: &str) -> Vec<String> {
@@ -114,6 +114,7 @@ fn main() {
                             warmup: 3,
                             iters,
                             seed: 1,
+                            pass: Pass::Forward,
                         };
                         let kernel = match algo {
                             Algorithm::Flash => backend

@@ -487,7 +487,7 @@ impl Backend for CudaBackend {
             Some(b) => Some(bytemuck::pod_collect_to_vec(&b.to_vec()?)),
             None => None,
         };
-        Ok(Output { out, lse })
+        Ok(Output { out: out?, lse })
     }
 
     fn bench(

@@ -52,7 +52,8 @@ fn to_i32(field: &'static str, v: usize) -> Result<i32> {
 impl KernelParams {
     /// Shapes, mask and score mods of `spec` (pointers left 0) for query blocks of `block_m`.
     pub fn from_spec(spec: &AttentionSpec, block_m: usize) -> Result<KernelParams> {
-        let (left, right) = spec.effective_window();
+        let mask = spec.mask();
+        let (left, right) = (mask.left, mask.right);
         let num_m_blocks = max_seqlen_q(spec).div_ceil(block_m);
         let total_tiles = num_m_blocks * spec.heads_q * spec.batch;
         // Token indices times heads must fit the kernels' int arithmetic.
@@ -79,9 +80,12 @@ impl KernelParams {
             head_dim_v: spec.head_dim_v as i32,
             num_m_blocks: to_i32("query blocks", num_m_blocks)?,
             total_tiles: to_i32("tiles", total_tiles)?,
-            win_left: left.map_or(Ok(-1), |l| to_i32("window.left", l.min(i32::MAX as usize)))?,
-            win_right: right
-                .map_or(Ok(-1), |r| to_i32("window.right", r.min(i32::MAX as usize)))?,
+            win_left: left.map_or(Ok(-1), |l| {
+                to_i32("window.left", l.min(i32::MAX as u64) as usize)
+            })?,
+            win_right: right.map_or(Ok(-1), |r| {
+                to_i32("window.right", r.min(i32::MAX as u64) as usize)
+            })?,
             alibi_per_batch: spec.alibi.as_ref().is_some_and(|a| a.per_batch) as i32,
             scale: spec.scale_value(),
             softcap: spec.softcap,

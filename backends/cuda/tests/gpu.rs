@@ -235,7 +235,8 @@ fn forward_device_on_caller_buffers() {
         };
         // SAFETY: every pointer holds its tensor's bytes for `spec`, freshly allocated above.
         unsafe { b.forward_device(spec, &tensors) }.unwrap();
-        let out = Tensor::from_bytes(spec.dtype.output(), &download(tensors.out, out_bytes));
+        let out =
+            Tensor::from_bytes(spec.dtype.output(), &download(tensors.out, out_bytes)).unwrap();
         let r = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
         let err = rel_l2_error(&out.to_f32_vec(), &r.out);
         assert!(err < spec.dtype.tolerance(), "{spec}: rel L2 {err}");

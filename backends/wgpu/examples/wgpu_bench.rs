@@ -5,7 +5,7 @@
 //!
 //! FLASHATTN_WGPU_TILES="br=32,bc=16" forces tile sizes (for tuning).
 
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
 use flashattn_wgpu::WgpuBackend;
 
 fn median(v: &[f64]) -> f64 {
@@ -75,6 +75,7 @@ fn main() {
             warmup,
             iters,
             seed: 1,
+            pass: Pass::Forward,
         };
         let algos: &[Algorithm] = if naive {
             &[Algorithm::Flash, Algorithm::Naive]

@@ -155,7 +155,7 @@ impl WgpuBackend {
             let start = out_bytes.next_multiple_of(4) as usize;
             bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[start..start + lse_bytes as usize])
         });
-        Ok(Output { out: out_t, lse })
+        Ok(Output { out: out_t?, lse })
     }
 
     /// Device-resident API: records and submits the forward pass on buffers that already live
@@ -475,7 +475,8 @@ impl WgpuBackend {
     pub(crate) fn base_params_for(&self, spec: &AttentionSpec, plan: &Plan) -> Params {
         let log2e = std::f32::consts::LOG2_E;
         let scale = spec.scale_value();
-        let (left, right) = spec.effective_window();
+        let mask = spec.mask();
+        let (left, right) = (mask.left, mask.right);
         let mut flags = 0;
         if spec.is_varlen() {
             flags |= gpu::FLAG_VARLEN;
@@ -492,7 +493,7 @@ impl WgpuBackend {
         if plan.partial {
             flags |= gpu::FLAG_PARTIAL;
         }
-        let to_i32 = |w: Option<usize>| w.map_or(-1, |w| w.min(i32::MAX as usize) as i32);
+        let to_i32 = |w: Option<u64>| w.map_or(-1, |w| w.min(i32::MAX as u64) as i32);
         Params {
             batch: spec.batch as u32,
             heads_q: spec.heads_q as u32,

@@ -5,7 +5,7 @@ mod common;
 
 use flashattn_core::{
     random_inputs, reference_attention, rel_l2_error, Algorithm, AttentionSpec, Backend, BenchPlan,
-    DType, Error, Tensor,
+    DType, Error, Pass, Tensor,
 };
 use flashattn_wgpu::{wgpu, DeviceInputs, DeviceOutputs, WgpuBackend};
 
@@ -75,7 +75,8 @@ fn forward_buffers_on_a_callers_device() {
             },
         ))
         .expect("forward_buffers");
-        let got = Tensor::from_bytes(dtype, &read_back(&device, &queue, &out)[..out_bytes]);
+        let got =
+            Tensor::from_bytes(dtype, &read_back(&device, &queue, &out)[..out_bytes]).unwrap();
         let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
         let err = rel_l2_error(&got.to_f32_vec(), &reference.out);
         assert!(err < dtype.tolerance(), "{dtype}: rel L2 {err:.3e}");
@@ -156,6 +157,7 @@ fn bench_flash_uses_far_less_memory_than_naive() {
         warmup: 1,
         iters: 2,
         seed: 1,
+        pass: Pass::Forward,
     };
     let mut runs = 0;
     let flash = b
@@ -186,6 +188,7 @@ fn naive_reports_a_score_buffer_that_does_not_fit() {
         warmup: 0,
         iters: 1,
         seed: 1,
+        pass: Pass::Forward,
     };
     let err = b
         .bench(&spec, Algorithm::Naive, &plan, &mut || {})
