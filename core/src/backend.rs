@@ -4,11 +4,13 @@ use crate::{
     AttentionSpec, CacheConfig, Error, Grads, KvCacheHandle, Output, Result, TensorMut, TensorRef,
 };
 
-/// What a benchmark times: our flash kernel, or naive attention that materialises the scores.
+/// What a benchmark times: our flash kernel, naive attention that materialises the scores, or
+/// a plain device copy of the bytes the pass must read (decode's memory-bandwidth limit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
     Flash,
     Naive,
+    Copy,
 }
 
 /// Which computation: the forward pass, the backward pass, or a decode step against a KV cache.

@@ -30,6 +30,12 @@ pub(crate) fn bench(
         let out = match algo {
             Algorithm::Flash => backend.forward(spec, q, k, v)?,
             Algorithm::Naive => backend.naive_forward(spec, q, k, v)?,
+            Algorithm::Copy => {
+                return Err(flashattn_core::Error::unsupported(
+                    "cpu",
+                    "the copy peer is not implemented yet",
+                ))
+            }
         };
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let extra = alloc_meter::peak_above(baseline).map(|b| b.saturating_sub(out_bytes));

@@ -119,6 +119,11 @@ impl WgpuBackend {
                 let scratch = match algo {
                     Algorithm::Flash => self.encode_forward(spec, inputs, outputs, &mut enc, qs)?,
                     Algorithm::Naive => self.encode_naive(spec, inputs, outputs, &mut enc, qs)?,
+                    Algorithm::Copy => {
+                        return Err(crate::context::unsupported(
+                            "the copy peer is not implemented yet",
+                        ))
+                    }
                 };
                 if let Some((set, resolve, read)) = &timer {
                     enc.resolve_query_set(set, 0..2, resolve, 0);

@@ -130,6 +130,7 @@ impl WgpuBackend {
             let scratch = match algo {
                 Algorithm::Flash => self.encode_forward(spec, inputs, outputs, &mut enc, None)?,
                 Algorithm::Naive => self.encode_naive(spec, inputs, outputs, &mut enc, None)?,
+                Algorithm::Copy => return Err(unsupported("the copy peer is a benchmark only")),
             };
             enc.copy_buffer_to_buffer(&out, 0, &read, 0, out_bytes.next_multiple_of(4));
             if let Some(lse) = &lse {
