@@ -502,6 +502,7 @@ impl Backend for CudaBackend {
         let scores_bytes = match algo {
             Algorithm::Naive => Some(Self::naive_scores_bytes(spec)?),
             Algorithm::Flash => None,
+            Algorithm::Copy => return Err(unsupported("the copy peer is not implemented yet")),
         };
         let (q, k, v) = random_inputs(spec, plan.seed);
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
