@@ -122,6 +122,7 @@ fn main() {
                                 .map(|v| v.name())
                                 .unwrap_or_default(),
                             Algorithm::Naive => "naive".into(),
+                            Algorithm::Copy => "copy".into(),
                         };
                         match backend.bench(&spec, algo, &plan, &mut || {}) {
                             Ok(m) => {
