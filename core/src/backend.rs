@@ -163,6 +163,13 @@ pub trait Backend: Send + Sync {
         Err(Error::unsupported(self.name(), "decode"))
     }
 
+    /// The kernel variant that runs `pass` of `spec` here: the runtime's canary checks each
+    /// (device, variant) once against the CPU backend before trusting it. Backends with
+    /// several kernels override this so that each gets its own check.
+    fn kernel_variant(&self, spec: &AttentionSpec, pass: Pass) -> String {
+        format!("{}/{}/{}", self.name(), pass.name(), spec.dtype)
+    }
+
     /// A KV cache handle on this backend's device, for a serving loop's decode steps.
     fn kv_cache(&self, config: CacheConfig) -> Result<Box<dyn KvCacheHandle + '_>> {
         let _ = config;
