@@ -4,6 +4,7 @@
 
 pub mod alloc_meter;
 mod backend;
+mod cache_dir;
 mod cache_state;
 mod checked;
 mod dtype;
@@ -21,6 +22,7 @@ pub mod testing;
 pub use backend::{
     Algorithm, Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, Pass,
 };
+pub use cache_dir::cache_dir;
 pub use cache_state::{CacheConfig, CacheState, DecodeStep, KvCacheHandle};
 pub use checked::{CheckedSpec, Sizes};
 pub use dtype::DType;
