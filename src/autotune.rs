@@ -1,10 +1,12 @@
-//! Measured backend choice: time each candidate once per (device, shape bucket) and remember
-//! the result on disk, so the runtime learns, e.g., that a software Vulkan adapter is slower
-//! than the CPU backend instead of assuming a GPU always wins.
+//! Measured backend choice: time each candidate once per (device, pass, shape bucket) and
+//! remember the result on disk, so the runtime learns, e.g., that a software Vulkan adapter is
+//! slower than the CPU backend instead of assuming a GPU always wins.
 
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, Pass};
+use crate::store::JsonStore;
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, CacheLayout, Pass};
+use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 /// Tuning runs a shrunken copy of the problem: the first, quick round on one this small
@@ -14,64 +16,45 @@ const QUICK_FLOPS: f64 = 5e7;
 const FULL_FLOPS: f64 = 4e9;
 /// A backend this many times slower than the best in the quick round is not timed further.
 const SLOW_FACTOR: f64 = 4.0;
-const QUICK_PLAN: BenchPlan = BenchPlan {
-    warmup: 1,
-    iters: 1,
-    seed: 0x7a11,
-    pass: Pass::Forward,
-};
-const FULL_PLAN: BenchPlan = BenchPlan {
-    warmup: 1,
-    iters: 2,
-    seed: 0x7a12,
-    pass: Pass::Forward,
-};
+/// Cached timings outside (0, MAX_MS] are not measurements (a hand-edited or corrupt file).
+const MAX_MS: f64 = 1e7;
 
 /// bucket -> ("name@device" -> median milliseconds)
 type Table = BTreeMap<String, BTreeMap<String, f64>>;
 
 pub struct Autotuner {
     enabled: bool,
-    path: Option<PathBuf>,
+    store: Option<JsonStore>,
     table: Mutex<Table>,
 }
 
 impl Autotuner {
-    /// Enabled unless `FLASHATTN_AUTOTUNE=0`; cached in `$FLASHATTN_CACHE_DIR`, else
-    /// `$XDG_CACHE_HOME/flashattn`, else `~/.cache/flashattn`.
-    pub fn from_env() -> Autotuner {
-        let enabled = std::env::var("FLASHATTN_AUTOTUNE").map_or(true, |v| v != "0");
-        let path = cache_dir().map(|d| d.join("autotune.json"));
-        let table = path
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default();
+    /// Timings cached in `dir/autotune.json` when `dir` is given, else in memory only.
+    pub fn new(enabled: bool, dir: Option<&Path>) -> Autotuner {
+        let store = dir.map(|d| JsonStore::new(d, "autotune.json"));
+        let table = store.as_ref().map_or_else(Table::new, |s| sane(s.load()));
         Autotuner {
             enabled,
-            path,
+            store,
             table: Mutex::new(table),
         }
     }
 
-    pub fn in_memory(enabled: bool) -> Autotuner {
-        Autotuner {
-            enabled,
-            path: None,
-            table: Mutex::new(Table::new()),
-        }
-    }
-
-    /// Index of the fastest candidate (given in static priority order) and why.
-    pub fn fastest(
+    /// The candidates' indices (given in static priority order), fastest first, and why.
+    pub fn rank(
         &self,
         spec: &AttentionSpec,
+        pass: Pass,
         candidates: &[Arc<dyn Backend>],
-    ) -> (usize, String) {
+    ) -> (Vec<usize>, String) {
+        let static_order = (0..candidates.len()).collect();
         if !self.enabled {
-            return (0, "highest static priority (FLASHATTN_AUTOTUNE=0)".into());
+            return (
+                static_order,
+                "highest static priority (FLASHATTN_AUTOTUNE=0)".into(),
+            );
         }
-        let bucket = bucket(spec);
+        let bucket = bucket(spec, pass);
         let ids: Vec<String> = candidates
             .iter()
             .map(|b| format!("{}@{}", b.name(), b.device()))
@@ -87,30 +70,25 @@ impl Autotuner {
         let times = match cached {
             Some(times) => times,
             None => {
-                let times = measure_all(spec, candidates);
-                let mut table = self.lock();
-                let row = table.entry(bucket.clone()).or_default();
-                for (id, t) in ids.iter().zip(&times) {
-                    if let Some(t) = t {
-                        row.insert(id.clone(), *t);
-                    }
-                }
-                drop(table);
-                self.save();
+                let times = measure_all(spec, pass, candidates);
+                self.remember(&bucket, &ids, &times);
                 times
             }
         };
-        let best = times
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.map(|t| (i, t)))
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        let Some((index, _)) = best else {
+        if times.iter().all(Option::is_none) {
             return (
-                0,
+                static_order,
                 "highest static priority (no candidate could be timed)".into(),
             );
-        };
+        }
+        let mut order: Vec<usize> = static_order;
+        // Stable: ties and untimed candidates keep their static priority, untimed last.
+        order.sort_by(|&a, &b| match (times[a], times[b]) {
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        });
         let listing: Vec<String> = candidates
             .iter()
             .zip(&times)
@@ -125,9 +103,10 @@ impl Autotuner {
             "cached"
         };
         (
-            index,
+            order,
             format!(
-                "fastest measured (proxy timings {}; {source})",
+                "fastest measured ({} proxy timings {}; {source})",
+                pass.name(),
                 listing.join(", ")
             ),
         )
@@ -137,37 +116,76 @@ impl Autotuner {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save(&self) {
-        let Some(path) = &self.path else { return };
-        let text = match serde_json::to_string_pretty(&*self.lock()) {
-            Ok(t) => t,
-            Err(_) => return,
-        };
-        // A cache that cannot be written only costs a re-measure next time.
-        let tmp = path.with_extension("json.tmp");
-        let written = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|_| std::fs::write(&tmp, text))
-            .and_then(|_| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
-            log::warn!(
-                "flashattn: cannot write the autotune cache {}: {e}",
-                path.display()
-            );
+    /// Records the timings in memory and merges them into the file (other processes' buckets
+    /// and entries stay).
+    fn remember(&self, bucket: &str, ids: &[String], times: &[Option<f64>]) {
+        let fresh: Vec<(&String, f64)> = ids
+            .iter()
+            .zip(times)
+            .filter_map(|(id, t)| t.filter(|&t| plausible(t)).map(|t| (id, t)))
+            .collect();
+        let mut table = self.lock();
+        let row = table.entry(bucket.to_string()).or_default();
+        for &(id, t) in &fresh {
+            row.insert(id.clone(), t);
+        }
+        drop(table);
+        if let Some(store) = &self.store {
+            store.update(|file| {
+                let row = &mut file[bucket];
+                if !row.is_object() {
+                    *row = Value::Object(Default::default());
+                }
+                for &(id, t) in &fresh {
+                    row[id.as_str()] = t.into();
+                }
+            });
         }
     }
 }
 
+fn plausible(ms: f64) -> bool {
+    ms.is_finite() && ms > 0.0 && ms <= MAX_MS
+}
+
+/// The table in a loaded file, without entries that are not plausible timings.
+fn sane(file: Value) -> Table {
+    let mut table = Table::new();
+    let Value::Object(buckets) = file else {
+        return table;
+    };
+    for (bucket, row) in buckets {
+        let Value::Object(row) = row else { continue };
+        let row: BTreeMap<String, f64> = row
+            .into_iter()
+            .filter_map(|(id, t)| t.as_f64().filter(|&t| plausible(t)).map(|t| (id, t)))
+            .collect();
+        if !row.is_empty() {
+            table.insert(bucket, row);
+        }
+    }
+    table
+}
+
 /// Estimated milliseconds of each candidate on a proxy of `spec`; `None` where it failed.
 /// Candidates far behind in the quick round keep their quick time scaled up by the FLOP ratio.
-fn measure_all(spec: &AttentionSpec, candidates: &[Arc<dyn Backend>]) -> Vec<Option<f64>> {
+fn measure_all(
+    spec: &AttentionSpec,
+    pass: Pass,
+    candidates: &[Arc<dyn Backend>],
+) -> Vec<Option<f64>> {
     let quick = shrink(spec, QUICK_FLOPS);
     let full = shrink(spec, FULL_FLOPS);
     let ratio = full.flops() / quick.flops().max(1.0);
+    let plan = |seed, iters| BenchPlan {
+        warmup: 1,
+        iters,
+        seed,
+        pass,
+    };
     let quick_times: Vec<Option<f64>> = candidates
         .iter()
-        .map(|b| time(b.as_ref(), &quick, &QUICK_PLAN))
+        .map(|b| time(b.as_ref(), &quick, &plan(0x7a11, 1)))
         .collect();
     let best = quick_times
         .iter()
@@ -182,7 +200,7 @@ fn measure_all(spec: &AttentionSpec, candidates: &[Arc<dyn Backend>]) -> Vec<Opt
             if t > SLOW_FACTOR * best || ratio <= 1.0 {
                 Some(t * ratio)
             } else {
-                time(b.as_ref(), &full, &FULL_PLAN)
+                time(b.as_ref(), &full, &plan(0x7a12, 2))
             }
         })
         .collect()
@@ -199,10 +217,10 @@ fn time(backend: &dyn Backend, spec: &AttentionSpec, plan: &BenchPlan) -> Option
 }
 
 /// A copy of a dense `spec` with its sequence lengths halved (the longer first) until its
-/// FLOPs are at most `flops`; varlen problems are timed as they are.
+/// FLOPs are at most `flops`; varlen and decode problems are timed as they are.
 fn shrink(spec: &AttentionSpec, flops: f64) -> AttentionSpec {
     let mut p = spec.clone();
-    if p.varlen.is_some() {
+    if !p.is_uniform() {
         return p;
     }
     while p.flops() > flops && p.seqlen_q.max(p.seqlen_k) > 16 {
@@ -215,11 +233,14 @@ fn shrink(spec: &AttentionSpec, flops: f64) -> AttentionSpec {
     p
 }
 
-/// Problems in one bucket rank the backends the same way: same kind of work, sizes within 2x.
-fn bucket(spec: &AttentionSpec) -> String {
+/// Problems in one bucket rank the backends the same way: the same pass and kind of work,
+/// sizes within 2x.
+fn bucket(spec: &AttentionSpec, pass: Pass) -> String {
     let log2 = |x: usize| usize::BITS - x.max(1).leading_zeros();
-    format!(
-        "{} d{} dv{} g{} c{} w{} s{} a{} v{} sq{} sk{} bh{}",
+    let (_, max_k) = spec.max_lens();
+    let mut key = format!(
+        "{} {} d{} dv{} g{} c{} w{} s{} a{} v{} sq{} sk{} bh{}",
+        pass.name(),
         spec.dtype,
         spec.head_dim,
         spec.head_dim_v,
@@ -230,17 +251,20 @@ fn bucket(spec: &AttentionSpec) -> String {
         spec.alibi.is_some() as u8,
         spec.is_varlen() as u8,
         log2(spec.seqlen_q),
-        log2(spec.seqlen_k),
-        log2(spec.batch * spec.heads_q),
-    )
-}
-
-fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("FLASHATTN_CACHE_DIR") {
-        return Some(PathBuf::from(d));
+        log2(max_k),
+        log2(spec.batch.saturating_mul(spec.heads_q)),
+    );
+    if let Some(cache) = &spec.kv_cache {
+        let page = match cache.layout {
+            CacheLayout::Paged { page_size, .. } => page_size,
+            CacheLayout::Contiguous { .. } => 0,
+        };
+        key += &format!(
+            " new{} page{} rot{}",
+            log2(cache.seqlen_new),
+            log2(page),
+            cache.rotary.is_some() as u8
+        );
     }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("flashattn"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("flashattn"))
+    key
 }

@@ -8,6 +8,7 @@ pub const KNOWN_BACKENDS: &[&str] = &["cuda", "wgpu", "cpu"];
 
 /// Tries to bring up backend `name`; the error says why it is unavailable here.
 pub fn open(name: &str) -> Result<Arc<dyn Backend>, Error> {
+    log::debug!("flashattn: bringing up backend {name}");
     match name {
         "cpu" => Ok(Arc::new(flashattn_cpu::CpuBackend::new())),
         #[cfg(feature = "wgpu")]

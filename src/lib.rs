@@ -2,7 +2,8 @@
 //!
 //! One API over several backends: a CPU backend that is always there, portable WGSL kernels
 //! through wgpu (feature `wgpu`), and a CUDA FlashAttention-3 path for Hopper (feature `cuda`).
-//! [`Runtime`] discovers what this machine offers and picks the fastest backend per problem.
+//! [`Runtime`] discovers what this machine offers and picks the fastest backend per problem
+//! and pass (forward, backward, decode).
 //!
 //! ```
 //! use flashattn::{AttentionSpec, TensorRef};
@@ -13,11 +14,18 @@
 //! ```
 
 mod autotune;
+mod canary;
+mod canary_problem;
 mod discovery;
+mod rotary;
 mod runtime;
+mod settings;
+mod store;
 
 pub use flashattn_core::*;
-pub use runtime::{BackendStatus, Runtime, Selection};
+pub use rotary::rotary_tables;
+pub use runtime::{BackendStatus, Opener, Runtime, Selection};
+pub use settings::Settings;
 
 pub use flashattn_cpu as cpu;
 #[cfg(feature = "cuda")]
@@ -32,7 +40,39 @@ pub fn attention(
     k: TensorRef<'_>,
     v: TensorRef<'_>,
 ) -> Result<Output> {
-    let runtime = Runtime::global();
-    let selection = runtime.select(spec)?;
+    let selection = Runtime::global().select(spec)?;
     selection.backend.forward(spec, q, k, v)
+}
+
+/// The gradients dq, dk, dv of a loss whose gradient with respect to the forward's output is
+/// `dout`, given the forward's inputs, output and LSE (run the forward with `return_lse`).
+/// Runs on the backend the process-wide runtime picks for the backward pass.
+pub fn attention_backward(
+    spec: &AttentionSpec,
+    q: TensorRef<'_>,
+    k: TensorRef<'_>,
+    v: TensorRef<'_>,
+    out: TensorRef<'_>,
+    lse: &[f32],
+    dout: TensorRef<'_>,
+) -> Result<Grads> {
+    let selection = Runtime::global().select_for(spec, Pass::Backward)?;
+    let inputs = BackwardInputs {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+    };
+    selection.backend.backward(spec, inputs)
+}
+
+/// One decode step against host KV caches (`spec.kv_cache` holds the cache's arguments):
+/// appends the new rows in place, then attends. Runs on the backend the process-wide runtime
+/// picks for decode; a serving loop that keeps its cache on a device uses
+/// [`Runtime::kv_cache`] instead.
+pub fn decode(spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
+    let selection = Runtime::global().select_for(spec, Pass::Decode)?;
+    selection.backend.decode(spec, inputs)
 }

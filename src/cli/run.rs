@@ -84,7 +84,7 @@ pub fn run(args: RunArgs) -> CliResult<i32> {
     let runtime = Runtime::new();
     let choice = (args.backend != "auto").then_some(args.backend.as_str());
     let selection = runtime
-        .select_with(spec, choice)
+        .select_with(spec, flashattn::Pass::Forward, choice)
         .map_err(|e| e.to_string())?;
     let backend = &selection.backend;
     if !args.json {
