@@ -1,25 +1,41 @@
-//! `flashattn bench`: device-resident timings of one shape or a sweep, with naive attention beside.
+//! `flashattn bench`: device-resident timings of one shape or a sweep, for the forward pass,
+//! the backward pass (`--backward`) or a decode step (`--decode`), with their peers beside:
+//! naive attention (`--compare-naive`), or for decode a copy of the same bytes.
 
+use super::bench_record::{measure, Record};
+use super::decode_spec::{CacheArgs, DEFAULT_CACHE_LEN};
+use super::outputs::Outputs;
 use super::shape::ShapeArgs;
-use super::{plot, CliResult};
+use super::{budget, plot, CliResult};
 use flashattn::{Algorithm, AttentionSpec, Backend, BenchPlan, Pass, Runtime};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 const SWEEP_SEQLENS: &[usize] = &[512, 1024, 2048, 4096, 8192, 16384];
+const SWEEP_CACHE_LENS: &[usize] = &[1024, 4096, 16384, 65536];
 const SWEEP_HEAD_DIMS: &[usize] = &[64, 128, 256];
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     shape: ShapeArgs,
-    /// Sweep seqlen 512..16384 and head_dim 64/128/256, causal off and on (lists below override).
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Time the backward pass (TFLOP/s counting it as 2.5 x the forward's FLOPs).
+    #[arg(long)]
+    backward: bool,
+    /// Time one decode step against a KV cache: time per step and GB/s of the K/V rows
+    /// attended, beside a copy of the same bytes on the same backend.
+    #[arg(long, conflicts_with_all = ["backward", "compare_naive", "seqlen_k"])]
+    decode: bool,
+    /// Sweep seqlen 512..16384 (decode: cache lengths 1024..65536) and head_dim 64/128/256,
+    /// causal off and on (lists below override).
     #[arg(long)]
     sweep: bool,
-    /// Sequence lengths to run (seqlen_q = seqlen_k), comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    /// Sequence lengths to run (seqlen_q = seqlen_k; with --decode the cache lengths),
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with = "cache_len")]
     seqlens: Vec<usize>,
     /// Head dimensions to run (head_dim = head_dim_v), comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -27,9 +43,10 @@ pub struct BenchArgs {
     /// Run every shape without and with the causal mask.
     #[arg(long)]
     both_causal: bool,
-    /// auto (the runtime's pick), all (every available backend), or a comma-separated list.
-    #[arg(long, default_value = "auto")]
-    backend: String,
+    /// auto, all (every available backend), or a comma-separated list
+    /// [default: FLASHATTN_BACKEND, else auto].
+    #[arg(long)]
+    backend: Option<String>,
     /// Untimed runs before timing.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -42,7 +59,7 @@ pub struct BenchArgs {
     /// Print the records as a JSON list instead of a table.
     #[arg(long)]
     json: bool,
-    /// Draw TFLOP/s against seqlen per backend into this SVG file.
+    /// Draw throughput against length per backend into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Seed of the random inputs.
@@ -50,55 +67,55 @@ pub struct BenchArgs {
     seed: u64,
 }
 
-#[derive(Serialize, Clone, Debug)]
-pub struct Shape {
-    pub batch: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub seqlen_q: usize,
-    pub seqlen_k: usize,
-    pub head_dim: usize,
-    pub head_dim_v: usize,
-    pub dtype: String,
-    pub causal: bool,
-}
-
-#[derive(Serialize, Clone, Debug)]
-pub struct Measured {
-    pub time_ms: Option<f64>,
-    pub tflops: Option<f64>,
-    pub extra_bytes: Option<u64>,
-    pub error: Option<String>,
-}
-
-#[derive(Serialize, Clone, Debug)]
-pub struct Record {
-    pub backend: String,
-    pub device: String,
-    pub spec: String,
-    pub shape: Shape,
-    pub time_ms: Option<f64>,
-    pub tflops: Option<f64>,
-    pub extra_bytes: Option<u64>,
-    pub error: Option<String>,
-    pub naive: Option<Measured>,
+impl BenchArgs {
+    fn pass(&self) -> Pass {
+        match (self.backward, self.decode) {
+            (true, _) => Pass::Backward,
+            (_, true) => Pass::Decode,
+            _ => Pass::Forward,
+        }
+    }
 }
 
 pub fn bench(args: BenchArgs) -> CliResult<i32> {
     if args.iters == 0 {
         return Err("--iters must be at least 1".into());
     }
-    let specs = specs(&args)?;
-    let runtime = Runtime::new();
-    let jobs = jobs(&runtime, &args.backend, &specs)?;
+    let pass = args.pass();
     let plan = BenchPlan {
         warmup: args.warmup,
         iters: args.iters,
         seed: args.seed,
-        pass: Pass::Forward,
+        pass,
     };
-    let runs_per_job = (plan.warmup + plan.iters) as u64 * if args.compare_naive { 2 } else { 1 };
-    let bar = ProgressBar::new(runs_per_job * jobs.len() as u64);
+    let runs = plan.runs().map_err(|_| {
+        format!(
+            "--warmup {} + --iters {} overflows",
+            args.warmup, args.iters
+        )
+    })?;
+    let mut outputs = match &args.plot {
+        Some(path) => Outputs::prepare(&[("--plot", path)], &[])?,
+        None => Outputs::prepare(&[], &[])?,
+    };
+    let specs = specs(&args)?;
+    for spec in &specs {
+        let what = format!("the buffers of {spec}");
+        budget::check(&what, budget::bench_bytes(spec, pass))?;
+    }
+    let runtime = Runtime::from_env().map_err(|e| e.to_string())?;
+    let jobs = jobs(&runtime, args.backend.as_deref(), &specs, pass)?;
+    let peers = 1 + (args.compare_naive || args.decode) as usize;
+    let total = runs
+        .checked_mul(peers)
+        .and_then(|r| r.checked_mul(jobs.len()))
+        .ok_or_else(|| {
+            format!(
+                "--warmup {} + --iters {} overflows",
+                args.warmup, args.iters
+            )
+        })?;
+    let bar = ProgressBar::new(total as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} runs  {msg}")
             .map_err(|e| e.to_string())?
@@ -107,45 +124,52 @@ pub fn bench(args: BenchArgs) -> CliResult<i32> {
     let mut records = Vec::new();
     for (backend, spec) in &jobs {
         bar.set_message(format!("{} {spec}", backend.name()));
-        let flash = measure(backend.as_ref(), spec, Algorithm::Flash, &plan, &bar);
+        let b = backend.as_ref();
+        let flash = measure(b, spec, Algorithm::Flash, &plan, &bar);
         let naive = args
             .compare_naive
-            .then(|| measure(backend.as_ref(), spec, Algorithm::Naive, &plan, &bar));
-        let record = Record {
-            backend: backend.name().to_string(),
-            device: backend.device(),
-            spec: spec.to_string(),
-            shape: shape_of(spec),
-            time_ms: flash.time_ms,
-            tflops: flash.tflops,
-            extra_bytes: flash.extra_bytes,
-            error: flash.error,
-            naive,
-        };
+            .then(|| measure(b, spec, Algorithm::Naive, &plan, &bar));
+        let copy = args
+            .decode
+            .then(|| measure(b, spec, Algorithm::Copy, &plan, &bar));
+        let record = Record::new(b, spec, pass, flash, naive, copy);
         if !args.json {
-            bar.suspend(|| println!("{}", table_row(&record)));
+            bar.suspend(|| println!("{}", record.table_row()));
         }
         records.push(record);
     }
     bar.finish_and_clear();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?
+        let text = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
+        println!("{text}");
+    }
+    let timed = records.iter().filter(|r| r.timed()).count();
+    if timed == 0 {
+        let why = records
+            .iter()
+            .find_map(|r| r.error.clone())
+            .unwrap_or_default();
+        eprintln!("error: nothing was timed: {why}");
+        return Ok(1);
+    }
+    if timed < records.len() {
+        eprintln!(
+            "{} of {} benchmarks failed (see above)",
+            records.len() - timed,
+            records.len()
         );
     }
     if let Some(path) = &args.plot {
-        plot::tflops_vs_seqlen(path, &records)?;
+        let svg = plot::svg(&records, pass)?;
+        outputs.write_with("--plot", |w| w.write_all(svg.as_bytes()))?;
         if !args.json {
             println!("plot written to {}", path.display());
         }
     }
-    let failed = records.iter().all(|r| r.error.is_some());
-    Ok(if failed { 1 } else { 0 })
+    Ok(0)
 }
 
 fn specs(args: &BenchArgs) -> CliResult<Vec<AttentionSpec>> {
-    let base = args.shape.to_spec()?;
     let pick = |list: &Vec<usize>, sweep: &[usize], one: usize| -> Vec<usize> {
         match (list.is_empty(), args.sweep) {
             (false, _) => list.clone(),
@@ -153,28 +177,43 @@ fn specs(args: &BenchArgs) -> CliResult<Vec<AttentionSpec>> {
             (true, false) => vec![one],
         }
     };
-    let explicit_lengths = !args.seqlens.is_empty() || args.sweep;
-    let seqlens = pick(&args.seqlens, SWEEP_SEQLENS, base.seqlen_q);
-    let head_dims = pick(&args.head_dims, SWEEP_HEAD_DIMS, base.head_dim);
+    let lengths_given = !args.seqlens.is_empty() || args.sweep;
+    let (sweep_lengths, one) = if args.decode {
+        let one = args.cache.cache_len.unwrap_or(DEFAULT_CACHE_LEN);
+        (SWEEP_CACHE_LENS, one)
+    } else {
+        (SWEEP_SEQLENS, args.shape.seqlen_q.unwrap_or(1024))
+    };
+    let lengths = pick(&args.seqlens, sweep_lengths, one);
+    let head_dims = pick(
+        &args.head_dims,
+        SWEEP_HEAD_DIMS,
+        args.shape.head_dim.unwrap_or(64),
+    );
     let causal_modes = if args.both_causal || args.sweep {
         vec![false, true]
     } else {
-        vec![base.causal]
+        vec![args.shape.mask.causal]
     };
     let mut specs = Vec::new();
     for &d in &head_dims {
         for &causal in &causal_modes {
-            for &s in &seqlens {
-                let mut spec = base.clone().causal(causal);
-                if explicit_lengths {
-                    spec.seqlen_q = s;
-                    spec.seqlen_k = s;
-                }
+            for &len in &lengths {
+                let mut shape = args.shape.clone();
+                shape.mask.causal = causal;
                 if !args.head_dims.is_empty() || args.sweep {
-                    spec.head_dim = d;
-                    spec.head_dim_v = d;
+                    shape.head_dim = Some(d);
+                    shape.head_dim_v = Some(d);
                 }
-                spec.validate().map_err(|e| e.to_string())?;
+                let spec = if args.decode {
+                    args.cache.spec(&shape, len)?
+                } else {
+                    if lengths_given {
+                        shape.seqlen_q = Some(len);
+                        shape.seqlen_k = Some(len);
+                    }
+                    shape.to_spec()?
+                };
                 specs.push(spec);
             }
         }
@@ -182,25 +221,29 @@ fn specs(args: &BenchArgs) -> CliResult<Vec<AttentionSpec>> {
     Ok(specs)
 }
 
-/// (backend, spec) pairs to run, in order.
+/// (backend, spec) pairs to run, in order. `choice`: `None` follows FLASHATTN_BACKEND,
+/// "auto" the runtime's pick, "all" every available backend, else a comma-separated list.
 fn jobs(
     runtime: &Runtime,
-    choice: &str,
+    choice: Option<&str>,
     specs: &[AttentionSpec],
+    pass: Pass,
 ) -> CliResult<Vec<(Arc<dyn Backend>, AttentionSpec)>> {
     let mut jobs = Vec::new();
     for spec in specs {
-        match choice {
-            "auto" => {
-                let s = runtime.select(spec).map_err(|e| e.to_string())?;
+        match choice.map(str::trim) {
+            None | Some("auto") => {
+                let s = runtime
+                    .select_with(spec, pass, choice)
+                    .map_err(|e| e.to_string())?;
                 jobs.push((s.backend, spec.clone()));
             }
-            "all" => {
+            Some("all") => {
                 for b in runtime.backends() {
-                    jobs.push((b.clone(), spec.clone()));
+                    jobs.push((b, spec.clone()));
                 }
             }
-            list => {
+            Some(list) => {
                 for name in list.split(',').map(str::trim) {
                     let b = runtime.backend(name).map_err(|e| e.to_string())?;
                     jobs.push((b, spec.clone()));
@@ -209,88 +252,4 @@ fn jobs(
         }
     }
     Ok(jobs)
-}
-
-fn measure(
-    backend: &dyn Backend,
-    spec: &AttentionSpec,
-    algo: Algorithm,
-    plan: &BenchPlan,
-    bar: &ProgressBar,
-) -> Measured {
-    let result = backend
-        .supports(spec)
-        .and_then(|_| backend.bench(spec, algo, plan, &mut || bar.inc(1)));
-    match result {
-        Ok(m) => {
-            let time_ms = m.median_ms();
-            Measured {
-                time_ms,
-                tflops: time_ms.map(|t| spec.flops() / (t * 1e-3) / 1e12),
-                extra_bytes: m.extra_bytes,
-                error: None,
-            }
-        }
-        Err(e) => Measured {
-            time_ms: None,
-            tflops: None,
-            extra_bytes: None,
-            error: Some(e.to_string()),
-        },
-    }
-}
-
-fn shape_of(spec: &AttentionSpec) -> Shape {
-    Shape {
-        batch: spec.batch,
-        heads: spec.heads_q,
-        kv_heads: spec.heads_kv,
-        seqlen_q: spec.seqlen_q,
-        seqlen_k: spec.seqlen_k,
-        head_dim: spec.head_dim,
-        head_dim_v: spec.head_dim_v,
-        dtype: spec.dtype.to_string(),
-        causal: spec.causal,
-    }
-}
-
-fn table_row(r: &Record) -> String {
-    let mut line = format!("{:<5} {:<44}", r.backend, r.spec);
-    match (&r.error, r.time_ms, r.tflops) {
-        (Some(e), _, _) => line += &format!(" error: {e}"),
-        (None, Some(t), Some(f)) => {
-            line += &format!(
-                " {t:>10.3} ms {:>9.4} TFLOP/s  extra {}",
-                f,
-                bytes(r.extra_bytes)
-            )
-        }
-        _ => line += " no timing",
-    }
-    if let Some(n) = &r.naive {
-        match (&n.error, n.time_ms) {
-            (Some(e), _) => line += &format!(" | naive error: {e}"),
-            (None, Some(t)) => {
-                line += &format!(" | naive {t:.3} ms extra {}", bytes(n.extra_bytes));
-                if let Some(ours) = r.time_ms {
-                    line += &format!(" | {:.2}x faster", t / ours);
-                }
-                if let (Some(a), Some(b)) = (r.extra_bytes, n.extra_bytes) {
-                    line += &format!(", {:.0}x less memory", b as f64 / (a.max(1)) as f64);
-                }
-            }
-            _ => {}
-        }
-    }
-    line
-}
-
-fn bytes(b: Option<u64>) -> String {
-    match b {
-        None => "n/a".into(),
-        Some(b) if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
-        Some(b) if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
-        Some(b) if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        Some(b) => format!("{b} B"),
-    }
 }

@@ -11,7 +11,7 @@ pub struct InfoArgs {
 }
 
 pub fn info(args: InfoArgs) -> CliResult<i32> {
-    let runtime = Runtime::new();
+    let runtime = Runtime::from_env().map_err(|e| e.to_string())?;
     if args.json {
         let list: Vec<_> = runtime
             .statuses()

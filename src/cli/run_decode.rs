@@ -1,0 +1,174 @@
+//! `flashattn run --decode`: one decode step against a random KV cache (append the new rows,
+//! then attend), checked against the f64 reference's output, LSE and caches after the append.
+
+use super::decode_spec::DEFAULT_CACHE_LEN;
+use super::run::{finish, finite_or_null, Check, Report, RunArgs};
+use super::{budget, CliResult};
+use flashattn::{
+    lse_max_error, random_inputs, random_tensor, reference_decode, rel_l2_error, AttentionSpec,
+    DType, DecodeInputs, Pass, Tensor,
+};
+use rand::SeedableRng;
+use std::time::Instant;
+
+pub fn run(args: &RunArgs) -> CliResult<i32> {
+    let mut outputs = args.outputs()?;
+    let cache_len = args.cache.cache_len.unwrap_or(DEFAULT_CACHE_LEN);
+    let mut spec = args.cache.spec(&args.shape, cache_len)?;
+    if let Some(path) = &args.alibi {
+        spec = super::run_inputs::with_alibi(spec, path)?;
+    }
+    spec.return_lse = args.lse.is_some() || args.check;
+    spec.validate().map_err(|e| e.to_string())?;
+    let spec = &spec;
+    budget::check(
+        "the inputs and results of this decode step",
+        budget::run_bytes(spec, Pass::Decode, args.check),
+    )?;
+    let (q, k_cache, v_cache) = random_inputs(spec, args.seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0xdec0de);
+    let k_new = random_tensor(&mut rng, spec.dtype, spec.k_new_elems().unwrap_or(0));
+    let v_new = random_tensor(&mut rng, spec.dtype, spec.v_new_elems().unwrap_or(0));
+    let has_new = !k_new.is_empty();
+    let selection = args.select(spec, Pass::Decode)?;
+    let (mut k_after, mut v_after) = (k_cache.clone(), v_cache.clone());
+    let start = Instant::now();
+    let output = selection
+        .backend
+        .decode(
+            spec,
+            DecodeInputs {
+                q: q.as_ref(),
+                k_cache: k_after.as_mut(),
+                v_cache: v_after.as_mut(),
+                k_new: has_new.then(|| k_new.as_ref()),
+                v_new: has_new.then(|| v_new.as_ref()),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    let time_ms = start.elapsed().as_secs_f64() * 1e3;
+    let out = output.out.to_f32_vec();
+
+    let check =
+        if args.check {
+            if !args.json {
+                eprintln!("checking against the f64 reference decode ...");
+            }
+            let want = reference_decode(
+                spec,
+                q.as_ref(),
+                k_cache.as_ref(),
+                v_cache.as_ref(),
+                has_new.then(|| k_new.as_ref()),
+                has_new.then(|| v_new.as_ref()),
+            )
+            .map_err(|e| e.to_string())?;
+            let rel_l2 = rel_l2_error(&out, &want.out);
+            let lse_err = output
+                .lse
+                .as_ref()
+                .map_or(f64::INFINITY, |l| lse_max_error(l, &want.lse));
+            let (k_err, k_kept) = cache_error(spec, &k_cache, &k_after, &want.k_cache);
+            let (v_err, v_kept) = cache_error(spec, &v_cache, &v_after, &want.v_cache);
+            let tolerance = spec.dtype.tolerance();
+            let new_err = k_err.max(v_err);
+            Some(Check {
+                fields: serde_json::json!({
+                    "rel_l2": finite_or_null(rel_l2),
+                    "lse_max_abs": finite_or_null(lse_err),
+                    "appended_rows_rel_l2": finite_or_null(new_err),
+                    "other_rows_unchanged": k_kept && v_kept,
+                    "tolerance": tolerance,
+                }),
+                line: format!(
+                "relative L2 error {rel_l2:.3e} (tolerance {tolerance:.0e}), LSE max abs error \
+                 {lse_err:.3e}, appended cache rows {new_err:.3e}, other cache rows {}",
+                if k_kept && v_kept { "unchanged" } else { "CHANGED" }
+            ),
+                passed: rel_l2 <= tolerance
+                    && lse_err <= spec.dtype.lse_tolerance()
+                    && new_err <= tolerance
+                    && k_kept
+                    && v_kept,
+            })
+        } else {
+            None
+        };
+
+    let out_shape = [spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim_v];
+    let file_dtype = match spec.dtype {
+        DType::F16 => DType::F16,
+        _ => DType::F32,
+    };
+    outputs.write("--out", &out_shape, &out, file_dtype)?;
+    if let Some(lse) = &output.lse {
+        outputs.write(
+            "--lse",
+            &[spec.batch, spec.heads_q, spec.seqlen_q],
+            lse,
+            DType::F32,
+        )?;
+    }
+    let kv_bytes = kv_bytes_read(spec);
+    Ok(finish(
+        args,
+        Report {
+            selection: &selection,
+            spec,
+            pass: Pass::Decode,
+            fields: serde_json::json!({"time_ms": time_ms, "kv_bytes_read": kv_bytes}),
+            summary: format!(
+                "{spec}: {time_ms:.3} ms host wall time ({} of K/V attended, includes transfers)",
+                budget::human(kv_bytes as u128)
+            ),
+            check,
+        },
+    ))
+}
+
+/// Bytes of K and V a decode step attends: `seqlens[b] + seqlen_new` rows per sequence, each
+/// `heads_kv x (head_dim + head_dim_v)` elements. Requires a validated decode spec.
+pub fn kv_bytes_read(spec: &AttentionSpec) -> u64 {
+    let row = (spec.heads_kv * (spec.head_dim + spec.head_dim_v) * spec.dtype.size_bytes()) as u64;
+    (0..spec.batch)
+        .map(|b| spec.seq(b).k_len as u64 * row)
+        .sum()
+}
+
+/// The relative L2 error of the rows this step appended (against the reference's cache after
+/// the append), and whether every other row is bitwise what it was before.
+fn cache_error(spec: &AttentionSpec, before: &Tensor, after: &Tensor, want: &[f64]) -> (f64, bool) {
+    let Some(cache) = &spec.kv_cache else {
+        return (f64::INFINITY, false);
+    };
+    let rows = spec.k_tokens().unwrap_or(0).max(1);
+    let width = before.len() / rows;
+    let mut appended = vec![false; rows];
+    for b in 0..spec.batch {
+        let used = cache.seqlens[b] as usize;
+        for pos in used..used + cache.seqlen_new {
+            appended[cache.row(b, pos)] = true;
+        }
+    }
+    let (before, after) = (before.to_f32_vec(), after.to_f32_vec());
+    let (mut got, mut expected) = (Vec::new(), Vec::new());
+    let mut kept = true;
+    for (r, &is_new) in appended.iter().enumerate() {
+        let span = r * width..(r + 1) * width;
+        if is_new {
+            got.extend_from_slice(&after[span.clone()]);
+            expected.extend_from_slice(&want[span]);
+        } else {
+            kept &= after[span.clone()]
+                .iter()
+                .zip(&before[span])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        }
+    }
+    let err = if got.is_empty() {
+        0.0
+    } else {
+        rel_l2_error(&got, &expected)
+    };
+    (err, kept)
+}

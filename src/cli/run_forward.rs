@@ -1,0 +1,85 @@
+//! `flashattn run`: the forward pass.
+
+use super::run::{finish, finite_or_null, Check, Report, RunArgs};
+use super::run_inputs::{InputArgs, Problem};
+use super::CliResult;
+use flashattn::{lse_max_error, reference_attention, rel_l2_error, DType, Pass};
+use std::time::Instant;
+
+pub fn run(args: &RunArgs) -> CliResult<i32> {
+    let mut outputs = args.outputs()?;
+    let problem = Problem::load(&InputArgs {
+        shape: &args.shape,
+        files: files(args),
+        alibi: args.alibi.as_ref(),
+        seed: args.seed,
+        pass: Pass::Forward,
+        check: args.check,
+        return_lse: args.lse.is_some() || args.check,
+    })?;
+    let spec = &problem.spec;
+    let selection = args.select(spec, Pass::Forward)?;
+    let (q, k, v) = (problem.q.as_ref(), problem.k.as_ref(), problem.v.as_ref());
+    let start = Instant::now();
+    let output = selection
+        .backend
+        .forward(spec, q, k, v)
+        .map_err(|e| e.to_string())?;
+    let time_ms = start.elapsed().as_secs_f64() * 1e3;
+    let out = output.out.to_f32_vec();
+
+    let check = if args.check {
+        if !args.json {
+            eprintln!("checking against the f64 reference ...");
+        }
+        let reference = reference_attention(spec, q, k, v).map_err(|e| e.to_string())?;
+        let rel_l2 = rel_l2_error(&out, &reference.out);
+        let lse_err = output
+            .lse
+            .as_ref()
+            .map_or(f64::INFINITY, |l| lse_max_error(l, &reference.lse));
+        let tolerance = spec.dtype.tolerance();
+        Some(Check {
+            fields: serde_json::json!({
+                "rel_l2": finite_or_null(rel_l2),
+                "lse_max_abs": finite_or_null(lse_err),
+                "tolerance": tolerance,
+            }),
+            line: format!(
+                "relative L2 error {rel_l2:.3e} (tolerance {tolerance:.0e}), LSE max abs error {lse_err:.3e}"
+            ),
+            passed: rel_l2 <= tolerance && lse_err <= spec.dtype.lse_tolerance(),
+        })
+    } else {
+        None
+    };
+
+    let out_shape = [spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim_v];
+    outputs.write("--out", &out_shape, &out, problem.file_dtype)?;
+    if let Some(lse) = &output.lse {
+        let lse_shape = [spec.batch, spec.heads_q, spec.seqlen_q];
+        outputs.write("--lse", &lse_shape, lse, DType::F32)?;
+    }
+    let gflop = spec.flops() / 1e9;
+    Ok(finish(
+        args,
+        Report {
+            selection: &selection,
+            spec,
+            pass: Pass::Forward,
+            fields: serde_json::json!({"time_ms": time_ms, "gflop": gflop}),
+            summary: format!(
+                "{spec}: {time_ms:.3} ms host wall time ({gflop:.3} GFLOP, includes transfers)"
+            ),
+            check,
+        },
+    ))
+}
+
+/// The .npy inputs, when given.
+pub fn files(args: &RunArgs) -> Option<(&std::path::Path, &std::path::Path, &std::path::Path)> {
+    match (&args.q, &args.k, &args.v) {
+        (Some(q), Some(k), Some(v)) => Some((q, k, v)),
+        _ => None,
+    }
+}
