@@ -1,13 +1,12 @@
 //! Small JSON files in the cache directory that several processes update at once (autotune
 //! timings, canary verdicts). An update re-reads the file under an exclusive lock, applies the
-//! change and replaces the file through a temporary file with a name of its own, so concurrent
+//! change and replaces the file through a temporary file of its own, so concurrent
 //! writers never lose each other's entries and a reader never sees half a file.
 
 use serde_json::Value;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Files larger than this are not a cache we wrote: ignored rather than read.
 const MAX_BYTES: u64 = 16 << 20;
@@ -69,31 +68,13 @@ impl JsonStore {
         }
         change(&mut value);
         let text = serde_json::to_string_pretty(&value).map_err(std::io::Error::other)?;
-        let tmp = unique_temp_path(&self.path);
-        let written =
-            write_new(&tmp, text.as_bytes()).and_then(|_| std::fs::rename(&tmp, &self.path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        // A temporary file of its own beside the target, renamed over it (removed on failure).
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.persist(&self.path).map_err(|e| e.error)?;
         // Dropping `lock` releases it.
-        written
+        Ok(())
     }
-}
-
-/// A file name beside `target` that no other process or thread uses: `.NAME.PID.N.tmp`.
-pub(crate) fn unique_temp_path(target: &Path) -> PathBuf {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = target
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    target.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
-}
-
-/// Creates `path` (which must not exist) and writes `bytes` to it.
-fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    f.write_all(bytes)
 }
 
 /// Creates `dir` and its parents, readable only by this user where the platform has modes.

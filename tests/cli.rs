@@ -1,50 +1,9 @@
 //! The `flashattn` binary: .npy round trips checked against the reference, JSON output, error exits.
 
-use assert_cmd::Command;
+mod common;
+
+use common::cli::{assert_clean_error, cli, read_f32, write_npy};
 use flashattn::{reference_attention, rel_l2_error, AttentionSpec, DType, Tensor};
-use npyz::WriterBuilder;
-use std::path::Path;
-
-fn cli() -> Command {
-    let mut c = Command::cargo_bin("flashattn").unwrap();
-    c.env("FLASHATTN_AUTOTUNE", "0")
-        .env_remove("FLASHATTN_BACKEND");
-    c
-}
-
-fn write_npy<T: npyz::Serialize + npyz::AutoSerialize + Copy>(
-    path: &Path,
-    shape: &[u64],
-    data: &[T],
-) {
-    let mut file = std::fs::File::create(path).unwrap();
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(&mut file)
-        .begin_nd()
-        .unwrap();
-    w.extend(data.iter().copied()).unwrap();
-    w.finish().unwrap();
-}
-
-fn read_f32(path: &Path) -> (Vec<u64>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let f = npyz::NpyFile::new(&bytes[..]).unwrap();
-    let shape = f.shape().to_vec();
-    (shape, f.into_vec::<f32>().unwrap())
-}
-
-/// Stderr of a failed run: one `error:` line, no panic.
-fn assert_clean_error(out: &std::process::Output, fragment: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert!(
-        err.contains(fragment),
-        "stderr '{err}' should contain '{fragment}'"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-}
 
 #[test]
 fn npy_round_trip_matches_the_reference() {

@@ -3,6 +3,8 @@
 //! selection, autotune and the canary can be tested without depending on real devices.
 #![allow(dead_code)] // each test binary uses part of it
 
+pub mod cli;
+
 use flashattn::{
     reference_attention, reference_backward, reference_decode, Algorithm, AttentionSpec, Backend,
     BackwardInputs, BenchMeasure, BenchPlan, DType, DecodeInputs, Error, Grads, Output, Pass,
