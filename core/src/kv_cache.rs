@@ -195,7 +195,7 @@ impl KvCache {
                     "must be >= 0",
                 ));
             }
-            if len as usize > capacity || len as usize + self.seqlen_new > capacity {
+            if (len as usize).saturating_add(self.seqlen_new) > capacity {
                 return Err(Error::invalid(
                     "kv_cache.seqlens",
                     format!("seqlens[{b}] = {len} + {} new", self.seqlen_new),
@@ -361,7 +361,7 @@ impl KvCache {
             let needed = self
                 .seqlens
                 .iter()
-                .map(|&l| l as usize + self.seqlen_new.max(q_span))
+                .map(|&l| (l as usize).saturating_add(self.seqlen_new.max(q_span)))
                 .max()
                 .unwrap_or(0);
             if r.seqlen() < needed {
