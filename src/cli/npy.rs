@@ -297,3 +297,125 @@ pub fn write(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The reader under fuzzing: any bytes, valid files with a byte changed or cut short,
+    //! headers of random text. Each gives a tensor or an error, never a panic.
+
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    fn parse_bytes(bytes: &[u8]) -> CliResult<NpyTensor> {
+        parse(bytes, bytes.len() as u64)
+    }
+
+    fn file(shape: &[usize], dtype: DType) -> Vec<u8> {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let mut bytes = Vec::new();
+        write(&mut bytes, shape, &values, dtype).unwrap();
+        bytes
+    }
+
+    fn shapes() -> impl Strategy<Value = Vec<usize>> {
+        prop::collection::vec(0usize..6, 0..5)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn any_bytes_are_a_tensor_or_an_error(
+            tail in prop::collection::vec(any::<u8>(), 0..200),
+            magic in any::<bool>(),
+        ) {
+            let mut bytes = if magic { b"\x93NUMPY".to_vec() } else { Vec::new() };
+            bytes.extend(tail);
+            let _ = parse_bytes(&bytes);
+        }
+
+        #[test]
+        fn changed_or_cut_files_are_a_tensor_or_an_error(
+            shape in shapes(),
+            f16 in any::<bool>(),
+            at in any::<Index>(),
+            byte in any::<u8>(),
+            cut in any::<Index>(),
+            claimed in 0u64..1 << 40,
+        ) {
+            let dtype = if f16 { DType::F16 } else { DType::F32 };
+            let mut bytes = file(&shape, dtype);
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            let _ = parse_bytes(&bytes);
+            let _ = parse_bytes(&bytes[..cut.index(bytes.len())]);
+            // A stream shorter or longer than the length it is said to have.
+            let _ = parse(&bytes[..], claimed);
+        }
+
+        #[test]
+        fn headers_of_random_text_are_a_tensor_or_an_error(
+            header in "\\{[ '\"a-z_:,()0-9<>TrueFalsL\\\\]{0,90}\\}[ \n]{0,3}",
+            data in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+            bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend(data);
+            let _ = parse_bytes(&bytes);
+        }
+
+        #[test]
+        fn what_is_written_reads_back_exactly(shape in shapes(), f16 in any::<bool>()) {
+            let dtype = if f16 { DType::F16 } else { DType::F32 };
+            let bytes = file(&shape, dtype);
+            let n: usize = shape.iter().product();
+            prop_assert_eq!((bytes.len() - n * dtype.size_bytes()) % ALIGN, 0, "data is aligned");
+            let t = parse_bytes(&bytes).unwrap();
+            prop_assert_eq!(&t.shape, &shape);
+            prop_assert_eq!(t.data.dtype(), dtype);
+            let want: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 3.0).collect();
+            let want = Tensor::from_f32(dtype, &want);
+            prop_assert_eq!(t.data, want);
+        }
+    }
+
+    #[test]
+    fn numpy_headers_parse() {
+        let h = Header::parse(b"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }   \n")
+            .unwrap();
+        assert_eq!(
+            (h.descr.as_str(), h.fortran_order, h.shape),
+            ("<f4", false, vec![2, 3])
+        );
+        let h = Header::parse(b"{\"shape\": (5L,), \"fortran_order\": True, \"descr\": \"<f2\"}")
+            .unwrap();
+        assert_eq!(
+            (h.descr.as_str(), h.fortran_order, h.shape),
+            ("<f2", true, vec![5])
+        );
+        assert_eq!(
+            Header::parse(b"{'descr':'<f4','fortran_order':False,'shape':()}")
+                .unwrap()
+                .shape,
+            Vec::<usize>::new()
+        );
+        for bad in [
+            &b"{'descr': '<f4', 'shape': (2,)}"[..],
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}",
+            b"{'descr': '<f4', 'fortran_order': Maybe, 'shape': (2,)}",
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (-2,)}",
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999,)}",
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (2,)} trailing",
+            b"{'descr': '<f4",
+        ] {
+            assert!(
+                Header::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
