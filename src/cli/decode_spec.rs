@@ -105,3 +105,80 @@ impl CacheArgs {
             .map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashattn::CacheLayout;
+
+    fn shape(causal: bool, seqlen_q: Option<usize>) -> ShapeArgs {
+        let mut s = ShapeArgs {
+            batch: Some(3),
+            heads: Some(8),
+            kv_heads: Some(2),
+            head_dim: Some(32),
+            seqlen_q,
+            ..ShapeArgs::default()
+        };
+        s.mask.causal = causal;
+        s
+    }
+
+    #[test]
+    fn paged_caches_hold_distinct_interleaved_pages_and_enough_rotary_positions() {
+        let args = CacheArgs {
+            new_tokens: Some(2),
+            page_size: Some(5),
+            rotary_dim: Some(16),
+            rotary_neox: true,
+            ..CacheArgs::default()
+        };
+        let spec = args.spec(&shape(true, Some(4)), 37).unwrap();
+        let cache = spec.kv_cache.as_ref().unwrap();
+        assert_eq!((spec.seqlen_q, cache.seqlen_new), (4, 2));
+        assert_eq!(cache.seqlens, vec![37; 3]);
+        let CacheLayout::Paged {
+            block_table,
+            max_blocks,
+            num_blocks,
+            ..
+        } = &cache.layout
+        else {
+            panic!("not paged: {:?}", cache.layout)
+        };
+        assert_eq!((*max_blocks, *num_blocks), (8, 24), "39 rows in pages of 5");
+        let mut pages = block_table.clone();
+        pages.sort_unstable();
+        assert_eq!(pages, (0..24).collect::<Vec<i32>>(), "every page once");
+        assert_eq!(&block_table[..2], &[0, 3], "sequences interleave");
+        let rotary = cache.rotary.as_ref().unwrap();
+        assert!(!rotary.interleaved);
+        // Causal q rows take positions 37..41.
+        assert_eq!(rotary.seqlen(), 41);
+    }
+
+    #[test]
+    fn query_rows_default_to_the_new_tokens() {
+        let args = CacheArgs {
+            new_tokens: Some(3),
+            ..CacheArgs::default()
+        };
+        let spec = args.spec(&shape(false, None), 10).unwrap();
+        assert_eq!(spec.seqlen_q, 3);
+        assert!(matches!(
+            spec.kv_cache.unwrap().layout,
+            CacheLayout::Contiguous {
+                batch_cache: 3,
+                seqlen_cache: 13
+            }
+        ));
+        let attend_only = CacheArgs {
+            new_tokens: Some(0),
+            ..CacheArgs::default()
+        };
+        assert_eq!(
+            attend_only.spec(&shape(false, None), 10).unwrap().seqlen_q,
+            1
+        );
+    }
+}

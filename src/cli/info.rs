@@ -1,4 +1,4 @@
-//! `flashattn info`: what this machine offers.
+//! `flashattn info`: what this machine offers (every backend is brought up to say so).
 
 use super::CliResult;
 use flashattn::Runtime;
@@ -36,6 +36,9 @@ pub fn info(args: InfoArgs) -> CliResult<i32> {
                 "unavailable"
             };
             println!("{:<5} {state} {}", s.name, s.detail);
+        }
+        if let Some(name) = &runtime.settings().forced {
+            println!("FLASHATTN_BACKEND={name}: every selection uses {name}");
         }
     }
     Ok(0)

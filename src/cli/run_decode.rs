@@ -172,3 +172,33 @@ fn cache_error(spec: &AttentionSpec, before: &Tensor, after: &Tensor, want: &[f6
     };
     (err, kept)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashattn::KvCache;
+
+    #[test]
+    fn cache_errors_see_the_appended_rows_and_any_other_change() {
+        // 2 sequences of 4 rows, 1 head of dim 2; sequence b appends at row seqlens[b].
+        let spec = AttentionSpec::new(2, 1, 1, 1, 2)
+            .kv_cache(KvCache::contiguous(2, 4, vec![1, 2]).seqlen_new(1));
+        let before = Tensor::F32((0..16).map(|x| x as f32).collect());
+        let mut want: Vec<f64> = (0..16).map(|x| x as f64).collect();
+        // Rows 1 (sequence 0) and 6 (sequence 1) are appended.
+        for i in [2, 3, 12, 13] {
+            want[i] = 100.0 + i as f64;
+        }
+        let after = Tensor::F32(want.iter().map(|&x| x as f32).collect());
+        assert_eq!(cache_error(&spec, &before, &after, &want), (0.0, true));
+        let mut wrong_row = want.clone();
+        wrong_row[12] = -1.0;
+        let after = Tensor::F32(wrong_row.iter().map(|&x| x as f32).collect());
+        assert!(cache_error(&spec, &before, &after, &want).0 > 0.1);
+        let mut touched = want.clone();
+        touched[0] = 0.5;
+        let after = Tensor::F32(touched.iter().map(|&x| x as f32).collect());
+        assert!(!cache_error(&spec, &before, &after, &want).1);
+        assert_eq!(kv_bytes_read(&spec), (2 + 3) * 2 * 2 * 4);
+    }
+}
