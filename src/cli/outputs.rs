@@ -45,6 +45,11 @@ impl Outputs {
         Ok(Outputs { pending })
     }
 
+    /// Whether the output of `flag` was asked for (and is not written yet).
+    pub fn wants(&self, flag: &str) -> bool {
+        self.pending.iter().any(|p| p.0 == flag)
+    }
+
     /// Writes the output of `flag` (if it was asked for) as .npy and puts it in place.
     pub fn write(
         &mut self,

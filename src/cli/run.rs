@@ -5,7 +5,7 @@ use super::decode_spec::CacheArgs;
 use super::outputs::{FileArg, Outputs};
 use super::shape::ShapeArgs;
 use super::{run_backward, run_decode, run_forward, CliResult};
-use flashattn::{AttentionSpec, Pass, Runtime, Selection};
+use flashattn::{AttentionSpec, DType, Pass, Runtime, Selection};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -174,6 +174,24 @@ pub fn finish(args: &RunArgs, report: Report<'_>) -> i32 {
         Some(Check { passed: false, .. }) => 1,
         _ => 0,
     }
+}
+
+/// Writes `--out` (`out` in `file_dtype`) and `--lse`, where asked for, of a forward or decode
+/// output: out `[batch, seqlen_q, heads, head_dim_v]`, LSE f32 `[batch, heads, seqlen_q]`.
+pub fn write_out_and_lse(
+    outputs: &mut Outputs,
+    spec: &AttentionSpec,
+    out: &[f32],
+    lse: Option<&[f32]>,
+    file_dtype: DType,
+) -> CliResult<()> {
+    let (b, sq, h) = (spec.batch, spec.seqlen_q, spec.heads_q);
+    outputs.write("--out", &[b, sq, h, spec.head_dim_v], out, file_dtype)?;
+    if outputs.wants("--lse") {
+        let lse = lse.ok_or("the backend returned no LSE")?;
+        outputs.write("--lse", &[b, h, sq], lse, DType::F32)?;
+    }
+    Ok(())
 }
 
 /// A JSON number, or null for infinities and NaN (which JSON cannot hold).

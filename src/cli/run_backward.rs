@@ -1,12 +1,12 @@
 //! `flashattn run --backward`: the forward pass (for out and LSE), then the backward pass of
 //! a random (or given) output gradient, both on the backend selected for the backward.
 
-use super::run::{finish, finite_or_null, Check, Report, RunArgs};
+use super::run::{finish, finite_or_null, write_out_and_lse, Check, Report, RunArgs};
 use super::run_forward::files;
 use super::run_inputs::{InputArgs, Problem};
 use super::CliResult;
 use flashattn::testing::backward_tolerance;
-use flashattn::{reference_backward, rel_l2_error, BackwardInputs, DType, Pass};
+use flashattn::{reference_backward, rel_l2_error, BackwardInputs, Pass};
 use std::time::Instant;
 
 pub fn run(args: &RunArgs) -> CliResult<i32> {
@@ -80,8 +80,7 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
     let (b, sq, sk) = (spec.batch, spec.seqlen_q, spec.seqlen_k);
     let (hq, hkv, d, dv_dim) = (spec.heads_q, spec.heads_kv, spec.head_dim, spec.head_dim_v);
     let fd = problem.file_dtype;
-    outputs.write("--out", &[b, sq, hq, dv_dim], &fwd.out.to_f32_vec(), fd)?;
-    outputs.write("--lse", &[b, hq, sq], &lse, DType::F32)?;
+    write_out_and_lse(&mut outputs, spec, &fwd.out.to_f32_vec(), Some(&lse), fd)?;
     outputs.write("--out-dq", &[b, sq, hq, d], &dq, fd)?;
     outputs.write("--out-dk", &[b, sk, hkv, d], &dk, fd)?;
     outputs.write("--out-dv", &[b, sk, hkv, dv_dim], &dv, fd)?;

@@ -2,7 +2,7 @@
 //! then attend), checked against the f64 reference's output, LSE and caches after the append.
 
 use super::decode_spec::DEFAULT_CACHE_LEN;
-use super::run::{finish, finite_or_null, Check, Report, RunArgs};
+use super::run::{finish, finite_or_null, write_out_and_lse, Check, Report, RunArgs};
 use super::{budget, CliResult};
 use flashattn::{
     lse_max_error, random_inputs, random_tensor, reference_decode, rel_l2_error, AttentionSpec,
@@ -95,20 +95,11 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
             None
         };
 
-    let out_shape = [spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim_v];
     let file_dtype = match spec.dtype {
         DType::F16 => DType::F16,
         _ => DType::F32,
     };
-    outputs.write("--out", &out_shape, &out, file_dtype)?;
-    if let Some(lse) = &output.lse {
-        outputs.write(
-            "--lse",
-            &[spec.batch, spec.heads_q, spec.seqlen_q],
-            lse,
-            DType::F32,
-        )?;
-    }
+    write_out_and_lse(&mut outputs, spec, &out, output.lse.as_deref(), file_dtype)?;
     let kv_bytes = kv_bytes_read(spec);
     Ok(finish(
         args,

@@ -1,9 +1,9 @@
 //! `flashattn run`: the forward pass.
 
-use super::run::{finish, finite_or_null, Check, Report, RunArgs};
+use super::run::{finish, finite_or_null, write_out_and_lse, Check, Report, RunArgs};
 use super::run_inputs::{InputArgs, Problem};
 use super::CliResult;
-use flashattn::{lse_max_error, reference_attention, rel_l2_error, DType, Pass};
+use flashattn::{lse_max_error, reference_attention, rel_l2_error, Pass};
 use std::time::Instant;
 
 pub fn run(args: &RunArgs) -> CliResult<i32> {
@@ -54,12 +54,8 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
         None
     };
 
-    let out_shape = [spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim_v];
-    outputs.write("--out", &out_shape, &out, problem.file_dtype)?;
-    if let Some(lse) = &output.lse {
-        let lse_shape = [spec.batch, spec.heads_q, spec.seqlen_q];
-        outputs.write("--lse", &lse_shape, lse, DType::F32)?;
-    }
+    let lse = output.lse.as_deref();
+    write_out_and_lse(&mut outputs, spec, &out, lse, problem.file_dtype)?;
     let gflop = spec.flops() / 1e9;
     Ok(finish(
         args,
