@@ -214,3 +214,24 @@ fn the_canary_can_be_turned_off() {
     assert_eq!(s.backend.name(), "gpu");
     assert_eq!(gpu.calls(Pass::Forward), 0);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(100))]
+
+    /// Every kind of problem the shared strategy draws gets a valid small problem of its
+    /// kind, which a correct backend passes (forward and backward).
+    #[test]
+    fn a_correct_backend_passes_the_canary_of_every_kind_of_problem(
+        spec in flashattn::testing::strategy::specs(
+            flashattn::testing::strategy::SpecSpace::new(&[DType::F32, DType::F16, DType::Bf16]),
+        ),
+        backward in proptest::prelude::any::<bool>(),
+    ) {
+        let gpu = Scripted::new("gpu", 1.0, &DType::ALL).arc();
+        let rt = Runtime::with_backends(vec![gpu.clone()], false);
+        let pass = if backward { Pass::Backward } else { Pass::Forward };
+        let s = rt.select_for(&spec, pass);
+        proptest::prop_assert!(s.is_ok(), "{spec}: {:?}", s.err());
+        proptest::prop_assert_eq!(gpu.calls(pass), 1);
+    }
+}
