@@ -14,7 +14,7 @@ pub struct ShapeArgs {
     /// Key/value heads (GQA/MQA when fewer than --heads) [default: --heads].
     #[arg(long)]
     pub kv_heads: Option<usize>,
-    /// Query sequence length [default: 1024].
+    /// Query sequence length [default: 1024; with --decode: --new-tokens, at least 1].
     #[arg(long)]
     pub seqlen_q: Option<usize>,
     /// Key/value sequence length [default: --seqlen-q].
