@@ -3,14 +3,13 @@
 //! benchmarks compare flash against (and a second, independent CPU implementation).
 
 use crate::io::{LseBuf, OutBuf, Src};
-use crate::parallel::Pool;
-use flashattn_core::{AttentionSpec, Error, Output, Result, TensorRef};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::thread_pool::{TaskQueue, ThreadPool};
+use flashattn_core::{AttentionSpec, CheckedSpec, Error, Output, Result, ScoreMod, TensorRef};
 
 /// Naive forward on validated inputs.
 pub(crate) fn forward(
-    pool: &Pool,
-    spec: &AttentionSpec,
+    pool: &ThreadPool,
+    spec: &CheckedSpec<'_>,
     q: TensorRef<'_>,
     k: TensorRef<'_>,
     v: TensorRef<'_>,
@@ -35,27 +34,25 @@ pub(crate) fn forward(
     scores.resize(total, 0.0);
     let score_ptr = ScorePtr(scores.as_mut_ptr());
 
-    let (out_t, out) = OutBuf::zeroed(spec.dtype.output(), spec.out_elems().unwrap_or(0))?;
+    let (out_t, out) = OutBuf::zeroed(spec.dtype.output(), spec.sizes.out)?;
     let mut lse_v = if spec.return_lse {
-        vec![f32::NEG_INFINITY; spec.lse_elems().unwrap_or(0)]
+        vec![f32::NEG_INFINITY; spec.sizes.lse]
     } else {
         Vec::new()
     };
     let lse = spec.return_lse.then(|| LseBuf::new(&mut lse_v));
     let jobs = spec.batch * spec.heads_q;
-    let next = AtomicUsize::new(0);
-    let worker = || loop {
-        let job = next.fetch_add(1, Ordering::Relaxed);
-        if job >= jobs {
-            break;
+    let queue = TaskQueue::new(jobs);
+    let worker = || {
+        while let Some(job) = queue.take() {
+            let (b, h) = (job / spec.heads_q, job % spec.heads_q);
+            let s = spec.seq(b);
+            // SAFETY: each job owns its own disjoint block of the score matrix.
+            let block = unsafe {
+                std::slice::from_raw_parts_mut(score_ptr.at(offsets[job]), s.q_len * s.k_len)
+            };
+            head(spec, b, h, (&q, &k, &v), block, &out, lse.as_ref());
         }
-        let (b, h) = (job / spec.heads_q, job % spec.heads_q);
-        let s = spec.seq(b);
-        // SAFETY: each job owns its own disjoint block of the score matrix.
-        let block = unsafe {
-            std::slice::from_raw_parts_mut(score_ptr.at(offsets[job]), s.q_len * s.k_len)
-        };
-        head(spec, b, h, (&q, &k, &v), block, &out, lse.as_ref());
     };
     pool.run(jobs, &worker);
     Ok(Output {
@@ -85,7 +82,7 @@ fn too_big(spec: &AttentionSpec) -> Error {
 
 /// One (batch, head): scores, softmax in place, P·V.
 fn head(
-    spec: &AttentionSpec,
+    spec: &CheckedSpec<'_>,
     b: usize,
     h: usize,
     (q, k, v): (&Src, &Src, &Src),
@@ -109,26 +106,19 @@ fn head(
             &mut vs[j * dv..(j + 1) * dv],
         );
     }
-    let scale = spec.scale_value();
-    let slope = spec.alibi_slope(b, h);
-    let cap = spec.softcap;
+    let sm = ScoreMod::of(spec, b, h);
     let mut qrow = vec![0.0f32; d];
     let mut orow = vec![0.0f32; dv];
     for i in 0..s.q_len {
         q.read_row(((s.q_start + i) * hq + h) * d, &mut qrow);
         let row = &mut scores[i * s.k_len..(i + 1) * s.k_len];
-        let keys = spec.mask().keys(i, s.q_len, s.k_len);
+        let keys = spec.mask.keys(i, s.q_len, s.k_len);
         let (lo, hi) = (keys.start, keys.end);
         for (j, x) in row.iter_mut().enumerate() {
             *x = if j < lo || j >= hi {
                 f32::NEG_INFINITY
             } else {
-                let mut sc = scale * dot(&qrow, &ks[j * d..(j + 1) * d]);
-                if cap > 0.0 {
-                    sc = cap * (sc / cap).tanh();
-                }
-                let dist = (i as i64 + s.k_len as i64 - s.q_len as i64 - j as i64).unsigned_abs();
-                sc - slope * dist as f32
+                sm.apply(dot(&qrow, &ks[j * d..(j + 1) * d]), i, j, s.q_len, s.k_len)
             };
         }
         if lo >= hi {

@@ -1,16 +1,18 @@
-//! The backend's worker threads: each forward call runs one worker per thread, and the
-//! workers pull tasks from a shared atomic queue (dynamic load balancing for masks).
+//! The backend's worker threads: each call runs one worker per thread, and the workers pull
+//! tasks from a shared atomic queue (dynamic load balancing for masks).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A fixed-size thread pool, or the calling thread alone.
-pub(crate) struct Pool {
+pub(crate) struct ThreadPool {
     pool: Option<rayon::ThreadPool>,
     threads: usize,
 }
 
-impl Pool {
+impl ThreadPool {
     /// A pool of `threads` threads; one thread (or a pool that cannot be created) runs
     /// everything on the calling thread.
-    pub fn new(threads: usize) -> Pool {
+    pub fn new(threads: usize) -> ThreadPool {
         let pool = (threads > 1)
             .then(|| {
                 rayon::ThreadPoolBuilder::new()
@@ -21,7 +23,7 @@ impl Pool {
             })
             .flatten();
         let threads = if pool.is_some() { threads } else { 1 };
-        Pool { pool, threads }
+        ThreadPool { pool, threads }
     }
 
     pub fn threads(&self) -> usize {
@@ -40,5 +42,27 @@ impl Pool {
             _ if tasks > 0 => worker(),
             _ => {}
         }
+    }
+}
+
+/// A shared queue of task indices `0..len`, handed out in order, each exactly once.
+pub(crate) struct TaskQueue {
+    next: AtomicUsize,
+    len: usize,
+}
+
+impl TaskQueue {
+    pub fn new(len: usize) -> TaskQueue {
+        TaskQueue {
+            next: AtomicUsize::new(0),
+            len,
+        }
+    }
+
+    /// The next task, or `None` once every task has been handed out.
+    #[inline]
+    pub fn take(&self) -> Option<usize> {
+        let t = self.next.fetch_add(1, Ordering::Relaxed);
+        (t < self.len).then_some(t)
     }
 }
