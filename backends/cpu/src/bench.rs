@@ -2,9 +2,10 @@
 
 use crate::CpuBackend;
 use flashattn_core::{
-    alloc_meter, random_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, Error,
-    Pass, Result,
+    alloc_meter, random_inputs, random_tensor, Algorithm, AttentionSpec, Backend, BackwardInputs,
+    BenchMeasure, BenchPlan, Error, Pass, Result,
 };
+use rand::SeedableRng;
 use std::time::Instant;
 
 pub(crate) fn bench(
@@ -23,7 +24,8 @@ pub(crate) fn bench(
     }
     match plan.pass {
         Pass::Forward => forward(backend, spec, algo, plan.seed, runs, plan.warmup, progress),
-        Pass::Backward | Pass::Decode => Err(Error::unsupported(
+        Pass::Backward => backward(backend, spec, algo, plan.seed, runs, plan.warmup, progress),
+        Pass::Decode => Err(Error::unsupported(
             "cpu",
             format!("benchmarks of the {} pass", plan.pass.name()),
         )),
@@ -50,6 +52,45 @@ fn forward(
         match algo {
             Algorithm::Naive => backend.naive_forward(spec, q, k, v),
             _ => backend.forward(spec, q, k, v),
+        }
+        .map(drop)
+    })
+}
+
+/// Times the backward alone: inputs, dout and the forward's out and LSE are made first and
+/// stay resident; dq, dk and dv are results, not extra memory.
+fn backward(
+    backend: &CpuBackend,
+    spec: &AttentionSpec,
+    algo: Algorithm,
+    seed: u64,
+    runs: usize,
+    warmup: usize,
+    progress: &mut dyn FnMut(),
+) -> Result<BenchMeasure> {
+    backend.supports_backward(spec)?;
+    let spec = &spec.clone().return_lse(true);
+    let c = spec.validate()?;
+    let (q, k, v) = random_inputs(spec, seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let dout = random_tensor(&mut rng, spec.dtype.output(), c.sizes.out);
+    let fwd = backend.forward(spec, q.as_ref(), k.as_ref(), v.as_ref())?;
+    let lse = fwd
+        .lse
+        .ok_or_else(|| Error::backend("cpu", "the forward gave no LSE"))?;
+    let inputs = BackwardInputs {
+        q: q.as_ref(),
+        k: k.as_ref(),
+        v: v.as_ref(),
+        out: fwd.out.as_ref(),
+        lse: &lse,
+        dout: dout.as_ref(),
+    };
+    let grad_bytes = ((c.sizes.q + c.sizes.k + c.sizes.v) * spec.dtype.size_bytes()) as u64;
+    time_runs(runs, warmup, grad_bytes, progress, || {
+        match algo {
+            Algorithm::Naive => backend.naive_backward(spec, inputs),
+            _ => backend.backward(spec, inputs),
         }
         .map(drop)
     })

@@ -4,8 +4,11 @@
 //! (batch, head, query block), register-blocked FMA microkernels for the two block products,
 //! chosen at run time for the CPU (AVX-512, AVX2+FMA, or portable code the compiler
 //! vectorises), f32 accumulation, and only per-thread tile scratch (the score matrix is never
-//! materialised). f32, f16 and bf16 inputs; fp8 is CUDA-only.
+//! materialised). The backward (FlashAttention-2's loop order: key blocks outer) reuses the
+//! same tiles for its five block products and is deterministic for any thread count.
+//! f32, f16 and bf16 inputs; fp8 is CUDA-only.
 
+mod backward;
 mod bench;
 mod block;
 mod device;
@@ -19,8 +22,8 @@ mod thread_pool;
 pub use device::Isa;
 
 use flashattn_core::{
-    validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, CheckedSpec,
-    DType, Error, Output, Result, TensorRef,
+    validate_backward_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs,
+    BenchMeasure, BenchPlan, CheckedSpec, DType, Error, Grads, Output, Result, TensorRef,
 };
 use thread_pool::ThreadPool;
 
@@ -88,6 +91,28 @@ impl CpuBackend {
         naive::forward(&self.pool, &c, q, k, v)
     }
 
+    /// Naive backward that materialises the probability matrix: the baseline for benchmarks.
+    pub fn naive_backward(
+        &self,
+        spec: &AttentionSpec,
+        inputs: BackwardInputs<'_>,
+    ) -> Result<Grads> {
+        let c = self.check_backward(spec, &inputs)?;
+        naive::backward(&self.pool, &c, inputs)
+    }
+
+    /// Validates a backward call once, fp8 refused first.
+    fn check_backward<'s>(
+        &self,
+        spec: &'s AttentionSpec,
+        inputs: &BackwardInputs<'_>,
+    ) -> Result<CheckedSpec<'s>> {
+        if spec.dtype == DType::Fp8E4m3 {
+            return Err(fp8_unsupported());
+        }
+        validate_backward_inputs(spec, inputs)
+    }
+
     /// Validates a forward call once: fp8 refused first, then the spec and the buffers.
     fn check<'s>(
         &self,
@@ -152,6 +177,22 @@ impl Backend for CpuBackend {
     ) -> Result<Output> {
         let c = self.check(spec, &q, &k, &v)?;
         forward::forward(&self.pool, self.isa, &c, q, k, v)
+    }
+
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
+        self.supports(spec)?;
+        if spec.kv_cache.is_some() {
+            return Err(Error::unsupported(
+                "cpu",
+                "a spec with a KV cache is a decode step; it has no backward pass",
+            ));
+        }
+        Ok(())
+    }
+
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        let c = self.check_backward(spec, &inputs)?;
+        backward::backward(&self.pool, self.isa, &c, inputs)
     }
 
     fn bench(
