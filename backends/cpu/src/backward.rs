@@ -48,12 +48,14 @@ struct Task {
 /// Everything the workers share for one backward call.
 struct Problem<'a> {
     spec: CheckedSpec<'a>,
-    q: Src<'a>,
+    /// Q and dO head-major, `[heads_q][q_tokens][d_pad]` (and dv_pad), f32, zero padded: a
+    /// query block's rows are contiguous, read in place by every key block.
+    q: &'a [f32],
+    dout: &'a [f32],
     k: Src<'a>,
     v: Src<'a>,
-    dout: Src<'a>,
     lse: &'a [f32],
-    /// rowsum(dout * out) per (token, query head).
+    /// rowsum(dout * out), head-major `[heads_q][q_tokens]`.
     delta: &'a [f32],
     dq: SharedRows,
     dk: OutBuf,
@@ -61,33 +63,29 @@ struct Problem<'a> {
     tasks: Vec<Task>,
     queue: TaskQueue,
     turns: Turns,
-    /// Multiplier folded into Q^T: scale, times log2(e) unless softcap needs the natural scale.
-    q_mul: f32,
+    /// Multiplier folded into K^T: scale, times log2(e) unless softcap needs the natural scale.
+    k_mul: f32,
     post: bool,
     d_pad: usize,
     dv_pad: usize,
     blocks: Blocks,
-    /// Row stride of Q^T, dO^T and the score blocks: block_m padded to an odd line count.
+    /// Row stride of K^T, V^T and the score blocks: block_n padded to an odd line count.
     ld: usize,
 }
 
-/// Per-worker scratch: O(block_n * (block_m + d + dv) + block_m * (d + dv)) floats.
+/// Per-worker scratch: O(block_n * (d + dv) + block_m * (block_n + d)) floats.
 struct Scratch {
     kp: AlignedBuf,
-    vp: AlignedBuf,
+    kt: AlignedBuf,
+    vt: AlignedBuf,
     dk: AlignedBuf,
     dv: AlignedBuf,
-    qt: AlignedBuf,
-    q_rows: AlignedBuf,
-    dot: AlignedBuf,
-    do_rows: AlignedBuf,
     s: AlignedBuf,
     dp: AlignedBuf,
     /// The softcap's derivative per score (empty without softcap).
     grad: AlignedBuf,
     dq: AlignedBuf,
-    lse2: AlignedBuf,
-    delta: AlignedBuf,
+    lse2: Vec<f32>,
     ones: AlignedBuf,
     row: Vec<f32>,
     lo: Vec<usize>,
@@ -102,23 +100,19 @@ impl Scratch {
         ones.as_mut_slice().fill(1.0);
         Scratch {
             kp: AlignedBuf::zeroed(block_n * p.d_pad),
-            vp: AlignedBuf::zeroed(block_n * p.dv_pad),
+            kt: AlignedBuf::zeroed(d * p.ld),
+            vt: AlignedBuf::zeroed(dv * p.ld),
             dk: AlignedBuf::zeroed(block_n * p.d_pad),
             dv: AlignedBuf::zeroed(block_n * p.dv_pad),
-            qt: AlignedBuf::zeroed(d * p.ld),
-            q_rows: AlignedBuf::zeroed(block_m * p.d_pad),
-            dot: AlignedBuf::zeroed(dv * p.ld),
-            do_rows: AlignedBuf::zeroed(block_m * p.dv_pad),
-            s: AlignedBuf::zeroed(block_n * p.ld),
-            dp: AlignedBuf::zeroed(block_n * p.ld),
+            s: AlignedBuf::zeroed(block_m * p.ld),
+            dp: AlignedBuf::zeroed(block_m * p.ld),
             grad: AlignedBuf::zeroed(if p.spec.softcap > 0.0 {
-                block_n * p.ld
+                block_m * p.ld
             } else {
                 0
             }),
             dq: AlignedBuf::zeroed(block_m * p.d_pad),
-            lse2: AlignedBuf::zeroed(p.ld),
-            delta: AlignedBuf::zeroed(p.ld),
+            lse2: vec![0.0; block_m],
             ones,
             row: vec![0.0; d.max(dv)],
             lo: vec![0; block_m],
@@ -190,7 +184,11 @@ pub(crate) fn backward(
 ) -> Result<Grads> {
     let lanes = lanes(isa);
     let (d, dv) = (spec.head_dim, spec.head_dim_v);
-    let delta = row_deltas(pool, spec, Src::new(inputs.out)?, Src::new(inputs.dout)?);
+    let (d_pad, dv_pad) = (d.div_ceil(lanes) * lanes, dv.div_ceil(lanes) * lanes);
+    let q = head_major(pool, spec, Src::new(inputs.q)?, d, d_pad, None);
+    let mut delta = vec![0.0f32; spec.sizes.q_tokens * spec.heads_q];
+    let out = Some((Src::new(inputs.out)?, SharedRows::new(&mut delta)));
+    let dout = head_major(pool, spec, Src::new(inputs.dout)?, dv, dv_pad, out);
     // dq accumulates in f32: in dq itself for f32, else in a buffer converted at the end.
     let mut dq_acc = vec![0.0f32; spec.sizes.q];
     let (dk_t, dk) = OutBuf::zeroed(spec.dtype, spec.sizes.k)?;
@@ -199,10 +197,10 @@ pub(crate) fn backward(
     let tasks = tasks(spec, blocks);
     let problem = Problem {
         spec: *spec,
-        q: Src::new(inputs.q)?,
+        q: &q,
+        dout: &dout,
         k: Src::new(inputs.k)?,
         v: Src::new(inputs.v)?,
-        dout: Src::new(inputs.dout)?,
         lse: inputs.lse,
         delta: &delta,
         dq: SharedRows::new(&mut dq_acc),
@@ -211,16 +209,16 @@ pub(crate) fn backward(
         queue: TaskQueue::new(tasks.len()),
         tasks,
         turns: Turns::new(spec, blocks),
-        q_mul: if spec.softcap > 0.0 {
+        k_mul: if spec.softcap > 0.0 {
             spec.scale
         } else {
             spec.scale * LOG2_E
         },
         post: spec.softcap > 0.0 || spec.alibi.is_some(),
-        d_pad: d.div_ceil(lanes) * lanes,
-        dv_pad: dv.div_ceil(lanes) * lanes,
+        d_pad,
+        dv_pad,
         blocks,
-        ld: odd_lines(blocks.block_m),
+        ld: odd_lines(blocks.block_n),
     };
     pool.run(problem.tasks.len(), &|| run_worker(isa, &problem));
     drop(problem);
@@ -235,28 +233,45 @@ pub(crate) fn backward(
     })
 }
 
-/// `delta[token * heads_q + h] = dout_row · out_row` (f32, in a fixed order).
-fn row_deltas(pool: &ThreadPool, spec: &CheckedSpec<'_>, out: Src, dout: Src) -> Vec<f32> {
+/// A `[tokens, heads_q, dim]` tensor as f32 `[heads_q][tokens][dim_pad]` (zero padded). With
+/// `delta`, also `delta[h][token] = row · out_row` (dout's rowsum with out, in a fixed order).
+fn head_major(
+    pool: &ThreadPool,
+    spec: &CheckedSpec<'_>,
+    src: Src,
+    dim: usize,
+    dim_pad: usize,
+    delta: Option<(Src, SharedRows)>,
+) -> Vec<f32> {
     const CHUNK: usize = 256;
-    let dv = spec.head_dim_v;
-    let rows = spec.sizes.q_tokens * spec.heads_q;
-    let mut delta = vec![0.0f32; rows];
-    let shared = SharedRows::new(&mut delta);
-    let queue = TaskQueue::new(rows.div_ceil(CHUNK));
-    pool.run(rows.div_ceil(CHUNK), &|| {
-        let (mut o, mut g) = (vec![0.0f32; dv], vec![0.0f32; dv]);
-        while let Some(c) = queue.take() {
-            let range = c * CHUNK..((c + 1) * CHUNK).min(rows);
-            // SAFETY: each chunk of rows belongs to one task.
-            let dst = unsafe { shared.rows(range.start, range.len()) };
-            for (r, x) in range.zip(dst) {
-                out.read_row(r * dv, &mut o);
-                dout.read_row(r * dv, &mut g);
-                *x = o.iter().zip(&g).map(|(a, b)| a * b).sum();
+    let (tokens, hq) = (spec.sizes.q_tokens, spec.heads_q);
+    let mut dst = vec![0.0f32; tokens * hq * dim_pad];
+    let shared = SharedRows::new(&mut dst);
+    let chunks = tokens.div_ceil(CHUNK);
+    let queue = TaskQueue::new(chunks * hq);
+    pool.run(chunks * hq, &|| {
+        let mut o = vec![0.0f32; dim];
+        while let Some(t) = queue.take() {
+            let (h, c) = (t / chunks, t % chunks);
+            let toks = c * CHUNK..((c + 1) * CHUNK).min(tokens);
+            // SAFETY: each (head, chunk of tokens) belongs to one task.
+            let rows =
+                unsafe { shared.rows((h * tokens + toks.start) * dim_pad, toks.len() * dim_pad) };
+            // SAFETY: as above.
+            let mut d_rows = delta
+                .as_ref()
+                .map(|(_, d)| unsafe { d.rows(h * tokens + toks.start, toks.len()) });
+            for (i, tok) in toks.enumerate() {
+                let row = &mut rows[i * dim_pad..i * dim_pad + dim];
+                src.read_row((tok * hq + h) * dim, row);
+                if let (Some((out, _)), Some(dr)) = (&delta, &mut d_rows) {
+                    out.read_row((tok * hq + h) * dim, &mut o);
+                    dr[i] = row.iter().zip(&o).map(|(a, b)| a * b).sum();
+                }
             }
         }
     });
-    delta
+    dst
 }
 
 /// All (batch, kv head, key block) tasks whose keys some query sees, key block first (the
@@ -311,8 +326,8 @@ unsafe fn worker<S: Simd>(p: &Problem, sc: &mut Scratch) {
     }
 }
 
-/// One key block: load K and V, then for each query block that sees it and each query head
-/// of the kv head, the block's gradients; finally store dK and dV.
+/// One key block: load K, K^T and V^T, then for each query block that sees it and each
+/// query head of the kv head, the block's gradients; finally store dK and dV.
 #[inline(always)]
 unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     let spec = &p.spec;
@@ -320,157 +335,152 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
     let Blocks { block_m, block_n } = p.blocks;
     let j0 = t.kb * block_n;
     let nk = block_n.min(s.k_len - j0);
-    let (hkv, d, dv) = (spec.heads_kv, spec.head_dim, spec.head_dim_v);
-    let k_off = (s.k_start + j0) * hkv + t.kv_head;
-    block::pack_rows(
-        &p.k,
-        k_off * d,
-        hkv * d,
-        nk,
-        d,
-        sc.kp.as_mut_slice(),
-        p.d_pad,
-    );
-    block::pack_rows(
-        &p.v,
-        k_off * dv,
-        hkv * dv,
-        nk,
-        dv,
-        sc.vp.as_mut_slice(),
-        p.dv_pad,
-    );
-    sc.dk.as_mut_slice()[..nk * p.d_pad].fill(0.0);
-    sc.dv.as_mut_slice()[..nk * p.dv_pad].fill(0.0);
+    load_key_block(p, sc, t, j0, nk);
     let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
     let group = spec.group_size();
     for qb in block_range(rows, block_m) {
         let q0 = qb * block_m;
         let m = block_m.min(s.q_len - q0);
-        let m_l = m.div_ceil(S::LANES) * S::LANES;
         let blk = ScoreBlock {
             s,
             q0,
             rows: m,
-            rows_l: m_l,
+            rows_l: m,
             j0,
             nk,
-            ld: p.ld,
+            query_stride: p.ld,
+            key_stride: 1,
         };
         block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
         let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
         for h in t.kv_head * group..(t.kv_head + 1) * group {
-            block_grads::<S>(p, sc, &blk, t.b, h, seen.clone());
+            block_grads::<S>(p, sc, &blk, (t.b, h), seen.clone());
             p.turns.wait(t.b, h, qb, t.kb);
             add_dq(p, sc, &blk, h, seen.clone());
             p.turns.pass(t.b, h, qb, t.kb);
         }
     }
-    store_dk_dv(p, sc, k_off, nk);
+    store_dk_dv(p, sc, t, j0, nk);
 }
 
-/// The gradients of one (query block, head) against the task's key block: dK and dV
-/// accumulate in scratch, this block's dQ lands in `sc.dq` (rows `seen`).
+/// K rows (for dQ), K^T pre-scaled (for S) and V^T (for dP) of the task's key block, and
+/// zeroed dK, dV accumulators.
+#[inline(always)]
+fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
+    let (hkv, d, dv) = (p.spec.heads_kv, p.spec.head_dim, p.spec.head_dim_v);
+    let row0 = (p.spec.seq(t.b).k_start + j0) * hkv + t.kv_head;
+    let (kp, kt, vt) = (
+        sc.kp.as_mut_slice(),
+        sc.kt.as_mut_slice(),
+        sc.vt.as_mut_slice(),
+    );
+    block::pack_rows(&p.k, row0 * d, hkv * d, nk, d, kp, p.d_pad);
+    let rows = (nk, nk);
+    block::pack_transposed(
+        &p.k,
+        (row0 * d, hkv * d),
+        rows,
+        d,
+        p.k_mul,
+        &mut sc.row,
+        kt,
+        p.ld,
+    );
+    block::pack_transposed(
+        &p.v,
+        (row0 * dv, hkv * dv),
+        rows,
+        dv,
+        1.0,
+        &mut sc.row,
+        vt,
+        p.ld,
+    );
+    sc.dk.as_mut_slice()[..nk * p.d_pad].fill(0.0);
+    sc.dv.as_mut_slice()[..nk * p.dv_pad].fill(0.0);
+}
+
+/// The gradients of one (query block, head) against the task's key block, over the query
+/// rows `seen` that see it: dK and dV accumulate in scratch, this block's dQ lands in
+/// `sc.dq`.
 #[inline(always)]
 unsafe fn block_grads<S: Simd>(
     p: &Problem,
     sc: &mut Scratch,
     blk: &ScoreBlock,
-    b: usize,
-    h: usize,
+    (b, h): (usize, usize),
     seen: Range<usize>,
 ) {
-    // Columns (queries) worked on: the rows that see the block, in whole vectors.
-    let cols = seen.start / S::LANES * S::LANES..seen.end.div_ceil(S::LANES) * S::LANES;
-    load_query_block(p, sc, blk, b, h);
-    // S^T = K · Q^T, score mod, mask, P^T = 2^(S^T - lse).
-    block::rows_by_queries::<S>(
-        blk.nk,
-        cols.clone(),
-        product(
-            p.spec.head_dim,
-            sc.kp.as_ptr(),
-            p.d_pad,
-            sc.qt.as_ptr(),
-            sc.s.as_mut_ptr(),
-            p.ld,
-        ),
+    let (ld, d_pad, dv_pad) = (p.ld, p.d_pad, p.dv_pad);
+    let keys = 0..blk.nk.div_ceil(S::LANES) * S::LANES;
+    let row0 = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
+    let (q, dout) = (
+        p.q.as_ptr().add(row0 * d_pad),
+        p.dout.as_ptr().add(row0 * dv_pad),
+    );
+    let (s0, n) = (seen.start, seen.len());
+    // S = Q · K^T, score mod, mask, P = 2^(S - lse).
+    let (sp, dp) = (
+        sc.s.as_mut_ptr().add(s0 * ld),
+        sc.dp.as_mut_ptr().add(s0 * ld),
+    );
+    let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
+    block::qk_product::<S>(
+        n,
+        keys.clone(),
+        product(d, q, d_pad, sc.kt.as_ptr(), sp, ld),
     );
     if p.post {
         let grad = (p.spec.softcap > 0.0).then_some(sc.grad.as_mut_slice());
-        block::score_mod(sc.s.as_mut_slice(), blk, &ScoreMod::of(&p.spec, b, h), grad);
+        let sm = ScoreMod::of(&p.spec, b, h);
+        block::score_mod(sc.s.as_mut_slice(), blk, seen.clone(), &sm, grad);
     }
-    block::mask_block(sc.s.as_mut_slice(), blk, &sc.lo, &sc.hi);
-    probabilities::<S>(sc, blk, cols.clone());
-    // dP^T = V · dO^T, then dS^T in place.
-    block::rows_by_queries::<S>(
-        blk.nk,
-        cols.clone(),
-        product(
-            p.spec.head_dim_v,
-            sc.vp.as_ptr(),
-            p.dv_pad,
-            sc.dot.as_ptr(),
-            sc.dp.as_mut_ptr(),
-            p.ld,
-        ),
+    block::mask_block(sc.s.as_mut_slice(), blk, seen.clone(), &sc.lo, &sc.hi);
+    load_lse(p, sc, blk, (b, h), seen.clone());
+    probabilities::<S>(sc, ld, seen.clone(), keys.clone());
+    // dP = dO · V^T, then dS in place.
+    block::qk_product::<S>(
+        n,
+        keys.clone(),
+        product(dv, dout, dv_pad, sc.vt.as_ptr(), dp, ld),
     );
-    score_grads::<S>(p, sc, blk, cols);
+    let delta = &p.delta[row0 - s0..];
+    score_grads::<S>(p, sc, delta, seen.clone(), keys);
     // dV += P^T · dO and dK += dS^T · Q over the queries that see the block.
-    let k = seen.len();
-    let (a0, ld) = (seen.start, p.ld);
-    for (a, bm, ldb, c, width) in [
-        (
-            sc.s.as_ptr(),
-            sc.do_rows.as_ptr(),
-            p.dv_pad,
-            sc.dv.as_mut_ptr(),
-            p.dv_pad,
-        ),
-        (
-            sc.dp.as_ptr(),
-            sc.q_rows.as_ptr(),
-            p.d_pad,
-            sc.dk.as_mut_ptr(),
-            p.d_pad,
-        ),
+    for (a, bm, ldb, c) in [
+        (sp, dout, dv_pad, sc.dv.as_mut_ptr()),
+        (dp, q, d_pad, sc.dk.as_mut_ptr()),
     ] {
-        block::rows_by_columns::<S>(
-            0..blk.nk,
-            width,
-            Tile {
-                k,
-                a: a.add(a0),
-                a_rs: ld,
-                a_cs: 1,
-                b: bm.add(a0 * ldb),
-                ldb,
-                c,
-                ldc: width,
-                alpha: sc.ones.as_ptr(),
-            },
-        );
-    }
-    // dQ_blk = dS · K (overwrites the rows `seen`, rounded out to whole tiles).
-    block::rows_by_columns::<S>(
-        seen,
-        p.d_pad,
-        Tile {
-            k: blk.nk,
-            a: sc.dp.as_ptr(),
+        let t = Tile {
+            k: n,
+            a,
             a_rs: 1,
             a_cs: ld,
-            b: sc.kp.as_ptr(),
-            ldb: p.d_pad,
-            c: sc.dq.as_mut_ptr(),
-            ldc: p.d_pad,
-            alpha: std::ptr::null(),
-        },
-    );
+            b: bm,
+            ldb,
+            c,
+            ldc: ldb,
+            alpha: sc.ones.as_ptr(),
+        };
+        block::pv_product::<S>(0..blk.nk, ldb, t);
+    }
+    // dQ_blk = dS · K (overwrites the rows `seen`, rounded out to whole tiles).
+    let t = Tile {
+        k: blk.nk,
+        a: sc.dp.as_ptr(),
+        a_rs: ld,
+        a_cs: 1,
+        b: sc.kp.as_ptr(),
+        ldb: d_pad,
+        c: sc.dq.as_mut_ptr(),
+        ldc: d_pad,
+        alpha: std::ptr::null(),
+    };
+    block::pv_product::<S>(seen, d_pad, t);
 }
 
-/// The `C^T = A · B^T` product of a key block's rows `a` (`k` wide, row stride `a_rs`)
-/// with a transposed query block `bt` into `c` (both `ld` apart).
+/// The `C = A · B` product of query rows `a` (`k` wide, row stride `a_rs`) with a transposed
+/// key block `bt` into `c` (both `ld` apart).
 fn product(k: usize, a: *const f32, a_rs: usize, bt: *const f32, c: *mut f32, ld: usize) -> Tile {
     Tile {
         k,
@@ -485,96 +495,63 @@ fn product(k: usize, a: *const f32, a_rs: usize, bt: *const f32, c: *mut f32, ld
     }
 }
 
-/// Packs the query block of head `h`: Q^T (pre-scaled), Q rows, dO^T, dO rows, the LSE in
-/// log2 (+inf for masked rows and padding, so their P is 0, never NaN) and delta.
+/// The LSE of the rows `seen` in log2; +inf for a fully masked row (LSE -inf), so that its
+/// P is 0, never NaN.
 #[inline(always)]
-fn load_query_block(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, b: usize, h: usize) {
-    let spec = &p.spec;
-    let (hq, d, dv) = (spec.heads_q, spec.head_dim, spec.head_dim_v);
-    let (m, m_l) = (blk.rows, blk.rows_l);
-    let tok = blk.s.q_start + blk.q0;
-    let (q_off, o_off) = ((tok * hq + h) * d, (tok * hq + h) * dv);
-    let (qt, dot) = (sc.qt.as_mut_slice(), sc.dot.as_mut_slice());
-    block::pack_transposed(
-        &p.q,
-        (q_off, hq * d),
-        (m, m_l),
-        d,
-        p.q_mul,
-        &mut sc.row,
-        qt,
-        p.ld,
-    );
-    block::pack_rows(&p.q, q_off, hq * d, m, d, sc.q_rows.as_mut_slice(), p.d_pad);
-    block::pack_transposed(
-        &p.dout,
-        (o_off, hq * dv),
-        (m, m_l),
-        dv,
-        1.0,
-        &mut sc.row,
-        dot,
-        p.ld,
-    );
-    block::pack_rows(
-        &p.dout,
-        o_off,
-        hq * dv,
-        m,
-        dv,
-        sc.do_rows.as_mut_slice(),
-        p.dv_pad,
-    );
-    let (lse2, delta) = (sc.lse2.as_mut_slice(), sc.delta.as_mut_slice());
-    for i in 0..m_l {
-        (lse2[i], delta[i]) = if i < m {
-            let lse = p.lse[spec.lse_index(b, h, blk.q0 + i)];
-            let lse2 = if lse == f32::NEG_INFINITY {
-                f32::INFINITY
-            } else {
-                lse * LOG2_E
-            };
-            (lse2, p.delta[(tok + i) * hq + h])
+fn load_lse(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    (b, h): (usize, usize),
+    seen: Range<usize>,
+) {
+    for i in seen {
+        let lse = p.lse[p.spec.lse_index(b, h, blk.q0 + i)];
+        sc.lse2[i] = if lse == f32::NEG_INFINITY {
+            f32::INFINITY
         } else {
-            (f32::INFINITY, 0.0)
+            lse * LOG2_E
         };
     }
 }
 
-/// `P^T = 2^(S^T - lse2)` in place, over the query columns `cols`.
+/// `P = 2^(S - lse2)` in place, rows `rows`, key columns `keys`.
 #[inline(always)]
-unsafe fn probabilities<S: Simd>(sc: &mut Scratch, blk: &ScoreBlock, cols: Range<usize>) {
-    let (sp, lp) = (sc.s.as_mut_ptr(), sc.lse2.as_ptr());
-    for ig in cols.step_by(S::LANES) {
-        let l = S::load(lp.add(ig));
-        for j in 0..blk.nk {
-            let x = sp.add(j * blk.ld + ig);
+unsafe fn probabilities<S: Simd>(
+    sc: &mut Scratch,
+    ld: usize,
+    rows: Range<usize>,
+    keys: Range<usize>,
+) {
+    let sp = sc.s.as_mut_ptr();
+    for i in rows {
+        let l = S::splat(sc.lse2[i]);
+        for j in keys.clone().step_by(S::LANES) {
+            let x = sp.add(i * ld + j);
             S::store(x, S::exp2(S::sub(S::load(x), l)));
         }
     }
 }
 
-/// `dS^T = P^T (dP^T - delta) * softcap' * scale` in place of dP^T, over `cols`. The scale
-/// turns the gradient of the score into that of `q·k`, so dQ and dK need no further factor.
+/// `dS = P (dP - delta) * softcap' * scale` in place of dP, rows `rows` (`delta[i]` is row
+/// i's), key columns `keys`.
+/// The scale turns the gradient of the score into that of `q·k`, so dQ and dK need no
+/// further factor.
 #[inline(always)]
 unsafe fn score_grads<S: Simd>(
     p: &Problem,
     sc: &mut Scratch,
-    blk: &ScoreBlock,
-    cols: Range<usize>,
+    delta: &[f32],
+    rows: Range<usize>,
+    keys: Range<usize>,
 ) {
-    let (pp, dp, gp, dl) = (
-        sc.s.as_ptr(),
-        sc.dp.as_mut_ptr(),
-        sc.grad.as_ptr(),
-        sc.delta.as_ptr(),
-    );
+    let (pp, dp, gp) = (sc.s.as_ptr(), sc.dp.as_mut_ptr(), sc.grad.as_ptr());
     let scale = S::splat(p.spec.scale);
     let softcap = p.spec.softcap > 0.0;
-    for ig in cols.step_by(S::LANES) {
-        let delta = S::load(dl.add(ig));
-        for j in 0..blk.nk {
-            let at = j * blk.ld + ig;
+    for i in rows {
+        let delta = S::splat(delta[i]);
+        for j in keys.clone().step_by(S::LANES) {
+            let at = i * p.ld + j;
             let mut ds = S::mul(S::load(pp.add(at)), S::sub(S::load(dp.add(at)), delta));
             if softcap {
                 ds = S::mul(ds, S::load(gp.add(at)));
@@ -600,11 +577,12 @@ unsafe fn add_dq(p: &Problem, sc: &Scratch, blk: &ScoreBlock, h: usize, seen: Ra
 
 /// Writes the task's dK and dV rows (they belong to this task alone).
 #[inline(always)]
-unsafe fn store_dk_dv(p: &Problem, sc: &Scratch, k_off: usize, nk: usize) {
+unsafe fn store_dk_dv(p: &Problem, sc: &Scratch, t: Task, j0: usize, nk: usize) {
     let (hkv, d, dv) = (p.spec.heads_kv, p.spec.head_dim, p.spec.head_dim_v);
+    let row0 = (p.spec.seq(t.b).k_start + j0) * hkv + t.kv_head;
     let (dk, dvs) = (sc.dk.as_slice(), sc.dv.as_slice());
     for j in 0..nk {
-        let row = k_off + j * hkv;
+        let row = row0 + j * hkv;
         p.dk.write_row(row * d, &dk[j * p.d_pad..j * p.d_pad + d]);
         p.dv.write_row(row * dv, &dvs[j * p.dv_pad..j * p.dv_pad + dv]);
     }

@@ -2,8 +2,10 @@
 //! packing rows, the per-row visible key ranges, the two shapes of block product built from
 //! the register tiles of `simd.rs`, and the score modification and mask on a score block.
 //!
-//! Score blocks are stored transposed, `S^T[j][i]` (keys x queries, row stride `ld`), so that
-//! everything per query (max, sum, LSE, delta) vectorises across queries.
+//! The forward stores score blocks transposed, `S^T[j][i]` (keys x queries), so that its
+//! online softmax (max, sum per query) vectorises across queries; the backward stores
+//! `S[i][j]` (queries x keys), so that its per-key-block K^T and V^T serve every query block
+//! and no query block needs transposing.
 
 use crate::io::Src;
 use crate::simd::{Simd, Tile};
@@ -107,15 +109,15 @@ pub(crate) fn rows_seeing(
     r0..r1.max(r0)
 }
 
-/// `C^T[j][i] = sum_x A[j][x] * B^T[x][i]` for the `nk` rows of A and the query columns
-/// `cols` (rounded out to whole query groups): S^T = K · Q^T in both passes, and
-/// dP^T = V · dO^T in the backward. `t` describes the product at row 0, column 0 (`t.k` is
-/// the inner dimension, `t.alpha` is ignored).
+/// `C[r][c] = sum_x A[r][x] * B[x][c]` for the `nk` rows of A and the columns `cols`
+/// (rounded out to whole groups of `NV_QK` vectors), in `qk_tile`s: S^T = K · Q^T in the
+/// forward, S = Q · K^T and dP = dO · V^T in the backward. `t` describes the product at
+/// row 0, column 0 (`t.k` is the inner dimension, `t.alpha` is ignored).
 ///
-/// Query groups outer: one group's B^T slice (k x 48 floats) stays in L1 while A's rows
+/// Column groups outer: one group's B slice (k x 48 floats) stays in L1 while A's rows
 /// stream past it.
 #[inline(always)]
-pub(crate) unsafe fn rows_by_queries<S: Simd>(nk: usize, cols: Range<usize>, t: Tile) {
+pub(crate) unsafe fn qk_product<S: Simd>(nk: usize, cols: Range<usize>, t: Tile) {
     let qw = S::NV_QK * S::LANES;
     for ig in (cols.start / qw * qw..cols.end).step_by(qw) {
         let nv = S::NV_QK.min((cols.end - ig) / S::LANES);
@@ -139,13 +141,13 @@ pub(crate) unsafe fn rows_by_queries<S: Simd>(nk: usize, cols: Range<usize>, t: 
 }
 
 /// `C[i][0..width] = C[i] * alpha[i] + sum_k A(i, k) B[k]` for the rows `rows` (rounded down
-/// to whole tiles at the start): O = O * alpha + P · V in the forward; dQ = dS · K,
-/// dV += P^T · dO and dK += dS^T · Q in the backward. `t` describes the product at row 0,
-/// column 0; a null `t.alpha` overwrites C.
+/// to whole tiles at the start), in `pv_tile`s: O = O * alpha + P · V in the forward;
+/// dQ = dS · K, dV += P^T · dO and dK += dS^T · Q in the backward. `t` describes the product
+/// at row 0, column 0; a null `t.alpha` overwrites C.
 ///
 /// Column chunks outer: one chunk of B (k x 64 floats) stays in L1 while the rows pass over it.
 #[inline(always)]
-pub(crate) unsafe fn rows_by_columns<S: Simd>(rows: Range<usize>, width: usize, t: Tile) {
+pub(crate) unsafe fn pv_product<S: Simd>(rows: Range<usize>, width: usize, t: Tile) {
     let mut n0 = 0;
     while n0 < width {
         let nv = S::NV_PV.min((width - n0) / S::LANES);
@@ -171,7 +173,8 @@ pub(crate) unsafe fn rows_by_columns<S: Simd>(rows: Range<usize>, width: usize, 
 }
 
 /// Where a score block lies: keys `j0..j0 + nk` of a sequence, query rows `q0..q0 + rows`
-/// (`rows_l` with the padding rows), `S^T` rows `ld` floats apart.
+/// (`rows_l` with the padding rows), and the layout of its scores: score (row i, key j0 + j)
+/// at `i * query_stride + j * key_stride` (the forward stores S^T, the backward S).
 #[derive(Clone, Copy)]
 pub(crate) struct ScoreBlock {
     pub s: SeqBounds,
@@ -180,13 +183,28 @@ pub(crate) struct ScoreBlock {
     pub rows_l: usize,
     pub j0: usize,
     pub nk: usize,
-    pub ld: usize,
+    pub query_stride: usize,
+    pub key_stride: usize,
 }
 
-/// Softcap and ALiBi on a block of scaled scores `S^T`, then into the log2 domain. Scores
+impl ScoreBlock {
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> usize {
+        i * self.query_stride + j * self.key_stride
+    }
+}
+
+/// Softcap and ALiBi on the scaled scores of `rows`, then into the log2 domain. Scores
 /// arrive as `scale * q·k`, times log2(e) already when there is no softcap. With `grad`, the
-/// softcap's derivative at each score is stored there (the backward's dS factor).
-pub(crate) fn score_mod(st: &mut [f32], blk: &ScoreBlock, sm: &ScoreMod, grad: Option<&mut [f32]>) {
+/// softcap's derivative at each score is stored there, laid out as the scores (the
+/// backward's dS factor).
+pub(crate) fn score_mod(
+    st: &mut [f32],
+    blk: &ScoreBlock,
+    rows: Range<usize>,
+    sm: &ScoreMod,
+    grad: Option<&mut [f32]>,
+) {
     let cap = sm.softcap;
     let mul = if cap > 0.0 { LOG2_E } else { 1.0 };
     let slope = sm.slope * LOG2_E;
@@ -194,31 +212,38 @@ pub(crate) fn score_mod(st: &mut [f32], blk: &ScoreBlock, sm: &ScoreMod, grad: O
     let mut grad = grad;
     for j in 0..blk.nk {
         let kj = blk.j0 + j;
-        for i in 0..blk.rows {
-            let x = &mut st[j * blk.ld + i];
-            let capped = softcap(*x, cap);
+        for i in rows.clone() {
+            let at = blk.at(i, j);
+            let capped = softcap(st[at], cap);
             if let Some(g) = grad.as_deref_mut() {
-                g[j * blk.ld + i] = softcap_grad(capped, cap);
+                g[at] = softcap_grad(capped, cap);
             }
-            *x = capped * mul + alibi(slope, blk.q0 + i, kj, ql, kl);
+            st[at] = capped * mul + alibi(slope, blk.q0 + i, kj, ql, kl);
         }
     }
 }
 
-/// Sets the scores of keys outside each row's `[lo, hi)` to -inf (so their P is 0). Nothing
-/// to do when every row sees the whole block (padding rows are then left alone: their zero
-/// queries never reach the output, and the backward's +inf LSE gives them P = 0).
-pub(crate) fn mask_block(st: &mut [f32], blk: &ScoreBlock, lo: &[usize], hi: &[usize]) {
+/// Sets the scores of keys outside each row's `[lo, hi)` to -inf (so their P is 0), for the
+/// rows `rows`. Nothing to do when every row of the block sees the whole block (padding rows
+/// are then left alone: their zero queries never reach the output, and the backward never
+/// reads them).
+pub(crate) fn mask_block(
+    st: &mut [f32],
+    blk: &ScoreBlock,
+    rows: Range<usize>,
+    lo: &[usize],
+    hi: &[usize],
+) {
     let (j0, end) = (blk.j0, blk.j0 + blk.nk);
     if (0..blk.rows).all(|i| lo[i] <= j0 && hi[i] >= end) {
         return;
     }
     // Per row, the hidden keys of this block are the two runs outside [lo, hi).
-    for i in 0..blk.rows_l {
+    for i in rows {
         let l = lo[i].clamp(j0, end);
         let h = hi[i].clamp(l, end);
         for j in (j0..l).chain(h..end) {
-            st[(j - j0) * blk.ld + i] = f32::NEG_INFINITY;
+            st[blk.at(i, j - j0)] = f32::NEG_INFINITY;
         }
     }
 }

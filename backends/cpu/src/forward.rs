@@ -253,16 +253,17 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
             rows_l,
             j0,
             nk: p.blocks.block_n.min(keys.end - j0),
-            ld: p.ld,
+            query_stride: 1,
+            key_stride: p.ld,
         };
         let seen = block::rows_seeing(&sc.lo, &sc.hi, rows, j0..j0 + blk.nk);
         let seen_l = seen.start..seen.end.div_ceil(S::LANES) * S::LANES;
         let (kptr, krs) = load_k_block(p, sc, &blk, kh);
         scores::<S>(p, sc, &blk, (kptr, krs), seen_l.clone());
         if p.post {
-            block::score_mod(sc.s.as_mut_slice(), &blk, &sm, None);
+            block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
         }
-        block::mask_block(sc.s.as_mut_slice(), &blk, &sc.lo, &sc.hi);
+        block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
         online_softmax::<S>(sc, &blk);
         let (vptr, vrs) = load_v_block(p, sc, &blk, kh);
         accumulate_pv::<S>(p, sc, &blk, (vptr, vrs), seen_l);
@@ -334,7 +335,7 @@ unsafe fn scores<S: Simd>(
     (kptr, krs): (*const f32, usize),
     cols: Range<usize>,
 ) {
-    block::rows_by_queries::<S>(
+    block::qk_product::<S>(
         blk.nk,
         cols,
         Tile {
@@ -355,7 +356,7 @@ unsafe fn scores<S: Simd>(
 /// running O and l (`alpha`), then `P = 2^(S - m)` in place and `l = l * alpha + rowsum(P)`.
 #[inline(always)]
 unsafe fn online_softmax<S: Simd>(sc: &mut Scratch, blk: &ScoreBlock) {
-    let (ld, nk, rows_l) = (blk.ld, blk.nk, blk.rows_l);
+    let (ld, nk, rows_l) = (blk.key_stride, blk.nk, blk.rows_l);
     let sp = sc.s.as_mut_ptr();
     let mb = sc.m_blk.as_mut_ptr();
     for ig in (0..rows_l).step_by(S::LANES) {
@@ -406,14 +407,14 @@ unsafe fn accumulate_pv<S: Simd>(
     (vptr, vrs): (*const f32, usize),
     rows: Range<usize>,
 ) {
-    block::rows_by_columns::<S>(
+    block::pv_product::<S>(
         rows,
         p.dv_pad,
         Tile {
             k: blk.nk,
             a: sc.s.as_ptr(),
             a_rs: 1,
-            a_cs: blk.ld,
+            a_cs: p.ld,
             b: vptr,
             ldb: vrs,
             c: sc.o.as_mut_ptr(),
