@@ -27,10 +27,8 @@ use crate::device::Isa;
 use crate::forward::lanes;
 use crate::io::{AlignedBuf, OutBuf, SharedRows, Src};
 use crate::params::{backward_blocks, odd_lines, Blocks};
-#[cfg(target_arch = "x86_64")]
-use crate::simd::{Avx2, Avx512};
-use crate::simd::{Portable, Simd, Tile};
-use crate::thread_pool::{TaskQueue, ThreadPool};
+use crate::simd::{Simd, Tile};
+use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
 use flashattn_core::mask::blocks as block_range;
 use flashattn_core::{BackwardInputs, CheckedSpec, DType, Grads, Result, ScoreMod, Tensor};
 use std::f32::consts::LOG2_E;
@@ -220,7 +218,7 @@ pub(crate) fn backward(
         blocks,
         ld: odd_lines(blocks.block_n),
     };
-    pool.run(problem.tasks.len(), &|| run_worker(isa, &problem));
+    pool.run_kernel(isa, problem.tasks.len(), &problem);
     drop(problem);
     let dq = match spec.dtype {
         DType::F32 => Tensor::F32(dq_acc),
@@ -293,36 +291,17 @@ fn tasks(spec: &CheckedSpec<'_>, blocks: Blocks) -> Vec<Task> {
     tasks
 }
 
-fn run_worker(isa: Isa, p: &Problem) {
-    let mut sc = Scratch::new(p);
-    // SAFETY: a backend only holds an `Isa` that `Isa::available()` confirmed on this CPU.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => worker_avx512(p, &mut sc),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => worker_avx2(p, &mut sc),
-            _ => worker::<Portable>(p, &mut sc),
-        }
+impl Kernel for Problem<'_> {
+    type Scratch = Scratch;
+    fn scratch(&self) -> Scratch {
+        Scratch::new(self)
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn worker_avx512(p: &Problem, sc: &mut Scratch) {
-    worker::<Avx512>(p, sc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn worker_avx2(p: &Problem, sc: &mut Scratch) {
-    worker::<Avx2>(p, sc)
-}
-
-#[inline(always)]
-unsafe fn worker<S: Simd>(p: &Problem, sc: &mut Scratch) {
-    while let Some(t) = p.queue.take() {
-        run_task::<S>(p, sc, p.tasks[t]);
+    fn next_task(&self) -> Option<usize> {
+        self.queue.take()
+    }
+    #[inline(always)]
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: usize) {
+        run_task::<S>(self, sc, self.tasks[t])
     }
 }
 

@@ -15,10 +15,8 @@ use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
 use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
 use crate::params::{forward_blocks, odd_lines, Blocks};
-#[cfg(target_arch = "x86_64")]
-use crate::simd::{Avx2, Avx512};
-use crate::simd::{Portable, Simd, Tile};
-use crate::thread_pool::{TaskQueue, ThreadPool};
+use crate::simd::{Simd, Tile};
+use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
 use flashattn_core::{CheckedSpec, Output, Result, ScoreMod, SeqBounds, TensorRef};
 use std::f32::consts::{LN_2, LOG2_E};
 use std::ops::Range;
@@ -160,7 +158,7 @@ pub(crate) fn forward(
             dv_pad
         },
     };
-    pool.run(problem.tasks.len(), &|| run_worker(isa, &problem));
+    pool.run_kernel(isa, problem.tasks.len(), &problem);
     Ok(Output {
         out: out_t,
         lse: spec.return_lse.then_some(lse_v),
@@ -191,37 +189,17 @@ fn tasks(spec: &CheckedSpec<'_>, block_m: usize) -> Vec<Task> {
     tasks
 }
 
-fn run_worker(isa: Isa, p: &Problem) {
-    let mut sc = Scratch::new(p);
-    // SAFETY: a backend only holds an `Isa` that `Isa::available()` confirmed on this CPU.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => worker_avx512(p, &mut sc),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => worker_avx2(p, &mut sc),
-            _ => worker::<Portable>(p, &mut sc),
-        }
+impl Kernel for Problem<'_> {
+    type Scratch = Scratch;
+    fn scratch(&self) -> Scratch {
+        Scratch::new(self)
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn worker_avx512(p: &Problem, sc: &mut Scratch) {
-    worker::<Avx512>(p, sc)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn worker_avx2(p: &Problem, sc: &mut Scratch) {
-    worker::<Avx2>(p, sc)
-}
-
-/// Pulls tasks off the shared queue until it is empty.
-#[inline(always)]
-unsafe fn worker<S: Simd>(p: &Problem, sc: &mut Scratch) {
-    while let Some(t) = p.queue.take() {
-        run_task::<S>(p, sc, p.tasks[t]);
+    fn next_task(&self) -> Option<usize> {
+        self.queue.take()
+    }
+    #[inline(always)]
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: usize) {
+        run_task::<S>(self, sc, self.tasks[t])
     }
 }
 

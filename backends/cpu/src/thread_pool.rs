@@ -1,6 +1,10 @@
 //! The backend's worker threads: each call runs one worker per thread, and the workers pull
 //! tasks from a shared atomic queue (dynamic load balancing for masks).
 
+use crate::device::Isa;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+use crate::simd::{Portable, Simd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A fixed-size thread pool, or the calling thread alone.
@@ -64,5 +68,60 @@ impl TaskQueue {
     pub fn take(&self) -> Option<usize> {
         let t = self.next.fetch_add(1, Ordering::Relaxed);
         (t < self.len).then_some(t)
+    }
+}
+
+/// Work that the pool's workers run task by task, with the micro-kernels of the instruction
+/// set chosen at run time (the forward, the backward).
+pub(crate) trait Kernel: Sync {
+    type Scratch;
+    /// One worker's scratch (made once per worker and call).
+    fn scratch(&self) -> Self::Scratch;
+    /// The next task, or `None` once every task has been handed out.
+    fn next_task(&self) -> Option<usize>;
+    /// Runs task `task`. Implementations are `#[inline(always)]`, so that they are compiled
+    /// inside the `#[target_feature]` entry points below.
+    ///
+    /// # Safety
+    /// This CPU has `S`'s instructions.
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Self::Scratch, task: usize);
+}
+
+impl ThreadPool {
+    /// Runs `kernel` on up to `tasks` workers with `isa`'s micro-kernels.
+    pub fn run_kernel<K: Kernel>(&self, isa: Isa, tasks: usize, kernel: &K) {
+        self.run(tasks, &|| {
+            let mut sc = kernel.scratch();
+            // SAFETY: a backend only holds an `Isa` that `Isa::available()` confirmed.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => worker_avx512(kernel, &mut sc),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => worker_avx2(kernel, &mut sc),
+                    _ => worker::<Portable, K>(kernel, &mut sc),
+                }
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn worker_avx512<K: Kernel>(kernel: &K, sc: &mut K::Scratch) {
+    worker::<Avx512, K>(kernel, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn worker_avx2<K: Kernel>(kernel: &K, sc: &mut K::Scratch) {
+    worker::<Avx2, K>(kernel, sc)
+}
+
+/// Pulls tasks until none is left.
+#[inline(always)]
+unsafe fn worker<S: Simd, K: Kernel>(kernel: &K, sc: &mut K::Scratch) {
+    while let Some(t) = kernel.next_task() {
+        kernel.run_task::<S>(sc, t);
     }
 }

@@ -9,7 +9,7 @@ use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backward_tolerance, check_backward, check_cases, feature_cases};
 use flashattn_core::{
     random_inputs, random_tensor, reference_backward, rel_l2_error, AttentionSpec, Backend,
-    BackwardInputs, DType, Grads, Output, Result, Tensor, TensorRef,
+    BackwardInputs, DType, Grads, Tensor,
 };
 use flashattn_cpu::CpuBackend;
 use proptest::prelude::*;
@@ -78,19 +78,15 @@ fn long_sequences() {
     }
 }
 
-/// Random q, k, v, dout and the forward's out and LSE of `spec`.
-fn backward_inputs(spec: &AttentionSpec, seed: u64) -> (Tensor, Tensor, Tensor, Tensor, Output) {
-    let (q, k, v) = random_inputs(spec, seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
-    let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
-    let fwd = CpuBackend::with_threads(2)
+/// The forward (for out and LSE), then the backward, on `backend`.
+fn forward_backward(
+    backend: &CpuBackend,
+    spec: &AttentionSpec,
+    [q, k, v, dout]: [&Tensor; 4],
+) -> Grads {
+    let fwd = backend
         .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
         .unwrap();
-    (q, k, v, dout, fwd)
-}
-
-fn run_backward(backend: &CpuBackend, spec: &AttentionSpec, seed: u64) -> Grads {
-    let (q, k, v, dout, fwd) = backward_inputs(spec, seed);
     let inputs = BackwardInputs {
         q: q.as_ref(),
         k: k.as_ref(),
@@ -100,6 +96,14 @@ fn run_backward(backend: &CpuBackend, spec: &AttentionSpec, seed: u64) -> Grads 
         dout: dout.as_ref(),
     };
     backend.backward(spec, inputs).unwrap()
+}
+
+/// The gradients of `spec` on random q, k, v and dout (`seed`).
+fn run_backward(backend: &CpuBackend, spec: &AttentionSpec, seed: u64) -> Grads {
+    let (q, k, v) = random_inputs(spec, seed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
+    let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
+    forward_backward(backend, spec, [&q, &k, &v, &dout])
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -147,47 +151,10 @@ fn gradients_are_bitwise_identical_for_any_thread_count_and_run() {
     }
 }
 
-/// The naive (materialised scores) backward, seen through the `Backend` trait so that the
-/// same checker applies.
-struct Naive(CpuBackend);
-
-impl Backend for Naive {
-    fn name(&self) -> &'static str {
-        "cpu-naive"
-    }
-    fn device(&self) -> String {
-        self.0.device()
-    }
-    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
-        self.0.supports(spec)
-    }
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
-        self.0.naive_forward(spec, q, k, v)
-    }
-    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
-        self.0.naive_backward(spec, inputs)
-    }
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        algo: flashattn_core::Algorithm,
-        plan: &flashattn_core::BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<flashattn_core::BenchMeasure> {
-        self.0.bench(spec, algo, plan, progress)
-    }
-}
-
 #[test]
 fn naive_backward_matches_reference() {
     for threads in [1, 3] {
-        let naive = Naive(CpuBackend::with_threads(threads));
+        let naive = common::Naive(CpuBackend::with_threads(threads));
         for dtype in [DType::F32, DType::Bf16] {
             let failures = check_cases(&naive, &feature_cases(dtype), 700, check_backward);
             assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -195,38 +162,21 @@ fn naive_backward_matches_reference() {
     }
 }
 
-/// `a [n, m] (row-major) -> a^T b` with `b [n, p]`, in f64.
-fn at_b(a: &[f64], b: &[f64], n: usize, m: usize, p: usize) -> Vec<f64> {
-    let mut c = vec![0.0; m * p];
-    for r in 0..n {
-        for i in 0..m {
-            for j in 0..p {
-                c[i * p + j] += a[r * m + i] * b[r * p + j];
-            }
-        }
-    }
-    c
-}
-
-/// `a [n, m] -> a b` with `b [m, p]`, in f64.
-fn a_b(a: &[f64], b: &[f64], n: usize, m: usize, p: usize) -> Vec<f64> {
+/// `C [n, p] = A B` in f64, with `A(r, i) = a[r * a_rs + i * a_cs]` (`m` wide) and
+/// `B(i, c) = b[i * b_rs + c * b_cs]`: plain products and products with a transposed side.
+fn matmul(
+    a: &[f64],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f64],
+    (b_rs, b_cs): (usize, usize),
+    (n, m, p): (usize, usize, usize),
+) -> Vec<f64> {
     let mut c = vec![0.0; n * p];
     for r in 0..n {
         for i in 0..m {
             for j in 0..p {
-                c[r * p + j] += a[r * m + i] * b[i * p + j];
+                c[r * p + j] += a[r * a_rs + i * a_cs] * b[i * b_rs + j * b_cs];
             }
-        }
-    }
-    c
-}
-
-/// `a b^T` with `a [n, p]`, `b [m, p]`: the gradient through `y = x W` back to x.
-fn a_bt(a: &[f64], b: &[f64], n: usize, m: usize, p: usize) -> Vec<f64> {
-    let mut c = vec![0.0; n * m];
-    for r in 0..n {
-        for i in 0..m {
-            c[r * m + i] = (0..p).map(|j| a[r * p + j] * b[i * p + j]).sum();
         }
     }
     c
@@ -253,25 +203,30 @@ fn training_step_weight_gradients_match_the_reference() {
     let wv = rand_vec(dm * hkv * d, 0.5);
     let w = rand_vec(tokens * hq * d, 1.0);
     let f32s = |v: &[f64]| Tensor::F32(v.iter().map(|&x| x as f32).collect());
+    // x W, x^T dY and dY W^T for a [tokens, dm] x and a [dm, cols] W.
+    let x_w = |w: &[f64], cols| matmul(&x, (dm, 1), w, (cols, 1), (tokens, dm, cols));
+    let xt_dy = |dy: &[f64], cols| matmul(&x, (1, dm), dy, (cols, 1), (dm, tokens, cols));
+    let dy_wt =
+        |dy: &[f64], w: &[f64], cols| matmul(dy, (cols, 1), w, (1, cols), (tokens, cols, dm));
     let (q, k, v) = (
-        f32s(&a_b(&x, &wq, tokens, dm, hq * d)),
-        f32s(&a_b(&x, &wk, tokens, dm, hkv * d)),
-        f32s(&a_b(&x, &wv, tokens, dm, hkv * d)),
+        f32s(&x_w(&wq, hq * d)),
+        f32s(&x_w(&wk, hkv * d)),
+        f32s(&x_w(&wv, hkv * d)),
     );
     // loss = sum(out * w), so dL/dout = w.
     let dout = f32s(&w);
     // The chain rule through the projections: dW = x^T dY, dx = sum dY W^T.
     let chain = |dq: &[f64], dk: &[f64], dv: &[f64]| -> [Vec<f64>; 4] {
-        let mut dx = a_bt(dq, &wq, tokens, dm, hq * d);
-        for (g, wt) in [(dk, &wk), (dv, &wv)] {
-            for (a, b) in dx.iter_mut().zip(a_bt(g, wt, tokens, dm, hkv * d)) {
+        let mut dx = dy_wt(dq, &wq, hq * d);
+        for (g, w) in [(dk, &wk), (dv, &wv)] {
+            for (a, b) in dx.iter_mut().zip(dy_wt(g, w, hkv * d)) {
                 *a += b;
             }
         }
         [
-            at_b(&x, dq, tokens, dm, hq * d),
-            at_b(&x, dk, tokens, dm, hkv * d),
-            at_b(&x, dv, tokens, dm, hkv * d),
+            xt_dy(dq, hq * d),
+            xt_dy(dk, hkv * d),
+            xt_dy(dv, hkv * d),
             dx,
         ]
     };
@@ -279,18 +234,7 @@ fn training_step_weight_gradients_match_the_reference() {
         reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
     let want = chain(&want.dq, &want.dk, &want.dv);
     for (label, backend) in common::every_isa(&[1, 3]) {
-        let fwd = backend
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-            .unwrap();
-        let inputs = BackwardInputs {
-            q: q.as_ref(),
-            k: k.as_ref(),
-            v: v.as_ref(),
-            out: fwd.out.as_ref(),
-            lse: fwd.lse.as_deref().unwrap(),
-            dout: dout.as_ref(),
-        };
-        let g = backend.backward(&spec, inputs).unwrap();
+        let g = forward_backward(&backend, &spec, [&q, &k, &v, &dout]);
         let f64s = |t: &Tensor| -> Vec<f64> { t.to_f32_vec().into_iter().map(f64::from).collect() };
         let got = chain(&f64s(&g.dq), &f64s(&g.dk), &f64s(&g.dv));
         for (name, (gw, ww)) in ["dWq", "dWk", "dWv", "dx"]

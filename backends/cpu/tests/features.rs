@@ -4,7 +4,7 @@
 mod common;
 
 use flashattn_core::testing::{check_backend, check_cases, feature_cases};
-use flashattn_core::{AttentionSpec, Backend, DType, Output, Result, TensorRef};
+use flashattn_core::{AttentionSpec, Backend, DType};
 use flashattn_cpu::CpuBackend;
 
 fn run_cases(backend: &dyn Backend, label: &str) -> Vec<String> {
@@ -92,44 +92,10 @@ fn default_backend_passes_feature_cases() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// The naive (materialised scores) path, seen through the `Backend` trait so the same
-/// checker applies.
-struct Naive(CpuBackend);
-
-impl Backend for Naive {
-    fn name(&self) -> &'static str {
-        "cpu-naive"
-    }
-    fn device(&self) -> String {
-        self.0.device()
-    }
-    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
-        self.0.supports(spec)
-    }
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
-        self.0.naive_forward(spec, q, k, v)
-    }
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        algo: flashattn_core::Algorithm,
-        plan: &flashattn_core::BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<flashattn_core::BenchMeasure> {
-        self.0.bench(spec, algo, plan, progress)
-    }
-}
-
 #[test]
 fn naive_path_matches_reference() {
     for threads in [1, 3] {
-        let failures = run_cases(&Naive(CpuBackend::with_threads(threads)), "naive");
+        let failures = run_cases(&common::Naive(CpuBackend::with_threads(threads)), "naive");
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

@@ -2,6 +2,10 @@
 //! with a printed reason, or fails under FLASHATTN_REQUIRE_BACKENDS) and thread count.
 
 use flashattn_core::testing::backend_or_skip;
+use flashattn_core::{
+    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, Grads, Output,
+    Result, TensorRef,
+};
 use flashattn_cpu::{CpuBackend, Isa};
 
 /// Every instruction set this CPU has, at each of `threads`, with a label for messages.
@@ -17,4 +21,42 @@ pub fn every_isa(threads: &[usize]) -> Vec<(String, CpuBackend)> {
         }
     }
     out
+}
+
+/// The naive (materialised scores) forward and backward, seen through the `Backend` trait so
+/// that core's checkers apply.
+#[allow(dead_code)]
+pub struct Naive(pub CpuBackend);
+
+impl Backend for Naive {
+    fn name(&self) -> &'static str {
+        "cpu-naive"
+    }
+    fn device(&self) -> String {
+        self.0.device()
+    }
+    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
+        self.0.supports(spec)
+    }
+    fn forward(
+        &self,
+        spec: &AttentionSpec,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+    ) -> Result<Output> {
+        self.0.naive_forward(spec, q, k, v)
+    }
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        self.0.naive_backward(spec, inputs)
+    }
+    fn bench(
+        &self,
+        spec: &AttentionSpec,
+        _algo: Algorithm,
+        plan: &BenchPlan,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        self.0.bench(spec, Algorithm::Naive, plan, progress)
+    }
 }
