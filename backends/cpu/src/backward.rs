@@ -25,7 +25,7 @@
 use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
 use crate::forward::lanes;
-use crate::io::{AlignedBuf, OutBuf, SharedRows, Src};
+use crate::io::{try_zeroed, AlignedBuf, OutBuf, SharedRows, Src};
 use crate::params::{backward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
 use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
@@ -183,12 +183,12 @@ pub(crate) fn backward(
     let lanes = lanes(isa);
     let (d, dv) = (spec.head_dim, spec.head_dim_v);
     let (d_pad, dv_pad) = (d.div_ceil(lanes) * lanes, dv.div_ceil(lanes) * lanes);
-    let q = head_major(pool, spec, Src::new(inputs.q)?, d, d_pad, None);
-    let mut delta = vec![0.0f32; spec.sizes.q_tokens * spec.heads_q];
+    let q = head_major(pool, spec, Src::new(inputs.q)?, d, d_pad, None)?;
+    let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
     let out = Some((Src::new(inputs.out)?, SharedRows::new(&mut delta)));
-    let dout = head_major(pool, spec, Src::new(inputs.dout)?, dv, dv_pad, out);
+    let dout = head_major(pool, spec, Src::new(inputs.dout)?, dv, dv_pad, out)?;
     // dq accumulates in f32: in dq itself for f32, else in a buffer converted at the end.
-    let mut dq_acc = vec![0.0f32; spec.sizes.q];
+    let mut dq_acc = try_zeroed(spec.sizes.q, 1, "the dq accumulator")?;
     let (dk_t, dk) = OutBuf::zeroed(spec.dtype, spec.sizes.k)?;
     let (dv_t, dv_out) = OutBuf::zeroed(spec.dtype, spec.sizes.v)?;
     let blocks = backward_blocks();
@@ -240,10 +240,10 @@ fn head_major(
     dim: usize,
     dim_pad: usize,
     delta: Option<(Src, SharedRows)>,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     const CHUNK: usize = 256;
     let (tokens, hq) = (spec.sizes.q_tokens, spec.heads_q);
-    let mut dst = vec![0.0f32; tokens * hq * dim_pad];
+    let mut dst = try_zeroed(tokens * hq, dim_pad, "a head-major copy of q or dout")?;
     let shared = SharedRows::new(&mut dst);
     let chunks = tokens.div_ceil(CHUNK);
     let queue = TaskQueue::new(chunks * hq);
@@ -269,7 +269,7 @@ fn head_major(
             }
         }
     });
-    dst
+    Ok(dst)
 }
 
 /// All (batch, kv head, key block) tasks whose keys some query sees, key block first (the

@@ -218,3 +218,22 @@ impl SharedRows {
         std::slice::from_raw_parts_mut(self.ptr.add(offset), len)
     }
 }
+
+/// A zeroed f32 buffer of `rows x cols` elements; an error naming `what` (never an abort or
+/// a wrapped size) when the size overflows or the memory cannot be had.
+pub(crate) fn try_zeroed(rows: usize, cols: usize, what: &str) -> Result<Vec<f32>> {
+    let fail = || {
+        Error::backend(
+            "cpu",
+            format!("cannot allocate {what} ({rows} x {cols} f32)"),
+        )
+    };
+    let n = rows
+        .checked_mul(cols)
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or_else(fail)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| fail())?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
