@@ -30,7 +30,7 @@ use crate::params::{backward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
 use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
 use flashattn_core::mask::blocks as block_range;
-use flashattn_core::{BackwardInputs, CheckedSpec, DType, Grads, Result, ScoreMod, Tensor};
+use flashattn_core::{BackwardInputs, CheckedSpec, Grads, Result, ScoreMod, Tensor};
 use std::f32::consts::LOG2_E;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -187,7 +187,8 @@ pub(crate) fn backward(
     let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
     let out = Some((Src::new(inputs.out)?, SharedRows::new(&mut delta)));
     let dout = head_major(pool, spec, Src::new(inputs.dout)?, dv, dv_pad, out)?;
-    // dq accumulates in f32: in dq itself for f32, else in a buffer converted at the end.
+    // dq accumulates in f32, head-major (a query block's rows are contiguous, not a page
+    // apart), and is written out in the input's layout and dtype at the end.
     let mut dq_acc = try_zeroed(spec.sizes.q, 1, "the dq accumulator")?;
     let (dk_t, dk) = OutBuf::zeroed(spec.dtype, spec.sizes.k)?;
     let (dv_t, dv_out) = OutBuf::zeroed(spec.dtype, spec.sizes.v)?;
@@ -220,12 +221,8 @@ pub(crate) fn backward(
     };
     pool.run_kernel(isa, problem.tasks.len(), &problem);
     drop(problem);
-    let dq = match spec.dtype {
-        DType::F32 => Tensor::F32(dq_acc),
-        dtype => Tensor::from_f32(dtype, &dq_acc),
-    };
     Ok(Grads {
-        dq,
+        dq: token_major(pool, spec, &dq_acc)?,
         dk: dk_t,
         dv: dv_t,
     })
@@ -241,35 +238,61 @@ fn head_major(
     dim_pad: usize,
     delta: Option<(Src, SharedRows)>,
 ) -> Result<Vec<f32>> {
-    const CHUNK: usize = 256;
     let (tokens, hq) = (spec.sizes.q_tokens, spec.heads_q);
     let mut dst = try_zeroed(tokens * hq, dim_pad, "a head-major copy of q or dout")?;
     let shared = SharedRows::new(&mut dst);
-    let chunks = tokens.div_ceil(CHUNK);
-    let queue = TaskQueue::new(chunks * hq);
-    pool.run(chunks * hq, &|| {
+    per_head_chunks(pool, tokens, hq, &|h, toks| {
         let mut o = vec![0.0f32; dim];
-        while let Some(t) = queue.take() {
-            let (h, c) = (t / chunks, t % chunks);
-            let toks = c * CHUNK..((c + 1) * CHUNK).min(tokens);
-            // SAFETY: each (head, chunk of tokens) belongs to one task.
-            let rows =
-                unsafe { shared.rows((h * tokens + toks.start) * dim_pad, toks.len() * dim_pad) };
-            // SAFETY: as above.
-            let mut d_rows = delta
-                .as_ref()
-                .map(|(_, d)| unsafe { d.rows(h * tokens + toks.start, toks.len()) });
-            for (i, tok) in toks.enumerate() {
-                let row = &mut rows[i * dim_pad..i * dim_pad + dim];
-                src.read_row((tok * hq + h) * dim, row);
-                if let (Some((out, _)), Some(dr)) = (&delta, &mut d_rows) {
-                    out.read_row((tok * hq + h) * dim, &mut o);
-                    dr[i] = row.iter().zip(&o).map(|(a, b)| a * b).sum();
-                }
+        // SAFETY: each (head, chunk of tokens) belongs to one task.
+        let rows =
+            unsafe { shared.rows((h * tokens + toks.start) * dim_pad, toks.len() * dim_pad) };
+        // SAFETY: as above.
+        let mut d_rows = delta
+            .as_ref()
+            .map(|(_, d)| unsafe { d.rows(h * tokens + toks.start, toks.len()) });
+        for (i, tok) in toks.enumerate() {
+            let row = &mut rows[i * dim_pad..i * dim_pad + dim];
+            src.read_row((tok * hq + h) * dim, row);
+            if let (Some((out, _)), Some(dr)) = (&delta, &mut d_rows) {
+                out.read_row((tok * hq + h) * dim, &mut o);
+                dr[i] = row.iter().zip(&o).map(|(a, b)| a * b).sum();
             }
         }
     });
     Ok(dst)
+}
+
+/// Runs `work(head, tokens)` for every head and chunk of tokens, on the pool's threads.
+fn per_head_chunks(
+    pool: &ThreadPool,
+    tokens: usize,
+    heads: usize,
+    work: &(dyn Fn(usize, Range<usize>) + Sync),
+) {
+    const CHUNK: usize = 256;
+    let chunks = tokens.div_ceil(CHUNK);
+    let queue = TaskQueue::new(chunks * heads);
+    pool.run(chunks * heads, &|| {
+        while let Some(t) = queue.take() {
+            let c = t % chunks;
+            work(t / chunks, c * CHUNK..((c + 1) * CHUNK).min(tokens));
+        }
+    });
+}
+
+/// The head-major `[heads_q][q_tokens][d]` f32 accumulator as dq: `[q_tokens, heads_q, d]`
+/// in the input dtype.
+fn token_major(pool: &ThreadPool, spec: &CheckedSpec<'_>, acc: &[f32]) -> Result<Tensor> {
+    let (tokens, hq, d) = (spec.sizes.q_tokens, spec.heads_q, spec.head_dim);
+    let (dq, out) = OutBuf::zeroed(spec.dtype, spec.sizes.q)?;
+    per_head_chunks(pool, tokens, hq, &|h, toks| {
+        for tok in toks {
+            let row = &acc[(h * tokens + tok) * d..][..d];
+            // SAFETY: each (token, head) row is written by one task.
+            unsafe { out.write_row((tok * hq + h) * d, row) };
+        }
+    });
+    Ok(dq)
 }
 
 /// All (batch, kv head, key block) tasks whose keys some query sees, key block first (the
@@ -348,23 +371,17 @@ unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
 fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
     let (hkv, d, dv) = (p.spec.heads_kv, p.spec.head_dim, p.spec.head_dim_v);
     let row0 = (p.spec.seq(t.b).k_start + j0) * hkv + t.kv_head;
-    let (kp, kt, vt) = (
-        sc.kp.as_mut_slice(),
-        sc.kt.as_mut_slice(),
-        sc.vt.as_mut_slice(),
-    );
-    block::pack_rows(&p.k, row0 * d, hkv * d, nk, d, kp, p.d_pad);
+    // Each row is read once (no software prefetch: unlike the forward, a task reads its K and
+    // V block once, and prefetching it measured slower); K^T is transposed from the copy.
+    let (kp, kt) = (sc.kp.as_mut_slice(), sc.kt.as_mut_slice());
+    for j in 0..nk {
+        p.k.read_row((row0 + j * hkv) * d, &mut kp[j * p.d_pad..j * p.d_pad + d]);
+        for x in 0..d {
+            kt[x * p.ld + j] = kp[j * p.d_pad + x] * p.k_mul;
+        }
+    }
+    let vt = sc.vt.as_mut_slice();
     let rows = (nk, nk);
-    block::pack_transposed(
-        &p.k,
-        (row0 * d, hkv * d),
-        rows,
-        d,
-        p.k_mul,
-        &mut sc.row,
-        kt,
-        p.ld,
-    );
     block::pack_transposed(
         &p.v,
         (row0 * dv, hkv * dv),
@@ -540,14 +557,16 @@ unsafe fn score_grads<S: Simd>(
     }
 }
 
-/// Adds this key block's dQ rows into the dq accumulator (the caller holds the turn).
+/// Adds this key block's dQ rows into the head-major dq accumulator (the caller holds the
+/// turn).
 #[inline(always)]
 unsafe fn add_dq(p: &Problem, sc: &Scratch, blk: &ScoreBlock, h: usize, seen: Range<usize>) {
-    let (hq, d) = (p.spec.heads_q, p.spec.head_dim);
+    let d = p.spec.head_dim;
+    let row0 = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
+    // SAFETY: the turn of (b, h, this query block) gives this task these dq rows alone.
+    let dst = p.dq.rows(row0 * d, seen.len() * d);
     let src = sc.dq.as_slice();
-    for i in seen {
-        // SAFETY: the turn of (b, h, this query block) gives this task its dq rows alone.
-        let dst = p.dq.rows(((blk.s.q_start + blk.q0 + i) * hq + h) * d, d);
+    for (dst, i) in dst.chunks_exact_mut(d).zip(seen) {
         for (x, &y) in dst.iter_mut().zip(&src[i * p.d_pad..]) {
             *x += y;
         }
