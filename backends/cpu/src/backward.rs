@@ -1,16 +1,17 @@
 //! The backward pass (FlashAttention-2's algorithm) on CPU threads, deterministic.
 //!
-//! First `delta = rowsum(dout * out)` for every (token, head). Then one task = (batch, kv
-//! head, block of `block_n` keys): it packs its K and V block once, keeps dK and dV of the
-//! block in per-worker f32 accumulators, and walks the query blocks that see its keys
-//! (`Mask::rows_of_keys`), for every query head of the kv head (GQA sums there). Per
-//! (query block, head): recompute `S^T = K · Q^T` (then score mod and mask as the forward),
-//! `P^T = 2^(S^T - lse)`, `dV += P^T · dO`, `dP^T = V · dO^T`, `dS^T = P^T (dP^T - delta)`
-//! (times the softcap's derivative and the scale), `dK += dS^T · Q`, `dQ_blk = dS · K`.
-//! Every block product is a register-tile product of `block.rs`; score blocks are stored
-//! keys x queries so that lse and delta vectorise across queries. Extra memory: delta, the
-//! f32 dq accumulator (f16/bf16 only: f32 accumulates in dq itself) and per-worker tiles,
-//! O(tokens) in all.
+//! First, once per call: head-major f32 copies of Q and dO (`[heads][tokens][d]`, so that a
+//! query block's rows are contiguous and read in place by every key block) and
+//! `delta = rowsum(dout * out)`. Then one task = (batch, kv head, block of `block_n` keys): it
+//! packs K, K^T (pre-scaled) and V^T once, keeps dK and dV of the block in per-worker f32
+//! accumulators, and walks the query blocks that see its keys (`Mask::rows_of_keys`), for
+//! every query head of the kv head (GQA sums there). Per (query block, head): recompute
+//! `S = Q · K^T` (then score mod and mask as the forward), `P = 2^(S - lse)`,
+//! `dV += P^T · dO`, `dP = dO · V^T`, `dS = P (dP - delta)` (times the softcap's derivative
+//! and the scale), `dK += dS^T · Q`, `dQ_blk = dS · K`. Every block product is a register-tile
+//! product of `block.rs`; score blocks are queries x keys (lse and delta are per-row
+//! broadcasts), so no query block is ever transposed. Extra memory: the Q and dO copies, the
+//! head-major f32 dq accumulator, delta and per-worker tiles, O(tokens x heads) in all.
 //!
 //! dq is summed over key blocks without races and in a fixed order: each (batch, head, query
 //! block) has a turn counter that says which key block adds next; a task computes its dQ
