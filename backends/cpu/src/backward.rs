@@ -60,7 +60,6 @@ struct Problem<'a> {
     dk: OutBuf,
     dv: OutBuf,
     tasks: Vec<Task>,
-    queue: TaskQueue,
     turns: Turns,
     /// Multiplier folded into K^T: scale, times log2(e) unless softcap needs the natural scale.
     k_mul: f32,
@@ -206,7 +205,6 @@ pub(crate) fn backward(
         dq: SharedRows::new(&mut dq_acc),
         dk,
         dv: dv_out,
-        queue: TaskQueue::new(tasks.len()),
         tasks,
         turns: Turns::new(spec, blocks),
         k_mul: if spec.softcap > 0.0 {
@@ -220,7 +218,7 @@ pub(crate) fn backward(
         blocks,
         ld: odd_lines(blocks.block_n),
     };
-    pool.run_kernel(isa, problem.tasks.len(), &problem);
+    pool.run_kernel(isa, &problem);
     drop(problem);
     Ok(Grads {
         dq: token_major(pool, spec, &dq_acc)?,
@@ -316,54 +314,52 @@ fn tasks(spec: &CheckedSpec<'_>, blocks: Blocks) -> Vec<Task> {
 }
 
 impl Kernel for Problem<'_> {
+    type Task = Task;
     type Scratch = Scratch;
     fn scratch(&self) -> Scratch {
         Scratch::new(self)
     }
-    fn next_task(&self) -> Option<usize> {
-        self.queue.take()
+    fn tasks(&self) -> &[Task] {
+        &self.tasks
     }
-    #[inline(always)]
-    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: usize) {
-        run_task::<S>(self, sc, self.tasks[t])
-    }
-}
 
-/// One key block: load K, K^T and V^T, then for each query block that sees it and each
-/// query head of the kv head, the block's gradients; finally store dK and dV.
-#[inline(always)]
-unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
-    let spec = &p.spec;
-    let s = spec.seq(t.b);
-    let Blocks { block_m, block_n } = p.blocks;
-    let j0 = t.kb * block_n;
-    let nk = block_n.min(s.k_len - j0);
-    load_key_block(p, sc, t, j0, nk);
-    let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
-    let group = spec.group_size();
-    for qb in block_range(rows, block_m) {
-        let q0 = qb * block_m;
-        let m = block_m.min(s.q_len - q0);
-        let blk = ScoreBlock {
-            s,
-            q0,
-            rows: m,
-            rows_l: m,
-            j0,
-            nk,
-            query_stride: p.ld,
-            key_stride: 1,
-        };
-        block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
-        let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
-        for h in t.kv_head * group..(t.kv_head + 1) * group {
-            block_grads::<S>(p, sc, &blk, (t.b, h), seen.clone());
-            p.turns.wait(t.b, h, qb, t.kb);
-            add_dq(p, sc, &blk, h, seen.clone());
-            p.turns.pass(t.b, h, qb, t.kb);
+    /// One key block: load K, K^T and V^T, then for each query block that sees it and each
+    /// query head of the kv head, the block's gradients; finally store dK and dV.
+    #[inline(always)]
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: Task) {
+        let p = self;
+        let spec = &p.spec;
+        let s = spec.seq(t.b);
+        let Blocks { block_m, block_n } = p.blocks;
+        let j0 = t.kb * block_n;
+        let nk = block_n.min(s.k_len - j0);
+        load_key_block(p, sc, t, j0, nk);
+        let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
+        let group = spec.group_size();
+        for qb in block_range(rows, block_m) {
+            let q0 = qb * block_m;
+            let m = block_m.min(s.q_len - q0);
+            let blk = ScoreBlock {
+                s,
+                q0,
+                rows: m,
+                rows_l: m,
+                j0,
+                nk,
+                query_stride: p.ld,
+                key_stride: 1,
+            };
+            block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
+            let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
+            for h in t.kv_head * group..(t.kv_head + 1) * group {
+                block_grads::<S>(p, sc, &blk, (t.b, h), seen.clone());
+                p.turns.wait(t.b, h, qb, t.kb);
+                add_dq(p, sc, &blk, h, seen.clone());
+                p.turns.pass(t.b, h, qb, t.kb);
+            }
         }
+        store_dk_dv(p, sc, t, j0, nk);
     }
-    store_dk_dv(p, sc, t, j0, nk);
 }
 
 /// K rows (for dQ), K^T pre-scaled (for S) and V^T (for dP) of the task's key block, and

@@ -16,7 +16,7 @@ use crate::device::Isa;
 use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
 use crate::params::{forward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
-use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
+use crate::thread_pool::{Kernel, ThreadPool};
 use flashattn_core::{CheckedSpec, Output, Result, ScoreMod, SeqBounds, TensorRef};
 use std::f32::consts::{LN_2, LOG2_E};
 use std::ops::Range;
@@ -37,7 +37,6 @@ struct Problem<'a> {
     out: OutBuf,
     lse: Option<LseBuf>,
     tasks: Vec<Task>,
-    queue: TaskQueue,
     /// Multiplier folded into Q when packing: scale, times log2(e) unless softcap needs
     /// the natural-scale score first.
     q_mul: f32,
@@ -133,7 +132,6 @@ pub(crate) fn forward(
         v,
         out,
         lse: spec.return_lse.then(|| LseBuf::new(&mut lse_v)),
-        queue: TaskQueue::new(tasks.len()),
         tasks,
         q_mul: if spec.softcap > 0.0 {
             spec.scale
@@ -158,7 +156,7 @@ pub(crate) fn forward(
             dv_pad
         },
     };
-    pool.run_kernel(isa, problem.tasks.len(), &problem);
+    pool.run_kernel(isa, &problem);
     Ok(Output {
         out: out_t,
         lse: spec.return_lse.then_some(lse_v),
@@ -190,63 +188,61 @@ fn tasks(spec: &CheckedSpec<'_>, block_m: usize) -> Vec<Task> {
 }
 
 impl Kernel for Problem<'_> {
+    type Task = Task;
     type Scratch = Scratch;
     fn scratch(&self) -> Scratch {
         Scratch::new(self)
     }
-    fn next_task(&self) -> Option<usize> {
-        self.queue.take()
+    fn tasks(&self) -> &[Task] {
+        &self.tasks
     }
-    #[inline(always)]
-    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: usize) {
-        run_task::<S>(self, sc, self.tasks[t])
-    }
-}
 
-/// One query block: load Q, then per visible key block: load K, scores, score mod and mask,
-/// online softmax, load V, P·V; then normalise and store.
-#[inline(always)]
-unsafe fn run_task<S: Simd>(p: &Problem, sc: &mut Scratch, t: Task) {
-    let spec = &p.spec;
-    let s = spec.seq(t.b);
-    let rows = p.blocks.block_m.min(s.q_len - t.q0);
-    // Rows actually computed: the valid ones rounded up to the vector width (a short last
-    // block or a decode step does not pay for a whole block).
-    let rows_l = rows.div_ceil(S::LANES) * S::LANES;
-    let Some(keys) = block::row_key_ranges(&spec.mask, &s, t.q0, rows, &mut sc.lo, &mut sc.hi)
-    else {
-        return; // every row is masked: out stays 0, LSE stays -inf
-    };
-    load_q_block(p, sc, t, &s, rows, rows_l);
-    sc.o.as_mut_slice()[..rows_l * p.dv_pad].fill(0.0);
-    sc.m.as_mut_slice().fill(f32::NEG_INFINITY);
-    sc.l.as_mut_slice().fill(0.0);
-    let sm = ScoreMod::of(spec, t.b, t.h);
-    let kh = spec.kv_head(t.h);
-    for j0 in keys.clone().step_by(p.blocks.block_n) {
-        let blk = ScoreBlock {
-            s,
-            q0: t.q0,
-            rows,
-            rows_l,
-            j0,
-            nk: p.blocks.block_n.min(keys.end - j0),
-            query_stride: 1,
-            key_stride: p.ld,
+    /// One query block: load Q, then per visible key block: load K, scores, score mod and mask,
+    /// online softmax, load V, P·V; then normalise and store.
+    #[inline(always)]
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: Task) {
+        let p = self;
+        let spec = &p.spec;
+        let s = spec.seq(t.b);
+        let rows = p.blocks.block_m.min(s.q_len - t.q0);
+        // Rows actually computed: the valid ones rounded up to the vector width (a short last
+        // block or a decode step does not pay for a whole block).
+        let rows_l = rows.div_ceil(S::LANES) * S::LANES;
+        let Some(keys) = block::row_key_ranges(&spec.mask, &s, t.q0, rows, &mut sc.lo, &mut sc.hi)
+        else {
+            return; // every row is masked: out stays 0, LSE stays -inf
         };
-        let seen = block::rows_seeing(&sc.lo, &sc.hi, rows, j0..j0 + blk.nk);
-        let seen_l = seen.start..seen.end.div_ceil(S::LANES) * S::LANES;
-        let (kptr, krs) = load_k_block(p, sc, &blk, kh);
-        scores::<S>(p, sc, &blk, (kptr, krs), seen_l.clone());
-        if p.post {
-            block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
+        load_q_block(p, sc, t, &s, rows, rows_l);
+        sc.o.as_mut_slice()[..rows_l * p.dv_pad].fill(0.0);
+        sc.m.as_mut_slice().fill(f32::NEG_INFINITY);
+        sc.l.as_mut_slice().fill(0.0);
+        let sm = ScoreMod::of(spec, t.b, t.h);
+        let kh = spec.kv_head(t.h);
+        for j0 in keys.clone().step_by(p.blocks.block_n) {
+            let blk = ScoreBlock {
+                s,
+                q0: t.q0,
+                rows,
+                rows_l,
+                j0,
+                nk: p.blocks.block_n.min(keys.end - j0),
+                query_stride: 1,
+                key_stride: p.ld,
+            };
+            let seen = block::rows_seeing(&sc.lo, &sc.hi, rows, j0..j0 + blk.nk);
+            let seen_l = seen.start..seen.end.div_ceil(S::LANES) * S::LANES;
+            let (kptr, krs) = load_k_block(p, sc, &blk, kh);
+            scores::<S>(p, sc, &blk, (kptr, krs), seen_l.clone());
+            if p.post {
+                block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
+            }
+            block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
+            online_softmax::<S>(sc, &blk);
+            let (vptr, vrs) = load_v_block(p, sc, &blk, kh);
+            accumulate_pv::<S>(p, sc, &blk, (vptr, vrs), seen_l);
         }
-        block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
-        online_softmax::<S>(sc, &blk);
-        let (vptr, vrs) = load_v_block(p, sc, &blk, kh);
-        accumulate_pv::<S>(p, sc, &blk, (vptr, vrs), seen_l);
+        store(p, sc, t, &s, rows);
     }
-    store(p, sc, t, &s, rows);
 }
 
 /// Qt[x][i] = q[i][x] * q_mul; padding rows are zero.

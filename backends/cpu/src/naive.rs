@@ -283,13 +283,13 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// Dot product with 8 independent partial sums, so it vectorises.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (a_rest, b_rest) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
         for l in 0..8 {
             acc[l] += x[l] * y[l];
         }
     }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    let tail: f32 = a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
 }

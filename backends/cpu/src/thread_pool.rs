@@ -74,32 +74,34 @@ impl TaskQueue {
 /// Work that the pool's workers run task by task, with the micro-kernels of the instruction
 /// set chosen at run time (the forward, the backward).
 pub(crate) trait Kernel: Sync {
+    type Task: Copy;
     type Scratch;
     /// One worker's scratch (made once per worker and call).
     fn scratch(&self) -> Self::Scratch;
-    /// The next task, or `None` once every task has been handed out.
-    fn next_task(&self) -> Option<usize>;
-    /// Runs task `task`. Implementations are `#[inline(always)]`, so that they are compiled
+    /// Every task, in the order the workers take them.
+    fn tasks(&self) -> &[Self::Task];
+    /// Runs one task. Implementations are `#[inline(always)]`, so that they are compiled
     /// inside the `#[target_feature]` entry points below.
     ///
     /// # Safety
     /// This CPU has `S`'s instructions.
-    unsafe fn run_task<S: Simd>(&self, sc: &mut Self::Scratch, task: usize);
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Self::Scratch, task: Self::Task);
 }
 
 impl ThreadPool {
-    /// Runs `kernel` on up to `tasks` workers with `isa`'s micro-kernels.
-    pub fn run_kernel<K: Kernel>(&self, isa: Isa, tasks: usize, kernel: &K) {
-        self.run(tasks, &|| {
+    /// Runs `kernel`'s tasks on up to one worker per thread with `isa`'s micro-kernels.
+    pub fn run_kernel<K: Kernel>(&self, isa: Isa, kernel: &K) {
+        let queue = TaskQueue::new(kernel.tasks().len());
+        self.run(kernel.tasks().len(), &|| {
             let mut sc = kernel.scratch();
             // SAFETY: a backend only holds an `Isa` that `Isa::available()` confirmed.
             unsafe {
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => worker_avx512(kernel, &mut sc),
+                    Isa::Avx512 => worker_avx512(kernel, &queue, &mut sc),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => worker_avx2(kernel, &mut sc),
-                    _ => worker::<Portable, K>(kernel, &mut sc),
+                    Isa::Avx2 => worker_avx2(kernel, &queue, &mut sc),
+                    _ => worker::<Portable, K>(kernel, &queue, &mut sc),
                 }
             }
         });
@@ -108,20 +110,21 @@ impl ThreadPool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn worker_avx512<K: Kernel>(kernel: &K, sc: &mut K::Scratch) {
-    worker::<Avx512, K>(kernel, sc)
+unsafe fn worker_avx512<K: Kernel>(kernel: &K, queue: &TaskQueue, sc: &mut K::Scratch) {
+    worker::<Avx512, K>(kernel, queue, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn worker_avx2<K: Kernel>(kernel: &K, sc: &mut K::Scratch) {
-    worker::<Avx2, K>(kernel, sc)
+unsafe fn worker_avx2<K: Kernel>(kernel: &K, queue: &TaskQueue, sc: &mut K::Scratch) {
+    worker::<Avx2, K>(kernel, queue, sc)
 }
 
 /// Pulls tasks until none is left.
 #[inline(always)]
-unsafe fn worker<S: Simd, K: Kernel>(kernel: &K, sc: &mut K::Scratch) {
-    while let Some(t) = kernel.next_task() {
-        kernel.run_task::<S>(sc, t);
+unsafe fn worker<S: Simd, K: Kernel>(kernel: &K, queue: &TaskQueue, sc: &mut K::Scratch) {
+    let tasks = kernel.tasks();
+    while let Some(t) = queue.take() {
+        kernel.run_task::<S>(sc, tasks[t]);
     }
 }
