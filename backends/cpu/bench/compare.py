@@ -1,17 +1,23 @@
 """Back-to-back rounds of flashattn-cpu (examples/cpu_bench) and PyTorch CPU SDPA on the same
 shape, so both see the same machine load; prints each round and the median ratio.
+--backward compares the backward passes (torch: `out.backward(dout)` alone).
 
 python3 backends/cpu/bench/compare.py BENCH_BINARY [--rounds 5] [--seq 2048] [--heads 8]
-    [--dims 64,128] [--iters 5] [--threads 2]
+    [--dims 64,128] [--iters 5] [--threads 2] [--causal] [--bshd] [--backward]
 """
 import argparse
+import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_sdpa_cpu import make_qkv, median_ms, sdpa_backward_fn  # noqa: E402
 
 
 def torch_median_ms(q, k, v, warmup, iters, causal):
@@ -38,6 +44,7 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--bshd", action="store_true",
                     help="give torch flashattn's memory layout [b, s, h, d] (a transposed view)")
+    ap.add_argument("--backward", action="store_true", help="compare the backward passes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dims = [int(x) for x in args.dims.split(",")]
@@ -49,20 +56,20 @@ def main():
             out = subprocess.run(
                 [args.binary, "--seq", str(args.seq), "--heads", str(args.heads),
                  "--dims", str(d), "--iters", str(args.iters), "--threads", str(args.threads)]
-                + (["--causal"] if args.causal else []),
+                + (["--causal"] if args.causal else [])
+                + (["--backward"] if args.backward else []),
                 capture_output=True, text=True, check=True).stdout
             ours = float(re.search(r"median ([\d.]+) ms", out).group(1))
-            g = torch.Generator().manual_seed(7)
-            if args.bshd:
-                q, k, v = ((torch.rand((1, args.seq, args.heads, d), generator=g) * 2 - 1)
-                           .transpose(1, 2) for _ in range(3))
+            q, k, v = make_qkv(args.seq, args.heads, d, args.bshd, args.backward)
+            if args.backward:
+                theirs = median_ms(sdpa_backward_fn(q, k, v, args.causal)[0], 2, args.iters)[0]
             else:
-                q, k, v = (torch.rand((1, args.heads, args.seq, d), generator=g) * 2 - 1
-                           for _ in range(3))
-            theirs = torch_median_ms(q, k, v, 2, args.iters, args.causal)
+                theirs = torch_median_ms(q, k, v, 2, args.iters, args.causal)
             flops = 4 * args.heads * args.seq * args.seq * d
             if args.causal:  # visible pairs only, as AttentionSpec::flops counts them
                 flops = 2 * args.heads * args.seq * (args.seq + 1) * d
+            if args.backward:  # 2.5 x the forward, as AttentionSpec::backward_flops counts
+                flops *= 2.5
             go, gt = flops / ours / 1e6, flops / theirs / 1e6
             ratios[d].append(go / gt)
             ours_all[d].append(go)

@@ -1,8 +1,10 @@
 //! Times the CPU backend on the headline shape and prints GFLOP/s (median of runs after
-//! warm-up), plus the measured extra heap bytes.
+//! warm-up), plus the measured extra heap bytes. `--backward` times the backward pass (its
+//! FLOPs counted as 2.5 x the forward's, FlashAttention's convention).
 //!
 //! cargo run --release -p flashattn-cpu --example cpu_bench -- [--seq 2048] [--heads 8]
 //!     [--dims 64,128] [--iters 10] [--threads N] [--dtype f32] [--causal] [--naive] [--isa avx2]
+//!     [--backward]
 
 use flashattn_core::alloc_meter::MeteredAlloc;
 use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
@@ -50,11 +52,21 @@ fn main() {
         let spec = AttentionSpec::new(1, heads, seq, seq, d)
             .dtype(dtype)
             .causal(flag("--causal"));
+        let backward = flag("--backward");
         let plan = BenchPlan {
             warmup: 2,
             iters,
             seed: 7,
-            pass: Pass::Forward,
+            pass: if backward {
+                Pass::Backward
+            } else {
+                Pass::Forward
+            },
+        };
+        let flops = if backward {
+            spec.backward_flops()
+        } else {
+            spec.flops()
         };
         let cpu0 = process_cpu_seconds();
         let m = backend
@@ -62,16 +74,17 @@ fn main() {
             .expect("bench failed");
         // CPU seconds per run over all threads (input generation and warm-up included):
         // a throughput per busy core that the other processes on the machine disturb less.
-        let cpu_per_run = (process_cpu_seconds() - cpu0) / (plan.warmup + plan.iters) as f64;
+        let cpu_per_run = (process_cpu_seconds() - cpu0) / plan.runs().expect("runs") as f64;
         let mut t = m.times_ms.clone();
         t.sort_by(f64::total_cmp);
         let median = t[t.len() / 2];
         println!(
-            "{algo:?} {spec}: median {median:.2} ms  {:.1} GFLOP/s  (min {:.2} ms = {:.1} GFLOP/s)  {:.1} GFLOP per CPU-s  extra {:.2} MiB",
-            spec.flops() / median / 1e6,
+            "{algo:?} {} {spec}: median {median:.2} ms  {:.1} GFLOP/s  (min {:.2} ms = {:.1} GFLOP/s)  {:.1} GFLOP per CPU-s  extra {:.2} MiB",
+            plan.pass.name(),
+            flops / median / 1e6,
             t[0],
-            spec.flops() / t[0] / 1e6,
-            spec.flops() / cpu_per_run / 1e9,
+            flops / t[0] / 1e6,
+            flops / cpu_per_run / 1e9,
             m.extra_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
         );
     }

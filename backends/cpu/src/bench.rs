@@ -2,8 +2,10 @@
 
 use crate::CpuBackend;
 use flashattn_core::{
-    alloc_meter, random_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, Result,
+    alloc_meter, random_inputs, random_tensor, Algorithm, AttentionSpec, Backend, BackwardInputs,
+    BenchMeasure, BenchPlan, Error, Pass, Result,
 };
+use rand::SeedableRng;
 use std::time::Instant;
 
 pub(crate) fn bench(
@@ -13,41 +15,114 @@ pub(crate) fn bench(
     plan: &BenchPlan,
     progress: &mut dyn FnMut(),
 ) -> Result<BenchMeasure> {
-    backend.supports(spec)?;
-    let (q, k, v) = random_inputs(spec, plan.seed);
-    let (q, k, v) = (q.as_ref(), k.as_ref(), v.as_ref());
-    // Output and LSE are results, not extra memory.
-    let out_bytes = spec.out_elems().unwrap_or(0) as u64 * spec.dtype.output().size_bytes() as u64
-        + if spec.return_lse {
-            spec.lse_elems().unwrap_or(0) as u64 * 4
-        } else {
-            0
-        };
-    let mut measure = BenchMeasure::default();
-    for run in 0..plan.warmup + plan.iters {
-        let baseline = alloc_meter::start();
-        let t0 = Instant::now();
-        let out = match algo {
-            Algorithm::Flash => backend.forward(spec, q, k, v)?,
-            Algorithm::Naive => backend.naive_forward(spec, q, k, v)?,
-            Algorithm::Copy => {
-                return Err(flashattn_core::Error::unsupported(
-                    "cpu",
-                    "the copy peer is not implemented yet",
-                ))
-            }
-        };
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let extra = alloc_meter::peak_above(baseline).map(|b| b.saturating_sub(out_bytes));
-        drop(out);
-        if run >= plan.warmup {
-            measure.times_ms.push(ms);
-            measure.extra_bytes = match (measure.extra_bytes, extra) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (_, e) => e,
-            };
-        }
-        progress();
+    plan.runs()?;
+    if algo == Algorithm::Copy {
+        return Err(Error::unsupported(
+            "cpu",
+            "the copy peer is not implemented yet",
+        ));
     }
-    Ok(measure)
+    let b = Bench {
+        backend,
+        spec,
+        naive: algo == Algorithm::Naive,
+        plan,
+    };
+    match plan.pass {
+        Pass::Forward => b.forward(progress),
+        Pass::Backward => b.backward(progress),
+        Pass::Decode => Err(Error::unsupported(
+            "cpu",
+            format!("benchmarks of the {} pass", plan.pass.name()),
+        )),
+    }
+}
+
+/// One benchmark: the flash or the naive algorithm of one pass.
+struct Bench<'a> {
+    backend: &'a CpuBackend,
+    spec: &'a AttentionSpec,
+    naive: bool,
+    plan: &'a BenchPlan,
+}
+
+impl Bench<'_> {
+    fn forward(&self, progress: &mut dyn FnMut()) -> Result<BenchMeasure> {
+        let (backend, spec) = (self.backend, self.spec);
+        backend.supports(spec)?;
+        let c = spec.validate()?;
+        let (q, k, v) = random_inputs(spec, self.plan.seed);
+        let (q, k, v) = (q.as_ref(), k.as_ref(), v.as_ref());
+        // Output and LSE are results, not extra memory.
+        let lse_bytes = if spec.return_lse { c.sizes.lse * 4 } else { 0 };
+        let out_bytes = (c.sizes.out * spec.dtype.output().size_bytes() + lse_bytes) as u64;
+        self.time_runs(out_bytes, progress, || {
+            if self.naive {
+                backend.naive_forward(spec, q, k, v)
+            } else {
+                backend.forward(spec, q, k, v)
+            }
+            .map(drop)
+        })
+    }
+
+    /// Times the backward alone: inputs, dout and the forward's out and LSE are made first
+    /// and stay resident; dq, dk and dv are results, not extra memory.
+    fn backward(&self, progress: &mut dyn FnMut()) -> Result<BenchMeasure> {
+        let backend = self.backend;
+        backend.supports_backward(self.spec)?;
+        let spec = &self.spec.clone().return_lse(true);
+        let c = spec.validate()?;
+        let (q, k, v) = random_inputs(spec, self.plan.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.plan.seed ^ 0x5eed);
+        let dout = random_tensor(&mut rng, spec.dtype.output(), c.sizes.out);
+        let fwd = backend.forward(spec, q.as_ref(), k.as_ref(), v.as_ref())?;
+        let lse = fwd
+            .lse
+            .ok_or_else(|| Error::backend("cpu", "the forward gave no LSE"))?;
+        let inputs = BackwardInputs {
+            q: q.as_ref(),
+            k: k.as_ref(),
+            v: v.as_ref(),
+            out: fwd.out.as_ref(),
+            lse: &lse,
+            dout: dout.as_ref(),
+        };
+        let grad_bytes = ((c.sizes.q + c.sizes.k + c.sizes.v) * spec.dtype.size_bytes()) as u64;
+        self.time_runs(grad_bytes, progress, || {
+            if self.naive {
+                backend.naive_backward(spec, inputs)
+            } else {
+                backend.backward(spec, inputs)
+            }
+            .map(drop)
+        })
+    }
+
+    /// Runs `run` for every run of the plan; times and measures the peak extra heap
+    /// (beyond `result_bytes`) of the runs after the warm-up.
+    fn time_runs(
+        &self,
+        result_bytes: u64,
+        progress: &mut dyn FnMut(),
+        mut run: impl FnMut() -> Result<()>,
+    ) -> Result<BenchMeasure> {
+        let mut measure = BenchMeasure::default();
+        for i in 0..self.plan.runs()? {
+            let baseline = alloc_meter::start();
+            let t0 = Instant::now();
+            run()?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let extra = alloc_meter::peak_above(baseline).map(|b| b.saturating_sub(result_bytes));
+            if i >= self.plan.warmup {
+                measure.times_ms.push(ms);
+                measure.extra_bytes = match (measure.extra_bytes, extra) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (_, e) => e,
+                };
+            }
+            progress();
+        }
+        Ok(measure)
+    }
 }

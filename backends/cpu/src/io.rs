@@ -187,3 +187,53 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
     }
 }
+
+/// An f32 buffer whose disjoint row ranges tasks read and write from many threads (the
+/// backward's dq accumulator and its per-row delta).
+pub(crate) struct SharedRows {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: callers only touch ranges no other thread touches at the same time (see `rows`).
+unsafe impl Send for SharedRows {}
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    pub fn new(v: &mut [f32]) -> Self {
+        SharedRows {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+
+    /// The `len` elements at `offset`.
+    ///
+    /// # Safety
+    /// No other thread accesses this range while the slice lives, and the buffer is alive.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn rows(&self, offset: usize, len: usize) -> &mut [f32] {
+        assert!(offset + len <= self.len, "rows out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(offset), len)
+    }
+}
+
+/// A zeroed f32 buffer of `rows x cols` elements; an error naming `what` (never an abort or
+/// a wrapped size) when the size overflows or the memory cannot be had.
+pub(crate) fn try_zeroed(rows: usize, cols: usize, what: &str) -> Result<Vec<f32>> {
+    let fail = || {
+        Error::backend(
+            "cpu",
+            format!("cannot allocate {what} ({rows} x {cols} f32)"),
+        )
+    };
+    let n = rows
+        .checked_mul(cols)
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or_else(fail)?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| fail())?;
+    v.resize(n, 0.0);
+    Ok(v)
+}

@@ -4,27 +4,43 @@
 //! (batch, head, query block), register-blocked FMA microkernels for the two block products,
 //! chosen at run time for the CPU (AVX-512, AVX2+FMA, or portable code the compiler
 //! vectorises), f32 accumulation, and only per-thread tile scratch (the score matrix is never
-//! materialised). f32, f16 and bf16 inputs; fp8 is CUDA-only.
+//! materialised). The backward (FlashAttention-2's loop order: key blocks outer) reuses the
+//! same tiles for its five block products and is deterministic for any thread count.
+//! f32, f16 and bf16 inputs; fp8 is CUDA-only.
 
+mod backward;
 mod bench;
-mod flash;
+mod block;
+mod device;
+mod forward;
 mod io;
-mod isa;
 mod naive;
-mod parallel;
+mod params;
 mod simd;
+mod thread_pool;
 
-pub use isa::Isa;
+pub use device::Isa;
 
 use flashattn_core::{
-    validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, DType, Error,
-    Output, Result, TensorRef,
+    validate_backward_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs,
+    BenchMeasure, BenchPlan, CheckedSpec, DType, Error, Grads, Output, Result, TensorRef,
 };
-use parallel::Pool;
+use thread_pool::ThreadPool;
+
+/// Module paths from before the split into the shared file names (isa.rs is device.rs,
+/// parallel.rs is thread_pool.rs), kept so that branches written against them still build.
+#[allow(unused_imports)]
+mod isa {
+    pub(crate) use crate::device::*;
+}
+#[allow(unused_imports)]
+mod parallel {
+    pub(crate) use crate::thread_pool::ThreadPool as Pool;
+}
 
 /// The CPU backend. Cheap to share: one thread pool per backend.
 pub struct CpuBackend {
-    pool: Pool,
+    pool: ThreadPool,
     isa: Isa,
 }
 
@@ -37,7 +53,7 @@ impl CpuBackend {
     /// A backend with `threads` worker threads (0 is taken as 1).
     pub fn with_threads(threads: usize) -> Self {
         CpuBackend {
-            pool: Pool::new(threads.max(1)),
+            pool: ThreadPool::new(threads.max(1)),
             isa: Isa::detect(),
         }
     }
@@ -71,9 +87,44 @@ impl CpuBackend {
         k: TensorRef<'_>,
         v: TensorRef<'_>,
     ) -> Result<Output> {
-        self.supports(spec)?;
-        validate_inputs(spec, &q, &k, &v)?;
-        naive::forward(&self.pool, spec, q, k, v)
+        let c = self.check(spec, &q, &k, &v)?;
+        naive::forward(&self.pool, &c, q, k, v)
+    }
+
+    /// Naive backward that materialises the probability matrix: the baseline for benchmarks.
+    pub fn naive_backward(
+        &self,
+        spec: &AttentionSpec,
+        inputs: BackwardInputs<'_>,
+    ) -> Result<Grads> {
+        let c = self.check_backward(spec, &inputs)?;
+        naive::backward(&self.pool, &c, inputs)
+    }
+
+    /// Validates a backward call once, fp8 refused first.
+    fn check_backward<'s>(
+        &self,
+        spec: &'s AttentionSpec,
+        inputs: &BackwardInputs<'_>,
+    ) -> Result<CheckedSpec<'s>> {
+        if spec.dtype == DType::Fp8E4m3 {
+            return Err(fp8_unsupported());
+        }
+        validate_backward_inputs(spec, inputs)
+    }
+
+    /// Validates a forward call once: fp8 refused first, then the spec and the buffers.
+    fn check<'s>(
+        &self,
+        spec: &'s AttentionSpec,
+        q: &TensorRef<'_>,
+        k: &TensorRef<'_>,
+        v: &TensorRef<'_>,
+    ) -> Result<CheckedSpec<'s>> {
+        if spec.dtype == DType::Fp8E4m3 {
+            return Err(fp8_unsupported());
+        }
+        validate_inputs(spec, q, k, v)
     }
 }
 
@@ -97,7 +148,7 @@ impl Backend for CpuBackend {
     }
 
     fn device(&self) -> String {
-        let model = isa::cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        let model = device::cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_string());
         format!(
             "CPU: {model}, {} threads, {} detected",
             self.threads(),
@@ -124,9 +175,24 @@ impl Backend for CpuBackend {
         k: TensorRef<'_>,
         v: TensorRef<'_>,
     ) -> Result<Output> {
+        let c = self.check(spec, &q, &k, &v)?;
+        forward::forward(&self.pool, self.isa, &c, q, k, v)
+    }
+
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
         self.supports(spec)?;
-        validate_inputs(spec, &q, &k, &v)?;
-        flash::forward(&self.pool, self.isa, spec, q, k, v)
+        if spec.kv_cache.is_some() {
+            return Err(Error::unsupported(
+                "cpu",
+                "a spec with a KV cache is a decode step; it has no backward pass",
+            ));
+        }
+        Ok(())
+    }
+
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        let c = self.check_backward(spec, &inputs)?;
+        backward::backward(&self.pool, self.isa, &c, inputs)
     }
 
     fn bench(

@@ -2,7 +2,7 @@
 //! that both block products (S^T = K·Q^T and O += P·V) are made of.
 //!
 //! Everything here is `#[inline(always)]`: the generic kernel is instantiated inside one
-//! `#[target_feature]` entry point per instruction set (see `flash.rs`), so the intrinsics
+//! `#[target_feature]` entry point per instruction set (see `forward.rs`), so the intrinsics
 //! are compiled with that feature set enabled.
 
 #[cfg(target_arch = "x86_64")]
@@ -45,7 +45,7 @@ pub(crate) trait Simd {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
-    /// 2^x for x <= 0 (~2e-7 relative), exactly 0 for -inf.
+    /// 2^x for x <= 0 (~2e-7 relative), exactly 0 for -inf, NaN for NaN.
     unsafe fn exp2(x: Self::V) -> Self::V;
 
     /// Q·K tile with `mr` (1..=MR_QK) rows and `nv` (1..=NV_QK) vectors.
@@ -122,6 +122,7 @@ pub(crate) const EXP2_P: [f32; 6] = [
 
 /// Portable 2^x for one lane, written so that lane loops auto-vectorise
 /// (no libm calls: rounding by the 1.5 * 2^23 trick, 2^n by building the exponent bits).
+/// NaN gives NaN (a NaN score must reach the output, not vanish as p = 0).
 #[inline(always)]
 pub(crate) fn exp2_scalar(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
@@ -134,10 +135,10 @@ pub(crate) fn exp2_scalar(x: f32) -> f32 {
     }
     p = p * f + 1.0;
     let pow2n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x >= EXP2_MIN {
-        p * pow2n
-    } else {
+    if x < EXP2_MIN {
         0.0
+    } else {
+        p * pow2n
     }
 }
 
@@ -264,10 +265,12 @@ impl Simd for Avx2 {
     }
     #[inline(always)]
     unsafe fn exp2(x: Self::V) -> Self::V {
-        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP2_MIN));
+        // Lanes below the cut-off become 0; NaN lanes are kept (unordered compare) and the
+        // clamp passes NaN through (max/min return their second operand when one is NaN).
+        let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(EXP2_MIN));
         let xc = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(EXP2_MIN)),
             _mm256_set1_ps(127.0),
+            _mm256_max_ps(_mm256_set1_ps(EXP2_MIN), x),
         );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
         let f = _mm256_sub_ps(xc, n);
@@ -344,10 +347,11 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     unsafe fn exp2(x: Self::V) -> Self::V {
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP2_MIN));
+        // As for AVX2: NaN lanes are kept and pass through the clamp.
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP2_MIN));
         let xc = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(EXP2_MIN)),
             _mm512_set1_ps(127.0),
+            _mm512_max_ps(_mm512_set1_ps(EXP2_MIN), x),
         );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
         let f = _mm512_sub_ps(xc, n);
@@ -414,6 +418,7 @@ mod tests {
         ]);
         xs.push(-1e30);
         xs.extend([f32::NEG_INFINITY; 8]);
+        xs.extend([f32::NAN, -f32::NAN, f32::NAN]);
         xs.resize(xs.len().div_ceil(16) * 16, f32::NEG_INFINITY);
         xs
     }
@@ -421,6 +426,10 @@ mod tests {
     fn check(name: &str, xs: &[f32], ys: &[f32]) {
         let mut worst = 0.0f64;
         for (&x, &y) in xs.iter().zip(ys) {
+            if x.is_nan() {
+                assert!(y.is_nan(), "{name}: exp2(NaN) = {y}, expected NaN");
+                continue;
+            }
             let exact = (x as f64).exp2();
             if x >= EXP2_MIN {
                 // Normal results: relative error.

@@ -1,8 +1,8 @@
 //! Bad input gives typed errors, never panics; fp8 is rejected with a reason.
 
 use flashattn_core::{
-    random_inputs, Algorithm, AttentionSpec, Backend, BenchPlan, DType, Error, Fp8Descale, Pass,
-    Tensor, TensorRef,
+    random_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs, BenchPlan, DType, Error,
+    Fp8Descale, Pass, Tensor, TensorRef,
 };
 use flashattn_cpu::CpuBackend;
 
@@ -167,4 +167,64 @@ fn device_and_name() {
     let d = b.device();
     assert!(d.starts_with("CPU: ") && d.contains("3 threads"), "{d}");
     assert!(CpuBackend::new().threads() >= 1);
+}
+
+#[test]
+fn bad_backward_inputs_are_errors() {
+    let b = backend();
+    let spec = AttentionSpec::new(1, 2, 9, 11, 16).return_lse(true);
+    let (q, k, v) = random_inputs(&spec, 5);
+    let fwd = b
+        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .unwrap();
+    let lse = fwd.lse.clone().unwrap();
+    let dout = fwd.out.clone();
+    let dout16 = Tensor::from_f32(DType::F16, &dout.to_f32_vec());
+    for (what, lse, dout) in [
+        ("lse", &lse[1..], dout.as_ref()),
+        ("dout", &lse[..], TensorRef::F32(&[0.0; 3])),
+        ("dout dtype", &lse[..], dout16.as_ref()),
+    ] {
+        let inp = BackwardInputs {
+            q: q.as_ref(),
+            k: k.as_ref(),
+            v: v.as_ref(),
+            out: fwd.out.as_ref(),
+            lse,
+            dout,
+        };
+        for r in [b.backward(&spec, inp), b.naive_backward(&spec, inp)] {
+            assert!(
+                matches!(
+                    r,
+                    Err(Error::BufferLength { .. } | Error::DTypeMismatch { .. })
+                ),
+                "{what}: {r:?}"
+            );
+        }
+    }
+    // fp8 and decode specs have no backward here: refused with a reason.
+    let fp8 = AttentionSpec::new(1, 2, 8, 8, 64)
+        .dtype(DType::Fp8E4m3)
+        .fp8_descale(Fp8Descale {
+            q: vec![1.0; 2],
+            k: vec![1.0; 2],
+            v: vec![1.0; 2],
+        });
+    assert!(matches!(
+        b.supports_backward(&fp8),
+        Err(Error::Unsupported { .. })
+    ));
+    let inp = BackwardInputs {
+        q: q.as_ref(),
+        k: k.as_ref(),
+        v: v.as_ref(),
+        out: fwd.out.as_ref(),
+        lse: &lse,
+        dout: dout.as_ref(),
+    };
+    assert!(matches!(
+        b.backward(&fp8, inp),
+        Err(Error::Unsupported { .. })
+    ));
 }

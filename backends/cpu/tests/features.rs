@@ -1,17 +1,18 @@
 //! Every named feature case, for every dtype, instruction set and a few thread counts,
 //! against the f64 reference.
 
-use flashattn_core::testing::{check_backend, feature_cases};
-use flashattn_core::{AttentionSpec, Backend, DType, Output, Result, TensorRef};
-use flashattn_cpu::{CpuBackend, Isa};
+mod common;
+
+use flashattn_core::testing::{check_backend, check_cases, feature_cases};
+use flashattn_core::{AttentionSpec, Backend, DType};
+use flashattn_cpu::CpuBackend;
 
 fn run_cases(backend: &dyn Backend, label: &str) -> Vec<String> {
     let mut failures = Vec::new();
     for dtype in [DType::F32, DType::F16, DType::Bf16] {
-        for (i, (name, spec)) in feature_cases(dtype).into_iter().enumerate() {
-            if let Err(e) = check_backend(backend, &spec, 1000 + i as u64) {
-                failures.push(format!("[{label}] {name} ({dtype}): {e}"));
-            }
+        let cases = feature_cases(dtype);
+        for e in check_cases(backend, &cases, 1000, check_backend) {
+            failures.push(format!("[{label}] ({dtype}) {e}"));
         }
     }
     failures
@@ -20,11 +21,8 @@ fn run_cases(backend: &dyn Backend, label: &str) -> Vec<String> {
 #[test]
 fn feature_cases_every_isa_and_thread_count() {
     let mut failures = Vec::new();
-    for isa in Isa::all_available() {
-        for threads in [1, 3] {
-            let backend = CpuBackend::with_threads(threads).with_isa(isa).unwrap();
-            failures.extend(run_cases(&backend, &format!("{isa}, {threads} threads")));
-        }
+    for (label, backend) in common::every_isa(&[1, 3]) {
+        failures.extend(run_cases(&backend, &label));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -40,14 +38,14 @@ fn in_place_and_packed_kv_layouts() {
         AttentionSpec::new(1, 3, 200, 257, 64).heads_kv(1), // contiguous: K and V in place
         AttentionSpec::new(1, 2, 50, 129, 40).heads_kv(1), // contiguous K, dv padded
     ];
+    let cases: Vec<_> = cases
+        .into_iter()
+        .map(|s| (s.to_string(), s.return_lse(true)))
+        .collect();
     let mut failures = Vec::new();
-    for isa in Isa::all_available() {
-        let backend = CpuBackend::with_threads(2).with_isa(isa).unwrap();
-        for (i, spec) in cases.iter().enumerate() {
-            let spec = spec.clone().return_lse(true);
-            if let Err(e) = check_backend(&backend, &spec, 77 + i as u64) {
-                failures.push(format!("[{isa}] {e}"));
-            }
+    for (label, backend) in common::every_isa(&[2]) {
+        for e in check_cases(&backend, &cases, 77, check_backend) {
+            failures.push(format!("[{label}] {e}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -68,14 +66,22 @@ fn long_masked_sequences() {
             .varlen(vec![0, 400, 900], vec![0, 500, 900])
             .causal(true),
     ];
+    let cases: Vec<_> = cases
+        .into_iter()
+        .map(|s| (s.to_string(), s.return_lse(true)))
+        .collect();
     for threads in [1, 3] {
-        let backend = CpuBackend::with_threads(threads);
-        for (i, spec) in cases.iter().enumerate() {
-            let spec = spec.clone().return_lse(true);
-            if let Err(e) = check_backend(&backend, &spec, 300 + i as u64) {
-                panic!("{threads} threads: {e}");
-            }
-        }
+        let failures = check_cases(
+            &CpuBackend::with_threads(threads),
+            &cases,
+            300,
+            check_backend,
+        );
+        assert!(
+            failures.is_empty(),
+            "{threads} threads: {}",
+            failures.join("\n")
+        );
     }
 }
 
@@ -86,44 +92,10 @@ fn default_backend_passes_feature_cases() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// The naive (materialised scores) path, seen through the `Backend` trait so the same
-/// checker applies.
-struct Naive(CpuBackend);
-
-impl Backend for Naive {
-    fn name(&self) -> &'static str {
-        "cpu-naive"
-    }
-    fn device(&self) -> String {
-        self.0.device()
-    }
-    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
-        self.0.supports(spec)
-    }
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
-        self.0.naive_forward(spec, q, k, v)
-    }
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        algo: flashattn_core::Algorithm,
-        plan: &flashattn_core::BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<flashattn_core::BenchMeasure> {
-        self.0.bench(spec, algo, plan, progress)
-    }
-}
-
 #[test]
 fn naive_path_matches_reference() {
     for threads in [1, 3] {
-        let failures = run_cases(&Naive(CpuBackend::with_threads(threads)), "naive");
+        let failures = run_cases(&common::Naive(CpuBackend::with_threads(threads)), "naive");
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

@@ -1,0 +1,584 @@
+//! The backward pass (FlashAttention-2's algorithm) on CPU threads, deterministic.
+//!
+//! First, once per call: head-major f32 copies of Q and dO (`[heads][tokens][d]`, so that a
+//! query block's rows are contiguous and read in place by every key block) and
+//! `delta = rowsum(dout * out)`. Then one task = (batch, kv head, block of `block_n` keys): it
+//! packs K, K^T (pre-scaled) and V^T once, keeps dK and dV of the block in per-worker f32
+//! accumulators, and walks the query blocks that see its keys (`Mask::rows_of_keys`), for
+//! every query head of the kv head (GQA sums there). Per (query block, head): recompute
+//! `S = Q · K^T` (then score mod and mask as the forward), `P = 2^(S - lse)`,
+//! `dV += P^T · dO`, `dP = dO · V^T`, `dS = P (dP - delta)` (times the softcap's derivative
+//! and the scale), `dK += dS^T · Q`, `dQ_blk = dS · K`. Every block product is a register-tile
+//! product of `block.rs`; score blocks are queries x keys (lse and delta are per-row
+//! broadcasts), so no query block is ever transposed. Extra memory: the Q and dO copies, the
+//! head-major f32 dq accumulator, delta and per-worker tiles, O(tokens x heads) in all.
+//!
+//! dq is summed over key blocks without races and in a fixed order: each (batch, head, query
+//! block) has a turn counter that says which key block adds next; a task computes its dQ
+//! block privately, waits for its turn, adds it, and passes the turn on. Tasks are queued key
+//! block first, so a turn never waits on a task that has not started, and in the common case
+//! (more heads than threads) the threads work on different heads and never wait at all.
+//! The sum order is then the key-block order, whatever the thread count or the run: the
+//! gradients are bitwise reproducible. This costs no extra FLOPs, unlike a separate dq pass
+//! (which recomputes S and dP: 7 block products instead of 5), and no O(key blocks x tokens)
+//! partial-dq buffers.
+
+use crate::block::{self, ScoreBlock};
+use crate::device::Isa;
+use crate::forward::lanes;
+use crate::io::{try_zeroed, AlignedBuf, OutBuf, SharedRows, Src};
+use crate::params::{backward_blocks, odd_lines, Blocks};
+use crate::simd::{Simd, Tile};
+use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
+use flashattn_core::mask::blocks as block_range;
+use flashattn_core::{BackwardInputs, CheckedSpec, Grads, Result, ScoreMod, Tensor};
+use std::f32::consts::LOG2_E;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    b: usize,
+    kv_head: usize,
+    /// Key block index within the sequence.
+    kb: usize,
+}
+
+/// Everything the workers share for one backward call.
+struct Problem<'a> {
+    spec: CheckedSpec<'a>,
+    /// Q and dO head-major, `[heads_q][q_tokens][d_pad]` (and dv_pad), f32, zero padded: a
+    /// query block's rows are contiguous, read in place by every key block.
+    q: &'a [f32],
+    dout: &'a [f32],
+    k: Src<'a>,
+    v: Src<'a>,
+    lse: &'a [f32],
+    /// rowsum(dout * out), head-major `[heads_q][q_tokens]`.
+    delta: &'a [f32],
+    dq: SharedRows,
+    dk: OutBuf,
+    dv: OutBuf,
+    tasks: Vec<Task>,
+    turns: Turns,
+    /// Multiplier folded into K^T: scale, times log2(e) unless softcap needs the natural scale.
+    k_mul: f32,
+    post: bool,
+    d_pad: usize,
+    dv_pad: usize,
+    blocks: Blocks,
+    /// Row stride of K^T, V^T and the score blocks: block_n padded to an odd line count.
+    ld: usize,
+}
+
+/// Per-worker scratch: O(block_n * (d + dv) + block_m * (block_n + d)) floats.
+struct Scratch {
+    kp: AlignedBuf,
+    kt: AlignedBuf,
+    vt: AlignedBuf,
+    dk: AlignedBuf,
+    dv: AlignedBuf,
+    s: AlignedBuf,
+    dp: AlignedBuf,
+    /// The softcap's derivative per score (empty without softcap).
+    grad: AlignedBuf,
+    dq: AlignedBuf,
+    lse2: Vec<f32>,
+    ones: AlignedBuf,
+    row: Vec<f32>,
+    lo: Vec<usize>,
+    hi: Vec<usize>,
+}
+
+impl Scratch {
+    fn new(p: &Problem) -> Self {
+        let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
+        let Blocks { block_m, block_n } = p.blocks;
+        let mut ones = AlignedBuf::zeroed(block_m.max(block_n));
+        ones.as_mut_slice().fill(1.0);
+        Scratch {
+            kp: AlignedBuf::zeroed(block_n * p.d_pad),
+            kt: AlignedBuf::zeroed(d * p.ld),
+            vt: AlignedBuf::zeroed(dv * p.ld),
+            dk: AlignedBuf::zeroed(block_n * p.d_pad),
+            dv: AlignedBuf::zeroed(block_n * p.dv_pad),
+            s: AlignedBuf::zeroed(block_m * p.ld),
+            dp: AlignedBuf::zeroed(block_m * p.ld),
+            grad: AlignedBuf::zeroed(if p.spec.softcap > 0.0 {
+                block_m * p.ld
+            } else {
+                0
+            }),
+            dq: AlignedBuf::zeroed(block_m * p.d_pad),
+            lse2: vec![0.0; block_m],
+            ones,
+            row: vec![0.0; d.max(dv)],
+            lo: vec![0; block_m],
+            hi: vec![0; block_m],
+        }
+    }
+}
+
+/// Whose turn it is to add into the dq rows of each (batch, query head, query block).
+struct Turns {
+    /// Index of the first query block of each sequence.
+    first_block: Vec<usize>,
+    heads_q: usize,
+    /// The key block that adds next.
+    next: Vec<AtomicUsize>,
+}
+
+impl Turns {
+    /// Each counter starts at the first key block that sees its query block.
+    fn new(spec: &CheckedSpec<'_>, blocks: Blocks) -> Turns {
+        let (mut first_block, mut next) = (Vec::with_capacity(spec.batch), Vec::new());
+        for b in 0..spec.batch {
+            let s = spec.seq(b);
+            first_block.push(next.len() / spec.heads_q);
+            for q0 in (0..s.q_len).step_by(blocks.block_m) {
+                let rows = q0..(q0 + blocks.block_m).min(s.q_len);
+                let keys = spec.mask.keys_of_rows(rows, s.q_len, s.k_len);
+                let kb = keys.start / blocks.block_n;
+                next.extend((0..spec.heads_q).map(|_| AtomicUsize::new(kb)));
+            }
+        }
+        Turns {
+            first_block,
+            heads_q: spec.heads_q,
+            next,
+        }
+    }
+
+    fn counter(&self, b: usize, h: usize, qb: usize) -> &AtomicUsize {
+        &self.next[(self.first_block[b] + qb) * self.heads_q + h]
+    }
+
+    /// Waits until key block `kb` may add into (b, h, qb). Spins briefly, then yields (the
+    /// turn's holder may be descheduled on a loaded machine).
+    fn wait(&self, b: usize, h: usize, qb: usize, kb: usize) {
+        let c = self.counter(b, h, qb);
+        let mut spins = 0u32;
+        while c.load(Ordering::Acquire) != kb {
+            if spins < 64 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn pass(&self, b: usize, h: usize, qb: usize, kb: usize) {
+        self.counter(b, h, qb).store(kb + 1, Ordering::Release);
+    }
+}
+
+/// Backward on validated inputs (`BackwardInputs` checked against `spec`).
+pub(crate) fn backward(
+    pool: &ThreadPool,
+    isa: Isa,
+    spec: &CheckedSpec<'_>,
+    inputs: BackwardInputs<'_>,
+) -> Result<Grads> {
+    let lanes = lanes(isa);
+    let (d, dv) = (spec.head_dim, spec.head_dim_v);
+    let (d_pad, dv_pad) = (d.div_ceil(lanes) * lanes, dv.div_ceil(lanes) * lanes);
+    let q = head_major(pool, spec, Src::new(inputs.q)?, d, d_pad, None)?;
+    let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
+    let out = Some((Src::new(inputs.out)?, SharedRows::new(&mut delta)));
+    let dout = head_major(pool, spec, Src::new(inputs.dout)?, dv, dv_pad, out)?;
+    // dq accumulates in f32, head-major (a query block's rows are contiguous, not a page
+    // apart), and is written out in the input's layout and dtype at the end.
+    let mut dq_acc = try_zeroed(spec.sizes.q, 1, "the dq accumulator")?;
+    let (dk_t, dk) = OutBuf::zeroed(spec.dtype, spec.sizes.k)?;
+    let (dv_t, dv_out) = OutBuf::zeroed(spec.dtype, spec.sizes.v)?;
+    let blocks = backward_blocks();
+    let tasks = tasks(spec, blocks);
+    let problem = Problem {
+        spec: *spec,
+        q: &q,
+        dout: &dout,
+        k: Src::new(inputs.k)?,
+        v: Src::new(inputs.v)?,
+        lse: inputs.lse,
+        delta: &delta,
+        dq: SharedRows::new(&mut dq_acc),
+        dk,
+        dv: dv_out,
+        tasks,
+        turns: Turns::new(spec, blocks),
+        k_mul: if spec.softcap > 0.0 {
+            spec.scale
+        } else {
+            spec.scale * LOG2_E
+        },
+        post: spec.softcap > 0.0 || spec.alibi.is_some(),
+        d_pad,
+        dv_pad,
+        blocks,
+        ld: odd_lines(blocks.block_n),
+    };
+    pool.run_kernel(isa, &problem);
+    drop(problem);
+    Ok(Grads {
+        dq: token_major(pool, spec, &dq_acc)?,
+        dk: dk_t,
+        dv: dv_t,
+    })
+}
+
+/// A `[tokens, heads_q, dim]` tensor as f32 `[heads_q][tokens][dim_pad]` (zero padded). With
+/// `delta`, also `delta[h][token] = row · out_row` (dout's rowsum with out, in a fixed order).
+fn head_major(
+    pool: &ThreadPool,
+    spec: &CheckedSpec<'_>,
+    src: Src,
+    dim: usize,
+    dim_pad: usize,
+    delta: Option<(Src, SharedRows)>,
+) -> Result<Vec<f32>> {
+    let (tokens, hq) = (spec.sizes.q_tokens, spec.heads_q);
+    let mut dst = try_zeroed(tokens * hq, dim_pad, "a head-major copy of q or dout")?;
+    let shared = SharedRows::new(&mut dst);
+    per_head_chunks(pool, tokens, hq, &|h, toks| {
+        let mut o = vec![0.0f32; dim];
+        // SAFETY: each (head, chunk of tokens) belongs to one task.
+        let rows =
+            unsafe { shared.rows((h * tokens + toks.start) * dim_pad, toks.len() * dim_pad) };
+        // SAFETY: as above.
+        let mut d_rows = delta
+            .as_ref()
+            .map(|(_, d)| unsafe { d.rows(h * tokens + toks.start, toks.len()) });
+        for (i, tok) in toks.enumerate() {
+            let row = &mut rows[i * dim_pad..i * dim_pad + dim];
+            src.read_row((tok * hq + h) * dim, row);
+            if let (Some((out, _)), Some(dr)) = (&delta, &mut d_rows) {
+                out.read_row((tok * hq + h) * dim, &mut o);
+                dr[i] = row.iter().zip(&o).map(|(a, b)| a * b).sum();
+            }
+        }
+    });
+    Ok(dst)
+}
+
+/// Runs `work(head, tokens)` for every head and chunk of tokens, on the pool's threads.
+fn per_head_chunks(
+    pool: &ThreadPool,
+    tokens: usize,
+    heads: usize,
+    work: &(dyn Fn(usize, Range<usize>) + Sync),
+) {
+    const CHUNK: usize = 256;
+    let chunks = tokens.div_ceil(CHUNK);
+    let queue = TaskQueue::new(chunks * heads);
+    pool.run(chunks * heads, &|| {
+        while let Some(t) = queue.take() {
+            let c = t % chunks;
+            work(t / chunks, c * CHUNK..((c + 1) * CHUNK).min(tokens));
+        }
+    });
+}
+
+/// The head-major `[heads_q][q_tokens][d]` f32 accumulator as dq: `[q_tokens, heads_q, d]`
+/// in the input dtype.
+fn token_major(pool: &ThreadPool, spec: &CheckedSpec<'_>, acc: &[f32]) -> Result<Tensor> {
+    let (tokens, hq, d) = (spec.sizes.q_tokens, spec.heads_q, spec.head_dim);
+    let (dq, out) = OutBuf::zeroed(spec.dtype, spec.sizes.q)?;
+    per_head_chunks(pool, tokens, hq, &|h, toks| {
+        for tok in toks {
+            let row = &acc[(h * tokens + tok) * d..][..d];
+            // SAFETY: each (token, head) row is written by one task.
+            unsafe { out.write_row((tok * hq + h) * d, row) };
+        }
+    });
+    Ok(dq)
+}
+
+/// All (batch, kv head, key block) tasks whose keys some query sees, key block first (the
+/// order the dq turns need; with causal masks it also puts the heaviest blocks first).
+fn tasks(spec: &CheckedSpec<'_>, blocks: Blocks) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for b in 0..spec.batch {
+        let s = spec.seq(b);
+        for kv_head in 0..spec.heads_kv {
+            for kb in 0..s.k_len.div_ceil(blocks.block_n) {
+                let keys = kb * blocks.block_n..((kb + 1) * blocks.block_n).min(s.k_len);
+                if !spec.mask.rows_of_keys(keys, s.q_len, s.k_len).is_empty() {
+                    tasks.push(Task { b, kv_head, kb });
+                }
+            }
+        }
+    }
+    tasks.sort_by_key(|t| t.kb);
+    tasks
+}
+
+impl Kernel for Problem<'_> {
+    type Task = Task;
+    type Scratch = Scratch;
+    fn scratch(&self) -> Scratch {
+        Scratch::new(self)
+    }
+    fn tasks(&self) -> &[Task] {
+        &self.tasks
+    }
+
+    /// One key block: load K, K^T and V^T, then for each query block that sees it and each
+    /// query head of the kv head, the block's gradients; finally store dK and dV.
+    #[inline(always)]
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: Task) {
+        let p = self;
+        let spec = &p.spec;
+        let s = spec.seq(t.b);
+        let Blocks { block_m, block_n } = p.blocks;
+        let j0 = t.kb * block_n;
+        let nk = block_n.min(s.k_len - j0);
+        load_key_block(p, sc, t, j0, nk);
+        let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
+        let group = spec.group_size();
+        for qb in block_range(rows, block_m) {
+            let q0 = qb * block_m;
+            let m = block_m.min(s.q_len - q0);
+            let blk = ScoreBlock {
+                s,
+                q0,
+                rows: m,
+                rows_l: m,
+                j0,
+                nk,
+                query_stride: p.ld,
+                key_stride: 1,
+            };
+            block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
+            let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
+            for h in t.kv_head * group..(t.kv_head + 1) * group {
+                block_grads::<S>(p, sc, &blk, (t.b, h), seen.clone());
+                p.turns.wait(t.b, h, qb, t.kb);
+                add_dq(p, sc, &blk, h, seen.clone());
+                p.turns.pass(t.b, h, qb, t.kb);
+            }
+        }
+        store_dk_dv(p, sc, t, j0, nk);
+    }
+}
+
+/// K rows (for dQ), K^T pre-scaled (for S) and V^T (for dP) of the task's key block, and
+/// zeroed dK, dV accumulators.
+#[inline(always)]
+fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
+    let (hkv, d, dv) = (p.spec.heads_kv, p.spec.head_dim, p.spec.head_dim_v);
+    let row0 = (p.spec.seq(t.b).k_start + j0) * hkv + t.kv_head;
+    // Each row is read once (no software prefetch: unlike the forward, a task reads its K and
+    // V block once, and prefetching it measured slower); K^T is transposed from the copy.
+    let (kp, kt) = (sc.kp.as_mut_slice(), sc.kt.as_mut_slice());
+    for j in 0..nk {
+        p.k.read_row((row0 + j * hkv) * d, &mut kp[j * p.d_pad..j * p.d_pad + d]);
+        for x in 0..d {
+            kt[x * p.ld + j] = kp[j * p.d_pad + x] * p.k_mul;
+        }
+    }
+    let vt = sc.vt.as_mut_slice();
+    let rows = (nk, nk);
+    block::pack_transposed(
+        &p.v,
+        (row0 * dv, hkv * dv),
+        rows,
+        dv,
+        1.0,
+        &mut sc.row,
+        vt,
+        p.ld,
+    );
+    sc.dk.as_mut_slice()[..nk * p.d_pad].fill(0.0);
+    sc.dv.as_mut_slice()[..nk * p.dv_pad].fill(0.0);
+}
+
+/// The gradients of one (query block, head) against the task's key block, over the query
+/// rows `seen` that see it: dK and dV accumulate in scratch, this block's dQ lands in
+/// `sc.dq`.
+#[inline(always)]
+unsafe fn block_grads<S: Simd>(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    (b, h): (usize, usize),
+    seen: Range<usize>,
+) {
+    let (ld, d_pad, dv_pad) = (p.ld, p.d_pad, p.dv_pad);
+    let keys = 0..blk.nk.div_ceil(S::LANES) * S::LANES;
+    let row0 = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
+    let (q, dout) = (
+        p.q.as_ptr().add(row0 * d_pad),
+        p.dout.as_ptr().add(row0 * dv_pad),
+    );
+    let (s0, n) = (seen.start, seen.len());
+    // S = Q · K^T, score mod, mask, P = 2^(S - lse).
+    let (sp, dp) = (
+        sc.s.as_mut_ptr().add(s0 * ld),
+        sc.dp.as_mut_ptr().add(s0 * ld),
+    );
+    let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
+    block::qk_product::<S>(
+        n,
+        keys.clone(),
+        product(d, q, d_pad, sc.kt.as_ptr(), sp, ld),
+    );
+    if p.post {
+        let grad = (p.spec.softcap > 0.0).then_some(sc.grad.as_mut_slice());
+        let sm = ScoreMod::of(&p.spec, b, h);
+        block::score_mod(sc.s.as_mut_slice(), blk, seen.clone(), &sm, grad);
+    }
+    block::mask_block(sc.s.as_mut_slice(), blk, seen.clone(), &sc.lo, &sc.hi);
+    load_lse(p, sc, blk, (b, h), seen.clone());
+    probabilities::<S>(sc, ld, seen.clone(), keys.clone());
+    // dP = dO · V^T, then dS in place.
+    block::qk_product::<S>(
+        n,
+        keys.clone(),
+        product(dv, dout, dv_pad, sc.vt.as_ptr(), dp, ld),
+    );
+    let delta = &p.delta[row0 - s0..];
+    score_grads::<S>(p, sc, delta, seen.clone(), keys);
+    // dV += P^T · dO and dK += dS^T · Q over the queries that see the block.
+    for (a, bm, ldb, c) in [
+        (sp, dout, dv_pad, sc.dv.as_mut_ptr()),
+        (dp, q, d_pad, sc.dk.as_mut_ptr()),
+    ] {
+        let t = Tile {
+            k: n,
+            a,
+            a_rs: 1,
+            a_cs: ld,
+            b: bm,
+            ldb,
+            c,
+            ldc: ldb,
+            alpha: sc.ones.as_ptr(),
+        };
+        block::pv_product::<S>(0..blk.nk, ldb, t);
+    }
+    // dQ_blk = dS · K (overwrites the rows `seen`, rounded out to whole tiles).
+    let t = Tile {
+        k: blk.nk,
+        a: sc.dp.as_ptr(),
+        a_rs: ld,
+        a_cs: 1,
+        b: sc.kp.as_ptr(),
+        ldb: d_pad,
+        c: sc.dq.as_mut_ptr(),
+        ldc: d_pad,
+        alpha: std::ptr::null(),
+    };
+    block::pv_product::<S>(seen, d_pad, t);
+}
+
+/// The `C = A · B` product of query rows `a` (`k` wide, row stride `a_rs`) with a transposed
+/// key block `bt` into `c` (both `ld` apart).
+fn product(k: usize, a: *const f32, a_rs: usize, bt: *const f32, c: *mut f32, ld: usize) -> Tile {
+    Tile {
+        k,
+        a,
+        a_rs,
+        a_cs: 1,
+        b: bt,
+        ldb: ld,
+        c,
+        ldc: ld,
+        alpha: std::ptr::null(),
+    }
+}
+
+/// The LSE of the rows `seen` in log2; +inf for a fully masked row (LSE -inf), so that its
+/// P is 0, never NaN.
+#[inline(always)]
+fn load_lse(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    (b, h): (usize, usize),
+    seen: Range<usize>,
+) {
+    for i in seen {
+        let lse = p.lse[p.spec.lse_index(b, h, blk.q0 + i)];
+        sc.lse2[i] = if lse == f32::NEG_INFINITY {
+            f32::INFINITY
+        } else {
+            lse * LOG2_E
+        };
+    }
+}
+
+/// `P = 2^(S - lse2)` in place, rows `rows`, key columns `keys`.
+#[inline(always)]
+unsafe fn probabilities<S: Simd>(
+    sc: &mut Scratch,
+    ld: usize,
+    rows: Range<usize>,
+    keys: Range<usize>,
+) {
+    let sp = sc.s.as_mut_ptr();
+    for i in rows {
+        let l = S::splat(sc.lse2[i]);
+        for j in keys.clone().step_by(S::LANES) {
+            let x = sp.add(i * ld + j);
+            S::store(x, S::exp2(S::sub(S::load(x), l)));
+        }
+    }
+}
+
+/// `dS = P (dP - delta) * softcap' * scale` in place of dP, rows `rows` (`delta[i]` is row
+/// i's), key columns `keys`.
+/// The scale turns the gradient of the score into that of `q·k`, so dQ and dK need no
+/// further factor.
+#[inline(always)]
+unsafe fn score_grads<S: Simd>(
+    p: &Problem,
+    sc: &mut Scratch,
+    delta: &[f32],
+    rows: Range<usize>,
+    keys: Range<usize>,
+) {
+    let (pp, dp, gp) = (sc.s.as_ptr(), sc.dp.as_mut_ptr(), sc.grad.as_ptr());
+    let scale = S::splat(p.spec.scale);
+    let softcap = p.spec.softcap > 0.0;
+    for i in rows {
+        let delta = S::splat(delta[i]);
+        for j in keys.clone().step_by(S::LANES) {
+            let at = i * p.ld + j;
+            let mut ds = S::mul(S::load(pp.add(at)), S::sub(S::load(dp.add(at)), delta));
+            if softcap {
+                ds = S::mul(ds, S::load(gp.add(at)));
+            }
+            S::store(dp.add(at), S::mul(ds, scale));
+        }
+    }
+}
+
+/// Adds this key block's dQ rows into the head-major dq accumulator (the caller holds the
+/// turn).
+#[inline(always)]
+unsafe fn add_dq(p: &Problem, sc: &Scratch, blk: &ScoreBlock, h: usize, seen: Range<usize>) {
+    let d = p.spec.head_dim;
+    let row0 = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
+    // SAFETY: the turn of (b, h, this query block) gives this task these dq rows alone.
+    let dst = p.dq.rows(row0 * d, seen.len() * d);
+    let src = sc.dq.as_slice();
+    for (dst, i) in dst.chunks_exact_mut(d).zip(seen) {
+        for (x, &y) in dst.iter_mut().zip(&src[i * p.d_pad..]) {
+            *x += y;
+        }
+    }
+}
+
+/// Writes the task's dK and dV rows (they belong to this task alone).
+#[inline(always)]
+unsafe fn store_dk_dv(p: &Problem, sc: &Scratch, t: Task, j0: usize, nk: usize) {
+    let (hkv, d, dv) = (p.spec.heads_kv, p.spec.head_dim, p.spec.head_dim_v);
+    let row0 = (p.spec.seq(t.b).k_start + j0) * hkv + t.kv_head;
+    let (dk, dvs) = (sc.dk.as_slice(), sc.dv.as_slice());
+    for j in 0..nk {
+        let row = row0 + j * hkv;
+        p.dk.write_row(row * d, &dk[j * p.d_pad..j * p.d_pad + d]);
+        p.dv.write_row(row * dv, &dvs[j * p.dv_pad..j * p.dv_pad + dv]);
+    }
+}

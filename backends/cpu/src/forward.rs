@@ -1,0 +1,427 @@
+//! The tiled online-softmax forward (FlashAttention-2 style) on CPU threads.
+//!
+//! One task = (batch, query head, block of `block_m` query rows). A task packs its Q block once,
+//! transposed and pre-scaled (`Qt[d][block_m]`), then walks the visible key blocks of `block_n`
+//! keys: `S^T = K_blk · Qt` (keys x queries, so the softmax vectorises across queries), score
+//! mod and mask, `P = 2^(S - m)`, `O = O * alpha + P · V_blk`. Only per-worker tile scratch is
+//! allocated; the score matrix never exists. Key blocks the mask hides entirely are skipped
+//! because each task only walks the union of its rows' visible keys (`Mask::keys`), and inside
+//! a block the tiles of query rows that see none of its keys are skipped too.
+//!
+//! NaN: a NaN score gives p = NaN (the vector exp2 propagates it), so every row that sees a
+//! NaN key or has a NaN query comes out NaN in out and LSE; the row max ignores NaN.
+
+use crate::block::{self, ScoreBlock};
+use crate::device::Isa;
+use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
+use crate::params::{forward_blocks, odd_lines, Blocks};
+use crate::simd::{Simd, Tile};
+use crate::thread_pool::{Kernel, ThreadPool};
+use flashattn_core::{CheckedSpec, Output, Result, ScoreMod, SeqBounds, TensorRef};
+use std::f32::consts::{LN_2, LOG2_E};
+use std::ops::Range;
+
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    b: usize,
+    h: usize,
+    q0: usize,
+}
+
+/// Everything the workers share for one forward call.
+struct Problem<'a> {
+    spec: CheckedSpec<'a>,
+    q: Src<'a>,
+    k: Src<'a>,
+    v: Src<'a>,
+    out: OutBuf,
+    lse: Option<LseBuf>,
+    tasks: Vec<Task>,
+    /// Multiplier folded into Q when packing: scale, times log2(e) unless softcap needs
+    /// the natural-scale score first.
+    q_mul: f32,
+    /// Whether scores need the scalar softcap / ALiBi pass.
+    post: bool,
+    /// Value dimension padded to the vector width (O scratch row length).
+    dv_pad: usize,
+    /// f32 V with `dv` a multiple of the vector width is read in place, else packed.
+    v_direct: bool,
+    /// f32 K read in place, else packed.
+    k_direct: bool,
+    blocks: Blocks,
+    /// Row stride of Qt and S^T (floats): block_m, padded to an odd number of cache lines.
+    ld: usize,
+    /// Row stride of the packed V block: dv_pad, padded likewise when the P·V loop reads
+    /// it in chunks narrower than a row.
+    vld: usize,
+}
+
+/// Per-worker tile scratch: O(block_m * (d + dv) + block_n * (block_m + d + dv)) floats,
+/// independent of the sequence lengths.
+struct Scratch {
+    qt: AlignedBuf,
+    kp: AlignedBuf,
+    vp: AlignedBuf,
+    s: AlignedBuf,
+    o: AlignedBuf,
+    m: AlignedBuf,
+    l: AlignedBuf,
+    alpha: AlignedBuf,
+    m_use: AlignedBuf,
+    m_blk: AlignedBuf,
+    row: Vec<f32>,
+    lo: Vec<usize>,
+    hi: Vec<usize>,
+}
+
+impl Scratch {
+    fn new(p: &Problem) -> Self {
+        let d = p.spec.head_dim;
+        let Blocks { block_m, block_n } = p.blocks;
+        Scratch {
+            qt: AlignedBuf::zeroed(d * p.ld),
+            kp: AlignedBuf::zeroed(if p.k_direct { 0 } else { block_n * d }),
+            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { block_n * p.vld }),
+            s: AlignedBuf::zeroed(block_n * p.ld),
+            o: AlignedBuf::zeroed(block_m * p.dv_pad),
+            m: AlignedBuf::zeroed(block_m),
+            l: AlignedBuf::zeroed(block_m),
+            alpha: AlignedBuf::zeroed(block_m),
+            m_use: AlignedBuf::zeroed(block_m),
+            m_blk: AlignedBuf::zeroed(block_m),
+            row: vec![0.0; d.max(p.dv_pad)],
+            lo: vec![0; block_m],
+            hi: vec![0; block_m],
+        }
+    }
+}
+
+/// Vector width of an instruction set's kernels (the padding unit of head dims).
+pub(crate) fn lanes(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 | Isa::Portable => 8,
+    }
+}
+
+/// Flash forward on validated inputs.
+pub(crate) fn forward(
+    pool: &ThreadPool,
+    isa: Isa,
+    spec: &CheckedSpec<'_>,
+    q: TensorRef<'_>,
+    k: TensorRef<'_>,
+    v: TensorRef<'_>,
+) -> Result<Output> {
+    let lanes = lanes(isa);
+    let dv = spec.head_dim_v;
+    let dv_pad = dv.div_ceil(lanes) * lanes;
+    let (out_t, out) = OutBuf::zeroed(spec.dtype.output(), spec.sizes.out)?;
+    let mut lse_v = if spec.return_lse {
+        vec![f32::NEG_INFINITY; spec.sizes.lse]
+    } else {
+        Vec::new()
+    };
+    let (k, v) = (Src::new(k)?, Src::new(v)?);
+    let blocks = forward_blocks(spec, pool.threads());
+    let tasks = tasks(spec, blocks.block_m);
+    let problem = Problem {
+        spec: *spec,
+        q: Src::new(q)?,
+        k,
+        v,
+        out,
+        lse: spec.return_lse.then(|| LseBuf::new(&mut lse_v)),
+        tasks,
+        q_mul: if spec.softcap > 0.0 {
+            spec.scale
+        } else {
+            spec.scale * LOG2_E
+        },
+        post: spec.softcap > 0.0 || spec.alibi.is_some(),
+        dv_pad,
+        // V is read in place only when its rows are contiguous (one kv head): with more
+        // heads a block's rows lie a fixed stride apart and the P·V loop, which revisits
+        // 128 rows, would thrash a handful of L1 sets; so the block is packed. K rows are
+        // visited 8 at a time, which L1 holds unless the stride is a multiple of 4 KiB
+        // (all 8 in the same sets; measured ~10% slower at 8 heads x 128 than packing).
+        v_direct: spec.heads_kv == 1 && v.as_f32().is_some() && dv == dv_pad,
+        k_direct: k.as_f32().is_some()
+            && (spec.heads_kv == 1 || !(spec.heads_kv * spec.head_dim * 4).is_multiple_of(4096)),
+        blocks,
+        ld: odd_lines(blocks.block_m),
+        vld: if dv_pad > 64 {
+            odd_lines(dv_pad)
+        } else {
+            dv_pad
+        },
+    };
+    pool.run_kernel(isa, &problem);
+    Ok(Output {
+        out: out_t,
+        lse: spec.return_lse.then_some(lse_v),
+    })
+}
+
+/// All (batch, head, query block) tasks, heaviest first when a mask makes them uneven
+/// (so the dynamic queue ends with short tasks and the threads finish together).
+fn tasks(spec: &CheckedSpec<'_>, block_m: usize) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for b in 0..spec.batch {
+        let s = spec.seq(b);
+        for h in 0..spec.heads_q {
+            for q0 in (0..s.q_len).step_by(block_m) {
+                tasks.push(Task { b, h, q0 });
+            }
+        }
+    }
+    if spec.mask.is_masked() || spec.is_varlen() {
+        let work = |t: &Task| {
+            let s = spec.seq(t.b);
+            let rows = t.q0..(t.q0 + block_m).min(s.q_len);
+            let keys = spec.mask.keys_of_rows(rows.clone(), s.q_len, s.k_len);
+            keys.len() * rows.len()
+        };
+        tasks.sort_by_key(|t| std::cmp::Reverse(work(t)));
+    }
+    tasks
+}
+
+impl Kernel for Problem<'_> {
+    type Task = Task;
+    type Scratch = Scratch;
+    fn scratch(&self) -> Scratch {
+        Scratch::new(self)
+    }
+    fn tasks(&self) -> &[Task] {
+        &self.tasks
+    }
+
+    /// One query block: load Q, then per visible key block: load K, scores, score mod and mask,
+    /// online softmax, load V, P·V; then normalise and store.
+    #[inline(always)]
+    unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: Task) {
+        let p = self;
+        let spec = &p.spec;
+        let s = spec.seq(t.b);
+        let rows = p.blocks.block_m.min(s.q_len - t.q0);
+        // Rows actually computed: the valid ones rounded up to the vector width (a short last
+        // block or a decode step does not pay for a whole block).
+        let rows_l = rows.div_ceil(S::LANES) * S::LANES;
+        let Some(keys) = block::row_key_ranges(&spec.mask, &s, t.q0, rows, &mut sc.lo, &mut sc.hi)
+        else {
+            return; // every row is masked: out stays 0, LSE stays -inf
+        };
+        load_q_block(p, sc, t, &s, rows, rows_l);
+        sc.o.as_mut_slice()[..rows_l * p.dv_pad].fill(0.0);
+        sc.m.as_mut_slice().fill(f32::NEG_INFINITY);
+        sc.l.as_mut_slice().fill(0.0);
+        let sm = ScoreMod::of(spec, t.b, t.h);
+        let kh = spec.kv_head(t.h);
+        for j0 in keys.clone().step_by(p.blocks.block_n) {
+            let blk = ScoreBlock {
+                s,
+                q0: t.q0,
+                rows,
+                rows_l,
+                j0,
+                nk: p.blocks.block_n.min(keys.end - j0),
+                query_stride: 1,
+                key_stride: p.ld,
+            };
+            let seen = block::rows_seeing(&sc.lo, &sc.hi, rows, j0..j0 + blk.nk);
+            let seen_l = seen.start..seen.end.div_ceil(S::LANES) * S::LANES;
+            let (kptr, krs) = load_k_block(p, sc, &blk, kh);
+            scores::<S>(p, sc, &blk, (kptr, krs), seen_l.clone());
+            if p.post {
+                block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
+            }
+            block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
+            online_softmax::<S>(sc, &blk);
+            let (vptr, vrs) = load_v_block(p, sc, &blk, kh);
+            accumulate_pv::<S>(p, sc, &blk, (vptr, vrs), seen_l);
+        }
+        store(p, sc, t, &s, rows);
+    }
+}
+
+/// Qt[x][i] = q[i][x] * q_mul; padding rows are zero.
+#[inline(always)]
+fn load_q_block(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows: usize, rows_l: usize) {
+    let (hq, d) = (p.spec.heads_q, p.spec.head_dim);
+    block::pack_transposed(
+        &p.q,
+        (((s.q_start + t.q0) * hq + t.h) * d, hq * d),
+        (rows, rows_l),
+        d,
+        p.q_mul,
+        &mut sc.row,
+        sc.qt.as_mut_slice(),
+        p.ld,
+    );
+}
+
+/// The block's K rows and their stride: in place for f32, else widened into `kp`.
+#[inline(always)]
+unsafe fn load_k_block(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    kh: usize,
+) -> (*const f32, usize) {
+    let (hkv, d) = (p.spec.heads_kv, p.spec.head_dim);
+    let off = ((blk.s.k_start + blk.j0) * hkv + kh) * d;
+    match p.k.as_f32() {
+        Some(k) if p.k_direct => (k.as_ptr().add(off), hkv * d),
+        _ => {
+            block::pack_rows(&p.k, off, hkv * d, blk.nk, d, sc.kp.as_mut_slice(), d);
+            (sc.kp.as_ptr(), d)
+        }
+    }
+}
+
+/// The block's V rows and their stride: in place for f32 with a vector-multiple dv, else
+/// widened and padded into `vp`.
+#[inline(always)]
+unsafe fn load_v_block(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    kh: usize,
+) -> (*const f32, usize) {
+    let (hkv, dv) = (p.spec.heads_kv, p.spec.head_dim_v);
+    let off = ((blk.s.k_start + blk.j0) * hkv + kh) * dv;
+    match (p.v_direct, p.v.as_f32()) {
+        (true, Some(v)) => (v.as_ptr().add(off), hkv * dv),
+        _ => {
+            block::pack_rows(&p.v, off, hkv * dv, blk.nk, dv, sc.vp.as_mut_slice(), p.vld);
+            (sc.vp.as_ptr(), p.vld)
+        }
+    }
+}
+
+/// S^T[j][i] = k_j · qt_i (keys x queries) for the query columns `cols`.
+#[inline(always)]
+unsafe fn scores<S: Simd>(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    (kptr, krs): (*const f32, usize),
+    cols: Range<usize>,
+) {
+    block::qk_product::<S>(
+        blk.nk,
+        cols,
+        Tile {
+            k: p.spec.head_dim,
+            a: kptr,
+            a_rs: krs,
+            a_cs: 1,
+            b: sc.qt.as_ptr(),
+            ldb: p.ld,
+            c: sc.s.as_mut_ptr(),
+            ldc: p.ld,
+            alpha: std::ptr::null(),
+        },
+    );
+}
+
+/// Online softmax, vectorised across queries: the block's row max, the rescale factor of the
+/// running O and l (`alpha`), then `P = 2^(S - m)` in place and `l = l * alpha + rowsum(P)`.
+#[inline(always)]
+unsafe fn online_softmax<S: Simd>(sc: &mut Scratch, blk: &ScoreBlock) {
+    let (ld, nk, rows_l) = (blk.key_stride, blk.nk, blk.rows_l);
+    let sp = sc.s.as_mut_ptr();
+    let mb = sc.m_blk.as_mut_ptr();
+    for ig in (0..rows_l).step_by(S::LANES) {
+        let mut mx = S::splat(f32::NEG_INFINITY);
+        for j in 0..nk {
+            mx = S::max(mx, S::load(sp.add(j * ld + ig)));
+        }
+        S::store(mb.add(ig), mx);
+    }
+    {
+        let m = sc.m.as_mut_slice();
+        let alpha = sc.alpha.as_mut_slice();
+        let m_use = sc.m_use.as_mut_slice();
+        let m_blk = sc.m_blk.as_slice();
+        for i in 0..rows_l {
+            let m_new = m[i].max(m_blk[i]);
+            if m_new == f32::NEG_INFINITY {
+                // Nothing visible yet: keep O and l at 0, p = 2^-inf = 0.
+                alpha[i] = 1.0;
+                m_use[i] = 0.0;
+            } else {
+                alpha[i] = (m[i] - m_new).exp2();
+                m_use[i] = m_new;
+            }
+            m[i] = m_new;
+        }
+    }
+    let (lp, ap, up) = (sc.l.as_mut_ptr(), sc.alpha.as_ptr(), sc.m_use.as_ptr());
+    for ig in (0..rows_l).step_by(S::LANES) {
+        let mu = S::load(up.add(ig));
+        let mut sum = S::zero();
+        for j in 0..nk {
+            let e = S::exp2(S::sub(S::load(sp.add(j * ld + ig)), mu));
+            S::store(sp.add(j * ld + ig), e);
+            sum = S::add(sum, e);
+        }
+        let l = S::fma(S::load(lp.add(ig)), S::load(ap.add(ig)), sum);
+        S::store(lp.add(ig), l);
+    }
+}
+
+/// O = O * alpha + P · V for the rows `rows` (those that see a key of the block).
+#[inline(always)]
+unsafe fn accumulate_pv<S: Simd>(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    (vptr, vrs): (*const f32, usize),
+    rows: Range<usize>,
+) {
+    block::pv_product::<S>(
+        rows,
+        p.dv_pad,
+        Tile {
+            k: blk.nk,
+            a: sc.s.as_ptr(),
+            a_rs: 1,
+            a_cs: p.ld,
+            b: vptr,
+            ldb: vrs,
+            c: sc.o.as_mut_ptr(),
+            ldc: p.dv_pad,
+            alpha: sc.alpha.as_ptr(),
+        },
+    );
+}
+
+/// Normalises once and writes out and LSE. A row that saw no key (l = 0) keeps out 0 and
+/// LSE -inf; a NaN l (a NaN score) writes NaN.
+#[inline(always)]
+unsafe fn store(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows: usize) {
+    let (hq, dv, dv_pad) = (p.spec.heads_q, p.spec.head_dim_v, p.dv_pad);
+    let o = sc.o.as_mut_slice();
+    let (m, l) = (sc.m.as_slice(), sc.l.as_slice());
+    for i in 0..rows {
+        if l[i] == 0.0 {
+            continue; // fully masked row: out 0, LSE -inf (already there)
+        }
+        let inv = 1.0 / l[i];
+        let orow = &mut o[i * dv_pad..i * dv_pad + dv];
+        for x in orow.iter_mut() {
+            *x *= inv;
+        }
+        // SAFETY: row (token, head t.h) and its LSE entry belong to this task only.
+        p.out
+            .write_row(((s.q_start + t.q0 + i) * hq + t.h) * dv, orow);
+        if let Some(lse) = &p.lse {
+            lse.write(
+                p.spec.lse_index(t.b, t.h, t.q0 + i),
+                (m[i] + l[i].log2()) * LN_2,
+            );
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The CPU backends a test runs on: one per instruction set (a set this CPU lacks is skipped
+//! with a printed reason, or fails under FLASHATTN_REQUIRE_BACKENDS) and thread count.
+
+use flashattn_core::testing::backend_or_skip;
+use flashattn_core::{
+    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, Grads, Output,
+    Result, TensorRef,
+};
+use flashattn_cpu::{CpuBackend, Isa};
+
+/// Every instruction set this CPU has, at each of `threads`, with a label for messages.
+#[allow(dead_code)] // not every test file uses every helper
+pub fn every_isa(threads: &[usize]) -> Vec<(String, CpuBackend)> {
+    let mut out = Vec::new();
+    for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+        for &t in threads {
+            let name = format!("cpu-{isa}");
+            if let Some(b) = backend_or_skip(&name, || CpuBackend::with_threads(t).with_isa(isa)) {
+                out.push((format!("{isa}, {t} threads"), b));
+            }
+        }
+    }
+    out
+}
+
+/// The naive (materialised scores) forward and backward, seen through the `Backend` trait so
+/// that core's checkers apply.
+#[allow(dead_code)]
+pub struct Naive(pub CpuBackend);
+
+impl Backend for Naive {
+    fn name(&self) -> &'static str {
+        "cpu-naive"
+    }
+    fn device(&self) -> String {
+        self.0.device()
+    }
+    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
+        self.0.supports(spec)
+    }
+    fn forward(
+        &self,
+        spec: &AttentionSpec,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+    ) -> Result<Output> {
+        self.0.naive_forward(spec, q, k, v)
+    }
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        self.0.naive_backward(spec, inputs)
+    }
+    fn bench(
+        &self,
+        spec: &AttentionSpec,
+        _algo: Algorithm,
+        plan: &BenchPlan,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        self.0.bench(spec, Algorithm::Naive, plan, progress)
+    }
+}
