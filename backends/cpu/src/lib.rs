@@ -7,18 +7,25 @@
 //! materialised). f32, f16 and bf16 inputs; fp8 is CUDA-only.
 
 mod bench;
+mod decode;
+mod decode_bench;
 mod flash;
 mod io;
 mod isa;
+mod kv_cache;
 mod naive;
 mod parallel;
 mod simd;
+mod split_kv;
+mod widen;
 
 pub use isa::Isa;
+pub use kv_cache::CpuKvCache;
 
 use flashattn_core::{
-    validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, DType, Error,
-    Output, Result, TensorRef,
+    validate_decode_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure,
+    BenchPlan, CacheConfig, DType, DecodeInputs, Error, KvCacheHandle, Output, Pass, Result,
+    TensorRef,
 };
 use parallel::Pool;
 
@@ -129,6 +136,27 @@ impl Backend for CpuBackend {
         flash::forward(&self.pool, self.isa, spec, q, k, v)
     }
 
+    fn supports_decode(&self, spec: &AttentionSpec) -> Result<()> {
+        if spec.kv_cache.is_none() {
+            return Err(Error::invalid(
+                "kv_cache",
+                "none",
+                "a decode call needs the KV cache's arguments",
+            ));
+        }
+        self.supports(spec)
+    }
+
+    fn decode(&self, spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
+        self.supports_decode(spec)?;
+        let checked = validate_decode_inputs(spec, &inputs)?;
+        decode::decode(&self.pool, self.isa, &checked, inputs)
+    }
+
+    fn kv_cache(&self, config: CacheConfig) -> Result<Box<dyn KvCacheHandle + '_>> {
+        Ok(Box::new(CpuKvCache::new(self, config)?))
+    }
+
     fn bench(
         &self,
         spec: &AttentionSpec,
@@ -136,6 +164,9 @@ impl Backend for CpuBackend {
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
+        if plan.pass == Pass::Decode {
+            return decode_bench::bench(self, spec, algo, plan, progress);
+        }
         bench::bench(self, spec, algo, plan, progress)
     }
 }

@@ -1,0 +1,188 @@
+//! What the decode kernels need beyond `simd::Simd`: f16 / bf16 loads widened to f32 in
+//! registers (a cache is read in its own dtype, never converted into a temporary copy), a
+//! horizontal sum, and each instruction set's register-tile shapes for decode.
+
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{Avx2, Avx512};
+use crate::simd::{Portable, Simd};
+use half::{bf16, f16};
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+pub(crate) trait Widen: Simd {
+    /// Query rows one dot-product pass holds (x 4 keys of accumulators).
+    const DOT_ROWS: usize;
+    /// P·V tile: rows x vectors of accumulators.
+    const PV_ROWS: usize;
+    const PV_NV: usize;
+
+    /// `LANES` f16 values at `p` as f32.
+    unsafe fn load_f16(p: *const f16) -> Self::V;
+    /// `LANES` bf16 values at `p` as f32.
+    unsafe fn load_bf16(p: *const bf16) -> Self::V;
+    /// The sum of the lanes.
+    unsafe fn hsum(v: Self::V) -> f32;
+}
+
+/// A cache element type: f32, f16 or bf16.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// `S::LANES` elements at `p`, widened.
+    unsafe fn load<S: Widen>(p: *const Self) -> S::V;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    unsafe fn load<S: Widen>(p: *const f32) -> S::V {
+        S::load(p)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    unsafe fn load<S: Widen>(p: *const f16) -> S::V {
+        S::load_f16(p)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16_to_f32(self)
+    }
+    #[inline(always)]
+    unsafe fn load<S: Widen>(p: *const bf16) -> S::V {
+        S::load_bf16(p)
+    }
+}
+
+/// bf16 is the top half of an f32: widening is a shift (exact, as `half`'s conversion).
+#[inline(always)]
+fn bf16_to_f32(x: bf16) -> f32 {
+    f32::from_bits((x.to_bits() as u32) << 16)
+}
+
+impl Widen for Portable {
+    const DOT_ROWS: usize = 2;
+    const PV_ROWS: usize = 2;
+    const PV_NV: usize = 2;
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self::V {
+        std::array::from_fn(|i| (*p.add(i)).to_f32())
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const bf16) -> Self::V {
+        std::array::from_fn(|i| bf16_to_f32(*p.add(i)))
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: Self::V) -> f32 {
+        let h: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
+        (h[0] + h[2]) + (h[1] + h[3])
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Widen for Avx2 {
+    const DOT_ROWS: usize = 2;
+    const PV_ROWS: usize = 4;
+    const PV_NV: usize = 2;
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self::V {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const bf16) -> Self::V {
+        let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: Self::V) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Widen for Avx512 {
+    const DOT_ROWS: usize = 4;
+    const PV_ROWS: usize = 4;
+    const PV_NV: usize = 4;
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> Self::V {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const bf16) -> Self::V {
+        let w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w))
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: Self::V) -> f32 {
+        _mm512_reduce_add_ps(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Widened loads and sums of `S` on 64 values of each dtype, against `half`.
+    #[inline(always)]
+    unsafe fn check<S: Widen>() {
+        let xs: Vec<f32> = (0..64).map(|i| (i as f32 - 31.3) * 0.37).collect();
+        let h: Vec<f16> = xs.iter().map(|&x| f16::from_f32(x)).collect();
+        let b: Vec<bf16> = xs.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut got = vec![0.0f32; S::LANES];
+        for at in (0..64).step_by(S::LANES) {
+            S::store(got.as_mut_ptr(), f16::load::<S>(h[at..].as_ptr()));
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(*g, h[at + i].to_f32());
+            }
+            S::store(got.as_mut_ptr(), bf16::load::<S>(b[at..].as_ptr()));
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(*g, b[at + i].to_f32());
+            }
+            let sum = S::hsum(f32::load::<S>(xs[at..].as_ptr()));
+            let want: f32 = xs[at..at + S::LANES].iter().sum();
+            assert!((sum - want).abs() < 1e-4, "{sum} vs {want}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn check_avx512() {
+        check::<Avx512>()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn check_avx2() {
+        check::<Avx2>()
+    }
+
+    #[test]
+    fn widened_loads_match_half_on_every_isa() {
+        unsafe { check::<Portable>() };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::Isa::Avx512.available() {
+                unsafe { check_avx512() };
+            }
+            if crate::Isa::Avx2.available() {
+                unsafe { check_avx2() };
+            }
+        }
+    }
+}
