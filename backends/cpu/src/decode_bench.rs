@@ -192,7 +192,7 @@ mod tests {
                 -1,
             ),
             (
-                KvCache::paged(40, 3, (0..60).collect(), 20, vec![50, 7, 13]),
+                KvCache::paged(60, 3, (0..60).rev().collect(), 20, vec![50, 7, 13]),
                 9,
             ),
         ] {

@@ -9,6 +9,7 @@
 mod bench;
 mod decode;
 mod decode_bench;
+mod decode_tiles;
 mod flash;
 mod io;
 mod isa;

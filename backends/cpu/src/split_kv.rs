@@ -16,6 +16,7 @@
 //! hidden V row never leaks into the row; a NaN or +inf score of a visible key makes the
 //! row NaN (output and LSE), as in the reference.
 
+use crate::decode_tiles::{block, Scratch, Slot, BC};
 use crate::io::{LseBuf, OutBuf};
 use crate::isa::Isa;
 use crate::parallel::Pool;
@@ -24,12 +25,12 @@ use crate::simd::Portable;
 use crate::simd::{Avx2, Avx512};
 use crate::widen::{Elem, Widen};
 use flashattn_core::{AttentionSpec, KvCache, Mask};
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
 use std::f32::consts::{LN_2, LOG2_E};
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Keys per block: the scores of one block and head stay in L1.
-const BC: usize = 64;
 /// Bytes of K and V one task reads, at most and at least (long caches give many tasks, so
 /// the threads balance; a tiny cache gives one).
 const MAX_TASK_BYTES: usize = 2 << 20;
@@ -81,8 +82,9 @@ impl Plan {
         let row_bytes = (spec.head_dim + spec.head_dim_v) * std::mem::size_of::<E>();
         let keys: usize = p.walk.iter().map(|w| w.len()).sum();
         let longest = p.walk.iter().map(|w| w.len()).max().unwrap_or(0);
+        let max_task = dev_knob("TASK", MAX_TASK_BYTES >> 10) << 10;
         let target = (keys * hkv * row_bytes / (threads * TASKS_PER_THREAD).max(1))
-            .clamp(MIN_TASK_BYTES, MAX_TASK_BYTES);
+            .clamp(MIN_TASK_BYTES, max_task);
         // All KV heads per task where one block of them fits the target (then a block is
         // one contiguous run of memory), else fewer.
         let heads = (target / (BC * row_bytes)).clamp(1, hkv);
@@ -125,14 +127,6 @@ struct Partials {
 // SAFETY: each (batch, KV head, chunk) slot is written by the one task that owns it, and
 // read by the combine pass only after every task has finished.
 unsafe impl Sync for Partials {}
-
-/// One slot's pointers.
-#[derive(Clone, Copy)]
-struct Slot {
-    o: *mut f32,
-    m: *mut f32,
-    l: *mut f32,
-}
 
 impl Partials {
     fn slot(&self, b: usize, kh: usize, chunk: usize) -> Slot {
@@ -218,21 +212,6 @@ unsafe fn worker_avx2<E: Elem>(
     worker::<Avx2, E>(p, plan, part, next)
 }
 
-/// Per-worker scratch: a block's scores and row state, O(rows x BC).
-struct Scratch<E> {
-    /// Scores, then probabilities, `[rows][BC]`.
-    s: Vec<f32>,
-    alpha: Vec<f32>,
-    /// Visible keys `[lo, hi)` and log2-domain ALiBi slope of each row.
-    lo: Vec<usize>,
-    hi: Vec<usize>,
-    slope: Vec<f32>,
-    /// Cache rows of the block's keys, and this head's K / V row pointers.
-    crow: Vec<usize>,
-    kp: Vec<*const E>,
-    vp: Vec<*const E>,
-}
-
 #[inline(always)]
 unsafe fn worker<S: Widen, E: Elem>(
     p: &Attend<'_, E>,
@@ -240,17 +219,7 @@ unsafe fn worker<S: Widen, E: Elem>(
     part: &Partials,
     next: &AtomicUsize,
 ) {
-    let rows = p.rows;
-    let mut sc = Scratch {
-        s: vec![0.0; rows * BC],
-        alpha: vec![0.0; rows],
-        lo: vec![0; rows],
-        hi: vec![0; rows],
-        slope: vec![0.0; rows],
-        crow: vec![0; BC],
-        kp: vec![std::ptr::null(); BC],
-        vp: vec![std::ptr::null(); BC],
-    };
+    let mut sc = Scratch::new(p.rows);
     loop {
         let t = next.fetch_add(1, Ordering::Relaxed);
         let Some(&task) = plan.tasks.get(t) else {
@@ -284,13 +253,31 @@ unsafe fn run_task<S: Widen, E: Elem>(
         std::slice::from_raw_parts_mut(slot.m, p.rows).fill(f32::NEG_INFINITY);
         std::slice::from_raw_parts_mut(slot.l, p.rows).fill(0.0);
     }
-    let mut j0 = c0;
-    while j0 < c1 {
-        let nk = BC.min(c1 - j0);
-        for (jj, row) in sc.crow[..nk].iter_mut().enumerate() {
+    let rows_of = |j0: usize, crow: &mut [usize]| {
+        let nk = BC.min(c1.saturating_sub(j0));
+        for (jj, row) in crow[..nk].iter_mut().enumerate() {
             *row = p.cache.row(t.b, j0 + jj);
         }
+        nk
+    };
+    let mut j0 = c0;
+    rows_of(j0, &mut sc.crow);
+    while j0 < c1 {
+        let nk = BC.min(c1 - j0);
+        // The next block's rows, prefetched head by head while this block computes.
+        let next = rows_of(j0 + nk, &mut sc.crow_next);
+        let nh = t.heads.1 - t.heads.0;
         for kh in t.heads.0..t.heads.1 {
+            // Prefetch the next block in address order (every head of a key row is one
+            // run), a share per head so the requests spread over the block's compute. The
+            // hardware prefetcher misses this stream: a head's rows lie 2 KiB or more apart.
+            let share = kh - t.heads.0;
+            let (a, b) = (next * share / nh, next * (share + 1) / nh);
+            for &row in &sc.crow_next[a..b] {
+                let row = row * hkv + t.heads.0;
+                prefetch(p.k.as_ptr().add(row * spec.head_dim), nh * spec.head_dim);
+                prefetch(p.v.as_ptr().add(row * dv), nh * dv);
+            }
             for r in 0..p.rows {
                 let h = kh * group + r % group;
                 sc.slope[r] = spec.alibi_slope(t.b, h) * LOG2_E;
@@ -300,268 +287,61 @@ unsafe fn run_task<S: Widen, E: Elem>(
                 sc.kp[jj] = p.k.as_ptr().add(row * spec.head_dim);
                 sc.vp[jj] = p.v.as_ptr().add(row * dv);
             }
+            if near_pf() {
+                // Into L1: this head's V rows (read after its scores) and the next head's K rows.
+                let (rows, head) = if kh + 1 < t.heads.1 {
+                    (&sc.crow[..nk], kh + 1)
+                } else {
+                    (&sc.crow_next[..next], t.heads.0)
+                };
+                for &row in rows {
+                    prefetch_l1(
+                        p.k.as_ptr().add((row * hkv + head) * spec.head_dim),
+                        spec.head_dim,
+                    );
+                }
+                for &vp in &sc.vp[..nk] {
+                    prefetch_l1(vp, dv);
+                }
+            }
             let slot = part.slot(t.b, kh, t.chunk);
             block::<S, E>(p, sc, slot, t.b, kh, j0, nk);
         }
+        std::mem::swap(&mut sc.crow, &mut sc.crow_next);
         j0 += nk;
     }
 }
 
-/// One block of `nk` keys for one KV head: scores, online softmax, O += P·V.
-#[inline(always)]
-unsafe fn block<S: Widen, E: Elem>(
-    p: &Attend<'_, E>,
-    sc: &mut Scratch<E>,
-    slot: Slot,
-    b: usize,
-    kh: usize,
-    j0: usize,
-    nk: usize,
-) {
-    let spec = p.spec;
-    let seq = spec.seq(b);
-    let (rows, d, dv) = (p.rows, spec.head_dim, spec.head_dim_v);
-    let group = spec.group_size();
-    let q = p.q.as_ptr().add((b * spec.heads_kv + kh) * rows * p.d_pad);
-    let sp = sc.s.as_mut_ptr();
-    let mut r0 = 0;
-    while r0 < rows {
-        let mr = S::DOT_ROWS.min(rows - r0);
-        let (qr, sr) = (q.add(r0 * p.d_pad), sp.add(r0 * BC));
-        match mr {
-            4 => dots::<S, E, 4>(qr, p.d_pad, d, &sc.kp[..nk], sr),
-            3 => dots::<S, E, 3>(qr, p.d_pad, d, &sc.kp[..nk], sr),
-            2 => dots::<S, E, 2>(qr, p.d_pad, d, &sc.kp[..nk], sr),
-            _ => dots::<S, E, 1>(qr, p.d_pad, d, &sc.kp[..nk], sr),
-        }
-        r0 += mr;
-    }
-
-    // Mask, softcap / ALiBi, online softmax (log2 domain), per row.
-    let cap = spec.softcap;
-    let diag = seq.k_len as i64 - seq.q_len as i64;
-    for r in 0..rows {
-        let row = &mut sc.s[r * BC..(r + 1) * BC];
-        let lo = sc.lo[r].clamp(j0, j0 + nk) - j0;
-        let hi = sc.hi[r].clamp(j0 + lo, j0 + nk) - j0;
-        let slope = sc.slope[r];
-        if cap > 0.0 || slope != 0.0 {
-            let i = (r / group) as i64;
-            for (jj, x) in row.iter_mut().enumerate().take(hi).skip(lo) {
-                let mut val = *x;
-                if cap > 0.0 {
-                    val = cap * (val / cap).tanh() * LOG2_E;
-                }
-                let dist = (i + diag - (j0 + jj) as i64).unsigned_abs();
-                *x = val - slope * dist as f32;
-            }
-        }
-        row[..lo].fill(f32::NEG_INFINITY);
-        row[hi..].fill(f32::NEG_INFINITY);
-        let (mut mx, mut bad) = (f32::NEG_INFINITY, false);
-        for &x in &row[lo..hi] {
-            bad |= x.is_nan() || x == f32::INFINITY;
-            mx = mx.max(x);
-        }
-        let m_old = *slot.m.add(r);
-        let m_new = m_old.max(mx);
-        let (alpha, mu) = if m_new == f32::NEG_INFINITY {
-            (1.0, 0.0)
-        } else {
-            ((m_old - m_new).exp2(), m_new)
-        };
-        let mut sum = S::zero();
-        let rp = row.as_mut_ptr();
-        for x in (0..BC).step_by(S::LANES) {
-            let e = S::exp2(S::sub(S::load(rp.add(x)), S::splat(mu)));
-            S::store(rp.add(x), e);
-            sum = S::add(sum, e);
-        }
-        let l = *slot.l.add(r) * alpha + S::hsum(sum);
-        *slot.l.add(r) = if bad { f32::NAN } else { l };
-        *slot.m.add(r) = m_new;
-        sc.alpha[r] = alpha;
-    }
-
-    // O = O * alpha + P·V: keys every row of a row group sees go through the register
-    // tile; the few at the mask's edges are added row by row where visible.
-    let dvv = dv / S::LANES * S::LANES;
-    let mut r0 = 0;
-    while r0 < rows {
-        let mr = S::PV_ROWS.min(rows - r0);
-        let rr = r0..r0 + mr;
-        let cs = rr
-            .clone()
-            .map(|r| sc.lo[r])
-            .max()
-            .unwrap_or(0)
-            .clamp(j0, j0 + nk)
-            - j0;
-        let ce = rr
-            .clone()
-            .map(|r| sc.hi[r])
-            .min()
-            .unwrap_or(0)
-            .clamp(j0, j0 + nk)
-            - j0;
-        let (cs, ce) = if cs < ce { (cs, ce) } else { (0, 0) };
-        let (pr, o, al) = (
-            sp.add(r0 * BC),
-            slot.o.add(r0 * dv),
-            sc.alpha.as_ptr().add(r0),
-        );
-        let vals = &sc.vp[cs..ce];
-        let mut n0 = 0;
-        while n0 < dvv {
-            let nv = S::PV_NV.min((dvv - n0) / S::LANES);
-            pv_dispatch::<S, E>(mr, nv, pr.add(cs), vals, n0, o, dv, al);
-            n0 += nv * S::LANES;
-        }
-        for r in rr.clone() {
-            let (orow, prow) = (slot.o.add(r * dv), sp.add(r * BC));
-            for x in dvv..dv {
-                let mut acc = *orow.add(x) * sc.alpha[r];
-                for (jj, &vp) in vals.iter().enumerate() {
-                    acc += *prow.add(cs + jj) * (*vp.add(x)).to_f32();
-                }
-                *orow.add(x) = acc;
-            }
-            let visible = sc.lo[r].max(j0) - j0..sc.hi[r].min(j0 + nk).max(j0) - j0;
-            for jj in visible.filter(|jj| !(cs..ce).contains(jj)) {
-                axpy::<S, E>(*prow.add(jj), sc.vp[jj], orow, dv);
-            }
-        }
-        r0 += mr;
-    }
-}
-
-/// `out[r * BC + jj] = q_r · k_jj` for MR query rows (stride `ldq`) and every key, four
-/// keys at a time (16 independent accumulator chains with four rows).
-#[inline(always)]
-unsafe fn dots<S: Widen, E: Elem, const MR: usize>(
-    q: *const f32,
-    ldq: usize,
-    d: usize,
-    keys: &[*const E],
-    out: *mut f32,
-) {
-    let four = keys.len() / 4 * 4;
-    for jj in (0..four).step_by(4) {
-        dots_kj::<S, E, MR, 4>(q, ldq, d, &keys[jj..jj + 4], out.add(jj));
-    }
-    for jj in four..keys.len() {
-        dots_kj::<S, E, MR, 1>(q, ldq, d, &keys[jj..jj + 1], out.add(jj));
-    }
+fn near_pf() -> bool {
+    static K: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *K.get_or_init(|| dev_knob("NEAR", 1) == 1)
 }
 
 #[inline(always)]
-unsafe fn dots_kj<S: Widen, E: Elem, const MR: usize, const KJ: usize>(
-    q: *const f32,
-    ldq: usize,
-    d: usize,
-    keys: &[*const E],
-    out: *mut f32,
-) {
-    let kp: [*const E; KJ] = std::array::from_fn(|t| keys[t]);
-    let mut acc = [[S::zero(); KJ]; MR];
-    let dvec = d / S::LANES * S::LANES;
-    for x in (0..dvec).step_by(S::LANES) {
-        let kv: [S::V; KJ] = std::array::from_fn(|t| E::load::<S>(kp[t].add(x)));
-        for (r, row) in acc.iter_mut().enumerate() {
-            let qv = S::load(q.add(r * ldq + x));
-            for (a, k) in row.iter_mut().zip(&kv) {
-                *a = S::fma(qv, *k, *a);
-            }
-        }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        for (t, a) in row.iter().enumerate() {
-            let mut s = S::hsum(*a);
-            for x in dvec..d {
-                s += *q.add(r * ldq + x) * (*kp[t].add(x)).to_f32();
-            }
-            *out.add(r * BC + t) = s;
-        }
+fn prefetch_l1<E>(p: *const E, n: usize) {
+    let end = p as usize + n * std::mem::size_of::<E>();
+    let mut line = p as usize & !63;
+    while line < end {
+        unsafe { _mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line as *const i8) };
+        line += 64;
     }
 }
 
-/// Dispatches runtime tile sizes to the const-generic P·V tile.
-#[allow(clippy::too_many_arguments)]
+/// Asks for the `n` elements at `p` to be brought into L2 (a hint; no-op off x86_64).
 #[inline(always)]
-unsafe fn pv_dispatch<S: Widen, E: Elem>(
-    mr: usize,
-    nv: usize,
-    p: *const f32,
-    vals: &[*const E],
-    n0: usize,
-    o: *mut f32,
-    ldo: usize,
-    alpha: *const f32,
-) {
-    macro_rules! rows {
-        ($($mr:literal)+) => {
-            match mr {
-                $($mr => match nv {
-                    4 => pv::<S, E, $mr, 4>(p, vals, n0, o, ldo, alpha),
-                    3 => pv::<S, E, $mr, 3>(p, vals, n0, o, ldo, alpha),
-                    2 => pv::<S, E, $mr, 2>(p, vals, n0, o, ldo, alpha),
-                    _ => pv::<S, E, $mr, 1>(p, vals, n0, o, ldo, alpha),
-                },)+
-                _ => {}
-            }
-        };
-    }
-    rows!(1 2 3 4)
-}
-
-/// `O[r][n0..n0 + NV * LANES] = O * alpha[r] + sum_jj p[r][jj] * v_jj[..]` for MR rows,
-/// accumulators in registers across the block's keys.
-#[inline(always)]
-unsafe fn pv<S: Widen, E: Elem, const MR: usize, const NV: usize>(
-    p: *const f32,
-    vals: &[*const E],
-    n0: usize,
-    o: *mut f32,
-    ldo: usize,
-    alpha: *const f32,
-) {
-    let mut acc = [[S::zero(); NV]; MR];
-    for (r, row) in acc.iter_mut().enumerate() {
-        let a = S::splat(*alpha.add(r));
-        for (v, x) in row.iter_mut().enumerate() {
-            *x = S::mul(S::load(o.add(r * ldo + n0 + v * S::LANES)), a);
+fn prefetch<E>(p: *const E, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let end = p as usize + n * std::mem::size_of::<E>();
+        let mut line = p as usize & !63;
+        while line < end {
+            // SAFETY: prefetching never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line as *const i8) };
+            line += 64;
         }
     }
-    for (jj, &vp) in vals.iter().enumerate() {
-        let vv: [S::V; NV] = std::array::from_fn(|v| E::load::<S>(vp.add(n0 + v * S::LANES)));
-        for (r, row) in acc.iter_mut().enumerate() {
-            let pb = S::splat(*p.add(r * BC + jj));
-            for (x, vx) in row.iter_mut().zip(&vv) {
-                *x = S::fma(pb, *vx, *x);
-            }
-        }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        for (v, x) in row.iter().enumerate() {
-            S::store(o.add(r * ldo + n0 + v * S::LANES), *x);
-        }
-    }
-}
-
-/// `o[..n] += p * v[..n]`.
-#[inline(always)]
-unsafe fn axpy<S: Widen, E: Elem>(p: f32, v: *const E, o: *mut f32, n: usize) {
-    let nv = n / S::LANES * S::LANES;
-    let pb = S::splat(p);
-    for x in (0..nv).step_by(S::LANES) {
-        S::store(
-            o.add(x),
-            S::fma(pb, E::load::<S>(v.add(x)), S::load(o.add(x))),
-        );
-    }
-    for x in nv..n {
-        *o.add(x) += p * (*v.add(x)).to_f32();
-    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
 }
 
 /// Merges the chunks of (batch `b`, KV head `kh`) and writes its rows of out and LSE.
@@ -625,4 +405,12 @@ fn combine<E>(
             }
         }
     }
+}
+
+/// Development knob (temporary): `FLASHATTN_DECODE_<name>`.
+pub(crate) fn dev_knob(name: &str, default: usize) -> usize {
+    std::env::var(format!("FLASHATTN_DECODE_{name}"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -22,6 +22,9 @@ pub(crate) trait Widen: Simd {
     unsafe fn load_bf16(p: *const bf16) -> Self::V;
     /// The sum of the lanes.
     unsafe fn hsum(v: Self::V) -> f32;
+    /// `LANES` sums at once: lane `i` of the result is the sum of the lanes of `v[i]`
+    /// (`v.len() == LANES`). A transposing tree: a fraction of `LANES` separate sums' work.
+    unsafe fn hsum_lanes(v: &[Self::V]) -> Self::V;
 }
 
 /// A cache element type: f32, f16 or bf16.
@@ -88,6 +91,10 @@ impl Widen for Portable {
         let h: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
         (h[0] + h[2]) + (h[1] + h[3])
     }
+    #[inline(always)]
+    unsafe fn hsum_lanes(v: &[Self::V]) -> Self::V {
+        std::array::from_fn(|i| Self::hsum(v[i]))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -111,6 +118,17 @@ impl Widen for Avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
+    #[inline(always)]
+    unsafe fn hsum_lanes(v: &[Self::V]) -> Self::V {
+        // Per 128-bit half: [v0, v1, v2, v3] partial sums, then the halves added. (No
+        // closures here: they would not inherit the caller's target features.)
+        let lo4 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        let hi4 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(lo4, hi4),
+            _mm256_permute2f128_ps::<0x31>(lo4, hi4),
+        )
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -131,6 +149,44 @@ impl Widen for Avx512 {
     #[inline(always)]
     unsafe fn hsum(v: Self::V) -> f32 {
         _mm512_reduce_add_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn hsum_lanes(v: &[Self::V]) -> Self::V {
+        // 16 -> 8: halves of v[2i] and v[2i+1] added, side by side.
+        let mut a = [_mm512_setzero_ps(); 8];
+        for (i, x) in a.iter_mut().enumerate() {
+            let (p, q) = (v[2 * i], v[2 * i + 1]);
+            *x = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(p, q),
+                _mm512_shuffle_f32x4::<0xee>(p, q),
+            );
+        }
+        // 8 -> 4: each 128-bit unit holds 4 partial sums of one input.
+        let mut b = [_mm512_setzero_ps(); 4];
+        for (i, x) in b.iter_mut().enumerate() {
+            let (p, q) = (a[2 * i], a[2 * i + 1]);
+            *x = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(p, q),
+                _mm512_shuffle_f32x4::<0xdd>(p, q),
+            );
+        }
+        // 4 -> 2 -> 1 within the units: unit u, position k holds the sum of v[4k + u].
+        let c0 = _mm512_add_ps(
+            _mm512_unpacklo_ps(b[0], b[1]),
+            _mm512_unpackhi_ps(b[0], b[1]),
+        );
+        let c1 = _mm512_add_ps(
+            _mm512_unpacklo_ps(b[2], b[3]),
+            _mm512_unpackhi_ps(b[2], b[3]),
+        );
+        let (c0, c1) = (_mm512_castps_pd(c0), _mm512_castps_pd(c1));
+        let d = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(c0, c1)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(c0, c1)),
+        );
+        // Transpose the 4 x 4 back: lane i = sum of v[i].
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(idx, d)
     }
 }
 
@@ -157,6 +213,20 @@ mod tests {
             let sum = S::hsum(f32::load::<S>(xs[at..].as_ptr()));
             let want: f32 = xs[at..at + S::LANES].iter().sum();
             assert!((sum - want).abs() < 1e-4, "{sum} vs {want}");
+        }
+        // LANES vectors of distinct values, summed lane-wise at once.
+        let vals: Vec<f32> = (0..S::LANES * S::LANES)
+            .map(|i| (i * i % 97) as f32)
+            .collect();
+        // (A loop, not a closure: closures do not inherit the caller's target features.)
+        let mut vs = Vec::new();
+        for c in vals.chunks(S::LANES) {
+            vs.push(S::load(c.as_ptr()));
+        }
+        S::store(got.as_mut_ptr(), S::hsum_lanes(&vs));
+        for (i, g) in got.iter().enumerate() {
+            let want: f32 = vals[i * S::LANES..(i + 1) * S::LANES].iter().sum();
+            assert_eq!(*g, want, "hsum_lanes lane {i} of {}", S::LANES);
         }
     }
 
