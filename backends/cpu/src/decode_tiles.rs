@@ -207,8 +207,8 @@ fn max_and_bad(row: &[f32]) -> (f32, bool) {
     (m, bad.iter().any(|&b| b))
 }
 
-/// `out[r * BC + jj] = q_r · k_jj` for MR query rows (stride `ldq`) and every key, four
-/// keys at a time (16 independent accumulator chains with four rows).
+/// `out[r * BC + jj] = q_r · k_jj` for MR query rows (stride `ldq`) and every key,
+/// `DOT_KEYS` keys at a time (MR x DOT_KEYS independent accumulator chains).
 #[inline(always)]
 unsafe fn dots<S: Widen, E: Elem, const MR: usize>(
     q: *const f32,
@@ -217,11 +217,17 @@ unsafe fn dots<S: Widen, E: Elem, const MR: usize>(
     keys: &[*const E],
     out: *mut f32,
 ) {
-    let four = keys.len() / 4 * 4;
-    for jj in (0..four).step_by(4) {
-        dots_kj::<S, E, MR, 4>(q, ldq, d, &keys[jj..jj + 4], out.add(jj));
+    let kj = S::DOT_KEYS;
+    let whole = keys.len() / kj * kj;
+    for jj in (0..whole).step_by(kj) {
+        // A constant branch: each instruction set keeps one of the two.
+        if kj == 4 {
+            dots_kj::<S, E, MR, 4>(q, ldq, d, &keys[jj..jj + 4], out.add(jj));
+        } else {
+            dots_kj::<S, E, MR, 2>(q, ldq, d, &keys[jj..jj + 2], out.add(jj));
+        }
     }
-    for jj in four..keys.len() {
+    for jj in whole..keys.len() {
         dots_kj::<S, E, MR, 1>(q, ldq, d, &keys[jj..jj + 1], out.add(jj));
     }
 }

@@ -10,8 +10,9 @@ use half::{bf16, f16};
 use std::arch::x86_64::*;
 
 pub(crate) trait Widen: Simd {
-    /// Query rows one dot-product pass holds (x 4 keys of accumulators).
+    /// Query rows x keys (2 or 4) of accumulators in one dot-product tile.
     const DOT_ROWS: usize;
+    const DOT_KEYS: usize;
     /// P·V tile: rows x vectors of accumulators.
     const PV_ROWS: usize;
     const PV_NV: usize;
@@ -75,6 +76,7 @@ fn bf16_to_f32(x: bf16) -> f32 {
 
 impl Widen for Portable {
     const DOT_ROWS: usize = 2;
+    const DOT_KEYS: usize = 4;
     const PV_ROWS: usize = 2;
     const PV_NV: usize = 2;
 
@@ -99,7 +101,9 @@ impl Widen for Portable {
 
 #[cfg(target_arch = "x86_64")]
 impl Widen for Avx2 {
-    const DOT_ROWS: usize = 2;
+    // 8 accumulators + 2 key vectors + q of 16 ymm registers.
+    const DOT_ROWS: usize = 4;
+    const DOT_KEYS: usize = 2;
     const PV_ROWS: usize = 4;
     const PV_NV: usize = 2;
 
@@ -134,6 +138,7 @@ impl Widen for Avx2 {
 #[cfg(target_arch = "x86_64")]
 impl Widen for Avx512 {
     const DOT_ROWS: usize = 4;
+    const DOT_KEYS: usize = 4;
     const PV_ROWS: usize = 4;
     const PV_NV: usize = 4;
 

@@ -404,3 +404,34 @@ fn rotate(x: &mut [f32], pos: usize, r: &Rotary) {
         x[b] = xa * s + xb * c;
     }
 }
+
+/// `bench` with `Pass::Decode`: the step and its copy peer run on resident caches (repeated
+/// steps rewrite the same rows, so they never overflow); decode has no naive peer.
+#[test]
+fn decode_bench_times_the_step_and_the_copy_peer() {
+    use flashattn_core::{Algorithm, BenchPlan, Pass};
+    let backend = CpuBackend::with_threads(2);
+    let spec = spec(8, 2, 1, 64, paged(&[300, 299], 1, 16, 0)).dtype(DType::Bf16);
+    let plan = BenchPlan {
+        warmup: 1,
+        iters: 3,
+        seed: 5,
+        pass: Pass::Decode,
+    };
+    for algo in [Algorithm::Flash, Algorithm::Copy] {
+        let mut calls = 0;
+        let m = backend
+            .bench(&spec, algo, &plan, &mut || calls += 1)
+            .unwrap_or_else(|e| panic!("{algo:?}: {e}"));
+        assert_eq!((m.times_ms.len(), calls), (3, 4), "{algo:?}");
+        assert!(m.median_ms().is_some_and(|t| t > 0.0), "{algo:?}");
+    }
+    let e = backend
+        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
+        .unwrap_err();
+    assert!(e.to_string().contains("naive"), "{e}");
+    let forward = AttentionSpec::new(1, 1, 1, 1, 8);
+    assert!(backend
+        .bench(&forward, Algorithm::Flash, &plan, &mut || {})
+        .is_err());
+}
