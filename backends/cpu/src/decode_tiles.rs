@@ -3,6 +3,7 @@
 //! modifiers, the online-softmax update of the chunk's partial (log2 domain), and
 //! O += P·V, all with register tiles that widen f16 / bf16 rows as they load them.
 
+use crate::kv_prefetch::Paced;
 use crate::split_kv::Attend;
 use crate::widen::{Elem, Widen};
 use std::f32::consts::LOG2_E;
@@ -25,6 +26,8 @@ pub(crate) struct Scratch<E> {
     pub crow_next: Vec<usize>,
     pub kp: Vec<*const E>,
     pub vp: Vec<*const E>,
+    /// The next block's lines, requested a few per key group of the score tiles.
+    pub paced: Paced,
 }
 
 /// One slot's pointers.
@@ -47,6 +50,7 @@ impl<E> Scratch<E> {
             crow_next: vec![0; BC],
             kp: vec![std::ptr::null(); BC],
             vp: vec![std::ptr::null(); BC],
+            paced: Paced::default(),
         }
     }
 }
@@ -67,22 +71,26 @@ pub(crate) unsafe fn block<S: Widen, E: Elem>(
     let q =
         p.q.as_ptr()
             .add((b * spec.heads_kv + kh) * p.rows * p.d_pad);
+    let groups = p.rows.div_ceil(S::DOT_ROWS) * nk.div_ceil(S::DOT_KEYS);
+    sc.paced.pace(groups);
     let mut r0 = 0;
     while r0 < p.rows {
         let mr = S::DOT_ROWS.min(p.rows - r0);
-        let (qr, sr, ks) = (
+        let (qr, sr, d) = (
             q.add(r0 * p.d_pad),
             sc.s.as_mut_ptr().add(r0 * BC),
-            &sc.kp[..nk],
+            spec.head_dim,
         );
+        let (ks, pf) = (&sc.kp[..nk], &mut sc.paced);
         match mr {
-            4 => dots::<S, E, 4>(qr, p.d_pad, spec.head_dim, ks, sr),
-            3 => dots::<S, E, 3>(qr, p.d_pad, spec.head_dim, ks, sr),
-            2 => dots::<S, E, 2>(qr, p.d_pad, spec.head_dim, ks, sr),
-            _ => dots::<S, E, 1>(qr, p.d_pad, spec.head_dim, ks, sr),
+            4 => dots::<S, E, 4>(qr, p.d_pad, d, ks, sr, pf),
+            3 => dots::<S, E, 3>(qr, p.d_pad, d, ks, sr, pf),
+            2 => dots::<S, E, 2>(qr, p.d_pad, d, ks, sr, pf),
+            _ => dots::<S, E, 1>(qr, p.d_pad, d, ks, sr, pf),
         }
         r0 += mr;
     }
+    sc.paced.finish();
     let seq = spec.seq(b);
     softmax::<S, E>(p, sc, slot, seq.k_len as i64 - seq.q_len as i64, j0, nk);
     accumulate::<S, E>(sc, slot, p.rows, spec.head_dim_v, j0, nk);
@@ -184,7 +192,14 @@ unsafe fn accumulate<S: Widen, E: Elem>(
                 }
                 *orow.add(x) = acc;
             }
-            for jj in visible(r).filter(|jj| !(cs..ce).contains(jj)) {
+            // The row's visible keys outside the common run (all of them when it is empty).
+            let vis = visible(r);
+            let (head, tail) = if cs < ce {
+                (vis.start..cs, ce..vis.end)
+            } else {
+                (vis, 0..0)
+            };
+            for jj in head.chain(tail) {
                 axpy::<S, E>(*prow.add(jj), sc.vp[jj], orow, dv);
             }
         }
@@ -216,10 +231,12 @@ unsafe fn dots<S: Widen, E: Elem, const MR: usize>(
     d: usize,
     keys: &[*const E],
     out: *mut f32,
+    paced: &mut Paced,
 ) {
     let kj = S::DOT_KEYS;
     let whole = keys.len() / kj * kj;
     for jj in (0..whole).step_by(kj) {
+        paced.step();
         // A constant branch: each instruction set keeps one of the two.
         if kj == 4 {
             dots_kj::<S, E, MR, 4>(q, ldq, d, &keys[jj..jj + 4], out.add(jj));

@@ -14,6 +14,7 @@ mod flash;
 mod io;
 mod isa;
 mod kv_cache;
+mod kv_prefetch;
 mod naive;
 mod parallel;
 mod simd;
