@@ -72,6 +72,7 @@ pub(crate) fn decode(
         (TensorRef::F32(k), TensorRef::F32(v)) => run!(k, v),
         (TensorRef::F16(k), TensorRef::F16(v)) => run!(k, v),
         (TensorRef::Bf16(k), TensorRef::Bf16(v)) => run!(k, v),
+        // Unreachable: q has the caches' dtype, and fp8 q was refused above, before any write.
         _ => return Err(crate::fp8_unsupported()),
     }
     Ok(Output {
