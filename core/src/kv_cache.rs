@@ -12,7 +12,22 @@
 //!   `seqlens[b]` (FlashAttention's rule). Interleaved pairs `(2i, 2i+1)` (GPT-J) or halves
 //!   `(i, i + dim/2)` (GPT-NeoX).
 
-use crate::{Error, Result};
+use crate::{AttentionSpec, Error, Result};
+
+/// Bytes of K and V one decode step of `spec` reads: the keys any query row of a batch
+/// entry sees, in every KV head, k and v rows in the spec's dtype (the bytes a decode
+/// benchmark's GB/s and its copy peer count). 0 without a cache. Requires a validated spec.
+pub fn decode_bytes(spec: &AttentionSpec) -> u64 {
+    let Some(cache) = &spec.kv_cache else {
+        return 0;
+    };
+    let (mask, sq) = (spec.mask(), spec.seqlen_q);
+    let keys: u64 = (0..spec.batch)
+        .map(|b| mask.keys_of_rows(0..sq, sq, cache.keys(b)).len() as u64)
+        .sum();
+    let row = (spec.head_dim + spec.head_dim_v) * spec.dtype.size_bytes();
+    keys * spec.heads_kv as u64 * row as u64
+}
 
 /// Where the cache rows live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -373,5 +388,28 @@ impl KvCache {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_bytes_counts_the_keys_rows_see() {
+        // 2 entries with 10 and 3 rows in use + 2 new; bf16, 2 KV heads, d 8, dv 4.
+        let cache = KvCache::contiguous(2, 16, vec![10, 3]).seqlen_new(2);
+        let spec = AttentionSpec::new(2, 4, 1, 1, 8)
+            .heads_kv(2)
+            .head_dim_v(4)
+            .dtype(crate::DType::Bf16)
+            .kv_cache(cache);
+        assert_eq!(decode_bytes(&spec), (12 + 5) * 2 * (8 + 4) * 2);
+        // A window of 3 left keys: 4 keys each.
+        assert_eq!(
+            decode_bytes(&spec.clone().window(3, -1)),
+            (4 + 4) * 2 * (8 + 4) * 2
+        );
+        assert_eq!(decode_bytes(&AttentionSpec::new(1, 1, 1, 1, 8)), 0);
     }
 }

@@ -31,7 +31,7 @@ pub use inputs::{
     lse_max_error, random_inputs, random_tensor, rel_l2_error, validate_backward_inputs,
     validate_decode_inputs, validate_inputs,
 };
-pub use kv_cache::{CacheLayout, KvCache, Rotary};
+pub use kv_cache::{decode_bytes, CacheLayout, KvCache, Rotary};
 pub use mask::Mask;
 pub use reference::{
     reference_attention, reference_backward, reference_decode, ReferenceDecode, ReferenceGrads,

@@ -16,10 +16,14 @@ pub(crate) fn bench(
     progress: &mut dyn FnMut(),
 ) -> Result<BenchMeasure> {
     plan.runs()?;
+    if plan.pass == Pass::Decode {
+        // Decode has its own peers (the copy of the bytes a step reads).
+        return crate::decode_bench::bench(backend, spec, algo, plan, progress);
+    }
     if algo == Algorithm::Copy {
         return Err(Error::unsupported(
             "cpu",
-            "the copy peer is not implemented yet",
+            "the copy peer times decode steps only",
         ));
     }
     let b = Bench {
@@ -30,11 +34,7 @@ pub(crate) fn bench(
     };
     match plan.pass {
         Pass::Forward => b.forward(progress),
-        Pass::Backward => b.backward(progress),
-        Pass::Decode => Err(Error::unsupported(
-            "cpu",
-            format!("benchmarks of the {} pass", plan.pass.name()),
-        )),
+        _ => b.backward(progress),
     }
 }
 

@@ -11,32 +11,30 @@
 mod backward;
 mod bench;
 mod block;
+mod decode;
+mod decode_bench;
+mod decode_tiles;
 mod device;
 mod forward;
 mod io;
+mod kv_cache;
+mod kv_prefetch;
 mod naive;
 mod params;
 mod simd;
+mod split_kv;
 mod thread_pool;
+mod widen;
 
 pub use device::Isa;
+pub use kv_cache::CpuKvCache;
 
 use flashattn_core::{
-    validate_backward_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs,
-    BenchMeasure, BenchPlan, CheckedSpec, DType, Error, Grads, Output, Result, TensorRef,
+    validate_backward_inputs, validate_decode_inputs, validate_inputs, Algorithm, AttentionSpec,
+    Backend, BackwardInputs, BenchMeasure, BenchPlan, CacheConfig, CheckedSpec, DType,
+    DecodeInputs, Error, Grads, KvCacheHandle, Output, Result, TensorRef,
 };
 use thread_pool::ThreadPool;
-
-/// Module paths from before the split into the shared file names (isa.rs is device.rs,
-/// parallel.rs is thread_pool.rs), kept so that branches written against them still build.
-#[allow(unused_imports)]
-mod isa {
-    pub(crate) use crate::device::*;
-}
-#[allow(unused_imports)]
-mod parallel {
-    pub(crate) use crate::thread_pool::ThreadPool as Pool;
-}
 
 /// The CPU backend. Cheap to share: one thread pool per backend.
 pub struct CpuBackend {
@@ -193,6 +191,27 @@ impl Backend for CpuBackend {
     fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
         let c = self.check_backward(spec, &inputs)?;
         backward::backward(&self.pool, self.isa, &c, inputs)
+    }
+
+    fn supports_decode(&self, spec: &AttentionSpec) -> Result<()> {
+        if spec.kv_cache.is_none() {
+            return Err(Error::invalid(
+                "kv_cache",
+                "none",
+                "a decode call needs the KV cache's arguments",
+            ));
+        }
+        self.supports(spec)
+    }
+
+    fn decode(&self, spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
+        self.supports_decode(spec)?;
+        let checked = validate_decode_inputs(spec, &inputs)?;
+        decode::decode(&self.pool, self.isa, &checked, inputs)
+    }
+
+    fn kv_cache(&self, config: CacheConfig) -> Result<Box<dyn KvCacheHandle + '_>> {
+        Ok(Box::new(CpuKvCache::new(self, config)?))
     }
 
     fn bench(

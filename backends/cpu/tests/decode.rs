@@ -1,0 +1,437 @@
+//! Decode against a KV cache: every layout, feature and dtype against the f64 reference on
+//! every instruction set; a handle's 50 decode steps against prefills of the same prefix;
+//! bad arguments refused with the caches left bit for bit as they were.
+
+use flashattn_core::testing::check_decode;
+use flashattn_core::{
+    random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, CacheConfig, DType,
+    DecodeInputs, DecodeStep, KvCache, Rotary, Tensor, TensorRef,
+};
+use flashattn_cpu::{CpuBackend, Isa};
+
+/// A contiguous cache with `extra` spare rows per sequence beyond the longest use.
+fn contiguous(seqlens: &[i32], new: usize, extra: usize) -> KvCache {
+    let cap = seqlens.iter().map(|&l| l as usize).max().unwrap_or(0) + new + extra;
+    KvCache::contiguous(seqlens.len(), cap, seqlens.to_vec()).seqlen_new(new)
+}
+
+/// A paged cache of `page`-row pages, each sequence's pages scattered over the pool (a
+/// fixed shuffle), with room for `extra` more rows.
+fn paged(seqlens: &[i32], new: usize, page: usize, extra: usize) -> KvCache {
+    let cap = seqlens.iter().map(|&l| l as usize).max().unwrap_or(0) + new + extra;
+    let per_seq = cap.div_ceil(page);
+    let blocks = per_seq * seqlens.len() + 3;
+    let mut pool: Vec<i32> = (0..blocks as i32).collect();
+    let mut x = 0x9e37_79b9u64;
+    for i in (1..pool.len()).rev() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        pool.swap(i, (x >> 33) as usize % (i + 1));
+    }
+    let table = pool[..per_seq * seqlens.len()].to_vec();
+    KvCache::paged(blocks, page, table, per_seq, seqlens.to_vec()).seqlen_new(new)
+}
+
+/// cos / sin tables for `positions` positions of a `dim`-wide rotation.
+fn rotary(dim: usize, positions: usize, interleaved: bool) -> Rotary {
+    let half = dim / 2;
+    let angle = |p: usize, i: usize| p as f32 * 10000f32.powf(-((2 * i) as f32) / dim as f32);
+    let table = |f: fn(f32) -> f32| {
+        (0..positions * half)
+            .map(|k| f(angle(k / half, k % half)))
+            .collect()
+    };
+    Rotary {
+        cos: table(f32::cos),
+        sin: table(f32::sin),
+        dim,
+        interleaved,
+    }
+}
+
+/// A decode problem: `hq` / `hkv` heads, `sq` query rows, head dim `d`, against `cache`.
+fn spec(hq: usize, hkv: usize, sq: usize, d: usize, cache: KvCache) -> AttentionSpec {
+    AttentionSpec::new(cache.seqlens.len(), hq, sq, 1, d)
+        .heads_kv(hkv)
+        .causal(true)
+        .return_lse(true)
+        .kv_cache(cache)
+}
+
+fn feature_cases() -> Vec<(&'static str, AttentionSpec)> {
+    let lens = [0, 1, 17, 1000];
+    vec![
+        (
+            "contiguous 0/1/17/1000, GQA 32/8",
+            spec(32, 8, 1, 64, contiguous(&lens, 1, 3)),
+        ),
+        ("page 1", spec(4, 2, 1, 64, paged(&lens, 1, 1, 0))),
+        (
+            "page 3, append of 4 across pages",
+            spec(4, 2, 1, 40, paged(&[2, 5, 0, 30], 4, 3, 2)),
+        ),
+        (
+            "page 16, 15 + 3 crosses a page",
+            spec(4, 2, 1, 64, paged(&[15, 1000, 17], 3, 16, 0)),
+        ),
+        (
+            "page 256",
+            spec(8, 2, 1, 72, paged(&[0, 255, 1000], 1, 256, 0)),
+        ),
+        ("MQA", spec(8, 1, 1, 128, contiguous(&[300, 17], 1, 0))),
+        ("attend only", spec(4, 2, 1, 64, paged(&lens, 0, 16, 0))),
+        (
+            "not causal, 3 query rows",
+            spec(4, 2, 3, 64, contiguous(&[50, 9], 0, 1)).causal(false),
+        ),
+        (
+            "causal, 4 new rows and queries",
+            spec(4, 2, 4, 64, paged(&[100, 0, 3], 4, 16, 0)),
+        ),
+        (
+            "window",
+            spec(4, 2, 2, 64, contiguous(&lens, 2, 0)).window(50, 0),
+        ),
+        (
+            "window both sides, not causal",
+            spec(4, 4, 5, 32, paged(&[300, 4], 0, 3, 0))
+                .causal(false)
+                .window(7, 2),
+        ),
+        (
+            "softcap",
+            spec(4, 2, 1, 64, contiguous(&[400, 3], 1, 0)).softcap(3.0),
+        ),
+        (
+            "alibi per batch",
+            spec(4, 2, 2, 64, paged(&[400, 30], 2, 16, 0))
+                .alibi(vec![0.1, 0.02, 0.3, 0.05, 0.01, 0.2, 0.04, 0.08], true),
+        ),
+        (
+            "head_dim_v differs, d 200",
+            spec(4, 2, 1, 200, contiguous(&[100, 1], 1, 0)).head_dim_v(72),
+        ),
+        (
+            "custom scale",
+            spec(2, 1, 1, 16, contiguous(&[33], 1, 0)).scale(0.7),
+        ),
+        (
+            "batch_idx",
+            spec(
+                4,
+                2,
+                1,
+                64,
+                KvCache::contiguous(5, 260, vec![100, 0, 250])
+                    .seqlen_new(1)
+                    .batch_idx(vec![4, 0, 2]),
+            ),
+        ),
+        (
+            "batch_idx repeated, attend only",
+            spec(
+                4,
+                2,
+                1,
+                64,
+                KvCache::contiguous(3, 40, vec![30, 12]).batch_idx(vec![1, 1]),
+            ),
+        ),
+        (
+            "rotary interleaved, causal: q at its own positions",
+            spec(
+                4,
+                2,
+                3,
+                64,
+                paged(&[40, 0], 3, 16, 0).rotary(rotary(64, 43, true)),
+            ),
+        ),
+        (
+            "rotary half-split, not causal: q at seqlens",
+            spec(
+                4,
+                2,
+                2,
+                64,
+                contiguous(&[40, 5], 2, 0).rotary(rotary(32, 42, false)),
+            )
+            .causal(false),
+        ),
+        (
+            "rotary half-split, window, dim = d",
+            spec(
+                2,
+                1,
+                2,
+                48,
+                contiguous(&[20], 2, 0).rotary(rotary(48, 22, false)),
+            )
+            .window(5, -1),
+        ),
+    ]
+}
+
+fn backends() -> Vec<(String, CpuBackend)> {
+    let mut v = Vec::new();
+    for isa in Isa::all_available() {
+        for threads in [1, 3] {
+            let b = CpuBackend::with_threads(threads).with_isa(isa).unwrap();
+            v.push((format!("{isa}, {threads} threads"), b));
+        }
+    }
+    v
+}
+
+#[test]
+fn decode_matches_the_reference_every_layout_feature_dtype_and_isa() {
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for (label, backend) in backends() {
+        for dtype in [DType::F32, DType::F16, DType::Bf16] {
+            for (i, (name, spec)) in feature_cases().into_iter().enumerate() {
+                let spec = spec.dtype(dtype);
+                runs += 1;
+                if let Err(e) = check_decode(&backend, &spec, 500 + i as u64) {
+                    failures.push(format!("[{label}] {name} ({dtype}): {e}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// One long cache: 70000 rows, many chunks and a window that ends inside it.
+#[test]
+fn long_cache_of_70000_rows() {
+    let backend = CpuBackend::new();
+    let cases = [
+        spec(8, 2, 1, 64, paged(&[69_999, 300], 1, 256, 0)).dtype(DType::Bf16),
+        spec(4, 1, 2, 64, contiguous(&[70_000], 0, 0))
+            .window(30_000, -1)
+            .dtype(DType::F16),
+    ];
+    for (i, spec) in cases.iter().enumerate() {
+        check_decode(&backend, spec, 70 + i as u64).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// NaN in q or a visible key makes exactly the rows that see it NaN; a NaN in a V row that
+/// the causal mask hides from a row leaves that row finite.
+#[test]
+fn nan_reaches_exactly_the_rows_that_see_it() {
+    for (label, backend) in backends() {
+        // 2 query rows x 2 heads (one KV head), 6 cached keys + 2 new.
+        let spec = spec(2, 1, 2, 16, contiguous(&[6], 2, 0));
+        let (q, kc, vc) = random_inputs(&spec, 3);
+        let rows = AttentionSpec::new(1, 1, 2, 2, 16);
+        let (_, kn, mut vn) = random_inputs(&rows, 4);
+        let mut qv = q.to_f32_vec();
+        qv[16 + 5] = f32::NAN; // row 0, head 1
+        if let Tensor::F32(v) = &mut vn {
+            v[16 + 3] = f32::NAN; // the last new key: hidden from row 0
+        }
+        let (mut kc, mut vc) = (kc.clone(), vc.clone());
+        let out = backend
+            .decode(
+                &spec,
+                DecodeInputs {
+                    q: TensorRef::F32(&qv),
+                    k_cache: kc.as_mut(),
+                    v_cache: vc.as_mut(),
+                    k_new: Some(kn.as_ref()),
+                    v_new: Some(vn.as_ref()),
+                },
+            )
+            .unwrap();
+        let o = out.out.to_f32_vec();
+        let lse = out.lse.unwrap();
+        let row_nan = |i: usize, h: usize| o[(i * 2 + h) * 16..][..16].iter().all(|x| x.is_nan());
+        let row_finite =
+            |i: usize, h: usize| o[(i * 2 + h) * 16..][..16].iter().all(|x| x.is_finite());
+        assert!(
+            row_finite(0, 0) && lse[0].is_finite(),
+            "[{label}] row 0 head 0: {o:?}"
+        );
+        assert!(row_nan(0, 1) && lse[2].is_nan(), "[{label}] row 0 head 1");
+        // Row 1 sees the NaN value element: that output element is NaN, the others finite.
+        let only_3 = |h: usize| {
+            let r = &o[(2 + h) * 16..][..16];
+            r.iter().enumerate().all(|(x, v)| v.is_nan() == (x == 3))
+        };
+        assert!(
+            only_3(0) && only_3(1),
+            "[{label}] row 1 sees the NaN value: {:?}",
+            &o[32..]
+        );
+        assert!(
+            lse[1].is_finite() && lse[3].is_finite(),
+            "[{label}] NaN V leaves the LSE"
+        );
+    }
+}
+
+/// A handle appends one token per step and attends; every step equals a prefill over the
+/// same prefix (the f64 reference and the CPU forward), and the cache holds what was appended.
+#[test]
+fn fifty_decode_steps_equal_prefills_of_the_prefix() {
+    for (dtype, page, rot) in [
+        (DType::F32, Some(3), Some(true)),
+        (DType::Bf16, Some(16), None),
+        (DType::F16, None, Some(false)),
+    ] {
+        let backend = CpuBackend::with_threads(2);
+        let (batch, hq, hkv, d, prompt, steps) = (2, 4, 2, 32, 5, 50);
+        let mut config = CacheConfig::contiguous(batch, prompt + steps, hkv, d).dtype(dtype);
+        config.page_size = page;
+        let mut cache = backend.kv_cache(config).unwrap();
+        let rotary = rot.map(|interleaved| rotary(16, prompt + steps, interleaved));
+        // Host copies of every appended row ([batch][token][heads_kv * d]), k rotated.
+        let (mut ks, mut vs) = (vec![Vec::new(); batch], vec![Vec::new(); batch]);
+        let rows = |n: usize, seed: u64| {
+            let (_, k, v) =
+                random_inputs(&AttentionSpec::new(batch, hkv, n, n, d).dtype(dtype), seed);
+            (k, v)
+        };
+        // Rows of `t` ([batch, n, heads_kv, d]) kept, rotated at `at..` where given.
+        let keep = |hist: &mut Vec<Vec<Vec<f32>>>, t: &Tensor, n: usize, at: Option<usize>| {
+            let x = t.to_f32_vec();
+            for (b, h) in hist.iter_mut().enumerate() {
+                for i in 0..n {
+                    let mut row = x[(b * n + i) * hkv * d..][..hkv * d].to_vec();
+                    if let (Some(r), Some(at)) = (&rotary, at) {
+                        for head in row.chunks_mut(d) {
+                            rotate(head, at + i, r);
+                        }
+                    }
+                    let row = Tensor::from_f32(dtype, &row).to_f32_vec();
+                    h.push(row);
+                }
+            }
+        };
+        // The prompt: appended without rotation (append takes rows as they are).
+        let (k, v) = rows(prompt, 1);
+        cache.append(k.as_ref(), v.as_ref()).unwrap();
+        keep(&mut ks, &k, prompt, None);
+        keep(&mut vs, &v, prompt, None);
+        for step in 0..steps {
+            let len = prompt + step;
+            let (k, v) = rows(1, 100 + step as u64);
+            let (q, _, _) = random_inputs(
+                &AttentionSpec::new(batch, hq, 1, 1, d).dtype(dtype),
+                900 + step as u64,
+            );
+            let mut ds = DecodeStep::new(hq);
+            ds.return_lse = true;
+            ds.rotary = rotary.clone();
+            let got = cache
+                .decode(&ds, q.as_ref(), Some(k.as_ref()), Some(v.as_ref()))
+                .unwrap();
+            assert_eq!(cache.state().seqlens(), &[len as i32 + 1; 2]);
+            keep(&mut ks, &k, 1, Some(len));
+            keep(&mut vs, &v, 1, None);
+            // The same step as a prefill: q rotated at its position, all len + 1 keys.
+            let mut qr = q.to_f32_vec();
+            if let Some(r) = &rotary {
+                for head in qr.chunks_mut(d) {
+                    rotate(head, len, r);
+                }
+            }
+            let dense = AttentionSpec::new(batch, hq, 1, len + 1, d)
+                .heads_kv(hkv)
+                .causal(true)
+                .return_lse(true);
+            // [batch, len + 1, heads_kv, d]
+            let flat =
+                |h: &[Vec<Vec<f32>>]| h.iter().flatten().flatten().copied().collect::<Vec<f32>>();
+            let (kf, vf) = (flat(&ks), flat(&vs));
+            let (kf, vf) = (TensorRef::F32(&kf), TensorRef::F32(&vf));
+            let want = reference_attention(&dense, TensorRef::F32(&qr), kf, vf).unwrap();
+            let prefill = backend
+                .forward(&dense, TensorRef::F32(&qr), kf, vf)
+                .unwrap();
+            let tol = dtype.tolerance();
+            let err = rel_l2_error(&got.out.to_f32_vec(), &want.out);
+            assert!(err < tol, "{dtype} step {step}: {err:.2e} vs the reference");
+            let pre: Vec<f64> = prefill.out.to_f32_vec().iter().map(|&x| x as f64).collect();
+            let err = rel_l2_error(&got.out.to_f32_vec(), &pre);
+            assert!(
+                err < tol,
+                "{dtype} step {step}: {err:.2e} vs the CPU prefill"
+            );
+            let lse = got.lse.unwrap();
+            for (a, e) in lse.iter().zip(&want.lse) {
+                assert!(
+                    (*a as f64 - e).abs() < dtype.lse_tolerance(),
+                    "{dtype} step {step} LSE"
+                );
+            }
+        }
+        // read(): the buffers hold what was appended, where the state put it.
+        let (kb, _) = cache.read().unwrap();
+        let kb = kb.to_f32_vec();
+        let spec = cache.state().spec(&DecodeStep::new(hq), 0).unwrap();
+        let kvc = spec.kv_cache.unwrap();
+        for (b, seq) in ks.iter().enumerate() {
+            for (t, row) in seq.iter().enumerate() {
+                let at = kvc.row(b, t) * hkv * d;
+                assert_eq!(&kb[at..at + hkv * d], &row[..], "{dtype} seq {b} row {t}");
+            }
+        }
+        cache.reset(0).unwrap();
+        assert_eq!(cache.state().seqlens(), &[0, (prompt + steps) as i32]);
+    }
+}
+
+/// Rotation as the reference defines it, in f32.
+fn rotate(x: &mut [f32], pos: usize, r: &Rotary) {
+    let half = r.dim / 2;
+    for i in 0..half {
+        let (c, s) = (r.cos[pos * half + i], r.sin[pos * half + i]);
+        let (a, b) = if r.interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (xa, xb) = (x[a], x[b]);
+        x[a] = xa * c - xb * s;
+        x[b] = xa * s + xb * c;
+    }
+}
+
+/// `bench` with `Pass::Decode`: the step and its copy peer run on resident caches (repeated
+/// steps rewrite the same rows, so they never overflow); decode has no naive peer.
+#[test]
+fn decode_bench_times_the_step_and_the_copy_peer() {
+    use flashattn_core::{Algorithm, BenchPlan, Pass};
+    let backend = CpuBackend::with_threads(2);
+    let spec = spec(8, 2, 1, 64, paged(&[300, 299], 1, 16, 0)).dtype(DType::Bf16);
+    let plan = BenchPlan {
+        warmup: 1,
+        iters: 3,
+        seed: 5,
+        pass: Pass::Decode,
+    };
+    for algo in [Algorithm::Flash, Algorithm::Copy] {
+        let mut calls = 0;
+        let m = backend
+            .bench(&spec, algo, &plan, &mut || calls += 1)
+            .unwrap_or_else(|e| panic!("{algo:?}: {e}"));
+        assert_eq!((m.times_ms.len(), calls), (3, 4), "{algo:?}");
+        assert!(m.median_ms().is_some_and(|t| t > 0.0), "{algo:?}");
+    }
+    let e = backend
+        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
+        .unwrap_err();
+    assert!(e.to_string().contains("naive"), "{e}");
+    let forward = AttentionSpec::new(1, 1, 1, 1, 8);
+    assert!(backend
+        .bench(&forward, Algorithm::Flash, &plan, &mut || {})
+        .is_err());
+}
