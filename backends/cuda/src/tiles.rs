@@ -1,8 +1,9 @@
-//! Tile sizes of the Hopper kernel, chosen in one place, and the tile arithmetic the host
-//! shares with the kernel (which mirrors it in kernels/hopper_fwd.cu).
+//! Tile sizes of every kernel, chosen in one place, and the launch arithmetic the host shares
+//! with the kernels: they receive these numbers as `-D` defines (variants.rs) and mirror the
+//! shared-memory layouts and the tile order (kernels/tiles.cuh) computed here.
 
 /// One Hopper kernel configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HopperTiles {
     /// Query rows per tile: two consumer warpgroups of 64 rows (wgmma's M is 64).
     pub block_m: usize,
@@ -100,7 +101,6 @@ impl HopperTiles {
     }
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Query blocks of `block_m` rows covering `rows` rows.
 pub fn num_blocks(rows: usize, block: usize) -> usize {
     rows.div_ceil(block)
@@ -142,6 +142,217 @@ pub fn decode_tile(
         (t % per_m, num_m_blocks - 1 - t / per_m)
     };
     (bh / heads_q, bh % heads_q, m_block)
+}
+
+/// Tiles of the portable kernel (kernels/generic_fwd.cu): a warp owns `rows_per_warp` query
+/// rows and a lane takes one key of each 32-key block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GenericTiles {
+    pub rows_per_warp: usize,
+    pub warps: usize,
+    pub block_n: usize,
+}
+
+/// The portable kernel's one configuration.
+pub const GENERIC_TILES: GenericTiles = GenericTiles {
+    rows_per_warp: 4,
+    warps: 4,
+    block_n: 32,
+};
+
+impl GenericTiles {
+    pub fn block_m(&self) -> usize {
+        self.rows_per_warp * self.warps
+    }
+    pub fn threads(&self) -> u32 {
+        (self.warps * 32) as u32
+    }
+    /// Shared memory: Q rows, a K block padded by one column (no bank conflicts), a V block,
+    /// all f32.
+    pub fn smem_bytes(&self, head_dim: usize, head_dim_v: usize) -> usize {
+        4 * (self.block_m() * head_dim + self.block_n * (head_dim + 1) + self.block_n * head_dim_v)
+    }
+}
+
+/// Head dims the mma.sync kernel is compiled for (FlashAttention-2's set): a problem runs in
+/// the smallest one that holds both `head_dim` and `head_dim_v`, zero-padded in shared memory;
+/// k-steps and output tiles past the real dims are skipped at run time.
+pub const MMA_HEAD_DIMS: [usize; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
+
+/// The mma.sync kernel's bucket for a problem, or `None` past 256.
+pub fn mma_head_dim(head_dim: usize, head_dim_v: usize) -> Option<usize> {
+    let d = head_dim.max(head_dim_v);
+    MMA_HEAD_DIMS.into_iter().find(|&b| b >= d)
+}
+
+/// One mma.sync kernel configuration (kernels/mma_fwd.cu): `warps` warps share a block of
+/// `block_m` query rows (16 per m16n8k16 tile, `m_tiles` tiles per warp) and walk K/V in
+/// blocks of `block_n` keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MmaTiles {
+    pub block_m: usize,
+    pub block_n: usize,
+    pub warps: usize,
+}
+
+impl MmaTiles {
+    pub fn threads(&self) -> u32 {
+        (self.warps * 32) as u32
+    }
+    /// 16-row mma tiles per warp.
+    pub fn m_tiles(&self) -> usize {
+        self.block_m / (16 * self.warps)
+    }
+    /// Shared memory: one Q block and one K and one V block of `head_dim` (the bucket) 16-bit
+    /// columns each; K and V alternate as the two buffers of the cp.async pipeline.
+    pub fn smem_bytes(&self, head_dim: usize) -> usize {
+        (self.block_m + 2 * self.block_n) * head_dim * 2
+    }
+    /// Shapes the kernel's fragment and copy loops need: whole 16-row tiles per warp, 16-key
+    /// steps of P V, and copies that split evenly over the threads.
+    pub fn check(&self, head_dim: usize) -> Result<(), String> {
+        let rows = 16 * self.warps;
+        let chunks = head_dim / 8; // 16-byte chunks per shared-memory row
+        let threads = self.threads() as usize;
+        if self.warps == 0 || self.block_m == 0 || !self.block_m.is_multiple_of(rows) {
+            return Err(format!(
+                "block_m {} is not a multiple of 16 x {} warps",
+                self.block_m, self.warps
+            ));
+        }
+        if self.block_n == 0 || !self.block_n.is_multiple_of(16) {
+            return Err(format!("block_n {} is not a multiple of 16", self.block_n));
+        }
+        if !head_dim.is_multiple_of(32)
+            || !(self.block_m * chunks).is_multiple_of(threads)
+            || !(self.block_n * chunks).is_multiple_of(threads)
+        {
+            return Err(format!(
+                "head_dim {head_dim} does not split over {threads} threads"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The mma.sync kernel's tiles for `head_dim` (the bucket) on a GPU whose blocks may use
+/// `smem_optin` bytes of shared memory. Up to head_dim 128: 128 query rows on 4 warps, two
+/// 16-row tiles per warp, so each K/V fragment read from shared memory feeds two mma
+/// (FlashAttention-2's layout); keys per block as large as the registers allow without spills
+/// (checked for every CI arch by tests/sass.rs: 128 at head_dim 32, 64 at 64 and 96, 32 at
+/// 128, FA2's sm_86 choice; FA2's A100 choice 128 x 64 spills here). Above 128, O alone needs
+/// head_dim / 2 registers per 16-row tile: 8 warps of one tile each, 64 keys. Where that does
+/// not fit in shared memory (99 KiB on sm_86 / sm_89 at head_dim 224 and 256): 64 x 64 on 4
+/// warps. None of these was measured on a GPU yet; `FLASHATTN_CUDA_MMA_TILES` overrides them.
+pub fn mma_tiles(head_dim: usize, smem_optin: usize) -> Result<MmaTiles, String> {
+    let t = |block_m, block_n, warps| MmaTiles {
+        block_m,
+        block_n,
+        warps,
+    };
+    let preferred = match head_dim {
+        32 => t(128, 128, 4),
+        64 | 96 => t(128, 64, 4),
+        128 => t(128, 32, 4),
+        160 | 192 | 224 | 256 => t(128, 64, 8),
+        _ => return Err(format!("no mma.sync kernel for head_dim {head_dim}")),
+    };
+    [preferred, t(64, 64, 4)]
+        .into_iter()
+        .find(|t| t.smem_bytes(head_dim) <= smem_optin)
+        .ok_or_else(|| {
+            format!(
+                "head_dim {head_dim} needs {} bytes of shared memory, this GPU allows {smem_optin}",
+                t(64, 64, 4).smem_bytes(head_dim)
+            )
+        })
+}
+
+/// Largest dynamic shared memory per block of the archs compiled ahead of time (the CUDA
+/// programming guide's table); a running backend reads the device's own value instead.
+pub fn smem_optin_of_arch(arch: &str) -> usize {
+    match arch.trim_end_matches('a') {
+        "sm_80" | "sm_87" => 166_912,
+        "sm_90" | "sm_100" => HOPPER_SMEM_LIMIT,
+        _ => 101_376, // sm_86, sm_89, sm_120: 99 KiB
+    }
+}
+
+/// A kernel launch: grid, threads per block, dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub smem: usize,
+}
+
+/// A grid of `n` blocks in x, or an error naming what is too large (x takes up to 2^31 - 1).
+pub fn grid_x(n: usize, what: &str) -> Result<u32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or_else(|| format!("{what} = {n} exceeds CUDA's 2^31 - 1 blocks per grid"))
+}
+
+/// A grid side in y or z (up to 65535).
+pub fn grid_yz(n: usize, what: &str) -> Result<u32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&x| x <= 65_535)
+        .ok_or_else(|| format!("{what} = {n} exceeds CUDA's 65535 blocks in y and z"))
+}
+
+impl HopperTiles {
+    /// The persistent launch: one CTA per SM (never more than tiles), 384 threads.
+    pub fn launch(
+        &self,
+        head_dim: usize,
+        total_tiles: usize,
+        sm_count: usize,
+    ) -> Result<Launch, String> {
+        Ok(Launch {
+            grid: (
+                grid_x(persistent_grid(total_tiles, sm_count), "CTAs")?,
+                1,
+                1,
+            ),
+            block: HOPPER_THREADS,
+            smem: self.smem_bytes(head_dim),
+        })
+    }
+}
+
+impl MmaTiles {
+    /// One CTA per (batch, head, query block), in x (the kernel decodes it: tiles.cuh).
+    pub fn launch(&self, head_dim: usize, total_tiles: usize) -> Result<Launch, String> {
+        Ok(Launch {
+            grid: (grid_x(total_tiles, "query tiles")?, 1, 1),
+            block: self.threads(),
+            smem: self.smem_bytes(head_dim),
+        })
+    }
+}
+
+impl GenericTiles {
+    /// Grid (query blocks, heads_q, batch).
+    pub fn launch(
+        &self,
+        num_m_blocks: usize,
+        heads_q: usize,
+        batch: usize,
+        head_dim: usize,
+        head_dim_v: usize,
+    ) -> Result<Launch, String> {
+        Ok(Launch {
+            grid: (
+                grid_x(num_m_blocks, "query blocks")?,
+                grid_yz(heads_q, "heads_q")?,
+                grid_yz(batch, "batch")?,
+            ),
+            block: self.threads(),
+            smem: self.smem_bytes(head_dim, head_dim_v),
+        })
+    }
 }
 
 #[cfg(test)]
