@@ -187,6 +187,28 @@ pub(crate) fn launch(
     gpu.launch(f, l.grid, l.block, l.smem, args)
 }
 
+/// What decides which of two tensor-core kernels wins, as far as `bench` measures it: the
+/// dtype, the head dims and whether a mask skips blocks. Sizes are left out, so that a
+/// measurement on the runtime's shrunk copy of a problem applies to the problem itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct ChoiceKey {
+    dtype: DType,
+    head_dim: usize,
+    head_dim_v: usize,
+    masked: bool,
+}
+
+impl ChoiceKey {
+    pub(crate) fn of(spec: &CheckedSpec<'_>) -> ChoiceKey {
+        ChoiceKey {
+            dtype: spec.dtype,
+            head_dim: spec.head_dim,
+            head_dim_v: spec.head_dim_v,
+            masked: spec.mask.is_masked(),
+        }
+    }
+}
+
 /// The Hopper kernel for `spec` on `info`'s GPU with optional tile overrides, or why not.
 pub fn select_hopper(
     spec: &CheckedSpec<'_>,
@@ -329,31 +351,59 @@ impl CudaBackend {
         self.choose(&spec.validate()?)
     }
 
-    /// The forced kernel family, or the first of Hopper (wgmma, measured fastest on an H100),
-    /// mma.sync, the portable kernel that can run `spec` on this GPU.
+    /// The forced kernel family; else the one `bench` measured fastest for problems like
+    /// `spec` (see [`ChoiceKey`]); else the first of Hopper (wgmma: measured 1.6-2x faster than
+    /// FlashAttention-2 on an H100, PERF_NOTES.md), mma.sync, the portable kernel that can run
+    /// `spec` on this GPU.
     pub(crate) fn choose(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
+        if let Some(kind) = self.forced {
+            return self.try_kind(spec, kind).map_err(unsupported);
+        }
+        let candidates = self.candidates(spec)?;
+        let measured = self.measured.lock().unwrap_or_else(|e| e.into_inner());
+        let pick = measured
+            .get(&ChoiceKey::of(spec))
+            .and_then(|kind| candidates.iter().find(|v| v.kind == *kind));
+        Ok(*pick.unwrap_or(&candidates[0]))
+    }
+
+    /// Every kernel family that can run `spec` here, in the default order (never empty).
+    pub(crate) fn candidates(&self, spec: &CheckedSpec<'_>) -> Result<Vec<Variant>> {
         if spec.dtype == DType::Fp8E4m3 {
             return Err(unsupported(
                 "fp8e4m3 is not implemented in the CUDA backend yet",
             ));
         }
-        let try_kind = |kind| match kind {
+        let (mut ok, mut why) = (Vec::new(), Vec::new());
+        for kind in [KernelKind::Hopper, KernelKind::Mma, KernelKind::Generic] {
+            match self.try_kind(spec, kind) {
+                Ok(v) => ok.push(v),
+                Err(e) => why.push(e),
+            }
+        }
+        if ok.is_empty() {
+            return Err(unsupported(why.join("; ")));
+        }
+        Ok(ok)
+    }
+
+    fn try_kind(
+        &self,
+        spec: &CheckedSpec<'_>,
+        kind: KernelKind,
+    ) -> std::result::Result<Variant, String> {
+        match kind {
             KernelKind::Hopper => self.hopper_variant(spec),
             KernelKind::Mma => self.mma_variant(spec),
             KernelKind::Generic => self.generic_variant(spec),
             KernelKind::Naive => Err("the naive kernel is not a flash kernel".to_string()),
-        };
-        if let Some(kind) = self.forced {
-            return try_kind(kind).map_err(unsupported);
         }
-        let mut why = Vec::new();
-        for kind in [KernelKind::Hopper, KernelKind::Mma, KernelKind::Generic] {
-            match try_kind(kind) {
-                Ok(v) => return Ok(v),
-                Err(e) => why.push(e),
-            }
-        }
-        Err(unsupported(why.join("; ")))
+    }
+
+    /// Remembers that `kind` was the fastest kernel for problems like `spec`.
+    pub(crate) fn record_choice(&self, spec: &CheckedSpec<'_>, kind: KernelKind) {
+        let mut measured = self.measured.lock().unwrap_or_else(|e| e.into_inner());
+        measured.insert(ChoiceKey::of(spec), kind);
     }
 
     fn hopper_variant(&self, spec: &CheckedSpec<'_>) -> std::result::Result<Variant, String> {

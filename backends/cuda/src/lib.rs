@@ -81,6 +81,8 @@ pub struct CudaBackend {
     stages: Option<usize>,
     /// Tiles of the mma.sync kernel when not those of `tiles::mma_tiles` (tuning).
     mma_tiles: Option<MmaTiles>,
+    /// The kernel `bench` measured fastest, where several can run a kind of problem.
+    measured: std::sync::Mutex<std::collections::HashMap<forward::ChoiceKey, KernelKind>>,
 }
 
 /// `FLASHATTN_CUDA_KERNEL`: a `KernelDef` name (hopper, mma, generic), or none (automatic).
@@ -132,6 +134,7 @@ impl CudaBackend {
             block_n: env("FLASHATTN_CUDA_BLOCK_N"),
             stages: env("FLASHATTN_CUDA_STAGES"),
             mma_tiles,
+            measured: Default::default(),
         })
     }
 
@@ -153,7 +156,8 @@ impl CudaBackend {
         self.mma_tiles = tiles;
     }
 
-    /// Forces a kernel family (`None`: automatic, the fastest that supports the spec).
+    /// Forces a kernel family (`None`: automatic: the one `bench` measured fastest for such
+    /// problems, else the first of hopper, mma, generic that supports the spec).
     /// Starts from `FLASHATTN_CUDA_KERNEL=hopper|mma|generic`.
     pub fn force_kernel(&mut self, kind: Option<KernelKind>) {
         self.forced = kind;

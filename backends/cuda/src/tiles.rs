@@ -208,13 +208,15 @@ impl MmaTiles {
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
         (self.block_m + 2 * self.block_n) * head_dim * 2
     }
-    /// Shapes the kernel's fragment and copy loops need: whole 16-row tiles per warp, 16-key
-    /// steps of P V, and copies that split evenly over the threads.
+    /// Shapes the kernel's fragment and copy loops need (it static_asserts the same): whole
+    /// 16-row tiles per warp, 16-key steps of P V, head dims in multiples of 32, and blocks of
+    /// whole copy sweeps (8 threads per row of 128-byte multiples, else 4).
     pub fn check(&self, head_dim: usize) -> Result<(), String> {
         let rows = 16 * self.warps;
-        let chunks = head_dim / 8; // 16-byte chunks per shared-memory row
-        let threads = self.threads() as usize;
-        if self.warps == 0 || self.block_m == 0 || !self.block_m.is_multiple_of(rows) {
+        if !(1..=32).contains(&self.warps) {
+            return Err(format!("{} warps: a block has 1 to 32", self.warps));
+        }
+        if self.block_m == 0 || !self.block_m.is_multiple_of(rows) {
             return Err(format!(
                 "block_m {} is not a multiple of 16 x {} warps",
                 self.block_m, self.warps
@@ -223,12 +225,19 @@ impl MmaTiles {
         if self.block_n == 0 || !self.block_n.is_multiple_of(16) {
             return Err(format!("block_n {} is not a multiple of 16", self.block_n));
         }
-        if !head_dim.is_multiple_of(32)
-            || !(self.block_m * chunks).is_multiple_of(threads)
-            || !(self.block_n * chunks).is_multiple_of(threads)
-        {
+        if head_dim == 0 || !head_dim.is_multiple_of(32) {
+            return Err(format!("head_dim {head_dim} is not a multiple of 32"));
+        }
+        let threads_per_row = if (head_dim / 8).is_multiple_of(8) {
+            8
+        } else {
+            4
+        };
+        let sweep = self.threads() as usize / threads_per_row;
+        if !self.block_m.is_multiple_of(sweep) || !self.block_n.is_multiple_of(sweep) {
             return Err(format!(
-                "head_dim {head_dim} does not split over {threads} threads"
+                "blocks of {} x {} rows are not whole copy sweeps of {sweep} rows",
+                self.block_m, self.block_n
             ));
         }
         Ok(())
@@ -440,5 +449,109 @@ mod tests {
         assert_eq!(persistent_grid(1000, 132), 132);
         assert_eq!(num_blocks(129, 128), 2);
         assert_eq!(num_blocks(128, 128), 1);
+    }
+
+    #[test]
+    fn mma_buckets_pad_to_the_next_multiple_of_32() {
+        assert_eq!(mma_head_dim(1, 1), Some(32));
+        assert_eq!(mma_head_dim(32, 8), Some(32));
+        assert_eq!(mma_head_dim(40, 40), Some(64));
+        assert_eq!(mma_head_dim(72, 64), Some(96));
+        assert_eq!(mma_head_dim(64, 129), Some(160));
+        assert_eq!(mma_head_dim(200, 128), Some(224));
+        assert_eq!(mma_head_dim(256, 256), Some(256));
+        assert_eq!(mma_head_dim(257, 1), None);
+    }
+
+    #[test]
+    fn mma_tiles_fit_and_fall_back_on_small_shared_memory() {
+        let (a100, rtx) = (smem_optin_of_arch("sm_80"), smem_optin_of_arch("sm_86"));
+        assert_eq!((a100, rtx), (166_912, 101_376));
+        assert_eq!(smem_optin_of_arch("sm_90a"), HOPPER_SMEM_LIMIT);
+        for d in MMA_HEAD_DIMS {
+            for smem in [a100, rtx, HOPPER_SMEM_LIMIT] {
+                let t = mma_tiles(d, smem).unwrap();
+                t.check(d).unwrap();
+                assert!(t.smem_bytes(d) <= smem, "d{d}: {t:?}");
+                // 16-row tiles: two per warp up to d128 (fragment reuse), one above.
+                assert_eq!(
+                    t.m_tiles(),
+                    if d <= 128 && t.block_m == 128 { 2 } else { 1 }
+                );
+            }
+        }
+        let t = mma_tiles(128, a100).unwrap();
+        assert_eq!(
+            (t.block_m, t.block_n, t.warps, t.threads()),
+            (128, 32, 4, 128)
+        );
+        // Q 128 rows + K and V 32 rows each, 128 columns of 2 bytes.
+        assert_eq!(t.smem_bytes(128), (128 + 64) * 128 * 2);
+        // 128 x 64 on 8 warps needs 128 KiB at d256: the A100 has it, an RTX 4090 does not.
+        assert_eq!(mma_tiles(256, a100).unwrap().block_m, 128);
+        let small = mma_tiles(256, rtx).unwrap();
+        assert_eq!((small.block_m, small.block_n, small.warps), (64, 64, 4));
+        assert_eq!(small.smem_bytes(256), 98_304);
+        assert!(mma_tiles(256, 64 * 1024).is_err());
+        assert!(mma_tiles(100, a100).is_err());
+    }
+
+    #[test]
+    fn mma_tile_checks_refuse_shapes_the_kernel_cannot_take() {
+        let t = |block_m, block_n, warps| MmaTiles {
+            block_m,
+            block_n,
+            warps,
+        };
+        assert!(t(128, 64, 4).check(128).is_ok());
+        assert!(t(128, 64, 8).check(96).is_ok());
+        assert!(
+            t(96, 64, 4).check(64).is_err(),
+            "not whole 16-row tiles per warp"
+        );
+        assert!(t(128, 40, 4).check(64).is_err(), "not 16-key steps");
+        assert!(t(128, 64, 0).check(64).is_err());
+        assert!(
+            t(128, 64, 4).check(72).is_err(),
+            "head dims are buckets of 32"
+        );
+        assert!(t(16, 16, 1).check(96).is_ok());
+        assert!(
+            t(64, 16, 8).check(128).is_err(),
+            "16 rows are not a 32-row copy sweep"
+        );
+    }
+
+    #[test]
+    fn launches_of_each_kernel() {
+        // mma: one CTA per (batch, head, query block), in x.
+        let t = mma_tiles(96, 166_912).unwrap();
+        let l = t.launch(96, 3 * 8 * 2).unwrap();
+        assert_eq!(l.grid, (48, 1, 1));
+        assert_eq!((l.block, l.smem), (128, (128 + 128) * 96 * 2));
+        assert!(t.launch(96, 1 << 31).is_err());
+        // Hopper: persistent, one CTA per SM at most.
+        let h = hopper_tiles(128).unwrap();
+        let l = h.launch(128, 1000, 132).unwrap();
+        assert_eq!(
+            (l.grid, l.block, l.smem),
+            ((132, 1, 1), 384, h.smem_bytes(128))
+        );
+        assert_eq!(h.launch(128, 7, 132).unwrap().grid, (7, 1, 1));
+        // Portable: (query blocks, heads, batch), y and z below 65536.
+        let l = GENERIC_TILES.launch(9, 16, 3, 64, 64).unwrap();
+        assert_eq!((l.grid, l.block), ((9, 16, 3), 128));
+        assert_eq!(l.smem, 4 * (16 * 64 + 32 * 65 + 32 * 64));
+        let e = GENERIC_TILES.launch(9, 70_000, 1, 64, 64).unwrap_err();
+        assert!(e.contains("heads_q = 70000"), "{e}");
+        assert!(grid_x(usize::MAX, "x").is_err());
+        assert_eq!(grid_yz(65_535, "y"), Ok(65_535));
+    }
+
+    #[test]
+    fn generic_smem_matches_the_kernel_layout() {
+        // sq [16][d] + sk [32][d+1] + sv [32][dv], f32; the largest fits a 96 KiB opt-in (V100).
+        assert_eq!(GENERIC_TILES.block_m(), 16);
+        assert!(GENERIC_TILES.smem_bytes(256, 256) <= 96 * 1024);
     }
 }
