@@ -25,16 +25,6 @@ fn arg_list(args: &[String], name: &str, default: &str) -> Vec<String> {
     v.split(',').map(str::to_string).collect()
 }
 
-fn parse_tiles(s: &str) -> Option<MmaTiles> {
-    let (m, rest) = s.split_once('x')?;
-    let (n, w) = rest.split_once('w')?;
-    Some(MmaTiles {
-        block_m: m.parse().ok()?,
-        block_n: n.parse().ok()?,
-        warps: w.parse().ok()?,
-    })
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
@@ -90,7 +80,7 @@ fn main() {
     // --mma-tiles 128x32w4,128x64w8: the mma.sync kernel's tiles in turn.
     let mma_tiles: Vec<Option<MmaTiles>> = arg_list(&args, "--mma-tiles", "default")
         .iter()
-        .map(|t| parse_tiles(t))
+        .map(|t| t.parse::<MmaTiles>().ok())
         .collect();
     println!("device: {}", backend.device());
     println!(

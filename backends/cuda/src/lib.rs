@@ -102,17 +102,6 @@ fn forced_kernel() -> Result<Option<KernelKind>> {
     }
 }
 
-/// `FLASHATTN_CUDA_MMA_TILES=128x64w4`: mma.sync tiles `block_m x block_n`, `warps` warps.
-fn parse_mma_tiles(s: &str) -> Option<MmaTiles> {
-    let (m, rest) = s.split_once('x')?;
-    let (n, w) = rest.split_once('w')?;
-    Some(MmaTiles {
-        block_m: m.parse().ok()?,
-        block_n: n.parse().ok()?,
-        warps: w.parse().ok()?,
-    })
-}
-
 impl CudaBackend {
     /// Opens device 0. `Error::Unavailable` says what is missing: the driver, a device, NVRTC.
     pub fn new() -> Result<CudaBackend> {
@@ -123,9 +112,10 @@ impl CudaBackend {
         })?;
         let env = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
         let mma_tiles = match std::env::var("FLASHATTN_CUDA_MMA_TILES") {
-            Ok(s) => Some(parse_mma_tiles(&s).ok_or_else(|| {
-                Error::argument("FLASHATTN_CUDA_MMA_TILES", s, "expected e.g. 128x64w4")
-            })?),
+            Ok(s) => Some(
+                s.parse::<MmaTiles>()
+                    .map_err(|e| Error::argument("FLASHATTN_CUDA_MMA_TILES", &s, e))?,
+            ),
             Err(_) => None,
         };
         Ok(CudaBackend {
@@ -211,25 +201,5 @@ impl Backend for CudaBackend {
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
         self.bench_forward(spec, algo, plan, progress)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mma_tiles_parse() {
-        assert_eq!(
-            parse_mma_tiles("128x64w4"),
-            Some(MmaTiles {
-                block_m: 128,
-                block_n: 64,
-                warps: 4
-            })
-        );
-        for bad in ["", "128x64", "x64w4", "128x64w", "128y64w4"] {
-            assert_eq!(parse_mma_tiles(bad), None, "{bad}");
-        }
     }
 }

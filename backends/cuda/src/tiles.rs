@@ -195,6 +195,22 @@ pub struct MmaTiles {
     pub warps: usize,
 }
 
+/// `128x64w4`: `block_m x block_n`, `w` warps (`FLASHATTN_CUDA_MMA_TILES`, cuda_bench).
+impl std::str::FromStr for MmaTiles {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MmaTiles, String> {
+        let bad = || format!("mma tiles {s:?}: expected block_m x block_n w warps, e.g. 128x64w4");
+        let (m, rest) = s.split_once('x').ok_or_else(bad)?;
+        let (n, w) = rest.split_once('w').ok_or_else(bad)?;
+        let num = |x: &str| x.parse::<usize>().map_err(|_| bad());
+        Ok(MmaTiles {
+            block_m: num(m)?,
+            block_n: num(n)?,
+            warps: num(w)?,
+        })
+    }
+}
+
 impl MmaTiles {
     pub fn threads(&self) -> u32 {
         (self.warps * 32) as u32
@@ -553,5 +569,14 @@ mod tests {
         // sq [16][d] + sk [32][d+1] + sv [32][dv], f32; the largest fits a 96 KiB opt-in (V100).
         assert_eq!(GENERIC_TILES.block_m(), 16);
         assert!(GENERIC_TILES.smem_bytes(256, 256) <= 96 * 1024);
+    }
+
+    #[test]
+    fn mma_tiles_parse() {
+        let t: MmaTiles = "128x64w4".parse().unwrap();
+        assert_eq!((t.block_m, t.block_n, t.warps), (128, 64, 4));
+        for bad in ["", "128x64", "x64w4", "128x64w", "128y64w4", "-1x64w4"] {
+            assert!(bad.parse::<MmaTiles>().is_err(), "{bad}");
+        }
     }
 }
