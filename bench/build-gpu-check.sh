@@ -35,5 +35,6 @@ ls "$out/tests/"gpu* >/dev/null # fails the build when no GPU test was found
 if command -v strip >/dev/null; then
     strip "$out/flashattn" "$out/cuda_bench" "$out"/tests/*
 fi
-du -sh "$out" "$out"/* "$out"/tests/*
+du -sh "$out"
+ls -l "$out" "$out/tests"
 echo "carry: [\".device\"]   command: bash bench/gpu-check.sh   timeout_s: 540"
