@@ -4,9 +4,7 @@
 //   spec has them, cu_q.bin cu_k.bin alibi.bin; writes DIR/out.bin and DIR/lse.bin.
 // The harness prepends emu.h and the kernel's sources and defines EMU_KERNEL (its entry point).
 #include <fstream>
-#include <memory>
 #include <string>
-#include <thread>
 
 static std::vector<char> read_file(const std::string& path, bool required) {
     std::ifstream f(path, std::ios::binary);
@@ -21,6 +19,55 @@ static void write_file(const std::string& path, const void* data, size_t n) {
     std::ofstream f(path, std::ios::binary);
     f.write((const char*)data, (std::streamsize)n);
     if (!f) emu_fail(("cannot write " + path).c_str(), 0, 0);
+}
+
+static const Params* emu_params;
+
+// A fiber's body: the kernel, then it leaves the barriers it no longer takes part in.
+static void emu_entry() {
+    EMU_KERNEL(*emu_params);
+    emu_leave(emu_cta_bar);
+    emu_leave(emu_cur->warp->bar);
+    emu_cur->done = true;
+}
+
+// Runs one CTA: every fiber in turn until it blocks at a barrier or finishes; a round in which
+// no fiber can move while some are unfinished is a deadlock.
+static void run_cta(const Params& p, unsigned threads) {
+    std::memset(smem, 0xcd, sizeof(smem));  // garbage, as a real CTA finds it
+    emu_params = &p;
+    std::vector<EmuWarp> warps(threads / 32);
+    for (EmuWarp& w : warps) w.bar.expected = 32;
+    emu_cta_bar = EmuBarrier{threads, 0, 0};
+    const size_t stack_bytes = 256 * 1024;
+    std::vector<EmuThread> ts(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+        EmuThread& th = ts[t];
+        th.tid = {t, 0, 0};
+        th.lane = (int)(t % 32);
+        th.warp = &warps[t / 32];
+        th.stack.reset(new char[stack_bytes]);
+        getcontext(&th.ctx);
+        th.ctx.uc_stack.ss_sp = th.stack.get();
+        th.ctx.uc_stack.ss_size = stack_bytes;
+        th.ctx.uc_link = &emu_sched;
+        makecontext(&th.ctx, emu_entry, 0);
+    }
+    for (;;) {
+        bool moved = false, all_done = true;
+        for (EmuThread& th : ts) {
+            if (th.done) continue;
+            all_done = false;
+            if (th.wait_gen && *th.wait_gen == th.wait_for) continue;
+            th.wait_gen = nullptr;
+            emu_cur = &th;
+            moved = true;
+            swapcontext(&emu_sched, &th.ctx);
+        }
+        emu_cur = nullptr;
+        if (all_done) return;
+        if (!moved) emu_fail("deadlock: every unfinished thread waits at a barrier", threads, 0);
+    }
 }
 
 int main(int argc, char** argv) {
@@ -62,24 +109,8 @@ int main(int argc, char** argv) {
     for (unsigned z = 0; z < gz; ++z)
         for (unsigned y = 0; y < gy; ++y)
             for (unsigned x = 0; x < gx; ++x) {
-                std::memset(smem, 0xcd, sizeof(smem));  // garbage, as a real CTA finds it
-                std::vector<std::unique_ptr<EmuWarp>> warps;
-                for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<EmuWarp>());
-                std::barrier<> cta(threads);
-                emu_cta_bar = &cta;
-                std::vector<std::thread> ts;
-                for (unsigned t = 0; t < threads; ++t)
-                    ts.emplace_back([&, t] {
-                        threadIdx = {t, 0, 0};
-                        blockIdx = {x, y, z};
-                        emu_warp = warps[t / 32].get();
-                        emu_lane = (int)(t % 32);
-                        EMU_KERNEL(p);
-                        // A finished thread leaves the CTA's barrier and its warp's.
-                        cta.arrive_and_drop();
-                        emu_warp->bar.arrive_and_drop();
-                    });
-                for (auto& t : ts) t.join();
+                blockIdx = {x, y, z};
+                run_cta(p, threads);
             }
     write_file(dir + "/out.bin", out.data(), out_bytes);
     write_file(dir + "/lse.bin", lse.data(), lse.size() * 4);

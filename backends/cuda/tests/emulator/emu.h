@@ -1,20 +1,21 @@
 // A CPU emulator of the CUDA features flashattn's mma.sync and portable kernels use, so that
 // their real source runs on a machine without a GPU (tests/emulate.rs). Each CUDA thread of a
-// CTA is an OS thread; warp-collective instructions (ldmatrix, mma.sync, shuffles) meet at a
-// per-warp barrier and compute from every lane's operands with the PTX ISA's fragment layouts;
-// __syncthreads is a CTA barrier; cp.async copies are queued per thread and land at
-// cp.async.wait_group, so a read before the wait sees stale data. CTAs run one at a time.
+// CTA is a fiber (ucontext) on one OS thread, run until it reaches a barrier: warp-collective
+// instructions (ldmatrix, mma.sync, shuffles) meet at a per-warp barrier and compute from every
+// lane's operands with the PTX ISA's fragment layouts; __syncthreads is a CTA barrier; cp.async
+// copies are queued per thread and land at cp.async.wait_group, so a read before the wait sees
+// stale data. CTAs run one after another. A barrier no thread can pass is reported (deadlock).
 //
 // It stands in for ptx.cuh and dtype.cuh (the only headers with inline PTX) and for the CUDA
 // built-ins. It checks what it can (ldmatrix / cp.async alignment and bounds) and aborts with a
 // message; it does not model timing, so races between warps are not found here.
-#include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <ucontext.h>
 #include <vector>
 
 #define __device__
@@ -28,8 +29,7 @@
 struct EmuDim3 {
     unsigned x = 0, y = 0, z = 0;
 };
-thread_local EmuDim3 threadIdx, blockIdx;
-EmuDim3 gridDim, blockDim;
+EmuDim3 blockIdx, gridDim, blockDim;
 
 #ifndef EMU_SMEM_T
 #define EMU_SMEM_T uint8_t
@@ -37,22 +37,69 @@ EmuDim3 gridDim, blockDim;
 #define EMU_SMEM_BYTES 232448
 alignas(1024) EMU_SMEM_T smem[EMU_SMEM_BYTES / sizeof(EMU_SMEM_T)];  // the running CTA's
 
+// A barrier of `expected` fibers: the last to arrive opens it (a new generation) and goes on.
+struct EmuBarrier {
+    unsigned expected = 0, arrived = 0, gen = 0;
+};
+
+// One warp's meeting point for collective instructions.
+struct EmuWarp {
+    EmuBarrier bar;
+    uint64_t slot[32][8];
+};
+
+struct EmuCopy {
+    uint32_t dst;
+    const void* src;
+    bool valid;
+};
+
+// One CUDA thread: its fiber, its indices, what it waits for, its cp.async queue.
+struct EmuThread {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    EmuDim3 tid;
+    int lane = 0;
+    EmuWarp* warp = nullptr;
+    const unsigned* wait_gen = nullptr;  // blocked while *wait_gen == wait_for
+    unsigned wait_for = 0;
+    bool done = false;
+    std::vector<std::vector<EmuCopy>> groups;  // committed cp.async groups, oldest first
+    std::vector<EmuCopy> open;                 // not committed yet
+};
+EmuThread* emu_cur;  // the fiber running
+ucontext_t emu_sched;
+EmuBarrier emu_cta_bar;
+#define threadIdx (emu_cur->tid)
+
 [[noreturn]] inline void emu_fail(const char* what, long long a, long long b) {
-    std::fprintf(stderr, "emulator: %s (%lld, %lld) in block %u thread %u\n", what, a, b, blockIdx.x, threadIdx.x);
+    std::fprintf(stderr, "emulator: %s (%lld, %lld) in block %u thread %u\n", what, a, b, blockIdx.x,
+                 emu_cur ? emu_cur->tid.x : 0u);
     std::fflush(stderr);
     std::abort();
 }
 
-// One warp's meeting point for collective instructions.
-struct EmuWarp {
-    std::barrier<> bar{32};
-    uint64_t slot[32][8];
-};
-std::barrier<>* emu_cta_bar;
-thread_local EmuWarp* emu_warp;
-thread_local int emu_lane;
+inline void emu_wait(EmuBarrier& b) {
+    const unsigned g = b.gen;
+    if (++b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.gen;
+        return;
+    }
+    emu_cur->wait_gen = &b.gen;
+    emu_cur->wait_for = g;
+    swapcontext(&emu_cur->ctx, &emu_sched);
+}
 
-inline void __syncthreads() { emu_cta_bar->arrive_and_wait(); }
+// A finished thread leaves a barrier: the rest no longer wait for it.
+inline void emu_leave(EmuBarrier& b) {
+    if (--b.expected == b.arrived && b.arrived > 0) {
+        b.arrived = 0;
+        ++b.gen;
+    }
+}
+
+inline void __syncthreads() { emu_wait(emu_cta_bar); }
 
 // ---- built-ins ----------------------------------------------------------------------------
 inline float __int_as_float(int x) {
@@ -72,23 +119,22 @@ inline float __log2f(float x) { return std::log2(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
-inline float __shfl_xor_sync(unsigned, float v, int mask) {
-    EmuWarp& w = *emu_warp;
-    std::memcpy(&w.slot[emu_lane][0], &v, 4);
-    w.bar.arrive_and_wait();
+// Every lane posts v, then reads lane `src_of(lane)`'s.
+template <class F>
+inline float emu_shuffle(float v, F src_of) {
+    EmuWarp& w = *emu_cur->warp;
+    std::memcpy(&w.slot[emu_cur->lane][0], &v, 4);
+    emu_wait(w.bar);
     float r;
-    std::memcpy(&r, &w.slot[emu_lane ^ mask][0], 4);
-    w.bar.arrive_and_wait();
+    std::memcpy(&r, &w.slot[src_of(emu_cur->lane) & 31][0], 4);
+    emu_wait(w.bar);
     return r;
 }
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+    return emu_shuffle(v, [&](int lane) { return lane ^ mask; });
+}
 inline float __shfl_sync(unsigned, float v, int src) {
-    EmuWarp& w = *emu_warp;
-    std::memcpy(&w.slot[emu_lane][0], &v, 4);
-    w.bar.arrive_and_wait();
-    float r;
-    std::memcpy(&r, &w.slot[src & 31][0], 4);
-    w.bar.arrive_and_wait();
-    return r;
+    return emu_shuffle(v, [&](int) { return src; });
 }
 
 // ---- dtype.cuh --------------------------------------------------------------------------
@@ -135,42 +181,36 @@ inline const uint8_t* emu_smem(uint32_t addr, uint32_t bytes, uint32_t align) {
     return (const uint8_t*)smem + addr;
 }
 
-struct EmuCopy {
-    uint32_t dst;
-    const void* src;
-    bool valid;
-};
-thread_local std::vector<std::vector<EmuCopy>> emu_groups;  // committed groups, oldest first
-thread_local std::vector<EmuCopy> emu_open;                // not committed yet
-
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
     emu_smem(dst, 16, 16);
     if (valid && (uintptr_t)src % 16 != 0) emu_fail("misaligned cp.async source", (long long)(uintptr_t)src, 16);
-    emu_open.push_back({dst, src, valid});
+    emu_cur->open.push_back({dst, src, valid});
 }
 inline void cp_async_commit() {
-    emu_groups.push_back(emu_open);
-    emu_open.clear();
+    emu_cur->groups.push_back(std::move(emu_cur->open));
+    emu_cur->open.clear();
 }
 template <int N>
 inline void cp_async_wait() {
-    while ((int)emu_groups.size() > N) {
-        for (const EmuCopy& c : emu_groups.front()) {
+    auto& groups = emu_cur->groups;
+    while ((int)groups.size() > N) {
+        for (const EmuCopy& c : groups.front()) {
             uint8_t* d = (uint8_t*)smem + c.dst;
             if (c.valid) std::memcpy(d, c.src, 16);
             else std::memset(d, 0, 16);
         }
-        emu_groups.erase(emu_groups.begin());
+        groups.erase(groups.begin());
     }
 }
 
 // Lane l receives, of matrix i (rows at the addresses of lanes 8i..8i+7), row l/4, columns
 // 2(l%4) and +1; transposed: rows 2(l%4) and +1, column l/4.
 inline void emu_ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
-    EmuWarp& w = *emu_warp;
+    EmuWarp& w = *emu_cur->warp;
+    const int emu_lane = emu_cur->lane;
     emu_smem(addr, 16, 16);
     w.slot[emu_lane][0] = addr;
-    w.bar.arrive_and_wait();
+    emu_wait(w.bar);
     for (int i = 0; i < 4; ++i) {
         uint16_t h[2];
         for (int k = 0; k < 2; ++k) {
@@ -181,7 +221,7 @@ inline void emu_ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
         }
         r[i] = h[0] | ((uint32_t)h[1] << 16);
     }
-    w.bar.arrive_and_wait();
+    emu_wait(w.bar);
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { emu_ldmatrix(r, addr, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { emu_ldmatrix(r, addr, true); }
@@ -190,12 +230,13 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { emu_ldmatrix(r,
 // A: a0 (g, 2t..), a1 (g + 8, 2t..), a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..);
 // B: b0 (k = 2t.., n = g), b1 (k = 2t + 8.., n = g); D: d0,1 (g, 2t..), d2,3 (g + 8, 2t..).
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    EmuWarp& w = *emu_warp;
+    EmuWarp& w = *emu_cur->warp;
+    const int emu_lane = emu_cur->lane;
     uint64_t* s = w.slot[emu_lane];
     for (int i = 0; i < 4; ++i) s[i] = a[i];
     s[4] = b0;
     s[5] = b1;
-    w.bar.arrive_and_wait();
+    emu_wait(w.bar);
     auto half = [](uint64_t reg, int hi) { return to_f32((uint16_t)(reg >> (16 * hi))); };
     auto A = [&](int row, int k) {
         const int reg = (row >= 8) + 2 * (k >= 8);
@@ -210,7 +251,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
         for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
         out[e] = acc;
     }
-    w.bar.arrive_and_wait();
+    emu_wait(w.bar);
     for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 #endif
