@@ -1,5 +1,5 @@
 //! Without a GPU: the mma.sync kernel's and the portable kernel's real CUDA source, run on the
-//! CPU by a small emulator (tests/emulator/emu.h: one OS thread per CUDA thread; ldmatrix,
+//! CPU by a small emulator (tests/emulator/emu.h: one fiber per CUDA thread; ldmatrix,
 //! mma.sync and shuffles computed from every lane's operands with the PTX ISA's fragment
 //! layouts; cp.async landing at its wait), against the f64 reference through core's test kit.
 //! The host side is the backend's own: variant selection (`select_mma` / `select_generic`),
