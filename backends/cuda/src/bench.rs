@@ -13,6 +13,9 @@ use flashattn_core::{
     random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Pass, Result,
 };
 
+/// Problems smaller than this (about 1 ms of work at 1 TFLOP/s) do not decide the kernel choice.
+const MIN_DECIDING_FLOPS: f64 = 1e9;
+
 impl CudaBackend {
     /// Times `algo` on random inputs uploaded once; CUDA events around each run.
     pub(crate) fn bench_forward(
@@ -90,7 +93,8 @@ impl CudaBackend {
         }
         let (_, kind, measure) =
             best.ok_or_else(|| Error::backend(BACKEND, "no kernel was timed"))?;
-        if contenders.len() > 1 {
+        // Small problems time launch overhead more than the kernels: they decide nothing.
+        if contenders.len() > 1 && spec.flops() >= MIN_DECIDING_FLOPS {
             self.record_choice(&checked, kind);
         }
         Ok(measure)
