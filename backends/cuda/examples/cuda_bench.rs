@@ -5,13 +5,15 @@
 //! cargo run --release --example cuda_bench -p flashattn-cuda -- [--iters N] [--naive] [--no-check]
 //!   [--seqlens 512,1024,...] [--dims 64,128,256] [--causal both|yes|no] [--dtype bf16|f16]
 //!   [--block-n 0,176] [--stages 0,3]   (Hopper tile tuning; 0 = default)
+//!   [--kernels auto,hopper,mma,generic] (each kernel family forced in turn; default auto)
+//!   [--mma-tiles 128x32w4,128x64w8]     (mma.sync tiles; default: tiles.rs's choice)
 //! --naive also times naive attention (materialised scores) up to seqlen 2048.
 //! Total tokens per batch are 16k (batch = 16384 / seqlen), heads = 2048 / head_dim, as in
 //! FlashAttention's benchmarks. Prints one line per shape: median ms and TFLOP/s.
 
 use flashattn_core::testing::check_backend;
 use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
-use flashattn_cuda::CudaBackend;
+use flashattn_cuda::{CudaBackend, KernelKind, MmaTiles};
 
 fn arg_list(args: &[String], name: &str, default: &str) -> Vec<String> {
     let v = args
@@ -70,6 +72,16 @@ fn main() {
         .iter()
         .flat_map(|&b| stage_list.iter().map(move |&s| (b, s)))
         .collect();
+    // --kernels auto,mma: each family forced in turn (auto: the backend's choice).
+    let kernels: Vec<Option<KernelKind>> = arg_list(&args, "--kernels", "auto")
+        .iter()
+        .map(|k| KernelKind::from_name(k))
+        .collect();
+    // --mma-tiles 128x32w4,128x64w8: the mma.sync kernel's tiles in turn.
+    let mma_tiles: Vec<Option<MmaTiles>> = arg_list(&args, "--mma-tiles", "default")
+        .iter()
+        .map(|t| t.parse::<MmaTiles>().ok())
+        .collect();
     println!("device: {}", backend.device());
     println!(
         "{:>6} {:>4} {:>5} {:>4} {:>6} {:>9} {:>9} {:>22} {:>8}",
@@ -86,10 +98,22 @@ fn main() {
                 .dtype(dtype)
                 .causal(c)
                 .return_lse(true);
-            match check_backend(&backend, &spec, 7) {
-                Ok(r) => println!("check d={d} causal={c}: rel_l2 {:.2e}", r.rel_l2),
-                Err(e) => println!("CHECK FAILED d={d} causal={c}: {e}"),
+            for &kernel in &kernels {
+                for &tiles in &mma_tiles {
+                    backend.force_kernel(kernel);
+                    backend.set_mma_tiles(tiles);
+                    let name = backend
+                        .variant_for(&spec)
+                        .map(|v| v.name())
+                        .unwrap_or_else(|e| e.to_string());
+                    match check_backend(&backend, &spec, 7) {
+                        Ok(r) => println!("check d={d} causal={c} {name}: rel_l2 {:.2e}", r.rel_l2),
+                        Err(e) => println!("CHECK FAILED d={d} causal={c} {name}: {e}"),
+                    }
+                }
             }
+            backend.force_kernel(None);
+            backend.set_mma_tiles(None);
         }
         for &s in &seqlens {
             for &c in &causal {
@@ -101,10 +125,18 @@ fn main() {
                 } else {
                     &[Algorithm::Flash]
                 };
-                for &(bn, st) in &tunings {
+                let configs = kernels.iter().flat_map(|&k| {
+                    let tunings = &tunings;
+                    mma_tiles
+                        .iter()
+                        .flat_map(move |&t| tunings.iter().map(move |&bs| (k, t, bs)))
+                });
+                for (i, (kernel, tiles, (bn, st))) in configs.enumerate() {
+                    backend.force_kernel(kernel);
+                    backend.set_mma_tiles(tiles);
                     backend.set_block_n((bn != 0).then_some(bn));
                     backend.set_stages((st != 0).then_some(st));
-                    let algos = if (bn, st) == tunings[0] {
+                    let algos = if i == 0 {
                         algos
                     } else {
                         &[Algorithm::Flash][..]
@@ -139,6 +171,8 @@ fn main() {
                         }
                     }
                 }
+                backend.force_kernel(None);
+                backend.set_mma_tiles(None);
                 backend.set_block_n(None);
                 backend.set_stages(None);
             }

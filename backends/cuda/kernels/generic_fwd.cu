@@ -7,13 +7,17 @@
 // in shared memory as f32. For each of its rows a warp computes 32 scores at once (lane j
 // takes key j), folds them into the online softmax with warp reductions, then accumulates
 // P V with each lane owning the output dimensions lane, lane + 32, ...
-// Prepended: common.cuh. Compile-time: FA_DTYPE.
+// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh.
+// Compile-time (src/variants.rs, from src/tiles.rs GenericTiles): FA_DTYPE, ROWS_PER_WARP,
+// NUM_WARPS, BLOCK_M (= ROWS_PER_WARP * NUM_WARPS), BLOCK_N (32: one key per lane), MAX_HEAD_DIM.
 
-#define G_ROWS_PER_WARP 4
-#define G_WARPS 4
-#define G_BLOCK_M (G_ROWS_PER_WARP * G_WARPS)
-#define G_BLOCK_N 32
-#define G_MAX_DV_PER_LANE 8   // 256 / 32
+#if !defined(ROWS_PER_WARP) || !defined(NUM_WARPS) || !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(MAX_HEAD_DIM)
+#error "the generic kernel's tile constants come from src/variants.rs"
+#endif
+#if BLOCK_N != 32 || BLOCK_M != ROWS_PER_WARP * NUM_WARPS
+#error "the generic kernel takes one key per lane and ROWS_PER_WARP rows per warp"
+#endif
+#define MAX_DV_PER_LANE (MAX_HEAD_DIM / 32)
 
 DEV float warp_max(float x) {
 #pragma unroll
@@ -27,18 +31,18 @@ DEV float warp_sum(float x) {
 }
 
 // grid: (num_m_blocks, heads_q, batch); dynamic shared memory: see generic_smem_bytes in Rust.
-extern "C" __global__ void __launch_bounds__(128) fa_generic_fwd(const Params p) {
+extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32) fa_generic_fwd(const Params p) {
     extern __shared__ float smem[];
     const int d = p.head_dim, dv = p.head_dim_v;
-    float* sq = smem;                          // [G_BLOCK_M][d]
-    float* sk = sq + G_BLOCK_M * d;            // [G_BLOCK_N][d + 1]  (+1: no bank conflicts)
-    float* sv = sk + G_BLOCK_N * (d + 1);      // [G_BLOCK_N][dv]
+    float* sq = smem;                          // [BLOCK_M][d]
+    float* sk = sq + BLOCK_M * d;            // [BLOCK_N][d + 1]  (+1: no bank conflicts)
+    float* sv = sk + BLOCK_N * (d + 1);      // [BLOCK_N][dv]
 
     const int b = blockIdx.z, h = blockIdx.y;
-    const SeqInfo s = seq_info(p, b);
-    const int m0 = blockIdx.x * G_BLOCK_M;
+    const SeqBounds s = seq_bounds(p, b);
+    const int m0 = blockIdx.x * BLOCK_M;
     if (m0 >= s.q_len) return;
-    const int m1 = min(m0 + G_BLOCK_M, s.q_len);
+    const int m1 = min(m0 + BLOCK_M, s.q_len);
     const int kv_h = h / p.group;
     const elem_t* q = (const elem_t*)p.q;
     const elem_t* k = (const elem_t*)p.k;
@@ -46,42 +50,42 @@ extern "C" __global__ void __launch_bounds__(128) fa_generic_fwd(const Params p)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float slope = alibi_slope(p, b, h);
 
-    for (int x = threadIdx.x; x < G_BLOCK_M * d; x += blockDim.x) {
+    for (int x = threadIdx.x; x < BLOCK_M * d; x += blockDim.x) {
         int r = x / d, c = x % d;
         sq[x] = m0 + r < s.q_len ? load_elem(q, ((uint64_t)(s.q_start + m0 + r) * p.heads_q + h) * d + c) : 0.f;
     }
 
-    float o[G_ROWS_PER_WARP][G_MAX_DV_PER_LANE];
-    float m_run[G_ROWS_PER_WARP], l_run[G_ROWS_PER_WARP];
-    int lo[G_ROWS_PER_WARP], hi[G_ROWS_PER_WARP];
+    float o[ROWS_PER_WARP][MAX_DV_PER_LANE];
+    float m_run[ROWS_PER_WARP], l_run[ROWS_PER_WARP];
+    int lo[ROWS_PER_WARP], hi[ROWS_PER_WARP];
 #pragma unroll
-    for (int t = 0; t < G_ROWS_PER_WARP; ++t) {
+    for (int t = 0; t < ROWS_PER_WARP; ++t) {
         m_run[t] = NEG_INF;
         l_run[t] = 0.f;
 #pragma unroll
-        for (int x = 0; x < G_MAX_DV_PER_LANE; ++x) o[t][x] = 0.f;
-        key_range(p, m0 + warp * G_ROWS_PER_WARP + t, s.q_len, s.k_len, lo[t], hi[t]);
+        for (int x = 0; x < MAX_DV_PER_LANE; ++x) o[t][x] = 0.f;
+        mask_keys(p, m0 + warp * ROWS_PER_WARP + t, s.q_len, s.k_len, lo[t], hi[t]);
     }
 
     int n_lo, n_hi;
-    block_range(p, m0, m1, s.q_len, s.k_len, G_BLOCK_N, n_lo, n_hi);
+    mask_key_blocks(p, m0, m1, s.q_len, s.k_len, BLOCK_N, n_lo, n_hi);
     for (int n = n_lo; n < n_hi; ++n) {
-        const int j0 = n * G_BLOCK_N;
+        const int j0 = n * BLOCK_N;
         __syncthreads();  // previous block fully consumed (and sq written, first time)
-        for (int x = threadIdx.x; x < G_BLOCK_N * d; x += blockDim.x) {
+        for (int x = threadIdx.x; x < BLOCK_N * d; x += blockDim.x) {
             int r = x / d, c = x % d;
             sk[r * (d + 1) + c] =
                 j0 + r < s.k_len ? load_elem(k, ((uint64_t)(s.k_start + j0 + r) * p.heads_kv + kv_h) * d + c) : 0.f;
         }
-        for (int x = threadIdx.x; x < G_BLOCK_N * dv; x += blockDim.x) {
+        for (int x = threadIdx.x; x < BLOCK_N * dv; x += blockDim.x) {
             int r = x / dv, c = x % dv;
             sv[x] = j0 + r < s.k_len ? load_elem(v, ((uint64_t)(s.k_start + j0 + r) * p.heads_kv + kv_h) * dv + c) : 0.f;
         }
         __syncthreads();
 
 #pragma unroll
-        for (int t = 0; t < G_ROWS_PER_WARP; ++t) {
-            const int r = warp * G_ROWS_PER_WARP + t;
+        for (int t = 0; t < ROWS_PER_WARP; ++t) {
+            const int r = warp * ROWS_PER_WARP + t;
             const int i = m0 + r;
             if (i >= s.q_len) continue;  // uniform across the warp
             const int j = j0 + lane;
@@ -91,18 +95,23 @@ extern "C" __global__ void __launch_bounds__(128) fa_generic_fwd(const Params p)
                 for (int c = 0; c < d; ++c) dot += sq[r * d + c] * sk[lane * (d + 1) + c];
                 sc = score_mod(p, dot, slope, i, j, s.q_len, s.k_len);
             }
+            // fmaxf skips NaN, but a NaN score makes pj and so l NaN: the row's out and LSE
+            // become NaN, as FlashAttention's and the reference's do.
             const float mx = fmaxf(m_run[t], warp_max(sc));
-            if (mx == NEG_INF) continue;  // nothing visible yet
-            const float corr = __expf(m_run[t] - mx);
-            const float pj = __expf(sc - mx);
-            l_run[t] = l_run[t] * corr + warp_sum(pj);
+            const float m_use = mx == NEG_INF ? 0.f : mx;
+            const float pj = __expf(sc - m_use);
+            const float psum = warp_sum(pj);
+            if (psum == 0.f && l_run[t] == 0.f) continue;  // nothing visible yet
+            const float corr = __expf(m_run[t] - m_use);
+            l_run[t] = l_run[t] * corr + psum;
             m_run[t] = mx;
 #pragma unroll
-            for (int x = 0; x < G_MAX_DV_PER_LANE; ++x) o[t][x] *= corr;
-            for (int jj = 0; jj < G_BLOCK_N; ++jj) {
+            for (int x = 0; x < MAX_DV_PER_LANE; ++x) o[t][x] *= corr;
+            for (int jj = 0; jj < BLOCK_N; ++jj) {
                 const float pb = __shfl_sync(0xffffffff, pj, jj);
+                if (pb == 0.f) continue;  // masked key: its v (even NaN) must not count
 #pragma unroll
-                for (int x = 0; x < G_MAX_DV_PER_LANE; ++x)
+                for (int x = 0; x < MAX_DV_PER_LANE; ++x)
                     if (lane + 32 * x < dv) o[t][x] += pb * sv[jj * dv + lane + 32 * x];
             }
         }
@@ -110,15 +119,15 @@ extern "C" __global__ void __launch_bounds__(128) fa_generic_fwd(const Params p)
 
     elem_t* out = (elem_t*)p.out;
 #pragma unroll
-    for (int t = 0; t < G_ROWS_PER_WARP; ++t) {
-        const int i = m0 + warp * G_ROWS_PER_WARP + t;
+    for (int t = 0; t < ROWS_PER_WARP; ++t) {
+        const int i = m0 + warp * ROWS_PER_WARP + t;
         if (i >= s.q_len) continue;
-        const float inv = l_run[t] > 0.f ? 1.f / l_run[t] : 0.f;
+        const float inv = l_run[t] != 0.f ? 1.f / l_run[t] : 0.f;  // NaN stays NaN
         const uint64_t row = ((uint64_t)(s.q_start + i) * p.heads_q + h) * dv;
 #pragma unroll
-        for (int x = 0; x < G_MAX_DV_PER_LANE; ++x)
+        for (int x = 0; x < MAX_DV_PER_LANE; ++x)
             if (lane + 32 * x < dv) store_elem(out, row + lane + 32 * x, o[t][x] * inv);
         if (p.lse && lane == 0)
-            p.lse[lse_index(p, b, h, s.q_start, i)] = l_run[t] > 0.f ? m_run[t] + __logf(l_run[t]) : NEG_INF;
+            p.lse[lse_index(p, b, h, s.q_start, i)] = l_run[t] != 0.f ? m_run[t] + __logf(l_run[t]) : NEG_INF;
     }
 }

@@ -10,12 +10,20 @@
 //   * setmaxnreg moves registers from the producer to the consumers;
 //   * a persistent grid walks the tiles, heaviest (last query blocks, for causal) first;
 //   * key blocks hidden by the causal/window mask are skipped; partially visible ones masked.
-// Compile-time parameters (set by src/variants.rs): FA_DTYPE (1 f16, 2 bf16), HEAD_DIM,
-// BLOCK_M, BLOCK_N, STAGES, SCORE_MOD (softcap or ALiBi present).
-// Prepended: common.cuh and wgmma.cuh.
+// Compile-time parameters (src/variants.rs, from src/tiles.rs and src/tensor_map.rs): FA_DTYPE
+// (1 f16, 2 bf16), HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, SCORE_MOD (softcap or ALiBi present),
+// NUM_THREADS, COL_BLOCK (elements per 128-byte swizzled row = the TMA box width).
+// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh, tiles.cuh, ptx.cuh,
+// ptx_hopper.cuh, wgmma.cuh.
+//
+// The code is split into producer_loop / consumer_tile / epilogue; that split was mechanical
+// (same statements in the same order as the kernel measured and tested on an H100 in
+// PERF_NOTES.md, run 7).
 
-#define NUM_THREADS 384
-#define COL_BLOCK 64                          // elements per 128-byte swizzled row
+#if !defined(HEAD_DIM) || !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(STAGES) || !defined(NUM_THREADS) || \
+    !defined(COL_BLOCK) || !defined(SCORE_MOD)
+#error "the Hopper kernel's tile constants come from src/variants.rs"
+#endif
 #define Q_BYTES (BLOCK_M * HEAD_DIM * 2)
 #define KV_BYTES (BLOCK_N * HEAD_DIM * 2)     // one K (or V) stage
 #define PRODUCER_REGS 24                      // 24 x 128 + 240 x 256 = the 168 x 384 at launch
@@ -42,111 +50,80 @@
 #define WGMMA_SS(t, n) WG_NAME(ss, t, n)
 #define WGMMA_RS(t, n) WG_NAME(rs, t, n)
 
-// The tensor map is opaque to the kernel: 128 bytes, 64-byte aligned.
-struct __align__(64) TensorMap {
-    uint64_t opaque[16];
+// ---- shared memory: Q, the K/V ring, their mbarriers ------------------------------------
+
+// The K/V ring: STAGES slots each of K and V, each slot with a "full" mbarrier (completed by
+// the producer's TMA bytes) and an "empty" one (every consumer thread arrives when done).
+// Block `it` of a CTA's walk uses slot it % STAGES in phase (it / STAGES) & 1.
+struct KvRing {
+    uint32_t k, v;  // first K and first V slot
+    uint32_t bars;  // k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES]
+    DEV uint32_t k_slot(uint32_t st) const { return k + st * KV_BYTES; }
+    DEV uint32_t v_slot(uint32_t st) const { return v + st * KV_BYTES; }
+    DEV uint32_t k_full(uint32_t st) const { return bars + 8 * st; }
+    DEV uint32_t k_empty(uint32_t st) const { return bars + 8 * (STAGES + st); }
+    DEV uint32_t v_full(uint32_t st) const { return bars + 8 * (2 * STAGES + st); }
+    DEV uint32_t v_empty(uint32_t st) const { return bars + 8 * (3 * STAGES + st); }
 };
 
-// ---- shared memory, mbarriers, TMA ------------------------------------------------------
-
-DEV uint32_t smem_addr(const void* p) {
-    uint32_t r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-DEV void mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-
-// Arrives once and announces `bytes` of TMA traffic that complete this phase.
-DEV void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-DEV void mbar_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-
-// Waits until the phase with this parity has completed.
-DEV void mbar_wait(uint32_t bar, uint32_t parity) {
-    asm volatile(
-        "{\n.reg .pred P1;\nLAB_WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
-        "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-
-// One 3-D box (64 elements x 1 head x rows) from global memory into swizzled shared memory.
-DEV void tma_load(uint32_t dst, const TensorMap* map, uint32_t bar, int c0, int c1, int c2) {
-    asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
-        " [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(dst),
-        "l"((uint64_t)map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
-        : "memory");
-}
-
-DEV void tma_prefetch_map(const TensorMap* map) {
-    asm volatile("prefetch.tensormap [%0];" ::"l"((uint64_t)map) : "memory");
-}
-
-// ---- wgmma ------------------------------------------------------------------------------
-
-DEV void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-DEV void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-
-// Keeps the compiler from moving accumulator reads/writes across wgmma fences and waits.
-template <int N>
-DEV void fence_regs(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// Shared-memory matrix descriptor, 128-byte swizzle. K-major operands: rows of 128 bytes,
-// 8-row groups 1024 bytes apart (SBO), LBO unused. N-major (V): LBO = bytes between
-// 64-column blocks, SBO = bytes between 8-key groups.
-DEV uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    uint64_t d = (uint64_t)((addr & 0x3FFFF) >> 4);
-    d |= (uint64_t)((lbo >> 4) & 0x3FFF) << 16;
-    d |= (uint64_t)((sbo >> 4) & 0x3FFF) << 32;
-    d |= (uint64_t)1 << 62;
-    return d;
-}
-
-// ---- tile schedule ----------------------------------------------------------------------
-
-struct Tile {
-    int b, h, m_block;
+// Shared-memory addresses of one CTA (layout: src/tiles.rs HopperTiles::smem_bytes).
+struct Smem {
+    uint32_t q, q_full, q_empty;
+    KvRing kv;
 };
-
-// Tile order, chosen by the host (tiles.rs: head_major_order). Head-major: consecutive tiles
-// are the query blocks of one (batch, head), last block first, so the CTAs of a wave share few
-// heads and their K/V stay in L2 (ncu on an H100, d128 / 8k: block-major reached only 61% L2
-// hits; head-major measured 7% faster). Block-major: every head's last block first, which
-// balances causal work better (head-major measured up to 25% slower there).
-DEV Tile decode_tile(const Params& p, int t) {
-    // One division for both orders: t = major * minor_count + minor.
-    const int per_m = p.heads_q * p.batch;
-    const int minor_count = p.head_major_tiles ? p.num_m_blocks : per_m;
-    const int major = t / minor_count, minor = t - major * minor_count;
-    const int bh = p.head_major_tiles ? major : minor;
-    Tile tile;
-    tile.m_block = p.num_m_blocks - 1 - (p.head_major_tiles ? minor : major);
-    tile.h = bh % p.heads_q;
-    tile.b = bh / p.heads_q;
-    return tile;
-}
 
 // Key blocks this tile visits; empty when the sequence has no rows here or all are masked.
-DEV void tile_blocks(const Params& p, const Tile& t, const SeqInfo& s, int& n_lo, int& n_hi) {
+DEV void tile_blocks(const Params& p, const Tile& t, const SeqBounds& s, int& n_lo, int& n_hi) {
     int m0 = t.m_block * BLOCK_M;
     if (m0 >= s.q_len || s.k_len == 0) {
         n_lo = n_hi = 0;
         return;
     }
     int m1 = min(m0 + BLOCK_M, s.q_len);
-    block_range(p, m0, m1, s.q_len, s.k_len, BLOCK_N, n_lo, n_hi);
+    mask_key_blocks(p, m0, m1, s.q_len, s.k_len, BLOCK_N, n_lo, n_hi);
+}
+
+// ---- producer warpgroup -----------------------------------------------------------------
+
+// One thread walks this CTA's tiles and loads Q once per tile and every visible K/V block
+// into the ring, waiting for a slot to be emptied before reusing it.
+DEV void producer_loop(const Params& p, const TensorMap& tm_q, const TensorMap& tm_k, const TensorMap& tm_v,
+                       const Smem& sm) {
+    tma_prefetch_map(&tm_q);
+    tma_prefetch_map(&tm_k);
+    tma_prefetch_map(&tm_v);
+    const KvRing& ring = sm.kv;
+    uint32_t it = 0, q_count = 0;
+    for (int t = blockIdx.x; t < p.total_tiles; t += gridDim.x) {
+        Tile tile = decode_tile(p, t);
+        SeqBounds s = seq_bounds(p, tile.b);
+        int n_lo, n_hi;
+        tile_blocks(p, tile, s, n_lo, n_hi);
+        if (n_lo >= n_hi) continue;
+        const int kv_h = tile.h / p.group;
+        // Q: wait until both consumers are done with the previous tile's Q.
+        mbar_wait(sm.q_empty, (q_count & 1) ^ 1);
+        mbar_expect_tx(sm.q_full, Q_BYTES);
+#pragma unroll 1
+        for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
+            tma_load(sm.q + c * BLOCK_M * 128, &tm_q, sm.q_full, c * COL_BLOCK, tile.h,
+                     s.q_start + tile.m_block * BLOCK_M);
+        ++q_count;
+        for (int n = n_lo; n < n_hi; ++n, ++it) {
+            const uint32_t st = it % STAGES, ph = ((it / STAGES) & 1) ^ 1;
+            const int row = s.k_start + n * BLOCK_N;
+            mbar_wait(ring.k_empty(st), ph);
+            mbar_expect_tx(ring.k_full(st), KV_BYTES);
+#pragma unroll 1
+            for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
+                tma_load(ring.k_slot(st) + c * BLOCK_N * 128, &tm_k, ring.k_full(st), c * COL_BLOCK, kv_h, row);
+            mbar_wait(ring.v_empty(st), ph);
+            mbar_expect_tx(ring.v_full(st), KV_BYTES);
+#pragma unroll 1
+            for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
+                tma_load(ring.v_slot(st) + c * BLOCK_N * 128, &tm_v, ring.v_full(st), c * COL_BLOCK, kv_h, row);
+        }
+    }
 }
 
 // ---- consumer pieces --------------------------------------------------------------------
@@ -154,7 +131,7 @@ DEV void tile_blocks(const Params& p, const Tile& t, const SeqInfo& s, int& n_lo
 // What the softmax of one key block needs about the current tile and this thread's two rows.
 struct BlockCtx {
     const Params& p;
-    SeqInfo s;
+    SeqBounds s;
     int m0, row0, col0;
     float slope, sl2;
     int full_lo, full_hi;  // keys every row of the tile sees
@@ -172,9 +149,6 @@ DEV void pingpong_release(int wg) {
     if (wg == 0) asm volatile("bar.arrive 2, 256;" ::: "memory");
     else asm volatile("bar.arrive 1, 256;" ::: "memory");
 }
-
-template <int N>
-DEV void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
 // S = Q K^T for this warpgroup's 64 rows: HEAD_DIM / 16 wgmmas of k = 16.
 DEV void issue_qk(float (&sc)[BLOCK_N / 2], uint32_t q_wg, uint32_t k_stage) {
@@ -243,85 +217,116 @@ DEV void to_p(const float (&sc)[BLOCK_N / 2], uint32_t (&pa)[BLOCK_N / 16][4]) {
         for (int x = 0; x < 4; ++x) pa[kk][x] = PACK2(sc[8 * kk + 2 * x], sc[8 * kk + 2 * x + 1]);
 }
 
-// ---- the kernel -------------------------------------------------------------------------
+// ---- consumer warpgroups ----------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
-fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ TensorMap tm_k,
-              const __grid_constant__ TensorMap tm_v, const __grid_constant__ Params p) {
-    extern __shared__ uint8_t smem_raw[];
-    // 128-byte swizzle repeats every 1024 bytes: align every tile to 1024.
-    const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
-    const uint32_t sQ = base;
-    const uint32_t sK = sQ + Q_BYTES;
-    const uint32_t sV = sK + STAGES * KV_BYTES;
-    const uint32_t bars = sV + STAGES * KV_BYTES;
-    const uint32_t q_full = bars, q_empty = bars + 8;
-    // k_full[s], k_empty[s], v_full[s], v_empty[s]
-#define K_FULL(s) (bars + 16 + 8 * (s))
-#define K_EMPTY(s) (bars + 16 + 8 * (STAGES + (s)))
-#define V_FULL(s) (bars + 16 + 8 * (2 * STAGES + (s)))
-#define V_EMPTY(s) (bars + 16 + 8 * (3 * STAGES + (s)))
-    const int consumer_threads = NUM_THREADS - 128;
+// The key blocks [n_lo, n_hi) of one tile for this warpgroup's 64 rows: O, m and l of the
+// thread's two rows accumulate; `it` and `q_count` advance with the ring and the Q buffer.
+// Why over 100 lines: the pipeline's prologue, steady state and last block share the ring
+// counters and the pingpong turn, and read best in one place.
+DEV void consumer_tile(const BlockCtx& ctx, const Smem& sm, int wg, int n_lo, int n_hi, float (&o)[HEAD_DIM / 2],
+                       float (&m_run)[2], float (&l_run)[2], uint32_t& it, uint32_t& q_count) {
+    const KvRing& ring = sm.kv;
+    mbar_wait(sm.q_full, q_count & 1);
+    ++q_count;
+    const uint32_t q_wg = sm.q + wg * 64 * 128;
+    float sc[BLOCK_N / 2];
+    uint32_t pa[BLOCK_N / 16][4];
+    float corr[2];
 
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
-        mbar_init(q_empty, consumer_threads);
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(K_FULL(s), 1);
-            mbar_init(K_EMPTY(s), consumer_threads);
-            mbar_init(V_FULL(s), 1);
-            mbar_init(V_EMPTY(s), consumer_threads);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    // Prologue: S for the first block, its softmax, P.
+    {
+        const uint32_t st = it % STAGES;
+        mbar_wait(ring.k_full(st), (it / STAGES) & 1);
+        pingpong_wait(wg);
+        wg_fence();
+        issue_qk(sc, q_wg, ring.k_slot(st));
+        wg_commit();
+        pingpong_release(wg);
+        wg_wait<0>();
+        fence_regs(sc);
+        mbar_arrive(ring.k_empty(st));
+        if (EARLY_Q_RELEASE && n_hi - n_lo == 1) mbar_arrive(sm.q_empty);
+        softmax_block(ctx, sc, n_lo * BLOCK_N, m_run, l_run, corr);
+        to_p(sc, pa);
     }
-    __syncthreads();
-
-    if (warp < 4) {
-        // ================= producer warpgroup =================
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
-        if (warp != 0 || lane != 0) return;
-        tma_prefetch_map(&tm_q);
-        tma_prefetch_map(&tm_k);
-        tma_prefetch_map(&tm_v);
-        uint32_t it = 0, q_count = 0;
-        for (int t = blockIdx.x; t < p.total_tiles; t += gridDim.x) {
-            Tile tile = decode_tile(p, t);
-            SeqInfo s = seq_info(p, tile.b);
-            int n_lo, n_hi;
-            tile_blocks(p, tile, s, n_lo, n_hi);
-            if (n_lo >= n_hi) continue;
-            const int kv_h = tile.h / p.group;
-            // Q: wait until both consumers are done with the previous tile's Q.
-            mbar_wait(q_empty, (q_count & 1) ^ 1);
-            mbar_expect_tx(q_full, Q_BYTES);
-#pragma unroll 1
-            for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
-                tma_load(sQ + c * BLOCK_M * 128, &tm_q, q_full, c * COL_BLOCK, tile.h,
-                         s.q_start + tile.m_block * BLOCK_M);
-            ++q_count;
-            for (int n = n_lo; n < n_hi; ++n, ++it) {
-                const uint32_t st = it % STAGES, ph = ((it / STAGES) & 1) ^ 1;
-                const int row = s.k_start + n * BLOCK_N;
-                mbar_wait(K_EMPTY(st), ph);
-                mbar_expect_tx(K_FULL(st), KV_BYTES);
-#pragma unroll 1
-                for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
-                    tma_load(sK + st * KV_BYTES + c * BLOCK_N * 128, &tm_k, K_FULL(st), c * COL_BLOCK, kv_h, row);
-                mbar_wait(V_EMPTY(st), ph);
-                mbar_expect_tx(V_FULL(st), KV_BYTES);
-#pragma unroll 1
-                for (int c = 0; c < HEAD_DIM / COL_BLOCK; ++c)
-                    tma_load(sV + st * KV_BYTES + c * BLOCK_N * 128, &tm_v, V_FULL(st), c * COL_BLOCK, kv_h, row);
-            }
-        }
-        return;
+    // Steady state: while the tensor cores run P_n V_n, this warpgroup does the softmax
+    // of S_{n+1}, issued just before (intra-warpgroup overlap); the other warpgroup's
+    // GEMMs fill this one's softmax gaps (pingpong).
+    for (int n = n_lo; n + 1 < n_hi; ++n, ++it) {
+        const uint32_t st = it % STAGES, st1 = (it + 1) % STAGES;
+        mbar_wait(ring.k_full(st1), ((it + 1) / STAGES) & 1);
+        mbar_wait(ring.v_full(st), (it / STAGES) & 1);
+#if !RESCALE_UNDER_QK
+        rescale_o(o, corr);  // a no-op scale of zeros on the first block
+#endif
+        pingpong_wait(wg);
+        wg_fence();
+        issue_qk(sc, q_wg, ring.k_slot(st1));
+        wg_commit();
+#if RESCALE_UNDER_QK
+        // Rescale O for the previous softmax while S_{n+1} runs on the tensor cores.
+        rescale_o(o, corr);  // a no-op scale of zeros on the first block
+        wg_fence();
+#endif
+        issue_pv(o, pa, ring.v_slot(st));
+        wg_commit();
+        pingpong_release(wg);
+        wg_wait<1>();  // S_{n+1} is ready; P_n V_n may still run
+        fence_regs(sc);
+        mbar_arrive(ring.k_empty(st1));
+        // That was this tile's last use of Q: let the producer load the next tile's.
+        if (EARLY_Q_RELEASE && n + 2 == n_hi) mbar_arrive(sm.q_empty);
+        // A branch the compiler cannot fold (k_len > 0 always holds here) keeps the softmax
+        // in its own basic block, so ptxas does not hoist the wait below above it and
+        // the softmax overlaps P V.
+        if (ctx.s.k_len > 0) softmax_block(ctx, sc, (n + 1) * BLOCK_N, m_run, l_run, corr);
+        wg_wait<0>();
+        fence_regs(o);
+        mbar_arrive(ring.v_empty(st));
+        to_p(sc, pa);
     }
+    // Last block: P V only.
+    {
+        const uint32_t st = it % STAGES;
+        mbar_wait(ring.v_full(st), (it / STAGES) & 1);
+        rescale_o(o, corr);
+        pingpong_wait(wg);
+        wg_fence();
+        issue_pv(o, pa, ring.v_slot(st));
+        wg_commit();
+        pingpong_release(wg);
+        wg_wait<0>();
+        fence_regs(o);
+        mbar_arrive(ring.v_empty(st));
+        ++it;
+    }
+    if (!EARLY_Q_RELEASE) mbar_arrive(sm.q_empty);
+}
 
-    // ================= consumer warpgroups =================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
-    const int wg = warp / 4 - 1;                  // 0 or 1: which 64 rows of the tile
+// Normalises O and writes it and the LSE for the thread's two rows of the tile.
+DEV void epilogue(const Params& p, const Tile& tile, const SeqBounds& s, int m0, int row0, int col0, int lane,
+                  float sl2, const float (&o)[HEAD_DIM / 2], const float (&m_run)[2], const float (&l_run)[2]) {
+    elem_t* out = (elem_t*)p.out;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_run[r];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        const int i = m0 + row0 + 8 * r;
+        if (i >= s.q_len) continue;
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        uint32_t* orow = (uint32_t*)(out + ((uint64_t)(s.q_start + i) * p.heads_q + tile.h) * HEAD_DIM);
+#pragma unroll
+        for (int c = 0; c < HEAD_DIM / 8; ++c)
+            orow[(8 * c + col0) / 2] = PACK2(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
+        if (p.lse && lane % 4 == 0)
+            p.lse[lse_index(p, tile.b, tile.h, s.q_start, i)] =
+                l > 0.f ? (m_run[r] * sl2 + __log2f(l)) * LN2 : NEG_INF;
+    }
+}
+
+// Walks this CTA's tiles for one consumer warpgroup (`wg` 0 or 1: which 64 rows of a tile).
+DEV void consumer_loop(const Params& p, const Smem& sm, int wg, int warp, int lane) {
     const int warp_in_wg = warp % 4;
     // This thread's two rows within the tile (accumulator layout of wgmma m64nN).
     const int row0 = wg * 64 + warp_in_wg * 16 + lane / 4;
@@ -333,7 +338,7 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
     uint32_t it = 0, q_count = 0;
     for (int t = blockIdx.x; t < p.total_tiles; t += gridDim.x) {
         Tile tile = decode_tile(p, t);
-        SeqInfo s = seq_info(p, tile.b);
+        SeqBounds s = seq_bounds(p, tile.b);
         int n_lo, n_hi;
         tile_blocks(p, tile, s, n_lo, n_hi);
         const int m0 = tile.m_block * BLOCK_M;
@@ -345,111 +350,64 @@ fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ Te
         float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
         int lo[2], hi[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) key_range(p, m0 + row0 + 8 * r, s.q_len, s.k_len, lo[r], hi[r]);
+        for (int r = 0; r < 2; ++r) mask_keys(p, m0 + row0 + 8 * r, s.q_len, s.k_len, lo[r], hi[r]);
         const float slope = SCORE_MOD ? alibi_slope(p, tile.b, tile.h) : 0.f;
         // The whole tile's rows [m0, m_end) see every key in [full_lo, full_hi).
         const int m_end = min(m0 + BLOCK_M, s.q_len);
         int full_lo, full_hi, tmp;
-        key_range(p, m_end - 1, s.q_len, s.k_len, full_lo, tmp);
-        key_range(p, m0, s.q_len, s.k_len, tmp, full_hi);
+        mask_keys(p, m_end - 1, s.q_len, s.k_len, full_lo, tmp);
+        mask_keys(p, m0, s.q_len, s.k_len, tmp, full_hi);
 
         if (n_lo < n_hi) {
-            mbar_wait(q_full, q_count & 1);
-            ++q_count;
-            const uint32_t q_wg = sQ + wg * 64 * 128;
             const BlockCtx ctx{p, s, m0, row0, col0, slope, sl2, full_lo, full_hi, lo[0], lo[1], hi[0], hi[1]};
-            float sc[BLOCK_N / 2];
-            uint32_t pa[BLOCK_N / 16][4];
-            float corr[2];
-
-            // Prologue: S for the first block, its softmax, P.
-            {
-                const uint32_t st = it % STAGES;
-                mbar_wait(K_FULL(st), (it / STAGES) & 1);
-                pingpong_wait(wg);
-                wg_fence();
-                issue_qk(sc, q_wg, sK + st * KV_BYTES);
-                wg_commit();
-                pingpong_release(wg);
-                wg_wait<0>();
-                fence_regs(sc);
-                mbar_arrive(K_EMPTY(st));
-                if (EARLY_Q_RELEASE && n_hi - n_lo == 1) mbar_arrive(q_empty);
-                softmax_block(ctx, sc, n_lo * BLOCK_N, m_run, l_run, corr);
-                to_p(sc, pa);
-            }
-            // Steady state: while the tensor cores run P_n V_n, this warpgroup does the softmax
-            // of S_{n+1}, issued just before (intra-warpgroup overlap); the other warpgroup's
-            // GEMMs fill this one's softmax gaps (pingpong).
-            for (int n = n_lo; n + 1 < n_hi; ++n, ++it) {
-                const uint32_t st = it % STAGES, st1 = (it + 1) % STAGES;
-                mbar_wait(K_FULL(st1), ((it + 1) / STAGES) & 1);
-                mbar_wait(V_FULL(st), (it / STAGES) & 1);
-#if !RESCALE_UNDER_QK
-                rescale_o(o, corr);  // a no-op scale of zeros on the first block
-#endif
-                pingpong_wait(wg);
-                wg_fence();
-                issue_qk(sc, q_wg, sK + st1 * KV_BYTES);
-                wg_commit();
-#if RESCALE_UNDER_QK
-                // Rescale O for the previous softmax while S_{n+1} runs on the tensor cores.
-                rescale_o(o, corr);  // a no-op scale of zeros on the first block
-                wg_fence();
-#endif
-                issue_pv(o, pa, sV + st * KV_BYTES);
-                wg_commit();
-                pingpong_release(wg);
-                wg_wait<1>();  // S_{n+1} is ready; P_n V_n may still run
-                fence_regs(sc);
-                mbar_arrive(K_EMPTY(st1));
-                // That was this tile's last use of Q: let the producer load the next tile's.
-                if (EARLY_Q_RELEASE && n + 2 == n_hi) mbar_arrive(q_empty);
-                // A branch the compiler cannot fold (k_len > 0 always holds here) keeps the softmax
-                // in its own basic block, so ptxas does not hoist the wait below above it and
-                // the softmax overlaps P V.
-                if (ctx.s.k_len > 0) softmax_block(ctx, sc, (n + 1) * BLOCK_N, m_run, l_run, corr);
-                wg_wait<0>();
-                fence_regs(o);
-                mbar_arrive(V_EMPTY(st));
-                to_p(sc, pa);
-            }
-            // Last block: P V only.
-            {
-                const uint32_t st = it % STAGES;
-                mbar_wait(V_FULL(st), (it / STAGES) & 1);
-                rescale_o(o, corr);
-                pingpong_wait(wg);
-                wg_fence();
-                issue_pv(o, pa, sV + st * KV_BYTES);
-                wg_commit();
-                pingpong_release(wg);
-                wg_wait<0>();
-                fence_regs(o);
-                mbar_arrive(V_EMPTY(st));
-                ++it;
-            }
-            if (!EARLY_Q_RELEASE) mbar_arrive(q_empty);
+            consumer_tile(ctx, sm, wg, n_lo, n_hi, o, m_run, l_run, it, q_count);
         }
-
-
-        // ---- epilogue: normalise, write O and LSE ----
-        elem_t* out = (elem_t*)p.out;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = l_run[r];
-            l += __shfl_xor_sync(0xffffffff, l, 1);
-            l += __shfl_xor_sync(0xffffffff, l, 2);
-            const int i = m0 + row0 + 8 * r;
-            if (i >= s.q_len) continue;
-            const float inv = l > 0.f ? 1.f / l : 0.f;
-            uint32_t* orow = (uint32_t*)(out + ((uint64_t)(s.q_start + i) * p.heads_q + tile.h) * HEAD_DIM);
-#pragma unroll
-            for (int c = 0; c < HEAD_DIM / 8; ++c)
-                orow[(8 * c + col0) / 2] = PACK2(o[4 * c + 2 * r] * inv, o[4 * c + 2 * r + 1] * inv);
-            if (p.lse && lane % 4 == 0)
-                p.lse[lse_index(p, tile.b, tile.h, s.q_start, i)] =
-                    l > 0.f ? (m_run[r] * sl2 + __log2f(l)) * LN2 : NEG_INF;
-        }
+        epilogue(p, tile, s, m0, row0, col0, lane, sl2, o, m_run, l_run);
     }
+}
+
+// ---- the kernel -------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
+fa_hopper_fwd(const __grid_constant__ TensorMap tm_q, const __grid_constant__ TensorMap tm_k,
+              const __grid_constant__ TensorMap tm_v, const __grid_constant__ Params p) {
+    extern __shared__ uint8_t smem_raw[];
+    // 128-byte swizzle repeats every 1024 bytes: align every tile to 1024.
+    const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+    Smem sm;
+    sm.q = base;
+    sm.kv.k = sm.q + Q_BYTES;
+    sm.kv.v = sm.kv.k + STAGES * KV_BYTES;
+    const uint32_t bars = sm.kv.v + STAGES * KV_BYTES;
+    sm.q_full = bars;
+    sm.q_empty = bars + 8;
+    sm.kv.bars = bars + 16;
+    const int consumer_threads = NUM_THREADS - 128;
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (threadIdx.x == 0) {
+        mbar_init(sm.q_full, 1);
+        mbar_init(sm.q_empty, consumer_threads);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(sm.kv.k_full(s), 1);
+            mbar_init(sm.kv.k_empty(s), consumer_threads);
+            mbar_init(sm.kv.v_full(s), 1);
+            mbar_init(sm.kv.v_empty(s), consumer_threads);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        // ================= producer warpgroup =================
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
+        if (warp != 0 || lane != 0) return;
+        producer_loop(p, tm_q, tm_k, tm_v, sm);
+        return;
+    }
+
+    // ================= consumer warpgroups =================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
+    consumer_loop(p, sm, warp / 4 - 1, warp, lane);
 }

@@ -2,7 +2,8 @@
 // framework without a fused kernel would. Two kernels:
 //   naive_scores:     S[b, h, i, j] = masked, modded score (f32), one thread per (i, j);
 //   naive_softmax_pv: one warp per row: softmax of S's row, LSE, then out = P V.
-// Dense layouts only. Prepended: common.cuh. Compile-time: FA_DTYPE.
+// Dense layouts only. Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh.
+// Compile-time: FA_DTYPE.
 
 // grid: (ceil(seqlen_k / 128), seqlen_q, batch * heads_q); block 128.
 extern "C" __global__ void naive_scores(const Params p, float* scores) {
@@ -14,7 +15,7 @@ extern "C" __global__ void naive_scores(const Params p, float* scores) {
     const elem_t* q = (const elem_t*)p.q + ((uint64_t)(b * p.seqlen_q + i) * p.heads_q + h) * d;
     const elem_t* k = (const elem_t*)p.k + ((uint64_t)(b * p.seqlen_k + j) * p.heads_kv + kv_h) * d;
     int lo, hi;
-    key_range(p, i, p.seqlen_q, p.seqlen_k, lo, hi);
+    mask_keys(p, i, p.seqlen_q, p.seqlen_k, lo, hi);
     float sc = NEG_INF;
     if (j >= lo && j < hi) {
         float dot = 0.f;

@@ -1,12 +1,15 @@
-//! NVRTC compilation with the on-disk cubin cache, and ahead-of-time `compile_all`.
+//! NVRTC compilation through the on-disk cubin cache, and ahead-of-time `compile_all`
+//! (every variant of an arch, compiled in parallel).
 
-use crate::cache::{cache_key, cache_root, cubin_path, write_atomic};
+use crate::cache::{cache_key, cache_root, cubin_path, get_or_build, write_atomic, Built};
 use crate::loader::load_nvrtc;
-use crate::variants::{variants_for_arch, Variant};
+use crate::variants::{sm_number, variants_for_arch, Variant};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use flashattn_core::{Error, Result};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 pub(crate) const BACKEND: &str = "cuda";
 
@@ -34,10 +37,9 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 }
 
 fn check_arch(arch: &str) -> Result<()> {
-    let digits = arch.strip_prefix("sm_").map(|s| s.trim_end_matches('a'));
-    match digits {
-        Some(d) if d.len() >= 2 && d.chars().all(|c| c.is_ascii_digit()) => Ok(()),
-        _ => Err(Error::invalid(
+    match sm_number(arch) {
+        Some(_) => Ok(()),
+        None => Err(Error::argument(
             "arch",
             arch,
             "expected sm_XY or sm_XYa, e.g. sm_90a",
@@ -69,32 +71,46 @@ pub fn options(variant: &Variant, arch: &str) -> Vec<String> {
     o
 }
 
-/// Compiles `variant` for `arch`, through the disk cache.
-pub fn compile(variant: &Variant, arch: &str) -> Result<Compiled> {
+/// Compiles `variant` for `arch` through the disk cache and hands the cubin to `load`; a
+/// cached cubin that fails its check or that `load` refuses is deleted and compiled again.
+pub(crate) fn compile_with<T>(
+    variant: &Variant,
+    arch: &str,
+    load: impl Fn(&[u8]) -> Result<T>,
+) -> Result<Built<T>> {
     check_arch(arch)?;
     if !variant.builds_for(arch) {
-        return Err(Error::Unsupported {
-            backend: BACKEND,
-            reason: format!("kernel {} needs sm_90a, not {arch}", variant.name()),
-        });
+        return Err(Error::unsupported(
+            BACKEND,
+            format!("kernel {} does not build for {arch}", variant.name()),
+        ));
     }
     let version = nvrtc_version()?;
     let source = variant.source();
     let opts = options(variant, arch);
     let key = cache_key(&source, &opts, arch, version);
-    let path = cubin_path(&cache_root(), &variant.name(), arch, key);
-    if let Ok(cubin) = std::fs::read(&path) {
-        if !cubin.is_empty() {
-            return Ok(Compiled {
-                cubin,
-                log: String::new(),
-                from_cache: true,
-            });
-        }
-    }
-    let (cubin, log) = compile_uncached(&variant.name(), &source, &opts)?;
-    // A cache that cannot be written only costs time: compile again next process.
-    let _ = write_atomic(&path, &cubin);
+    let path = cache_root().map(|dir| cubin_path(&dir, &variant.name(), arch, key));
+    get_or_build(
+        path.as_deref(),
+        || compile_uncached(&variant.name(), &source, &opts),
+        load,
+    )
+}
+
+/// Compiles `variant` for `arch`, through the disk cache.
+pub fn compile(variant: &Variant, arch: &str) -> Result<Compiled> {
+    let built = compile_with(variant, arch, |c| Ok(c.to_vec()))?;
+    Ok(Compiled {
+        cubin: built.value,
+        from_cache: built.log.is_none(),
+        log: built.log.unwrap_or_default(),
+    })
+}
+
+/// Compiles `source` with `opts` as they are, bypassing the cache (tests of the sources).
+pub fn compile_source(name: &str, source: &str, opts: &[String]) -> Result<Compiled> {
+    nvrtc_version()?;
+    let (cubin, log) = compile_uncached(name, source, opts)?;
     Ok(Compiled {
         cubin,
         log,
@@ -145,18 +161,53 @@ fn get_cubin(prog: nvrtc_sys::nvrtcProgram) -> Result<Vec<u8>> {
     }
 }
 
-/// Compiles every variant that builds for `arch` and writes one `<variant>.cubin` each into
-/// `out_dir` (created if missing). Returns the written paths, in variant order.
+/// Compiles each of `variants` for `arch` on `threads` threads (NVRTC compiles independent
+/// programs concurrently); results in the order of `variants`.
+pub fn compile_many(variants: &[Variant], arch: &str, threads: usize) -> Vec<Result<Compiled>> {
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Result<Compiled>>>> =
+        variants.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads.clamp(1, variants.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(v) = variants.get(i) else { break };
+                let r = compile(v, arch);
+                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err(Error::backend(BACKEND, "compile thread did not run")))
+        })
+        .collect()
+}
+
+/// Threads for ahead-of-time compiles: the machine's cores.
+pub fn compile_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Compiles every variant that builds for `arch` (in parallel) and writes one
+/// `<variant>.cubin` each into `out_dir` (created if missing). Returns the written paths, in
+/// variant order.
 pub fn compile_all(arch: &str, out_dir: &Path) -> Result<Vec<PathBuf>> {
     check_arch(arch)?;
     std::fs::create_dir_all(out_dir).map_err(|e| {
         Error::backend(BACKEND, format!("cannot create {}: {e}", out_dir.display()))
     })?;
+    let variants = variants_for_arch(arch);
     let mut paths = Vec::new();
-    for v in variants_for_arch(arch) {
-        let c = compile(&v, arch)?;
+    for (v, c) in variants
+        .iter()
+        .zip(compile_many(&variants, arch, compile_threads()))
+    {
         let path = out_dir.join(format!("{}.cubin", v.name()));
-        std::fs::write(&path, &c.cubin).map_err(|e| {
+        write_atomic(&path, &c?.cubin).map_err(|e| {
             Error::backend(BACKEND, format!("cannot write {}: {e}", path.display()))
         })?;
         paths.push(path);
@@ -176,7 +227,10 @@ mod tests {
             assert!(
                 matches!(
                     check_arch(bad),
-                    Err(Error::InvalidSpec { field: "arch", .. })
+                    Err(Error::InvalidArgument {
+                        argument: "arch",
+                        ..
+                    })
                 ),
                 "{bad}"
             );

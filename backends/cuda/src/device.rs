@@ -1,7 +1,7 @@
 //! The GPU: context, device memory, modules and launches, over cudarc's driver API.
 //! Every public entry of the backend binds the context to the calling thread first.
 
-use crate::compile::{compile, BACKEND};
+use crate::compile::{compile_with, BACKEND};
 use crate::loader::load_driver;
 use crate::variants::{arch_for, Variant};
 use cudarc::driver::{result as drv, sys, DriverError};
@@ -157,25 +157,34 @@ impl Gpu {
     ) -> Result<sys::CUfunction> {
         let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
         if !modules.contains_key(variant) {
-            let compiled = compile(variant, &self.info.arch())?;
-            // SAFETY: a cubin NVRTC produced for this device's arch; the driver copies it.
-            let module = unsafe { drv::module::load_data(compiled.cubin.as_ptr().cast()) }
-                .map_err(drv_err("cuModuleLoadData"))?;
+            // A cached cubin the driver refuses is deleted and compiled again (cache.rs).
+            let built = compile_with(variant, &self.info.arch(), |cubin| {
+                // SAFETY: a cubin NVRTC produced for this device's arch (or a cached one, checked
+                // against its hash); the driver copies it and validates the image.
+                unsafe { drv::module::load_data(cubin.as_ptr().cast()) }
+                    .map_err(drv_err("cuModuleLoadData"))
+            })?;
+            let module = built.value;
             let mut funcs = Vec::new();
             for name in variant.entry_points() {
+                let cname = std::ffi::CString::new(*name)
+                    .map_err(|_| Error::backend(BACKEND, format!("bad entry point {name}")))?;
                 // SAFETY: `module` is loaded; the name exists in the source (unit-tested).
-                let f = unsafe {
-                    drv::module::get_function(
-                        module,
-                        std::ffi::CString::new(*name).unwrap_or_default(),
-                    )
-                }
-                .map_err(drv_err("cuModuleGetFunction"))?;
+                let f = unsafe { drv::module::get_function(module, cname) }
+                    .map_err(drv_err("cuModuleGetFunction"))?;
                 funcs.push(f);
             }
             modules.insert(*variant, Module { module, funcs });
         }
-        let f = modules[variant].funcs[entry];
+        let f = modules
+            .get(variant)
+            .and_then(|m| m.funcs.get(entry).copied())
+            .ok_or_else(|| {
+                Error::backend(
+                    BACKEND,
+                    format!("{} has no entry point {entry}", variant.name()),
+                )
+            })?;
         if smem > 48 * 1024 {
             // SAFETY: valid function handle.
             unsafe {

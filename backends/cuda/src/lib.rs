@@ -1,37 +1,62 @@
 //! flashattn-cuda: flashattn's CUDA backend.
 //!
-//! * On Hopper (sm_90a), bf16/f16 with head_dim 64/128/256 run a FlashAttention-3-style
-//!   kernel (kernels/hopper_fwd.cu): TMA loads into an mbarrier-guarded shared-memory ring,
-//!   a producer warpgroup and two consumer warpgroups (setmaxnreg), wgmma for Q K^T and P V,
-//!   a persistent grid, causal/window block skipping.
-//! * Every other shape and NVIDIA GPU (sm_70+) runs a portable CUDA kernel
-//!   (kernels/generic_fwd.cu), f32 included.
+//! * On Hopper (sm_90a), bf16/f16 with head_dim = head_dim_v in 64/128/256 run a
+//!   FlashAttention-3-style kernel (kernels/hopper_fwd.cu): TMA loads into an mbarrier-guarded
+//!   shared-memory ring, a producer warpgroup and two consumer warpgroups (setmaxnreg), wgmma
+//!   for Q K^T and P V, a persistent grid, causal/window block skipping.
+//! * Other f16/bf16 problems on sm_80 and later (A100, RTX 30/40, L4, L40, H100 outside those
+//!   shapes) run a FlashAttention-2-style tensor-core kernel (kernels/mma_fwd.cu): mma.sync,
+//!   ldmatrix, cp.async, any head_dim up to 256.
+//! * f32, and GPUs before sm_80 (sm_70+), run a portable kernel on CUDA cores
+//!   (kernels/generic_fwd.cu).
 //! * Kernels are compiled by NVRTC for the device's exact arch at first use and cached on disk
 //!   (see [`cache_root`]); nothing links against CUDA at build time: libcuda and NVRTC are
 //!   opened at run time (system CUDA, the pip wheel nvidia-cuda-nvrtc, or
 //!   `FLASHATTN_CUDA_PATH` / `FLASHATTN_NVRTC_PATH`).
 //!
-//! `FLASHATTN_CUDA_KERNEL=generic|hopper` forces a kernel (tests use it to check both).
+//! `FLASHATTN_CUDA_KERNEL=hopper|mma|generic` forces a kernel family (tests use it to check each).
 
-mod backend;
+mod backward;
+mod bench;
 mod cache;
 mod compile;
+mod decode;
 mod device;
+mod forward;
 mod loader;
+mod naive;
 mod params;
 mod tensor_map;
 mod tiles;
 mod variants;
 
-pub use backend::{CudaBackend, DeviceTensors};
 pub use cache::cache_root;
-pub use compile::{compile, compile_all, nvrtc_version, options as nvrtc_options, Compiled};
+pub use compile::{
+    compile, compile_all, compile_many, compile_source, compile_threads, nvrtc_version,
+    options as nvrtc_options, Compiled,
+};
 pub use device::{probe, DeviceInfo};
-pub use tiles::{hopper_tiles, HopperTiles};
-pub use variants::{all_variants, arch_for, variants_for_arch, KernelKind, Variant};
+pub use forward::{flash_launch, select_generic, select_hopper, select_mma, DeviceTensors};
+pub use loader::{nvrtc_search_dirs, nvrtc_search_dirs_in, SearchEnv};
+pub use params::KernelParams;
+pub use tiles::{
+    hopper_tiles, mma_head_dim, mma_tiles, smem_optin_of_arch, HopperTiles, Launch, MmaTiles,
+    GENERIC_TILES, MMA_HEAD_DIMS,
+};
+pub use variants::{
+    all_variants, arch_for, variants_for_arch, KernelDef, KernelKind, Tiles, Variant, CI_ARCHS,
+};
+
+use compile::BACKEND;
+use device::Gpu;
+use flashattn_core::{
+    Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, Error, Output, Pass, Result,
+    TensorRef,
+};
+use loader::load_nvrtc;
 
 /// Whether NVRTC can be loaded; `Err` says where it was looked for. Enough for `compile_all`.
-pub fn nvrtc_status() -> Result<(i32, i32), String> {
+pub fn nvrtc_status() -> std::result::Result<(i32, i32), String> {
     nvrtc_version().map_err(|e| e.to_string())
 }
 
@@ -43,5 +68,138 @@ pub fn probe_summary() -> String {
             Err(e) => format!("{} , but {e}", info.describe()),
         },
         Err(e) => e.to_string(),
+    }
+}
+
+/// The CUDA backend on device 0.
+pub struct CudaBackend {
+    gpu: Gpu,
+    /// The kernel family every call uses (`None`: the fastest that supports the spec).
+    forced: Option<KernelKind>,
+    /// Keys per block and ring depth of the Hopper kernel when not its defaults (tuning).
+    block_n: Option<usize>,
+    stages: Option<usize>,
+    /// Tiles of the mma.sync kernel when not those of `tiles::mma_tiles` (tuning).
+    mma_tiles: Option<MmaTiles>,
+    /// The kernel `bench` measured fastest, where several can run a kind of problem.
+    measured: std::sync::Mutex<std::collections::HashMap<forward::ChoiceKey, KernelKind>>,
+}
+
+/// `FLASHATTN_CUDA_KERNEL`: a `KernelDef` name (hopper, mma, generic), or none (automatic).
+fn forced_kernel() -> Result<Option<KernelKind>> {
+    match std::env::var("FLASHATTN_CUDA_KERNEL") {
+        Ok(name) if !name.is_empty() => KernelKind::from_name(&name)
+            .filter(|k| *k != KernelKind::Naive)
+            .map(Some)
+            .ok_or_else(|| {
+                Error::argument(
+                    "FLASHATTN_CUDA_KERNEL",
+                    name,
+                    "expected hopper, mma or generic",
+                )
+            }),
+        _ => Ok(None),
+    }
+}
+
+impl CudaBackend {
+    /// Opens device 0. `Error::Unavailable` says what is missing: the driver, a device, NVRTC.
+    pub fn new() -> Result<CudaBackend> {
+        let gpu = Gpu::open()?;
+        load_nvrtc().map_err(|reason| Error::Unavailable {
+            backend: BACKEND,
+            reason,
+        })?;
+        let env = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        let mma_tiles = match std::env::var("FLASHATTN_CUDA_MMA_TILES") {
+            Ok(s) => Some(
+                s.parse::<MmaTiles>()
+                    .map_err(|e| Error::argument("FLASHATTN_CUDA_MMA_TILES", &s, e))?,
+            ),
+            Err(_) => None,
+        };
+        Ok(CudaBackend {
+            gpu,
+            forced: forced_kernel()?,
+            block_n: env("FLASHATTN_CUDA_BLOCK_N"),
+            stages: env("FLASHATTN_CUDA_STAGES"),
+            mma_tiles,
+            measured: Default::default(),
+        })
+    }
+
+    /// Sets the Hopper kernel's keys per block (`None`: the default of `hopper_tiles`);
+    /// starts from `FLASHATTN_CUDA_BLOCK_N`. Checked when a spec is run.
+    pub fn set_block_n(&mut self, block_n: Option<usize>) {
+        self.block_n = block_n;
+    }
+
+    /// Sets the Hopper kernel's K/V ring depth (`None`: default); starts from
+    /// `FLASHATTN_CUDA_STAGES`. Checked when a spec is run.
+    pub fn set_stages(&mut self, stages: Option<usize>) {
+        self.stages = stages;
+    }
+
+    /// Sets the mma.sync kernel's tiles (`None`: `mma_tiles`' choice); starts from
+    /// `FLASHATTN_CUDA_MMA_TILES` (e.g. `128x64w4`). Checked when a spec is run.
+    pub fn set_mma_tiles(&mut self, tiles: Option<MmaTiles>) {
+        self.mma_tiles = tiles;
+    }
+
+    /// Forces a kernel family (`None`: automatic: the one `bench` measured fastest for such
+    /// problems, else the first of hopper, mma, generic that supports the spec).
+    /// Starts from `FLASHATTN_CUDA_KERNEL=hopper|mma|generic`.
+    pub fn force_kernel(&mut self, kind: Option<KernelKind>) {
+        self.forced = kind;
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.gpu.info
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn device(&self) -> String {
+        self.gpu.info.describe()
+    }
+
+    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
+        self.variant_for(spec).map(|_| ())
+    }
+
+    fn forward(
+        &self,
+        spec: &AttentionSpec,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+    ) -> Result<Output> {
+        self.forward_host(spec, q, k, v)
+    }
+
+    /// `cuda/forward/<variant>`, e.g. `cuda/forward/mma_bf16_d128_128x64w4`: every compiled
+    /// kernel variant gets its own canary check.
+    fn kernel_variant(&self, spec: &AttentionSpec, pass: Pass) -> String {
+        let kernel = match pass {
+            Pass::Forward => self
+                .variant_for(spec)
+                .map_or_else(|_| "unsupported".to_string(), |v| v.name()),
+            Pass::Backward | Pass::Decode => "unsupported".to_string(),
+        };
+        format!("{BACKEND}/{}/{kernel}", pass.name())
+    }
+
+    fn bench(
+        &self,
+        spec: &AttentionSpec,
+        algo: Algorithm,
+        plan: &BenchPlan,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        self.bench_forward(spec, algo, plan, progress)
     }
 }

@@ -5,8 +5,14 @@
 //! library by absolute path: once loaded, the dynamic loader resolves cudarc's by-name open
 //! (`libnvrtc.so.13`) to it through its soname. NVRTC in turn opens `libnvrtc-builtins`
 //! by name, so that one is preloaded from the same folder first.
+//!
+//! The search looks only at the environment and at fixed places ([`nvrtc_search_dirs`]); it
+//! runs no program (a library must not execute whatever `python3` is first on PATH), and it
+//! ignores relative paths, which would make the folder a process happens to run in decide
+//! which library it loads.
 
 use libloading::Library;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -46,71 +52,93 @@ pub fn load_driver() -> Result<(), String> {
         .clone()
 }
 
-/// Folders that may hold NVRTC, most specific first.
+/// Where to look: the environment and a folder lister (both replaceable in tests).
+pub struct SearchEnv<'a> {
+    pub var: &'a dyn Fn(&str) -> Option<OsString>,
+    /// The entries of a folder (empty when it cannot be read).
+    pub list: &'a dyn Fn(&Path) -> Vec<PathBuf>,
+}
+
+fn list_dir(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|es| es.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Folders that may hold NVRTC, most specific first (see [`nvrtc_search_dirs_in`]).
 pub fn nvrtc_search_dirs() -> Vec<PathBuf> {
+    nvrtc_search_dirs_in(&SearchEnv {
+        var: &|name| std::env::var_os(name),
+        list: &list_dir,
+    })
+}
+
+/// Folders that may hold NVRTC, most specific first: `FLASHATTN_NVRTC_PATH` (a folder or the
+/// library file); `CUDA_PATH`, `CUDA_HOME`, `CUDA_ROOT`; `/usr/local/cuda`; the folder
+/// scripts/install-cuda-wheels.sh installs into (`FLASHATTN_CUDA_WHEELS`, else under the
+/// cache folder); then the pip wheels (`nvidia/cu13/lib`, `nvidia/cuda_nvrtc/lib`) in the
+/// site-packages of `VIRTUAL_ENV`, `CONDA_PREFIX`, the user's `~/.local`, `/usr/local`,
+/// `/usr` and `/opt/conda`. Relative values are ignored.
+pub fn nvrtc_search_dirs_in(env: &SearchEnv<'_>) -> Vec<PathBuf> {
+    let var = |name: &str| {
+        (env.var)(name)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
     let mut dirs = Vec::new();
-    if let Some(p) = std::env::var_os("FLASHATTN_NVRTC_PATH") {
-        let p = PathBuf::from(p);
-        dirs.push(if p.is_file() {
-            p.parent().map(Path::to_path_buf).unwrap_or(p)
-        } else {
-            p
+    if let Some(p) = var("FLASHATTN_NVRTC_PATH") {
+        let is_lib = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("libnvrtc"));
+        dirs.push(match (is_lib, p.parent()) {
+            (true, Some(parent)) => parent.to_path_buf(),
+            _ => p,
         });
     }
-    for var in ["CUDA_PATH", "CUDA_HOME", "CUDA_ROOT"] {
-        if let Some(root) = std::env::var_os(var) {
-            let root = PathBuf::from(root);
-            dirs.push(root.join("lib64"));
-            dirs.push(root.join("lib"));
+    let toolkit = |root: &Path, dirs: &mut Vec<PathBuf>| {
+        dirs.push(root.join("lib64"));
+        dirs.push(root.join("lib"));
+        for target in ["x86_64-linux", "sbsa-linux", "aarch64-linux"] {
+            dirs.push(root.join("targets").join(target).join("lib"));
+        }
+    };
+    for name in ["CUDA_PATH", "CUDA_HOME", "CUDA_ROOT"] {
+        if let Some(root) = var(name) {
+            toolkit(&root, &mut dirs);
         }
     }
-    dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
-    dirs.push(PathBuf::from("/usr/local/cuda/targets/x86_64-linux/lib"));
-    // Where scripts/install-cuda-wheels.sh puts the wheels by default.
-    dirs.push(crate::cache::cache_root().join("cuda-wheels/nvidia/cu13/lib"));
-    for site in python_site_dirs() {
+    toolkit(Path::new("/usr/local/cuda"), &mut dirs);
+    let wheels = var("FLASHATTN_CUDA_WHEELS")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("flashattn/cuda-wheels")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/flashattn/cuda-wheels")));
+    let mut sites: Vec<PathBuf> = wheels.into_iter().collect();
+    let mut lib_dirs: Vec<PathBuf> = Vec::new();
+    for name in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
+        lib_dirs.extend(var(name).map(|p| p.join("lib")));
+    }
+    lib_dirs.extend(var("HOME").map(|h| h.join(".local/lib")));
+    lib_dirs.extend(["/usr/local/lib", "/usr/lib", "/opt/conda/lib"].map(PathBuf::from));
+    for lib in lib_dirs {
+        let mut pythons: Vec<PathBuf> = (env.list)(&lib)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+            })
+            .collect();
+        pythons.sort();
+        pythons.reverse(); // newest Python first, as far as names sort
+        for py in pythons {
+            sites.push(py.join("site-packages"));
+            sites.push(py.join("dist-packages"));
+        }
+    }
+    sites.push(PathBuf::from("/usr/lib/python3/dist-packages"));
+    for site in sites {
         dirs.push(site.join("nvidia/cu13/lib"));
         dirs.push(site.join("nvidia/cuda_nvrtc/lib"));
     }
     dirs
-}
-
-/// site-packages folders of the active Python environment, if any.
-fn python_site_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
-        dirs.extend(glob_python_dirs(&PathBuf::from(venv).join("lib")));
-    }
-    let script =
-        "import site,sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))";
-    if let Ok(out) = std::process::Command::new("python3")
-        .args(["-c", script])
-        .output()
-    {
-        if out.status.success() {
-            dirs.extend(
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .map(PathBuf::from),
-            );
-        }
-    }
-    dirs
-}
-
-fn glob_python_dirs(lib: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(lib) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
-        })
-        .map(|p| p.join("site-packages"))
-        .collect()
 }
 
 /// The NVRTC library file in `dir`, if any.
@@ -128,12 +156,13 @@ pub fn load_nvrtc() -> Result<(), String> {
         .get_or_init(|| {
             let dirs = nvrtc_search_dirs();
             if let Some((dir, lib)) = dirs.iter().find_map(|d| nvrtc_in(d).map(|l| (d, l))) {
-                if let Ok(entries) = std::fs::read_dir(dir) {
-                    for e in entries.flatten() {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        if name.starts_with("libnvrtc-builtins.so.") && !name.contains(".alt.") {
-                            let _ = open(&e.path());
-                        }
+                for e in list_dir(dir) {
+                    let name = e
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    if name.starts_with("libnvrtc-builtins.so.") && !name.contains(".alt.") {
+                        let _ = open(&e);
                     }
                 }
                 open(&lib)?;
@@ -151,4 +180,67 @@ pub fn load_nvrtc() -> Result<(), String> {
             }
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_order_from_the_environment() {
+        let vars = |name: &str| -> Option<OsString> {
+            match name {
+                "FLASHATTN_NVRTC_PATH" => Some("/opt/nv/lib/libnvrtc.so.13".into()),
+                "CUDA_HOME" => Some("/cuda".into()),
+                "CUDA_PATH" => Some("relative/cuda".into()), // ignored
+                "VIRTUAL_ENV" => Some("/venv".into()),
+                "HOME" => Some("/home/u".into()),
+                _ => None,
+            }
+        };
+        let list = |dir: &Path| -> Vec<PathBuf> {
+            match dir.to_str() {
+                Some("/venv/lib") => vec!["/venv/lib/python3.11".into(), "/venv/lib/site".into()],
+                Some("/usr/lib") => vec!["/usr/lib/python3.12".into(), "/usr/lib/x".into()],
+                _ => Vec::new(),
+            }
+        };
+        let dirs = nvrtc_search_dirs_in(&SearchEnv {
+            var: &vars,
+            list: &list,
+        });
+        let pos = |p: &str| {
+            dirs.iter()
+                .position(|d| d == Path::new(p))
+                .unwrap_or_else(|| panic!("{p} not searched: {dirs:#?}"))
+        };
+        assert_eq!(pos("/opt/nv/lib"), 0, "a library file names its folder");
+        assert!(pos("/cuda/lib64") < pos("/usr/local/cuda/lib64"));
+        assert!(
+            pos("/usr/local/cuda/lib64")
+                < pos("/home/u/.cache/flashattn/cuda-wheels/nvidia/cu13/lib")
+        );
+        assert!(
+            pos("/home/u/.cache/flashattn/cuda-wheels/nvidia/cu13/lib")
+                < pos("/venv/lib/python3.11/site-packages/nvidia/cu13/lib")
+        );
+        pos("/venv/lib/python3.11/site-packages/nvidia/cuda_nvrtc/lib");
+        pos("/usr/lib/python3.12/dist-packages/nvidia/cu13/lib");
+        pos("/usr/lib/python3/dist-packages/nvidia/cuda_nvrtc/lib");
+        assert!(dirs.iter().all(|d| d.is_absolute()), "{dirs:#?}");
+        assert!(!dirs.iter().any(|d| d.starts_with("relative")));
+        assert!(!dirs.iter().any(|d| d.starts_with("/venv/lib/site")));
+    }
+
+    #[test]
+    fn a_folder_in_flashattn_nvrtc_path_is_taken_as_is() {
+        let vars = |name: &str| {
+            (name == "FLASHATTN_NVRTC_PATH").then(|| OsString::from("/w/nvidia/cu13/lib"))
+        };
+        let dirs = nvrtc_search_dirs_in(&SearchEnv {
+            var: &vars,
+            list: &|_| Vec::new(),
+        });
+        assert_eq!(dirs[0], PathBuf::from("/w/nvidia/cu13/lib"));
+    }
 }

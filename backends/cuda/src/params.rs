@@ -1,74 +1,87 @@
-//! The kernels' parameter block, built from a spec; mirrors `struct Params` in
-//! kernels/common.cuh field for field.
+//! The kernels' parameter block, built from a checked spec. `struct Params` in
+//! kernels/params.cuh mirrors it member for member; [`KernelParams::cuda_layout_checks`]
+//! writes `static_assert`s of its size and every member's offset, which every kernel source
+//! ends with (variants.rs), so a mismatch fails the NVRTC compile.
 
 use crate::compile::BACKEND;
-use flashattn_core::{AttentionSpec, Error, Result};
+use crate::tiles::num_blocks;
+use flashattn_core::{CheckedSpec, Error, Result};
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct KernelParams {
-    pub out: u64,
-    pub lse: u64,
-    pub cu_seqlens_q: u64,
-    pub cu_seqlens_k: u64,
-    pub alibi: u64,
-    pub q: u64,
-    pub k: u64,
-    pub v: u64,
-    pub batch: i32,
-    pub heads_q: i32,
-    pub heads_kv: i32,
-    pub group: i32,
-    pub seqlen_q: i32,
-    pub seqlen_k: i32,
-    pub head_dim: i32,
-    pub head_dim_v: i32,
-    pub num_m_blocks: i32,
-    pub total_tiles: i32,
-    pub win_left: i32,
-    pub win_right: i32,
-    pub alibi_per_batch: i32,
-    /// Hopper tile order (see `tiles::head_major_order`); set by the launcher.
-    pub head_major_tiles: i32,
-    pub scale: f32,
-    pub softcap: f32,
+/// Declares the struct and the list of its fields with their offsets (for the C checks).
+macro_rules! kernel_params {
+    ($(#[$m:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident : $t:ty,)* }) => {
+        $(#[$m])*
+        pub struct $name { $($(#[$fm])* pub $f: $t,)* }
+        impl $name {
+            /// Every field's name and byte offset, in declaration order.
+            pub const FIELDS: &'static [(&'static str, usize)] =
+                &[$((stringify!($f), std::mem::offset_of!($name, $f)),)*];
+        }
+    };
 }
 
-/// Longest query sequence of the batch.
-pub fn max_seqlen_q(spec: &AttentionSpec) -> usize {
-    (0..spec.batch)
-        .map(|b| spec.seq(b).q_len)
-        .max()
-        .unwrap_or(0)
+kernel_params! {
+    /// Plain data without padding (`Pod`), so it also travels as bytes (tests/emulate.rs).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+    pub struct KernelParams {
+        pub out: u64,
+        pub lse: u64,
+        pub cu_seqlens_q: u64,
+        pub cu_seqlens_k: u64,
+        pub alibi: u64,
+        pub q: u64,
+        pub k: u64,
+        pub v: u64,
+        pub batch: i32,
+        pub heads_q: i32,
+        pub heads_kv: i32,
+        pub group: i32,
+        pub seqlen_q: i32,
+        pub seqlen_k: i32,
+        pub head_dim: i32,
+        pub head_dim_v: i32,
+        pub num_m_blocks: i32,
+        pub total_tiles: i32,
+        pub win_left: i32,
+        pub win_right: i32,
+        pub alibi_per_batch: i32,
+        /// Tile order (see `tiles::head_major_order`); set by the launcher.
+        pub head_major_tiles: i32,
+        pub scale: f32,
+        pub softcap: f32,
+    }
 }
 
 fn to_i32(field: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::Unsupported {
-        backend: BACKEND,
-        reason: format!("{field} = {v} exceeds the kernels' 32-bit index range"),
+    i32::try_from(v).map_err(|_| {
+        Error::unsupported(
+            BACKEND,
+            format!("{field} = {v} exceeds the kernels' 32-bit index range"),
+        )
     })
 }
 
 impl KernelParams {
     /// Shapes, mask and score mods of `spec` (pointers left 0) for query blocks of `block_m`.
-    pub fn from_spec(spec: &AttentionSpec, block_m: usize) -> Result<KernelParams> {
-        let mask = spec.mask();
-        let (left, right) = (mask.left, mask.right);
-        let num_m_blocks = max_seqlen_q(spec).div_ceil(block_m);
-        let total_tiles = num_m_blocks * spec.heads_q * spec.batch;
+    pub fn new(spec: &CheckedSpec<'_>, block_m: usize) -> Result<KernelParams> {
+        let sizes = &spec.sizes;
+        let num_m_blocks = num_blocks(sizes.max_q_len, block_m);
+        // Products past usize are past i32 too: saturate, and to_i32 refuses them.
+        let total_tiles = num_m_blocks
+            .saturating_mul(spec.heads_q)
+            .saturating_mul(spec.batch);
         // Token indices times heads must fit the kernels' int arithmetic.
         to_i32(
-            "tokens x heads",
-            spec.q_tokens()
-                .unwrap_or(usize::MAX)
-                .saturating_mul(spec.heads_q),
+            "q tokens x heads",
+            sizes.q_tokens.saturating_mul(spec.heads_q),
         )?;
         to_i32(
-            "tokens x heads",
-            spec.k_tokens()
-                .unwrap_or(usize::MAX)
-                .saturating_mul(spec.heads_kv),
+            "k tokens x heads",
+            sizes.k_tokens.saturating_mul(spec.heads_kv),
         )?;
+        // The mask's bounds are below the longest sequence (Mask::new drops longer ones).
+        let bound = |b: Option<u64>, name| b.map_or(Ok(-1), |x| to_i32(name, x as usize));
         Ok(KernelParams {
             batch: to_i32("batch", spec.batch)?,
             heads_q: to_i32("heads_q", spec.heads_q)?,
@@ -76,36 +89,57 @@ impl KernelParams {
             group: to_i32("group", spec.group_size())?,
             seqlen_q: to_i32("seqlen_q", spec.seqlen_q)?,
             seqlen_k: to_i32("seqlen_k", spec.seqlen_k)?,
-            head_dim: spec.head_dim as i32,
-            head_dim_v: spec.head_dim_v as i32,
+            head_dim: to_i32("head_dim", spec.head_dim)?,
+            head_dim_v: to_i32("head_dim_v", spec.head_dim_v)?,
             num_m_blocks: to_i32("query blocks", num_m_blocks)?,
             total_tiles: to_i32("tiles", total_tiles)?,
-            win_left: left.map_or(Ok(-1), |l| {
-                to_i32("window.left", l.min(i32::MAX as u64) as usize)
-            })?,
-            win_right: right.map_or(Ok(-1), |r| {
-                to_i32("window.right", r.min(i32::MAX as u64) as usize)
-            })?,
+            win_left: bound(spec.mask.left, "window.left")?,
+            win_right: bound(spec.mask.right, "window.right")?,
             alibi_per_batch: spec.alibi.as_ref().is_some_and(|a| a.per_batch) as i32,
-            scale: spec.scale_value(),
+            scale: spec.scale,
             softcap: spec.softcap,
             ..Default::default()
         })
+    }
+
+    /// C++ `static_assert`s of `struct Params`'s size and each member's offset, generated
+    /// from this struct (appended to every kernel source).
+    pub fn cuda_layout_checks() -> String {
+        // NVRTC has no <cstddef>: __INTADDR__ is the front end's own offsetof (EDG's stddef.h).
+        let mut c = String::from(
+            "// Generated by src/params.rs: Params must match KernelParams.\n\
+             #define FA_OFFSET_OF(member) __INTADDR__(&((Params*)0)->member)\n",
+        );
+        c.push_str(&format!(
+            "static_assert(sizeof(Params) == {}, \"Params size differs from KernelParams\");\n",
+            std::mem::size_of::<KernelParams>()
+        ));
+        for (name, offset) in Self::FIELDS {
+            c.push_str(&format!(
+                "static_assert(FA_OFFSET_OF({name}) == {offset}, \"Params::{name} is not where KernelParams has it\");\n"
+            ));
+        }
+        c
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flashattn_core::AttentionSpec;
 
     #[test]
-    fn layout_matches_the_cuda_struct() {
-        // 8 pointers, 13 ints, 2 floats, padded to 8.
-        assert_eq!(
-            std::mem::size_of::<KernelParams>(),
-            8 * 8 + 13 * 4 + 2 * 4 + 4
-        );
-        assert_eq!(std::mem::align_of::<KernelParams>(), 8);
+    fn fields_are_listed_in_order_with_c_alignment() {
+        let f = KernelParams::FIELDS;
+        assert_eq!(f.len(), 24);
+        assert_eq!(f[0], ("out", 0));
+        assert_eq!(f[8], ("batch", 64));
+        assert_eq!(f[f.len() - 1], ("softcap", 64 + 15 * 4));
+        // 8 pointers, 14 ints, 2 floats: 128 bytes, no padding.
+        assert_eq!(std::mem::size_of::<KernelParams>(), 128);
+        let c = KernelParams::cuda_layout_checks();
+        assert!(c.contains("sizeof(Params) == 128"));
+        assert!(c.contains("FA_OFFSET_OF(head_major_tiles) == 116"));
     }
 
     #[test]
@@ -114,23 +148,34 @@ mod tests {
             .causal(true)
             .window(16, -1)
             .heads_kv(2);
-        let p = KernelParams::from_spec(&spec, 128).unwrap();
+        let p = KernelParams::new(&spec.validate().unwrap(), 128).unwrap();
         assert_eq!((p.win_left, p.win_right), (16, 0));
         assert_eq!(p.group, 2);
         assert_eq!(p.num_m_blocks, 3);
         assert_eq!(p.total_tiles, 3 * 4 * 2);
         let spec = AttentionSpec::new(1, 1, 8, 8, 64);
-        let p = KernelParams::from_spec(&spec, 128).unwrap();
+        let p = KernelParams::new(&spec.validate().unwrap(), 128).unwrap();
         assert_eq!((p.win_left, p.win_right), (-1, -1));
         assert!((p.scale - 0.125).abs() < 1e-7);
+        // A window longer than any sequence is unbounded, not a huge int.
+        let spec = AttentionSpec::new(1, 1, 8, 8, 64).window(i64::MAX, 3);
+        let p = KernelParams::new(&spec.validate().unwrap(), 128).unwrap();
+        assert_eq!((p.win_left, p.win_right), (-1, 3));
     }
 
     #[test]
     fn varlen_blocks_follow_the_longest_sequence() {
         let spec = AttentionSpec::new(1, 2, 300, 300, 64)
             .varlen(vec![0, 10, 290, 300], vec![0, 100, 200, 300]);
-        let p = KernelParams::from_spec(&spec, 128).unwrap();
+        let p = KernelParams::new(&spec.validate().unwrap(), 128).unwrap();
         assert_eq!(p.num_m_blocks, 3); // 280 rows
         assert_eq!(p.batch, 3);
+    }
+
+    #[test]
+    fn sizes_past_32_bits_are_refused() {
+        let spec = AttentionSpec::new(1, 40_000, 60_000, 8, 8);
+        let e = KernelParams::new(&spec.validate().unwrap(), 64).unwrap_err();
+        assert!(e.to_string().contains("32-bit"), "{e}");
     }
 }

@@ -1,23 +1,138 @@
-//! Every kernel variant the backend compiles: which source, which compile-time constants.
+//! Every kernel the backend compiles. [`KernelKind::def`] is the table of kernel families (the
+//! sources NVRTC compiles, entry points, archs, the SASS each must show); a [`Variant`] is one
+//! compiled unit of a family: dtype, head dim, tiles, which reach the kernel as `-D` defines.
+//! A new kernel is one more `KernelKind`, its `KernelDef` and its arm in `defines`; the
+//! compile and SASS tests iterate over [`variants_for_arch`].
 
-use crate::tiles::{hopper_tiles, HOPPER_HEAD_DIMS};
-use flashattn_core::DType;
+use crate::params::KernelParams;
+use crate::tensor_map::BOX_COLS;
+use crate::tiles::{
+    hopper_tiles, mma_tiles, smem_optin_of_arch, GenericTiles, HopperTiles, MmaTiles,
+    GENERIC_TILES, HOPPER_HEAD_DIMS, HOPPER_THREADS, MMA_HEAD_DIMS,
+};
+use flashattn_core::{DType, Pass, MAX_HEAD_DIM};
 
-const COMMON: &str = include_str!("../kernels/common.cuh");
-const WGMMA: &str = include_str!("../kernels/wgmma.cuh");
-const HOPPER: &str = include_str!("../kernels/hopper_fwd.cu");
-const GENERIC: &str = include_str!("../kernels/generic_fwd.cu");
-const NAIVE: &str = include_str!("../kernels/naive.cu");
+const PARAMS: (&str, &str) = ("params.cuh", include_str!("../kernels/params.cuh"));
+const DTYPE: (&str, &str) = ("dtype.cuh", include_str!("../kernels/dtype.cuh"));
+const MASK: (&str, &str) = ("mask.cuh", include_str!("../kernels/mask.cuh"));
+const SCORE_MOD: (&str, &str) = ("score_mod.cuh", include_str!("../kernels/score_mod.cuh"));
+const TILES: (&str, &str) = ("tiles.cuh", include_str!("../kernels/tiles.cuh"));
+const PTX: (&str, &str) = ("ptx.cuh", include_str!("../kernels/ptx.cuh"));
+const PTX_HOPPER: (&str, &str) = ("ptx_hopper.cuh", include_str!("../kernels/ptx_hopper.cuh"));
+const WGMMA: (&str, &str) = ("wgmma.cuh", include_str!("../kernels/wgmma.cuh"));
+const HOPPER: (&str, &str) = ("hopper_fwd.cu", include_str!("../kernels/hopper_fwd.cu"));
+const MMA: (&str, &str) = ("mma_fwd.cu", include_str!("../kernels/mma_fwd.cu"));
+const GENERIC: (&str, &str) = ("generic_fwd.cu", include_str!("../kernels/generic_fwd.cu"));
+const NAIVE: (&str, &str) = ("naive.cu", include_str!("../kernels/naive.cu"));
+
+/// The archs CI compiles every variant for (tests/sass.rs) and `compile_all` is meant for.
+pub const CI_ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90a"];
 
 /// Which kernel family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelKind {
     /// FlashAttention-3-style TMA + wgmma kernel; sm_90a only.
     Hopper,
-    /// Portable flash kernel on CUDA cores; any sm_70+ GPU, any shape.
+    /// FlashAttention-2-style mma.sync + ldmatrix + cp.async kernel; sm_80 and later.
+    Mma,
+    /// Portable flash kernel on CUDA cores; any sm_70+ GPU, any shape, f32.
     Generic,
     /// Materialised scores, for benchmarks.
     Naive,
+}
+
+/// One kernel family.
+#[derive(Debug)]
+pub struct KernelDef {
+    /// Short name, the start of every variant name ("hopper", "mma", ...).
+    pub name: &'static str,
+    pub pass: Pass,
+    /// (file name, text), concatenated in this order into the source NVRTC compiles (the
+    /// kernels include no headers, so NVRTC needs no CUDA include path).
+    pub sources: &'static [(&'static str, &'static str)],
+    pub entry_points: &'static [&'static str],
+    /// Oldest compute capability (major * 10 + minor) the kernel builds for.
+    pub min_sm: u32,
+    /// Built for this arch only (wgmma and setmaxnreg need sm_90a).
+    pub only_arch: Option<&'static str>,
+    /// SASS opcodes its cubin must contain (tests/sass.rs): the instructions it exists for.
+    pub sass_needs: &'static [&'static str],
+}
+
+const HOPPER_DEF: KernelDef = KernelDef {
+    name: "hopper",
+    pass: Pass::Forward,
+    sources: &[
+        PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, PTX_HOPPER, WGMMA, HOPPER,
+    ],
+    entry_points: &["fa_hopper_fwd"],
+    min_sm: 90,
+    only_arch: Some("sm_90a"),
+    sass_needs: &["HGMMA", "UTMALDG"],
+};
+
+const MMA_DEF: KernelDef = KernelDef {
+    name: "mma",
+    pass: Pass::Forward,
+    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, MMA],
+    entry_points: &["fa_mma_fwd"],
+    min_sm: 80,
+    only_arch: None,
+    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS"],
+};
+
+const GENERIC_DEF: KernelDef = KernelDef {
+    name: "generic",
+    pass: Pass::Forward,
+    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, GENERIC],
+    entry_points: &["fa_generic_fwd"],
+    min_sm: 70,
+    only_arch: None,
+    sass_needs: &[],
+};
+
+const NAIVE_DEF: KernelDef = KernelDef {
+    name: "naive",
+    pass: Pass::Forward,
+    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, NAIVE],
+    entry_points: &["naive_scores", "naive_softmax_pv"],
+    min_sm: 70,
+    only_arch: None,
+    sass_needs: &[],
+};
+
+impl KernelKind {
+    pub const ALL: [KernelKind; 4] = [
+        KernelKind::Hopper,
+        KernelKind::Mma,
+        KernelKind::Generic,
+        KernelKind::Naive,
+    ];
+
+    pub fn def(self) -> &'static KernelDef {
+        match self {
+            KernelKind::Hopper => &HOPPER_DEF,
+            KernelKind::Mma => &MMA_DEF,
+            KernelKind::Generic => &GENERIC_DEF,
+            KernelKind::Naive => &NAIVE_DEF,
+        }
+    }
+
+    /// The kind named `name` (a `KernelDef::name`), for `FLASHATTN_CUDA_KERNEL`.
+    pub fn from_name(name: &str) -> Option<KernelKind> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.def().name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// The tiles a variant is compiled with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tiles {
+    Hopper(HopperTiles),
+    Mma(MmaTiles),
+    Generic(GenericTiles),
+    None,
 }
 
 /// One compiled unit.
@@ -25,47 +140,32 @@ pub enum KernelKind {
 pub struct Variant {
     pub kind: KernelKind,
     pub dtype: DType,
-    /// Hopper only (the generic kernels take head dims at run time); 0 otherwise.
+    /// The head dim the kernel is compiled for: exactly head_dim (Hopper), the bucket that
+    /// holds head_dim and head_dim_v (mma); 0 where it is a run-time value.
     pub head_dim: usize,
     /// Hopper only: softcap or ALiBi present (a separate build keeps the plain path lean).
     pub score_mod: bool,
-    /// Hopper only: keys per block when not the default of `hopper_tiles` (0 = default).
-    pub block_n: usize,
-    /// Hopper only: K/V ring depth when not the default (0 = default).
-    pub stages: usize,
+    pub tiles: Tiles,
 }
 
 impl Variant {
-    pub fn hopper(dtype: DType, head_dim: usize, score_mod: bool) -> Self {
+    pub fn hopper(dtype: DType, head_dim: usize, score_mod: bool, tiles: HopperTiles) -> Self {
         Variant {
             kind: KernelKind::Hopper,
             dtype,
             head_dim,
             score_mod,
-            block_n: 0,
-            stages: 0,
+            tiles: Tiles::Hopper(tiles),
         }
     }
-    /// This Hopper variant with `block_n` keys per block (for tuning; see `tiles`).
-    pub fn with_block_n(mut self, block_n: usize) -> Self {
-        self.block_n = block_n;
-        self
-    }
-    /// This Hopper variant with a `stages`-deep K/V ring (for tuning).
-    pub fn with_stages(mut self, stages: usize) -> Self {
-        self.stages = stages;
-        self
-    }
-    /// The tiles this variant is built with (Hopper only).
-    pub fn tiles(&self) -> Option<crate::tiles::HopperTiles> {
-        let mut t = hopper_tiles(self.head_dim)?;
-        if self.block_n != 0 {
-            t.block_n = self.block_n;
+    pub fn mma(dtype: DType, head_dim: usize, tiles: MmaTiles) -> Self {
+        Variant {
+            kind: KernelKind::Mma,
+            dtype,
+            head_dim,
+            score_mod: false,
+            tiles: Tiles::Mma(tiles),
         }
-        if self.stages != 0 {
-            t.stages = self.stages;
-        }
-        Some(t)
     }
     pub fn generic(dtype: DType) -> Self {
         Variant {
@@ -73,8 +173,7 @@ impl Variant {
             dtype,
             head_dim: 0,
             score_mod: false,
-            block_n: 0,
-            stages: 0,
+            tiles: Tiles::Generic(GENERIC_TILES),
         }
     }
     pub fn naive(dtype: DType) -> Self {
@@ -83,54 +182,55 @@ impl Variant {
             dtype,
             head_dim: 0,
             score_mod: false,
-            block_n: 0,
-            stages: 0,
+            tiles: Tiles::None,
         }
     }
 
-    /// A file-name-safe name, e.g. `hopper_bf16_d128` or `hopper_f16_d64_mod`.
+    /// A file-name-safe name, e.g. `hopper_bf16_d128`, `hopper_f16_d64_mod_n176_s3`,
+    /// `mma_bf16_d96_128x64w4`, `generic_f32`.
     pub fn name(&self) -> String {
-        match self.kind {
-            KernelKind::Hopper => format!(
-                "hopper_{}_d{}{}{}{}",
-                self.dtype.name(),
-                self.head_dim,
-                if self.score_mod { "_mod" } else { "" },
-                if self.block_n != 0 {
-                    format!("_n{}", self.block_n)
-                } else {
-                    String::new()
-                },
-                if self.stages != 0 {
-                    format!("_s{}", self.stages)
-                } else {
-                    String::new()
+        let base = format!("{}_{}", self.kind.def().name, self.dtype.name());
+        match self.tiles {
+            Tiles::Hopper(t) => {
+                let default = hopper_tiles(self.head_dim);
+                let mut n = format!("{base}_d{}", self.head_dim);
+                if self.score_mod {
+                    n.push_str("_mod");
                 }
+                if default.is_none_or(|d| d.block_n != t.block_n) {
+                    n.push_str(&format!("_n{}", t.block_n));
+                }
+                if default.is_none_or(|d| d.stages != t.stages) {
+                    n.push_str(&format!("_s{}", t.stages));
+                }
+                n
+            }
+            Tiles::Mma(t) => format!(
+                "{base}_d{}_{}x{}w{}",
+                self.head_dim, t.block_m, t.block_n, t.warps
             ),
-            KernelKind::Generic => format!("generic_{}", self.dtype.name()),
-            KernelKind::Naive => format!("naive_{}", self.dtype.name()),
+            Tiles::Generic(_) | Tiles::None => base,
         }
     }
 
-    /// The full source NVRTC compiles (the kernels include no headers).
+    /// The full source NVRTC compiles: the family's files, then the generated checks of
+    /// `Params` against `KernelParams`.
     pub fn source(&self) -> String {
-        match self.kind {
-            KernelKind::Hopper => format!("{COMMON}\n{WGMMA}\n{HOPPER}"),
-            KernelKind::Generic => format!("{COMMON}\n{GENERIC}"),
-            KernelKind::Naive => format!("{COMMON}\n{NAIVE}"),
+        let mut s = String::new();
+        for (_, text) in self.kind.def().sources {
+            s.push_str(text);
+            s.push('\n');
         }
+        s.push_str(&KernelParams::cuda_layout_checks());
+        s
     }
 
     /// Entry points of the compiled module.
     pub fn entry_points(&self) -> &'static [&'static str] {
-        match self.kind {
-            KernelKind::Hopper => &["fa_hopper_fwd"],
-            KernelKind::Generic => &["fa_generic_fwd"],
-            KernelKind::Naive => &["naive_scores", "naive_softmax_pv"],
-        }
+        self.kind.def().entry_points
     }
 
-    /// `-D` options of this variant.
+    /// `-D` options of this variant: every constant the kernel shares with the host.
     pub fn defines(&self) -> Vec<String> {
         let dtype = match self.dtype {
             DType::F32 => 0,
@@ -138,35 +238,68 @@ impl Variant {
             DType::Bf16 => 2,
             DType::Fp8E4m3 => 3,
         };
-        let mut d = vec![format!("-DFA_DTYPE={dtype}")];
-        if self.kind == KernelKind::Hopper {
-            if let Some(t) = self.tiles() {
-                d.push(format!("-DHEAD_DIM={}", self.head_dim));
-                d.push(format!("-DBLOCK_M={}", t.block_m));
-                d.push(format!("-DBLOCK_N={}", t.block_n));
-                d.push(format!("-DSTAGES={}", t.stages));
-                d.push(format!("-DSCORE_MOD={}", self.score_mod as u8));
-            }
+        let mut d = vec![("FA_DTYPE", dtype)];
+        match self.tiles {
+            Tiles::Hopper(t) => d.extend([
+                ("HEAD_DIM", self.head_dim),
+                ("BLOCK_M", t.block_m),
+                ("BLOCK_N", t.block_n),
+                ("STAGES", t.stages),
+                ("SCORE_MOD", self.score_mod as usize),
+                ("NUM_THREADS", HOPPER_THREADS as usize),
+                ("COL_BLOCK", BOX_COLS as usize),
+            ]),
+            Tiles::Mma(t) => d.extend([
+                ("HEAD_DIM", self.head_dim),
+                ("BLOCK_M", t.block_m),
+                ("BLOCK_N", t.block_n),
+                ("NUM_WARPS", t.warps),
+            ]),
+            Tiles::Generic(t) => d.extend([
+                ("ROWS_PER_WARP", t.rows_per_warp),
+                ("NUM_WARPS", t.warps),
+                ("BLOCK_M", t.block_m()),
+                ("BLOCK_N", t.block_n),
+                ("MAX_HEAD_DIM", MAX_HEAD_DIM),
+            ]),
+            Tiles::None => {}
         }
-        d
+        d.into_iter().map(|(k, v)| format!("-D{k}={v}")).collect()
     }
 
     /// Whether this variant can be built for `arch` (e.g. `sm_90a`).
     pub fn builds_for(&self, arch: &str) -> bool {
-        match self.kind {
-            KernelKind::Hopper => arch == "sm_90a",
-            _ => true,
-        }
+        let def = self.kind.def();
+        def.only_arch.is_none_or(|a| a == arch) && sm_number(arch).is_some_and(|n| n >= def.min_sm)
     }
 }
 
-/// Every variant, in a fixed order.
-pub fn all_variants() -> Vec<Variant> {
+/// 90 for `sm_90a`, 86 for `sm_86`; `None` for anything else.
+pub fn sm_number(arch: &str) -> Option<u32> {
+    let digits = arch.strip_prefix("sm_")?.trim_end_matches('a');
+    if digits.len() < 2 || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The variants that build for `arch`, in a fixed order: what a GPU of that arch may load.
+pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
     let mut v = Vec::new();
     for dtype in [DType::Bf16, DType::F16] {
         for d in HOPPER_HEAD_DIMS {
             for score_mod in [false, true] {
-                v.push(Variant::hopper(dtype, d, score_mod));
+                if let Some(t) = hopper_tiles(d) {
+                    v.push(Variant::hopper(dtype, d, score_mod, t));
+                }
+            }
+        }
+    }
+    let smem = smem_optin_of_arch(arch);
+    for dtype in [DType::Bf16, DType::F16] {
+        for d in MMA_HEAD_DIMS {
+            if let Ok(t) = mma_tiles(d, smem) {
+                v.push(Variant::mma(dtype, d, t));
             }
         }
     }
@@ -176,15 +309,21 @@ pub fn all_variants() -> Vec<Variant> {
     for dtype in [DType::F32, DType::F16, DType::Bf16] {
         v.push(Variant::naive(dtype));
     }
+    v.retain(|x| x.builds_for(arch));
     v
 }
 
-/// The variants that build for `arch`.
-pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
-    all_variants()
-        .into_iter()
-        .filter(|v| v.builds_for(arch))
-        .collect()
+/// Every variant of every arch in [`CI_ARCHS`], each once.
+pub fn all_variants() -> Vec<Variant> {
+    let mut all: Vec<Variant> = Vec::new();
+    for arch in CI_ARCHS {
+        for v in variants_for_arch(arch) {
+            if !all.contains(&v) {
+                all.push(v);
+            }
+        }
+    }
+    all
 }
 
 /// The NVRTC target for a device of compute capability `major.minor`: Hopper gets the
@@ -200,6 +339,7 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiles::check_tiles;
 
     #[test]
     fn names_are_unique_and_file_safe() {
@@ -212,41 +352,74 @@ mod tests {
                 "{n}"
             );
         }
+        let h = |d, m| Variant::hopper(DType::Bf16, d, m, hopper_tiles(d).unwrap());
+        assert_eq!(h(128, false).name(), "hopper_bf16_d128");
+        assert_eq!(h(64, true).name(), "hopper_bf16_d64_mod");
+        let t = mma_tiles(96, 166_912).unwrap();
         assert_eq!(
-            Variant::hopper(DType::Bf16, 128, false).name(),
-            "hopper_bf16_d128"
-        );
-        assert_eq!(
-            Variant::hopper(DType::F16, 64, true).name(),
-            "hopper_f16_d64_mod"
+            Variant::mma(DType::F16, 96, t).name(),
+            "mma_f16_d96_128x64w4"
         );
     }
 
     #[test]
     fn defines_follow_the_tiles() {
-        let d = Variant::hopper(DType::Bf16, 256, true).defines();
+        let v = Variant::hopper(DType::Bf16, 256, true, hopper_tiles(256).unwrap());
         assert_eq!(
-            d,
+            v.defines(),
             [
                 "-DFA_DTYPE=2",
                 "-DHEAD_DIM=256",
                 "-DBLOCK_M=128",
                 "-DBLOCK_N=80",
                 "-DSTAGES=2",
-                "-DSCORE_MOD=1"
+                "-DSCORE_MOD=1",
+                "-DNUM_THREADS=384",
+                "-DCOL_BLOCK=64",
             ]
         );
-        assert_eq!(Variant::generic(DType::F32).defines(), ["-DFA_DTYPE=0"]);
+        let v = Variant::mma(DType::F16, 160, mma_tiles(160, 166_912).unwrap());
+        assert_eq!(
+            v.defines(),
+            [
+                "-DFA_DTYPE=1",
+                "-DHEAD_DIM=160",
+                "-DBLOCK_M=128",
+                "-DBLOCK_N=64",
+                "-DNUM_WARPS=8"
+            ]
+        );
+        assert_eq!(
+            Variant::generic(DType::F32).defines(),
+            [
+                "-DFA_DTYPE=0",
+                "-DROWS_PER_WARP=4",
+                "-DNUM_WARPS=4",
+                "-DBLOCK_M=16",
+                "-DBLOCK_N=32",
+                "-DMAX_HEAD_DIM=256"
+            ]
+        );
+        assert_eq!(Variant::naive(DType::Bf16).defines(), ["-DFA_DTYPE=2"]);
     }
 
     #[test]
-    fn block_n_override_changes_name_and_defines() {
-        let v = Variant::hopper(DType::Bf16, 128, false).with_block_n(176);
-        assert_eq!(v.name(), "hopper_bf16_d128_n176");
-        assert!(v.defines().contains(&"-DBLOCK_N=176".to_string()));
-        assert_eq!(v.tiles().unwrap().block_n, 176);
-        let v = v.with_stages(3);
-        assert_eq!(v.name(), "hopper_bf16_d128_n176_s3");
+    fn tuned_hopper_tiles_change_name_and_defines() {
+        let v = Variant::hopper(
+            DType::Bf16,
+            128,
+            false,
+            check_tiles(128, Some(128), None).unwrap(),
+        );
+        assert_eq!(v.name(), "hopper_bf16_d128_n128");
+        assert!(v.defines().contains(&"-DBLOCK_N=128".to_string()));
+        let v = Variant::hopper(
+            DType::Bf16,
+            64,
+            false,
+            check_tiles(64, Some(176), Some(3)).unwrap(),
+        );
+        assert_eq!(v.name(), "hopper_bf16_d64_n176_s3");
         assert!(v.defines().contains(&"-DSTAGES=3".to_string()));
     }
 
@@ -254,20 +427,49 @@ mod tests {
     fn arch_selection() {
         assert_eq!(arch_for(9, 0), "sm_90a");
         assert_eq!(arch_for(8, 6), "sm_86");
-        assert_eq!(variants_for_arch("sm_90a").len(), all_variants().len());
-        assert!(variants_for_arch("sm_80")
-            .iter()
-            .all(|v| v.kind != KernelKind::Hopper));
+        assert_eq!(sm_number("sm_90a"), Some(90));
+        assert_eq!(sm_number("sm_120"), Some(120));
+        assert_eq!(sm_number("compute_90"), None);
+        let count = |arch, kind| {
+            variants_for_arch(arch)
+                .iter()
+                .filter(|v| v.kind == kind)
+                .count()
+        };
+        assert_eq!(count("sm_90a", KernelKind::Hopper), 12);
+        for arch in CI_ARCHS {
+            // Every mma bucket fits every CI arch's shared memory, in both dtypes.
+            assert_eq!(count(arch, KernelKind::Mma), 16, "{arch}");
+            assert_eq!(count(arch, KernelKind::Generic), 3, "{arch}");
+        }
+        assert_eq!(count("sm_80", KernelKind::Hopper), 0);
+        assert_eq!(count("sm_75", KernelKind::Mma), 0);
+        assert_eq!(count("sm_75", KernelKind::Generic), 3);
+        // sm_86 has 99 KiB: the head_dim 256 tiles shrink.
+        let d256 = |arch| {
+            variants_for_arch(arch)
+                .into_iter()
+                .find(|v| v.kind == KernelKind::Mma && v.head_dim == 256)
+                .unwrap()
+                .tiles
+        };
+        assert_ne!(d256("sm_80"), d256("sm_86"));
     }
 
     #[test]
-    fn sources_hold_their_entry_points() {
+    fn sources_hold_their_entry_points_and_the_layout_checks() {
         for v in all_variants() {
             let src = v.source();
             for e in v.entry_points() {
                 assert!(src.contains(e), "{} lacks {e}", v.name());
             }
             assert!(!src.contains("#include"), "{} includes a header", v.name());
+            assert!(src.ends_with(&KernelParams::cuda_layout_checks()));
         }
+        for k in KernelKind::ALL {
+            assert_eq!(KernelKind::from_name(k.def().name), Some(k));
+        }
+        assert_eq!(KernelKind::from_name("MMA"), Some(KernelKind::Mma));
+        assert_eq!(KernelKind::from_name("wgmma"), None);
     }
 }

@@ -1,186 +1,290 @@
-//! On an NVIDIA GPU: the CUDA backend against the f64 reference, the same cases as every
-//! backend (core::testing::feature_cases) plus larger and random shapes that exercise the
-//! Hopper kernel's pipeline (many key blocks, several tiles per block, GQA, varlen, masks).
-//! Without a GPU the tests print why they skip, unless FLASHATTN_REQUIRE_BACKENDS names cuda.
+//! On an NVIDIA GPU: the CUDA backend against the f64 reference through core's test kit, for
+//! each kernel family the GPU runs: the automatic choice, then each family forced (Hopper
+//! wgmma on sm_90a, mma.sync on sm_80+, the portable kernel everywhere) on core's feature
+//! cases, shapes that cross the kernels' block and pipeline boundaries, long key sequences,
+//! NaN inputs, core's random specs, and the device-resident API. Without a GPU every test
+//! prints why it skips, unless FLASHATTN_REQUIRE_BACKENDS names cuda.
 
-use flashattn_core::testing::{backend_required, check_backend, feature_cases};
-use flashattn_core::{AttentionSpec, Backend, DType};
+mod common;
+
+use common::{check_nan, mma_cases, named, nan_spec, run};
+use flashattn_core::testing::strategy::{specs, SpecSpace};
+use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
+use flashattn_core::{AttentionSpec, Backend, DType, Pass};
 use flashattn_cuda::{CudaBackend, KernelKind};
 use proptest::prelude::*;
-use std::sync::OnceLock;
 
-fn backend() -> Option<&'static CudaBackend> {
-    static B: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
-    match B.get_or_init(|| CudaBackend::new().map_err(|e| e.to_string())) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            if backend_required("cuda") {
-                panic!("cuda is required (FLASHATTN_REQUIRE_BACKENDS) but unavailable: {e}");
-            }
-            eprintln!("SKIP: {e}");
-            None
+/// The backend on device 0 with `kind` forced (`None`: automatic), or `None` after printing
+/// why: no GPU, or this GPU cannot run that kernel family.
+fn backend(kind: Option<KernelKind>) -> Option<CudaBackend> {
+    let mut b = backend_or_skip("cuda", CudaBackend::new)?;
+    b.force_kernel(kind);
+    if let Some(kind) = kind {
+        let probe = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Bf16);
+        if let Err(e) = b.variant_for(&probe) {
+            println!("SKIP {kind:?} kernel on {}: {e}", b.device());
+            return None;
         }
     }
+    Some(b)
 }
 
-fn generic_backend() -> Option<&'static CudaBackend> {
-    static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
-    B.get_or_init(|| {
-        backend()?;
-        let mut b = CudaBackend::new().ok()?;
-        b.force_kernel(Some(KernelKind::Generic));
-        Some(b)
-    })
-    .as_ref()
-}
-
-fn run_cases(b: &CudaBackend, cases: &[(String, AttentionSpec)]) {
-    let mut failures = Vec::new();
-    for (i, (name, spec)) in cases.iter().enumerate() {
-        let kernel = b
-            .variant_for(spec)
-            .map(|v| v.name())
-            .unwrap_or_else(|e| e.to_string());
-        match check_backend(b, spec, 1000 + i as u64) {
-            Ok(r) => println!(
-                "ok   {name:34} {kernel:22} rel_l2 {:.2e} lse {:?}",
-                r.rel_l2, r.lse_max_abs
-            ),
-            Err(e) => failures.push(format!("{name} [{kernel}]: {e}")),
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
-
-fn named(cases: Vec<(&'static str, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
-    cases.into_iter().map(|(n, s)| (n.to_string(), s)).collect()
-}
-
-/// Shapes that cross block, stage and tile boundaries of the Hopper kernel.
-fn hopper_cases(dtype: DType) -> Vec<(String, AttentionSpec)> {
+/// Shapes that cross block, stage and tile boundaries of the Hopper kernel (and of the others).
+fn pipeline_cases(dtype: DType, dims: &[usize]) -> Vec<(String, AttentionSpec)> {
     let mut v = Vec::new();
-    for d in [64, 128, 256] {
+    for &d in dims {
         let base = |b, h, sq, sk| {
             AttentionSpec::new(b, h, sq, sk, d)
                 .dtype(dtype)
                 .return_lse(true)
         };
-        v.push((format!("d{d} many blocks"), base(2, 3, 300, 700)));
-        v.push((format!("d{d} causal"), base(1, 2, 513, 513).causal(true)));
-        v.push((
-            format!("d{d} causal sq<sk"),
-            base(1, 2, 130, 400).causal(true),
-        ));
-        v.push((format!("d{d} window"), base(1, 2, 400, 400).window(100, 37)));
-        v.push((format!("d{d} gqa"), base(2, 8, 200, 333).heads_kv(2)));
-        v.push((format!("d{d} softcap"), base(1, 2, 200, 260).softcap(8.0)));
-        v.push((
-            format!("d{d} alibi causal"),
-            base(1, 2, 260, 260)
-                .causal(true)
-                .alibi(vec![0.1, 0.03], false),
-        ));
-        v.push((
-            format!("d{d} varlen"),
-            base(1, 4, 700, 900)
-                .heads_kv(2)
-                .varlen(vec![0, 5, 300, 700], vec![0, 128, 129, 900]),
-        ));
-        v.push((
-            format!("d{d} varlen causal empty seq"),
-            base(1, 2, 400, 500)
-                .varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500])
-                .causal(true),
-        ));
-        // More tiles than SMs: the persistent loop and the Q reuse barrier.
-        v.push((format!("d{d} many tiles"), base(4, 40, 256, 128)));
+        let cases = [
+            ("many blocks", base(2, 3, 300, 700)),
+            ("causal", base(1, 2, 513, 513).causal(true)),
+            ("causal sq<sk", base(1, 2, 130, 400).causal(true)),
+            ("window", base(1, 2, 400, 400).window(100, 37)),
+            ("gqa", base(2, 8, 200, 333).heads_kv(2)),
+            ("softcap", base(1, 2, 200, 260).softcap(8.0)),
+            (
+                "alibi causal",
+                base(1, 2, 260, 260)
+                    .causal(true)
+                    .alibi(vec![0.1, 0.03], false),
+            ),
+            (
+                "varlen",
+                base(1, 4, 700, 900)
+                    .heads_kv(2)
+                    .varlen(vec![0, 5, 300, 700], vec![0, 128, 129, 900]),
+            ),
+            (
+                "varlen causal empty seq",
+                base(1, 2, 400, 500)
+                    .varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500])
+                    .causal(true),
+            ),
+            // More tiles than SMs: the persistent loop and the Q reuse barrier.
+            ("many tiles", base(4, 40, 256, 128)),
+        ];
+        v.extend(cases.map(|(n, s)| (format!("d{d} {n}"), s)));
     }
     v
 }
 
+/// Tens of thousands of keys: prefill-like and decode-like (one query), causal and not.
+fn long_cases(dtype: DType, d: usize) -> Vec<(String, AttentionSpec)> {
+    let base = |sq, sk| {
+        AttentionSpec::new(1, 2, sq, sk, d)
+            .dtype(dtype)
+            .return_lse(true)
+    };
+    named(vec![
+        ("30k keys", base(130, 30_000)),
+        ("30k keys causal", base(130, 30_000).causal(true)),
+        ("1 query x 100k keys", base(1, 100_000)),
+        ("window over 40k keys", base(300, 40_000).window(2000, 0)),
+    ])
+}
+
 #[test]
-fn feature_cases_bf16_f16_f32() {
-    let Some(b) = backend() else { return };
-    for dtype in [DType::Bf16, DType::F16, DType::F32] {
-        println!("== {dtype} on {}", b.device());
-        run_cases(b, &named(feature_cases(dtype)));
+fn automatic_choice_feature_cases() {
+    let Some(b) = backend(None) else { return };
+    for (i, dtype) in [DType::Bf16, DType::F16, DType::F32]
+        .into_iter()
+        .enumerate()
+    {
+        run(
+            &b,
+            &format!("auto {dtype}"),
+            &named(feature_cases(dtype)),
+            1000 + 100 * i as u64,
+        );
+    }
+    run(&b, "auto long bf16", &long_cases(DType::Bf16, 128), 1400);
+}
+
+#[test]
+fn mma_kernel_cases() {
+    let Some(b) = backend(Some(KernelKind::Mma)) else {
+        return;
+    };
+    for (i, dtype) in [DType::Bf16, DType::F16].into_iter().enumerate() {
+        let s = 2000 + 1000 * i as u64;
+        run(
+            &b,
+            &format!("mma {dtype} features"),
+            &named(feature_cases(dtype)),
+            s,
+        );
+        run(
+            &b,
+            &format!("mma {dtype} shapes"),
+            &mma_cases(dtype),
+            s + 100,
+        );
+        let dims = [64, 96, 128, 256];
+        run(
+            &b,
+            &format!("mma {dtype} pipeline"),
+            &pipeline_cases(dtype, &dims),
+            s + 200,
+        );
+        for d in [64, 96, 200] {
+            run(
+                &b,
+                &format!("mma {dtype} long d{d}"),
+                &long_cases(dtype, d),
+                s + 300 + d as u64,
+            );
+        }
     }
 }
 
 #[test]
-fn hopper_pipeline_cases() {
-    let Some(b) = backend() else { return };
-    for dtype in [DType::Bf16, DType::F16] {
-        run_cases(b, &hopper_cases(dtype));
+fn hopper_kernel_cases() {
+    let Some(b) = backend(Some(KernelKind::Hopper)) else {
+        return;
+    };
+    for (i, dtype) in [DType::Bf16, DType::F16].into_iter().enumerate() {
+        let s = 4000 + 1000 * i as u64;
+        run(
+            &b,
+            &format!("hopper {dtype} pipeline"),
+            &pipeline_cases(dtype, &[64, 128, 256]),
+            s,
+        );
+        run(
+            &b,
+            &format!("hopper {dtype} long"),
+            &long_cases(dtype, 128),
+            s + 500,
+        );
     }
-}
-
-#[test]
-fn generic_kernel_on_the_same_cases() {
-    let Some(b) = generic_backend() else { return };
-    let mut cases = named(feature_cases(DType::Bf16));
-    cases.extend(hopper_cases(DType::F16).into_iter().step_by(3));
-    run_cases(b, &cases);
 }
 
 #[test]
 fn hopper_block_n_variants() {
-    let Some(b) = backend() else { return };
-    if b.info().arch() != "sm_90a" {
+    let Some(_) = backend(Some(KernelKind::Hopper)) else {
         return;
-    }
+    };
     for (d, n, st) in [(64, 176, 3), (128, 128, 2), (128, 128, 3), (256, 64, 2)] {
-        let mut be = CudaBackend::new().unwrap();
-        be.set_block_n(Some(n));
-        be.set_stages(Some(st));
-        let cases: Vec<_> = hopper_cases(DType::Bf16)
-            .into_iter()
-            .filter(|(name, _)| name.starts_with(&format!("d{d} ")))
-            .collect();
-        println!("== d={d} block_n={n} stages={st}");
-        run_cases(&be, &cases);
+        let Some(mut b) = backend(Some(KernelKind::Hopper)) else {
+            return;
+        };
+        b.set_block_n(Some(n));
+        b.set_stages(Some(st));
+        let cases = pipeline_cases(DType::Bf16, &[d]);
+        run(
+            &b,
+            &format!("hopper d{d} block_n {n} stages {st}"),
+            &cases,
+            6000 + d as u64,
+        );
     }
 }
 
 #[test]
-fn hopper_kernel_is_chosen_on_hopper() {
-    let Some(b) = backend() else { return };
-    let spec = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Bf16);
-    let v = b.variant_for(&spec).unwrap();
-    if b.info().arch() == "sm_90a" {
-        assert_eq!(v.kind, KernelKind::Hopper);
-    } else {
-        assert_eq!(v.kind, KernelKind::Generic);
+fn portable_kernel_cases() {
+    let Some(b) = backend(Some(KernelKind::Generic)) else {
+        return;
+    };
+    run(&b, "generic f32", &named(feature_cases(DType::F32)), 7000);
+    run(&b, "generic bf16", &named(feature_cases(DType::Bf16)), 7100);
+    let cases: Vec<_> = pipeline_cases(DType::F16, &[64, 128])
+        .into_iter()
+        .step_by(3)
+        .collect();
+    run(&b, "generic f16 pipeline", &cases, 7200);
+    run(&b, "generic f32 long", &long_cases(DType::F32, 64), 7300);
+}
+
+/// NaN in one key or one query row reaches exactly the rows that see it. The Hopper kernel
+/// writes LSE -inf for such rows (it tests l > 0; its source stays as validated on the H100),
+/// so only its output is held to NaN.
+#[test]
+fn nan_reaches_exactly_the_rows_that_see_it() {
+    for (kind, dtype) in [
+        (KernelKind::Mma, DType::Bf16),
+        (KernelKind::Generic, DType::F32),
+        (KernelKind::Hopper, DType::Bf16),
+    ] {
+        let Some(b) = backend(Some(kind)) else {
+            continue;
+        };
+        let mut spec = nan_spec(dtype);
+        if kind == KernelKind::Hopper {
+            spec.head_dim = 128;
+            spec.head_dim_v = 128;
+        }
+        for nan_in_q in [false, true] {
+            check_nan(&b, &spec, nan_in_q, kind != KernelKind::Hopper).unwrap_or_else(|e| {
+                panic!(
+                    "{kind:?} {dtype}, NaN in {}: {e}",
+                    if nan_in_q { "q" } else { "k" }
+                )
+            });
+        }
     }
+}
+
+#[test]
+fn kernel_choice_and_variant_names() {
+    let Some(b) = backend(None) else { return };
+    let bf16 = |d| AttentionSpec::new(1, 1, 8, 8, d).dtype(DType::Bf16);
+    let name = b.kernel_variant(&bf16(128), Pass::Forward);
+    let kind = b.variant_for(&bf16(128)).unwrap().kind;
+    let (major, _) = b.info().compute_capability;
+    let expected = match b.info().arch().as_str() {
+        "sm_90a" => KernelKind::Hopper,
+        _ if major >= 8 => KernelKind::Mma,
+        _ => KernelKind::Generic,
+    };
+    assert_eq!(kind, expected, "{name}");
+    assert!(name.starts_with("cuda/forward/"), "{name}");
+    // Each forced family names its own variant, so the canary checks each separately.
+    let mut names = std::collections::HashSet::new();
+    for k in [KernelKind::Hopper, KernelKind::Mma, KernelKind::Generic] {
+        let mut b = CudaBackend::new().unwrap();
+        b.force_kernel(Some(k));
+        if b.supports(&bf16(128)).is_ok() {
+            assert!(names.insert(b.kernel_variant(&bf16(128), Pass::Forward)));
+        }
+    }
+    assert_eq!(
+        b.variant_for(&bf16(72)).unwrap().kind,
+        if major >= 8 {
+            KernelKind::Mma
+        } else {
+            KernelKind::Generic
+        }
+    );
     // fp8 is refused with a reason, not a panic.
     let fp8 = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Fp8E4m3);
     assert!(b.supports(&fp8).is_err());
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    /// Core's random specs (every head dim, GQA, masks, softcap, ALiBi, varlen), automatic choice.
     #[test]
     fn random_specs(
-        d in prop::sample::select(vec![40usize, 64, 72, 128, 200, 256]),
-        bf16 in any::<bool>(),
-        b in 1usize..3, hkv in 1usize..3, group in 1usize..3,
-        sq in prop::sample::select(vec![1usize, 17, 129, 200, 385]),
-        sk in prop::sample::select(vec![1usize, 17, 129, 300, 517]),
-        causal in any::<bool>(),
-        left in -1i64..200, right in -1i64..50,
-        softcap in prop::sample::select(vec![0.0f32, 0.0, 6.0]),
+        spec in specs(SpecSpace { max_seqlen: 600, ..SpecSpace::new(&[DType::Bf16, DType::F16, DType::F32]) }),
         seed in any::<u64>(),
     ) {
-        let Some(be) = backend() else { return Ok(()) };
-        let dtype = if bf16 { DType::Bf16 } else { DType::F16 };
-        let spec = AttentionSpec::new(b, hkv * group, sq, sk, d).heads_kv(hkv).dtype(dtype)
-            .causal(causal).window(left, right).softcap(softcap).return_lse(true);
-        if let Err(e) = check_backend(be, &spec, seed) {
+        let Some(b) = backend(None) else { return Ok(()) };
+        if let Err(e) = check_backend(&b, &spec, seed) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+
+    /// The same on the mma.sync kernel, forced.
+    #[test]
+    fn random_specs_mma(
+        spec in specs(SpecSpace { max_seqlen: 600, ..SpecSpace::new(&[DType::Bf16, DType::F16]) }),
+        seed in any::<u64>(),
+    ) {
+        let Some(b) = backend(Some(KernelKind::Mma)) else { return Ok(()) };
+        if let Err(e) = check_backend(&b, &spec, seed) {
             prop_assert!(false, "{}", e);
         }
     }
@@ -192,7 +296,7 @@ fn forward_device_on_caller_buffers() {
     use cudarc::driver::result as drv;
     use flashattn_core::{lse_max_error, random_inputs, reference_attention, rel_l2_error, Tensor};
     use flashattn_cuda::DeviceTensors;
-    let Some(b) = backend() else { return };
+    let Some(b) = backend(None) else { return };
     let dev = drv::device::get(0).unwrap();
     // SAFETY: device 0 exists (the backend opened it); retaining the primary context is
     // what the CUDA runtime does too.
@@ -218,7 +322,7 @@ fn forward_device_on_caller_buffers() {
             .varlen(vec![0, 30, 70], vec![0, 50, 90])
             .window(20, 5)
             .return_lse(true),
-        AttentionSpec::new(1, 4, 64, 64, 64).dtype(DType::F16),
+        AttentionSpec::new(1, 4, 64, 64, 96).dtype(DType::F16),
     ];
     for (i, spec) in specs.iter().enumerate() {
         let (q, k, v) = random_inputs(spec, 77 + i as u64);

@@ -1,0 +1,332 @@
+//! Without a GPU: the mma.sync kernel's and the portable kernel's real CUDA source, run on the
+//! CPU by a small emulator (tests/emulator/emu.h: one fiber per CUDA thread; ldmatrix,
+//! mma.sync and shuffles computed from every lane's operands with the PTX ISA's fragment
+//! layouts; cp.async landing at its wait), against the f64 reference through core's test kit.
+//! The host side is the backend's own: variant selection (`select_mma` / `select_generic`),
+//! `KernelParams` and the launch (`flash_launch`). What this cannot show: speed, races between
+//! warps, and the real hardware's instruction semantics beyond the documented layouts.
+//! Needs a C++20 compiler (`$CXX`, else `c++`); skips with the reason without one, unless
+//! FLASHATTN_REQUIRE_BACKENDS names cuda-emulate.
+
+mod common;
+
+use common::{check_nan, mma_cases, named, nan_spec, run};
+use flashattn_core::testing::strategy::{specs, SpecSpace};
+use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
+use flashattn_core::{
+    validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, DType, Error,
+    Output, Result, Tensor, TensorRef,
+};
+use flashattn_cuda::{
+    flash_launch, select_generic, select_mma, smem_optin_of_arch, KernelKind, Variant,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const EMU_H: &str = include_str!("emulator/emu.h");
+const DRIVER: &str = include_str!("emulator/driver.cpp");
+/// Headers the emulator replaces (their inline PTX runs as C++ in emu.h).
+const REPLACED: [&str; 2] = ["ptx.cuh", "dtype.cuh"];
+
+fn cxx() -> String {
+    std::env::var("CXX").unwrap_or_else(|_| "c++".to_string())
+}
+
+/// A fresh folder for one emulator (tests run in parallel threads).
+fn work_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "flashattn-emulate-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// The CUDA backend's kernels on the emulator, as a `Backend` (forward only).
+struct Emulated {
+    arch: &'static str,
+    kind: KernelKind,
+    dir: PathBuf,
+    /// Compiled driver (or the compiler's complaint) per variant name.
+    drivers: Mutex<HashMap<String, std::result::Result<PathBuf, String>>>,
+}
+
+impl Emulated {
+    /// The emulator for `kind` kernels as an `arch` GPU would choose them, if a C++ compiler works.
+    fn new(arch: &'static str, kind: KernelKind) -> Result<Emulated> {
+        let probe = Command::new(cxx()).arg("--version").output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            return Err(Error::Unavailable {
+                backend: "cuda-emulate",
+                reason: format!("no C++ compiler ({}; set CXX)", cxx()),
+            });
+        }
+        Ok(Emulated {
+            arch,
+            kind,
+            dir: work_dir(),
+            drivers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn variant(&self, spec: &AttentionSpec) -> Result<Variant> {
+        let checked = spec.validate()?;
+        let smem = smem_optin_of_arch(self.arch);
+        let v = match self.kind {
+            KernelKind::Mma => select_mma(&checked, (8, 0), smem, None),
+            KernelKind::Generic => select_generic(&checked, smem),
+            k => Err(format!("{k:?} is not emulated")),
+        };
+        v.map_err(|e| Error::unsupported("cuda-emulate", e))
+    }
+
+    /// The driver binary of `variant`: emu.h, the kernel's sources (the PTX headers replaced,
+    /// params.cuh's fixed-width typedefs dropped for <cstdint>'s), the driver's main.
+    fn driver(&self, variant: &Variant) -> Result<PathBuf> {
+        let name = variant.name();
+        let mut drivers = self.drivers.lock().unwrap();
+        let built = drivers
+            .entry(name.clone())
+            .or_insert_with(|| self.compile_driver(variant));
+        built
+            .clone()
+            .map_err(|e| Error::backend("cuda-emulate", format!("{name}: {e}")))
+    }
+
+    fn compile_driver(&self, variant: &Variant) -> std::result::Result<PathBuf, String> {
+        let name = variant.name();
+        let mut src = String::from(EMU_H);
+        for (file, text) in variant.kind.def().sources {
+            if REPLACED.contains(file) {
+                continue;
+            }
+            let text: String = text
+                .lines()
+                .filter(|l| !(l.starts_with("typedef unsigned") && l.contains("int")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            src.push_str(&text);
+        }
+        src.push_str(DRIVER);
+        let cpp = self.dir.join(format!("{name}.cpp"));
+        let bin = self.dir.join(&name);
+        std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
+        let smem_t = if variant.kind == KernelKind::Generic {
+            "float"
+        } else {
+            "uint8_t"
+        };
+        let out = Command::new(cxx())
+            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+            .arg(&bin)
+            .arg(&cpp)
+            .args(variant.defines())
+            .arg(format!("-DEMU_KERNEL={}", variant.entry_points()[0]))
+            .arg(format!("-DEMU_SMEM_T={smem_t}"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "does not compile as C++:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(bin)
+    }
+}
+
+/// Runs `bin` on `dir`, killed after `limit` (a deadlocked emulation must fail, not hang).
+fn run_with_limit(bin: &Path, dir: &Path, limit: Duration) -> std::result::Result<(), String> {
+    let mut child = Command::new(bin)
+        .arg(dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            if status.success() {
+                return Ok(());
+            }
+            let mut err = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut s, &mut err);
+            }
+            return Err(format!("emulated kernel failed ({status}): {err}"));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            return Err(format!(
+                "emulated kernel still running after {limit:?} (deadlock?)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Backend for Emulated {
+    fn name(&self) -> &'static str {
+        "cuda-emulate"
+    }
+
+    fn device(&self) -> String {
+        format!("CPU emulation of {} ({:?} kernels)", self.arch, self.kind)
+    }
+
+    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
+        self.variant(spec).map(|_| ())
+    }
+
+    fn forward(
+        &self,
+        spec: &AttentionSpec,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+    ) -> Result<Output> {
+        let checked = spec.validate()?;
+        validate_inputs(spec, &q, &k, &v)?;
+        let variant = self.variant(spec)?;
+        let bin = self.driver(&variant)?;
+        let (params, launch) = flash_launch(&checked, &variant, 1)?;
+        let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
+        let dir = tempdir_in(&self.dir);
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(io);
+        write("params.bin", bytemuck::bytes_of(&params))?;
+        let out_bytes = checked.sizes.out * spec.dtype.output().size_bytes();
+        let lse_floats = if spec.return_lse {
+            checked.sizes.lse
+        } else {
+            0
+        };
+        write(
+            "launch.txt",
+            format!(
+                "{} {} {} {} {out_bytes} {lse_floats}",
+                launch.grid.0, launch.grid.1, launch.grid.2, launch.block
+            )
+            .as_bytes(),
+        )?;
+        write("q.bin", q.as_bytes())?;
+        write("k.bin", k.as_bytes())?;
+        write("v.bin", v.as_bytes())?;
+        if let Some(vl) = &spec.varlen {
+            write("cu_q.bin", bytemuck::cast_slice(&vl.cu_seqlens_q))?;
+            write("cu_k.bin", bytemuck::cast_slice(&vl.cu_seqlens_k))?;
+        }
+        if let Some(a) = &spec.alibi {
+            write("alibi.bin", bytemuck::cast_slice(&a.slopes))?;
+        }
+        run_with_limit(&bin, &dir, Duration::from_secs(600))
+            .map_err(|e| Error::backend("cuda-emulate", format!("{}: {e}", variant.name())))?;
+        let out = Tensor::from_bytes(
+            spec.dtype.output(),
+            &std::fs::read(dir.join("out.bin")).map_err(io)?,
+        )?;
+        let lse = spec
+            .return_lse
+            .then(|| std::fs::read(dir.join("lse.bin")).map(|b| bytemuck::pod_collect_to_vec(&b)))
+            .transpose()
+            .map_err(io)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(Output { out, lse })
+    }
+
+    fn bench(
+        &self,
+        _: &AttentionSpec,
+        _: Algorithm,
+        _: &BenchPlan,
+        _: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        Err(Error::unsupported(
+            "cuda-emulate",
+            "no timings in emulation",
+        ))
+    }
+}
+
+fn tempdir_in(dir: &Path) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    dir.join(format!("run{}", N.fetch_add(1, Ordering::Relaxed)))
+}
+
+fn emulated(arch: &'static str, kind: KernelKind) -> Option<Emulated> {
+    backend_or_skip("cuda-emulate", || Emulated::new(arch, kind))
+}
+
+#[test]
+fn mma_kernel_feature_cases_bf16_sm80_tiles() {
+    let Some(b) = emulated("sm_80", KernelKind::Mma) else {
+        return;
+    };
+    run(&b, "feature cases", &named(feature_cases(DType::Bf16)), 100);
+    run(&b, "mma cases", &mma_cases(DType::Bf16), 200);
+}
+
+#[test]
+fn mma_kernel_feature_cases_f16_sm86_tiles() {
+    let Some(b) = emulated("sm_86", KernelKind::Mma) else {
+        return;
+    };
+    run(&b, "feature cases", &named(feature_cases(DType::F16)), 300);
+    run(&b, "mma cases", &mma_cases(DType::F16), 400);
+}
+
+#[test]
+fn portable_kernel_feature_cases_f32() {
+    let Some(b) = emulated("sm_80", KernelKind::Generic) else {
+        return;
+    };
+    run(&b, "feature cases", &named(feature_cases(DType::F32)), 500);
+}
+
+#[test]
+fn nan_reaches_exactly_the_rows_that_see_it() {
+    for (kind, dtype) in [
+        (KernelKind::Mma, DType::Bf16),
+        (KernelKind::Generic, DType::F32),
+    ] {
+        let Some(b) = emulated("sm_80", kind) else {
+            return;
+        };
+        for nan_in_q in [false, true] {
+            if let Err(e) = check_nan(&b, &nan_spec(dtype), nan_in_q, true) {
+                panic!(
+                    "{kind:?} {dtype}, NaN in {}: {e}",
+                    if nan_in_q { "q" } else { "k" }
+                );
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 10,
+        failure_persistence: None,
+        ..Default::default()
+    })]
+    /// Core's random specs (every head dim, GQA, masks, softcap, ALiBi, varlen) on the mma.sync
+    /// kernel, as an sm_80 GPU would run them.
+    #[test]
+    fn mma_kernel_random_specs(
+        spec in specs(SpecSpace { max_seqlen: 100, ..SpecSpace::new(&[DType::Bf16, DType::F16]) }),
+        seed in proptest::prelude::any::<u64>(),
+    ) {
+        static B: OnceLock<Option<Emulated>> = OnceLock::new();
+        let Some(b) = B.get_or_init(|| emulated("sm_80", KernelKind::Mma)) else {
+            return Ok(());
+        };
+        if let Err(e) = check_backend(b, &spec, seed) {
+            proptest::prop_assert!(false, "{}", e);
+        }
+    }
+}
