@@ -1,0 +1,174 @@
+//! The binary's backward and decode modes end to end on the CPU backend: `run --check` against
+//! the f64 reference, gradient files checked independently, and `bench` JSON for both passes.
+
+mod common;
+
+use common::cli::{cli, read_f32, write_npy};
+use flashattn::{random_inputs, random_tensor, reference_backward, rel_l2_error, AttentionSpec};
+use rand::SeedableRng;
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn run_backward_checks_and_writes_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    // GQA, causal with sq > sk (fully masked rows), head_dim_v != head_dim, odd sizes.
+    let spec = AttentionSpec::new(1, 4, 37, 29, 40)
+        .heads_kv(2)
+        .head_dim_v(24)
+        .causal(true);
+    let (q, k, v) = random_inputs(&spec, 5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
+    write_npy(&p("q.npy"), &[1, 37, 4, 40], &q.to_f32_vec());
+    write_npy(&p("k.npy"), &[1, 29, 2, 40], &k.to_f32_vec());
+    write_npy(&p("v.npy"), &[1, 29, 2, 24], &v.to_f32_vec());
+    write_npy(&p("do.npy"), &[1, 37, 4, 24], &dout.to_f32_vec());
+    let mut cmd = cli();
+    cmd.args([
+        "run",
+        "--backend",
+        "cpu",
+        "--backward",
+        "--causal",
+        "--check",
+    ]);
+    for (flag, file) in [
+        ("--q", "q.npy"),
+        ("--k", "k.npy"),
+        ("--v", "v.npy"),
+        ("--dout", "do.npy"),
+        ("--out-dq", "dq.npy"),
+        ("--out-dk", "dk.npy"),
+        ("--out-dv", "dv.npy"),
+    ] {
+        cmd.arg(flag).arg(p(file));
+    }
+    let text = stdout(&cmd.output().unwrap());
+    assert!(text.contains("PASS"), "{text}");
+    let want =
+        reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
+    for (file, shape, grad) in [
+        ("dq.npy", vec![1, 37, 4, 40], &want.dq),
+        ("dk.npy", vec![1, 29, 2, 40], &want.dk),
+        ("dv.npy", vec![1, 29, 2, 24], &want.dv),
+    ] {
+        let (got_shape, got) = read_f32(&p(file));
+        assert_eq!(got_shape, shape, "{file}");
+        let err = rel_l2_error(&got, grad);
+        assert!(err < 2e-4, "{file}: relative L2 error {err:.3e}");
+    }
+}
+
+#[test]
+fn run_decode_checks_a_paged_rotary_step() {
+    for (page, extra) in [
+        ("1", vec!["--rotary-dim", "32", "--rotary-neox"]),
+        ("16", vec!["--window", "100,0"]),
+    ] {
+        let mut cmd = cli();
+        cmd.args([
+            "run",
+            "--backend",
+            "cpu",
+            "--decode",
+            "--check",
+            "--json",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "64",
+            "--cache-len",
+            "1500",
+            "--new-tokens",
+            "3",
+            "--causal",
+            "--dtype",
+            "bf16",
+            "--page-size",
+            page,
+        ])
+        .args(&extra);
+        let text = stdout(&cmd.output().unwrap());
+        let json: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(json["check"]["passed"], true, "{json}");
+        assert_eq!(json["check"]["other_rows_unchanged"], true, "{json}");
+    }
+}
+
+#[test]
+fn bench_backward_and_decode_report_their_measures() {
+    let out = cli()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--backward",
+            "--compare-naive",
+            "--json",
+            "--seqlen-q",
+            "256",
+            "--heads",
+            "2",
+            "--head-dim",
+            "64",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["pass"], "backward", "{row}");
+    assert!(row["time_ms"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["tflops"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["naive"]["time_ms"].as_f64().unwrap() > 0.0, "{row}");
+    // Flash keeps O(N) extra memory; naive materialises 2 heads x 256 x 256 scores (and P).
+    let (flash, naive) = (
+        row["extra_bytes"].as_f64().unwrap(),
+        row["naive"]["extra_bytes"].as_f64().unwrap(),
+    );
+    assert!(naive > 256.0 * 256.0 * 4.0 && flash < naive, "{row}");
+
+    let out = cli()
+        .args([
+            "bench",
+            "--backend",
+            "cpu",
+            "--decode",
+            "--json",
+            "--seqlens",
+            "2048",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "128",
+            "--dtype",
+            "bf16",
+            "--iters",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["pass"], "decode", "{row}");
+    assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["copy"]["gbps"].as_f64().unwrap() > 0.0, "{row}");
+}
