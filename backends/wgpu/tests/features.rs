@@ -3,18 +3,15 @@
 
 mod common;
 
+use common::assert_forward_cases;
 use flashattn_core::testing::feature_cases;
 use flashattn_core::{AttentionSpec, DType};
 use flashattn_wgpu::WgpuBackend;
 
-fn named(cases: Vec<(&'static str, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
-    cases.into_iter().map(|(n, s)| (n.to_string(), s)).collect()
-}
-
 #[test]
 fn feature_cases_f32() {
     let Some(b) = common::backend() else { return };
-    common::check_all(b, &named(feature_cases(DType::F32)));
+    assert_forward_cases(b, &feature_cases(DType::F32), 1000);
 }
 
 #[test]
@@ -27,13 +24,13 @@ fn feature_cases_f16() {
         );
         return;
     }
-    common::check_all(b, &named(feature_cases(DType::F16)));
+    assert_forward_cases(b, &feature_cases(DType::F16), 1000);
 }
 
 #[test]
 fn feature_cases_bf16() {
     let Some(b) = common::backend() else { return };
-    common::check_all(b, &named(feature_cases(DType::Bf16)));
+    assert_forward_cases(b, &feature_cases(DType::Bf16), 1000);
 }
 
 #[test]
@@ -45,7 +42,7 @@ fn feature_cases_without_subgroups() {
         .expect("second device")
         .without_subgroups();
     assert_eq!(b.subgroup_size(), 0);
-    common::check_all(&b, &named(feature_cases(DType::F32)));
+    assert_forward_cases(&b, &feature_cases(DType::F32), 1000);
 }
 
 /// Varlen tokens past cu_seqlens_q[batch] belong to no sequence: out 0 and LSE -inf, even
@@ -58,7 +55,7 @@ fn varlen_tokens_outside_every_sequence() {
     let spec = AttentionSpec::new(1, 2, 30, 30, 16)
         .varlen(vec![0, 10, 20], vec![0, 15, 30])
         .return_lse(true);
-    common::check_all(b, &[("uncovered tail".to_string(), spec)]);
+    assert_forward_cases(b, &[("uncovered tail", spec)], 1000);
 }
 
 #[test]
@@ -69,7 +66,7 @@ fn fp8_is_unsupported_with_a_reason() {
     assert!(err.to_string().contains("fp8"), "{err}");
 }
 
-/// A 2 KiB binding limit forces q/out and k/v into many token ranges, partial results for
+/// A 16 KiB binding limit forces q/out and k/v into many token ranges, partial results for
 /// every key range and the combine kernel: every feature must still match the reference.
 #[test]
 fn chunked_bindings_match_the_reference() {
@@ -118,11 +115,5 @@ fn chunked_bindings_match_the_reference() {
                 .causal(true)),
         ),
     ];
-    common::check_all(
-        &b,
-        &cases
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect::<Vec<_>>(),
-    );
+    assert_forward_cases(&b, &cases, 1000);
 }

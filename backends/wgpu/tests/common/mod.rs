@@ -1,52 +1,43 @@
-//! Shared test setup: one backend per test binary, or a skip (a failure when CI requires wgpu).
+//! What the wgpu test binaries share beyond `flashattn_core::testing`: one backend per test
+//! binary (opening a device is slow), skipped with a printed reason when there is no adapter.
 
-use flashattn_core::testing::{backend_required, check_backend};
+use flashattn_core::testing::{backend_or_skip, check_backend, check_cases};
 use flashattn_core::AttentionSpec;
 use flashattn_wgpu::WgpuBackend;
 use std::sync::OnceLock;
 
-/// The backend, or `None` after printing why the test is skipped.
+/// The backend, or `None` when the test is skipped (the reason is printed; a failure instead
+/// when FLASHATTN_REQUIRE_BACKENDS names wgpu).
 pub fn backend() -> Option<&'static WgpuBackend> {
-    static B: OnceLock<Result<WgpuBackend, String>> = OnceLock::new();
-    let b = B.get_or_init(|| match WgpuBackend::new() {
-        Ok(b) => {
+    static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    let b = B
+        .get_or_init(|| {
+            let b = backend_or_skip("wgpu", WgpuBackend::new)?;
             eprintln!("wgpu tests on {}", b.device_description());
-            Ok(b)
-        }
-        Err(e) => {
-            assert!(
-                !backend_required("wgpu"),
-                "FLASHATTN_REQUIRE_BACKENDS names wgpu but it is unavailable: {e}"
-            );
-            Err(e.to_string())
-        }
-    });
-    match b {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("SKIP: {e} (scripts/install-lavapipe.sh installs a CPU Vulkan driver)");
-            None
-        }
+            Some(b)
+        })
+        .as_ref();
+    if b.is_none() {
+        eprintln!(
+            "SKIP: no wgpu adapter (scripts/install-lavapipe.sh installs a CPU Vulkan driver)"
+        );
     }
+    b
 }
 
-/// Runs every case; panics listing all failures.
+/// Runs every forward case against the reference (seeds from `seed`); panics listing all failures.
 #[allow(dead_code)] // not every test binary uses it
-pub fn check_all(backend: &WgpuBackend, cases: &[(String, AttentionSpec)]) {
-    let mut failures = Vec::new();
-    for (i, (name, spec)) in cases.iter().enumerate() {
-        match check_backend(backend, spec, 1000 + i as u64) {
-            Ok(r) => eprintln!(
-                "ok   {name}: {spec} rel_l2 {:.2e} lse {:?}",
-                r.rel_l2, r.lse_max_abs
-            ),
-            Err(e) => failures.push(format!("{name}: {e}")),
-        }
-    }
+pub fn assert_forward_cases<S: AsRef<str>>(
+    b: &WgpuBackend,
+    cases: &[(S, AttentionSpec)],
+    seed: u64,
+) {
+    let failures = check_cases(b, cases, seed, check_backend);
     assert!(
         failures.is_empty(),
-        "{} failures:\n{}",
+        "{} of {} cases failed:\n{}",
         failures.len(),
+        cases.len(),
         failures.join("\n")
     );
 }
