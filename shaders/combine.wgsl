@@ -9,13 +9,16 @@ struct Merged {
 }
 
 // Element x of (row, h): sum over slots of exp(lse_s - lse) * O_s, and the merged LSE. Slots
-// that saw no key (LSE -inf) are skipped; a NaN LSE makes the weights, so the result, NaN.
+// that saw no key (LSE -inf) are skipped; a NaN LSE makes the row NaN.
 fn merge(row: u32, h: u32, x: u32) -> Merged {
     let rows = p.q_tok1 - p.q_tok0;
     var m = NEG_BIG;
     var any = false;
     for (var s = 0u; s < p.num_splits; s++) {
         let bits = part[p.part_lse + (s * rows + row) * p.heads_q + h];
+        if is_nan(bitcast<f32>(bits)) {
+            return Merged(bitcast<f32>(NAN_BITS), NAN_BITS);
+        }
         if bits != NEG_INF_BITS {
             m = max(m, bitcast<f32>(bits));
             any = true;

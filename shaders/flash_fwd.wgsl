@@ -184,14 +184,26 @@ fn add_pv(alpha: f32, t: u32, kt: i32, keys: Span, guarded: bool) {
     }
 }
 
-// The row's LSE (natural log, f32 bits) from the running max and sum: -inf when it saw no key
-// (the sum is exactly 0 only then), NaN when a score was NaN.
-fn row_lse_bits() -> u32 {
-    return select(NEG_INF_BITS, bitcast<u32>((m_run + log2(l_run)) * LN2), l_run != 0.0);
+// Whether the row saw any key: its sum is exactly +0 only when it saw none (a NaN sum did).
+fn row_seen() -> bool {
+    return bitcast<u32>(l_run) != 0u;
 }
 
+// The row's LSE (natural log, f32 bits) from the running max and sum: -inf when it saw no
+// key, NaN when a score was NaN.
+fn row_lse_bits() -> u32 {
+    if is_nan(l_run) {
+        return NAN_BITS;
+    }
+    return select(NEG_INF_BITS, bitcast<u32>((m_run + log2(l_run)) * LN2), row_seen());
+}
+
+// 1 / sum: 0 when the row saw no key (O stays 0), NaN when its sum is NaN.
 fn inv_sum() -> f32 {
-    return select(0.0, 1.0 / l_run, l_run != 0.0);
+    if is_nan(l_run) {
+        return bitcast<f32>(NAN_BITS);
+    }
+    return select(0.0, 1.0 / l_run, row_seen());
 }
 
 // Writes out (in the output dtype) and the LSE directly: a single dispatch covered the keys.
@@ -225,8 +237,7 @@ fn slot_lse(blk: Block, row: Row) -> f32 {
 // Merges this dispatch's (O, LSE) into the row's slot: weights exp(lse - max) of the two, as
 // combine.wgsl merges slots. The first dispatch writes the slot even when it saw no key.
 fn store_slot(blk: Block, row: Row, t: u32, prev_lse: f32) {
-    let seen = l_run != 0.0;
-    if !row.ok || !(seen || has_flag(FLAG_FIRST)) {
+    if !row.ok || !(row_seen() || has_flag(FLAG_FIRST)) {
         return;
     }
     let pr = slot_index(blk, row);
@@ -234,8 +245,11 @@ fn store_slot(blk: Block, row: Row, t: u32, prev_lse: f32) {
     var w_prev = 0.0;
     var w_cur = inv_sum();
     var lse_new = lse_cur;
-    if prev_lse != bitcast<f32>(NEG_INF_BITS) {
-        // Both saw keys; NaN in either propagates through the weights.
+    if is_nan(prev_lse) || is_nan(lse_cur) {
+        w_cur = bitcast<f32>(NAN_BITS);
+        lse_new = w_cur;
+    } else if bitcast<u32>(prev_lse) != NEG_INF_BITS {
+        // Both saw keys.
         let m = max(prev_lse, lse_cur);
         let a = exp(prev_lse - m);
         let c = exp(lse_cur - m);
@@ -247,7 +261,7 @@ fn store_slot(blk: Block, row: Row, t: u32, prev_lse: f32) {
         let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
         if e < p.dv {
             let at = pr * p.dv + e;
-            let prev = select(0.0, bitcast<f32>(part[at]), w_prev != 0.0);
+            let prev = select(0.0, bitcast<f32>(part[at]), bitcast<u32>(w_prev) != 0u);
             part[at] = bitcast<u32>(w_prev * prev + w_cur * o_acc[s]);
         }
     }

@@ -81,7 +81,8 @@ fn softmax(
     }
     sum = red_sum[0];
     // The sum is exactly 0 only for a fully masked row; a NaN score makes it (and the row) NaN.
-    let inv = select(0.0, 1.0 / sum, sum != 0.0);
+    let seen = bitcast<u32>(sum) != 0u;
+    let inv = select(select(0.0, 1.0 / sum, seen), bitcast<f32>(NAN_BITS), is_nan(sum));
     for (var j = lid; j < p.seqlen_k; j += 64u) {
         let bits = part[base + j];
         var pj = 0.0;
@@ -91,7 +92,8 @@ fn softmax(
         part[base + j] = bitcast<u32>(pj);
     }
     if lid == 0u && has_flag(FLAG_LSE) {
-        lse[row] = select(NEG_INF_BITS, bitcast<u32>((m + log2(sum)) * LN2), sum != 0.0);
+        var bits = select(NEG_INF_BITS, bitcast<u32>((m + log2(sum)) * LN2), seen);
+        lse[row] = select(bits, NAN_BITS, is_nan(sum));
     }
 }
 

@@ -41,8 +41,15 @@ const FLAG_FIRST: u32 = 32u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
 const NEG_INF_BITS: u32 = 0xff800000u;
+const NAN_BITS: u32 = 0x7fc00000u;
 // Running-max start: finite so that exp2(m_old - m_new) is 0, never NaN.
 const NEG_BIG: f32 = -3.0e38;
+
+// WGSL lets compilers assume that float arithmetic and comparisons see no NaN (`x != x` and
+// `x != 0.0` may be folded), so NaN and exact zero are tested on the bits.
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
 
 @group(0) @binding(0) var<uniform> p: Params;
 // cu_seqlens_q at 0, cu_seqlens_k at p.tab_cu_k, ALiBi slopes (f32 bits) at p.tab_alibi.

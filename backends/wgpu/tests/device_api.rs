@@ -243,3 +243,40 @@ fn naive_matches_the_reference() {
         assert!(lse_err < 1e-3, "{name}: LSE {lse_err:.3e}");
     }
 }
+
+/// On a headless machine (no XDG_RUNTIME_DIR) opening the backend and running a forward pass
+/// prints no `error:` (Mesa's device-select layer used to print one per Vulkan instance).
+/// Runs itself as a child process with a clean environment.
+#[test]
+fn a_successful_run_prints_no_error() {
+    const CHILD: &str = "FLASHATTN_WGPU_STARTUP_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let Some(b) = common::backend() else { return };
+        let spec = AttentionSpec::new(1, 2, 9, 33, 16).return_lse(true);
+        flashattn_core::testing::check_backend(b, &spec, 1).expect("forward in the child");
+        println!("child ran on {}", b.device_description());
+        return;
+    }
+    if common::backend().is_none() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["a_successful_run_prints_no_error", "--exact", "--nocapture"])
+        .env(CHILD, "1")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .env_remove("VK_LOADER_LAYERS_DISABLE")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("child ran on"),
+        "child did not run:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("error:"),
+        "stderr has an error line:\n{stderr}"
+    );
+}
