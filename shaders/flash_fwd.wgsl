@@ -12,7 +12,7 @@
 //
 // The host prepends the `enable` lines, the tile constants (WG, TPR, BLOCK_M, BLOCK_N, DS,
 // DVS, DP, DVP, KVW), params.wgsl, mask.wgsl, score_mod.wgsl, the dtype file, io_qkv.wgsl,
-// io_forward.wgsl and row_reduce.wgsl.
+// io_forward.wgsl, row_reduce.wgsl and query_block.wgsl.
 
 const RED_ROWS: u32 = BLOCK_M;
 const RED_N: u32 = BLOCK_N;
@@ -28,60 +28,6 @@ var<private> o_acc: array<f32, DVS>;
 var<private> scores: array<f32, BLOCK_N>;
 var<private> m_run: f32;
 var<private> l_run: f32;
-
-// One workgroup's work in this dispatch (uniform across the workgroup).
-struct Block {
-    b: u32,
-    h: u32,
-    kh: u32,
-    split: u32,
-    seq: SeqBounds,
-    row0: u32,
-    rows: Span,  // the block's rows within the sequence
-    keys: Span,  // the keys it walks: seen by its rows, bound in this dispatch, in its slice
-}
-
-// One invocation's query row.
-struct Row {
-    i: u32,
-    tok: u32,
-    ok: bool,    // a row of the sequence bound in this dispatch
-    keys: Span,  // its visible keys among the block's
-    diag: i32,
-    slope: f32,
-}
-
-fn block_of(wid: vec3<u32>) -> Block {
-    let b = wid.z / p.num_splits;
-    let split = wid.z % p.num_splits;
-    let seq = seq_bounds(b);
-    let row0 = wid.x * BLOCK_M;
-    let rows = Span(i32(row0), i32(min(row0 + BLOCK_M, seq.q_len)));
-    let ql = i32(seq.q_len);
-    let kl = i32(seq.k_len);
-    let bound = Span(i32(p.k_tok0) - i32(seq.k_start), i32(p.k_tok1) - i32(seq.k_start));
-    let slice = i32((p.slice0 + split) * p.slice_len);
-    let walked = Span(slice, slice + i32(p.slice_len));
-    let keys = span_and(span_and(mask_keys_of_rows(rows, ql, kl), bound), walked);
-    return Block(b, wid.y, wid.y / p.group, split, seq, row0, rows, keys);
-}
-
-// Whether any row of the block lies in this dispatch's query tokens.
-fn block_active(blk: Block) -> bool {
-    let first = blk.seq.q_start + blk.row0;
-    let end = blk.seq.q_start + u32(max(blk.rows.end, blk.rows.start));
-    return blk.rows.start < blk.rows.end && first < p.q_tok1 && end > p.q_tok0;
-}
-
-fn row_of(blk: Block, r: u32) -> Row {
-    let i = blk.row0 + r;
-    let tok = blk.seq.q_start + i;
-    let ok = i < blk.seq.q_len && tok >= p.q_tok0 && tok < p.q_tok1;
-    let ql = i32(blk.seq.q_len);
-    let kl = i32(blk.seq.k_len);
-    let keys = span_and(mask_keys(i32(i), ql, kl), blk.keys);
-    return Row(i, tok, ok, keys, i32(i) + kl - ql, alibi_slope_log2(blk.b, blk.h));
-}
 
 fn load_q(row: Row, h: u32, t: u32) {
     let base = ((row.tok - p.q_tok0) * p.heads_q + h) * p.d;
@@ -155,9 +101,7 @@ fn softmax_step(kt: i32, row: Row) -> f32 {
     return alpha;
 }
 
-// O = O * alpha + P V for this invocation's output slice. `guarded` tiles hold keys some row
-// does not see: those are skipped rather than multiplied by p = 0, so that a NaN in a value a
-// row does not see stays out of its output.
+// O = O * alpha + P V for this invocation's output slice (`guarded`: see tile_guarded).
 fn add_pv(alpha: f32, t: u32, kt: i32, keys: Span, guarded: bool) {
     for (var s = 0u; s < DVS; s += 2u) {
         let c = t + TPR * (s >> 1u);
@@ -286,17 +230,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var s = 0u; s < DVS; s++) {
         o_acc[s] = 0.0;
     }
-    // Keys every row of the block sees (both ends grow with the row): tiles inside need no guard.
-    let ql = i32(blk.seq.q_len);
-    let kl = i32(blk.seq.k_len);
-    let all_see = Span(mask_keys(blk.rows.end - 1, ql, kl).start, mask_keys(blk.rows.start, ql, kl).end);
+    let all_see = keys_all_rows_see(blk);
     for (var kt = blk.keys.start; kt < blk.keys.end; kt += i32(BLOCK_N)) {
         stage_tile(blk, kt, lid, false);
         tile_scores(r, t);
         let alpha = softmax_step(kt, row);
         stage_tile(blk, kt, lid, true);
-        let tile_end = min(kt + i32(BLOCK_N), blk.keys.end);
-        add_pv(alpha, t, kt, row.keys, kt < all_see.start || tile_end > all_see.end);
+        add_pv(alpha, t, kt, row.keys, tile_guarded(blk, all_see, kt));
     }
     if has_flag(FLAG_PARTIAL) {
         let prev_lse = slot_lse(blk, row);

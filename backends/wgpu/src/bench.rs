@@ -2,13 +2,16 @@
 //! has them (else host time around submit + wait). Extra memory is measured: the bytes of the
 //! device buffers a run allocates beyond its inputs and outputs.
 
+use crate::backward::{DeviceBackwardInputs, DeviceGrads};
 use crate::device::{now_ms, read_mapped, scoped, sync, unsupported};
 use crate::dispatch::Scratch;
 use crate::forward::{DeviceInputs, DeviceOutputs};
 use crate::WgpuBackend;
 use flashattn_core::{
-    random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Pass, Result, Tensor,
+    random_inputs, random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, CheckedSpec,
+    Pass, Result, Tensor,
 };
+use rand::SeedableRng;
 
 /// How the last benchmark was timed (for reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,15 +53,23 @@ impl WgpuBackend {
         }
         self.ready().await?;
         match plan.pass {
-            Pass::Forward => {}
-            Pass::Backward | Pass::Decode => {
-                return Err(unsupported(format!(
-                    "the {} pass is not implemented on this backend yet",
-                    plan.pass.name()
-                )))
-            }
+            Pass::Forward => self.bench_forward(&c, algo, plan, runs, progress).await,
+            Pass::Backward => self.bench_backward(&c, algo, plan, runs, progress).await,
+            Pass::Decode => Err(unsupported(
+                "decode against a KV cache is not implemented on this backend yet",
+            )),
         }
-        let (q, k, v) = random_inputs(spec, plan.seed);
+    }
+
+    async fn bench_forward(
+        &self,
+        c: &CheckedSpec<'_>,
+        algo: Algorithm,
+        plan: &BenchPlan,
+        runs: usize,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        let (q, k, v) = random_inputs(c.spec, plan.seed);
         let (qb, kb, vb) = (
             self.device_tensor(&q),
             self.device_tensor(&k),
@@ -79,8 +90,68 @@ impl WgpuBackend {
             lse: lse.as_ref(),
         };
         self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
-            Algorithm::Naive => self.encode_naive(&c, inputs, outputs, enc, timer),
-            _ => self.encode_forward(&c, inputs, outputs, enc, timer),
+            Algorithm::Naive => self.encode_naive(c, inputs, outputs, enc, timer),
+            _ => self.encode_forward(c, inputs, outputs, enc, timer),
+        })
+        .await
+    }
+
+    /// The backward on random q, k, v, dout, with out and LSE from one forward pass first.
+    async fn bench_backward(
+        &self,
+        c: &CheckedSpec<'_>,
+        algo: Algorithm,
+        plan: &BenchPlan,
+        runs: usize,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        self.supports_backward_checked(c)?;
+        let (q, k, v) = random_inputs(c.spec, plan.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0xd0);
+        let dout = random_tensor(&mut rng, c.dtype, c.sizes.out);
+        let [qb, kb, vb, dob] = [&q, &k, &v, &dout].map(|t| self.device_tensor(t));
+        drop((q, k, v, dout));
+        let es = c.dtype.size_bytes() as u64;
+        let out = self.device_zeros(c.sizes.out as u64 * es);
+        let lse = self.device_zeros(c.sizes.lse as u64 * 4);
+        let fwd_spec = c.spec.clone().return_lse(true);
+        let fwd = fwd_spec.validate()?;
+        let fwd_inputs = DeviceInputs {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+        };
+        let fwd_outputs = DeviceOutputs {
+            out: &out,
+            lse: Some(&lse),
+        };
+        let scratch = scoped(&self.device, || {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            let scratch = self.encode_forward(&fwd, fwd_inputs, fwd_outputs, &mut enc, None)?;
+            self.queue.submit([enc.finish()]);
+            Ok(scratch)
+        })
+        .await?;
+        sync(&self.device, &self.queue).await?;
+        self.release(scratch);
+        let [dq, dk, dv] =
+            [c.sizes.q, c.sizes.k, c.sizes.v].map(|n| self.device_zeros(n as u64 * es));
+        let inputs = DeviceBackwardInputs {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+            out: &out,
+            lse: &lse,
+            dout: &dob,
+        };
+        let grads = DeviceGrads {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
+            Algorithm::Naive => self.encode_naive_backward(c, inputs, grads, enc, timer),
+            _ => self.encode_backward(c, inputs, grads, enc, timer),
         })
         .await
     }

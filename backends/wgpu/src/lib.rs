@@ -6,13 +6,17 @@
 //! - [`WgpuBackend::from_device`] runs on a caller's device and queue;
 //!   [`WgpuBackend::forward_buffers`] then works on the caller's `wgpu::Buffer`s without a host
 //!   round trip.
-//! - [`WgpuBackend::forward_async`] / [`Backend::forward`] are the host API.
+//! - [`WgpuBackend::forward_async`] / [`Backend::forward`] are the host API;
+//!   [`WgpuBackend::backward_async`] / [`Backend::backward`] and
+//!   [`WgpuBackend::backward_buffers`] the backward pass (deterministic: no atomics).
 //!
 //! Kernels live in `shaders/` (plain .wgsl files); see `shaders/README.md`. Files: `device.rs`
-//! (adapter, device, errors), `forward.rs`, `naive.rs` (the benchmark's peer), `bench.rs`,
+//! (adapter, device, errors), `forward.rs`, `backward.rs`, `naive.rs` (the benchmark's peers),
+//! `bench.rs`,
 //! `params.rs` (the kernels' uniform), `tiles.rs`, `plan.rs` (binding chunks and key slices),
 //! `bindings.rs`, `shaders.rs`, `buffer_pool.rs`, `decode.rs`.
 
+mod backward;
 mod bench;
 mod bindings;
 mod buffer_pool;
@@ -26,6 +30,7 @@ mod plan;
 mod shaders;
 mod tiles;
 
+pub use backward::{DeviceBackwardInputs, DeviceGrads};
 pub use bench::BenchOptions;
 pub use forward::{DeviceInputs, DeviceOutputs};
 pub use wgpu;
@@ -279,6 +284,18 @@ impl flashattn_core::Backend for WgpuBackend {
         v: flashattn_core::TensorRef<'_>,
     ) -> Result<flashattn_core::Output> {
         pollster::block_on(self.forward_async(spec, q, k, v))
+    }
+
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
+        self.check_backward_supported(spec)
+    }
+
+    fn backward(
+        &self,
+        spec: &AttentionSpec,
+        inputs: flashattn_core::BackwardInputs<'_>,
+    ) -> Result<flashattn_core::Grads> {
+        pollster::block_on(self.backward_async(spec, inputs))
     }
 
     fn bench(

@@ -21,6 +21,8 @@ use flashattn_core::Result;
 /// 256 rows or keys <= ~26k in the backward, under half the cap even with nothing unrolled,
 /// and ~4k (6%) as measured; the per-dispatch prologue and epilogue add < 200.
 pub const MAX_KEYS_PER_WORKGROUP: u32 = 512;
+/// The backward kernels' bound (they do about twice the forward's loop work per key or row).
+pub const MAX_BACKWARD_WALK: u32 = 256;
 
 /// How one walked dimension (keys, or backward query rows) is sliced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +180,42 @@ pub fn plan(
         keys,
         partial,
         max_rows,
+    })
+}
+
+/// The backward's tensors bound in token ranges: bytes per token of every query-side buffer
+/// (q, out, dout, statistics, dq and its accumulator) and key-side buffer (k, v, dk, dv and
+/// their accumulators).
+#[derive(Clone, Debug)]
+pub struct BackwardGeometry {
+    pub q_tokens: u64,
+    pub k_tokens: u64,
+    pub q_rows: Vec<u64>,
+    pub k_rows: Vec<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackwardPlan {
+    pub q_chunks: Vec<(u64, u64)>,
+    pub k_chunks: Vec<(u64, u64)>,
+    /// Keys a dQ workgroup walks per dispatch.
+    pub dq_keys: Slicing,
+    /// Virtual query rows (group heads x rows) a dK/dV workgroup walks per dispatch.
+    pub dkdv_rows: Slicing,
+}
+
+pub fn backward_plan(
+    g: &BackwardGeometry,
+    limit: u64,
+    align: u64,
+    dq_keys: Slicing,
+    dkdv_rows: Slicing,
+) -> Result<BackwardPlan> {
+    Ok(BackwardPlan {
+        q_chunks: token_chunks(g.q_tokens, &g.q_rows, 0, limit, align, "query")?,
+        k_chunks: token_chunks(g.k_tokens, &g.k_rows, 0, limit, align, "key")?,
+        dq_keys,
+        dkdv_rows,
     })
 }
 

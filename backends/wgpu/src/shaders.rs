@@ -20,6 +20,13 @@ const ROW_REDUCE: &str = include_str!("../../../shaders/row_reduce.wgsl");
 const FLASH: &str = include_str!("../../../shaders/flash_fwd.wgsl");
 const COMBINE: &str = include_str!("../../../shaders/combine.wgsl");
 const NAIVE: &str = include_str!("../../../shaders/naive.wgsl");
+const QUERY_BLOCK: &str = include_str!("../../../shaders/query_block.wgsl");
+const IO_BACKWARD: &str = include_str!("../../../shaders/io_backward.wgsl");
+const BWD_PREP: &str = include_str!("../../../shaders/bwd_prep.wgsl");
+const BWD_DQ: &str = include_str!("../../../shaders/bwd_dq.wgsl");
+const BWD_DKDV: &str = include_str!("../../../shaders/bwd_dkdv.wgsl");
+const BWD_CAST: &str = include_str!("../../../shaders/bwd_cast.wgsl");
+const NAIVE_BWD: &str = include_str!("../../../shaders/naive_bwd.wgsl");
 const SUBGROUP_PROBE: &str = include_str!("../../../shaders/subgroup_probe.wgsl");
 
 /// Which kernel.
@@ -30,6 +37,33 @@ pub enum Kernel {
     NaiveScores,
     NaiveSoftmax,
     NaivePv,
+    /// Backward: per-row statistics (LSE, delta).
+    BwdPrep,
+    BwdDq(Tiles),
+    BwdDkdv(Tiles),
+    /// Backward: an f32 accumulator to the dtype.
+    BwdCast,
+    NaiveBwd(NaiveBwdStep),
+}
+
+/// The entry points of naive_bwd.wgsl, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NaiveBwdStep {
+    Probs,
+    GradV,
+    DScores,
+    GradQ,
+    GradK,
+}
+
+impl NaiveBwdStep {
+    pub const ALL: [NaiveBwdStep; 5] = [
+        NaiveBwdStep::Probs,
+        NaiveBwdStep::GradV,
+        NaiveBwdStep::DScores,
+        NaiveBwdStep::GradQ,
+        NaiveBwdStep::GradK,
+    ];
 }
 
 /// One compiled pipeline: a kernel for one dtype.
@@ -42,10 +76,22 @@ pub struct Variant {
 impl Variant {
     pub fn entry_point(&self) -> &'static str {
         match self.kernel {
-            Kernel::Flash(_) | Kernel::Combine => "main",
+            Kernel::Flash(_)
+            | Kernel::Combine
+            | Kernel::BwdPrep
+            | Kernel::BwdDq(_)
+            | Kernel::BwdDkdv(_)
+            | Kernel::BwdCast => "main",
             Kernel::NaiveScores => "scores",
             Kernel::NaiveSoftmax => "softmax",
             Kernel::NaivePv => "pv",
+            Kernel::NaiveBwd(step) => match step {
+                NaiveBwdStep::Probs => "probs",
+                NaiveBwdStep::GradV => "grad_v",
+                NaiveBwdStep::DScores => "dscores",
+                NaiveBwdStep::GradQ => "grad_q",
+                NaiveBwdStep::GradK => "grad_k",
+            },
         }
     }
 
@@ -56,12 +102,17 @@ impl Variant {
             | Kernel::NaiveScores
             | Kernel::NaiveSoftmax
             | Kernel::NaivePv => LayoutKind::Forward,
+            Kernel::BwdPrep => LayoutKind::BwdPrep,
+            Kernel::BwdDq(_) => LayoutKind::BwdDq,
+            Kernel::BwdDkdv(_) => LayoutKind::BwdDkdv,
+            Kernel::BwdCast => LayoutKind::BwdCast,
+            Kernel::NaiveBwd(_) => LayoutKind::NaiveBwd,
         }
     }
 
     fn tiles(&self) -> Option<Tiles> {
         match self.kernel {
-            Kernel::Flash(t) => Some(t),
+            Kernel::Flash(t) | Kernel::BwdDq(t) | Kernel::BwdDkdv(t) => Some(t),
             _ => None,
         }
     }
@@ -69,11 +120,16 @@ impl Variant {
     /// The kernel's files after params.wgsl, mask.wgsl, score_mod.wgsl and the dtype file.
     fn files(&self) -> &'static [&'static str] {
         match self.kernel {
-            Kernel::Flash(_) => &[IO_QKV, IO_FORWARD, ROW_REDUCE, FLASH],
+            Kernel::Flash(_) => &[IO_QKV, IO_FORWARD, ROW_REDUCE, QUERY_BLOCK, FLASH],
             Kernel::Combine => &[IO_QKV, IO_FORWARD, COMBINE],
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaivePv => {
                 &[IO_QKV, IO_FORWARD, NAIVE]
             }
+            Kernel::BwdPrep => &[BWD_PREP],
+            Kernel::BwdDq(_) => &[IO_QKV, IO_BACKWARD, ROW_REDUCE, QUERY_BLOCK, BWD_DQ],
+            Kernel::BwdDkdv(_) => &[IO_QKV, IO_BACKWARD, ROW_REDUCE, BWD_DKDV],
+            Kernel::BwdCast => &[BWD_CAST],
+            Kernel::NaiveBwd(_) => &[IO_QKV, IO_BACKWARD, NAIVE_BWD],
         }
     }
 
@@ -235,9 +291,15 @@ mod tests {
             Kernel::NaiveScores,
             Kernel::NaiveSoftmax,
             Kernel::NaivePv,
+            Kernel::BwdPrep,
+            Kernel::BwdCast,
         ];
+        kernels.extend(NaiveBwdStep::ALL.map(Kernel::NaiveBwd));
         for (d, sg) in [(64, 0), (128, 32), (16, 0), (200, 8)] {
-            kernels.push(Kernel::Flash(Tiles::forward(d, d, 100, &lim(sg))));
+            let l = lim(sg);
+            kernels.push(Kernel::Flash(Tiles::forward(d, d, 100, &l)));
+            kernels.push(Kernel::BwdDq(Tiles::backward_dq(d, d, 100, &l)));
+            kernels.push(Kernel::BwdDkdv(Tiles::backward_dkdv(d, d, &l)));
         }
         let mut v = Vec::new();
         for dtype in [DType::F32, DType::F16, DType::Bf16] {

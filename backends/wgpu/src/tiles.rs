@@ -85,6 +85,16 @@ impl Tiles {
         4 * (self.block_n * self.kvw() + self.red(self.block_m, self.block_n))
     }
 
+    /// Bytes of workgroup memory the dQ kernel declares (K and V tiles).
+    pub fn dq_bytes(&self) -> u32 {
+        4 * (self.block_n * (self.dp() + self.dvp()) + self.red(self.block_m, self.block_n))
+    }
+
+    /// Bytes of workgroup memory the dK/dV kernel declares (q, dout and statistics tiles).
+    pub fn dkdv_bytes(&self) -> u32 {
+        4 * (self.block_m * (self.dp() + self.dvp() + 2) + self.red(self.block_n, self.block_m))
+    }
+
     /// A row of `d` / `dv` elements spread over invocations, `owned` rows per workgroup at most.
     fn spread(d: u32, dv: u32, lim: &TileLimits) -> Tiles {
         let mut tpr = 1;
@@ -117,6 +127,28 @@ impl Tiles {
         t.wg = t.block_m * t.tpr;
         while t.block_n > 1 && t.forward_bytes() > lim.budget() {
             t.block_n /= 2;
+        }
+        t
+    }
+
+    /// dQ tiles: `block_m` owned query rows, K and V tiles of `block_n` keys.
+    pub fn backward_dq(d: u32, dv: u32, max_q_len: u32, lim: &TileLimits) -> Tiles {
+        let mut t = Tiles::forward(d, dv, max_q_len, lim);
+        t.block_n = 32;
+        while t.block_n > 1 && t.dq_bytes() > lim.budget() {
+            t.block_n /= 2;
+        }
+        t
+    }
+
+    /// dK/dV tiles: `block_n` owned keys, q and dout tiles of `block_m` rows.
+    pub fn backward_dkdv(d: u32, dv: u32, lim: &TileLimits) -> Tiles {
+        let mut t = Tiles::spread(d, dv, lim);
+        t.block_n = (t.wg / t.tpr).max(1);
+        t.wg = t.block_n * t.tpr;
+        t.block_m = 32;
+        while t.block_m > 1 && t.dkdv_bytes() > lim.budget() {
+            t.block_m /= 2;
         }
         t
     }
@@ -198,6 +230,14 @@ mod tests {
                 assert!(t.block_n >= 4, "d={d} {t:?}");
                 assert!(t.ds <= 32 && t.dp() >= d, "d={d} {t:?}");
                 assert!(t.wg <= 256 && t.wg == t.block_m * t.tpr);
+                let q = Tiles::backward_dq(d, d, 4096, &l);
+                assert!(q.dq_bytes() <= 16384 && q.block_n >= 2, "dq d={d} {q:?}");
+                let k = Tiles::backward_dkdv(d, d, &l);
+                assert!(
+                    k.dkdv_bytes() <= 16384 && k.block_m >= 2,
+                    "dkdv d={d} {k:?}"
+                );
+                assert_eq!(k.wg, k.block_n * k.tpr);
             }
         }
     }
