@@ -237,7 +237,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // This dispatch's virtual rows g * q_len + i.
     let v0 = i32(p.slice0 * p.slice_len);
     let v1 = v0 + i32(p.slice_len);
-    for (var g = 0; g < i32(p.group) && ql > 0; g++) {
+    // Only the heads whose rows meet the slice: at most slice_len / q_len + 2 of them.
+    let g_end = min(i32(p.group), (v1 + ql - 1) / max(ql, 1));
+    for (var g = v0 / max(ql, 1); g < g_end && ql > 0; g++) {
         let walked = span_and(blk.rows, Span(v0 - g * ql, v1 - g * ql));
         let h = blk.kh * p.group + u32(g);
         let slope = alibi_slope_log2(blk.b, h);

@@ -20,18 +20,16 @@ var<workgroup> v_tile: array<vec2<f32>, BLOCK_N * DVP2>;
 
 @group(0) @binding(7) var<storage, read_write> dq_acc: array<f32>;
 
-// This invocation's slices of q, dout and dq, and the current tile's s (then ds) and dp.
-var<private> q_slice: array<f32, DS>;
+// This invocation's slices (beside q_slice) of dout and dq, and the current tile's s (then
+// ds) and dp.
 var<private> do_slice: array<f32, DVS>;
 var<private> dq: array<f32, DS>;
 var<private> s_tile: array<f32, BLOCK_N>;
 var<private> dp_tile: array<f32, BLOCK_N>;
 
 fn load_row(row: Row, h: u32, t: u32) {
-    let q_base = ((row.tok - p.q_tok0) * p.heads_q + h) * p.d;
+    load_q(row, h, t);
     for (var s = 0u; s < DS; s++) {
-        let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
-        q_slice[s] = select(0.0, ld_q(q_base + e), row.ok && e < p.d);
         dq[s] = 0.0;
     }
     let o_base = ((row.tok - p.q_tok0) * p.heads_q + h) * p.dv;

@@ -17,7 +17,7 @@ fn merge(row: u32, h: u32, x: u32) -> Merged {
     for (var s = 0u; s < p.num_splits; s++) {
         let bits = part[p.part_lse + (s * rows + row) * p.heads_q + h];
         if is_nan(bitcast<f32>(bits)) {
-            return Merged(bitcast<f32>(NAN_BITS), NAN_BITS);
+            return Merged(bitcast<f32>(bits), bits);
         }
         if bits != NEG_INF_BITS {
             m = max(m, bitcast<f32>(bits));

@@ -21,21 +21,12 @@ const DP2: u32 = DP / 2u;
 const DVP2: u32 = DVP / 2u;
 var<workgroup> kv_tile: array<vec2<f32>, BLOCK_N * KVW / 2u>;
 
-// This invocation's state: its q slice, O slice, the scores of the current tile, and the
-// running max and sum of its row.
-var<private> q_slice: array<f32, DS>;
+// This invocation's state (beside q_slice): its O slice, the scores of the current tile, and
+// the running max and sum of its row.
 var<private> o_acc: array<f32, DVS>;
 var<private> scores: array<f32, BLOCK_N>;
 var<private> m_run: f32;
 var<private> l_run: f32;
-
-fn load_q(row: Row, h: u32, t: u32) {
-    let base = ((row.tok - p.q_tok0) * p.heads_q + h) * p.d;
-    for (var s = 0u; s < DS; s++) {
-        let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
-        q_slice[s] = select(0.0, ld_q(base + e), row.ok && e < p.d);
-    }
-}
 
 // Stages keys [kt, kt + BLOCK_N) of the block's kv head in kv_tile, K (is_v false, width d)
 // or V (width dv) as element pairs; keys past the block's span are zeros.
@@ -142,10 +133,11 @@ fn row_lse_bits() -> u32 {
     return select(NEG_INF_BITS, bitcast<u32>((m_run + log2(l_run)) * LN2), row_seen());
 }
 
-// 1 / sum: 0 when the row saw no key (O stays 0), NaN when its sum is NaN.
+// 1 / sum: 0 when the row saw no key (O stays 0), NaN when its sum is NaN (the sum itself:
+// WGSL constants cannot be NaN, so NaN is always a runtime value here).
 fn inv_sum() -> f32 {
     if is_nan(l_run) {
-        return bitcast<f32>(NAN_BITS);
+        return l_run;
     }
     return select(0.0, 1.0 / l_run, row_seen());
 }
@@ -170,29 +162,30 @@ fn slot_index(blk: Block, row: Row) -> u32 {
     return (blk.split * (p.q_tok1 - p.q_tok0) + row.tok - p.q_tok0) * p.heads_q + blk.h;
 }
 
-// The LSE this row's slot holds from earlier dispatches (-inf when there are none).
-fn slot_lse(blk: Block, row: Row) -> f32 {
+// The LSE bits this row's slot holds from earlier dispatches (-inf when there are none).
+fn slot_lse_bits(blk: Block, row: Row) -> u32 {
     if !row.ok || has_flag(FLAG_FIRST) {
-        return bitcast<f32>(NEG_INF_BITS);
+        return NEG_INF_BITS;
     }
-    return bitcast<f32>(part[p.part_lse + slot_index(blk, row)]);
+    return part[p.part_lse + slot_index(blk, row)];
 }
 
 // Merges this dispatch's (O, LSE) into the row's slot: weights exp(lse - max) of the two, as
 // combine.wgsl merges slots. The first dispatch writes the slot even when it saw no key.
-fn store_slot(blk: Block, row: Row, t: u32, prev_lse: f32) {
+fn store_slot(blk: Block, row: Row, t: u32, prev_bits: u32) {
     if !row.ok || !(row_seen() || has_flag(FLAG_FIRST)) {
         return;
     }
     let pr = slot_index(blk, row);
+    let prev_lse = bitcast<f32>(prev_bits);
     let lse_cur = bitcast<f32>(row_lse_bits());
     var w_prev = 0.0;
     var w_cur = inv_sum();
     var lse_new = lse_cur;
     if is_nan(prev_lse) || is_nan(lse_cur) {
-        w_cur = bitcast<f32>(NAN_BITS);
+        w_cur = prev_lse + lse_cur; // NaN, as a runtime value
         lse_new = w_cur;
-    } else if bitcast<u32>(prev_lse) != NEG_INF_BITS {
+    } else if prev_bits != NEG_INF_BITS {
         // Both saw keys.
         let m = max(prev_lse, lse_cur);
         let a = exp(prev_lse - m);
@@ -239,9 +232,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         add_pv(alpha, t, kt, row.keys, tile_guarded(blk, all_see, kt));
     }
     if has_flag(FLAG_PARTIAL) {
-        let prev_lse = slot_lse(blk, row);
+        let prev_bits = slot_lse_bits(blk, row);
         workgroupBarrier(); // every invocation of a row has read the slot's LSE
-        store_slot(blk, row, t, prev_lse);
+        store_slot(blk, row, t, prev_bits);
     } else if row.ok {
         store_out(blk, row, t);
     }

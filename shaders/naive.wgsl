@@ -82,7 +82,7 @@ fn softmax(
     sum = red_sum[0];
     // The sum is exactly 0 only for a fully masked row; a NaN score makes it (and the row) NaN.
     let seen = bitcast<u32>(sum) != 0u;
-    let inv = select(select(0.0, 1.0 / sum, seen), bitcast<f32>(NAN_BITS), is_nan(sum));
+    let inv = select(select(0.0, 1.0 / sum, seen), sum, is_nan(sum));
     for (var j = lid; j < p.seqlen_k; j += 64u) {
         let bits = part[base + j];
         var pj = 0.0;

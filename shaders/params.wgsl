@@ -46,7 +46,8 @@ const NAN_BITS: u32 = 0x7fc00000u;
 const NEG_BIG: f32 = -3.0e38;
 
 // WGSL lets compilers assume that float arithmetic and comparisons see no NaN (`x != x` and
-// `x != 0.0` may be folded), so NaN and exact zero are tested on the bits.
+// `x != 0.0` may be folded), so NaN and exact zero are tested on the bits; and float constants
+// cannot be NaN or infinite (browsers reject the shader), so those only ever come from data.
 fn is_nan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }

@@ -2,6 +2,10 @@
 // BLOCK_M rows x query heads x sequences * p.num_splits) and the query row of an invocation:
 // which rows and keys it walks in this dispatch.
 
+// This invocation's slice of its query row: slot s of invocation t is element
+// 2 * (t + TPR * (s / 2)) + s % 2 (see flash_fwd.wgsl).
+var<private> q_slice: array<f32, DS>;
+
 // One workgroup's work in this dispatch (uniform across the workgroup).
 struct Block {
     b: u32,
@@ -69,4 +73,13 @@ fn keys_all_rows_see(blk: Block) -> Span {
 fn tile_guarded(blk: Block, all_see: Span, kt: i32) -> bool {
     let tile_end = min(kt + i32(BLOCK_N), blk.keys.end);
     return kt < all_see.start || tile_end > all_see.end;
+}
+
+// Loads q_slice (zeros past d and for rows outside the dispatch).
+fn load_q(row: Row, h: u32, t: u32) {
+    let base = ((row.tok - p.q_tok0) * p.heads_q + h) * p.d;
+    for (var s = 0u; s < DS; s++) {
+        let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
+        q_slice[s] = select(0.0, ld_q(base + e), row.ok && e < p.d);
+    }
 }

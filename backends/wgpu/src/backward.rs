@@ -5,7 +5,7 @@
 //! the f32 accumulators (bwd_cast.wgsl). The host and device-resident APIs.
 
 use crate::bindings::{LayoutKind, Range};
-use crate::device::{backend_err, read_mapped, scoped, unsupported};
+use crate::device::{backend_err, read_mapped, unsupported};
 use crate::dispatch::{check_buffer, grid_2d, record_pass, Dispatch, Scratch};
 use crate::params::{Params, FLAG_FIRST};
 use crate::plan::{
@@ -155,36 +155,37 @@ impl WgpuBackend {
         let at = [0, sizes[0], sizes[0] + sizes[1]].map(|a: u64| a.next_multiple_of(4));
         let read_len = at[2] + sizes[2].next_multiple_of(4);
         let read = self.read_buffer(read_len);
-        let scratch = scoped(&self.device, || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            let device_inputs = DeviceBackwardInputs {
-                q: &up[0],
-                k: &up[1],
-                v: &up[2],
-                out: &up[3],
-                lse: &lse,
-                dout: &up[4],
-            };
-            let device_grads = DeviceGrads {
-                dq: &grads[0],
-                dk: &grads[1],
-                dv: &grads[2],
-            };
-            let scratch = match algo {
-                Algorithm::Naive => {
-                    self.encode_naive_backward(&c, device_inputs, device_grads, &mut enc, None)?
+        let device_inputs = DeviceBackwardInputs {
+            q: &up[0],
+            k: &up[1],
+            v: &up[2],
+            out: &up[3],
+            lse: &lse,
+            dout: &up[4],
+        };
+        let device_grads = DeviceGrads {
+            dq: &grads[0],
+            dk: &grads[1],
+            dv: &grads[2],
+        };
+        let submitted = self
+            .submit(|enc| {
+                let scratch = match algo {
+                    Algorithm::Naive => {
+                        self.encode_naive_backward(&c, device_inputs, device_grads, enc, None)?
+                    }
+                    _ => self.encode_backward(&c, device_inputs, device_grads, enc, None)?,
+                };
+                for (g, (&a, &n)) in grads.iter().zip(at.iter().zip(&sizes)) {
+                    enc.copy_buffer_to_buffer(g, 0, &read, a, n.next_multiple_of(4));
                 }
-                _ => self.encode_backward(&c, device_inputs, device_grads, &mut enc, None)?,
-            };
-            for (g, (&a, &n)) in grads.iter().zip(at.iter().zip(&sizes)) {
-                enc.copy_buffer_to_buffer(g, 0, &read, a, n.next_multiple_of(4));
-            }
-            self.queue.submit([enc.finish()]);
-            Ok(scratch)
-        })
-        .await?;
-        let bytes = read_mapped(&self.device, &read, read_len).await;
-        self.release(scratch);
+                Ok(scratch)
+            })
+            .await;
+        let bytes = match submitted {
+            Ok(_) => read_mapped(&self.device, &read, read_len).await,
+            Err(e) => Err(e),
+        };
         for b in up.into_iter().chain(grads).chain([lse, read]) {
             self.buffers.give(b);
         }
@@ -215,14 +216,8 @@ impl WgpuBackend {
             return Err(unsupported("the backward pass takes f32, f16 or bf16"));
         }
         self.ready().await?;
-        let scratch = scoped(&self.device, || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            let scratch = self.encode_backward(&c, inputs, grads, &mut enc, None)?;
-            self.queue.submit([enc.finish()]);
-            Ok(scratch)
-        })
-        .await?;
-        self.release(scratch);
+        self.submit(|enc| self.encode_backward(&c, inputs, grads, enc, None))
+            .await?;
         self.errors.check()
     }
 

@@ -3,7 +3,7 @@
 //! device buffers a run allocates beyond its inputs and outputs.
 
 use crate::backward::{DeviceBackwardInputs, DeviceGrads};
-use crate::device::{now_ms, read_mapped, scoped, sync, unsupported};
+use crate::device::{now_ms, read_mapped, sync, unsupported};
 use crate::dispatch::Scratch;
 use crate::forward::{DeviceInputs, DeviceOutputs};
 use crate::WgpuBackend;
@@ -125,15 +125,9 @@ impl WgpuBackend {
             out: &out,
             lse: Some(&lse),
         };
-        let scratch = scoped(&self.device, || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            let scratch = self.encode_forward(&fwd, fwd_inputs, fwd_outputs, &mut enc, None)?;
-            self.queue.submit([enc.finish()]);
-            Ok(scratch)
-        })
-        .await?;
+        self.submit(|enc| self.encode_forward(&fwd, fwd_inputs, fwd_outputs, enc, None))
+            .await?;
         sync(&self.device, &self.queue).await?;
-        self.release(scratch);
         let [dq, dk, dv] =
             [c.sizes.q, c.sizes.k, c.sizes.v].map(|n| self.device_zeros(n as u64 * es));
         let inputs = DeviceBackwardInputs {
@@ -173,17 +167,16 @@ impl WgpuBackend {
         };
         for run in 0..runs {
             let t0 = now_ms();
-            let scratch = scoped(&self.device, || {
-                let mut enc = self.device.create_command_encoder(&Default::default());
-                let scratch = encode(&mut enc, timer.as_ref().map(|t| &t.set))?;
-                if let Some(t) = &timer {
-                    enc.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
-                    enc.copy_buffer_to_buffer(&t.resolve, 0, &t.read, 0, 16);
-                }
-                self.queue.submit([enc.finish()]);
-                Ok(scratch)
-            })
-            .await?;
+            let extra = self
+                .submit(|enc| {
+                    let scratch = encode(enc, timer.as_ref().map(|t| &t.set))?;
+                    if let Some(t) = &timer {
+                        enc.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
+                        enc.copy_buffer_to_buffer(&t.resolve, 0, &t.read, 0, 16);
+                    }
+                    Ok(scratch)
+                })
+                .await?;
             let ms = match &timer {
                 Some(t) => {
                     let bytes = read_mapped(&self.device, &t.read, 16).await?;
@@ -195,8 +188,6 @@ impl WgpuBackend {
                     now_ms() - t0
                 }
             };
-            let extra = scratch.bytes();
-            self.release(scratch);
             self.errors.check()?;
             measure.extra_bytes = measure.extra_bytes.map(|e| e.max(extra));
             if run >= warmup {

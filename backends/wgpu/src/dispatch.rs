@@ -1,7 +1,7 @@
 //! Recording work: a pass's dispatches into one compute pass (timed with timestamp queries
 //! where asked), the grid of element-wise kernels, and the scratch buffers a pass used.
 
-use crate::device::unsupported;
+use crate::device::{scoped, unsupported};
 use crate::WgpuBackend;
 use flashattn_core::Result;
 
@@ -36,6 +36,25 @@ impl WgpuBackend {
         for b in scratch.buffers {
             self.buffers.give(b);
         }
+    }
+
+    /// Records work with `record` into one command encoder and submits it inside error scopes
+    /// (a wgpu error becomes `Error::Backend`). The scratch buffers go back to the pool once
+    /// submitted (later work that takes them is queued after this). Returns their bytes.
+    pub(crate) async fn submit(
+        &self,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<Scratch>,
+    ) -> Result<u64> {
+        let scratch = scoped(&self.device, || {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            let scratch = record(&mut enc)?;
+            self.queue.submit([enc.finish()]);
+            Ok(scratch)
+        })
+        .await?;
+        let bytes = scratch.bytes();
+        self.release(scratch);
+        Ok(bytes)
     }
 }
 

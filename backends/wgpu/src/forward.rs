@@ -2,7 +2,7 @@
 //! combine) dispatches of a plan.
 
 use crate::bindings::{LayoutKind, Range};
-use crate::device::{backend_err, scoped, unsupported};
+use crate::device::{backend_err, unsupported};
 use crate::dispatch::{check_buffer, grid_2d, record_pass, Dispatch, Scratch};
 use crate::params::{Params, FLAG_FIRST, FLAG_PARTIAL};
 use crate::plan::{plan, slicing, Geometry, Plan, Slicing, MAX_KEYS_PER_WORKGROUP};
@@ -102,35 +102,38 @@ impl WgpuBackend {
             let ninf = vec![f32::NEG_INFINITY; c.sizes.lse];
             self.queue.write_buffer(lse, 0, bytemuck::cast_slice(&ninf));
         }
-        let scratch = scoped(&self.device, || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            if uncovered {
-                enc.clear_buffer(&out, 0, None);
-            }
-            let inputs = DeviceInputs {
-                q: &qb,
-                k: &kb,
-                v: &vb,
-            };
-            let outputs = DeviceOutputs {
-                out: &out,
-                lse: lse.as_ref(),
-            };
-            let scratch = match algo {
-                Algorithm::Flash => self.encode_forward(&c, inputs, outputs, &mut enc, None)?,
-                Algorithm::Naive => self.encode_naive(&c, inputs, outputs, &mut enc, None)?,
-                Algorithm::Copy => return Err(unsupported("the copy peer is a benchmark only")),
-            };
-            enc.copy_buffer_to_buffer(&out, 0, &read, 0, lse_at);
-            if let Some(lse) = &lse {
-                enc.copy_buffer_to_buffer(lse, 0, &read, lse_at, lse_bytes);
-            }
-            self.queue.submit([enc.finish()]);
-            Ok(scratch)
-        })
-        .await?;
-        let bytes = crate::device::read_mapped(&self.device, &read, lse_at + lse_bytes).await;
-        self.release(scratch);
+        let submitted = self
+            .submit(|enc| {
+                if uncovered {
+                    enc.clear_buffer(&out, 0, None);
+                }
+                let inputs = DeviceInputs {
+                    q: &qb,
+                    k: &kb,
+                    v: &vb,
+                };
+                let outputs = DeviceOutputs {
+                    out: &out,
+                    lse: lse.as_ref(),
+                };
+                let scratch = match algo {
+                    Algorithm::Flash => self.encode_forward(&c, inputs, outputs, enc, None)?,
+                    Algorithm::Naive => self.encode_naive(&c, inputs, outputs, enc, None)?,
+                    Algorithm::Copy => {
+                        return Err(unsupported("the copy peer is a benchmark only"))
+                    }
+                };
+                enc.copy_buffer_to_buffer(&out, 0, &read, 0, lse_at);
+                if let Some(lse) = &lse {
+                    enc.copy_buffer_to_buffer(lse, 0, &read, lse_at, lse_bytes);
+                }
+                Ok(scratch)
+            })
+            .await;
+        let bytes = match submitted {
+            Ok(_) => crate::device::read_mapped(&self.device, &read, lse_at + lse_bytes).await,
+            Err(e) => Err(e),
+        };
         for b in [qb, kb, vb, out, read].into_iter().chain(lse) {
             self.buffers.give(b);
         }
@@ -157,14 +160,8 @@ impl WgpuBackend {
         let c = spec.validate()?;
         self.supports_checked(&c)?;
         self.ready().await?;
-        let scratch = scoped(&self.device, || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            let scratch = self.encode_forward(&c, inputs, outputs, &mut enc, None)?;
-            self.queue.submit([enc.finish()]);
-            Ok(scratch)
-        })
-        .await?;
-        self.release(scratch);
+        self.submit(|enc| self.encode_forward(&c, inputs, outputs, enc, None))
+            .await?;
         self.errors.check()
     }
 

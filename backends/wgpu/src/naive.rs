@@ -142,6 +142,15 @@ impl WgpuBackend {
     }
 }
 
+/// The naive backward's score matrix: one region per (sequence, kv head) of `region` bytes at
+/// aligned `stride`s, `score_bytes` in all, and the statistics.
+struct NaiveBackwardShape {
+    region: u64,
+    stride: u64,
+    score_bytes: u64,
+    stats_bytes: u64,
+}
+
 /// What the naive backward binds for one (sequence, kv head): its uniform and score region.
 struct NaiveGroup {
     params: Params,
@@ -162,26 +171,13 @@ impl WgpuBackend {
     ) -> Result<Scratch> {
         let (sq, sk) = (c.seqlen_q as u64, c.seqlen_k as u64);
         let group_rows = c.group_size() as u64 * sq;
-        self.naive_supported(c, c.seqlen_k.max(group_rows as usize))?;
-        if c.dtype == DType::Bf16 && (c.head_dim % 2 == 1 || c.head_dim_v % 2 == 1) {
-            return Err(unsupported(
-                "the naive backward writes bf16 gradients in pairs: it needs even head dims",
-            ));
-        }
-        let region = group_rows * sk * 4;
-        let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
-        let stride = region.next_multiple_of(align);
+        let NaiveBackwardShape {
+            region,
+            stride,
+            score_bytes,
+            stats_bytes,
+        } = self.naive_backward_shape(c)?;
         let groups = (c.batch * c.heads_kv) as u64;
-        let score_bytes = stride * groups;
-        let stats_bytes = c.sizes.q_tokens as u64 * c.heads_q as u64 * 8;
-        if region.max(stats_bytes) > self.binding_limit || score_bytes > self.limits.max_buffer_size
-        {
-            return Err(unsupported(format!(
-                "the naive backward needs a {score_bytes}-byte score buffer bound {region} bytes at a time; \
-                 the device's largest buffer is {} bytes, its largest binding {}",
-                self.limits.max_buffer_size, self.binding_limit
-            )));
-        }
         let storage = wgpu::BufferUsages::STORAGE;
         let scores = self.buffers.take(&self.device, score_bytes, storage);
         let stats = self.buffers.take(&self.device, stats_bytes, storage);
@@ -256,6 +252,36 @@ impl WgpuBackend {
         }
         record_pass(enc, "flashattn naive backward", timer, &dispatches);
         Ok(scratch)
+    }
+
+    /// Checks what the naive backward needs and sizes its buffers.
+    fn naive_backward_shape(&self, c: &CheckedSpec<'_>) -> Result<NaiveBackwardShape> {
+        let group_rows = c.group_size() as u64 * c.seqlen_q as u64;
+        self.naive_supported(c, c.seqlen_k.max(group_rows as usize))?;
+        if c.dtype == DType::Bf16 && (c.head_dim % 2 == 1 || c.head_dim_v % 2 == 1) {
+            return Err(unsupported(
+                "the naive backward writes bf16 gradients in pairs: it needs even head dims",
+            ));
+        }
+        let region = group_rows * c.seqlen_k as u64 * 4;
+        let stride =
+            region.next_multiple_of(u64::from(self.limits.min_storage_buffer_offset_alignment));
+        let score_bytes = stride * (c.batch * c.heads_kv) as u64;
+        let stats_bytes = c.sizes.q_tokens as u64 * c.heads_q as u64 * 8;
+        if region.max(stats_bytes) > self.binding_limit || score_bytes > self.limits.max_buffer_size
+        {
+            return Err(unsupported(format!(
+                "the naive backward needs a {score_bytes}-byte score buffer bound {region} bytes at a time; \
+                 the device's largest buffer is {} bytes, its largest binding {}",
+                self.limits.max_buffer_size, self.binding_limit
+            )));
+        }
+        Ok(NaiveBackwardShape {
+            region,
+            stride,
+            score_bytes,
+            stats_bytes,
+        })
     }
 
     /// The statistics kernel over every query token (whole tensors bound).

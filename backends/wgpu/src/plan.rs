@@ -13,15 +13,18 @@ use flashattn_core::Result;
 ///
 /// Why a bound: llvmpipe (lavapipe, Mesa 22.3 as in Debian 12) counts every loop iteration of an
 /// invocation against one counter per shader, LP_MAX_TGSI_LOOP_ITERATIONS = 65535, and silently
-/// leaves all loops once it runs out (measured: the unbounded forward gave rel. L2 0.6 from
-/// 12.5k keys at head_dim 64, 7.8k at 256). Per key, the forward's loops iterate at most
-/// DS / 2 + DVS / 2 + TPR + 5 ~= 50 times if the driver unrolled nothing (DS = DVS = 32 slots,
-/// TPR <= 16; 8.4 measured at head_dim 256, where Mesa unrolls the constant-trip loops), the
-/// backward kernels' at most ~2 x that. So 512 keys cost <= ~26k iterations in the forward and
-/// 256 rows or keys <= ~26k in the backward, under half the cap even with nothing unrolled,
-/// and ~4k (6%) as measured; the per-dispatch prologue and epilogue add < 200.
+/// leaves all loops once it runs out. Measured on it with the bound lifted (2026-12, f32, one
+/// workgroup walking everything): the forward went wrong from 12.5k keys at head_dim 64 and
+/// 7.8k at 256 (8.4 iterations per key), dQ from 4.1k keys and dK/dV from 2.7k rows at
+/// head_dim 256 (16 and 24 per key or row). If the driver unrolled nothing, a key would cost
+/// the forward DS/2 + DVS/2 + TPR + 5 <= 53 iterations (DS = DVS = 32 slots, TPR <= 16, per
+/// shaders/flash_fwd.wgsl's loops), a key of dQ or a row of dK/dV at most ~100. So:
+/// - forward, 512 keys: ~4.3k iterations as measured (7% of the cap), <= 27k unrolled nothing;
+/// - backward, 256 keys or rows: ~6.1k as measured (9%), <= 26k unrolled nothing;
+///
+/// plus < 600 for a dispatch's prologue, epilogue and dK/dV's loop over the heads its slice meets.
 pub const MAX_KEYS_PER_WORKGROUP: u32 = 512;
-/// The backward kernels' bound (they do about twice the forward's loop work per key or row).
+/// The backward kernels' bound (see above).
 pub const MAX_BACKWARD_WALK: u32 = 256;
 
 /// How one walked dimension (keys, or backward query rows) is sliced.

@@ -4,54 +4,23 @@
 
 mod common;
 
+use common::assert_cases;
 use flashattn_core::testing::strategy::{specs, SpecSpace};
-use flashattn_core::testing::{check_backward, check_cases, feature_cases};
-use flashattn_core::{
-    random_inputs, random_tensor, reference_backward, rel_l2_error, Algorithm, AttentionSpec,
-    Backend, BackwardInputs, BenchPlan, DType, Pass,
-};
+use flashattn_core::testing::{check_backward, feature_cases};
+use flashattn_core::{reference_backward, rel_l2_error, AttentionSpec, Backend, DType, Pass};
 use flashattn_wgpu::WgpuBackend;
 use proptest::prelude::*;
-use rand::SeedableRng;
-
-fn assert_backward_cases<S: AsRef<str>>(b: &WgpuBackend, cases: &[(S, AttentionSpec)], seed: u64) {
-    let failures = check_cases(b, cases, seed, check_backward);
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
-}
 
 fn lse(s: AttentionSpec) -> AttentionSpec {
     s.return_lse(true)
 }
 
 #[test]
-fn feature_cases_f32() {
+fn feature_cases_every_dtype() {
     let Some(b) = common::backend() else { return };
-    assert_backward_cases(b, &feature_cases(DType::F32), 500);
-}
-
-#[test]
-fn feature_cases_bf16() {
-    let Some(b) = common::backend() else { return };
-    assert_backward_cases(b, &feature_cases(DType::Bf16), 600);
-}
-
-#[test]
-fn feature_cases_f16() {
-    let Some(b) = common::backend() else { return };
-    if !b.has_f16() {
-        eprintln!(
-            "SKIP f16: adapter {} has no SHADER_F16",
-            b.adapter_info().name
-        );
-        return;
+    for dtype in common::dtypes(b) {
+        assert_cases(b, &feature_cases(dtype), 500, check_backward);
     }
-    assert_backward_cases(b, &feature_cases(DType::F16), 700);
 }
 
 /// The workgroup-memory reduction (where the adapter has subgroups, the tests above use them).
@@ -67,7 +36,7 @@ fn without_subgroups() {
         .into_iter()
         .filter(|(n, _)| ["odd sizes", "head_dim 200", "gqa", "varlen", "softcap"].contains(n))
         .collect();
-    assert_backward_cases(&b, &cases, 800);
+    assert_cases(&b, &cases, 800, check_backward);
 }
 
 /// Keys and rows far beyond one dispatch's bound: dQ walks many key slices, dK/dV many slices
@@ -95,7 +64,7 @@ fn long_keys_and_rows() {
                 .softcap(6.0)),
         ),
     ];
-    assert_backward_cases(b, &cases, 900);
+    assert_cases(b, &cases, 900, check_backward);
 }
 
 /// A 16 KiB binding limit cuts q-side and k-side buffers (and the accumulators) into many
@@ -129,7 +98,7 @@ fn chunked_bindings() {
                 .causal(true)),
         ),
     ];
-    assert_backward_cases(&b, &cases, 1000);
+    assert_cases(&b, &cases, 1000, check_backward);
 }
 
 /// The same inputs give bitwise the same gradients on every run and on a second device
@@ -145,24 +114,8 @@ fn deterministic() {
             .heads_kv(2)
             .causal(true)
             .dtype(dtype));
-        let (q, k, v) = random_inputs(&spec, 21);
-        let fwd = b
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-            .unwrap();
-        let dout = random_tensor(
-            &mut rand::rngs::StdRng::seed_from_u64(22),
-            dtype,
-            spec.out_elems().unwrap(),
-        );
-        let lse = fwd.lse.unwrap();
-        let inputs = BackwardInputs {
-            q: q.as_ref(),
-            k: k.as_ref(),
-            v: v.as_ref(),
-            out: fwd.out.as_ref(),
-            lse: &lse,
-            dout: dout.as_ref(),
-        };
+        let case = common::BackwardCase::new(b, &spec, 21);
+        let inputs = case.inputs();
         let first = b.backward(&spec, inputs).unwrap();
         for (run, backend) in [(1, b), (2, b), (3, &other)] {
             let again = backend.backward(&spec, inputs).unwrap();
@@ -188,28 +141,17 @@ fn naive_backward_matches_the_reference() {
         if spec.is_varlen() {
             continue;
         }
-        let (q, k, v) = random_inputs(&spec, 31);
-        let fwd = b
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-            .unwrap();
-        let dout = random_tensor(
-            &mut rand::rngs::StdRng::seed_from_u64(32),
-            spec.dtype,
-            spec.out_elems().unwrap(),
-        );
-        let lse = fwd.lse.unwrap();
-        let inputs = BackwardInputs {
-            q: q.as_ref(),
-            k: k.as_ref(),
-            v: v.as_ref(),
-            out: fwd.out.as_ref(),
-            lse: &lse,
-            dout: dout.as_ref(),
-        };
+        let case = common::BackwardCase::new(b, &spec, 31);
+        let inputs = case.inputs();
         let got = pollster::block_on(b.naive_backward_async(&spec, inputs))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let want =
-            reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
+        let (q, k, v, dout) = (
+            case.q.as_ref(),
+            case.k.as_ref(),
+            case.v.as_ref(),
+            case.dout.as_ref(),
+        );
+        let want = reference_backward(&spec, q, k, v, dout).unwrap();
         for (g, w, which) in [
             (&got.dq, &want.dq, "dq"),
             (&got.dk, &want.dk, "dk"),
@@ -226,34 +168,13 @@ fn naive_backward_matches_the_reference() {
 #[test]
 fn bench_backward_uses_far_less_memory_than_naive() {
     let Some(b) = common::backend() else { return };
+    // Naive holds P (then dS), 2 x 256 x 256 f32; flash the f32 statistics of 2 x 256 rows.
     let spec = AttentionSpec::new(1, 2, 256, 256, 64);
-    let plan = BenchPlan {
-        warmup: 1,
-        iters: 2,
-        seed: 1,
-        pass: Pass::Backward,
-    };
-    let mut runs = 0;
-    let flash = b
-        .bench(&spec, Algorithm::Flash, &plan, &mut || runs += 1)
-        .expect("flash backward bench");
-    assert_eq!(runs, 3);
-    let naive = b
-        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
-        .expect("naive backward bench");
-    assert_eq!(flash.times_ms.len(), 2);
-    assert!(flash
-        .times_ms
-        .iter()
-        .chain(&naive.times_ms)
-        .all(|t| t.is_finite() && *t > 0.0));
-    let (fe, ne) = (flash.extra_bytes.unwrap(), naive.extra_bytes.unwrap());
-    assert!(ne >= 2 * 256 * 256 * 4, "naive extra {ne}");
-    assert!(fe * 10 < ne, "flash extra {fe} vs naive {ne}");
+    common::assert_bench_memory(b, &spec, Pass::Backward, 2 * 256 * 256 * 4, 10);
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 10, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 8, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn random_specs_match_the_reference(

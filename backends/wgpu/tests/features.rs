@@ -3,36 +3,19 @@
 
 mod common;
 
-use common::assert_forward_cases;
-use flashattn_core::testing::feature_cases;
+use common::assert_cases;
+use flashattn_core::testing::{check_backend, feature_cases};
 use flashattn_core::{
     random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, Tensor,
 };
 use flashattn_wgpu::WgpuBackend;
 
 #[test]
-fn feature_cases_f32() {
+fn feature_cases_every_dtype() {
     let Some(b) = common::backend() else { return };
-    assert_forward_cases(b, &feature_cases(DType::F32), 1000);
-}
-
-#[test]
-fn feature_cases_f16() {
-    let Some(b) = common::backend() else { return };
-    if !b.has_f16() {
-        eprintln!(
-            "SKIP f16: adapter {} has no SHADER_F16",
-            b.adapter_info().name
-        );
-        return;
+    for dtype in common::dtypes(b) {
+        assert_cases(b, &feature_cases(dtype), 1000, check_backend);
     }
-    assert_forward_cases(b, &feature_cases(DType::F16), 1000);
-}
-
-#[test]
-fn feature_cases_bf16() {
-    let Some(b) = common::backend() else { return };
-    assert_forward_cases(b, &feature_cases(DType::Bf16), 1000);
 }
 
 #[test]
@@ -44,7 +27,7 @@ fn feature_cases_without_subgroups() {
         .expect("second device")
         .without_subgroups();
     assert_eq!(b.subgroup_size(), 0);
-    assert_forward_cases(&b, &feature_cases(DType::F32), 1000);
+    assert_cases(&b, &feature_cases(DType::F32), 1000, check_backend);
 }
 
 /// Varlen tokens past cu_seqlens_q[batch] belong to no sequence: out 0 and LSE -inf, even
@@ -57,7 +40,7 @@ fn varlen_tokens_outside_every_sequence() {
     let spec = AttentionSpec::new(1, 2, 30, 30, 16)
         .varlen(vec![0, 10, 20], vec![0, 15, 30])
         .return_lse(true);
-    assert_forward_cases(b, &[("uncovered tail", spec)], 1000);
+    assert_cases(b, &[("uncovered tail", spec)], 1000, check_backend);
 }
 
 #[test]
@@ -117,7 +100,7 @@ fn chunked_bindings_match_the_reference() {
                 .causal(true)),
         ),
     ];
-    assert_forward_cases(&b, &cases, 1000);
+    assert_cases(&b, &cases, 1000, check_backend);
 }
 
 /// NaN in gives NaN out exactly in what sees it, as in the f64 reference: a NaN key makes the
@@ -226,5 +209,5 @@ fn extreme_windows_match_the_reference() {
             base().causal(true).window(i64::MAX, -1),
         ),
     ];
-    assert_forward_cases(b, &cases, 77);
+    assert_cases(b, &cases, 77, check_backend);
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::assert_forward_cases;
+use common::assert_cases;
 use flashattn_core::testing::check_backend;
 use flashattn_core::{AttentionSpec, DType};
 
@@ -67,5 +67,5 @@ fn long_key_sequences_match_the_reference() {
                 .varlen(vec![0, 40, 80], vec![0, 18_000, 36_000])),
         ));
     }
-    assert_forward_cases(b, &cases, 40);
+    assert_cases(b, &cases, 40, check_backend);
 }
