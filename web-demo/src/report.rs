@@ -41,7 +41,7 @@ impl CheckResult {
 }
 
 fn lse_bound(spec: &AttentionSpec) -> f64 {
-    (spec.dtype.tolerance() * 10.0).max(1e-3)
+    spec.dtype.lse_tolerance()
 }
 
 /// Compares `got` with the f64 reference on q, k, v. `now_ms` is the page's clock.
