@@ -4,7 +4,8 @@
 use crate::report::REFERENCE_MAX_FLOPS;
 use flashattn_core::testing::backward_tolerance;
 use flashattn_core::{
-    random_tensor, reference_backward, rel_l2_error, AttentionSpec, Grads, Tensor, TensorRef,
+    random_tensor, reference_backward, rel_l2_error, AttentionSpec, CheckedSpec, Grads, Tensor,
+    TensorRef,
 };
 use rand::SeedableRng;
 use serde::Serialize;
@@ -46,9 +47,9 @@ impl GradientCheck {
 }
 
 /// The loss gradient `dout` of the check: uniform in [-1, 1), seeded, in the output dtype.
-pub fn random_dout(spec: &AttentionSpec, seed: u64) -> Tensor {
+pub fn random_dout(c: &CheckedSpec<'_>, seed: u64) -> Tensor {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x9a7d);
-    random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap_or(0))
+    random_tensor(&mut rng, c.dtype.output(), c.sizes.out)
 }
 
 /// Compares `got` with the reference backward of `sum(out * dout)` on q, k, v.
@@ -97,10 +98,12 @@ mod tests {
 
     fn exact_grads(spec: &AttentionSpec, seed: u64) -> (Tensor, Tensor, Tensor, Tensor, Grads) {
         let (q, k, v) = random_inputs(spec, seed);
-        let dout = random_dout(spec, seed);
+        let dout = random_dout(&spec.validate().unwrap(), seed);
         let r =
             reference_backward(spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
-        let t = |x: &[f64]| Tensor::from_f32(spec.dtype, &x.iter().map(|&y| y as f32).collect::<Vec<_>>());
+        let t = |x: &[f64]| {
+            Tensor::from_f32(spec.dtype, &x.iter().map(|&y| y as f32).collect::<Vec<_>>())
+        };
         let grads = Grads {
             dq: t(&r.dq),
             dk: t(&r.dk),
@@ -135,7 +138,13 @@ mod tests {
     fn bf16_gradients_use_the_bf16_bound() {
         let spec = AttentionSpec::new(1, 1, 9, 9, 8).dtype(DType::Bf16);
         let (q, k, v, dout, got) = exact_grads(&spec, 2);
-        let r = check_gradients(&spec, (q.as_ref(), k.as_ref(), v.as_ref()), dout.as_ref(), &got, &|| 0.0);
+        let r = check_gradients(
+            &spec,
+            (q.as_ref(), k.as_ref(), v.as_ref()),
+            dout.as_ref(),
+            &got,
+            &|| 0.0,
+        );
         assert_eq!(r.tolerance, backward_tolerance(DType::Bf16));
         assert_eq!(r.passed, Some(true), "{r:?}");
         assert!(GradientCheck::skipped(&spec, "off").passed.is_none());

@@ -52,7 +52,7 @@ fn check_inputs(
     head: usize,
     max_side: usize,
 ) -> Result<()> {
-    spec.validate()?;
+    let sizes = spec.validate()?.sizes;
     if spec.is_varlen() {
         return Err(Error::invalid(
             "varlen",
@@ -70,20 +70,20 @@ fn check_inputs(
     if max_side == 0 {
         return Err(Error::invalid("max_side", 0, "must be at least 1"));
     }
-    for (name, t, expected) in [("q", q, spec.q_elems()), ("k", k, spec.k_elems())] {
-        if Some(t.len()) != expected {
+    for (name, t, expected) in [("q", q, sizes.q), ("k", k, sizes.k)] {
+        if t.len() != expected {
             return Err(Error::BufferLength {
                 tensor: name,
-                expected: expected.unwrap_or(0),
+                expected,
                 actual: t.len(),
                 shape: spec.shape_string(),
             });
         }
     }
-    if lse.len() != spec.lse_elems().unwrap_or(0) {
+    if lse.len() != sizes.lse {
         return Err(Error::BufferLength {
             tensor: "lse",
-            expected: spec.lse_elems().unwrap_or(0),
+            expected: sizes.lse,
             actual: lse.len(),
             shape: format!(
                 "batch {} x heads {} x seqlen_q {}",

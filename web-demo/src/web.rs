@@ -8,8 +8,8 @@ use crate::report::{
     check_against_reference, median_ms, tflops, CheckResult, MemoryReport, REFERENCE_MAX_FLOPS,
 };
 use flashattn_core::{
-    random_inputs, Algorithm, AttentionSpec, BackwardInputs, BenchPlan, DType, Error, Output, Pass,
-    Tensor,
+    random_inputs, Algorithm, AttentionSpec, BackwardInputs, BenchPlan, CheckedSpec, DType, Error,
+    Output, Pass, Tensor,
 };
 use flashattn_wgpu::{BenchOptions, WgpuBackend};
 use serde::Serialize;
@@ -184,7 +184,8 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
         .lse
         .as_deref()
         .ok_or_else(|| Error::backend("wgpu", "the kernel returned no LSE"))?;
-    let gradients = gradient_check(backend, cfg, &spec, (&q, &k, &v), &out, lse).await?;
+    let checked = spec.validate()?;
+    let gradients = gradient_check(backend, cfg, &checked, (&q, &k, &v), &out, lse).await?;
     let map = attention_heatmap(
         &spec,
         q.as_ref(),
@@ -195,7 +196,7 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
     )?;
     drop((q, k, v, out));
 
-    let (timing, memory) = timings(backend, &spec, cfg, first_forward_ms).await?;
+    let (timing, memory) = timings(backend, &checked, cfg, first_forward_ms).await?;
 
     Ok(RunReport {
         spec: spec.shape_string(),
@@ -228,11 +229,12 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
 async fn gradient_check(
     backend: &WgpuBackend,
     cfg: &DemoConfig,
-    spec: &AttentionSpec,
+    c: &CheckedSpec<'_>,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     out: &Output,
     lse: &[f32],
 ) -> Result<GradientCheck, Error> {
+    let spec = c.spec;
     if !cfg.gradients || cfg.check == CheckMode::Never {
         return Ok(GradientCheck::skipped(spec, "turned off"));
     }
@@ -247,7 +249,7 @@ async fn gradient_check(
             ),
         ));
     }
-    let dout = random_dout(spec, cfg.seed);
+    let dout = random_dout(c, cfg.seed);
     let t0 = now_ms();
     let inputs = BackwardInputs {
         q: q.as_ref(),
@@ -269,10 +271,11 @@ async fn gradient_check(
 /// extra memory.
 async fn timings(
     backend: &WgpuBackend,
-    spec: &AttentionSpec,
+    c: &CheckedSpec<'_>,
     cfg: &DemoConfig,
     first_forward_ms: f64,
 ) -> Result<(Timing, MemoryReport), Error> {
+    let spec = c.spec;
     let plan = BenchPlan {
         warmup: 1,
         iters: cfg.iters,
@@ -283,7 +286,7 @@ async fn timings(
         .bench_async(spec, Algorithm::Flash, &plan, &mut || {})
         .await?;
     let flash_ms = median_ms(&flash.times_ms);
-    let mut memory = MemoryReport::new(spec);
+    let mut memory = MemoryReport::new(c);
     memory.flash_extra_bytes = flash.extra_bytes;
     let (naive_ms, naive_error) = if cfg.naive {
         match backend

@@ -104,9 +104,8 @@ impl Layouts {
     }
 
     fn get(&self, kind: LayoutKind) -> &(LayoutKind, wgpu::BindGroupLayout, wgpu::PipelineLayout) {
-        // Every kind is built in `new`.
-        let i = LayoutKind::ALL.iter().position(|&k| k == kind).unwrap_or(0);
-        &self.layouts[i]
+        // `new` builds every kind, in the order of `ALL`, which is the declaration order.
+        &self.layouts[kind as usize]
     }
 
     pub fn pipeline_layout(&self, kind: LayoutKind) -> &wgpu::PipelineLayout {
