@@ -150,7 +150,8 @@ impl WgpuBackend {
     /// Device-resident API: records and submits the forward pass on buffers that already live
     /// on this backend's device (see [`WgpuBackend::from_device`]). Nothing is read back;
     /// the caller's later submissions on the same queue see the results. Varlen tokens past
-    /// `cu_seqlens_q[batch]` are left as they are.
+    /// `cu_seqlens_q[batch]` belong to no sequence: their out is not guaranteed to be written
+    /// (nor their LSE).
     pub async fn forward_buffers(
         &self,
         spec: &AttentionSpec,
