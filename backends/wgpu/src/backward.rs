@@ -212,9 +212,6 @@ impl WgpuBackend {
     ) -> Result<()> {
         let c = spec.validate()?;
         self.supports_backward_checked(&c)?;
-        if c.dtype == DType::Fp8E4m3 {
-            return Err(unsupported("the backward pass takes f32, f16 or bf16"));
-        }
         self.ready().await?;
         self.submit(|enc| self.encode_backward(&c, inputs, grads, enc, None))
             .await?;
