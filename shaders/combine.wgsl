@@ -1,20 +1,24 @@
-// Split-KV combine: merges the per-split (O, LSE) partials of the flash kernel into the output
-// and the LSE. One invocation per output element pair of the rows [q_tok0, q_tok1), so a bf16
-// pair is written whole. The host prepends the same header as for flash_fwd.wgsl.
+// Split-KV combine: merges the per-split (O, LSE) slots of the flash kernel into the output
+// and the LSE. One invocation per output element pair of the rows [q_tok0, q_tok1), so a
+// packed pair is written whole. The host prepends the same modules as for flash_fwd.wgsl
+// (no tile constants).
 
 struct Merged {
     value: f32,
     lse_bits: u32, // f32 bits, so a fully masked row can report -inf
 }
 
-// Element x of (row, h): sum over splits of exp(lse_s - lse) * O_s, and the merged LSE.
-// Splits that saw no key (LSE -inf) are skipped.
+// Element x of (row, h): sum over slots of exp(lse_s - lse) * O_s, and the merged LSE. Slots
+// that saw no key (LSE -inf) are skipped; a NaN LSE makes the row NaN.
 fn merge(row: u32, h: u32, x: u32) -> Merged {
     let rows = p.q_tok1 - p.q_tok0;
     var m = NEG_BIG;
     var any = false;
-    for (var s = 0u; s < p.total_splits; s++) {
+    for (var s = 0u; s < p.num_splits; s++) {
         let bits = part[p.part_lse + (s * rows + row) * p.heads_q + h];
+        if is_nan(bitcast<f32>(bits)) {
+            return Merged(bitcast<f32>(bits), bits);
+        }
         if bits != NEG_INF_BITS {
             m = max(m, bitcast<f32>(bits));
             any = true;
@@ -25,7 +29,7 @@ fn merge(row: u32, h: u32, x: u32) -> Merged {
     }
     var sum = 0.0;
     var acc = 0.0;
-    for (var s = 0u; s < p.total_splits; s++) {
+    for (var s = 0u; s < p.num_splits; s++) {
         let pr = (s * rows + row) * p.heads_q + h;
         let bits = part[p.part_lse + pr];
         if bits != NEG_INF_BITS {
@@ -38,16 +42,21 @@ fn merge(row: u32, h: u32, x: u32) -> Merged {
 }
 
 fn write_lse(row: u32, h: u32, bits: u32) {
-    if (p.flags & FLAG_LSE) == 0u {
+    if !has_flag(FLAG_LSE) {
         return;
     }
     let tok = p.q_tok0 + row;
-    if (p.flags & FLAG_VARLEN) != 0u {
+    if has_flag(FLAG_VARLEN) {
         lse[h * p.seqlen_q + tok] = bits;
     } else {
         let b = tok / p.seqlen_q;
         lse[(b * p.heads_q + h) * p.seqlen_q + tok % p.seqlen_q] = bits;
     }
+}
+
+// Varlen tokens past cu_seqlens_q[batch] belong to no sequence: no kernel wrote their slots.
+fn outside_every_sequence(row: u32) -> bool {
+    return has_flag(FLAG_VARLEN) && p.q_tok0 + row >= tables[p.batch];
 }
 
 @compute @workgroup_size(64)
@@ -66,10 +75,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
             let row = e / row_elems;
             let h = (e % row_elems) / p.dv;
             let x = e % p.dv;
-            let r = merge(row, h, x);
-            vals[c] = r.value;
-            if x == 0u {
-                write_lse(row, h, r.lse_bits);
+            if outside_every_sequence(row) {
+                vals[c] = 0.0;
+            } else {
+                let r = merge(row, h, x);
+                vals[c] = r.value;
+                if x == 0u {
+                    write_lse(row, h, r.lse_bits);
+                }
             }
         }
     }

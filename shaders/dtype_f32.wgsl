@@ -1,15 +1,11 @@
-// Element access for f32 tensors. Prepended to the kernels by the host (see README.md).
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+// f32 tensors: one element per array entry. The host puts this before the kernel's bindings,
+// which declare `array<Elem>` and read / write through these helpers.
+alias Elem = f32;
+// Two elements share one array entry (bf16 only).
+const PACKED: bool = false;
 
-fn ld_q(i: u32) -> f32 { return q[i]; }
-fn ld_k(i: u32) -> f32 { return k[i]; }
-fn ld_v(i: u32) -> f32 { return v[i]; }
-
-// Stores elements i and i + 1 (i even); the second only when `both`.
-fn st_out_pair(i: u32, a: f32, b: f32, both: bool) {
-    out[i] = a;
-    if both { out[i + 1u] = b; }
-}
+fn elem_word(i: u32) -> u32 { return i; }
+fn elem_get(w: Elem, i: u32) -> f32 { return w; }
+fn elem_of(x: f32) -> Elem { return x; }
+// Used by packed types only.
+fn elem_pair(a: f32, b: f32, both: bool) -> Elem { return a; }

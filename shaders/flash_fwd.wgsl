@@ -1,209 +1,241 @@
-// FlashAttention forward: tiled online softmax, one workgroup per (block of BR query rows,
-// query head, sequence x key split). TPR invocations share a query row: each owns DS of its q
-// elements and DVS of its output elements, in interleaved pairs (slot s of thread t is element
-// 2 * (t + TPR * (s / 2)) + s % 2), so the invocations of a row read neighbouring words of the
-// K/V tile and a bf16 output pair is written by one invocation. K and V tiles of BC keys are
-// staged in workgroup memory (one buffer, K then V). Scores are in the log2 domain (exp2, scale
-// pre-multiplied by log2 e); running max, sum and O are f32; O is divided once at the end.
+// FlashAttention forward: tiled online softmax, one workgroup per (block of BLOCK_M query
+// rows, query head, sequence x key split). TPR invocations share a query row: each owns DS of
+// its q elements and DVS of its output elements, in interleaved pairs (slot s of invocation t
+// is element 2 * (t + TPR * (s / 2)) + s % 2), so the invocations of a row read neighbouring
+// words of the K/V tile and a packed output pair is written by one invocation. K and V tiles
+// of BLOCK_N keys are staged in workgroup memory (one buffer, K then V). Scores are in the log2
+// domain; running max, sum and O are f32; O is divided once at the end.
 //
-// The host prepends: `enable` lines, the tile constants (WG, TPR, BR, BC, DS, DVS, DP, DVP,
-// KVW), common.wgsl and the dtype file (ld_q/ld_k/ld_v/st_out_pair). `//#if SUBGROUPS` blocks
-// are kept only where the adapter has subgroup operations.
+// Bounded work: a workgroup walks at most p.slice_len keys per dispatch, those of slice
+// p.slice0 + split of its sequence. Longer key ranges take several dispatches whose partial
+// (O, LSE) accumulate in the split's slot of `part` (FLAG_PARTIAL), merged by combine.wgsl.
+//
+// The host prepends the `enable` lines, the tile constants (WG, TPR, BLOCK_M, BLOCK_N, DS,
+// DVS, DP, DVP, KVW), params.wgsl, mask.wgsl, score_mod.wgsl, the dtype file, io_qkv.wgsl,
+// io_forward.wgsl, row_reduce.wgsl and query_block.wgsl.
 
+const RED_ROWS: u32 = BLOCK_M;
+const RED_N: u32 = BLOCK_N;
 // Pairs of elements: one 8-byte workgroup load feeds an invocation's two FMAs.
 const DP2: u32 = DP / 2u;
 const DVP2: u32 = DVP / 2u;
-var<workgroup> kv_tile: array<vec2<f32>, BC * KVW / 2u>;
-//#if !SUBGROUPS
-// Per-invocation partial dot products, summed by the invocations of each row.
-var<workgroup> red: array<f32, BR * BC * TPR>;
-//#endif
+var<workgroup> kv_tile: array<vec2<f32>, BLOCK_N * KVW / 2u>;
 
-// The partial dot products of one row's TPR invocations summed, in every one of them.
-fn row_sum(x: f32, r: u32, j: u32, t: u32) -> f32 {
-//#if SUBGROUPS
-    var s = x;
-    for (var m = 1u; m < TPR; m = m << 1u) {
-        s += subgroupShuffleXor(s, m);
+// This invocation's state (beside q_slice): its O slice, the scores of the current tile, and
+// the running max and sum of its row.
+var<private> o_acc: array<f32, DVS>;
+var<private> scores: array<f32, BLOCK_N>;
+var<private> m_run: f32;
+var<private> l_run: f32;
+
+// Stages keys [kt, kt + BLOCK_N) of the block's kv head in kv_tile, K (is_v false, width d)
+// or V (width dv) as element pairs; keys past the block's span are zeros.
+fn stage_tile(blk: Block, kt: i32, lid: u32, is_v: bool) {
+    let width = select(p.d, p.dv, is_v);
+    let pairs = select(DP2, DVP2, is_v);
+    workgroupBarrier(); // the previous tile's readers are done
+    for (var idx = lid; idx < BLOCK_N * pairs; idx += WG) {
+        let j = idx / pairs;
+        let e = 2u * (idx % pairs);
+        let key = kt + i32(j);
+        var x = vec2<f32>(0.0, 0.0);
+        if key < blk.keys.end && e < width {
+            let base = ((blk.seq.k_start + u32(key) - p.k_tok0) * p.heads_kv + blk.kh) * width + e;
+            if is_v {
+                x = vec2<f32>(ld_v(base), select(0.0, ld_v(base + 1u), e + 1u < width));
+            } else {
+                x = vec2<f32>(ld_k(base), select(0.0, ld_k(base + 1u), e + 1u < width));
+            }
+        }
+        kv_tile[idx] = x;
     }
-    return s;
-//#else
-    return x; // summed through `red` in the main loop
-//#endif
+    workgroupBarrier();
+}
+
+// S = Q K^T of the staged tile for this invocation's slice, summed over the row's invocations.
+fn tile_scores(r: u32, t: u32) {
+    for (var j = 0u; j < BLOCK_N; j++) {
+        var acc = 0.0;
+        for (var s = 0u; s < DS; s += 2u) {
+            let kk = kv_tile[j * DP2 + t + TPR * (s >> 1u)];
+            acc += q_slice[s] * kk.x + q_slice[s + 1u] * kk.y;
+        }
+        scores[j] = acc;
+    }
+    row_sum_all(&scores, r, t);
+}
+
+// Online softmax over one tile: score mod and mask, the new running max, p = exp2(s - max)
+// (0 for masked keys), the rescaled sum. Returns the factor that rescales O.
+fn softmax_step(kt: i32, row: Row) -> f32 {
+    var m_new = m_run;
+    for (var j = 0u; j < BLOCK_N; j++) {
+        let key = kt + i32(j);
+        if key >= row.keys.start && key < row.keys.end {
+            scores[j] = score_apply(scores[j], row.slope, row.diag - key);
+            m_new = max(m_new, scores[j]);
+        }
+    }
+    let alpha = exp2(m_run - m_new);
+    m_run = m_new;
+    var l_tile = 0.0;
+    for (var j = 0u; j < BLOCK_N; j++) {
+        let key = kt + i32(j);
+        var pj = 0.0;
+        if key >= row.keys.start && key < row.keys.end {
+            pj = exp2(scores[j] - m_new);
+        }
+        scores[j] = pj;
+        l_tile += pj;
+    }
+    l_run = l_run * alpha + l_tile;
+    return alpha;
+}
+
+// O = O * alpha + P V for this invocation's output slice (`guarded`: see tile_guarded).
+fn add_pv(alpha: f32, t: u32, kt: i32, keys: Span, guarded: bool) {
+    for (var s = 0u; s < DVS; s += 2u) {
+        let c = t + TPR * (s >> 1u);
+        var a0 = o_acc[s] * alpha;
+        var a1 = o_acc[s + 1u] * alpha;
+        if guarded {
+            for (var j = 0u; j < BLOCK_N; j++) {
+                let key = kt + i32(j);
+                if key >= keys.start && key < keys.end {
+                    let vv = kv_tile[j * DVP2 + c];
+                    a0 += scores[j] * vv.x;
+                    a1 += scores[j] * vv.y;
+                }
+            }
+        } else {
+            for (var j = 0u; j < BLOCK_N; j++) {
+                let vv = kv_tile[j * DVP2 + c];
+                a0 += scores[j] * vv.x;
+                a1 += scores[j] * vv.y;
+            }
+        }
+        o_acc[s] = a0;
+        o_acc[s + 1u] = a1;
+    }
+}
+
+// Whether the row saw any key: its sum is exactly +0 only when it saw none (a NaN sum did).
+fn row_seen() -> bool {
+    return bitcast<u32>(l_run) != 0u;
+}
+
+// The row's LSE (natural log, f32 bits) from the running max and sum: -inf when it saw no
+// key, NaN when a score was NaN.
+fn row_lse_bits() -> u32 {
+    if is_nan(l_run) {
+        return NAN_BITS;
+    }
+    return select(NEG_INF_BITS, bitcast<u32>((m_run + log2(l_run)) * LN2), row_seen());
+}
+
+// 1 / sum: 0 when the row saw no key (O stays 0), NaN when its sum is NaN (the sum itself:
+// WGSL constants cannot be NaN, so NaN is always a runtime value here).
+fn inv_sum() -> f32 {
+    if is_nan(l_run) {
+        return l_run;
+    }
+    return select(0.0, 1.0 / l_run, row_seen());
+}
+
+// Writes out (in the output dtype) and the LSE directly: a single dispatch covered the keys.
+fn store_out(blk: Block, row: Row, t: u32) {
+    let inv_l = inv_sum();
+    let o_base = ((row.tok - p.q_tok0) * p.heads_q + blk.h) * p.dv;
+    for (var s = 0u; s < DVS; s += 2u) {
+        let e = 2u * (t + TPR * (s >> 1u));
+        if e < p.dv {
+            st_out_pair(o_base + e, o_acc[s] * inv_l, o_acc[s + 1u] * inv_l, e + 1u < p.dv);
+        }
+    }
+    if t == 0u && has_flag(FLAG_LSE) {
+        lse[lse_index(blk.b, blk.h, row.i, blk.seq.q_start)] = row_lse_bits();
+    }
+}
+
+// Index of (split slot, row, head) in the partials.
+fn slot_index(blk: Block, row: Row) -> u32 {
+    return (blk.split * (p.q_tok1 - p.q_tok0) + row.tok - p.q_tok0) * p.heads_q + blk.h;
+}
+
+// The LSE bits this row's slot holds from earlier dispatches (-inf when there are none).
+fn slot_lse_bits(blk: Block, row: Row) -> u32 {
+    if !row.ok || has_flag(FLAG_FIRST) {
+        return NEG_INF_BITS;
+    }
+    return part[p.part_lse + slot_index(blk, row)];
+}
+
+// Merges this dispatch's (O, LSE) into the row's slot: weights exp(lse - max) of the two, as
+// combine.wgsl merges slots. The first dispatch writes the slot even when it saw no key.
+fn store_slot(blk: Block, row: Row, t: u32, prev_bits: u32) {
+    if !row.ok || !(row_seen() || has_flag(FLAG_FIRST)) {
+        return;
+    }
+    let pr = slot_index(blk, row);
+    let prev_lse = bitcast<f32>(prev_bits);
+    let lse_cur = bitcast<f32>(row_lse_bits());
+    var w_prev = 0.0;
+    var w_cur = inv_sum();
+    var lse_new = lse_cur;
+    if is_nan(prev_lse) || is_nan(lse_cur) {
+        w_cur = prev_lse + lse_cur; // NaN, as a runtime value
+        lse_new = w_cur;
+    } else if prev_bits != NEG_INF_BITS {
+        // Both saw keys.
+        let m = max(prev_lse, lse_cur);
+        let a = exp(prev_lse - m);
+        let c = exp(lse_cur - m);
+        w_prev = a / (a + c);
+        w_cur = c / (a + c) * inv_sum();
+        lse_new = m + log(a + c);
+    }
+    for (var s = 0u; s < DVS; s++) {
+        let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
+        if e < p.dv {
+            let at = pr * p.dv + e;
+            let prev = select(0.0, bitcast<f32>(part[at]), bitcast<u32>(w_prev) != 0u);
+            part[at] = bitcast<u32>(w_prev * prev + w_cur * o_acc[s]);
+        }
+    }
+    if t == 0u {
+        part[p.part_lse + pr] = bitcast<u32>(lse_new);
+    }
 }
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let h = wid.y;
-    let b = wid.z / p.num_splits;
-    let split = wid.z % p.num_splits;
-    let kh = h / p.group;
-    let sq = seq_bounds(b);
-    let row0 = wid.x * BR;
+    let blk = block_of(wid);
     // Whole-workgroup exits only (the values are uniform), so barriers stay in uniform flow.
-    if row0 >= sq.q_len || sq.q_start + row0 >= p.q_tok1 || sq.q_start + min(row0 + BR, sq.q_len) <= p.q_tok0 {
+    if !block_active(blk) {
         return;
     }
-    let row_last = min(row0 + BR, sq.q_len) - 1u;
-
-    // Keys any row of this block can see: blocks the mask hides entirely are never loaded.
-    // Clamped to the keys bound in this dispatch (tensors beyond the binding limit are chunked).
-    let lo = max(key_lo(row0, sq.q_len, sq.k_len), i32(p.k_tok0) - i32(sq.k_start));
-    let hi = min(key_hi(row_last, sq.q_len, sq.k_len), i32(p.k_tok1) - i32(sq.k_start));
-    // This split's share of the key tiles.
-    let n_tiles = (max(hi - lo, 0) + i32(BC) - 1) / i32(BC);
-    let per_split = (n_tiles + i32(p.num_splits) - 1) / i32(p.num_splits);
-    let t_begin = lo + i32(split) * per_split * i32(BC);
-    let t_end = min(hi, t_begin + per_split * i32(BC));
-
     let r = lid / TPR;
     let t = lid % TPR;
-    let i = row0 + r;
-    let tok = sq.q_start + i;
-    let row_ok = i < sq.q_len && tok >= p.q_tok0 && tok < p.q_tok1;
-    let r_lo = max(key_lo(i, sq.q_len, sq.k_len), t_begin);
-    let r_hi = min(key_hi(i, sq.q_len, sq.k_len), t_end);
-    let slope = alibi_slope_log2(b, h);
-    let diag = i32(i) + i32(sq.k_len) - i32(sq.q_len);
-
-    // This invocation's slice of the query row.
-    var qv: array<f32, DS>;
-    let q_base = ((tok - p.q_tok0) * p.heads_q + h) * p.d;
-    for (var s = 0u; s < DS; s++) {
-        let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
-        qv[s] = select(0.0, ld_q(q_base + e), row_ok && e < p.d);
+    let row = row_of(blk, r);
+    load_q(row, blk.h, t);
+    m_run = NEG_BIG;
+    l_run = 0.0;
+    for (var s = 0u; s < DVS; s++) {
+        o_acc[s] = 0.0;
     }
-    var o: array<f32, DVS>;
-    var m_run = NEG_BIG;
-    var l_run = 0.0;
-    var sc: array<f32, BC>;
-
-    for (var kt = t_begin; kt < t_end; kt += i32(BC)) {
-        // K tile -> workgroup memory (rows past the end are zeros).
-        workgroupBarrier();
-        for (var idx = lid; idx < BC * DP2; idx += WG) {
-            let j = idx / DP2;
-            let e = 2u * (idx % DP2);
-            let key = kt + i32(j);
-            var x = vec2<f32>(0.0, 0.0);
-            if key < t_end && e < p.d {
-                let base = ((sq.k_start + u32(key) - p.k_tok0) * p.heads_kv + kh) * p.d + e;
-                x.x = ld_k(base);
-                if e + 1u < p.d {
-                    x.y = ld_k(base + 1u);
-                }
-            }
-            kv_tile[idx] = x;
-        }
-        workgroupBarrier();
-
-        // S = Q K^T for this row slice, summed over the row's invocations.
-        for (var j = 0u; j < BC; j++) {
-            var acc = 0.0;
-            for (var s = 0u; s < DS; s += 2u) {
-                let kk = kv_tile[j * DP2 + t + TPR * (s >> 1u)];
-                acc += qv[s] * kk.x + qv[s + 1u] * kk.y;
-            }
-            sc[j] = row_sum(acc, r, j, t);
-        }
-//#if !SUBGROUPS
-        for (var j = 0u; j < BC; j++) {
-            red[(r * BC + j) * TPR + t] = sc[j];
-        }
-        workgroupBarrier();
-        for (var j = 0u; j < BC; j++) {
-            var acc = 0.0;
-            for (var u = 0u; u < TPR; u++) {
-                acc += red[(r * BC + j) * TPR + u];
-            }
-            sc[j] = acc;
-        }
-//#endif
-
-        // Online softmax: mask, new max, rescale.
-        var m_new = m_run;
-        for (var j = 0u; j < BC; j++) {
-            let key = kt + i32(j);
-            if key >= r_lo && key < r_hi {
-                sc[j] = finish_score(sc[j], slope, diag - key);
-                m_new = max(m_new, sc[j]);
-            }
-        }
-        let alpha = exp2(m_run - m_new);
-        m_run = m_new;
-        var l_tile = 0.0;
-        for (var j = 0u; j < BC; j++) {
-            let key = kt + i32(j);
-            var pj = 0.0;
-            if key >= r_lo && key < r_hi {
-                pj = exp2(sc[j] - m_new);
-            }
-            sc[j] = pj;
-            l_tile += pj;
-        }
-        l_run = l_run * alpha + l_tile;
-
-        // V tile -> the same workgroup buffer.
-        workgroupBarrier();
-        for (var idx = lid; idx < BC * DVP2; idx += WG) {
-            let j = idx / DVP2;
-            let e = 2u * (idx % DVP2);
-            let key = kt + i32(j);
-            var x = vec2<f32>(0.0, 0.0);
-            if key < t_end && e < p.dv {
-                let base = ((sq.k_start + u32(key) - p.k_tok0) * p.heads_kv + kh) * p.dv + e;
-                x.x = ld_v(base);
-                if e + 1u < p.dv {
-                    x.y = ld_v(base + 1u);
-                }
-            }
-            kv_tile[idx] = x;
-        }
-        workgroupBarrier();
-
-        // O = O * alpha + P V.
-        for (var s = 0u; s < DVS; s += 2u) {
-            let c = t + TPR * (s >> 1u);
-            var a0 = o[s] * alpha;
-            var a1 = o[s + 1u] * alpha;
-            for (var j = 0u; j < BC; j++) {
-                let vv = kv_tile[j * DVP2 + c];
-                a0 += sc[j] * vv.x;
-                a1 += sc[j] * vv.y;
-            }
-            o[s] = a0;
-            o[s + 1u] = a1;
-        }
+    let all_see = keys_all_rows_see(blk);
+    for (var kt = blk.keys.start; kt < blk.keys.end; kt += i32(BLOCK_N)) {
+        stage_tile(blk, kt, lid, false);
+        tile_scores(r, t);
+        let alpha = softmax_step(kt, row);
+        stage_tile(blk, kt, lid, true);
+        add_pv(alpha, t, kt, row.keys, tile_guarded(blk, all_see, kt));
     }
-
-    if !row_ok {
-        return;
-    }
-    // Divide once; a row that saw no key keeps O = 0 and LSE = -inf.
-    let inv_l = select(0.0, 1.0 / l_run, l_run > 0.0);
-    let lse_bits = select(NEG_INF_BITS, bitcast<u32>((m_run + log2(l_run)) * LN2), l_run > 0.0);
-    let row = tok - p.q_tok0;
-    if (p.flags & FLAG_PARTIAL) == 0u {
-        let o_base = (row * p.heads_q + h) * p.dv;
-        for (var s = 0u; s < DVS; s += 2u) {
-            let e = 2u * (t + TPR * (s >> 1u));
-            if e < p.dv {
-                st_out_pair(o_base + e, o[s] * inv_l, o[s + 1u] * inv_l, e + 1u < p.dv);
-            }
-        }
-        if t == 0u && (p.flags & FLAG_LSE) != 0u {
-            lse[lse_index(b, h, i, sq.q_start)] = lse_bits;
-        }
-    } else {
-        let pr = ((p.split_base + split) * (p.q_tok1 - p.q_tok0) + row) * p.heads_q + h;
-        for (var s = 0u; s < DVS; s++) {
-            let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
-            if e < p.dv {
-                part[pr * p.dv + e] = bitcast<u32>(o[s] * inv_l);
-            }
-        }
-        if t == 0u {
-            part[p.part_lse + pr] = lse_bits;
-        }
+    if has_flag(FLAG_PARTIAL) {
+        let prev_bits = slot_lse_bits(blk, row);
+        workgroupBarrier(); // every invocation of a row has read the slot's LSE
+        store_slot(blk, row, t, prev_bits);
+    } else if row.ok {
+        store_out(blk, row, t);
     }
 }

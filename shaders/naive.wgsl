@@ -3,7 +3,8 @@
 // scores = Q K^T (masked, log2 domain), a row softmax in place, out = P V. Dense layout only.
 // Score rows (b, h, i) are numbered (b * heads_q + h) * seqlen_q + i; one dispatch group
 // covers rows [q_tok0, q_tok1), whose scores are bound from row q_tok0 on (the whole matrix
-// may exceed the binding limit). The host prepends the same header as for flash_fwd.wgsl.
+// may exceed the binding limit). The host prepends the same modules as for flash_fwd.wgsl
+// (no tile constants).
 
 @compute @workgroup_size(16, 16)
 fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -18,7 +19,8 @@ fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
     let kh = h / p.group;
     let idx = (row - p.q_tok0) * p.seqlen_k + j;
     let key = i32(j);
-    if key < key_lo(i, p.seqlen_q, p.seqlen_k) || key >= key_hi(i, p.seqlen_q, p.seqlen_k) {
+    let keys = mask_keys(i32(i), i32(p.seqlen_q), i32(p.seqlen_k));
+    if key < keys.start || key >= keys.end {
         part[idx] = NEG_INF_BITS;
         return;
     }
@@ -29,7 +31,7 @@ fn scores(@builtin(global_invocation_id) gid: vec3<u32>) {
         dot += ld_q(qb + e) * ld_k(kb + e);
     }
     let diag = i32(i) + i32(p.seqlen_k) - i32(p.seqlen_q);
-    part[idx] = bitcast<u32>(finish_score(dot, alibi_slope_log2(b, h), diag - key));
+    part[idx] = bitcast<u32>(score_apply(dot, alibi_slope_log2(b, h), diag - key));
 }
 
 var<workgroup> red_max: array<f32, 64>;
@@ -78,7 +80,9 @@ fn softmax(
         workgroupBarrier();
     }
     sum = red_sum[0];
-    let inv = select(0.0, 1.0 / sum, sum > 0.0);
+    // The sum is exactly 0 only for a fully masked row; a NaN score makes it (and the row) NaN.
+    let seen = bitcast<u32>(sum) != 0u;
+    let inv = select(select(0.0, 1.0 / sum, seen), sum, is_nan(sum));
     for (var j = lid; j < p.seqlen_k; j += 64u) {
         let bits = part[base + j];
         var pj = 0.0;
@@ -87,8 +91,9 @@ fn softmax(
         }
         part[base + j] = bitcast<u32>(pj);
     }
-    if lid == 0u && (p.flags & FLAG_LSE) != 0u {
-        lse[row] = select(NEG_INF_BITS, bitcast<u32>((m + log2(sum)) * LN2), sum > 0.0);
+    if lid == 0u && has_flag(FLAG_LSE) {
+        var bits = select(NEG_INF_BITS, bitcast<u32>((m + log2(sum)) * LN2), seen);
+        lse[row] = select(bits, NAN_BITS, is_nan(sum));
     }
 }
 

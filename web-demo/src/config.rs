@@ -50,6 +50,8 @@ pub struct DemoConfig {
     pub iters: usize,
     /// Also time naive attention (materialised scores) on the same device.
     pub naive: bool,
+    /// Also run the backward pass and check dq, dk, dv against the reference backward.
+    pub gradients: bool,
 }
 
 impl Default for DemoConfig {
@@ -69,6 +71,7 @@ impl Default for DemoConfig {
             heatmap_head: 0,
             iters: 5,
             naive: true,
+            gradients: true,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! to recover any row of P. Each visible row must then sum to 1: a cheap check of the
 //! kernel's LSE at sizes where the full reference would be too slow for a page.
 
-use flashattn_core::{AttentionSpec, Error, Result, TensorRef};
+use flashattn_core::{AttentionSpec, Error, Result, ScoreMod, TensorRef};
 
 /// Binned attention weights of one (batch 0, head) pair.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,12 +25,12 @@ pub struct Heatmap {
     pub query_rows: Vec<usize>,
 }
 
-/// Scores of row `i` against keys `j` exactly as the kernels define them:
+/// The score of row `i` against key `j` through core's `ScoreMod` (what every backend applies):
 /// `softcap(scale * q_i . k_j) - slope * |i + sk - sq - j|`.
 fn score(
     spec: &AttentionSpec,
-    q: &TensorRef<'_>,
-    k: &TensorRef<'_>,
+    smod: &ScoreMod,
+    (q, k): (&TensorRef<'_>, &TensorRef<'_>),
     h: usize,
     i: usize,
     j: usize,
@@ -41,26 +41,18 @@ fn score(
     let dot: f64 = (0..d)
         .map(|x| q.get_f32(qrow + x) as f64 * k.get_f32(krow + x) as f64)
         .sum();
-    let mut s = spec.scale_value() as f64 * dot;
-    let cap = spec.softcap as f64;
-    if cap > 0.0 {
-        s = cap * (s / cap).tanh();
-    }
-    let dist = (i as i64 + spec.seqlen_k as i64 - spec.seqlen_q as i64 - j as i64).abs();
-    s - spec.alibi_slope(0, h) as f64 * dist as f64
+    smod.apply(dot as f32, i, j, spec.seqlen_q, spec.seqlen_k) as f64
 }
 
-/// Builds the heatmap of query head `head` of batch 0 of a dense spec from the inputs and
-/// the kernel's LSE (`[batch, heads, seqlen_q]`).
-pub fn attention_heatmap(
+/// What `attention_heatmap` takes: a valid dense spec, a head of it, and q, k, LSE of its sizes.
+fn check_inputs(
     spec: &AttentionSpec,
-    q: TensorRef<'_>,
-    k: TensorRef<'_>,
+    (q, k): (&TensorRef<'_>, &TensorRef<'_>),
     lse: &[f32],
     head: usize,
     max_side: usize,
-) -> Result<Heatmap> {
-    spec.validate()?;
+) -> Result<()> {
+    let sizes = spec.validate()?.sizes;
     if spec.is_varlen() {
         return Err(Error::invalid(
             "varlen",
@@ -78,20 +70,20 @@ pub fn attention_heatmap(
     if max_side == 0 {
         return Err(Error::invalid("max_side", 0, "must be at least 1"));
     }
-    for (name, t, expected) in [("q", &q, spec.q_elems()), ("k", &k, spec.k_elems())] {
-        if Some(t.len()) != expected {
+    for (name, t, expected) in [("q", q, sizes.q), ("k", k, sizes.k)] {
+        if t.len() != expected {
             return Err(Error::BufferLength {
                 tensor: name,
-                expected: expected.unwrap_or(0),
+                expected,
                 actual: t.len(),
                 shape: spec.shape_string(),
             });
         }
     }
-    if lse.len() != spec.lse_elems().unwrap_or(0) {
+    if lse.len() != sizes.lse {
         return Err(Error::BufferLength {
             tensor: "lse",
-            expected: spec.lse_elems().unwrap_or(0),
+            expected: sizes.lse,
             actual: lse.len(),
             shape: format!(
                 "batch {} x heads {} x seqlen_q {}",
@@ -99,6 +91,20 @@ pub fn attention_heatmap(
             ),
         });
     }
+    Ok(())
+}
+
+/// Builds the heatmap of query head `head` of batch 0 of a dense spec from the inputs and
+/// the kernel's LSE (`[batch, heads, seqlen_q]`).
+pub fn attention_heatmap(
+    spec: &AttentionSpec,
+    q: TensorRef<'_>,
+    k: TensorRef<'_>,
+    lse: &[f32],
+    head: usize,
+    max_side: usize,
+) -> Result<Heatmap> {
+    check_inputs(spec, (&q, &k), lse, head, max_side)?;
     let (sq, sk) = (spec.seqlen_q, spec.seqlen_k);
     let rows = sq.min(max_side);
     let cols = sk.min(max_side);
@@ -121,6 +127,7 @@ pub fn attention_heatmap(
     let mut mass = vec![0f64; cols];
     let mut seen = vec![false; cols];
     let mut row_sum_max_err = 0f64;
+    let smod = ScoreMod::of(spec, 0, head);
     for (r, &i) in query_rows.iter().enumerate() {
         let keys = spec.mask().keys(i, sq, sk);
         let (lo, hi) = (keys.start, keys.end);
@@ -132,7 +139,7 @@ pub fn attention_heatmap(
         seen.fill(false);
         let mut row_sum = 0f64;
         for j in lo..hi {
-            let p = (score(spec, &q, &k, head, i, j) - l).exp();
+            let p = (score(spec, &smod, (&q, &k), head, i, j) - l).exp();
             row_sum += p;
             mass[bin_of(j)] += p;
             seen[bin_of(j)] = true;

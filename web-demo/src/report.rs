@@ -1,7 +1,7 @@
 //! What the page reports about one run: the check against the f64 reference, speed and memory.
 
 use flashattn_core::{
-    lse_max_error, reference_attention, rel_l2_error, AttentionSpec, Output, TensorRef,
+    lse_max_error, reference_attention, rel_l2_error, AttentionSpec, CheckedSpec, Output, TensorRef,
 };
 use serde::Serialize;
 
@@ -41,7 +41,7 @@ impl CheckResult {
 }
 
 fn lse_bound(spec: &AttentionSpec) -> f64 {
-    (spec.dtype.tolerance() * 10.0).max(1e-3)
+    spec.dtype.lse_tolerance()
 }
 
 /// Compares `got` with the f64 reference on q, k, v. `now_ms` is the page's clock.
@@ -96,13 +96,14 @@ pub struct MemoryReport {
 }
 
 impl MemoryReport {
-    pub fn new(spec: &AttentionSpec) -> Self {
-        let size = spec.dtype.size_bytes() as u64;
-        let out_size = spec.dtype.output().size_bytes() as u64;
-        let n = |x: Option<usize>| x.unwrap_or(0) as u64;
+    pub fn new(c: &CheckedSpec<'_>) -> Self {
+        let size = c.dtype.size_bytes() as u64;
+        let out_size = c.dtype.output().size_bytes() as u64;
+        let s = &c.sizes;
+        let spec = c.spec;
         MemoryReport {
-            inputs_bytes: (n(spec.q_elems()) + n(spec.k_elems()) + n(spec.v_elems())) * size,
-            outputs_bytes: n(spec.out_elems()) * out_size + n(spec.lse_elems()) * 4,
+            inputs_bytes: (s.q + s.k + s.v) as u64 * size,
+            outputs_bytes: s.out as u64 * out_size + s.lse as u64 * 4,
             score_matrix_bytes: (spec.batch * spec.heads_q) as u64
                 * spec.seqlen_q as u64
                 * spec.seqlen_k as u64
@@ -196,7 +197,7 @@ mod tests {
         let spec = AttentionSpec::new(1, 4, 256, 256, 64)
             .dtype(DType::F16)
             .return_lse(true);
-        let m = MemoryReport::new(&spec);
+        let m = MemoryReport::new(&spec.validate().unwrap());
         assert_eq!(m.inputs_bytes, 3 * 256 * 4 * 64 * 2);
         assert_eq!(m.outputs_bytes, 256 * 4 * 64 * 2 + 4 * 256 * 4);
         assert_eq!(m.score_matrix_bytes, 4 * 256 * 256 * 4);

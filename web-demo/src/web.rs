@@ -2,11 +2,15 @@
 //! `demo.adapter()` describes it, `demo.run(config)` runs one problem and reports.
 
 use crate::config::{CheckMode, DemoConfig};
+use crate::gradients::{check_gradients, random_dout, GradientCheck, REFERENCE_MAX_BACKWARD_FLOPS};
 use crate::heatmap::attention_heatmap;
 use crate::report::{
     check_against_reference, median_ms, tflops, CheckResult, MemoryReport, REFERENCE_MAX_FLOPS,
 };
-use flashattn_core::{random_inputs, Algorithm, AttentionSpec, BenchPlan, Pass, DType, Error};
+use flashattn_core::{
+    random_inputs, Algorithm, AttentionSpec, BackwardInputs, BenchPlan, CheckedSpec, DType, Error,
+    Output, Pass, Tensor,
+};
 use flashattn_wgpu::{BenchOptions, WgpuBackend};
 use serde::Serialize;
 use std::rc::Rc;
@@ -89,6 +93,8 @@ struct RunReport {
     timing: Timing,
     memory: MemoryReport,
     check: CheckResult,
+    /// dq, dk, dv of the backward pass against the reference backward.
+    gradients: GradientCheck,
     heatmap: HeatmapReport,
 }
 
@@ -178,6 +184,8 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
         .lse
         .as_deref()
         .ok_or_else(|| Error::backend("wgpu", "the kernel returned no LSE"))?;
+    let checked = spec.validate()?;
+    let gradients = gradient_check(backend, cfg, &checked, (&q, &k, &v), &out, lse).await?;
     let map = attention_heatmap(
         &spec,
         q.as_ref(),
@@ -188,32 +196,7 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
     )?;
     drop((q, k, v, out));
 
-    let plan = BenchPlan {
-        warmup: 1,
-        iters: cfg.iters,
-        seed: cfg.seed,
-        pass: Pass::Forward,
-    };
-    let flash = backend
-        .bench_async(&spec, Algorithm::Flash, &plan, &mut || {})
-        .await?;
-    let flash_ms = median_ms(&flash.times_ms);
-    let mut memory = MemoryReport::new(&spec);
-    memory.flash_extra_bytes = flash.extra_bytes;
-    let (naive_ms, naive_error) = if cfg.naive {
-        match backend
-            .bench_async(&spec, Algorithm::Naive, &plan, &mut || {})
-            .await
-        {
-            Ok(m) => {
-                memory.naive_extra_bytes = m.extra_bytes;
-                (median_ms(&m.times_ms), None)
-            }
-            Err(e) => (None, Some(e.to_string())),
-        }
-    } else {
-        (None, Some("turned off".into()))
-    };
+    let (timing, memory) = timings(backend, &checked, cfg, first_forward_ms).await?;
 
     Ok(RunReport {
         spec: spec.shape_string(),
@@ -222,22 +205,11 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
         head_dim: cfg.head_dim,
         dtype: spec.dtype.name(),
         flops: spec.flops(),
-        visible_pairs: spec.visible_pairs(),
-        timing: Timing {
-            timer: match backend.bench_timing() {
-                BenchOptions::DeviceTimer => "device timestamps",
-                BenchOptions::HostTimer => "host clock (submit to done)",
-            },
-            iters: cfg.iters,
-            flash_ms,
-            flash_tflops: flash_ms.map(|ms| tflops(&spec, ms)),
-            naive_ms,
-            naive_tflops: naive_ms.map(|ms| tflops(&spec, ms)),
-            naive_error,
-            first_forward_ms,
-        },
+        visible_pairs: u64::try_from(spec.visible_pairs()).unwrap_or(u64::MAX),
+        timing,
         memory,
         check,
+        gradients,
         heatmap: HeatmapReport {
             head: map.head,
             rows: map.rows,
@@ -249,4 +221,99 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
             values: map.values,
         },
     })
+}
+
+/// Runs the backward pass on the page's problem (the forward's out and LSE, a seeded dout) and
+/// checks dq, dk, dv against the reference backward, unless the form turns it off or the
+/// reference would be too slow for `CheckMode::Auto`.
+async fn gradient_check(
+    backend: &WgpuBackend,
+    cfg: &DemoConfig,
+    c: &CheckedSpec<'_>,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    out: &Output,
+    lse: &[f32],
+) -> Result<GradientCheck, Error> {
+    let spec = c.spec;
+    if !cfg.gradients || cfg.check == CheckMode::Never {
+        return Ok(GradientCheck::skipped(spec, "turned off"));
+    }
+    if cfg.check == CheckMode::Auto && spec.backward_flops() > REFERENCE_MAX_BACKWARD_FLOPS {
+        return Ok(GradientCheck::skipped(
+            spec,
+            format!(
+                "{:.2} GFLOP of backward is too much for the f64 reference in the page (limit {:.2}); \
+                 choose 'always' to run it anyway",
+                spec.backward_flops() / 1e9,
+                REFERENCE_MAX_BACKWARD_FLOPS / 1e9
+            ),
+        ));
+    }
+    let dout = random_dout(c, cfg.seed);
+    let t0 = now_ms();
+    let inputs = BackwardInputs {
+        q: q.as_ref(),
+        k: k.as_ref(),
+        v: v.as_ref(),
+        out: out.out.as_ref(),
+        lse,
+        dout: dout.as_ref(),
+    };
+    let grads = backend.backward_async(spec, inputs).await?;
+    let backward_ms = now_ms() - t0;
+    let qkv = (q.as_ref(), k.as_ref(), v.as_ref());
+    let mut check = check_gradients(spec, qkv, dout.as_ref(), &grads, &now_ms);
+    check.backward_ms = Some(backward_ms);
+    Ok(check)
+}
+
+/// Times flash and (unless turned off) naive attention on the device, with their measured
+/// extra memory.
+async fn timings(
+    backend: &WgpuBackend,
+    c: &CheckedSpec<'_>,
+    cfg: &DemoConfig,
+    first_forward_ms: f64,
+) -> Result<(Timing, MemoryReport), Error> {
+    let spec = c.spec;
+    let plan = BenchPlan {
+        warmup: 1,
+        iters: cfg.iters,
+        seed: cfg.seed,
+        pass: Pass::Forward,
+    };
+    let flash = backend
+        .bench_async(spec, Algorithm::Flash, &plan, &mut || {})
+        .await?;
+    let flash_ms = median_ms(&flash.times_ms);
+    let mut memory = MemoryReport::new(c);
+    memory.flash_extra_bytes = flash.extra_bytes;
+    let (naive_ms, naive_error) = if cfg.naive {
+        match backend
+            .bench_async(spec, Algorithm::Naive, &plan, &mut || {})
+            .await
+        {
+            Ok(m) => {
+                memory.naive_extra_bytes = m.extra_bytes;
+                (median_ms(&m.times_ms), None)
+            }
+            Err(e) => (None, Some(e.to_string())),
+        }
+    } else {
+        (None, Some("turned off".into()))
+    };
+    let timing = Timing {
+        timer: match backend.bench_timing() {
+            BenchOptions::DeviceTimer => "device timestamps",
+            BenchOptions::HostTimer => "host clock (submit to done)",
+        },
+        iters: cfg.iters,
+        flash_ms,
+        flash_tflops: flash_ms.map(|ms| tflops(spec, ms)),
+        naive_ms,
+        naive_tflops: naive_ms.map(|ms| tflops(spec, ms)),
+        naive_error,
+        first_forward_ms,
+    };
+    Ok((timing, memory))
 }

@@ -106,6 +106,13 @@ function checkReport(r, config) {
   assert(Number.isFinite(c.lse_max_abs) && c.lse_max_abs <= c.lse_bound,
     `LSE error ${c.lse_max_abs} above ${c.lse_bound}`);
   assert(c.passed === true, 'page did not report a pass');
+  const g = r.gradients;
+  assert(!g.skipped, `gradients check skipped: ${g.skipped}`);
+  for (const which of ['dq', 'dk', 'dv']) {
+    const err = g[`${which}_rel_l2`];
+    assert(Number.isFinite(err) && err <= g.tolerance, `${which} relative L2 error ${err} above tolerance ${g.tolerance}`);
+  }
+  assert(g.passed === true && g.backward_ms > 0, 'page did not report a gradients pass');
   assert(r.heatmap.row_sum_max_err < 1e-3, `rows of P sum to 1 +- ${r.heatmap.row_sum_max_err}`);
   const n = config.seqlen;
   assert(r.heatmap.rows === n && r.heatmap.cols === n, `heatmap ${r.heatmap.rows}x${r.heatmap.cols}, want ${n}x${n}`);
@@ -116,6 +123,7 @@ function checkReport(r, config) {
   assert(t.naive_error === null ? t.naive_ms > 0 : true, 'naive timing missing');
   assert(r.memory.flash_extra_bytes !== null && r.memory.flash_extra_bytes !== undefined, 'flash memory not measured');
   return `rel L2 ${c.rel_l2.toExponential(2)} (tol ${c.tolerance}), LSE ${c.lse_max_abs.toExponential(2)}, ` +
+    `grads dq/dk/dv ${[g.dq_rel_l2, g.dk_rel_l2, g.dv_rel_l2].map((x) => x.toExponential(1)).join('/')} (tol ${g.tolerance}), ` +
     `flash ${t.flash_ms.toFixed(2)} ms (${t.timer}), naive ${t.naive_ms ? `${t.naive_ms.toFixed(2)} ms` : t.naive_error}`;
 }
 
@@ -161,7 +169,7 @@ test('page finds the SwiftShader WebGPU adapter', async () => {
   return `${info.browser_name} / ${info.description}; dtypes ${info.dtypes.join(',')}; timer ${info.timestamps ? 'timestamps' : 'host'}`;
 });
 
-test('causal case matches the reference and draws a triangle', async () => {
+test('causal case matches the reference (forward and gradients) and draws a triangle', async () => {
   assert(ctx, 'no page');
   const r = await runCase(ctx.page, CAUSAL);
   const detail = checkReport(r, CAUSAL);

@@ -50,6 +50,7 @@ function readForm() {
     seed: int('seed'),
     check: f.get('check'),
     naive: f.get('naive') === 'on',
+    gradients: f.get('gradients') === 'on',
   };
 }
 
@@ -93,6 +94,16 @@ function showReport(r) {
       `${verdict}: relative L2 error ${sci(c.rel_l2)} (tolerance ${sci(c.tolerance)}), ` +
       `LSE max error ${sci(c.lse_max_abs)} (bound ${sci(c.lse_bound)}); reference took ${ms(c.reference_ms)}`,
       c.passed ? 'pass' : 'fail']);
+  }
+  const g = r.gradients;
+  if (g.skipped) {
+    rows.push(['gradients vs f64 reference backward', `skipped: ${g.skipped}`, 'skip']);
+  } else {
+    rows.push(['gradients vs f64 reference backward',
+      `${g.passed ? 'pass' : 'FAIL'}: relative L2 error dq ${sci(g.dq_rel_l2)}, dk ${sci(g.dk_rel_l2)}, ` +
+      `dv ${sci(g.dv_rel_l2)} (tolerance ${sci(g.tolerance)}); backward took ${ms(g.backward_ms)} ` +
+      `(upload, run, readback), the reference ${ms(g.reference_ms)}`,
+      g.passed ? 'pass' : 'fail']);
   }
   rows.push(['rows of P sum to 1', `max |Σp − 1| = ${sci(r.heatmap.row_sum_max_err)} over ${r.heatmap.rows} sampled rows`,
     r.heatmap.row_sum_max_err < 1e-2 ? 'pass' : 'fail']);
@@ -150,7 +161,7 @@ async function run(demo) {
     window.flashattnReport = report;
     showReport(report);
     showHeatmap(report);
-    const failed = report.check.passed === false;
+    const failed = report.check.passed === false || report.gradients.passed === false;
     message(failed ? 'The result does NOT match the reference.' : 'Done.', failed ? 'fail' : 'pass');
     setState('done');
   } catch (e) {

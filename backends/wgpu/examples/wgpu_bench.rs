@@ -1,8 +1,11 @@
 //! Flash vs naive attention on the best wgpu adapter, on device-resident random inputs.
 //!
 //! cargo run --release -p flashattn-wgpu --example wgpu_bench -- [seqlen ...] [--heads H]
-//!     [--dim D] [--dtype f32|f16|bf16] [--causal] [--iters N] [--warmup N] [--no-naive] [--no-subgroups]
+//!     [--dim D] [--dtype f32|f16|bf16] [--causal] [--backward] [--iters N] [--warmup N]
+//!     [--no-naive] [--no-subgroups]
 //!
+//! `--backward` times the backward pass (FLOPs counted as 2.5 x the forward's, as
+//! FlashAttention does) against the naive backward that materialises P and dS.
 //! FLASHATTN_WGPU_TILES="br=32,bc=16" forces tile sizes (for tuning).
 
 use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
@@ -20,6 +23,7 @@ fn main() {
     let (mut heads, mut dim, mut iters, mut warmup) = (4usize, 64usize, 5usize, 1usize);
     let mut dtype = DType::F32;
     let (mut causal, mut naive, mut no_subgroups) = (false, true, false);
+    let mut pass = Pass::Forward;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> usize {
@@ -33,6 +37,7 @@ fn main() {
             "--iters" => iters = num("--iters"),
             "--warmup" => warmup = num("--warmup"),
             "--causal" => causal = true,
+            "--backward" => pass = Pass::Backward,
             "--no-naive" => naive = false,
             "--no-subgroups" => no_subgroups = true,
             "--dtype" => {
@@ -65,7 +70,7 @@ fn main() {
         backend.subgroup_size(),
         backend.max_binding_bytes()
     );
-    println!("algo   seqlen  heads  dim  dtype  causal  median_ms  GFLOP/s  extra_bytes");
+    println!("pass      algo   seqlen  heads  dim  dtype  causal  median_ms  GFLOP/s  extra_bytes");
     for &s in &seqlens {
         let spec = AttentionSpec::new(1, heads, s, s, dim)
             .dtype(dtype)
@@ -75,7 +80,11 @@ fn main() {
             warmup,
             iters,
             seed: 1,
-            pass: Pass::Forward,
+            pass,
+        };
+        let flops = match pass {
+            Pass::Backward => spec.backward_flops(),
+            _ => spec.flops(),
         };
         let algos: &[Algorithm] = if naive {
             &[Algorithm::Flash, Algorithm::Naive]
@@ -87,14 +96,16 @@ fn main() {
                 Ok(m) => {
                     let ms = median(&m.times_ms);
                     println!(
-                        "{:<6} {s:>6}  {heads:>5}  {dim:>3}  {dtype:>5}  {causal:>6}  {ms:>9.2}  {:>7.1}  {}",
+                        "{:<8}  {:<6} {s:>6}  {heads:>5}  {dim:>3}  {dtype:>5}  {causal:>6}  {ms:>9.2}  {:>7.2}  {}",
+                        pass.name(),
                         format!("{algo:?}").to_lowercase(),
-                        spec.flops() / (ms * 1e-3) / 1e9,
+                        flops / (ms * 1e-3) / 1e9,
                         m.extra_bytes.map_or("-".into(), |b| b.to_string())
                     );
                 }
                 Err(e) => println!(
-                    "{:<6} {s:>6}  error: {e}",
+                    "{:<8}  {:<6} {s:>6}  error: {e}",
+                    pass.name(),
                     format!("{algo:?}").to_lowercase()
                 ),
             }

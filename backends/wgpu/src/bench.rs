@@ -1,17 +1,30 @@
 //! Benchmarks on device-resident random inputs, timed with timestamp queries where the adapter
-//! has them (else host time around submit + wait).
+//! has them (else host time around submit + wait). Extra memory is measured: the bytes of the
+//! device buffers a run allocates beyond its inputs and outputs.
 
-use crate::context::scoped;
+use crate::backward::{DeviceBackwardInputs, DeviceGrads};
+use crate::device::{now_ms, read_mapped, sync, unsupported};
+use crate::dispatch::Scratch;
 use crate::forward::{DeviceInputs, DeviceOutputs};
-use crate::gpu;
 use crate::WgpuBackend;
-use flashattn_core::{random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Result};
+use flashattn_core::{
+    random_inputs, random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, CheckedSpec,
+    Pass, Result, Tensor,
+};
+use rand::SeedableRng;
 
 /// How the last benchmark was timed (for reports).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BenchOptions {
     DeviceTimer,
     HostTimer,
+}
+
+/// The timestamp query set of the timed pass, and the buffers its two stamps go through.
+struct Timer {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    read: wgpu::Buffer,
 }
 
 impl WgpuBackend {
@@ -24,8 +37,7 @@ impl WgpuBackend {
         }
     }
 
-    /// Times `algo` on random inputs resident on the device. `extra_bytes` is the size of the
-    /// device buffers allocated beyond q, k, v, out and LSE (scratch, tables, uniforms).
+    /// Times `algo` for `plan.pass` on random inputs resident on the device.
     pub async fn bench_async(
         &self,
         spec: &AttentionSpec,
@@ -33,128 +45,205 @@ impl WgpuBackend {
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
-        self.check_supported(spec)?;
-        self.probe_subgroups().await?;
-        self.errors.check()?;
-        let (q, k, v) = random_inputs(spec, plan.seed);
-        let input = |t: &flashattn_core::Tensor, label| {
-            let t = t.as_ref();
-            let bytes = t.as_bytes();
-            let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: (bytes.len() as u64).next_multiple_of(4).max(4),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            let whole = bytes.len() / 4 * 4;
-            self.queue.write_buffer(&buf, 0, &bytes[..whole]);
-            if whole < bytes.len() {
-                let mut tail = [0u8; 4];
-                tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
-                self.queue.write_buffer(&buf, whole as u64, &tail);
-            }
-            buf
-        };
+        let runs = plan.runs()?;
+        let c = spec.validate()?;
+        self.supports_checked(&c)?;
+        if algo == Algorithm::Copy {
+            return Err(unsupported("the copy peer is not implemented yet"));
+        }
+        self.ready().await?;
+        match plan.pass {
+            Pass::Forward => self.bench_forward(&c, algo, plan, runs, progress).await,
+            Pass::Backward => self.bench_backward(&c, algo, plan, runs, progress).await,
+            Pass::Decode => Err(unsupported(
+                "decode against a KV cache is not implemented on this backend yet",
+            )),
+        }
+    }
+
+    async fn bench_forward(
+        &self,
+        c: &CheckedSpec<'_>,
+        algo: Algorithm,
+        plan: &BenchPlan,
+        runs: usize,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        let (q, k, v) = random_inputs(c.spec, plan.seed);
         let (qb, kb, vb) = (
-            input(&q, "bench q"),
-            input(&k, "bench k"),
-            input(&v, "bench v"),
+            self.device_tensor(&q),
+            self.device_tensor(&k),
+            self.device_tensor(&v),
         );
         drop((q, k, v));
-        let out_bytes =
-            spec.out_elems().unwrap_or(0) as u64 * spec.dtype.output().size_bytes() as u64;
-        let output = |size: u64, label| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size.next_multiple_of(4).max(4),
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
-        let out = output(out_bytes, "bench out");
-        let lse = spec
+        let out = self.device_zeros(c.sizes.out as u64 * c.dtype.output().size_bytes() as u64);
+        let lse = c
             .return_lse
-            .then(|| output(spec.lse_elems().unwrap_or(0) as u64 * 4, "bench lse"));
+            .then(|| self.device_zeros(c.sizes.lse as u64 * 4));
+        let inputs = DeviceInputs {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+        };
+        let outputs = DeviceOutputs {
+            out: &out,
+            lse: lse.as_ref(),
+        };
+        self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
+            Algorithm::Naive => self.encode_naive(c, inputs, outputs, enc, timer),
+            _ => self.encode_forward(c, inputs, outputs, enc, timer),
+        })
+        .await
+    }
 
-        let timer = self.has_timestamps().then(|| {
-            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("flashattn timer"),
-                ty: wgpu::QueryType::Timestamp,
-                count: 2,
-            });
-            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("flashattn timer resolve"),
-                size: 16,
-                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let read = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("flashattn timer read"),
-                size: 16,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            (set, resolve, read)
-        });
+    /// The backward on random q, k, v, dout, with out and LSE from one forward pass first.
+    async fn bench_backward(
+        &self,
+        c: &CheckedSpec<'_>,
+        algo: Algorithm,
+        plan: &BenchPlan,
+        runs: usize,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        self.supports_backward_checked(c)?;
+        let (q, k, v) = random_inputs(c.spec, plan.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0xd0);
+        let dout = random_tensor(&mut rng, c.dtype, c.sizes.out);
+        let [qb, kb, vb, dob] = [&q, &k, &v, &dout].map(|t| self.device_tensor(t));
+        drop((q, k, v, dout));
+        let es = c.dtype.size_bytes() as u64;
+        let out = self.device_zeros(c.sizes.out as u64 * es);
+        let lse = self.device_zeros(c.sizes.lse as u64 * 4);
+        let fwd_spec = c.spec.clone().return_lse(true);
+        let fwd = fwd_spec.validate()?;
+        let fwd_inputs = DeviceInputs {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+        };
+        let fwd_outputs = DeviceOutputs {
+            out: &out,
+            lse: Some(&lse),
+        };
+        self.submit(|enc| self.encode_forward(&fwd, fwd_inputs, fwd_outputs, enc, None))
+            .await?;
+        sync(&self.device, &self.queue).await?;
+        let [dq, dk, dv] =
+            [c.sizes.q, c.sizes.k, c.sizes.v].map(|n| self.device_zeros(n as u64 * es));
+        let inputs = DeviceBackwardInputs {
+            q: &qb,
+            k: &kb,
+            v: &vb,
+            out: &out,
+            lse: &lse,
+            dout: &dob,
+        };
+        let grads = DeviceGrads {
+            dq: &dq,
+            dk: &dk,
+            dv: &dv,
+        };
+        self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
+            Algorithm::Naive => self.encode_naive_backward(c, inputs, grads, enc, timer),
+            _ => self.encode_backward(c, inputs, grads, enc, timer),
+        })
+        .await
+    }
+
+    /// Runs `encode` `runs` times (the first `warmup` untimed) and collects the times and the
+    /// largest scratch allocation.
+    async fn time_runs(
+        &self,
+        runs: usize,
+        warmup: usize,
+        progress: &mut dyn FnMut(),
+        encode: impl Fn(&mut wgpu::CommandEncoder, Option<&wgpu::QuerySet>) -> Result<Scratch>,
+    ) -> Result<BenchMeasure> {
+        let timer = self.has_timestamps().then(|| self.timer());
         let period_ns = f64::from(self.queue.get_timestamp_period());
-
         let mut measure = BenchMeasure {
-            times_ms: Vec::with_capacity(plan.iters),
+            times_ms: Vec::with_capacity(runs.saturating_sub(warmup)),
             extra_bytes: Some(0),
         };
-        for run in 0..plan.warmup + plan.iters {
-            let inputs = DeviceInputs {
-                q: &qb,
-                k: &kb,
-                v: &vb,
-            };
-            let outputs = DeviceOutputs {
-                out: &out,
-                lse: lse.as_ref(),
-            };
-            let t0 = gpu::now_ms();
-            let scratch = scoped(&self.device, || {
-                let mut enc = self.device.create_command_encoder(&Default::default());
-                let qs = timer.as_ref().map(|(s, _, _)| s);
-                let scratch = match algo {
-                    Algorithm::Flash => self.encode_forward(spec, inputs, outputs, &mut enc, qs)?,
-                    Algorithm::Naive => self.encode_naive(spec, inputs, outputs, &mut enc, qs)?,
-                    Algorithm::Copy => {
-                        return Err(crate::context::unsupported(
-                            "the copy peer is not implemented yet",
-                        ))
+        for run in 0..runs {
+            let t0 = now_ms();
+            let extra = self
+                .submit(|enc| {
+                    let scratch = encode(enc, timer.as_ref().map(|t| &t.set))?;
+                    if let Some(t) = &timer {
+                        enc.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
+                        enc.copy_buffer_to_buffer(&t.resolve, 0, &t.read, 0, 16);
                     }
-                };
-                if let Some((set, resolve, read)) = &timer {
-                    enc.resolve_query_set(set, 0..2, resolve, 0);
-                    enc.copy_buffer_to_buffer(resolve, 0, read, 0, 16);
-                }
-                self.queue.submit([enc.finish()]);
-                Ok(scratch)
-            })
-            .await?;
+                    Ok(scratch)
+                })
+                .await?;
             let ms = match &timer {
-                Some((_, _, read)) => {
-                    let bytes = gpu::read_mapped(&self.device, read, 16).await?;
+                Some(t) => {
+                    let bytes = read_mapped(&self.device, &t.read, 16).await?;
                     let ts: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
                     ts[1].saturating_sub(ts[0]) as f64 * period_ns / 1e6
                 }
                 None => {
-                    gpu::sync(&self.device, &self.queue).await?;
-                    gpu::now_ms() - t0
+                    sync(&self.device, &self.queue).await?;
+                    now_ms() - t0
                 }
             };
-            let extra = scratch.bytes();
-            for b in scratch.buffers {
-                self.pool.give(b);
-            }
             self.errors.check()?;
             measure.extra_bytes = measure.extra_bytes.map(|e| e.max(extra));
-            if run >= plan.warmup {
+            if run >= warmup {
                 measure.times_ms.push(ms);
             }
             progress();
         }
         Ok(measure)
+    }
+
+    fn timer(&self) -> Timer {
+        let buffer = |label, usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Timer {
+            set: self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("flashattn timer"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolve: buffer(
+                "flashattn timer resolve",
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            ),
+            read: buffer(
+                "flashattn timer read",
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ),
+        }
+    }
+
+    /// A dedicated (not pooled) storage buffer holding `t`: the benchmark's inputs.
+    pub(crate) fn device_tensor(&self, t: &Tensor) -> wgpu::Buffer {
+        let t = t.as_ref();
+        let bytes = t.as_bytes();
+        let buf = self.device_zeros(bytes.len() as u64);
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().next_multiple_of(4), 0);
+        self.queue.write_buffer(&buf, 0, &padded);
+        buf
+    }
+
+    /// A dedicated storage buffer of `bytes` (at least one word), zeroed.
+    pub(crate) fn device_zeros(&self, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("flashattn bench"),
+            size: bytes.next_multiple_of(4).max(4),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
     }
 }

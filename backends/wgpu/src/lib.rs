@@ -1,34 +1,49 @@
-//! flashattn-wgpu: FlashAttention forward in portable WGSL through wgpu (Vulkan, Metal, DX12,
-//! GL, and WebGPU in the browser).
+//! flashattn-wgpu: FlashAttention in portable WGSL through wgpu (Vulkan, Metal, DX12, GL, and
+//! WebGPU in the browser).
 //!
 //! - [`WgpuBackend::new`] / [`WgpuBackend::new_async`] pick the best adapter (discrete, then
 //!   integrated, then CPU such as lavapipe) and open a device with the adapter's real limits.
 //! - [`WgpuBackend::from_device`] runs on a caller's device and queue;
 //!   [`WgpuBackend::forward_buffers`] then works on the caller's `wgpu::Buffer`s without a host
 //!   round trip.
-//! - [`WgpuBackend::forward_async`] / [`Backend::forward`] are the host API.
+//! - [`WgpuBackend::forward_async`] / [`Backend::forward`] are the host API;
+//!   [`WgpuBackend::backward_async`] / [`Backend::backward`] and
+//!   [`WgpuBackend::backward_buffers`] the backward pass (deterministic: no atomics).
 //!
-//! Kernels live in `shaders/` (plain .wgsl files); see `shaders/flash_fwd.wgsl`.
+//! Kernels live in `shaders/` (plain .wgsl files); see `shaders/README.md`. Files: `device.rs`
+//! (adapter, device, errors), `forward.rs`, `backward.rs`, `naive.rs` (the benchmark's peers),
+//! `bench.rs`,
+//! `params.rs` (the kernels' uniform), `tiles.rs`, `plan.rs` (binding chunks and key slices),
+//! `bindings.rs`, `shaders.rs`, `buffer_pool.rs`, `decode.rs`.
 
+mod backward;
 mod bench;
-mod context;
+mod bindings;
+mod buffer_pool;
+mod decode;
+mod device;
+mod dispatch;
 mod forward;
-mod gpu;
 mod naive;
+mod params;
 mod plan;
-mod pool;
 mod shaders;
 mod tiles;
 
+pub use backward::{DeviceBackwardInputs, DeviceGrads};
 pub use bench::BenchOptions;
 pub use forward::{DeviceInputs, DeviceOutputs};
 pub use wgpu;
 
-use context::{backend_err, ErrorSink, NAME};
-use flashattn_core::{AttentionSpec, DType, Error, Result};
+use device::{unsupported, ErrorSink, NAME};
+use flashattn_core::{AttentionSpec, CheckedSpec, DType, Error, Result};
 use shaders::Variant;
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+/// Positions (token indices within a sequence) are i32 in the kernels, with room for the
+/// window arithmetic of mask.wgsl; token counts are u32.
+const MAX_POSITIONS: usize = 1 << 30;
 
 /// The wgpu backend: one device and queue, compiled pipelines, and pooled buffers.
 pub struct WgpuBackend {
@@ -41,14 +56,12 @@ pub struct WgpuBackend {
     subgroup_size: Mutex<Option<u32>>,
     /// Largest storage binding we use (the device's limit, or smaller for tests).
     binding_limit: u64,
-    layout: wgpu::BindGroupLayout,
-    pipeline_layout: wgpu::PipelineLayout,
+    layouts: bindings::Layouts,
     pipelines: Mutex<HashMap<Variant, wgpu::ComputePipeline>>,
     tile_override: Option<tiles::TileOverride>,
-    pool: pool::Pool,
+    buffers: buffer_pool::BufferPool,
     /// Bound where a binding is unused (LSE not requested, no partials).
-    dummy_lse: wgpu::Buffer,
-    dummy_part: wgpu::Buffer,
+    dummy: wgpu::Buffer,
     errors: ErrorSink,
 }
 
@@ -69,8 +82,8 @@ impl WgpuBackend {
 
     /// Opens the best adapter (the only constructor that discovers one on the web).
     pub async fn new_async() -> Result<WgpuBackend> {
-        let adapter = context::pick_adapter().await?;
-        let (device, queue) = context::open_device(&adapter).await?;
+        let adapter = device::pick_adapter().await?;
+        let (device, queue) = device::open_device(&adapter).await?;
         let backend = Self::build(device, queue, adapter.get_info());
         backend.probe_subgroups().await?;
         Ok(backend)
@@ -89,28 +102,19 @@ impl WgpuBackend {
         errors.install(&device);
         let limits = device.limits();
         let features = device.features();
-        let layout = gpu::bind_group_layout(&device);
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("flashattn"),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let dummy = |label| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: 16,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
         let binding_limit = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size)
             // u32 element indices in the kernels.
             .min(u64::from(u32::MAX) - 3);
         WgpuBackend {
-            dummy_lse: dummy("flashattn unused lse"),
-            dummy_part: dummy("flashattn unused partials"),
+            dummy: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("flashattn unused binding"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }),
+            layouts: bindings::Layouts::new(&device),
             device,
             queue,
             info,
@@ -118,11 +122,9 @@ impl WgpuBackend {
             features,
             subgroup_size: Mutex::new(None),
             binding_limit,
-            layout,
-            pipeline_layout,
             pipelines: Mutex::new(HashMap::new()),
             tile_override: tiles::TileOverride::from_env(),
-            pool: pool::Pool::default(),
+            buffers: buffer_pool::BufferPool::default(),
             errors,
         }
     }
@@ -187,76 +189,53 @@ impl WgpuBackend {
 
     /// Why this backend cannot run `spec`, if it cannot.
     pub fn check_supported(&self, spec: &AttentionSpec) -> Result<()> {
-        spec.validate()?;
-        match spec.dtype {
+        self.supports_checked(&spec.validate()?)
+    }
+
+    /// [`check_supported`](Self::check_supported) on a validated spec.
+    fn supports_checked(&self, c: &CheckedSpec<'_>) -> Result<()> {
+        match c.dtype {
             DType::F32 | DType::Bf16 => {}
             DType::F16 if self.has_f16() => {}
             DType::F16 => {
-                return Err(context::unsupported(format!(
+                return Err(unsupported(format!(
                     "f16 needs SHADER_F16, which adapter {} lacks",
                     self.info.name
                 )))
             }
             DType::Fp8E4m3 => {
-                return Err(context::unsupported(
+                return Err(unsupported(
                     "fp8e4m3 runs on the CUDA backend (Hopper) only",
                 ))
             }
         }
+        if c.kv_cache.is_some() {
+            return Err(unsupported(
+                "decode against a KV cache is not implemented on this backend yet",
+            ));
+        }
         let dims = self.limits.max_compute_workgroups_per_dimension as usize;
-        if spec.heads_q > dims {
-            return Err(context::unsupported(format!(
-                "heads_q = {} exceeds the adapter's {dims} workgroups per dimension",
-                spec.heads_q
+        for (name, n) in [("heads_q", c.heads_q), ("batch", c.batch)] {
+            if n > dims {
+                return Err(unsupported(format!(
+                    "{name} = {n} exceeds the adapter's {dims} workgroups per dimension"
+                )));
+            }
+        }
+        let positions = c.seqlen_q.saturating_add(c.seqlen_k);
+        if positions >= MAX_POSITIONS || c.sizes.q_tokens.max(c.sizes.k_tokens) >= MAX_POSITIONS {
+            return Err(unsupported(format!(
+                "seqlen_q + seqlen_k = {positions} tokens: the kernels index positions in i32 and take fewer than {MAX_POSITIONS}"
             )));
         }
-        if spec.batch > dims {
-            return Err(context::unsupported(format!(
-                "batch = {} exceeds the adapter's {dims} workgroups per dimension",
-                spec.batch
-            )));
-        }
-        let lse_bytes = spec.lse_elems().unwrap_or(usize::MAX) as u64 * 4;
-        if spec.return_lse && lse_bytes > self.binding_limit {
-            return Err(context::unsupported(format!(
+        let lse_bytes = c.sizes.lse as u64 * 4;
+        if c.return_lse && lse_bytes > self.binding_limit {
+            return Err(unsupported(format!(
                 "the LSE ({lse_bytes} bytes) exceeds the storage binding limit of {} bytes",
                 self.binding_limit
             )));
         }
         Ok(())
-    }
-
-    fn pipeline(&self, variant: Variant) -> Result<wgpu::ComputePipeline> {
-        let mut cache = self
-            .pipelines
-            .lock()
-            .map_err(|_| backend_err("pipeline cache poisoned"))?;
-        if let Some(p) = cache.get(&variant) {
-            return Ok(p.clone());
-        }
-        let source = variant.source();
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("flashattn"),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some("flashattn"),
-                layout: Some(&self.pipeline_layout),
-                module: &module,
-                entry_point: Some(variant.entry_point()),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &[],
-                    // Every workgroup word is written before it is read.
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
-        cache.insert(variant, pipeline.clone());
-        Ok(pipeline)
     }
 
     /// Finds out once whether the subgroup path is usable (see shaders/subgroup_probe.wgsl).
@@ -265,7 +244,7 @@ impl WgpuBackend {
             return Ok(s);
         }
         let size = if self.features.contains(wgpu::Features::SUBGROUP) {
-            gpu::probe_subgroups(self).await.unwrap_or(0)
+            device::probe_subgroups(self).await.unwrap_or(0)
         } else {
             0
         };
@@ -273,6 +252,13 @@ impl WgpuBackend {
             *s = Some(size);
         }
         Ok(size)
+    }
+
+    /// Checks that the device has no pending error and subgroups are probed: the start of
+    /// every operation.
+    async fn ready(&self) -> Result<()> {
+        self.probe_subgroups().await?;
+        self.errors.check()
     }
 }
 
@@ -298,6 +284,18 @@ impl flashattn_core::Backend for WgpuBackend {
         v: flashattn_core::TensorRef<'_>,
     ) -> Result<flashattn_core::Output> {
         pollster::block_on(self.forward_async(spec, q, k, v))
+    }
+
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
+        self.check_backward_supported(spec)
+    }
+
+    fn backward(
+        &self,
+        spec: &AttentionSpec,
+        inputs: flashattn_core::BackwardInputs<'_>,
+    ) -> Result<flashattn_core::Grads> {
+        pollster::block_on(self.backward_async(spec, inputs))
     }
 
     fn bench(

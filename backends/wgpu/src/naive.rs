@@ -1,136 +1,98 @@
-//! Naive attention (the benchmark's peer): scores materialised as [batch, heads, sq, sk] f32
-//! in device memory, then softmax, then P V (shaders/naive.wgsl).
+//! Naive attention, the benchmarks' peers: the forward materialises the scores
+//! [batch, heads, sq, sk] in f32, then softmax, then P V (shaders/naive.wgsl); the backward
+//! materialises P and dS (shaders/naive_bwd.wgsl).
 
-use crate::context::unsupported;
-use crate::forward::{grid_2d, DeviceInputs, DeviceOutputs, Scratch};
-use crate::gpu::{self, Range};
-use crate::plan::Plan;
-use crate::shaders::{Kernel, Variant};
+use crate::backward::{DeviceBackwardInputs, DeviceGrads};
+use crate::bindings::{LayoutKind, Range};
+use crate::device::unsupported;
+use crate::dispatch::{grid_2d, record_pass, Dispatch, Scratch};
+use crate::forward::{DeviceInputs, DeviceOutputs};
+use crate::params::Params;
+use crate::plan::token_chunks;
+use crate::shaders::{Kernel, NaiveBwdStep, Variant};
 use crate::WgpuBackend;
-use flashattn_core::{AttentionSpec, Result};
+use flashattn_core::{CheckedSpec, DType, Result};
+
+/// The naive kernels walk a whole row (or column) of the score matrix in one invocation: at
+/// most this many keys (or query rows), a quarter of llvmpipe's loop-iteration cap (see
+/// `plan::MAX_KEYS_PER_WORKGROUP`).
+pub(crate) const NAIVE_MAX_WALK: usize = 16384;
 
 impl WgpuBackend {
+    /// Checks what every naive kernel assumes: a dense spec, whole tensors within one binding,
+    /// rows and columns of at most `NAIVE_MAX_WALK`.
+    pub(crate) fn naive_supported(&self, c: &CheckedSpec<'_>, walked: usize) -> Result<()> {
+        if c.is_varlen() {
+            return Err(unsupported(
+                "naive attention here takes dense (not varlen) specs",
+            ));
+        }
+        if walked > NAIVE_MAX_WALK {
+            return Err(unsupported(format!(
+                "naive attention walks {walked} keys or rows in one invocation, more than its {NAIVE_MAX_WALK}"
+            )));
+        }
+        let es = c.dtype.size_bytes() as u64;
+        let s = &c.sizes;
+        for (name, n) in [("q", s.q), ("k", s.k), ("v", s.v), ("out", s.out)] {
+            let b = n as u64 * es;
+            if b > self.binding_limit {
+                return Err(unsupported(format!(
+                    "naive attention binds whole tensors: {name} ({b} bytes) exceeds the storage binding limit of {} bytes",
+                    self.binding_limit
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Records naive attention into `enc` (dense specs only, whole tensors bound).
     pub(crate) fn encode_naive(
         &self,
-        spec: &AttentionSpec,
+        c: &CheckedSpec<'_>,
         inputs: DeviceInputs<'_>,
         outputs: DeviceOutputs<'_>,
         enc: &mut wgpu::CommandEncoder,
         timer: Option<&wgpu::QuerySet>,
     ) -> Result<Scratch> {
-        if spec.is_varlen() {
-            return Err(unsupported(
-                "naive attention here takes dense (not varlen) specs",
-            ));
-        }
-        let rows = (spec.batch * spec.heads_q) as u64 * spec.seqlen_q as u64;
-        let sk = spec.seqlen_k as u64;
+        self.naive_supported(c, c.seqlen_k)?;
+        let rows = (c.batch * c.heads_q) as u64 * c.seqlen_q as u64;
+        let sk = c.seqlen_k as u64;
         let score_bytes = rows * sk * 4;
         let max_buffer = self.limits.max_buffer_size;
-        let max_binding = self.binding_limit;
         if score_bytes > max_buffer || score_bytes > u64::from(u32::MAX) {
             return Err(unsupported(format!(
                 "naive attention needs a {score_bytes}-byte score buffer ([{}, {}, {}, {}] f32); \
                  the device's largest buffer is {max_buffer} bytes",
-                spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k
+                c.batch, c.heads_q, c.seqlen_q, c.seqlen_k
             )));
         }
         // Score rows per dispatch group: the binding limit, at aligned offsets.
-        let align = u64::from(self.limits.min_storage_buffer_offset_alignment).max(4) / 4;
-        let row_align = align / gcd(sk, align);
-        let per_group = (max_binding.saturating_sub(4) / (sk * 4)) / row_align * row_align;
-        if per_group == 0 {
-            return Err(unsupported(format!(
-                "naive attention: {row_align} score rows exceed the storage binding limit of {max_binding} bytes"
-            )));
-        }
-        let groups: Vec<(u64, u64)> = (0..rows.div_ceil(per_group))
-            .map(|g| (g * per_group, ((g + 1) * per_group).min(rows)))
-            .collect();
-        if groups.len() > 1 && spec.head_dim_v % 2 == 1 {
+        let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
+        let groups = token_chunks(rows, &[sk * 4], 0, self.binding_limit, align, "score")?;
+        if groups.len() > 1 && c.head_dim_v % 2 == 1 {
             return Err(unsupported(
                 "naive attention with a score matrix beyond one binding needs an even head_dim_v",
             ));
         }
-        let es = spec.dtype.size_bytes() as u64;
-        let q_bytes = spec.q_elems().unwrap_or(0) as u64 * es;
-        let k_bytes = spec.k_elems().unwrap_or(0) as u64 * es;
-        let v_bytes = spec.v_elems().unwrap_or(0) as u64 * es;
-        let o_bytes = spec.out_elems().unwrap_or(0) as u64 * es;
-        for (name, b) in [
-            ("q", q_bytes),
-            ("k", k_bytes),
-            ("v", v_bytes),
-            ("out", o_bytes),
-        ] {
-            if b > max_binding {
-                return Err(unsupported(format!(
-                    "naive attention binds whole tensors: {name} ({b} bytes) exceeds the storage binding limit of {max_binding} bytes"
-                )));
-            }
-        }
+        let es = c.dtype.size_bytes() as u64;
+        let (q_bytes, k_bytes) = (c.sizes.q as u64 * es, c.sizes.k as u64 * es);
+        let (v_bytes, o_bytes) = (c.sizes.v as u64 * es, c.sizes.out as u64 * es);
         let scores = self
-            .pool
+            .buffers
             .take(&self.device, score_bytes, wgpu::BufferUsages::STORAGE);
-        let plan = Plan {
-            chunks: Vec::new(),
-            splits: 1,
-            partial: false,
-            total_splits: 1,
-            max_rows: 0,
+        let base = Params::base(c);
+        let params: Vec<Params> = groups.iter().map(|&g| base.bound(g, (0, 0))).collect();
+        let uniforms = self.uniforms(&params);
+        let tables = self.tables(c);
+        let lse = match outputs.lse {
+            Some(l) if c.return_lse => Range::words(l, 0, rows * 4)?,
+            _ => Range::whole(&self.dummy),
         };
-        let base = self.base_params_for(spec, &plan);
-        let stride = gpu::params_stride(&self.limits);
-        let uniform = self.pool.take(
-            &self.device,
-            stride * groups.len() as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        );
-        let mut ubytes = vec![0u8; (stride * groups.len() as u64) as usize];
-        for (g, &(r0, r1)) in groups.iter().enumerate() {
-            let mut p = base;
-            p.q_tok0 = r0 as u32;
-            p.q_tok1 = r1 as u32;
-            let at = g * stride as usize;
-            ubytes[at..at + std::mem::size_of::<gpu::Params>()]
-                .copy_from_slice(bytemuck::bytes_of(&p));
-        }
-        self.queue.write_buffer(&uniform, 0, &ubytes);
-        let tables = self.tables_for(spec);
-        let lse_range = match outputs.lse {
-            Some(l) if spec.return_lse => Range::words(l, 0, rows * 4)?,
-            _ => Range::whole(&self.dummy_lse),
-        };
-        let bind = |g: usize, r0: u64, r1: u64| -> Result<wgpu::BindGroup> {
-            let u = Range {
-                buffer: &uniform,
-                offset: g as u64 * stride,
-                size: std::mem::size_of::<gpu::Params>() as u64,
-            };
-            Ok(gpu::bind_group(
-                self,
-                [
-                    u,
-                    Range::words(inputs.q, 0, q_bytes)?,
-                    Range::words(inputs.k, 0, k_bytes)?,
-                    Range::words(inputs.v, 0, v_bytes)?,
-                    Range::words(outputs.out, 0, o_bytes)?,
-                    Range::whole(&tables),
-                    lse_range,
-                    Range::words(&scores, r0 * sk * 4, (r1 - r0) * sk * 4)?,
-                ],
-            ))
-        };
-        let bind_groups = groups
-            .iter()
-            .enumerate()
-            .map(|(g, &(r0, r1))| bind(g, r0, r1))
-            .collect::<Result<Vec<_>>>()?;
         let pipe = |kernel| {
             self.pipeline(Variant {
                 kernel,
-                dtype: spec.dtype,
+                dtype: c.dtype,
             })
         };
         let (p_scores, p_softmax, p_pv) = (
@@ -139,48 +101,228 @@ impl WgpuBackend {
             pipe(Kernel::NaivePv)?,
         );
         let dims = u64::from(self.limits.max_compute_workgroups_per_dimension);
-        let gx = sk.div_ceil(16);
-        let pairs = (spec.out_elems().unwrap_or(0) as u64).div_ceil(2);
-        let (px, py) = grid_2d(pairs.div_ceil(64), dims)?;
-        if gx > dims {
+
+        let pairs = (c.sizes.out as u64).div_ceil(2);
+        let pv_grid = grid_2d(pairs.div_ceil(64), dims)?;
+        if sk.div_ceil(16) > dims {
             return Err(unsupported(
                 "naive attention grid exceeds the adapter's workgroup limits",
             ));
         }
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("flashattn naive"),
-                timestamp_writes: timer.map(|qs| wgpu::ComputePassTimestampWrites {
-                    query_set: qs,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
-            });
-            for (group, &(r0, r1)) in bind_groups.iter().zip(&groups) {
-                let n = r1 - r0;
-                // The scores kernel folds z into rows past 65535 * 16 (see naive.wgsl).
-                let gy = n.div_ceil(16).min(65535);
-                let gz = n.div_ceil(16 * 65535);
-                let (sx, sy) = grid_2d(n, dims)?;
-                pass.set_bind_group(0, group, &[]);
-                pass.set_pipeline(&p_scores);
-                pass.dispatch_workgroups(gx as u32, gy as u32, gz as u32);
-                pass.set_pipeline(&p_softmax);
-                pass.dispatch_workgroups(sx, sy, 1);
-                pass.set_pipeline(&p_pv);
-                pass.dispatch_workgroups(px, py, 1);
+        let mut dispatches = Vec::new();
+        for (g, &(r0, r1)) in groups.iter().enumerate() {
+            let bindings = [
+                uniforms.range(g),
+                Range::words(inputs.q, 0, q_bytes)?,
+                Range::words(inputs.k, 0, k_bytes)?,
+                Range::words(inputs.v, 0, v_bytes)?,
+                Range::words(outputs.out, 0, o_bytes)?,
+                Range::whole(&tables),
+                lse,
+                Range::tokens(&scores, (r0, r1), sk * 4)?,
+            ];
+            let group = self.bind_group(LayoutKind::Forward, &bindings)?;
+            let n = r1 - r0;
+            for (pipeline, grid) in [
+                (&p_scores, score_grid(sk, n)),
+                (&p_softmax, grid_2d(n, dims)?),
+                (&p_pv, pv_grid),
+            ] {
+                dispatches.push(Dispatch {
+                    pipeline: pipeline.clone(),
+                    group: group.clone(),
+                    grid,
+                });
             }
         }
+        record_pass(enc, "flashattn naive", timer, &dispatches);
         Ok(Scratch {
-            buffers: vec![scores, uniform, tables],
+            buffers: vec![scores, uniforms.buffer, tables],
         })
     }
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
+/// The naive backward's score matrix: one region per (sequence, kv head) of `region` bytes at
+/// aligned `stride`s, `score_bytes` in all, and the statistics.
+struct NaiveBackwardShape {
+    region: u64,
+    stride: u64,
+    score_bytes: u64,
+    stats_bytes: u64,
+}
+
+/// What the naive backward binds for one (sequence, kv head): its uniform and score region.
+struct NaiveGroup {
+    params: Params,
+    offset: u64,
+}
+
+impl WgpuBackend {
+    /// Records the naive backward into `enc`: P and then dS materialised as f32 score matrices
+    /// ([batch, heads_q, seqlen_q, seqlen_k], one region per (sequence, kv head)), the
+    /// gradients as plain products with them (shaders/naive_bwd.wgsl). The benchmark's peer.
+    pub(crate) fn encode_naive_backward(
+        &self,
+        c: &CheckedSpec<'_>,
+        inputs: DeviceBackwardInputs<'_>,
+        grads: DeviceGrads<'_>,
+        enc: &mut wgpu::CommandEncoder,
+        timer: Option<&wgpu::QuerySet>,
+    ) -> Result<Scratch> {
+        let (sq, sk) = (c.seqlen_q as u64, c.seqlen_k as u64);
+        let group_rows = c.group_size() as u64 * sq;
+        let NaiveBackwardShape {
+            region,
+            stride,
+            score_bytes,
+            stats_bytes,
+        } = self.naive_backward_shape(c)?;
+        let groups = (c.batch * c.heads_kv) as u64;
+        let storage = wgpu::BufferUsages::STORAGE;
+        let scores = self.buffers.take(&self.device, score_bytes, storage);
+        let stats = self.buffers.take(&self.device, stats_bytes, storage);
+        let base = Params::base(c);
+        let all_q = (0, c.sizes.q_tokens as u64);
+        let mut params = vec![base.bound(all_q, (0, 0))];
+        let plan: Vec<NaiveGroup> = (0..groups)
+            .map(|g| {
+                let (b, kh) = (g / c.heads_kv as u64, g % c.heads_kv as u64);
+                let row0 = (b * c.heads_q as u64 + kh * c.group_size() as u64) * sq;
+                NaiveGroup {
+                    params: base.bound((row0, row0 + group_rows), (0, 0)),
+                    offset: g * stride,
+                }
+            })
+            .collect();
+        params.extend(plan.iter().map(|g| g.params));
+        let uniforms = self.uniforms(&params);
+        let tables = self.tables(c);
+        let scratch = Scratch {
+            buffers: vec![
+                scores.clone(),
+                stats.clone(),
+                uniforms.buffer.clone(),
+                tables.clone(),
+            ],
+        };
+        let mut dispatches = vec![self.naive_stats_dispatch(c, inputs, &stats, &uniforms)?];
+        let es = c.dtype.size_bytes() as u64;
+        fn whole(b: &wgpu::Buffer, n: usize, es: u64) -> Result<Range<'_>> {
+            Range::words(b, 0, n as u64 * es)
+        }
+        let s = &c.sizes;
+        for (i, g) in plan.iter().enumerate() {
+            let bind = |grad: &wgpu::Buffer, n: usize| {
+                let bindings = [
+                    uniforms.range(i + 1),
+                    whole(inputs.q, s.q, es)?,
+                    whole(inputs.k, s.k, es)?,
+                    whole(inputs.v, s.v, es)?,
+                    whole(inputs.dout, s.out, es)?,
+                    Range::whole(&tables),
+                    Range::words(&stats, 0, stats_bytes)?,
+                    Range::words(&scores, g.offset, region)?,
+                    whole(grad, n, es)?,
+                ];
+                self.bind_group(LayoutKind::NaiveBwd, &bindings)
+            };
+            let (to_dq, to_dk, to_dv) = (
+                bind(grads.dq, s.q)?,
+                bind(grads.dk, s.k)?,
+                bind(grads.dv, s.v)?,
+            );
+            for step in NaiveBwdStep::ALL {
+                let (group, grid) = match step {
+                    NaiveBwdStep::Probs | NaiveBwdStep::DScores => {
+                        (&to_dv, score_grid(sk, group_rows))
+                    }
+                    NaiveBwdStep::GradV => (&to_dv, self.pair_grid(sk, c.head_dim_v)?),
+                    NaiveBwdStep::GradQ => (&to_dq, self.pair_grid(group_rows, c.head_dim)?),
+                    NaiveBwdStep::GradK => (&to_dk, self.pair_grid(sk, c.head_dim)?),
+                };
+                dispatches.push(Dispatch {
+                    pipeline: self.pipeline(Variant {
+                        kernel: Kernel::NaiveBwd(step),
+                        dtype: c.dtype,
+                    })?,
+                    group: group.clone(),
+                    grid,
+                });
+            }
+        }
+        record_pass(enc, "flashattn naive backward", timer, &dispatches);
+        Ok(scratch)
     }
+
+    /// Checks what the naive backward needs and sizes its buffers.
+    fn naive_backward_shape(&self, c: &CheckedSpec<'_>) -> Result<NaiveBackwardShape> {
+        let group_rows = c.group_size() as u64 * c.seqlen_q as u64;
+        self.naive_supported(c, c.seqlen_k.max(group_rows as usize))?;
+        if c.dtype == DType::Bf16 && (c.head_dim % 2 == 1 || c.head_dim_v % 2 == 1) {
+            return Err(unsupported(
+                "the naive backward writes bf16 gradients in pairs: it needs even head dims",
+            ));
+        }
+        let region = group_rows * c.seqlen_k as u64 * 4;
+        let stride =
+            region.next_multiple_of(u64::from(self.limits.min_storage_buffer_offset_alignment));
+        let score_bytes = stride * (c.batch * c.heads_kv) as u64;
+        let stats_bytes = c.sizes.q_tokens as u64 * c.heads_q as u64 * 8;
+        if region.max(stats_bytes) > self.binding_limit || score_bytes > self.limits.max_buffer_size
+        {
+            return Err(unsupported(format!(
+                "the naive backward needs a {score_bytes}-byte score buffer bound {region} bytes at a time; \
+                 the device's largest buffer is {} bytes, its largest binding {}",
+                self.limits.max_buffer_size, self.binding_limit
+            )));
+        }
+        Ok(NaiveBackwardShape {
+            region,
+            stride,
+            score_bytes,
+            stats_bytes,
+        })
+    }
+
+    /// The statistics kernel over every query token (whole tensors bound).
+    fn naive_stats_dispatch(
+        &self,
+        c: &CheckedSpec<'_>,
+        inputs: DeviceBackwardInputs<'_>,
+        stats: &wgpu::Buffer,
+        uniforms: &crate::params::Uniforms,
+    ) -> Result<Dispatch> {
+        let out_bytes = c.sizes.out as u64 * c.dtype.size_bytes() as u64;
+        let bindings = [
+            uniforms.range(0),
+            Range::words(inputs.out, 0, out_bytes)?,
+            Range::words(inputs.dout, 0, out_bytes)?,
+            Range::words(inputs.lse, 0, c.sizes.lse as u64 * 4)?,
+            Range::whole(stats),
+        ];
+        let dims = u64::from(self.limits.max_compute_workgroups_per_dimension);
+        Ok(Dispatch {
+            pipeline: self.pipeline(Variant {
+                kernel: Kernel::BwdPrep,
+                dtype: c.dtype,
+            })?,
+            group: self.bind_group(LayoutKind::BwdPrep, &bindings)?,
+            grid: grid_2d((c.sizes.lse as u64).div_ceil(64), dims)?,
+        })
+    }
+
+    /// One invocation per element pair of `rows` rows of `dim` elements.
+    fn pair_grid(&self, rows: u64, dim: usize) -> Result<[u32; 3]> {
+        let dims = u64::from(self.limits.max_compute_workgroups_per_dimension);
+        grid_2d((rows * (dim as u64).div_ceil(2)).div_ceil(64), dims)
+    }
+}
+
+/// One invocation per score entry of `rows` rows of `sk` keys (z folds rows past 65535 * 16).
+fn score_grid(sk: u64, rows: u64) -> [u32; 3] {
+    [
+        sk.div_ceil(16) as u32,
+        rows.div_ceil(16).min(65535) as u32,
+        rows.div_ceil(16 * 65535) as u32,
+    ]
 }

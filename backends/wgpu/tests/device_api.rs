@@ -152,31 +152,9 @@ fn short_buffers_are_rejected_with_sizes() {
 #[test]
 fn bench_flash_uses_far_less_memory_than_naive() {
     let Some(b) = common::backend() else { return };
+    // Naive holds the 2 x 256 x 256 f32 scores; flash 20x less at the least.
     let spec = AttentionSpec::new(1, 2, 256, 256, 64).return_lse(true);
-    let plan = BenchPlan {
-        warmup: 1,
-        iters: 2,
-        seed: 1,
-        pass: Pass::Forward,
-    };
-    let mut runs = 0;
-    let flash = b
-        .bench(&spec, Algorithm::Flash, &plan, &mut || runs += 1)
-        .expect("flash bench");
-    assert_eq!(runs, 3);
-    let naive = b
-        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
-        .expect("naive bench");
-    assert_eq!(flash.times_ms.len(), 2);
-    assert!(flash
-        .times_ms
-        .iter()
-        .chain(&naive.times_ms)
-        .all(|t| t.is_finite() && *t > 0.0));
-    let (fe, ne) = (flash.extra_bytes.unwrap(), naive.extra_bytes.unwrap());
-    // Naive holds the 2 x 256 x 256 f32 scores.
-    assert!(ne >= 2 * 256 * 256 * 4, "naive extra {ne}");
-    assert!(fe * 20 < ne, "flash extra {fe} vs naive {ne}");
+    common::assert_bench_memory(b, &spec, Pass::Forward, 2 * 256 * 256 * 4, 20);
 }
 
 #[test]
@@ -242,4 +220,41 @@ fn naive_matches_the_reference() {
         let lse_err = flashattn_core::lse_max_error(&got.lse.unwrap(), &reference.lse);
         assert!(lse_err < 1e-3, "{name}: LSE {lse_err:.3e}");
     }
+}
+
+/// On a headless machine (no XDG_RUNTIME_DIR) opening the backend and running a forward pass
+/// prints no `error:` (Mesa's device-select layer used to print one per Vulkan instance).
+/// Runs itself as a child process with a clean environment.
+#[test]
+fn a_successful_run_prints_no_error() {
+    const CHILD: &str = "FLASHATTN_WGPU_STARTUP_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let Some(b) = common::backend() else { return };
+        let spec = AttentionSpec::new(1, 2, 9, 33, 16).return_lse(true);
+        flashattn_core::testing::check_backend(b, &spec, 1).expect("forward in the child");
+        println!("child ran on {}", b.device_description());
+        return;
+    }
+    if common::backend().is_none() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["a_successful_run_prints_no_error", "--exact", "--nocapture"])
+        .env(CHILD, "1")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .env_remove("VK_LOADER_LAYERS_DISABLE")
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("child ran on"),
+        "child did not run:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("error:"),
+        "stderr has an error line:\n{stderr}"
+    );
 }

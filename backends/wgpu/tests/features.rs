@@ -3,37 +3,19 @@
 
 mod common;
 
-use flashattn_core::testing::feature_cases;
-use flashattn_core::{AttentionSpec, DType};
+use common::assert_cases;
+use flashattn_core::testing::{check_backend, feature_cases};
+use flashattn_core::{
+    random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, Tensor,
+};
 use flashattn_wgpu::WgpuBackend;
 
-fn named(cases: Vec<(&'static str, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
-    cases.into_iter().map(|(n, s)| (n.to_string(), s)).collect()
-}
-
 #[test]
-fn feature_cases_f32() {
+fn feature_cases_every_dtype() {
     let Some(b) = common::backend() else { return };
-    common::check_all(b, &named(feature_cases(DType::F32)));
-}
-
-#[test]
-fn feature_cases_f16() {
-    let Some(b) = common::backend() else { return };
-    if !b.has_f16() {
-        eprintln!(
-            "SKIP f16: adapter {} has no SHADER_F16",
-            b.adapter_info().name
-        );
-        return;
+    for dtype in common::dtypes(b) {
+        assert_cases(b, &feature_cases(dtype), 1000, check_backend);
     }
-    common::check_all(b, &named(feature_cases(DType::F16)));
-}
-
-#[test]
-fn feature_cases_bf16() {
-    let Some(b) = common::backend() else { return };
-    common::check_all(b, &named(feature_cases(DType::Bf16)));
 }
 
 #[test]
@@ -45,7 +27,7 @@ fn feature_cases_without_subgroups() {
         .expect("second device")
         .without_subgroups();
     assert_eq!(b.subgroup_size(), 0);
-    common::check_all(&b, &named(feature_cases(DType::F32)));
+    assert_cases(&b, &feature_cases(DType::F32), 1000, check_backend);
 }
 
 /// Varlen tokens past cu_seqlens_q[batch] belong to no sequence: out 0 and LSE -inf, even
@@ -58,7 +40,7 @@ fn varlen_tokens_outside_every_sequence() {
     let spec = AttentionSpec::new(1, 2, 30, 30, 16)
         .varlen(vec![0, 10, 20], vec![0, 15, 30])
         .return_lse(true);
-    common::check_all(b, &[("uncovered tail".to_string(), spec)]);
+    assert_cases(b, &[("uncovered tail", spec)], 1000, check_backend);
 }
 
 #[test]
@@ -69,7 +51,7 @@ fn fp8_is_unsupported_with_a_reason() {
     assert!(err.to_string().contains("fp8"), "{err}");
 }
 
-/// A 2 KiB binding limit forces q/out and k/v into many token ranges, partial results for
+/// A 16 KiB binding limit forces q/out and k/v into many token ranges, partial results for
 /// every key range and the combine kernel: every feature must still match the reference.
 #[test]
 fn chunked_bindings_match_the_reference() {
@@ -118,11 +100,114 @@ fn chunked_bindings_match_the_reference() {
                 .causal(true)),
         ),
     ];
-    common::check_all(
-        &b,
-        &cases
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), s))
-            .collect::<Vec<_>>(),
-    );
+    assert_cases(&b, &cases, 1000, check_backend);
+}
+
+/// NaN in gives NaN out exactly in what sees it, as in the f64 reference: a NaN key makes the
+/// rows that see it NaN (output and LSE), a NaN value the output element of the rows that see
+/// it, a NaN query its row; rows that see none stay exact and fully masked rows give 0 and
+/// -inf. Through the direct path, split-KV and several passes per row.
+#[test]
+fn nan_reaches_exactly_what_sees_it() {
+    let Some(b) = common::backend() else { return };
+    // (spec, key with a NaN in k, key with a NaN in v, query row with a NaN)
+    let cases = [
+        (
+            AttentionSpec::new(1, 2, 70, 50, 32).causal(true),
+            30,
+            10,
+            60,
+        ),
+        (
+            AttentionSpec::new(1, 2, 70, 50, 32)
+                .causal(true)
+                .dtype(DType::Bf16),
+            30,
+            10,
+            60,
+        ),
+        (AttentionSpec::new(1, 3, 1, 3000, 64), 2000, 100, 0),
+        (
+            AttentionSpec::new(1, 2, 130, 1500, 64).causal(true),
+            1400,
+            1380,
+            129,
+        ),
+    ];
+    for (spec, k_nan, v_nan, q_nan) in cases {
+        let spec = spec.return_lse(true);
+        let (q, k, v) = random_inputs(&spec, 3);
+        let poison = |t: &Tensor, at: usize| {
+            let mut x = t.to_f32_vec();
+            x[at] = f32::NAN;
+            Tensor::from_f32(spec.dtype, &x)
+        };
+        // kv head 0, element 3 of key k_nan and element 5 of value v_nan; the last query head.
+        let k = poison(&k, k_nan * spec.heads_kv * spec.head_dim + 3);
+        let v = poison(&v, v_nan * spec.heads_kv * spec.head_dim_v + 5);
+        let q = poison(
+            &q,
+            (q_nan * spec.heads_q + spec.heads_q - 1) * spec.head_dim + 1,
+        );
+        let want = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+        let got = b
+            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert!(
+            want.lse.iter().any(|x| x.is_nan()),
+            "{spec}: the case has NaN rows"
+        );
+        assert!(
+            want.lse.iter().any(|x| x.is_finite()),
+            "{spec}: and finite ones"
+        );
+        same_nans_and_close(&got.out.to_f32_vec(), &want.out, spec.dtype.tolerance())
+            .unwrap_or_else(|e| panic!("{spec}: out: {e}"));
+        same_nans_and_close(&got.lse.unwrap(), &want.lse, 1e-3)
+            .unwrap_or_else(|e| panic!("{spec}: lse: {e}"));
+    }
+}
+
+/// NaN exactly where `want` has NaN (and -inf where it has -inf); elsewhere the relative L2
+/// error of the finite values is at most `tol`.
+fn same_nans_and_close(got: &[f32], want: &[f64], tol: f64) -> Result<(), String> {
+    let mut finite = (Vec::new(), Vec::new());
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() != g.is_nan() || (w.is_infinite() && g as f64 != w) {
+            return Err(format!("element {i}: got {g}, the reference has {w}"));
+        }
+        if w.is_finite() {
+            finite.0.push(g);
+            finite.1.push(w);
+        }
+    }
+    let err = rel_l2_error(&finite.0, &finite.1);
+    if err > tol {
+        return Err(format!(
+            "relative L2 error of the finite values {err:.3e} > {tol:.0e}"
+        ));
+    }
+    Ok(())
+}
+
+/// Windows longer than any sequence are unbounded (core's Mask drops them on the host), as in
+/// the reference, which tests every pair itself: no all-zero output, no overflow.
+#[test]
+fn extreme_windows_match_the_reference() {
+    let Some(b) = common::backend() else { return };
+    let base = || AttentionSpec::new(1, 2, 40, 70, 32).return_lse(true);
+    let cases = [
+        ("window (-1, i64::MAX)", base().window(-1, i64::MAX)),
+        (
+            "window (i64::MAX, i64::MAX)",
+            base().window(i64::MAX, i64::MAX),
+        ),
+        ("window (i64::MAX, 0)", base().window(i64::MAX, 0)),
+        ("window (5, i64::MAX)", base().window(5, i64::MAX)),
+        (
+            "causal + window (i64::MAX, -1)",
+            base().causal(true).window(i64::MAX, -1),
+        ),
+    ];
+    assert_cases(b, &cases, 77, check_backend);
 }

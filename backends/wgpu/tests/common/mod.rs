@@ -1,52 +1,138 @@
-//! Shared test setup: one backend per test binary, or a skip (a failure when CI requires wgpu).
+//! What the wgpu test binaries share beyond `flashattn_core::testing`: one backend per test
+//! binary (opening a device is slow), skipped with a printed reason when there is no adapter,
+//! the dtypes the adapter runs, and the benchmark's memory check.
+#![allow(dead_code)] // not every test binary uses every helper
 
-use flashattn_core::testing::{backend_required, check_backend};
-use flashattn_core::AttentionSpec;
+use flashattn_core::testing::{backend_or_skip, check_cases, CheckReport};
+use flashattn_core::{
+    random_inputs, random_tensor, Algorithm, AttentionSpec, Backend, BackwardInputs, BenchPlan,
+    DType, Pass, Tensor,
+};
 use flashattn_wgpu::WgpuBackend;
+use rand::SeedableRng;
 use std::sync::OnceLock;
 
-/// The backend, or `None` after printing why the test is skipped.
+/// The backend, or `None` when the test is skipped (the reason is printed; a failure instead
+/// when FLASHATTN_REQUIRE_BACKENDS names wgpu).
 pub fn backend() -> Option<&'static WgpuBackend> {
-    static B: OnceLock<Result<WgpuBackend, String>> = OnceLock::new();
-    let b = B.get_or_init(|| match WgpuBackend::new() {
-        Ok(b) => {
+    static B: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    let b = B
+        .get_or_init(|| {
+            let b = backend_or_skip("wgpu", WgpuBackend::new)?;
             eprintln!("wgpu tests on {}", b.device_description());
-            Ok(b)
-        }
-        Err(e) => {
-            assert!(
-                !backend_required("wgpu"),
-                "FLASHATTN_REQUIRE_BACKENDS names wgpu but it is unavailable: {e}"
-            );
-            Err(e.to_string())
-        }
-    });
-    match b {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("SKIP: {e} (scripts/install-lavapipe.sh installs a CPU Vulkan driver)");
-            None
-        }
+            Some(b)
+        })
+        .as_ref();
+    if b.is_none() {
+        eprintln!(
+            "SKIP: no wgpu adapter (scripts/install-lavapipe.sh installs a CPU Vulkan driver)"
+        );
+    }
+    b
+}
+
+/// The input dtypes `b` runs: f32, bf16, and f16 where the adapter has SHADER_F16.
+pub fn dtypes(b: &WgpuBackend) -> Vec<DType> {
+    if b.has_f16() {
+        vec![DType::F32, DType::Bf16, DType::F16]
+    } else {
+        eprintln!(
+            "SKIP f16: adapter {} has no SHADER_F16",
+            b.adapter_info().name
+        );
+        vec![DType::F32, DType::Bf16]
     }
 }
 
-/// Runs every case; panics listing all failures.
-#[allow(dead_code)] // not every test binary uses it
-pub fn check_all(backend: &WgpuBackend, cases: &[(String, AttentionSpec)]) {
-    let mut failures = Vec::new();
-    for (i, (name, spec)) in cases.iter().enumerate() {
-        match check_backend(backend, spec, 1000 + i as u64) {
-            Ok(r) => eprintln!(
-                "ok   {name}: {spec} rel_l2 {:.2e} lse {:?}",
-                r.rel_l2, r.lse_max_abs
-            ),
-            Err(e) => failures.push(format!("{name}: {e}")),
-        }
-    }
+/// Runs every case through `check` (core's `check_backend` or `check_backward`; seeds from
+/// `seed`); panics listing all failures.
+pub fn assert_cases<S: AsRef<str>>(
+    b: &WgpuBackend,
+    cases: &[(S, AttentionSpec)],
+    seed: u64,
+    check: fn(&dyn Backend, &AttentionSpec, u64) -> Result<CheckReport, String>,
+) {
+    let failures = check_cases(b, cases, seed, check);
     assert!(
         failures.is_empty(),
-        "{} failures:\n{}",
+        "{} of {} cases failed:\n{}",
         failures.len(),
+        cases.len(),
         failures.join("\n")
     );
+}
+
+/// The benchmark times flash and naive for `pass` and measures their extra memory: flash's
+/// is more than `ratio` times smaller, naive's at least `naive_min` bytes (its score matrices).
+pub fn assert_bench_memory(
+    b: &WgpuBackend,
+    spec: &AttentionSpec,
+    pass: Pass,
+    naive_min: u64,
+    ratio: u64,
+) {
+    let plan = BenchPlan {
+        warmup: 1,
+        iters: 2,
+        seed: 1,
+        pass,
+    };
+    let mut runs = 0;
+    let flash = b
+        .bench(spec, Algorithm::Flash, &plan, &mut || runs += 1)
+        .expect("flash bench");
+    assert_eq!(runs, 3);
+    let naive = b
+        .bench(spec, Algorithm::Naive, &plan, &mut || {})
+        .expect("naive bench");
+    assert_eq!(flash.times_ms.len(), 2);
+    assert!(flash
+        .times_ms
+        .iter()
+        .chain(&naive.times_ms)
+        .all(|t| t.is_finite() && *t > 0.0));
+    let (fe, ne) = (flash.extra_bytes.unwrap(), naive.extra_bytes.unwrap());
+    assert!(ne >= naive_min, "naive extra {ne}");
+    assert!(fe * ratio < ne, "flash extra {fe} vs naive {ne}");
+}
+
+/// Random q, k, v, dout of `spec` and the forward's out and LSE on `b`: a backward's inputs.
+pub struct BackwardCase {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub out: Tensor,
+    pub lse: Vec<f32>,
+    pub dout: Tensor,
+}
+
+impl BackwardCase {
+    pub fn new(b: &WgpuBackend, spec: &AttentionSpec, seed: u64) -> BackwardCase {
+        let spec = spec.clone().return_lse(true);
+        let (q, k, v) = random_inputs(&spec, seed);
+        let fwd = b
+            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+            .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xd0);
+        let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap());
+        BackwardCase {
+            q,
+            k,
+            v,
+            out: fwd.out,
+            lse: fwd.lse.unwrap(),
+            dout,
+        }
+    }
+
+    pub fn inputs(&self) -> BackwardInputs<'_> {
+        BackwardInputs {
+            q: self.q.as_ref(),
+            k: self.k.as_ref(),
+            v: self.v.as_ref(),
+            out: self.out.as_ref(),
+            lse: &self.lse,
+            dout: self.dout.as_ref(),
+        }
+    }
 }

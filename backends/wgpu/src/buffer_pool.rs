@@ -1,5 +1,5 @@
-//! Reuse of device buffers between calls: allocating on every forward costs more than the
-//! kernel at small sizes.
+//! `BufferPool`: reuse of device buffers between calls (allocating on every forward costs more
+//! than the kernel at small sizes).
 
 use std::sync::Mutex;
 
@@ -7,7 +7,7 @@ use std::sync::Mutex;
 const MAX_IDLE_BYTES: u64 = 1 << 30;
 
 #[derive(Default)]
-pub struct Pool {
+pub struct BufferPool {
     idle: Mutex<Vec<wgpu::Buffer>>,
 }
 
@@ -22,7 +22,7 @@ fn size_class(size: u64) -> u64 {
     size.next_multiple_of(step)
 }
 
-impl Pool {
+impl BufferPool {
     /// A buffer of at least `size` bytes with exactly `usage`.
     pub fn take(
         &self,

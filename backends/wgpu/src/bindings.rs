@@ -1,0 +1,191 @@
+//! The kernels' bind group layouts (each within WebGPU's default of 8 storage buffers per
+//! stage) and the byte ranges of buffers bound to them.
+
+use crate::device::backend_err;
+use crate::WgpuBackend;
+use flashattn_core::Result;
+
+/// How a binding is used. Binding 0 is always the uniform `Params`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+use Access::{Read as R, ReadWrite as W, Uniform as U};
+
+/// One bind group layout per kernel family; the WGSL declarations use the same numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayoutKind {
+    /// flash, combine, naive forward: q, k, v, out, tables, lse, partials / scores.
+    Forward,
+    /// bwd_prep.wgsl: out, dout, lse, stats.
+    BwdPrep,
+    /// bwd_dq.wgsl: q, k, v, dout, tables, stats, dq (f32).
+    BwdDq,
+    /// bwd_dkdv.wgsl: q, k, v, dout, tables, stats, dk (f32), dv (f32).
+    BwdDkdv,
+    /// bwd_cast.wgsl: f32 source, destination in the dtype.
+    BwdCast,
+    /// naive_bwd.wgsl: q, k, v, dout, tables, stats, scores, one gradient in the dtype.
+    NaiveBwd,
+}
+
+impl LayoutKind {
+    pub const ALL: [LayoutKind; 6] = [
+        LayoutKind::Forward,
+        LayoutKind::BwdPrep,
+        LayoutKind::BwdDq,
+        LayoutKind::BwdDkdv,
+        LayoutKind::BwdCast,
+        LayoutKind::NaiveBwd,
+    ];
+
+    fn entries(self) -> &'static [Access] {
+        match self {
+            LayoutKind::Forward => &[U, R, R, R, W, R, W, W],
+            LayoutKind::BwdPrep => &[U, R, R, R, W],
+            LayoutKind::BwdDq => &[U, R, R, R, R, R, R, W],
+            LayoutKind::BwdDkdv => &[U, R, R, R, R, R, R, W, W],
+            LayoutKind::BwdCast => &[U, R, W],
+            LayoutKind::NaiveBwd => &[U, R, R, R, R, R, R, W, W],
+        }
+    }
+
+    /// Number of bindings.
+    pub fn binding_count(self) -> usize {
+        self.entries().len()
+    }
+}
+
+/// The bind group and pipeline layouts of every kernel family.
+pub struct Layouts {
+    layouts: Vec<(LayoutKind, wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+}
+
+impl Layouts {
+    pub fn new(device: &wgpu::Device) -> Layouts {
+        let layouts = LayoutKind::ALL
+            .iter()
+            .map(|&kind| {
+                let entries: Vec<wgpu::BindGroupLayoutEntry> = kind
+                    .entries()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &access)| wgpu::BindGroupLayoutEntry {
+                        binding: i as u32,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: match access {
+                                U => wgpu::BufferBindingType::Uniform,
+                                R => wgpu::BufferBindingType::Storage { read_only: true },
+                                W => wgpu::BufferBindingType::Storage { read_only: false },
+                            },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        },
+                        count: None,
+                    })
+                    .collect();
+                let group = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("flashattn"),
+                    entries: &entries,
+                });
+                let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some("flashattn"),
+                    bind_group_layouts: &[Some(&group)],
+                    immediate_size: 0,
+                });
+                (kind, group, pipeline)
+            })
+            .collect();
+        Layouts { layouts }
+    }
+
+    fn get(&self, kind: LayoutKind) -> &(LayoutKind, wgpu::BindGroupLayout, wgpu::PipelineLayout) {
+        // `new` builds every kind, in the order of `ALL`, which is the declaration order.
+        &self.layouts[kind as usize]
+    }
+
+    pub fn pipeline_layout(&self, kind: LayoutKind) -> &wgpu::PipelineLayout {
+        &self.get(kind).2
+    }
+}
+
+/// A byte range of a buffer to bind.
+#[derive(Clone, Copy)]
+pub struct Range<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> Range<'a> {
+    pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
+        Range {
+            buffer,
+            offset: 0,
+            size: buffer.size(),
+        }
+    }
+
+    /// `[offset, offset + bytes)` widened to whole words (storage bindings are word-sized).
+    pub fn words(buffer: &'a wgpu::Buffer, offset: u64, bytes: u64) -> Result<Self> {
+        let size = bytes.max(4).next_multiple_of(4);
+        if offset + size > buffer.size() {
+            return Err(backend_err(format!(
+                "buffer of {} bytes is too small to bind {size} bytes at offset {offset} (pad device buffers to a multiple of 4 bytes)",
+                buffer.size()
+            )));
+        }
+        Ok(Range {
+            buffer,
+            offset,
+            size,
+        })
+    }
+
+    /// The token range `[t0, t1)` of a buffer with `row` bytes per token.
+    pub fn tokens(buffer: &'a wgpu::Buffer, (t0, t1): (u64, u64), row: u64) -> Result<Self> {
+        Range::words(buffer, t0 * row, (t1 - t0) * row)
+    }
+
+    fn entry(&self, binding: u32) -> wgpu::BindGroupEntry<'a> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: self.buffer,
+                offset: self.offset,
+                size: wgpu::BufferSize::new(self.size),
+            }),
+        }
+    }
+}
+
+impl WgpuBackend {
+    /// A bind group of `kind` with `ranges` in binding order.
+    pub(crate) fn bind_group(
+        &self,
+        kind: LayoutKind,
+        ranges: &[Range<'_>],
+    ) -> Result<wgpu::BindGroup> {
+        if ranges.len() != kind.binding_count() {
+            return Err(backend_err(format!(
+                "{kind:?} takes {} bindings, {} given",
+                kind.binding_count(),
+                ranges.len()
+            )));
+        }
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.entry(i as u32))
+            .collect();
+        Ok(self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("flashattn"),
+            layout: &self.layouts.get(kind).1,
+            entries: &entries,
+        }))
+    }
+}

@@ -1,0 +1,263 @@
+//! The kernels' uniform `Params` (mirrored by `struct Params` in shaders/params.wgsl; a test
+//! reflects the WGSL with naga and compares names, types, offsets and size), the per-problem
+//! tables (cu_seqlens, ALiBi slopes), and the uniform buffer of one recorded pass.
+
+use crate::bindings::Range;
+use crate::WgpuBackend;
+use flashattn_core::CheckedSpec;
+
+/// Declares `Params` and `Params::FIELDS` (name, type, byte offset) from one field list.
+macro_rules! params_struct {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ident,)* }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+        pub struct $name { $($(#[$fmeta])* pub $field: $ty,)* }
+
+        impl $name {
+            /// Every field's name, type and byte offset, in declaration order.
+            #[cfg_attr(not(test), allow(dead_code))]
+            pub const FIELDS: &'static [(&'static str, &'static str, usize)] =
+                &[$((stringify!($field), stringify!($ty), std::mem::offset_of!($name, $field)),)*];
+        }
+    };
+}
+
+params_struct! {
+    /// The problem and one dispatch's part of it; field meanings are in shaders/params.wgsl.
+    pub struct Params {
+        pub batch: u32,
+        pub heads_q: u32,
+        pub heads_kv: u32,
+        pub group: u32,
+        pub seqlen_q: u32,
+        pub seqlen_k: u32,
+        pub d: u32,
+        pub dv: u32,
+        pub scale: f32,
+        pub scale_log2: f32,
+        pub scale_over_cap: f32,
+        pub softcap_log2: f32,
+        pub win_left: i32,
+        pub win_right: i32,
+        pub flags: u32,
+        pub num_splits: u32,
+        pub slice_len: u32,
+        pub slice0: u32,
+        pub q_tok0: u32,
+        pub q_tok1: u32,
+        pub k_tok0: u32,
+        pub k_tok1: u32,
+        pub tab_cu_k: u32,
+        pub tab_alibi: u32,
+        pub part_lse: u32,
+    }
+}
+
+pub const FLAG_VARLEN: u32 = 1;
+pub const FLAG_ALIBI: u32 = 2;
+pub const FLAG_ALIBI_PER_BATCH: u32 = 4;
+pub const FLAG_LSE: u32 = 8;
+pub const FLAG_PARTIAL: u32 = 16;
+/// The first dispatch on an accumulator writes it instead of adding to it.
+pub const FLAG_FIRST: u32 = 32;
+
+impl Params {
+    /// The fields every dispatch of `c` shares. Sizes fit in u32 and positions in i32: the
+    /// backend refuses larger problems (`WgpuBackend::supports_checked`).
+    pub fn base(c: &CheckedSpec<'_>) -> Params {
+        let log2e = std::f32::consts::LOG2_E;
+        let mut flags = 0;
+        if c.is_varlen() {
+            flags |= FLAG_VARLEN;
+        }
+        if let Some(a) = &c.alibi {
+            flags |= FLAG_ALIBI;
+            if a.per_batch {
+                flags |= FLAG_ALIBI_PER_BATCH;
+            }
+        }
+        if c.return_lse {
+            flags |= FLAG_LSE;
+        }
+        // Windows longer than the sequences are already dropped (unbounded) by `Mask`.
+        let window = |w: Option<u64>| w.map_or(-1, |w| i32::try_from(w).unwrap_or(i32::MAX));
+        Params {
+            batch: c.batch as u32,
+            heads_q: c.heads_q as u32,
+            heads_kv: c.heads_kv as u32,
+            group: c.group_size() as u32,
+            seqlen_q: c.seqlen_q as u32,
+            seqlen_k: c.seqlen_k as u32,
+            d: c.head_dim as u32,
+            dv: c.head_dim_v as u32,
+            scale: c.scale,
+            scale_log2: c.scale * log2e,
+            scale_over_cap: if c.softcap > 0.0 {
+                c.scale / c.softcap
+            } else {
+                0.0
+            },
+            softcap_log2: c.softcap * log2e,
+            win_left: window(c.mask.left),
+            win_right: window(c.mask.right),
+            flags,
+            num_splits: 1,
+            slice_len: u32::MAX,
+            slice0: 0,
+            q_tok0: 0,
+            q_tok1: c.sizes.q_tokens as u32,
+            k_tok0: 0,
+            k_tok1: c.sizes.k_tokens as u32,
+            tab_cu_k: c.batch as u32 + 1,
+            tab_alibi: 2 * (c.batch as u32 + 1),
+            part_lse: 0,
+        }
+    }
+
+    /// These params with the query tokens `q` and key tokens `k` bound.
+    pub fn bound(mut self, q: (u64, u64), k: (u64, u64)) -> Params {
+        (self.q_tok0, self.q_tok1) = (q.0 as u32, q.1 as u32);
+        (self.k_tok0, self.k_tok1) = (k.0 as u32, k.1 as u32);
+        self
+    }
+}
+
+/// The words of the `tables` binding: cu_seqlens_q, cu_seqlens_k (zeros when dense), the
+/// ALiBi slopes (f32 bits), and one spare word so that it is never empty.
+pub fn table_words(c: &CheckedSpec<'_>) -> Vec<u32> {
+    let mut words: Vec<u32> = Vec::new();
+    match &c.varlen {
+        Some(v) => {
+            words.extend(v.cu_seqlens_q.iter().map(|&x| x as u32));
+            words.extend(v.cu_seqlens_k.iter().map(|&x| x as u32));
+        }
+        None => words.extend(std::iter::repeat_n(0, 2 * (c.batch + 1))),
+    }
+    if let Some(a) = &c.alibi {
+        words.extend(a.slopes.iter().map(|s| s.to_bits()));
+    }
+    words.push(0);
+    words
+}
+
+/// One `Params` per dispatch in one uniform buffer, at the device's offset alignment.
+pub struct Uniforms {
+    pub buffer: wgpu::Buffer,
+    stride: u64,
+}
+
+impl Uniforms {
+    /// The binding of dispatch `i`'s params.
+    pub fn range(&self, i: usize) -> Range<'_> {
+        Range {
+            buffer: &self.buffer,
+            offset: i as u64 * self.stride,
+            size: std::mem::size_of::<Params>() as u64,
+        }
+    }
+}
+
+impl WgpuBackend {
+    /// Uploads `params` (one per dispatch) into a pooled uniform buffer.
+    pub(crate) fn uniforms(&self, params: &[Params]) -> Uniforms {
+        let stride = (std::mem::size_of::<Params>() as u64)
+            .next_multiple_of(u64::from(self.limits.min_uniform_buffer_offset_alignment));
+        let size = stride * params.len().max(1) as u64;
+        let buffer = self.buffers.take(
+            &self.device,
+            size,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        let mut bytes = vec![0u8; size as usize];
+        for (i, p) in params.iter().enumerate() {
+            let at = i * stride as usize;
+            bytes[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(p));
+        }
+        self.queue.write_buffer(&buffer, 0, &bytes);
+        Uniforms { buffer, stride }
+    }
+
+    /// The `tables` of `c` in a pooled storage buffer.
+    pub(crate) fn tables(&self, c: &CheckedSpec<'_>) -> wgpu::Buffer {
+        let words = table_words(c);
+        let buf = self.buffers.take(
+            &self.device,
+            words.len() as u64 * 4,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        );
+        self.queue
+            .write_buffer(&buf, 0, bytemuck::cast_slice(&words));
+        buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The WGSL struct, reflected by naga, has the Rust struct's fields, types, offsets and size.
+    #[test]
+    fn wgsl_params_layout_matches_the_rust_struct() {
+        let src = include_str!("../../../shaders/params.wgsl");
+        let module = naga::front::wgsl::parse_str(src).expect("params.wgsl parses");
+        let mut layouter = naga::proc::Layouter::default();
+        layouter
+            .update(module.to_ctx())
+            .expect("params.wgsl lays out");
+        let (handle, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some("Params"))
+            .expect("struct Params in params.wgsl");
+        let naga::TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("Params is not a struct");
+        };
+        assert_eq!(*span as usize, std::mem::size_of::<Params>(), "size");
+        assert_eq!(
+            layouter[handle].size as usize,
+            std::mem::size_of::<Params>()
+        );
+        let wgsl: Vec<(String, String, usize)> = members
+            .iter()
+            .map(|m| {
+                let ty = match module.types[m.ty].inner {
+                    naga::TypeInner::Scalar(s) => match s.kind {
+                        naga::ScalarKind::Uint => "u32",
+                        naga::ScalarKind::Sint => "i32",
+                        naga::ScalarKind::Float => "f32",
+                        other => panic!("unexpected scalar kind {other:?}"),
+                    },
+                    ref other => panic!("non-scalar member {:?}: {other:?}", m.name),
+                };
+                (
+                    m.name.clone().unwrap_or_default(),
+                    ty.to_string(),
+                    m.offset as usize,
+                )
+            })
+            .collect();
+        let rust: Vec<(String, String, usize)> = Params::FIELDS
+            .iter()
+            .map(|&(n, t, o)| (n.to_string(), t.to_string(), o))
+            .collect();
+        assert_eq!(wgsl, rust);
+    }
+
+    /// The WGSL flag constants have the Rust values.
+    #[test]
+    fn wgsl_flags_match() {
+        let src = include_str!("../../../shaders/params.wgsl");
+        for (name, value) in [
+            ("FLAG_VARLEN", FLAG_VARLEN),
+            ("FLAG_ALIBI", FLAG_ALIBI),
+            ("FLAG_ALIBI_PER_BATCH", FLAG_ALIBI_PER_BATCH),
+            ("FLAG_LSE", FLAG_LSE),
+            ("FLAG_PARTIAL", FLAG_PARTIAL),
+            ("FLAG_FIRST", FLAG_FIRST),
+        ] {
+            let decl = format!("const {name}: u32 = {value}u;");
+            assert!(src.contains(&decl), "params.wgsl lacks `{decl}`");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+// The problem description every kernel reads (one uniform per dispatch), the small tables
+// that vary per problem, and where a sequence's tokens lie. Mirrors `Params` in
+// backends/wgpu/src/params.rs; a test there compares the two layouts through naga.
+
+struct Params {
+    batch: u32,
+    heads_q: u32,
+    heads_kv: u32,
+    group: u32,          // heads_q / heads_kv
+    seqlen_q: u32,       // dense: per sequence; varlen: total tokens
+    seqlen_k: u32,
+    d: u32,
+    dv: u32,
+    scale: f32,
+    scale_log2: f32,     // scale * log2(e): scores live in the log2 domain
+    scale_over_cap: f32, // scale / softcap
+    softcap_log2: f32,   // softcap * log2(e); 0 = off
+    win_left: i32,       // -1 = unbounded
+    win_right: i32,      // -1 = unbounded (causal folds in as 0)
+    flags: u32,          // FLAG_*
+    num_splits: u32,     // parallel key splits of a dispatch (split-KV), one partial slot each
+    slice_len: u32,      // most keys (backward dK/dV: query rows) a workgroup walks per dispatch
+    slice0: u32,         // the slice this dispatch's first split walks
+    q_tok0: u32,         // q-side buffers are bound from this token on
+    q_tok1: u32,         // tokens from here on belong to another dispatch
+    k_tok0: u32,         // k-side buffers are bound from this token on
+    k_tok1: u32,
+    tab_cu_k: u32,       // offset of cu_seqlens_k in `tables`
+    tab_alibi: u32,      // offset of the ALiBi slopes in `tables`
+    part_lse: u32,       // offset of the partial LSEs in `part`
+}
+
+const FLAG_VARLEN: u32 = 1u;
+const FLAG_ALIBI: u32 = 2u;
+const FLAG_ALIBI_PER_BATCH: u32 = 4u;
+const FLAG_LSE: u32 = 8u;
+const FLAG_PARTIAL: u32 = 16u;
+// The first dispatch on an accumulator: write it, do not add to what it holds.
+const FLAG_FIRST: u32 = 32u;
+
+const LOG2E: f32 = 1.4426950408889634;
+const LN2: f32 = 0.6931471805599453;
+const NEG_INF_BITS: u32 = 0xff800000u;
+const NAN_BITS: u32 = 0x7fc00000u;
+// Running-max start: finite so that exp2(m_old - m_new) is 0, never NaN.
+const NEG_BIG: f32 = -3.0e38;
+
+// WGSL lets compilers assume that float arithmetic and comparisons see no NaN (`x != x` and
+// `x != 0.0` may be folded), so NaN and exact zero are tested on the bits; and float constants
+// cannot be NaN or infinite (browsers reject the shader), so those only ever come from data.
+fn is_nan(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// cu_seqlens_q at 0, cu_seqlens_k at p.tab_cu_k, ALiBi slopes (f32 bits) at p.tab_alibi.
+@group(0) @binding(5) var<storage, read> tables: array<u32>;
+
+fn has_flag(f: u32) -> bool {
+    return (p.flags & f) != 0u;
+}
+
+// Where sequence b lies, in tokens (core's `SeqBounds`).
+struct SeqBounds {
+    q_start: u32,
+    q_len: u32,
+    k_start: u32,
+    k_len: u32,
+}
+
+fn seq_bounds(b: u32) -> SeqBounds {
+    if has_flag(FLAG_VARLEN) {
+        let q0 = tables[b];
+        let k0 = tables[p.tab_cu_k + b];
+        return SeqBounds(q0, tables[b + 1u] - q0, k0, tables[p.tab_cu_k + b + 1u] - k0);
+    }
+    return SeqBounds(b * p.seqlen_q, p.seqlen_q, b * p.seqlen_k, p.seqlen_k);
+}
+
+// Index into the LSE ([batch, heads_q, seqlen_q]; varlen [heads_q, total_q]) of row i of
+// sequence b (whose first token is q_start), head h.
+fn lse_index(b: u32, h: u32, i: u32, q_start: u32) -> u32 {
+    if has_flag(FLAG_VARLEN) {
+        return h * p.seqlen_q + q_start + i;
+    }
+    return (b * p.heads_q + h) * p.seqlen_q + i;
+}
