@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::cli::{assert_clean_error, cli, read_f32, write_npy};
+use common::cli::{assert_clean_error, cli, ok_json, ok_stdout, read_f32, write_npy};
 use flashattn::{reference_attention, rel_l2_error, AttentionSpec, DType, Tensor};
 
 #[test]
@@ -35,12 +35,7 @@ fn npy_round_trip_matches_the_reference() {
         .arg(p("lse.npy"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("PASS"));
+    assert!(ok_stdout(&out).contains("PASS"));
     let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
     let (shape, o) = read_f32(&p("o.npy"));
     assert_eq!(shape, vec![2, 17, 4, 40]);
@@ -76,27 +71,18 @@ fn f16_files_give_f16_output_and_bf16_converts_f32_files() {
             .unwrap()
     };
     let out = run(&[], "o16.npy");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_stdout(&out);
     let bytes = std::fs::read(p("o16.npy")).unwrap();
     let f = npyz::NpyFile::new(&bytes[..]).unwrap();
     assert_eq!(f.dtype().descr(), "'<f2'");
     let out = run(&["--dtype", "bf16"], "o_bf16.npy");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_stdout(&out);
 }
 
 #[test]
 fn json_outputs_parse_and_carry_the_fields() {
     let out = cli().args(["info", "--json"]).output().unwrap();
-    assert!(out.status.success());
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = ok_json(&out);
     let names: Vec<_> = info
         .as_array()
         .unwrap()
@@ -125,12 +111,7 @@ fn json_outputs_parse_and_carry_the_fields() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = ok_json(&out);
     assert_eq!(run["check"]["passed"], true);
     assert!(run["check"]["rel_l2"].as_f64().unwrap() < 1e-4);
 
@@ -152,12 +133,7 @@ fn json_outputs_parse_and_carry_the_fields() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = ok_json(&out);
     let records = records.as_array().unwrap();
     assert_eq!(records.len(), 2);
     for r in records {
@@ -197,11 +173,7 @@ fn plot_is_written() {
         .arg(&svg)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_stdout(&out);
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(
         text.contains("<svg") && text.contains("cpu d=64"),

@@ -3,19 +3,9 @@
 
 mod common;
 
-use common::cli::{cli, read_f32, write_npy};
+use common::cli::{cli, ok_json, ok_stdout, read_f32, write_npy};
 use flashattn::{random_inputs, random_tensor, reference_backward, rel_l2_error, AttentionSpec};
 use rand::SeedableRng;
-
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn run_backward_checks_and_writes_gradients() {
@@ -53,7 +43,7 @@ fn run_backward_checks_and_writes_gradients() {
     ] {
         cmd.arg(flag).arg(p(file));
     }
-    let text = stdout(&cmd.output().unwrap());
+    let text = ok_stdout(&cmd.output().unwrap());
     assert!(text.contains("PASS"), "{text}");
     let want =
         reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
@@ -100,7 +90,7 @@ fn run_decode_checks_a_paged_rotary_step() {
             page,
         ])
         .args(&extra);
-        let text = stdout(&cmd.output().unwrap());
+        let text = ok_stdout(&cmd.output().unwrap());
         let json: serde_json::Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
         assert_eq!(json["check"]["passed"], true, "{json}");
@@ -131,7 +121,7 @@ fn bench_backward_and_decode_report_their_measures() {
         ])
         .output()
         .unwrap();
-    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let rows = ok_json(&out);
     let row = &rows[0];
     assert_eq!(row["pass"], "backward", "{row}");
     assert!(row["time_ms"].as_f64().unwrap() > 0.0, "{row}");
@@ -166,7 +156,7 @@ fn bench_backward_and_decode_report_their_measures() {
         ])
         .output()
         .unwrap();
-    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let rows = ok_json(&out);
     let row = &rows[0];
     assert_eq!(row["pass"], "decode", "{row}");
     assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");

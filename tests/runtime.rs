@@ -269,12 +269,7 @@ fn eight_runtimes_sharing_a_cache_dir_keep_every_bucket() {
     for row in buckets.values() {
         assert_eq!(row.as_object().unwrap().len(), 2, "{text}");
     }
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    common::assert_no_tmp_files(dir.path());
     let settings = Settings {
         cache_dir: Some(dir.path().to_path_buf()),
         ..Settings::default()

@@ -62,33 +62,26 @@ impl Mask {
         self.keys(first, q_len, k_len).start..self.keys(end - 1, q_len, k_len).end
     }
 
+    /// The same mask seen from the keys: query and key swap roles, so the left and right
+    /// bounds swap. `transposed().keys(j, k_len, q_len)` are the rows that see key `j`.
+    fn transposed(&self) -> Mask {
+        Mask {
+            left: self.right,
+            right: self.left,
+        }
+    }
+
     /// Query rows that see key `j` (the inverse of [`keys`](Self::keys)).
     pub fn rows(&self, j: usize, q_len: usize, k_len: usize) -> Range<usize> {
-        // j visible from i iff i + c - left <= j <= i + c + right, c = k_len - q_len,
-        // i.e. j - c - right <= i <= j - c + left.
-        let base = j as i128 - (k_len as i128 - q_len as i128);
-        let q = q_len as i128;
         if j >= k_len {
             return 0..0;
         }
-        let lo = self.right.map_or(0, |r| (base - r as i128).clamp(0, q));
-        let hi = self.left.map_or(q, |l| (base + l as i128 + 1).clamp(0, q));
-        lo as usize..(hi.max(lo)) as usize
+        self.transposed().keys(j, k_len, q_len)
     }
 
     /// Query rows that see any key of `keys` (what a backward key block walks).
     pub fn rows_of_keys(&self, keys: Range<usize>, q_len: usize, k_len: usize) -> Range<usize> {
-        // Keys seen by any row are a suffix: [k_len - q_len - left, k_len).
-        let first_seen = match self.left {
-            Some(l) => (k_len as i128 - q_len as i128 - l as i128).clamp(0, k_len as i128) as usize,
-            None => 0,
-        };
-        let first = keys.start.max(first_seen);
-        let end = keys.end.min(k_len);
-        if q_len == 0 || first >= end {
-            return 0..0;
-        }
-        self.rows(first, q_len, k_len).start..self.rows(end - 1, q_len, k_len).end
+        self.transposed().keys_of_rows(keys, k_len, q_len)
     }
 
     /// Number of visible (query, key) pairs of one sequence, in closed form.

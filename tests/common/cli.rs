@@ -45,6 +45,22 @@ pub fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Stdout of a run that must succeed (the assertion shows the exit code and stderr).
+pub fn ok_stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        stderr(out)
+    );
+    stdout(out)
+}
+
+/// Stdout of a successful `--json` run, parsed.
+pub fn ok_json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_str(&ok_stdout(out)).expect("stdout is JSON")
+}
+
 /// A successful run whose stderr has no `error:` line.
 pub fn assert_clean_success(out: &std::process::Output) {
     let err = stderr(out);

@@ -187,3 +187,13 @@ impl Backend for Scripted {
 pub fn scripted(name: &'static str, bench_ms: f64, dtypes: &[DType]) -> Arc<dyn Backend> {
     Scripted::new(name, bench_ms, dtypes).arc()
 }
+
+/// No half-written `*.tmp` file is left in `dir` (outputs are written to a temporary and renamed).
+pub fn assert_no_tmp_files(dir: &std::path::Path) {
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
