@@ -165,7 +165,14 @@ pub struct TileOverride {
 
 impl TileOverride {
     pub fn from_env() -> Option<TileOverride> {
-        TileOverride::parse(&std::env::var("FLASHATTN_WGPU_TILES").ok()?)
+        let value = std::env::var("FLASHATTN_WGPU_TILES").ok()?;
+        let parsed = TileOverride::parse(&value);
+        if parsed.is_none() {
+            log::warn!(
+                "FLASHATTN_WGPU_TILES={value:?} ignored: expected block_m=N,block_n=N (powers of two)"
+            );
+        }
+        parsed
     }
 
     fn parse(s: &str) -> Option<TileOverride> {

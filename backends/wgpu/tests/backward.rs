@@ -26,12 +26,9 @@ fn feature_cases_every_dtype() {
 /// The workgroup-memory reduction (where the adapter has subgroups, the tests above use them).
 #[test]
 fn without_subgroups() {
-    if common::backend().is_none() {
+    let Some(b) = common::backend_without_subgroups() else {
         return;
-    }
-    let b = WgpuBackend::new()
-        .expect("second device")
-        .without_subgroups();
+    };
     let cases: Vec<_> = feature_cases(DType::F32)
         .into_iter()
         .filter(|(n, _)| ["odd sizes", "head_dim 200", "gqa", "varlen", "softcap"].contains(n))
@@ -71,12 +68,9 @@ fn long_keys_and_rows() {
 /// token ranges: every (query chunk, key chunk) pair must still add up exactly once.
 #[test]
 fn chunked_bindings() {
-    if common::backend().is_none() {
+    let Some(b) = common::backend_with_binding_limit(16 * 1024) else {
         return;
-    }
-    let b = WgpuBackend::new()
-        .expect("second device")
-        .with_max_binding_bytes(16 * 1024);
+    };
     let cases = [
         ("dense", lse(AttentionSpec::new(2, 2, 37, 129, 40))),
         (

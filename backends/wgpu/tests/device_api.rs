@@ -177,12 +177,9 @@ fn naive_reports_a_score_buffer_that_does_not_fit() {
 /// Scores beyond one storage binding are processed in groups of rows.
 #[test]
 fn naive_with_chunked_scores_matches_the_reference() {
-    if common::backend().is_none() {
+    let Some(b) = common::backend_with_binding_limit(16 * 1024) else {
         return;
-    }
-    let b = WgpuBackend::new()
-        .expect("device")
-        .with_max_binding_bytes(16 * 1024);
+    };
     for spec in [
         AttentionSpec::new(1, 2, 40, 50, 16).return_lse(true),
         AttentionSpec::new(1, 4, 33, 47, 8)
@@ -191,16 +188,20 @@ fn naive_with_chunked_scores_matches_the_reference() {
             .alibi(vec![0.5, 0.25, 0.125, 0.0625], false)
             .return_lse(true),
     ] {
-        let (q, k, v) = random_inputs(&spec, 12);
-        let got =
-            pollster::block_on(b.naive_forward_async(&spec, q.as_ref(), k.as_ref(), v.as_ref()))
-                .unwrap_or_else(|e| panic!("{spec}: {e}"));
-        let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
-        let err = rel_l2_error(&got.out.to_f32_vec(), &reference.out);
-        assert!(err < 1e-4, "{spec}: rel L2 {err:.3e}");
-        let lse_err = flashattn_core::lse_max_error(&got.lse.unwrap(), &reference.lse);
-        assert!(lse_err < 1e-3, "{spec}: LSE {lse_err:.3e}");
+        assert_naive_matches(&b, &spec.to_string(), &spec, 12);
     }
+}
+
+/// The naive forward (materialised scores) against the f64 reference.
+fn assert_naive_matches(b: &WgpuBackend, name: &str, spec: &AttentionSpec, seed: u64) {
+    let (q, k, v) = random_inputs(spec, seed);
+    let got = pollster::block_on(b.naive_forward_async(spec, q.as_ref(), k.as_ref(), v.as_ref()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let reference = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+    let err = rel_l2_error(&got.out.to_f32_vec(), &reference.out);
+    assert!(err < 1e-4, "{name}: rel L2 {err:.3e}");
+    let lse_err = flashattn_core::lse_max_error(&got.lse.unwrap(), &reference.lse);
+    assert!(lse_err < 1e-3, "{name}: LSE {lse_err:.3e}");
 }
 
 #[test]
@@ -210,15 +211,7 @@ fn naive_matches_the_reference() {
         if spec.is_varlen() {
             continue;
         }
-        let (q, k, v) = random_inputs(&spec, 11);
-        let got =
-            pollster::block_on(b.naive_forward_async(&spec, q.as_ref(), k.as_ref(), v.as_ref()))
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
-        let err = rel_l2_error(&got.out.to_f32_vec(), &reference.out);
-        assert!(err < 1e-4, "{name}: rel L2 {err:.3e}");
-        let lse_err = flashattn_core::lse_max_error(&got.lse.unwrap(), &reference.lse);
-        assert!(lse_err < 1e-3, "{name}: LSE {lse_err:.3e}");
+        assert_naive_matches(b, name, &spec, 11);
     }
 }
 

@@ -8,7 +8,6 @@ use flashattn_core::testing::{check_backend, feature_cases};
 use flashattn_core::{
     random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, Tensor,
 };
-use flashattn_wgpu::WgpuBackend;
 
 #[test]
 fn feature_cases_every_dtype() {
@@ -20,12 +19,9 @@ fn feature_cases_every_dtype() {
 
 #[test]
 fn feature_cases_without_subgroups() {
-    if common::backend().is_none() {
+    let Some(b) = common::backend_without_subgroups() else {
         return;
-    }
-    let b = WgpuBackend::new()
-        .expect("second device")
-        .without_subgroups();
+    };
     assert_eq!(b.subgroup_size(), 0);
     assert_cases(&b, &feature_cases(DType::F32), 1000, check_backend);
 }
@@ -55,12 +51,9 @@ fn fp8_is_unsupported_with_a_reason() {
 /// every key range and the combine kernel: every feature must still match the reference.
 #[test]
 fn chunked_bindings_match_the_reference() {
-    if common::backend().is_none() {
+    let Some(b) = common::backend_with_binding_limit(16 * 1024) else {
         return;
-    }
-    let b = WgpuBackend::new()
-        .expect("second device")
-        .with_max_binding_bytes(16 * 1024);
+    };
     let lse = |s: AttentionSpec| s.return_lse(true);
     let cases = vec![
         ("dense", lse(AttentionSpec::new(2, 2, 37, 129, 40))),

@@ -31,6 +31,22 @@ pub fn backend() -> Option<&'static WgpuBackend> {
     b
 }
 
+/// A second backend on its own device that uses the workgroup-memory reduction instead of
+/// subgroups; `None` when the test is skipped (no adapter).
+pub fn backend_without_subgroups() -> Option<WgpuBackend> {
+    backend()?;
+    let b = WgpuBackend::new().expect("second device");
+    Some(b.without_subgroups())
+}
+
+/// A second backend whose storage bindings hold at most `bytes` (to drive the chunking paths);
+/// `None` when the test is skipped (no adapter).
+pub fn backend_with_binding_limit(bytes: u64) -> Option<WgpuBackend> {
+    backend()?;
+    let b = WgpuBackend::new().expect("second device");
+    Some(b.with_max_binding_bytes(bytes))
+}
+
 /// The input dtypes `b` runs: f32, bf16, and f16 where the adapter has SHADER_F16.
 pub fn dtypes(b: &WgpuBackend) -> Vec<DType> {
     if b.has_f16() {
