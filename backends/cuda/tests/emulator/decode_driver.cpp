@@ -1,5 +1,5 @@
 // Runs the launches of one decode call in the emulator (emu.h) on files written by
-// tests/emulator/decode.rs:
+// tests/emulate_decode.rs:
 //   decode_driver DIR   with DIR/params.bin (DecodeParams, pointers filled in here),
 //   sizes.txt ("out_bytes lse_floats q_rot_bytes part_out_floats part_lse_floats"),
 //   launches.txt (one line per launch: "entry grid_x threads append_b0 append_batches rotate_q"),
@@ -10,7 +10,7 @@
 // points by name. Partial buffers start as NaN, so a read of a partial no split wrote shows.
 
 static const DecodeParams* emu_dparams;
-static void (*emu_decode_fn)(const DecodeParams&);
+static void (*emu_decode_fn)(DecodeParams);
 static void emu_decode_kernel() { emu_decode_fn(*emu_dparams); }
 
 int main(int argc, char** argv) {
