@@ -1,7 +1,8 @@
 //! On an NVIDIA GPU: decode against a KV cache. `Backend::decode` (host slices) on core's
 //! decode cases for every dtype and both kernel families, a 70000-row cache; the
 //! device-resident handle (`Backend::kv_cache`) stepping token by token against
-//! `reference_decode` on what it holds, contiguous and paged (page sizes 1, 3, 16), with
+//! `reference_decode` on what it holds (a 17-row prompt, then 50 one-token steps), contiguous and
+//! paged (page sizes 1, 3, 16), with
 //! rotary both ways; bad steps refused with the cache unchanged. Without a GPU every test
 //! prints why it skips, unless FLASHATTN_REQUIRE_BACKENDS names cuda.
 
@@ -55,7 +56,7 @@ fn long_cache_of_70000_rows() {
     }
 }
 
-/// Each step of a handle against the reference on the caches it held before the step: out,
+/// One step of a handle against the reference on the caches it held before the step: out,
 /// LSE and both caches after the append (read back whole).
 fn step_matches_the_reference(
     cache: &mut dyn KvCacheHandle,
@@ -108,7 +109,7 @@ fn handle_steps_match_the_reference_contiguous_and_paged() {
         (DType::F16, Some(3), Some(false)),
         (DType::F32, Some(16), None),
     ] {
-        let (batch, hq, hkv, d, steps) = (2, 32, 8, 128, 40);
+        let (batch, hq, hkv, d, steps) = (2, 32, 8, 128, 50);
         let mut config = CacheConfig::contiguous(batch, 64 + steps, hkv, d).dtype(dtype);
         config.page_size = page;
         let mut cache = b.kv_cache(config).unwrap();
