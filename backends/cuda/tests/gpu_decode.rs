@@ -1,10 +1,10 @@
 //! On an NVIDIA GPU: decode against a KV cache. `Backend::decode` (host slices) on core's
 //! decode cases for every dtype and both kernel families, a 70000-row cache; the
 //! device-resident handle (`Backend::kv_cache`) stepping token by token against
-//! `reference_decode` on what it holds (a 17-row prompt, then 50 one-token steps), contiguous and
-//! paged (page sizes 1, 3, 16), with
-//! rotary both ways; bad steps refused with the cache unchanged. Without a GPU every test
-//! prints why it skips, unless FLASHATTN_REQUIRE_BACKENDS names cuda.
+//! `reference_decode` on what it holds (a 17-row prompt, then 50 one-token steps), contiguous
+//! and paged (page sizes 1, 3, 16), with rotary both ways; bad steps refused with the cache
+//! unchanged. Without a GPU every test prints why it skips, unless FLASHATTN_REQUIRE_BACKENDS
+//! names cuda.
 
 use flashattn_core::testing::decode::{contiguous, decode_cases, paged, rotary, spec};
 use flashattn_core::testing::{backend_or_skip, check_decode};
