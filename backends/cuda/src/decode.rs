@@ -1,8 +1,8 @@
 //! Decode against a KV cache on the GPU (FlashAttention's `flash_attn_with_kvcache`): which
 //! kernels run a decode spec, the plan of one call (parameters, launches, host tables,
-//! workspace sizes), the small device buffers beside the caches, the launches, and the host
-//! and device-resident entry points. The handle that keeps caches on the GPU between steps is
-//! `kv_cache.rs`.
+//! workspace sizes), the small device buffers beside the caches, the launches, and the
+//! host-slice entry point. The caller's device pointers enter through `decode_device.rs`, the
+//! handle that keeps caches on the GPU between steps is `kv_cache.rs`.
 //!
 //! One call is up to three launches on the default stream: the append (new rows into the cache,
 //! k and q rotated), the split-KV attention (the keys of each (batch, KV head) in chunks across
@@ -121,6 +121,96 @@ fn appends_collide(cache: &KvCache, batch: usize) -> bool {
     rows.windows(2).any(|w| w[0] == w[1])
 }
 
+/// The host tables of a call (lengths, block table or batch_idx, ALiBi slopes, and the cos /
+/// sin rows of the positions it rotates), setting the cache's fields of `p`.
+fn cache_tables(
+    spec: &CheckedSpec<'_>,
+    cache: &KvCache,
+    p: &mut DecodeParams,
+) -> Result<DecodeTables> {
+    let mut tables = DecodeTables {
+        seqlens: cache.seqlens.clone(),
+        alibi: spec
+            .alibi
+            .as_ref()
+            .map_or_else(Vec::new, |a| a.slopes.clone()),
+        ..Default::default()
+    };
+    match &cache.layout {
+        CacheLayout::Contiguous { seqlen_cache, .. } => {
+            p.seqlen_cache = to_i32("seqlen_cache", *seqlen_cache)?;
+            tables.batch_idx = cache.batch_idx.clone().unwrap_or_default();
+        }
+        CacheLayout::Paged {
+            page_size,
+            block_table,
+            max_blocks,
+            ..
+        } => {
+            p.page_size = to_i32("page_size", *page_size)?;
+            p.max_blocks = to_i32("max_blocks", *max_blocks)?;
+            tables.block_table = block_table.clone();
+        }
+    }
+    if let Some(rot) = &cache.rotary {
+        // Compact tables: the positions seqlens[b] .. + span of each entry.
+        let half = rot.dim / 2;
+        let span = cache.seqlen_new.max(if p.positional_q != 0 {
+            spec.seqlen_q
+        } else {
+            1
+        });
+        for b in 0..spec.batch {
+            let first = cache.seqlens[b] as usize * half;
+            tables
+                .rot_cos
+                .extend_from_slice(&rot.cos[first..first + span * half]);
+            tables
+                .rot_sin
+                .extend_from_slice(&rot.sin[first..first + span * half]);
+        }
+        p.rot_dim = to_i32("rotary.dim", rot.dim)?;
+        p.rot_interleaved = rot.interleaved as i32;
+        p.rot_span = to_i32("rotary positions", span)?;
+    }
+    Ok(tables)
+}
+
+/// The append launches of a call (none without new rows): all entries in one, or one per
+/// entry in batch order when two write the same cache row; the first also rotates q.
+fn append_launches(
+    cache: &KvCache,
+    batch: usize,
+    sq: usize,
+    threads: u32,
+) -> Result<Vec<AppendLaunch>> {
+    if cache.seqlen_new == 0 {
+        return Ok(Vec::new());
+    }
+    let groups: Vec<(usize, usize)> = if appends_collide(cache, batch) {
+        (0..batch).map(|b| (b, 1)).collect()
+    } else {
+        vec![(0, batch)]
+    };
+    let mut appends = Vec::new();
+    for (k, (b0, batches)) in groups.into_iter().enumerate() {
+        let rotate_q = k == 0 && cache.rotary.is_some();
+        let ctas = batches * cache.seqlen_new + if rotate_q { batch * sq } else { 0 };
+        let launch = Launch {
+            grid: (grid_x(ctas, "append CTAs").map_err(unsupported)?, 1, 1),
+            block: threads,
+            smem: 0,
+        };
+        appends.push(AppendLaunch {
+            b0,
+            batches,
+            rotate_q,
+            launch,
+        });
+    }
+    Ok(appends)
+}
+
 /// The plan of `spec` (validated, with a cache) on `variant` (from [`select_decode`]) for a GPU
 /// of `sm_count` SMs.
 pub fn decode_plan(
@@ -167,74 +257,13 @@ pub fn decode_plan(
         positional_q: (spec.causal || spec.window != (-1, -1)) as i32,
         ..Default::default()
     };
-    let mut tables = DecodeTables {
-        seqlens: cache.seqlens.clone(),
-        alibi: spec
-            .alibi
-            .as_ref()
-            .map_or_else(Vec::new, |a| a.slopes.clone()),
-        ..Default::default()
+    let tables = cache_tables(spec, cache, &mut p)?;
+    let q_rot = if cache.rotary.is_some() {
+        spec.sizes.q
+    } else {
+        0
     };
-    match &cache.layout {
-        CacheLayout::Contiguous { seqlen_cache, .. } => {
-            p.seqlen_cache = to_i32("seqlen_cache", *seqlen_cache)?;
-            tables.batch_idx = cache.batch_idx.clone().unwrap_or_default();
-        }
-        CacheLayout::Paged {
-            page_size,
-            block_table,
-            max_blocks,
-            ..
-        } => {
-            p.page_size = to_i32("page_size", *page_size)?;
-            p.max_blocks = to_i32("max_blocks", *max_blocks)?;
-            tables.block_table = block_table.clone();
-        }
-    }
-    let mut q_rot = 0;
-    if let Some(rot) = &cache.rotary {
-        // Compact tables: the positions seqlens[b] .. + span of each entry.
-        let half = rot.dim / 2;
-        let span = cache
-            .seqlen_new
-            .max(if p.positional_q != 0 { sq } else { 1 });
-        for b in 0..batch {
-            let first = cache.seqlens[b] as usize * half;
-            tables
-                .rot_cos
-                .extend_from_slice(&rot.cos[first..first + span * half]);
-            tables
-                .rot_sin
-                .extend_from_slice(&rot.sin[first..first + span * half]);
-        }
-        p.rot_dim = to_i32("rotary.dim", rot.dim)?;
-        p.rot_interleaved = rot.interleaved as i32;
-        p.rot_span = to_i32("rotary positions", span)?;
-        q_rot = spec.sizes.q;
-    }
-    let mut appends = Vec::new();
-    if cache.seqlen_new > 0 {
-        let groups: Vec<(usize, usize)> = if appends_collide(cache, batch) {
-            (0..batch).map(|b| (b, 1)).collect()
-        } else {
-            vec![(0, batch)]
-        };
-        for (k, (b0, batches)) in groups.into_iter().enumerate() {
-            let rotate_q = k == 0 && cache.rotary.is_some();
-            let ctas = batches * cache.seqlen_new + if rotate_q { batch * sq } else { 0 };
-            let launch = Launch {
-                grid: (grid_x(ctas, "append CTAs").map_err(unsupported)?, 1, 1),
-                block: threads,
-                smem: 0,
-            };
-            appends.push(AppendLaunch {
-                b0,
-                batches,
-                rotate_q,
-                launch,
-            });
-        }
-    }
+    let appends = append_launches(cache, batch, sq, threads)?;
     let combine = (splits > 1)
         .then(|| grid_x(out_rows.div_ceil(4), "combine CTAs"))
         .transpose()
@@ -510,106 +539,5 @@ impl CudaBackend {
         write_back(&mut inputs.k_cache, &kb);
         write_back(&mut inputs.v_cache, &vb);
         Ok(Output { out, lse })
-    }
-}
-
-/// Device pointers (`CUdeviceptr`) of a decode call's tensors, owned by the caller, in device
-/// 0's primary context: q, the caches and the new rows in the spec's dtype, out in its output
-/// dtype, lse f32 (exactly when `return_lse`), and the cache's int32 tables. The tables must
-/// hold the same values as the spec's `kv_cache` (the host copies validate the call and size
-/// the split; the kernels read the device copies).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceDecode {
-    pub q: u64,
-    pub k_cache: u64,
-    pub v_cache: u64,
-    /// Exactly when `seqlen_new > 0`.
-    pub k_new: Option<u64>,
-    pub v_new: Option<u64>,
-    pub out: u64,
-    pub lse: Option<u64>,
-    /// `[batch]` int32.
-    pub seqlens: u64,
-    /// `[batch, max_blocks]` int32: exactly for a paged cache.
-    pub block_table: Option<u64>,
-    /// `[batch]` int32: exactly when the spec has `batch_idx`.
-    pub batch_idx: Option<u64>,
-}
-
-impl CudaBackend {
-    /// One decode step on device memory the caller owns: appends the new rows into the caches
-    /// in place, then attends; returns when the kernels have finished. Rotary tables and ALiBi
-    /// slopes come from the spec (uploaded, only the rows this call rotates).
-    ///
-    /// # Safety
-    /// Each pointer must address its tensor's bytes for `spec` (see [`DeviceDecode`]) and stay
-    /// valid for the call; the device tables must equal the spec's; out and lse must not
-    /// overlap anything else.
-    pub unsafe fn decode_device(&self, spec: &AttentionSpec, t: &DeviceDecode) -> Result<()> {
-        let plan = self.plan_decode(&spec.validate()?)?;
-        let cache = spec
-            .kv_cache
-            .as_ref()
-            .ok_or_else(|| Error::invalid("kv_cache", "none", "a decode call needs a KV cache"))?;
-        let new = cache.seqlen_new > 0;
-        let paged = matches!(cache.layout, CacheLayout::Paged { .. });
-        let presence = [
-            ("k_new", t.k_new, new),
-            ("v_new", t.v_new, new),
-            ("lse", t.lse, spec.return_lse),
-            ("block_table", t.block_table, paged),
-            ("batch_idx", t.batch_idx, cache.batch_idx.is_some()),
-        ];
-        for (name, ptr, wanted) in presence {
-            if ptr.is_some() != wanted {
-                return Err(Error::argument(
-                    name,
-                    if ptr.is_some() { "given" } else { "missing" },
-                    format!("expected {}", if wanted { "a pointer" } else { "none" }),
-                ));
-            }
-        }
-        let aligned = [
-            ("q", Some(t.q), 16),
-            ("k_cache", Some(t.k_cache), 16),
-            ("v_cache", Some(t.v_cache), 16),
-            ("k_new", t.k_new, 16),
-            ("v_new", t.v_new, 16),
-            ("out", Some(t.out), 16),
-            ("lse", t.lse, 4),
-            ("seqlens", Some(t.seqlens), 4),
-            ("block_table", t.block_table, 4),
-            ("batch_idx", t.batch_idx, 4),
-        ];
-        for (name, ptr, align) in aligned {
-            if let Some(p) = ptr.filter(|&p| p == 0 || p % align != 0) {
-                return Err(Error::argument(
-                    name,
-                    format!("{p:#x}"),
-                    format!("device pointers must be non-null and {align}-byte aligned"),
-                ));
-            }
-        }
-        let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.gpu.bind()?;
-        let mut ws = Workspace::default();
-        let ptrs = ws.prepare(
-            &plan,
-            DecodePointers {
-                q: t.q,
-                k_cache: t.k_cache,
-                v_cache: t.v_cache,
-                k_new: t.k_new.unwrap_or(0),
-                v_new: t.v_new.unwrap_or(0),
-                out: t.out,
-                lse: t.lse.unwrap_or(0),
-                seqlens: t.seqlens,
-                block_table: t.block_table.unwrap_or(0),
-                batch_idx: t.batch_idx.unwrap_or(0),
-                ..Default::default()
-            },
-        )?;
-        self.launch_decode(&plan, &ptrs, true)?;
-        self.gpu.synchronize()
     }
 }

@@ -22,6 +22,7 @@ mod cache;
 mod compile;
 mod decode;
 mod decode_bench;
+mod decode_device;
 mod decode_tiles;
 mod device;
 mod forward;
@@ -38,9 +39,8 @@ pub use compile::{
     compile, compile_all, compile_many, compile_source, compile_threads, nvrtc_version,
     options as nvrtc_options, Compiled,
 };
-pub use decode::{
-    decode_plan, select_decode, AppendLaunch, DecodePlan, DecodeTables, DeviceDecode,
-};
+pub use decode::{decode_plan, select_decode, AppendLaunch, DecodePlan, DecodeTables};
+pub use decode_device::DeviceDecode;
 pub use decode_tiles::{decode_head_dim, decode_tiles, num_splits, DecodeTiles, DECODE_HEAD_DIMS};
 pub use device::{probe, DeviceInfo};
 pub use forward::{flash_launch, select_generic, select_hopper, select_mma, DeviceTensors};
