@@ -8,7 +8,7 @@
 # Each step runs under its own timeout, so one hang cannot eat the call. The tool returns at
 # most 8 files from $OUT: summary.txt (one PASS/FAIL/SKIP line per step, the last thing
 # printed too), env.log, tests.log, cli.log, bench.log, torch.log, tiles.log.
-# Later work fills in step_backward and step_decode (marked below).
+# Later work fills in step_backward (marked below).
 set -u
 OUT="${OUT:-/tmp/gpu-check-out}"
 mkdir -p "$OUT"
@@ -117,14 +117,28 @@ step_bench_forward() {
     step "cuda_bench mma tiles d64,96,128" tiles.log 90 "$BIN/cuda_bench" --kernels mma --mma-tiles default,128x64w8,64x64w4 --dims 64,96,128 --seqlens 8192 --causal no --iters 10
 }
 
-# ---- to be filled in by the backward and decode work (issue 12) --------------------------
+# ---- to be filled in by the backward work (issue 12) ---------------------------------------
 # step_backward: `flashattn bench --backend cuda --pass backward` (or the CLI's equivalent) at
 # bf16, seqlen 8k, d 64/128, beside PyTorch's FA2 / cuDNN backward; the GPU tests of the
 # backward kernels run in step_tests already if they live in tests/gpu*.rs.
 step_backward() { skip "backward" "no CUDA backward yet"; }
-# step_decode: 1 query x 32k keys, 32/8 heads, d 128, bf16 (and paged, page 16), against the
-# copy bandwidth measured in the same run (Algorithm::Copy).
-step_decode() { skip "decode" "no CUDA decode yet"; }
+# Issue 12's decode goal: 1 query x 32k cached keys (+1 appended), 32/8 heads, d 128, bf16,
+# contiguous and paged (page 16); `bench --decode` times the whole step (append, split-KV,
+# combine) beside a device copy of the same K/V bytes (the bandwidth limit, same run). The
+# GPU decode tests (tests/gpu_decode.rs) run in step_tests; the CLI checks add rotary, page 1
+# and f32 (the CUDA-core kernel) at full size.
+step_decode() {
+    local page
+    for page in none 16; do
+        local p=()
+        [ $page = none ] || p=(--page-size "$page")
+        step "bench decode bf16 1x32k 32/8 d128 page $page" bench.log 60 "$FA" bench --backend cuda --decode --dtype bf16 --batch 1 --heads 32 --kv-heads 8 --head-dims 128 --seqlens 32768 "${p[@]}" --warmup 10 --iters 100
+    done
+    step "bench decode bf16 32/8 d128 sweep 1k..64k" bench.log 90 "$FA" bench --backend cuda --decode --dtype bf16 --batch 1 --heads 32 --kv-heads 8 --head-dims 128 --seqlens 1024,8192,65536 --page-size 16 --warmup 5 --iters 50
+    step "run --decode --check bf16 32k page 16 rotary" cli.log 60 "$FA" run --backend cuda --decode --dtype bf16 --heads 32 --kv-heads 8 --head-dim 128 --cache-len 32767 --page-size 16 --rotary-dim 128 --check
+    step "run --decode --check f16 4 new page 1 neox" cli.log 60 "$FA" run --backend cuda --decode --dtype f16 --heads 8 --kv-heads 1 --head-dim 72 --cache-len 3001 --new-tokens 4 --causal --page-size 1 --rotary-dim 32 --rotary-neox --check
+    step "run --decode --check f32 d128 contiguous" cli.log 60 "$FA" run --backend cuda --decode --dtype f32 --heads 32 --kv-heads 8 --head-dim 128 --cache-len 20000 --check
+}
 
 if [ ! -x "$FA" ]; then
     skip "everything" "$FA missing: run bench/build-gpu-check.sh here and carry .device"

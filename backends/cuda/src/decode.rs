@@ -1,7 +1,543 @@
-//! Decode against a KV cache: not implemented on CUDA yet, so `Backend::supports_decode`,
-//! `decode` and `kv_cache` keep the trait's defaults (`Error::Unsupported` naming this backend).
+//! Decode against a KV cache on the GPU (FlashAttention's `flash_attn_with_kvcache`): which
+//! kernels run a decode spec, the plan of one call (parameters, launches, host tables,
+//! workspace sizes), the small device buffers beside the caches, the launches, and the
+//! host-slice entry point. The caller's device pointers enter through `decode_device.rs`, the
+//! handle that keeps caches on the GPU between steps is `kv_cache.rs`.
 //!
-//! Where it lands (issue 12): a split-KV decode kernel with the query heads of one KV head
-//! packed into a tile, in-place append and rotary, paged KV, and a combine kernel; each a
-//! `KernelKind` with its `KernelDef` in variants.rs, tiles and launch arithmetic in tiles.rs,
-//! and a device-resident cache handle (`Backend::kv_cache`) here.
+//! One call is up to three launches on the default stream: the append (new rows into the cache,
+//! k and q rotated), the split-KV attention (the keys of each (batch, KV head) in chunks across
+//! CTAs, the query heads of a KV head packed into one tile), and the combine of the chunks'
+//! partial (out, LSE). Everything that can fail is checked before the first launch, so a
+//! refused call leaves the caches as they were.
+
+use crate::compile::BACKEND;
+use crate::decode_tiles::{decode_head_dim, decode_tiles, num_splits, tile_rows};
+use crate::device::{drv_err, DevBuf};
+use crate::forward::arg;
+use crate::params::{DecodeParams, KernelParams};
+use crate::tiles::{grid_x, Launch};
+use crate::variants::{KernelKind, Tiles, Variant, DECODE_APPEND_ENTRY, DECODE_COMBINE_ENTRY};
+use crate::CudaBackend;
+use cudarc::driver::result as drv;
+use flashattn_core::{
+    validate_decode_inputs, AttentionSpec, CacheLayout, CheckedSpec, DType, DecodeInputs, Error,
+    KvCache, Output, Result, Tensor, TensorMut,
+};
+
+fn unsupported(reason: impl Into<String>) -> Error {
+    Error::unsupported(BACKEND, reason)
+}
+
+/// The decode family `kind` (`DecodeMma` or `DecodeSimt`) for `spec` on a GPU of
+/// `compute_capability` whose blocks may use `smem_optin` bytes, or why not.
+pub fn select_decode(
+    spec: &CheckedSpec<'_>,
+    compute_capability: (i32, i32),
+    smem_optin: usize,
+    kind: KernelKind,
+) -> std::result::Result<Variant, String> {
+    if spec.kv_cache.is_none() {
+        return Err("a decode call needs the KV cache's arguments".into());
+    }
+    let (major, minor) = compute_capability;
+    if major < 8 {
+        return Err(format!(
+            "the decode kernels need sm_80 or newer (cp.async), this GPU is sm_{major}{minor}"
+        ));
+    }
+    match (kind, spec.dtype) {
+        (_, DType::Fp8E4m3) => return Err("fp8e4m3 caches are not implemented".into()),
+        (KernelKind::DecodeMma, DType::F32) => {
+            return Err(
+                "the mma.sync decode kernel takes bf16 or f16; f32 runs on CUDA cores".into(),
+            )
+        }
+        _ => {}
+    }
+    let bucket = decode_head_dim(spec.head_dim, spec.head_dim_v).ok_or_else(|| {
+        format!(
+            "the decode kernels take head dims up to 256, not {}/{}",
+            spec.head_dim, spec.head_dim_v
+        )
+    })?;
+    let tiles = decode_tiles(kind, spec.dtype, bucket, smem_optin)?;
+    Ok(Variant::decode(kind, spec.dtype, bucket, tiles))
+}
+
+/// One launch of the append kernel: batch entries `b0 .. b0 + batches` (and the rotated q).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendLaunch {
+    pub b0: usize,
+    pub batches: usize,
+    pub rotate_q: bool,
+    pub launch: Launch,
+}
+
+/// Host tables a call uploads beside the caches (empty: not needed).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodeTables {
+    pub seqlens: Vec<i32>,
+    pub block_table: Vec<i32>,
+    pub batch_idx: Vec<i32>,
+    /// cos / sin rows of the positions this call rotates, `[batch, rot_span, dim / 2]`.
+    pub rot_cos: Vec<f32>,
+    pub rot_sin: Vec<f32>,
+    pub alibi: Vec<f32>,
+}
+
+/// Everything of one decode call but the device pointers.
+#[derive(Clone, Debug)]
+pub struct DecodePlan {
+    pub variant: Variant,
+    /// The kernels' parameters, pointers 0 (`DecodePointers::fill` sets them).
+    pub params: DecodeParams,
+    /// In order; two entries that write the same cache row get a launch each, in batch order.
+    pub appends: Vec<AppendLaunch>,
+    pub split: Launch,
+    /// The split kernel's entry point in `variant.entry_points()`.
+    pub split_entry: usize,
+    /// With more than one chunk per (batch, KV head).
+    pub combine: Option<Launch>,
+    pub tables: DecodeTables,
+    /// Workspace elements: rotated q (elements of the dtype), partial out and LSE (f32).
+    pub q_rot: usize,
+    pub part_out: usize,
+    pub part_lse: usize,
+}
+
+fn to_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| unsupported(format!("{what} = {v} exceeds int32")))
+}
+
+/// Whether two batch entries write the same cache row in this call.
+fn appends_collide(cache: &KvCache, batch: usize) -> bool {
+    let mut rows: Vec<usize> = (0..batch)
+        .flat_map(|b| {
+            let used = cache.seqlens[b] as usize;
+            (used..used + cache.seqlen_new).map(move |pos| cache.row(b, pos))
+        })
+        .collect();
+    rows.sort_unstable();
+    rows.windows(2).any(|w| w[0] == w[1])
+}
+
+/// The host tables of a call (lengths, block table or batch_idx, ALiBi slopes, and the cos /
+/// sin rows of the positions it rotates), setting the cache's fields of `p`.
+fn cache_tables(
+    spec: &CheckedSpec<'_>,
+    cache: &KvCache,
+    p: &mut DecodeParams,
+) -> Result<DecodeTables> {
+    let mut tables = DecodeTables {
+        seqlens: cache.seqlens.clone(),
+        alibi: spec
+            .alibi
+            .as_ref()
+            .map_or_else(Vec::new, |a| a.slopes.clone()),
+        ..Default::default()
+    };
+    match &cache.layout {
+        CacheLayout::Contiguous { seqlen_cache, .. } => {
+            p.seqlen_cache = to_i32("seqlen_cache", *seqlen_cache)?;
+            tables.batch_idx = cache.batch_idx.clone().unwrap_or_default();
+        }
+        CacheLayout::Paged {
+            page_size,
+            block_table,
+            max_blocks,
+            ..
+        } => {
+            p.page_size = to_i32("page_size", *page_size)?;
+            p.max_blocks = to_i32("max_blocks", *max_blocks)?;
+            tables.block_table = block_table.clone();
+        }
+    }
+    if let Some(rot) = &cache.rotary {
+        // Compact tables: the positions seqlens[b] .. + span of each entry.
+        let half = rot.dim / 2;
+        let span = cache.seqlen_new.max(if p.positional_q != 0 {
+            spec.seqlen_q
+        } else {
+            1
+        });
+        for b in 0..spec.batch {
+            let first = cache.seqlens[b] as usize * half;
+            tables
+                .rot_cos
+                .extend_from_slice(&rot.cos[first..first + span * half]);
+            tables
+                .rot_sin
+                .extend_from_slice(&rot.sin[first..first + span * half]);
+        }
+        p.rot_dim = to_i32("rotary.dim", rot.dim)?;
+        p.rot_interleaved = rot.interleaved as i32;
+        p.rot_span = to_i32("rotary positions", span)?;
+    }
+    Ok(tables)
+}
+
+/// The append launches of a call (none without new rows): all entries in one, or one per
+/// entry in batch order when two write the same cache row; the first also rotates q.
+fn append_launches(
+    cache: &KvCache,
+    batch: usize,
+    sq: usize,
+    threads: u32,
+) -> Result<Vec<AppendLaunch>> {
+    if cache.seqlen_new == 0 {
+        return Ok(Vec::new());
+    }
+    let groups: Vec<(usize, usize)> = if appends_collide(cache, batch) {
+        (0..batch).map(|b| (b, 1)).collect()
+    } else {
+        vec![(0, batch)]
+    };
+    let mut appends = Vec::new();
+    for (k, (b0, batches)) in groups.into_iter().enumerate() {
+        let rotate_q = k == 0 && cache.rotary.is_some();
+        let ctas = batches * cache.seqlen_new + if rotate_q { batch * sq } else { 0 };
+        let launch = Launch {
+            grid: (grid_x(ctas, "append CTAs").map_err(unsupported)?, 1, 1),
+            block: threads,
+            smem: 0,
+        };
+        appends.push(AppendLaunch {
+            b0,
+            batches,
+            rotate_q,
+            launch,
+        });
+    }
+    Ok(appends)
+}
+
+/// The plan of `spec` (validated, with a cache) on `variant` (from [`select_decode`]) for a GPU
+/// of `sm_count` SMs.
+pub fn decode_plan(
+    spec: &CheckedSpec<'_>,
+    variant: &Variant,
+    sm_count: usize,
+) -> Result<DecodePlan> {
+    let cache = spec
+        .kv_cache
+        .as_ref()
+        .ok_or_else(|| Error::invalid("kv_cache", "none", "a decode call needs a KV cache"))?;
+    let Tiles::Decode(tiles) = variant.tiles else {
+        return Err(unsupported(format!(
+            "{} is not a decode kernel",
+            variant.name()
+        )));
+    };
+    let (batch, hkv, sq) = (spec.batch, spec.heads_kv, spec.seqlen_q);
+    let rows = sq * spec.group_size(); // <= batch x heads_q x seqlen_q, which fits
+    let (tile_rows, split_entry) = tile_rows(variant.kind, rows);
+    let row_blocks = rows.div_ceil(tile_rows);
+    let key_blocks = (0..batch)
+        .map(|b| {
+            flashattn_core::mask::blocks(
+                spec.mask.keys_of_rows(0..sq, sq, cache.keys(b)),
+                tiles.block_n,
+            )
+            .len()
+        })
+        .max()
+        .unwrap_or(0);
+    let ctas = batch.saturating_mul(hkv).saturating_mul(row_blocks);
+    let splits = num_splits(key_blocks, ctas, sm_count);
+    let grid = grid_x(ctas.saturating_mul(splits), "decode CTAs").map_err(unsupported)?;
+    let smem = tiles.smem_bytes(variant.kind, spec.dtype, variant.head_dim, tile_rows);
+    let threads = 128;
+    let out_rows = spec.sizes.lse; // batch x seqlen_q x heads_q
+    let mut p = DecodeParams {
+        attn: KernelParams::new(spec, tile_rows)?,
+        seqlen_new: to_i32("seqlen_new", cache.seqlen_new)?,
+        num_splits: splits as i32,
+        rows: to_i32("packed rows", rows)?,
+        row_blocks: to_i32("row blocks", row_blocks)?,
+        positional_q: (spec.causal || spec.window != (-1, -1)) as i32,
+        ..Default::default()
+    };
+    let tables = cache_tables(spec, cache, &mut p)?;
+    let q_rot = if cache.rotary.is_some() {
+        spec.sizes.q
+    } else {
+        0
+    };
+    let appends = append_launches(cache, batch, sq, threads)?;
+    let combine = (splits > 1)
+        .then(|| grid_x(out_rows.div_ceil(4), "combine CTAs"))
+        .transpose()
+        .map_err(unsupported)?
+        .map(|g| Launch {
+            grid: (g, 1, 1),
+            block: threads,
+            smem: 0,
+        });
+    let (part_out, part_lse) = if splits > 1 {
+        (splits * out_rows * spec.head_dim_v, splits * out_rows)
+    } else {
+        (0, 0)
+    };
+    Ok(DecodePlan {
+        variant: *variant,
+        params: p,
+        appends,
+        split: Launch {
+            grid: (grid, 1, 1),
+            block: threads,
+            smem,
+        },
+        split_entry,
+        combine,
+        tables,
+        q_rot,
+        part_out,
+        part_lse,
+    })
+}
+
+/// Device pointers of one call (0: absent). The caches, q, the new rows, out and lse are the
+/// caller's or ours; the rest live in a [`Workspace`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct DecodePointers {
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub k_new: u64,
+    pub v_new: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub seqlens: u64,
+    pub block_table: u64,
+    pub batch_idx: u64,
+    pub rot_cos: u64,
+    pub rot_sin: u64,
+    pub alibi: u64,
+    pub q_rot: u64,
+    pub part_out: u64,
+    pub part_lse: u64,
+}
+
+impl DecodePointers {
+    /// `plan.params` with these pointers: the split kernel reads the rotated q when there is one.
+    pub fn fill(&self, plan: &DecodePlan) -> DecodeParams {
+        let mut p = plan.params;
+        p.attn.q = if self.q_rot != 0 { self.q_rot } else { self.q };
+        p.attn.k = self.k_cache;
+        p.attn.v = self.v_cache;
+        p.attn.out = self.out;
+        p.attn.lse = self.lse;
+        p.attn.alibi = self.alibi;
+        p.q_in = self.q;
+        p.k_new = self.k_new;
+        p.v_new = self.v_new;
+        p.seqlens = self.seqlens;
+        p.block_table = self.block_table;
+        p.batch_idx = self.batch_idx;
+        p.rot_cos = self.rot_cos;
+        p.rot_sin = self.rot_sin;
+        p.part_out = self.part_out;
+        p.part_lse = self.part_lse;
+        p
+    }
+}
+
+/// Device buffers beside the caller's tensors: the tables and the scratch of a call. A handle
+/// keeps one across steps (buffers grow when a step needs more, else are reused).
+#[derive(Default)]
+pub(crate) struct Workspace {
+    bufs: [Option<DevBuf>; 9],
+}
+
+impl Workspace {
+    /// A buffer of at least `bytes` in slot `i` (0 when `bytes` is 0), holding `data` if given.
+    pub(crate) fn slot(&mut self, i: usize, bytes: usize, data: Option<&[u8]>) -> Result<u64> {
+        if bytes == 0 {
+            return Ok(0);
+        }
+        if self.bufs[i].as_ref().is_none_or(|b| b.bytes < bytes) {
+            self.bufs[i] = None; // free before allocating the larger one
+            self.bufs[i] = Some(DevBuf::alloc(bytes)?);
+        }
+        let ptr = self.bufs[i].as_ref().map_or(0, |b| b.ptr);
+        if let Some(data) = data {
+            // SAFETY: the buffer holds at least `bytes` = data.len() bytes.
+            unsafe { drv::memcpy_htod_sync(ptr, data) }.map_err(drv_err("cuMemcpyHtoD"))?;
+        }
+        Ok(ptr)
+    }
+
+    /// Uploads `plan`'s tables (those not in `own`: the caller's device copies) and sizes the
+    /// scratch; returns `base` with the workspace's pointers filled in.
+    pub fn prepare(
+        &mut self,
+        plan: &DecodePlan,
+        mut base: DecodePointers,
+    ) -> Result<DecodePointers> {
+        let t = &plan.tables;
+        let bytes = |v: &[i32]| bytemuck::cast_slice::<i32, u8>(v).to_vec();
+        let floats = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
+        let uploads: [(usize, &mut u64, Vec<u8>); 6] = [
+            (0, &mut base.seqlens, bytes(&t.seqlens)),
+            (1, &mut base.block_table, bytes(&t.block_table)),
+            (2, &mut base.batch_idx, bytes(&t.batch_idx)),
+            (3, &mut base.rot_cos, floats(&t.rot_cos)),
+            (4, &mut base.rot_sin, floats(&t.rot_sin)),
+            (5, &mut base.alibi, floats(&t.alibi)),
+        ];
+        for (i, ptr, data) in uploads {
+            if *ptr == 0 {
+                *ptr = self.slot(i, data.len(), Some(&data))?;
+            }
+        }
+        let es = plan.variant.dtype.size_bytes();
+        base.q_rot = self.slot(6, plan.q_rot * es, None)?;
+        base.part_out = self.slot(7, plan.part_out * 4, None)?;
+        base.part_lse = self.slot(8, plan.part_lse * 4, None)?;
+        Ok(base)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bufs.iter().flatten().map(|b| b.bytes as u64).sum()
+    }
+}
+
+/// The kernel variant name of a decode plan's split kernel, for the canary.
+pub(crate) fn variant_name(plan: &DecodePlan) -> String {
+    let entry = plan.variant.entry_points()[plan.split_entry];
+    format!(
+        "{}/{}",
+        plan.variant.name(),
+        entry.trim_start_matches("fa_decode_")
+    )
+}
+
+/// Writes `bytes` over the host tensor `t` (same dtype and length, checked by the caller).
+fn write_back(t: &mut TensorMut<'_>, bytes: &[u8]) {
+    let dst: &mut [u8] = match t {
+        TensorMut::F32(s) => bytemuck::cast_slice_mut(s),
+        TensorMut::F16(s) => bytemuck::cast_slice_mut(s),
+        TensorMut::Bf16(s) => bytemuck::cast_slice_mut(s),
+        TensorMut::Fp8E4m3(s) => s,
+    };
+    dst.copy_from_slice(bytes);
+}
+
+impl CudaBackend {
+    /// The decode kernel family for `spec` here: forced generic runs the CUDA-core kernel,
+    /// forced hopper or mma the mma.sync one; else mma.sync for f16 / bf16 (the padded 16-row
+    /// tile costs about 4 tensor-core instructions per key row, far below what memory
+    /// bandwidth leaves per row), CUDA cores for f32 (no tf32: f32 accuracy).
+    pub(crate) fn decode_variant(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
+        let kind = match self.forced {
+            Some(KernelKind::Generic) => KernelKind::DecodeSimt,
+            Some(_) => KernelKind::DecodeMma,
+            None if spec.dtype == DType::F32 => KernelKind::DecodeSimt,
+            None => KernelKind::DecodeMma,
+        };
+        let info = &self.gpu.info;
+        select_decode(spec, info.compute_capability, info.smem_optin, kind).map_err(unsupported)
+    }
+
+    /// The plan of a validated decode spec on this GPU, or why it cannot run.
+    pub(crate) fn plan_decode(&self, c: &CheckedSpec<'_>) -> Result<DecodePlan> {
+        let variant = self.decode_variant(c)?;
+        let plan = decode_plan(c, &variant, self.gpu.info.sm_count)?;
+        if plan.split.smem > self.gpu.info.smem_optin {
+            return Err(unsupported(format!(
+                "{} needs {} bytes of shared memory, this GPU allows {}",
+                variant.name(),
+                plan.split.smem,
+                self.gpu.info.smem_optin
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// Queues `plan`'s launches on the default stream (no synchronisation); `attend` false
+    /// queues the append only.
+    pub(crate) fn launch_decode(
+        &self,
+        plan: &DecodePlan,
+        ptrs: &DecodePointers,
+        attend: bool,
+    ) -> Result<()> {
+        let v = &plan.variant;
+        let base = ptrs.fill(plan);
+        for a in &plan.appends {
+            let mut p = base;
+            p.append_b0 = a.b0 as i32;
+            p.append_batches = a.batches as i32;
+            p.rotate_q = a.rotate_q as i32;
+            let f = self.gpu.function(v, DECODE_APPEND_ENTRY, 0)?;
+            self.gpu
+                .launch(f, a.launch.grid, a.launch.block, 0, &mut [arg(&mut p)])?;
+        }
+        if !attend {
+            return Ok(());
+        }
+        let mut p = base;
+        let l = plan.split;
+        let f = self.gpu.function(v, plan.split_entry, l.smem)?;
+        self.gpu
+            .launch(f, l.grid, l.block, l.smem, &mut [arg(&mut p)])?;
+        if let Some(l) = plan.combine {
+            let f = self.gpu.function(v, DECODE_COMBINE_ENTRY, 0)?;
+            self.gpu.launch(f, l.grid, l.block, 0, &mut [arg(&mut p)])?;
+        }
+        Ok(())
+    }
+
+    /// One decode step on host slices (`Backend::decode`): uploads the caches and inputs,
+    /// runs, reads out, LSE and both caches back.
+    pub(crate) fn decode_host(
+        &self,
+        spec: &AttentionSpec,
+        mut inputs: DecodeInputs<'_>,
+    ) -> Result<Output> {
+        let c = validate_decode_inputs(spec, &inputs)?;
+        let plan = self.plan_decode(&c)?;
+        let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.gpu.bind()?;
+        let up = |t: Option<flashattn_core::TensorRef<'_>>| {
+            t.map(|t| DevBuf::from_bytes(t.as_bytes())).transpose()
+        };
+        let q = DevBuf::from_bytes(inputs.q.as_bytes())?;
+        let k_cache = DevBuf::from_bytes(inputs.k_cache.as_ref().as_bytes())?;
+        let v_cache = DevBuf::from_bytes(inputs.v_cache.as_ref().as_bytes())?;
+        let (k_new, v_new) = (up(inputs.k_new)?, up(inputs.v_new)?);
+        let out = DevBuf::zeroed(c.sizes.out * spec.dtype.output().size_bytes())?;
+        let lse = if spec.return_lse {
+            Some(DevBuf::zeroed(c.sizes.lse * 4)?)
+        } else {
+            None
+        };
+        let ptr = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
+        let mut ws = Workspace::default();
+        let ptrs = ws.prepare(
+            &plan,
+            DecodePointers {
+                q: q.ptr,
+                k_cache: k_cache.ptr,
+                v_cache: v_cache.ptr,
+                k_new: ptr(&k_new),
+                v_new: ptr(&v_new),
+                out: out.ptr,
+                lse: ptr(&lse),
+                ..Default::default()
+            },
+        )?;
+        self.launch_decode(&plan, &ptrs, true)?;
+        self.gpu.synchronize()?;
+        let out = Tensor::from_bytes(spec.dtype.output(), &out.to_vec()?)?;
+        let lse = match &lse {
+            Some(b) => Some(bytemuck::pod_collect_to_vec(&b.to_vec()?)),
+            None => None,
+        };
+        let (kb, vb) = (k_cache.to_vec()?, v_cache.to_vec()?);
+        write_back(&mut inputs.k_cache, &kb);
+        write_back(&mut inputs.v_cache, &vb);
+        Ok(Output { out, lse })
+    }
+}

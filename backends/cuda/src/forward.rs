@@ -335,7 +335,7 @@ pub fn flash_launch(
             );
             (p, l)
         }
-        Tiles::None => {
+        Tiles::Decode(_) | Tiles::None => {
             return Err(unsupported(format!(
                 "{} is not a flash kernel",
                 variant.name()
@@ -396,7 +396,10 @@ impl CudaBackend {
             KernelKind::Hopper => self.hopper_variant(spec),
             KernelKind::Mma => self.mma_variant(spec),
             KernelKind::Generic => self.generic_variant(spec),
-            KernelKind::Naive => Err("the naive kernel is not a flash kernel".to_string()),
+            KernelKind::Naive | KernelKind::DecodeMma | KernelKind::DecodeSimt => Err(format!(
+                "the {} kernel is not a forward flash kernel",
+                kind.def().name
+            )),
         }
     }
 

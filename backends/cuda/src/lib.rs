@@ -21,8 +21,12 @@ mod bench;
 mod cache;
 mod compile;
 mod decode;
+mod decode_bench;
+mod decode_device;
+mod decode_tiles;
 mod device;
 mod forward;
+mod kv_cache;
 mod loader;
 mod naive;
 mod params;
@@ -35,23 +39,28 @@ pub use compile::{
     compile, compile_all, compile_many, compile_source, compile_threads, nvrtc_version,
     options as nvrtc_options, Compiled,
 };
+pub use decode::{decode_plan, select_decode, AppendLaunch, DecodePlan, DecodeTables};
+pub use decode_device::DeviceDecode;
+pub use decode_tiles::{decode_head_dim, decode_tiles, num_splits, DecodeTiles, DECODE_HEAD_DIMS};
 pub use device::{probe, DeviceInfo};
 pub use forward::{flash_launch, select_generic, select_hopper, select_mma, DeviceTensors};
+pub use kv_cache::CudaKvCache;
 pub use loader::{nvrtc_search_dirs, nvrtc_search_dirs_in, SearchEnv};
-pub use params::KernelParams;
+pub use params::{DecodeParams, KernelParams};
 pub use tiles::{
     hopper_tiles, mma_head_dim, mma_tiles, smem_optin_of_arch, HopperTiles, Launch, MmaTiles,
     GENERIC_TILES, MMA_HEAD_DIMS,
 };
 pub use variants::{
     all_variants, arch_for, variants_for_arch, KernelDef, KernelKind, Tiles, Variant, CI_ARCHS,
+    DECODE_APPEND_ENTRY, DECODE_COMBINE_ENTRY,
 };
 
 use compile::BACKEND;
 use device::Gpu;
 use flashattn_core::{
-    Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, Error, Output, Pass, Result,
-    TensorRef,
+    Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, CacheConfig, DecodeInputs, Error,
+    KvCacheHandle, Output, Pass, Result, TensorRef,
 };
 use loader::load_nvrtc;
 
@@ -85,11 +94,12 @@ pub struct CudaBackend {
     measured: std::sync::Mutex<std::collections::HashMap<forward::ChoiceKey, KernelKind>>,
 }
 
-/// `FLASHATTN_CUDA_KERNEL`: a `KernelDef` name (hopper, mma, generic), or none (automatic).
+/// `FLASHATTN_CUDA_KERNEL`: a forward `KernelDef` name (hopper, mma, generic), or none
+/// (automatic). Decode follows it: generic runs the CUDA-core decode kernel, the others mma.sync.
 fn forced_kernel() -> Result<Option<KernelKind>> {
     match std::env::var("FLASHATTN_CUDA_KERNEL") {
         Ok(name) if !name.is_empty() => KernelKind::from_name(&name)
-            .filter(|k| *k != KernelKind::Naive)
+            .filter(|k| *k != KernelKind::Naive && k.def().pass == Pass::Forward)
             .map(Some)
             .ok_or_else(|| {
                 Error::argument(
@@ -181,16 +191,32 @@ impl Backend for CudaBackend {
         self.forward_host(spec, q, k, v)
     }
 
-    /// `cuda/forward/<variant>`, e.g. `cuda/forward/mma_bf16_d128_128x64w4`: every compiled
-    /// kernel variant gets its own canary check.
+    /// `cuda/forward/<variant>`, e.g. `cuda/forward/mma_bf16_d128_128x64w4`, and
+    /// `cuda/decode/<variant>/<split kernel>`, e.g. `cuda/decode/decode_mma_bf16_d128_64x3/mma_w1`:
+    /// every compiled kernel variant gets its own canary check.
     fn kernel_variant(&self, spec: &AttentionSpec, pass: Pass) -> String {
         let kernel = match pass {
-            Pass::Forward => self
-                .variant_for(spec)
-                .map_or_else(|_| "unsupported".to_string(), |v| v.name()),
-            Pass::Backward | Pass::Decode => "unsupported".to_string(),
+            Pass::Forward => self.variant_for(spec).map(|v| v.name()),
+            Pass::Decode => spec
+                .validate()
+                .and_then(|c| self.plan_decode(&c))
+                .map(|p| decode::variant_name(&p)),
+            Pass::Backward => Err(Error::unsupported(BACKEND, "backward")),
         };
+        let kernel = kernel.unwrap_or_else(|_| "unsupported".to_string());
         format!("{BACKEND}/{}/{kernel}", pass.name())
+    }
+
+    fn supports_decode(&self, spec: &AttentionSpec) -> Result<()> {
+        self.plan_decode(&spec.validate()?).map(|_| ())
+    }
+
+    fn decode(&self, spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
+        self.decode_host(spec, inputs)
+    }
+
+    fn kv_cache(&self, config: CacheConfig) -> Result<Box<dyn KvCacheHandle + '_>> {
+        Ok(Box::new(CudaKvCache::new(self, config)?))
     }
 
     fn bench(
@@ -200,6 +226,9 @@ impl Backend for CudaBackend {
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
-        self.bench_forward(spec, algo, plan, progress)
+        match plan.pass {
+            Pass::Decode => self.bench_decode(spec, algo, plan, progress),
+            _ => self.bench_forward(spec, algo, plan, progress),
+        }
     }
 }

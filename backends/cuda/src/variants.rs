@@ -4,7 +4,8 @@
 //! A new kernel is one more `KernelKind`, its `KernelDef` and its arm in `defines`; the
 //! compile and SASS tests iterate over [`variants_for_arch`].
 
-use crate::params::KernelParams;
+use crate::decode_tiles::{decode_tiles, DecodeTiles, DECODE_HEAD_DIMS, DECODE_WARPS};
+use crate::params::{DecodeParams, KernelParams};
 use crate::tensor_map::BOX_COLS;
 use crate::tiles::{
     hopper_tiles, mma_tiles, smem_optin_of_arch, GenericTiles, HopperTiles, MmaTiles,
@@ -24,6 +25,11 @@ const HOPPER: (&str, &str) = ("hopper_fwd.cu", include_str!("../kernels/hopper_f
 const MMA: (&str, &str) = ("mma_fwd.cu", include_str!("../kernels/mma_fwd.cu"));
 const GENERIC: (&str, &str) = ("generic_fwd.cu", include_str!("../kernels/generic_fwd.cu"));
 const NAIVE: (&str, &str) = ("naive.cu", include_str!("../kernels/naive.cu"));
+const DECODE_H: (&str, &str) = ("decode.cuh", include_str!("../kernels/decode.cuh"));
+const APPEND: (&str, &str) = ("append.cu", include_str!("../kernels/append.cu"));
+const COMBINE: (&str, &str) = ("combine.cu", include_str!("../kernels/combine.cu"));
+const DECODE_MMA: (&str, &str) = ("decode_mma.cu", include_str!("../kernels/decode_mma.cu"));
+const DECODE_SIMT: (&str, &str) = ("decode_simt.cu", include_str!("../kernels/decode_simt.cu"));
 
 /// The archs CI compiles every variant for (tests/sass.rs) and `compile_all` is meant for.
 pub const CI_ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90a"];
@@ -39,6 +45,10 @@ pub enum KernelKind {
     Generic,
     /// Materialised scores, for benchmarks.
     Naive,
+    /// Decode against a KV cache: append, split-KV attention with mma.sync, combine; sm_80+.
+    DecodeMma,
+    /// The same on CUDA cores (f32 caches); sm_80+ (cp.async).
+    DecodeSimt,
 }
 
 /// One kernel family.
@@ -101,12 +111,57 @@ const NAIVE_DEF: KernelDef = KernelDef {
     sass_needs: &[],
 };
 
+/// The decode families' entry points, in this order: the split kernel(s) come last
+/// (`decode_tiles::tile_rows` picks among them).
+const DECODE_MMA_DEF: KernelDef = KernelDef {
+    name: "decode_mma",
+    pass: Pass::Decode,
+    sources: &[
+        PARAMS, DTYPE, MASK, SCORE_MOD, PTX, DECODE_H, APPEND, COMBINE, DECODE_MMA,
+    ],
+    entry_points: &[
+        "fa_decode_append",
+        "fa_decode_combine",
+        "fa_decode_mma_w1",
+        "fa_decode_mma_w4",
+    ],
+    min_sm: 80,
+    only_arch: None,
+    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS"],
+};
+
+const DECODE_SIMT_DEF: KernelDef = KernelDef {
+    name: "decode_simt",
+    pass: Pass::Decode,
+    sources: &[
+        PARAMS,
+        DTYPE,
+        MASK,
+        SCORE_MOD,
+        PTX,
+        DECODE_H,
+        APPEND,
+        COMBINE,
+        DECODE_SIMT,
+    ],
+    entry_points: &["fa_decode_append", "fa_decode_combine", "fa_decode_simt"],
+    min_sm: 80,
+    only_arch: None,
+    sass_needs: &["LDGSTS"],
+};
+
+/// Entry points every decode family has: the append and the combine kernels.
+pub const DECODE_APPEND_ENTRY: usize = 0;
+pub const DECODE_COMBINE_ENTRY: usize = 1;
+
 impl KernelKind {
-    pub const ALL: [KernelKind; 4] = [
+    pub const ALL: [KernelKind; 6] = [
         KernelKind::Hopper,
         KernelKind::Mma,
         KernelKind::Generic,
         KernelKind::Naive,
+        KernelKind::DecodeMma,
+        KernelKind::DecodeSimt,
     ];
 
     pub fn def(self) -> &'static KernelDef {
@@ -115,6 +170,8 @@ impl KernelKind {
             KernelKind::Mma => &MMA_DEF,
             KernelKind::Generic => &GENERIC_DEF,
             KernelKind::Naive => &NAIVE_DEF,
+            KernelKind::DecodeMma => &DECODE_MMA_DEF,
+            KernelKind::DecodeSimt => &DECODE_SIMT_DEF,
         }
     }
 
@@ -132,6 +189,7 @@ pub enum Tiles {
     Hopper(HopperTiles),
     Mma(MmaTiles),
     Generic(GenericTiles),
+    Decode(DecodeTiles),
     None,
 }
 
@@ -176,6 +234,16 @@ impl Variant {
             tiles: Tiles::Generic(GENERIC_TILES),
         }
     }
+    /// A decode family (`DecodeMma` or `DecodeSimt`) for bucket `head_dim`.
+    pub fn decode(kind: KernelKind, dtype: DType, head_dim: usize, tiles: DecodeTiles) -> Self {
+        Variant {
+            kind,
+            dtype,
+            head_dim,
+            score_mod: false,
+            tiles: Tiles::Decode(tiles),
+        }
+    }
     pub fn naive(dtype: DType) -> Self {
         Variant {
             kind: KernelKind::Naive,
@@ -209,17 +277,21 @@ impl Variant {
                 "{base}_d{}_{}x{}w{}",
                 self.head_dim, t.block_m, t.block_n, t.warps
             ),
+            Tiles::Decode(t) => format!("{base}_d{}_{}x{}", self.head_dim, t.block_n, t.stages),
             Tiles::Generic(_) | Tiles::None => base,
         }
     }
 
     /// The full source NVRTC compiles: the family's files, then the generated checks of
-    /// `Params` against `KernelParams`.
+    /// `DecodeParams` (decode families) and `Params` against the Rust structs.
     pub fn source(&self) -> String {
         let mut s = String::new();
         for (_, text) in self.kind.def().sources {
             s.push_str(text);
             s.push('\n');
+        }
+        if self.kind.def().pass == Pass::Decode {
+            s.push_str(&DecodeParams::cuda_layout_checks());
         }
         s.push_str(&KernelParams::cuda_layout_checks());
         s
@@ -261,6 +333,12 @@ impl Variant {
                 ("BLOCK_M", t.block_m()),
                 ("BLOCK_N", t.block_n),
                 ("MAX_HEAD_DIM", MAX_HEAD_DIM),
+            ]),
+            Tiles::Decode(t) => d.extend([
+                ("HEAD_DIM", self.head_dim),
+                ("BLOCK_N", t.block_n),
+                ("STAGES", t.stages),
+                ("NUM_WARPS", DECODE_WARPS),
             ]),
             Tiles::None => {}
         }
@@ -308,6 +386,21 @@ pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
     }
     for dtype in [DType::F32, DType::F16, DType::Bf16] {
         v.push(Variant::naive(dtype));
+    }
+    // Decode: mma.sync for f16 / bf16, CUDA cores for f32 at every bucket; the CUDA-core
+    // kernel on f16 / bf16 (only when forced, for A/B runs) at d128 only, to keep CI short.
+    for (kind, dtype, dims) in [
+        (KernelKind::DecodeMma, DType::Bf16, &DECODE_HEAD_DIMS[..]),
+        (KernelKind::DecodeMma, DType::F16, &DECODE_HEAD_DIMS[..]),
+        (KernelKind::DecodeSimt, DType::F32, &DECODE_HEAD_DIMS[..]),
+        (KernelKind::DecodeSimt, DType::Bf16, &[128][..]),
+        (KernelKind::DecodeSimt, DType::F16, &[128][..]),
+    ] {
+        for &d in dims {
+            if let Ok(t) = decode_tiles(kind, dtype, d, smem) {
+                v.push(Variant::decode(kind, dtype, d, t));
+            }
+        }
     }
     v.retain(|x| x.builds_for(arch));
     v
@@ -404,6 +497,28 @@ mod tests {
     }
 
     #[test]
+    fn decode_variants_name_their_tiles_and_check_their_params() {
+        let t = decode_tiles(KernelKind::DecodeMma, DType::Bf16, 128, 166_912).unwrap();
+        let v = Variant::decode(KernelKind::DecodeMma, DType::Bf16, 128, t);
+        assert_eq!(v.name(), "decode_mma_bf16_d128_64x3");
+        assert_eq!(
+            v.defines(),
+            [
+                "-DFA_DTYPE=2",
+                "-DHEAD_DIM=128",
+                "-DBLOCK_N=64",
+                "-DSTAGES=3",
+                "-DNUM_WARPS=4"
+            ]
+        );
+        let src = v.source();
+        assert!(src.contains(&DecodeParams::cuda_layout_checks()));
+        assert_eq!(v.entry_points()[DECODE_APPEND_ENTRY], "fa_decode_append");
+        assert_eq!(v.entry_points()[DECODE_COMBINE_ENTRY], "fa_decode_combine");
+        assert_eq!(KernelKind::DecodeSimt.def().pass, Pass::Decode);
+    }
+
+    #[test]
     fn tuned_hopper_tiles_change_name_and_defines() {
         let v = Variant::hopper(
             DType::Bf16,
@@ -442,6 +557,15 @@ mod tests {
             assert_eq!(count(arch, KernelKind::Mma), 16, "{arch}");
             assert_eq!(count(arch, KernelKind::Generic), 3, "{arch}");
         }
+        for arch in CI_ARCHS {
+            assert_eq!(count(arch, KernelKind::DecodeMma), 6, "{arch}");
+            assert_eq!(count(arch, KernelKind::DecodeSimt), 5, "{arch}");
+        }
+        assert_eq!(
+            count("sm_75", KernelKind::DecodeMma),
+            0,
+            "cp.async needs sm_80"
+        );
         assert_eq!(count("sm_80", KernelKind::Hopper), 0);
         assert_eq!(count("sm_75", KernelKind::Mma), 0);
         assert_eq!(count("sm_75", KernelKind::Generic), 3);

@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::emu::{check_compiler, emulator_source, run_dir, run_with_limit, Drivers};
 use common::{check_nan, mma_cases, named, nan_spec, run};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
@@ -20,58 +21,27 @@ use flashattn_core::{
 use flashattn_cuda::{
     flash_launch, select_generic, select_mma, smem_optin_of_arch, KernelKind, Variant,
 };
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
 
-const EMU_H: &str = include_str!("emulator/emu.h");
 const DRIVER: &str = include_str!("emulator/driver.cpp");
-/// Headers the emulator replaces (their inline PTX runs as C++ in emu.h).
-const REPLACED: [&str; 2] = ["ptx.cuh", "dtype.cuh"];
-
-fn cxx() -> String {
-    std::env::var("CXX").unwrap_or_else(|_| "c++".to_string())
-}
-
-/// A fresh folder for one emulator (tests run in parallel threads).
-fn work_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "flashattn-emulate-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
 
 /// The CUDA backend's kernels on the emulator, as a `Backend` (forward only).
 struct Emulated {
     arch: &'static str,
     kind: KernelKind,
-    dir: PathBuf,
-    /// Compiled driver (or the compiler's complaint) per variant name.
-    drivers: Mutex<HashMap<String, std::result::Result<PathBuf, String>>>,
+    drivers: Drivers,
 }
 
 impl Emulated {
     /// The emulator for `kind` kernels as an `arch` GPU would choose them, if a C++ compiler works.
     fn new(arch: &'static str, kind: KernelKind) -> Result<Emulated> {
-        let probe = Command::new(cxx()).arg("--version").output();
-        if !probe.is_ok_and(|o| o.status.success()) {
-            return Err(Error::Unavailable {
-                backend: "cuda-emulate",
-                reason: format!("no C++ compiler ({}; set CXX)", cxx()),
-            });
-        }
+        check_compiler()?;
         Ok(Emulated {
             arch,
             kind,
-            dir: work_dir(),
-            drivers: Mutex::new(HashMap::new()),
+            drivers: Drivers::new(),
         })
     }
 
@@ -86,87 +56,19 @@ impl Emulated {
         v.map_err(|e| Error::unsupported("cuda-emulate", e))
     }
 
-    /// The driver binary of `variant`: emu.h, the kernel's sources (the PTX headers replaced,
-    /// params.cuh's fixed-width typedefs dropped for <cstdint>'s), the driver's main.
+    /// The driver binary of `variant`: the emulator's source of its kernel, the driver's main.
     fn driver(&self, variant: &Variant) -> Result<PathBuf> {
-        let name = variant.name();
-        let mut drivers = self.drivers.lock().unwrap();
-        let built = drivers
-            .entry(name.clone())
-            .or_insert_with(|| self.compile_driver(variant));
-        built
-            .clone()
-            .map_err(|e| Error::backend("cuda-emulate", format!("{name}: {e}")))
-    }
-
-    fn compile_driver(&self, variant: &Variant) -> std::result::Result<PathBuf, String> {
-        let name = variant.name();
-        let mut src = String::from(EMU_H);
-        for (file, text) in variant.kind.def().sources {
-            if REPLACED.contains(file) {
-                continue;
-            }
-            let text: String = text
-                .lines()
-                .filter(|l| !(l.starts_with("typedef unsigned") && l.contains("int")))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            src.push_str(&text);
-        }
-        src.push_str(DRIVER);
-        let cpp = self.dir.join(format!("{name}.cpp"));
-        let bin = self.dir.join(&name);
-        std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
         let smem_t = if variant.kind == KernelKind::Generic {
             "float"
         } else {
             "uint8_t"
         };
-        let out = Command::new(cxx())
-            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
-            .arg(&bin)
-            .arg(&cpp)
-            .args(variant.defines())
-            .arg(format!("-DEMU_KERNEL={}", variant.entry_points()[0]))
-            .arg(format!("-DEMU_SMEM_T={smem_t}"))
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "does not compile as C++:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(bin)
-    }
-}
-
-/// Runs `bin` on `dir`, killed after `limit` (a deadlocked emulation must fail, not hang).
-fn run_with_limit(bin: &Path, dir: &Path, limit: Duration) -> std::result::Result<(), String> {
-    let mut child = Command::new(bin)
-        .arg(dir)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            if status.success() {
-                return Ok(());
-            }
-            let mut err = String::new();
-            if let Some(mut s) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut s, &mut err);
-            }
-            return Err(format!("emulated kernel failed ({status}): {err}"));
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            return Err(format!(
-                "emulated kernel still running after {limit:?} (deadlock?)"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+        let extra = [
+            format!("-DEMU_KERNEL={}", variant.entry_points()[0]),
+            format!("-DEMU_SMEM_T={smem_t}"),
+        ];
+        self.drivers
+            .get(variant, emulator_source(variant) + DRIVER, &extra)
     }
 }
 
@@ -196,7 +98,7 @@ impl Backend for Emulated {
         let bin = self.driver(&variant)?;
         let (params, launch) = flash_launch(&checked, &variant, 1)?;
         let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
-        let dir = tempdir_in(&self.dir);
+        let dir = run_dir(&self.drivers.dir);
         std::fs::create_dir_all(&dir).map_err(io)?;
         let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(io);
         write("params.bin", bytemuck::bytes_of(&params))?;
@@ -251,11 +153,6 @@ impl Backend for Emulated {
             "no timings in emulation",
         ))
     }
-}
-
-fn tempdir_in(dir: &Path) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    dir.join(format!("run{}", N.fetch_add(1, Ordering::Relaxed)))
 }
 
 fn emulated(arch: &'static str, kind: KernelKind) -> Option<Emulated> {

@@ -14,7 +14,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <memory>
+#include <string>
 #include <ucontext.h>
 #include <vector>
 
@@ -171,8 +173,7 @@ inline float load_elem(const elem_t* p, uint64_t i) { return to_f32(p[i]); }
 inline void store_elem(elem_t* p, uint64_t i, float x) { p[i] = FA_DTYPE == 1 ? f32_to_f16(x) : f32_to_bf16(x); }
 #endif
 
-// ---- ptx.cuh (the 16-bit kernels only) ----------------------------------------------------
-#if FA_DTYPE != 0
+// ---- ptx.cuh ------------------------------------------------------------------------------
 inline uint32_t smem_addr(const void* p) { return (uint32_t)((const uint8_t*)p - (const uint8_t*)smem); }
 
 inline const uint8_t* emu_smem(uint32_t addr, uint32_t bytes, uint32_t align) {
@@ -203,6 +204,7 @@ inline void cp_async_wait() {
     }
 }
 
+#if FA_DTYPE != 0  // ldmatrix and mma.sync: the 16-bit kernels only
 // Lane l receives, of matrix i (rows at the addresses of lanes 8i..8i+7), row l/4, columns
 // 2(l%4) and +1; transposed: rows 2(l%4) and +1, column l/4.
 inline void emu_ldmatrix(uint32_t (&r)[4], uint32_t addr, bool trans) {
@@ -255,3 +257,70 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 #endif
+
+// ---- running a CTA ------------------------------------------------------------------------
+inline void (*emu_body)();
+
+// A fiber's body: the kernel, then it leaves the barriers it no longer takes part in.
+inline void emu_entry() {
+    emu_body();
+    emu_leave(emu_cta_bar);
+    emu_leave(emu_cur->warp->bar);
+    emu_cur->done = true;
+}
+
+// Runs one CTA of `threads` threads, each running `body`: every fiber in turn until it blocks
+// at a barrier or finishes; a round in which no fiber can move while some are unfinished is a
+// deadlock.
+inline void emu_run_cta(void (*body)(), unsigned threads) {
+    std::memset(smem, 0xcd, sizeof(smem));  // garbage, as a real CTA finds it
+    emu_body = body;
+    std::vector<EmuWarp> warps(threads / 32);
+    for (EmuWarp& w : warps) w.bar.expected = 32;
+    emu_cta_bar = EmuBarrier{threads, 0, 0};
+    const size_t stack_bytes = 256 * 1024;
+    std::vector<EmuThread> ts(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+        EmuThread& th = ts[t];
+        th.tid = {t, 0, 0};
+        th.lane = (int)(t % 32);
+        th.warp = &warps[t / 32];
+        th.stack.reset(new char[stack_bytes]);
+        getcontext(&th.ctx);
+        th.ctx.uc_stack.ss_sp = th.stack.get();
+        th.ctx.uc_stack.ss_size = stack_bytes;
+        th.ctx.uc_link = &emu_sched;
+        makecontext(&th.ctx, emu_entry, 0);
+    }
+    for (;;) {
+        bool moved = false, all_done = true;
+        for (EmuThread& th : ts) {
+            if (th.done) continue;
+            all_done = false;
+            if (th.wait_gen && *th.wait_gen == th.wait_for) continue;
+            th.wait_gen = nullptr;
+            emu_cur = &th;
+            moved = true;
+            swapcontext(&emu_sched, &th.ctx);
+        }
+        emu_cur = nullptr;
+        if (all_done) return;
+        if (!moved) emu_fail("deadlock: every unfinished thread waits at a barrier", threads, 0);
+    }
+}
+
+// ---- the drivers' files -------------------------------------------------------------------
+inline std::vector<char> emu_read(const std::string& path, bool required) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+        if (required) emu_fail(("cannot read " + path).c_str(), 0, 0);
+        return {};
+    }
+    return std::vector<char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+inline void emu_write(const std::string& path, const void* data, size_t n) {
+    std::ofstream f(path, std::ios::binary);
+    f.write((const char*)data, (std::streamsize)n);
+    if (!f) emu_fail(("cannot write " + path).c_str(), 0, 0);
+}

@@ -1,0 +1,95 @@
+//! `Backend::bench` for decode steps (`Pass::Decode`): random caches, q and new rows are
+//! uploaded once; each timed run is one whole step (append, split, combine) on the resident
+//! caches. The spec is fixed, so every run writes the same rows (the cache never overflows).
+//! `Algorithm::Copy` times a device-to-device copy of as many bytes of K and of V as the step
+//! reads (`decode_bytes`), on the same device and stream: the memory-bandwidth limit beside it.
+
+use crate::compile::BACKEND;
+use crate::decode::{DecodePointers, Workspace};
+use crate::device::{drv_err, DevBuf};
+use crate::CudaBackend;
+use cudarc::driver::result as drv;
+use flashattn_core::{
+    decode_bytes, random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Result,
+};
+
+impl CudaBackend {
+    pub(crate) fn bench_decode(
+        &self,
+        spec: &AttentionSpec,
+        algo: Algorithm,
+        plan: &BenchPlan,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        plan.runs()?;
+        let c = spec.validate()?;
+        if algo == Algorithm::Naive {
+            return Err(Error::unsupported(
+                BACKEND,
+                "decode has no naive peer; compare with --algo copy (the bandwidth limit)",
+            ));
+        }
+        let dplan = self.plan_decode(&c)?;
+        let (q, kc, vc) = random_inputs(spec, plan.seed);
+        // New rows [batch, new, heads_kv, d / dv]: the k and v of a problem of that shape.
+        let new = spec.kv_cache.as_ref().map_or(0, |k| k.seqlen_new);
+        let rows = AttentionSpec::new(spec.batch, spec.heads_kv, new, new, spec.head_dim)
+            .head_dim_v(spec.head_dim_v)
+            .dtype(spec.dtype);
+        let (_, k_new, v_new) = random_inputs(&rows, plan.seed ^ 0xdec0de);
+        let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.gpu.bind()?;
+        let up = |t: &flashattn_core::Tensor| DevBuf::from_bytes(t.as_ref().as_bytes());
+        let (qb, kb, vb, knb, vnb) = (up(&q)?, up(&kc)?, up(&vc)?, up(&k_new)?, up(&v_new)?);
+        let out = DevBuf::zeroed(c.sizes.out * spec.dtype.output().size_bytes())?;
+        let lse = DevBuf::zeroed(if spec.return_lse { c.sizes.lse * 4 } else { 0 })?;
+        let has_new = c.sizes.k_new > 0;
+        let mut ws = Workspace::default();
+        let ptrs = ws.prepare(
+            &dplan,
+            DecodePointers {
+                q: qb.ptr,
+                k_cache: kb.ptr,
+                v_cache: vb.ptr,
+                k_new: if has_new { knb.ptr } else { 0 },
+                v_new: if has_new { vnb.ptr } else { 0 },
+                out: out.ptr,
+                lse: if spec.return_lse { lse.ptr } else { 0 },
+                ..Default::default()
+            },
+        )?;
+        let (times_ms, extra) = match algo {
+            Algorithm::Copy => {
+                // K's share of the bytes the step reads, then V's, each from its cache.
+                let total = decode_bytes(spec) as usize;
+                let k_bytes = total / (spec.head_dim + spec.head_dim_v) * spec.head_dim;
+                let (k_bytes, v_bytes) = (k_bytes.min(kb.bytes), (total - k_bytes).min(vb.bytes));
+                let dst = DevBuf::alloc(k_bytes + v_bytes)?;
+                let run = |_: &Self| {
+                    // SAFETY: both ranges lie inside their buffers; the default stream orders them.
+                    unsafe {
+                        drv::memcpy_dtod_async(dst.ptr, kb.ptr, k_bytes, std::ptr::null_mut())
+                            .and_then(|_| {
+                                drv::memcpy_dtod_async(
+                                    dst.ptr + k_bytes as u64,
+                                    vb.ptr,
+                                    v_bytes,
+                                    std::ptr::null_mut(),
+                                )
+                            })
+                    }
+                    .map_err(drv_err("cuMemcpyDtoDAsync"))
+                };
+                (self.time_runs(plan, &run, progress)?, dst.bytes as u64)
+            }
+            _ => {
+                let run = |this: &Self| this.launch_decode(&dplan, &ptrs, true);
+                (self.time_runs(plan, &run, progress)?, ws.bytes())
+            }
+        };
+        Ok(BenchMeasure {
+            times_ms,
+            extra_bytes: Some(extra),
+        })
+    }
+}
