@@ -23,6 +23,7 @@ mod compile;
 mod decode;
 mod device;
 mod forward;
+mod fp8;
 mod loader;
 mod naive;
 mod params;

@@ -53,7 +53,7 @@ kernel_params! {
     }
 }
 
-fn to_i32(field: &'static str, v: usize) -> Result<i32> {
+pub(crate) fn to_i32(field: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         Error::unsupported(
             BACKEND,

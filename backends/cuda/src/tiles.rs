@@ -51,6 +51,38 @@ pub fn hopper_tiles(head_dim: usize) -> Option<HopperTiles> {
     }
 }
 
+/// Head dimensions of the FP8 e4m3 Hopper kernel: rows of 128 or 256 bytes, whole 128-byte
+/// swizzle spans (head_dim 64, 64-byte rows, is not built yet).
+pub const FP8_HEAD_DIMS: [usize; 2] = [128, 256];
+
+/// Keys per block of the FP8 kernel: whole 128-key Vt boxes (kernels/fp8_vt.cu). Each divides
+/// `fp8::KEY_PAD`, so a block never reads past its sequence's zero-padded Vt columns.
+pub const FP8_BLOCK_N_CHOICES: [usize; 2] = [128, 256];
+
+/// The FP8 e4m3 tiles for `head_dim` (compile-checked only; not yet measured on a GPU):
+/// - 128: 128 x 128, 2 stages: O (64 regs) + S (64) + P (16); 80 KiB of shared memory.
+/// - 256: 128 x 128, 2 stages (FA3's FP8 choice): O (128) + S (64) + P (16); Q 32 KiB +
+///   2 stages x (K + Vt) 64 KiB = 160 KiB.
+pub fn hopper_fp8_tiles(head_dim: usize) -> Option<HopperTiles> {
+    FP8_HEAD_DIMS.contains(&head_dim).then_some(HopperTiles {
+        block_m: 128,
+        block_n: 128,
+        stages: 2,
+    })
+}
+
+/// [`check_tiles`] for the FP8 kernel: keys per block from [`FP8_BLOCK_N_CHOICES`].
+pub fn check_fp8_tiles(
+    head_dim: usize,
+    block_n: Option<usize>,
+    stages: Option<usize>,
+) -> Result<HopperTiles, String> {
+    let t = hopper_fp8_tiles(head_dim).ok_or_else(|| {
+        format!("no FP8 Hopper kernel for head_dim {head_dim} (built for {FP8_HEAD_DIMS:?})")
+    })?;
+    t.with_overrides(&FP8_BLOCK_N_CHOICES, block_n, stages, head_dim, 1)
+}
+
 /// Keys-per-block values the kernel can be built with: wgmma N sizes generated in
 /// kernels/wgmma.cuh that are multiples of 16 (P V steps over keys 16 at a time).
 pub const HOPPER_BLOCK_N_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
@@ -63,41 +95,56 @@ pub fn check_tiles(
     block_n: Option<usize>,
     stages: Option<usize>,
 ) -> Result<HopperTiles, String> {
-    let mut t = hopper_tiles(head_dim)
+    let t = hopper_tiles(head_dim)
         .ok_or_else(|| format!("no Hopper kernel for head_dim {head_dim}"))?;
-    if let Some(n) = block_n {
-        if !HOPPER_BLOCK_N_CHOICES.contains(&n) {
-            return Err(format!(
-                "block_n {n} is not one of {HOPPER_BLOCK_N_CHOICES:?}"
-            ));
-        }
-        t.block_n = n;
-    }
-    if let Some(s) = stages {
-        if !(2..=4).contains(&s) {
-            return Err(format!("stages {s} is not in 2..=4"));
-        }
-        t.stages = s;
-    }
-    if t.smem_bytes(head_dim) > HOPPER_SMEM_LIMIT {
-        return Err(format!(
-            "block_n {} with {} stages needs {} bytes of shared memory",
-            t.block_n,
-            t.stages,
-            t.smem_bytes(head_dim)
-        ));
-    }
-    Ok(t)
+    t.with_overrides(&HOPPER_BLOCK_N_CHOICES, block_n, stages, head_dim, 2)
 }
 
 impl HopperTiles {
-    /// Dynamic shared memory: Q, the K and V rings, 1 KiB for aligning to the swizzle
-    /// period, and the mbarriers.
+    /// Dynamic shared memory with 16-bit elements: see [`HopperTiles::smem_bytes_with`].
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
-        let q = self.block_m * head_dim * 2;
-        let kv = 2 * self.stages * self.block_n * head_dim * 2;
+        self.smem_bytes_with(head_dim, 2)
+    }
+
+    /// Dynamic shared memory with elements of `elem_bytes`: Q, the K and V rings, 1 KiB for
+    /// aligning to the swizzle period, and the mbarriers.
+    pub fn smem_bytes_with(&self, head_dim: usize, elem_bytes: usize) -> usize {
+        let q = self.block_m * head_dim * elem_bytes;
+        let kv = 2 * self.stages * self.block_n * head_dim * elem_bytes;
         let barriers = 8 * (2 + 4 * self.stages);
         q + kv + 1024 + barriers
+    }
+
+    /// Sets the keys per block (one of `choices`) and the ring depth (2 to 4); `None` keeps
+    /// the value. Checks that the tiles fit in shared memory.
+    fn with_overrides(
+        mut self,
+        choices: &[usize],
+        block_n: Option<usize>,
+        stages: Option<usize>,
+        head_dim: usize,
+        elem_bytes: usize,
+    ) -> Result<HopperTiles, String> {
+        if let Some(n) = block_n {
+            if !choices.contains(&n) {
+                return Err(format!("block_n {n} is not one of {choices:?}"));
+            }
+            self.block_n = n;
+        }
+        if let Some(s) = stages {
+            if !(2..=4).contains(&s) {
+                return Err(format!("stages {s} is not in 2..=4"));
+            }
+            self.stages = s;
+        }
+        let smem = self.smem_bytes_with(head_dim, elem_bytes);
+        if smem > HOPPER_SMEM_LIMIT {
+            return Err(format!(
+                "block_n {} with {} stages needs {smem} bytes of shared memory",
+                self.block_n, self.stages,
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -335,6 +382,17 @@ impl HopperTiles {
         total_tiles: usize,
         sm_count: usize,
     ) -> Result<Launch, String> {
+        self.launch_with(head_dim, 2, total_tiles, sm_count)
+    }
+
+    /// [`HopperTiles::launch`] with elements of `elem_bytes` (1: FP8).
+    pub fn launch_with(
+        &self,
+        head_dim: usize,
+        elem_bytes: usize,
+        total_tiles: usize,
+        sm_count: usize,
+    ) -> Result<Launch, String> {
         Ok(Launch {
             grid: (
                 grid_x(persistent_grid(total_tiles, sm_count), "CTAs")?,
@@ -342,7 +400,7 @@ impl HopperTiles {
                 1,
             ),
             block: HOPPER_THREADS,
-            smem: self.smem_bytes(head_dim),
+            smem: self.smem_bytes_with(head_dim, elem_bytes),
         })
     }
 }

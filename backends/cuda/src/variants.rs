@@ -5,10 +5,10 @@
 //! compile and SASS tests iterate over [`variants_for_arch`].
 
 use crate::params::KernelParams;
-use crate::tensor_map::BOX_COLS;
+use crate::tensor_map::{BOX_COLS, FP8_BOX_COLS};
 use crate::tiles::{
-    hopper_tiles, mma_tiles, smem_optin_of_arch, GenericTiles, HopperTiles, MmaTiles,
-    GENERIC_TILES, HOPPER_HEAD_DIMS, HOPPER_THREADS, MMA_HEAD_DIMS,
+    hopper_fp8_tiles, hopper_tiles, mma_tiles, smem_optin_of_arch, GenericTiles, HopperTiles,
+    MmaTiles, FP8_HEAD_DIMS, GENERIC_TILES, HOPPER_HEAD_DIMS, HOPPER_THREADS, MMA_HEAD_DIMS,
 };
 use flashattn_core::{DType, Pass, MAX_HEAD_DIM};
 
@@ -21,6 +21,7 @@ const PTX: (&str, &str) = ("ptx.cuh", include_str!("../kernels/ptx.cuh"));
 const PTX_HOPPER: (&str, &str) = ("ptx_hopper.cuh", include_str!("../kernels/ptx_hopper.cuh"));
 const WGMMA: (&str, &str) = ("wgmma.cuh", include_str!("../kernels/wgmma.cuh"));
 const HOPPER: (&str, &str) = ("hopper_fwd.cu", include_str!("../kernels/hopper_fwd.cu"));
+const FP8_VT: (&str, &str) = ("fp8_vt.cu", include_str!("../kernels/fp8_vt.cu"));
 const MMA: (&str, &str) = ("mma_fwd.cu", include_str!("../kernels/mma_fwd.cu"));
 const GENERIC: (&str, &str) = ("generic_fwd.cu", include_str!("../kernels/generic_fwd.cu"));
 const NAIVE: (&str, &str) = ("naive.cu", include_str!("../kernels/naive.cu"));
@@ -33,6 +34,8 @@ pub const CI_ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90a"];
 pub enum KernelKind {
     /// FlashAttention-3-style TMA + wgmma kernel; sm_90a only.
     Hopper,
+    /// The same kernel for FP8 e4m3 (QGMMA), after a pass that transposes V; sm_90a only.
+    HopperFp8,
     /// FlashAttention-2-style mma.sync + ldmatrix + cp.async kernel; sm_80 and later.
     Mma,
     /// Portable flash kernel on CUDA cores; any sm_70+ GPU, any shape, f32.
@@ -71,6 +74,19 @@ const HOPPER_DEF: KernelDef = KernelDef {
     sass_needs: &["HGMMA", "UTMALDG"],
 };
 
+const HOPPER_FP8_DEF: KernelDef = KernelDef {
+    name: "hopper_fp8",
+    pass: Pass::Forward,
+    sources: &[
+        PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, PTX_HOPPER, WGMMA, FP8_VT, HOPPER,
+    ],
+    entry_points: &["fa_hopper_fwd", "fa_fp8_transpose_v"],
+    min_sm: 90,
+    only_arch: Some("sm_90a"),
+    // F2FP...E4M3: P converted to e4m3 in registers.
+    sass_needs: &["QGMMA", "UTMALDG", "F2FP.SATFINITE.E4M3.F32"],
+};
+
 const MMA_DEF: KernelDef = KernelDef {
     name: "mma",
     pass: Pass::Forward,
@@ -102,8 +118,9 @@ const NAIVE_DEF: KernelDef = KernelDef {
 };
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 4] = [
+    pub const ALL: [KernelKind; 5] = [
         KernelKind::Hopper,
+        KernelKind::HopperFp8,
         KernelKind::Mma,
         KernelKind::Generic,
         KernelKind::Naive,
@@ -112,6 +129,7 @@ impl KernelKind {
     pub fn def(self) -> &'static KernelDef {
         match self {
             KernelKind::Hopper => &HOPPER_DEF,
+            KernelKind::HopperFp8 => &HOPPER_FP8_DEF,
             KernelKind::Mma => &MMA_DEF,
             KernelKind::Generic => &GENERIC_DEF,
             KernelKind::Naive => &NAIVE_DEF,
@@ -149,9 +167,14 @@ pub struct Variant {
 }
 
 impl Variant {
+    /// The Hopper kernel; FP8 e4m3 selects its FP8 build ([`KernelKind::HopperFp8`]).
     pub fn hopper(dtype: DType, head_dim: usize, score_mod: bool, tiles: HopperTiles) -> Self {
         Variant {
-            kind: KernelKind::Hopper,
+            kind: if dtype == DType::Fp8E4m3 {
+                KernelKind::HopperFp8
+            } else {
+                KernelKind::Hopper
+            },
             dtype,
             head_dim,
             score_mod,
@@ -192,7 +215,10 @@ impl Variant {
         let base = format!("{}_{}", self.kind.def().name, self.dtype.name());
         match self.tiles {
             Tiles::Hopper(t) => {
-                let default = hopper_tiles(self.head_dim);
+                let default = match self.kind {
+                    KernelKind::HopperFp8 => hopper_fp8_tiles(self.head_dim),
+                    _ => hopper_tiles(self.head_dim),
+                };
                 let mut n = format!("{base}_d{}", self.head_dim);
                 if self.score_mod {
                     n.push_str("_mod");
@@ -247,7 +273,7 @@ impl Variant {
                 ("STAGES", t.stages),
                 ("SCORE_MOD", self.score_mod as usize),
                 ("NUM_THREADS", HOPPER_THREADS as usize),
-                ("COL_BLOCK", BOX_COLS as usize),
+                ("COL_BLOCK", self.col_block()),
             ]),
             Tiles::Mma(t) => d.extend([
                 ("HEAD_DIM", self.head_dim),
@@ -265,6 +291,14 @@ impl Variant {
             Tiles::None => {}
         }
         d.into_iter().map(|(k, v)| format!("-D{k}={v}")).collect()
+    }
+
+    /// Elements per 128-byte shared-memory row of the Hopper kernels (the TMA box width).
+    fn col_block(&self) -> usize {
+        match self.dtype {
+            DType::Fp8E4m3 => FP8_BOX_COLS as usize,
+            _ => BOX_COLS as usize,
+        }
     }
 
     /// Whether this variant can be built for `arch` (e.g. `sm_90a`).
@@ -292,6 +326,13 @@ pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
                 if let Some(t) = hopper_tiles(d) {
                     v.push(Variant::hopper(dtype, d, score_mod, t));
                 }
+            }
+        }
+    }
+    for d in FP8_HEAD_DIMS {
+        for score_mod in [false, true] {
+            if let Some(t) = hopper_fp8_tiles(d) {
+                v.push(Variant::hopper(DType::Fp8E4m3, d, score_mod, t));
             }
         }
     }

@@ -1,0 +1,187 @@
+//! FP8 e4m3 on Hopper: the side tables of one call (descales, the transposed V's layout) and
+//! the pass that transposes V (kernels/fp8_vt.cu) before the attention kernel runs.
+//!
+//! wgmma reads 8-bit B operands K-major only, so O += P V needs V as `[heads_kv, head_dim,
+//! keys]`. The transpose runs once per call into a scratch buffer as large as V (plus padding);
+//! the attention kernel then loads it with TMA exactly like K. Each sequence's keys start at a
+//! multiple of [`KEY_PAD`] and are zero-filled up to it, so a key block never reads another
+//! sequence's values (a NaN there would otherwise reach rows that do not see it, as 0 x NaN).
+
+use crate::device::DevBuf;
+use crate::tiles::{grid_x, grid_yz, num_blocks, Launch, FP8_BLOCK_N_CHOICES};
+use flashattn_core::{CheckedSpec, Result};
+
+/// Vt columns of each sequence are a multiple of this (every FP8 `block_n` divides it).
+pub const KEY_PAD: usize = 256;
+const _: () = assert!(
+    KEY_PAD.is_multiple_of(FP8_BLOCK_N_CHOICES[0])
+        && KEY_PAD.is_multiple_of(FP8_BLOCK_N_CHOICES[1])
+);
+
+/// Keys per block of the transpose pass (one group of P's register order).
+const VT_KEYS: usize = 32;
+/// Threads per block of the transpose pass (`VT_THREADS` in fp8_vt.cu).
+const VT_THREADS: u32 = 256;
+
+/// The FP8 kernels' second argument; `struct Fp8Args` in kernels/fp8_vt.cu (five pointers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Fp8Args {
+    pub descale_q: u64,
+    pub descale_k: u64,
+    pub descale_v: u64,
+    pub vt_start: u64,
+    pub vt: u64,
+}
+
+/// What the host computes for one call: descales and where each sequence's Vt columns start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fp8Tables {
+    /// q, k, v descales, each `[batch, heads_kv]` (1 where the spec gives none).
+    pub descales: [Vec<f32>; 3],
+    /// `[batch + 1]`: the first Vt column of each sequence; the last is the row length.
+    pub vt_start: Vec<i32>,
+}
+
+impl Fp8Tables {
+    /// The tables of a checked FP8 spec.
+    pub fn new(spec: &CheckedSpec<'_>) -> Result<Fp8Tables> {
+        let n = spec.batch * spec.heads_kv;
+        let descales = match &spec.fp8_descale {
+            Some(d) => [d.q.clone(), d.k.clone(), d.v.clone()],
+            None => [vec![1.0; n], vec![1.0; n], vec![1.0; n]],
+        };
+        let mut vt_start = Vec::with_capacity(spec.batch + 1);
+        let mut col = 0usize;
+        vt_start.push(0);
+        for b in 0..spec.batch {
+            col += spec.seq(b).k_len.div_ceil(KEY_PAD) * KEY_PAD;
+            vt_start.push(col);
+        }
+        // Vt's columns times heads and head_dim are indexed in 64 bits by the kernel, its
+        // columns in 32; the TMA map takes sizes up to 2^32.
+        let vt_start = vt_start
+            .into_iter()
+            .map(|c| crate::params::to_i32("FP8 Vt columns", c))
+            .collect::<Result<Vec<i32>>>()?;
+        Ok(Fp8Tables { descales, vt_start })
+    }
+
+    /// Columns of one Vt row (all sequences, padded).
+    pub fn vt_keys(&self) -> usize {
+        *self.vt_start.last().unwrap_or(&0) as usize
+    }
+
+    /// The transpose pass: one block per (32-key group of the longest padded sequence, KV
+    /// head, sequence); `None` when there are no keys.
+    pub fn transpose_launch(&self, heads_kv: usize) -> Result<Option<Launch>, String> {
+        let longest = self
+            .vt_start
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0);
+        if longest == 0 {
+            return Ok(None);
+        }
+        let batch = self.vt_start.len() - 1;
+        Ok(Some(Launch {
+            grid: (
+                grid_x(num_blocks(longest, VT_KEYS), "Vt key groups")?,
+                grid_yz(heads_kv, "KV heads")?,
+                grid_yz(batch, "sequences")?,
+            ),
+            block: VT_THREADS,
+            smem: 0,
+        }))
+    }
+}
+
+/// Device copies of the tables and the Vt scratch buffer of one call.
+pub(crate) struct Fp8Buffers {
+    pub(crate) tables: Fp8Tables,
+    descales: DevBuf,
+    vt_start: DevBuf,
+    pub(crate) vt: DevBuf,
+}
+
+impl Fp8Buffers {
+    pub(crate) fn new(spec: &CheckedSpec<'_>) -> Result<Fp8Buffers> {
+        let tables = Fp8Tables::new(spec)?;
+        let all: Vec<f32> = tables.descales.concat();
+        let vt_bytes = tables.vt_keys() * spec.heads_kv * spec.head_dim_v;
+        Ok(Fp8Buffers {
+            descales: DevBuf::from_bytes(bytemuck::cast_slice(&all))?,
+            vt_start: DevBuf::from_bytes(bytemuck::cast_slice(&tables.vt_start))?,
+            vt: DevBuf::alloc(vt_bytes)?,
+            tables,
+        })
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.descales.bytes + self.vt_start.bytes + self.vt.bytes
+    }
+
+    pub(crate) fn args(&self) -> Fp8Args {
+        let n = self.tables.descales[0].len() as u64 * 4;
+        Fp8Args {
+            descale_q: self.descales.ptr,
+            descale_k: self.descales.ptr + n,
+            descale_v: self.descales.ptr + 2 * n,
+            vt_start: self.vt_start.ptr,
+            vt: self.vt.ptr,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashattn_core::{AttentionSpec, DType, Fp8Descale};
+
+    fn fp8(spec: AttentionSpec) -> AttentionSpec {
+        spec.dtype(DType::Fp8E4m3)
+    }
+
+    #[test]
+    fn each_sequence_starts_at_a_padded_column() {
+        let spec = fp8(AttentionSpec::new(3, 4, 100, 300, 128).heads_kv(2));
+        let t = Fp8Tables::new(&spec.validate().unwrap()).unwrap();
+        assert_eq!(t.vt_start, [0, 512, 1024, 1536]);
+        assert_eq!(t.vt_keys(), 1536);
+        assert_eq!(grid(&t), (16, 2, 3));
+        assert_eq!(t.descales, [vec![1.0; 6], vec![1.0; 6], vec![1.0; 6]]);
+        // Varlen: an empty sequence takes no columns; 1 key takes a whole pad.
+        let spec = fp8(AttentionSpec::new(1, 2, 10, 300, 256))
+            .varlen(vec![0, 5, 5, 10], vec![0, 1, 1, 258]);
+        let t = Fp8Tables::new(&spec.validate().unwrap()).unwrap();
+        assert_eq!(t.vt_start, [0, 256, 256, 768]);
+        assert_eq!(grid(&t), (16, 2, 3));
+        let spec = fp8(AttentionSpec::new(1, 2, 5, 5, 256)).varlen(vec![0, 5], vec![0, 0]);
+        let t = Fp8Tables::new(&spec.validate().unwrap()).unwrap();
+        assert_eq!(t.transpose_launch(2), Ok(None));
+    }
+
+    fn grid(t: &Fp8Tables) -> (u32, u32, u32) {
+        let l = t.transpose_launch(2).unwrap().unwrap();
+        assert_eq!((l.block, l.smem), (VT_THREADS, 0));
+        l.grid
+    }
+
+    #[test]
+    fn descales_are_the_specs() {
+        let d = Fp8Descale {
+            q: vec![0.5, 2.0],
+            k: vec![0.25, 1.0],
+            v: vec![4.0, 8.0],
+        };
+        let spec = fp8(AttentionSpec::new(2, 2, 8, 8, 128).heads_kv(1)).fp8_descale(d.clone());
+        let t = Fp8Tables::new(&spec.validate().unwrap()).unwrap();
+        assert_eq!(t.descales, [d.q, d.k, d.v]);
+    }
+
+    #[test]
+    fn args_are_five_pointers() {
+        assert_eq!(std::mem::size_of::<Fp8Args>(), 40);
+    }
+}
