@@ -7,8 +7,8 @@ use crate::fp8::Fp8Buffers;
 use crate::params::KernelParams;
 use crate::tensor_map::TensorMapParams;
 use crate::tiles::{
-    check_fp8_tiles, check_tiles, head_major_order, hopper_tiles, mma_head_dim, mma_tiles, Launch,
-    MmaTiles, FP8_HEAD_DIMS, GENERIC_TILES, HOPPER_SMEM_LIMIT,
+    check_tiles, head_major_order, hopper_tiles, mma_head_dim, mma_tiles, Launch, MmaTiles,
+    GENERIC_TILES, HOPPER_SMEM_LIMIT,
 };
 use crate::variants::{KernelKind, Tiles, Variant};
 use crate::CudaBackend;
@@ -232,7 +232,7 @@ pub fn select_hopper(
         ));
     }
     if spec.dtype == DType::Fp8E4m3 {
-        return select_hopper_fp8(spec, info, block_n, stages);
+        return crate::fp8::select(spec, info, block_n, stages);
     }
     if !matches!(spec.dtype, DType::Bf16 | DType::F16) {
         return Err(format!(
@@ -251,33 +251,6 @@ pub fn select_hopper(
     if smem > info.smem_optin.min(HOPPER_SMEM_LIMIT) {
         return Err(format!(
             "the Hopper kernel needs {smem} bytes of shared memory"
-        ));
-    }
-    let score_mod = spec.softcap > 0.0 || spec.alibi.is_some();
-    Ok(Variant::hopper(spec.dtype, spec.head_dim, score_mod, tiles))
-}
-
-/// The FP8 e4m3 build of the Hopper kernel (on sm_90a).
-fn select_hopper_fp8(
-    spec: &CheckedSpec<'_>,
-    info: &DeviceInfo,
-    block_n: Option<usize>,
-    stages: Option<usize>,
-) -> std::result::Result<Variant, String> {
-    if spec.head_dim != spec.head_dim_v || !FP8_HEAD_DIMS.contains(&spec.head_dim) {
-        return Err(format!(
-            "the FP8 Hopper kernel takes head_dim = head_dim_v in {FP8_HEAD_DIMS:?}, not {}/{}",
-            spec.head_dim, spec.head_dim_v
-        ));
-    }
-    if spec.kv_cache.is_some() {
-        return Err("the FP8 Hopper kernel does not read KV caches".to_string());
-    }
-    let tiles = check_fp8_tiles(spec.head_dim, block_n, stages)?;
-    let smem = tiles.smem_bytes_with(spec.head_dim, 1);
-    if smem > info.smem_optin.min(HOPPER_SMEM_LIMIT) {
-        return Err(format!(
-            "the FP8 Hopper kernel needs {smem} bytes of shared memory"
         ));
     }
     let score_mod = spec.softcap > 0.0 || spec.alibi.is_some();
@@ -433,6 +406,10 @@ impl CudaBackend {
         kind: KernelKind,
     ) -> std::result::Result<Variant, String> {
         match kind {
+            KernelKind::HopperFp8 if spec.dtype != DType::Fp8E4m3 => Err(format!(
+                "the hopper_fp8 kernel takes fp8e4m3, not {}",
+                spec.dtype
+            )),
             KernelKind::Hopper | KernelKind::HopperFp8 => self.hopper_variant(spec),
             KernelKind::Mma => self.mma_variant(spec),
             KernelKind::Generic => self.generic_variant(spec),

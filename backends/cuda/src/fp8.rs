@@ -7,8 +7,12 @@
 //! multiple of [`KEY_PAD`] and are zero-filled up to it, so a key block never reads another
 //! sequence's values (a NaN there would otherwise reach rows that do not see it, as 0 x NaN).
 
-use crate::device::DevBuf;
-use crate::tiles::{grid_x, grid_yz, num_blocks, Launch, FP8_BLOCK_N_CHOICES};
+use crate::device::{DevBuf, DeviceInfo};
+use crate::tiles::{
+    check_fp8_tiles, grid_x, grid_yz, num_blocks, Launch, FP8_BLOCK_N_CHOICES, FP8_HEAD_DIMS,
+    HOPPER_SMEM_LIMIT,
+};
+use crate::variants::Variant;
 use flashattn_core::{CheckedSpec, Result};
 
 /// Vt columns of each sequence are a multiple of this (every FP8 `block_n` divides it).
@@ -32,6 +36,34 @@ pub struct Fp8Args {
     pub descale_v: u64,
     pub vt_start: u64,
     pub vt: u64,
+}
+
+/// The FP8 e4m3 build of the Hopper kernel for `spec` (`select_hopper` has checked the arch),
+/// or why not.
+pub(crate) fn select(
+    spec: &CheckedSpec<'_>,
+    info: &DeviceInfo,
+    block_n: Option<usize>,
+    stages: Option<usize>,
+) -> std::result::Result<Variant, String> {
+    if spec.head_dim != spec.head_dim_v || !FP8_HEAD_DIMS.contains(&spec.head_dim) {
+        return Err(format!(
+            "the FP8 Hopper kernel takes head_dim = head_dim_v in {FP8_HEAD_DIMS:?}, not {}/{}",
+            spec.head_dim, spec.head_dim_v
+        ));
+    }
+    if spec.kv_cache.is_some() {
+        return Err("the FP8 Hopper kernel does not read KV caches".to_string());
+    }
+    let tiles = check_fp8_tiles(spec.head_dim, block_n, stages)?;
+    let smem = tiles.smem_bytes_with(spec.head_dim, 1);
+    if smem > info.smem_optin.min(HOPPER_SMEM_LIMIT) {
+        return Err(format!(
+            "the FP8 Hopper kernel needs {smem} bytes of shared memory"
+        ));
+    }
+    let score_mod = spec.softcap > 0.0 || spec.alibi.is_some();
+    Ok(Variant::hopper(spec.dtype, spec.head_dim, score_mod, tiles))
 }
 
 /// What the host computes for one call: descales and where each sequence's Vt columns start.
@@ -67,9 +99,10 @@ impl Fp8Tables {
         Ok(Fp8Tables { descales, vt_start })
     }
 
-    /// Columns of one Vt row (all sequences, padded).
+    /// Columns of one Vt row (all sequences, padded); at least one pad, since a tensor map
+    /// cannot be empty (with no keys at all nothing reads or writes Vt).
     pub fn vt_keys(&self) -> usize {
-        *self.vt_start.last().unwrap_or(&0) as usize
+        (*self.vt_start.last().unwrap_or(&0) as usize).max(KEY_PAD)
     }
 
     /// The transpose pass: one block per (32-key group of the longest padded sequence, KV
@@ -178,6 +211,63 @@ mod tests {
         let spec = fp8(AttentionSpec::new(2, 2, 8, 8, 128).heads_kv(1)).fp8_descale(d.clone());
         let t = Fp8Tables::new(&spec.validate().unwrap()).unwrap();
         assert_eq!(t.descales, [d.q, d.k, d.v]);
+    }
+
+    fn gpu(major: i32, minor: i32) -> DeviceInfo {
+        DeviceInfo {
+            name: "test".into(),
+            compute_capability: (major, minor),
+            driver_version: 13000,
+            sm_count: 132,
+            smem_optin: crate::tiles::smem_optin_of_arch(&crate::arch_for(major, minor)),
+            total_mem: 80 << 30,
+        }
+    }
+
+    /// The variant `select_hopper` picks for `spec` on `info`, or its reason.
+    fn pick(spec: &AttentionSpec, info: &DeviceInfo, n: Option<usize>, s: Option<usize>) -> String {
+        let c = spec.validate().unwrap();
+        match crate::select_hopper(&c, info, n, s) {
+            Ok(v) => {
+                assert!(v.builds_for("sm_90a"));
+                assert_eq!(v.kind, crate::KernelKind::HopperFp8);
+                v.name()
+            }
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    #[test]
+    fn fp8_runs_the_fp8_hopper_build_where_it_can() {
+        let h100 = gpu(9, 0);
+        let d = |hd| {
+            fp8(AttentionSpec::new(2, 8, 300, 500, hd)
+                .heads_kv(2)
+                .causal(true))
+        };
+        assert_eq!(pick(&d(128), &h100, None, None), "hopper_fp8_fp8e4m3_d128");
+        assert_eq!(pick(&d(256), &h100, None, None), "hopper_fp8_fp8e4m3_d256");
+        assert_eq!(
+            pick(&d(256).softcap(30.0), &h100, None, None),
+            "hopper_fp8_fp8e4m3_d256_mod"
+        );
+        assert_eq!(
+            pick(&d(128), &h100, Some(256), Some(3)),
+            "hopper_fp8_fp8e4m3_d128_n256_s3"
+        );
+        let why = |spec: &AttentionSpec, info, n, s| {
+            let e = pick(spec, info, n, s);
+            assert!(e.starts_with("error: "), "{e}");
+            e
+        };
+        // Only sm_90a; head_dim 128 or 256 with head_dim_v equal; whole Vt boxes; shared memory.
+        let a100 = gpu(8, 0);
+        assert!(why(&d(128), &a100, None, None).contains("sm_90a"));
+        assert!(why(&d(64), &h100, None, None).contains("[128, 256]"));
+        assert!(why(&d(128).head_dim_v(256), &h100, None, None).contains("128/256"));
+        assert!(why(&d(128), &h100, Some(176), None).contains("176"));
+        assert!(why(&d(256), &h100, Some(256), None).contains("shared memory"));
+        assert!(why(&d(256), &h100, None, Some(5)).contains("stages 5"));
     }
 
     #[test]

@@ -463,6 +463,17 @@ mod tests {
             hopper_tiles(256).unwrap().smem_bytes(256),
             65536 + 163840 + 1024 + 80
         );
+        // FP8: one-byte elements; whole 128-key Vt boxes; a 32-byte k-step of Q K^T and P V.
+        for d in FP8_HEAD_DIMS {
+            let t = hopper_fp8_tiles(d).unwrap();
+            assert!(t.smem_bytes_with(d, 1) <= HOPPER_SMEM_LIMIT);
+            assert_eq!((t.block_m, t.block_n % 128, d % 128), (128, 0, 0));
+        }
+        let t = hopper_fp8_tiles(256).unwrap();
+        assert_eq!(t.smem_bytes_with(256, 1), 32768 + 131072 + 1024 + 80);
+        let l = t.launch_with(256, 1, 1000, 132).unwrap();
+        assert_eq!(l.smem, t.smem_bytes_with(256, 1));
+        assert_eq!(hopper_fp8_tiles(64), None);
     }
 
     #[test]

@@ -442,6 +442,23 @@ mod tests {
             ]
         );
         assert_eq!(Variant::naive(DType::Bf16).defines(), ["-DFA_DTYPE=2"]);
+        // FP8: 128 one-byte elements per 128-byte row.
+        let v = Variant::hopper(DType::Fp8E4m3, 256, false, hopper_fp8_tiles(256).unwrap());
+        assert_eq!(v.kind, KernelKind::HopperFp8);
+        assert_eq!(v.name(), "hopper_fp8_fp8e4m3_d256");
+        assert_eq!(
+            v.defines(),
+            [
+                "-DFA_DTYPE=3",
+                "-DHEAD_DIM=256",
+                "-DBLOCK_M=128",
+                "-DBLOCK_N=128",
+                "-DSTAGES=2",
+                "-DSCORE_MOD=0",
+                "-DNUM_THREADS=384",
+                "-DCOL_BLOCK=128",
+            ]
+        );
     }
 
     #[test]
@@ -478,6 +495,9 @@ mod tests {
                 .count()
         };
         assert_eq!(count("sm_90a", KernelKind::Hopper), 12);
+        // FP8: head_dim 128 and 256, with and without score mods.
+        assert_eq!(count("sm_90a", KernelKind::HopperFp8), 4);
+        assert_eq!(count("sm_89", KernelKind::HopperFp8), 0);
         for arch in CI_ARCHS {
             // Every mma bucket fits every CI arch's shared memory, in both dtypes.
             assert_eq!(count(arch, KernelKind::Mma), 16, "{arch}");
