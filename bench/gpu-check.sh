@@ -125,7 +125,8 @@ step_bench_forward() {
 # SOFTMAX_UNDER_PV=1 is the d256 schedule that spills 4 bytes per tile (hopper_fwd.cu): A/B.
 step_fp8() {
     step "run --check fp8 d128 gqa causal" cli.log 60 "$FA" run --backend cuda --dtype fp8e4m3 --batch 2 --heads 16 --kv-heads 4 --seqlen-q 1000 --seqlen-k 1500 --head-dim 128 --causal --check
-    step "run --check fp8 d256 softcap 20k keys" cli.log 60 "$FA" run --backend cuda --dtype fp8e4m3 --heads 4 --seqlen-q 300 --seqlen-k 20000 --head-dim 256 --softcap 30 --check
+    step "run --check fp8 d256 window 20k keys" cli.log 60 "$FA" run --backend cuda --dtype fp8e4m3 --heads 4 --seqlen-q 300 --seqlen-k 20000 --head-dim 256 --window 4000,0 --check
+    step "run --check fp8 d128 softcap" cli.log 60 "$FA" run --backend cuda --dtype fp8e4m3 --heads 8 --seqlen-q 777 --head-dim 128 --softcap 30 --check
     step "bench fp8 16k d256" bench.log 60 "$FA" bench --backend cuda --dtype fp8e4m3 --batch 1 --heads 8 --seqlens 16384 --head-dims 256 --both-causal --warmup 3 --iters 20
     step "bench fp8 16k d128" bench.log 60 "$FA" bench --backend cuda --dtype fp8e4m3 --batch 1 --heads 16 --seqlens 16384 --head-dims 128 --both-causal --warmup 3 --iters 20
     step "bench fp8 16k d256 SOFTMAX_UNDER_PV=1" bench.log 60 env FLASHATTN_CUDA_EXTRA_DEFINES=-DSOFTMAX_UNDER_PV=1 "$FA" bench --backend cuda --dtype fp8e4m3 --batch 1 --heads 8 --seqlens 16384 --head-dims 256 --warmup 3 --iters 20

@@ -26,11 +26,14 @@ DEV int vt_key(int l) { return (l & 16) + 2 * ((l >> 2) & 3) + (l & 1) + 8 * ((l
 #define VT_THREADS 256
 #define VT_KEYS 32  // keys per block: one group of the P register order
 
+#define VT_ROW (HEAD_DIM / 4 + 1)  // words per key in shared memory: +1, no bank conflicts on the reads
+
 // One block per (32-key group, KV head, sequence): 32 keys x HEAD_DIM bytes through shared
-// memory, read as 32-bit words along head_dim, written as bytes along the keys.
+// memory (VT_KEYS x VT_ROW words, dynamic: src/fp8.rs), read as 32-bit words along head_dim,
+// written as bytes along the keys.
 extern "C" __global__ void __launch_bounds__(VT_THREADS)
 fa_fp8_transpose_v(const __grid_constant__ Params p, const __grid_constant__ Fp8Args f) {
-    __shared__ uint32_t tile[VT_KEYS][HEAD_DIM / 4 + 1];  // +1: no bank conflicts on the reads
+    extern __shared__ uint32_t smem[];
     const int group = blockIdx.x, kv_h = blockIdx.y, b = blockIdx.z;
     const int col0 = f.vt_start[b] + VT_KEYS * group;
     if (col0 >= f.vt_start[b + 1]) return;
@@ -39,21 +42,13 @@ fa_fp8_transpose_v(const __grid_constant__ Params p, const __grid_constant__ Fp8
     for (int i = threadIdx.x; i < VT_KEYS * HEAD_DIM / 4; i += VT_THREADS) {
         const int key = i / (HEAD_DIM / 4), w = i % (HEAD_DIM / 4);
         const int j = VT_KEYS * group + key;
-        tile[key][w] = j < s.k_len ? v[((uint64_t)(s.k_start + j) * p.heads_kv + kv_h) * (HEAD_DIM / 4) + w] : 0u;
+        smem[key * VT_ROW + w] = j < s.k_len ? v[((uint64_t)(s.k_start + j) * p.heads_kv + kv_h) * (HEAD_DIM / 4) + w] : 0u;
     }
     __syncthreads();
     const uint64_t row_len = (uint64_t)f.vt_start[p.batch];
     for (int i = threadIdx.x; i < VT_KEYS * HEAD_DIM; i += VT_THREADS) {
         const int l = i % VT_KEYS, d = i / VT_KEYS;
-        const uint32_t word = tile[vt_key(l)][d / 4];
+        const uint32_t word = smem[vt_key(l) * VT_ROW + d / 4];
         f.vt[((uint64_t)kv_h * HEAD_DIM + d) * row_len + col0 + l] = (uint8_t)(word >> (8 * (d % 4)));
     }
-}
-
-// Four floats to e4m3 (round to nearest even, saturating at +-448, NaN kept), byte i from x_i.
-DEV uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
-    uint16_t lo, hi;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(lo) : "f"(x1), "f"(x0));
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(hi) : "f"(x3), "f"(x2));
-    return (uint32_t)lo | ((uint32_t)hi << 16);
 }

@@ -54,20 +54,16 @@
 // Schedule choices, fixed here after measuring both ways on an H100 (PERF_NOTES.md); the
 // tuning hook FLASHATTN_CUDA_EXTRA_DEFINES can flip them for an A/B run.
 // FP8 head_dim 256 (not measured yet): O (128 registers), S (64) and P (16) with the softmax's
-// state overflow the 240 registers (ptxas spilled 4 bytes per tile, 88 with score mods), so
-// P V finishes before the softmax (P dead then; pingpong still hides the softmax), and with
-// score mods O is rescaled before the turn too. A/B on a GPU: -DSOFTMAX_UNDER_PV=1.
+// state overflow the 240 registers (ptxas spilled 4 bytes per tile), so P V finishes before
+// the softmax (P dead then; pingpong still hides the softmax). A/B on a GPU:
+// -DSOFTMAX_UNDER_PV=1. With score mods it spills either way (12-23 bytes): not built.
 #if FA_DTYPE == 3 && HEAD_DIM == 256
 #define FP8_D256 1
 #else
 #define FP8_D256 0
 #endif
 #ifndef RESCALE_UNDER_QK
-#if FP8_D256 && SCORE_MOD
-#define RESCALE_UNDER_QK 0
-#else
 #define RESCALE_UNDER_QK 1   // rescale O while S = Q K^T runs (1) or before taking the turn (0)
-#endif
 #endif
 #ifndef EARLY_Q_RELEASE
 #define EARLY_Q_RELEASE 1    // free Q after the tile's last Q K^T (1) or after its last P V (0)
@@ -411,7 +407,8 @@ DEV void epilogue(const Params& p, const Tile& tile, const SeqBounds& s, int m0,
         if (i >= s.q_len) continue;
 #if FA_DTYPE == 3
         const float inv = l > 0.f ? v_descale / l : 0.f;
-#define LOG2_L (__log2f(l) - P_LOG2_SCALE)
+        const float log2_l = __log2f(l) - P_LOG2_SCALE;
+#define LOG2_L log2_l
 #else
         const float inv = l > 0.f ? 1.f / l : 0.f;
 #define LOG2_L __log2f(l)

@@ -472,11 +472,11 @@ impl CudaBackend {
                 };
                 // FP8: V transposed first (same stream), then the attention kernel reads Vt.
                 let mut f = fp8.args();
-                let transpose = fp8.tables.transpose_launch(spec.heads_kv);
+                let transpose = fp8.tables.transpose_launch(spec.heads_kv, spec.head_dim_v);
                 if let Some(t) = transpose.map_err(unsupported)? {
-                    let func = self.gpu.function(variant, 1, 0)?;
+                    let func = self.gpu.function(variant, 1, t.smem)?;
                     let args = &mut [arg(&mut p), arg(&mut f)];
-                    self.gpu.launch(func, t.grid, t.block, 0, args)?;
+                    self.gpu.launch(func, t.grid, t.block, t.smem, args)?;
                 }
                 let vt_map =
                     TensorMapParams::fp8_vt(fp8.tables.vt_keys(), spec.heads_kv, spec.head_dim_v)?;

@@ -9,8 +9,8 @@
 
 use crate::device::{DevBuf, DeviceInfo};
 use crate::tiles::{
-    check_fp8_tiles, grid_x, grid_yz, num_blocks, Launch, FP8_BLOCK_N_CHOICES, FP8_HEAD_DIMS,
-    HOPPER_SMEM_LIMIT,
+    check_fp8_tiles, fp8_score_mod_builds, grid_x, grid_yz, num_blocks, Launch,
+    FP8_BLOCK_N_CHOICES, FP8_HEAD_DIMS, HOPPER_SMEM_LIMIT,
 };
 use crate::variants::Variant;
 use flashattn_core::{CheckedSpec, Result};
@@ -63,6 +63,13 @@ pub(crate) fn select(
         ));
     }
     let score_mod = spec.softcap > 0.0 || spec.alibi.is_some();
+    if score_mod && !fp8_score_mod_builds(spec.head_dim) {
+        return Err(format!(
+            "the FP8 Hopper kernel takes softcap and ALiBi at head_dim 128 only, not {} \
+             (its head_dim 256 build with them would spill registers)",
+            spec.head_dim
+        ));
+    }
     Ok(Variant::hopper(spec.dtype, spec.head_dim, score_mod, tiles))
 }
 
@@ -106,8 +113,13 @@ impl Fp8Tables {
     }
 
     /// The transpose pass: one block per (32-key group of the longest padded sequence, KV
-    /// head, sequence); `None` when there are no keys.
-    pub fn transpose_launch(&self, heads_kv: usize) -> Result<Option<Launch>, String> {
+    /// head, sequence), 32 keys of `head_dim` bytes in shared memory (a word more per key, as
+    /// `VT_ROW` in fp8_vt.cu); `None` when there are no keys.
+    pub fn transpose_launch(
+        &self,
+        heads_kv: usize,
+        head_dim: usize,
+    ) -> Result<Option<Launch>, String> {
         let longest = self
             .vt_start
             .windows(2)
@@ -125,7 +137,7 @@ impl Fp8Tables {
                 grid_yz(batch, "sequences")?,
             ),
             block: VT_THREADS,
-            smem: 0,
+            smem: VT_KEYS * (head_dim / 4 + 1) * 4,
         }))
     }
 }
@@ -192,12 +204,12 @@ mod tests {
         assert_eq!(grid(&t), (16, 2, 3));
         let spec = fp8(AttentionSpec::new(1, 2, 5, 5, 256)).varlen(vec![0, 5], vec![0, 0]);
         let t = Fp8Tables::new(&spec.validate().unwrap()).unwrap();
-        assert_eq!(t.transpose_launch(2), Ok(None));
+        assert_eq!(t.transpose_launch(2, 256), Ok(None));
     }
 
     fn grid(t: &Fp8Tables) -> (u32, u32, u32) {
-        let l = t.transpose_launch(2).unwrap().unwrap();
-        assert_eq!((l.block, l.smem), (VT_THREADS, 0));
+        let l = t.transpose_launch(2, 128).unwrap().unwrap();
+        assert_eq!((l.block, l.smem), (VT_THREADS, 32 * 33 * 4));
         l.grid
     }
 
@@ -248,8 +260,8 @@ mod tests {
         assert_eq!(pick(&d(128), &h100, None, None), "hopper_fp8_fp8e4m3_d128");
         assert_eq!(pick(&d(256), &h100, None, None), "hopper_fp8_fp8e4m3_d256");
         assert_eq!(
-            pick(&d(256).softcap(30.0), &h100, None, None),
-            "hopper_fp8_fp8e4m3_d256_mod"
+            pick(&d(128).softcap(30.0), &h100, None, None),
+            "hopper_fp8_fp8e4m3_d128_mod"
         );
         assert_eq!(
             pick(&d(128), &h100, Some(256), Some(3)),
@@ -268,6 +280,8 @@ mod tests {
         assert!(why(&d(128), &h100, Some(176), None).contains("176"));
         assert!(why(&d(256), &h100, Some(256), None).contains("shared memory"));
         assert!(why(&d(256), &h100, None, Some(5)).contains("stages 5"));
+        let alibi = d(256).alibi(vec![0.1; 8], false);
+        assert!(why(&alibi, &h100, None, None).contains("head_dim 128 only"));
     }
 
     #[test]

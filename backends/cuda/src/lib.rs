@@ -4,7 +4,8 @@
 //!   FlashAttention-3-style kernel (kernels/hopper_fwd.cu): TMA loads into an mbarrier-guarded
 //!   shared-memory ring, a producer warpgroup and two consumer warpgroups (setmaxnreg), wgmma
 //!   for Q K^T and P V, a persistent grid, causal/window block skipping.
-//! * FP8 e4m3 (head_dim = head_dim_v 128 or 256, descales per (batch, KV head), bf16 output)
+//! * FP8 e4m3 (head_dim = head_dim_v 128 or 256, softcap/ALiBi at 128 only, descales per
+//!   (batch, KV head), bf16 output)
 //!   runs an FP8 build of the same kernel on sm_90a only (fp8.rs): a pre-pass writes V
 //!   transposed (wgmma's 8-bit B operand must be K-major), QGMMA for both products, P in e4m3.
 //!   Compile- and SASS-checked; not yet run on a GPU (the canary guards its first use).
@@ -42,6 +43,7 @@ pub use compile::{
 };
 pub use device::{probe, DeviceInfo};
 pub use forward::{flash_launch, select_generic, select_hopper, select_mma, DeviceTensors};
+pub use fp8::{Fp8Args, Fp8Tables, KEY_PAD};
 pub use loader::{nvrtc_search_dirs, nvrtc_search_dirs_in, SearchEnv};
 pub use params::KernelParams;
 pub use tiles::{

@@ -52,8 +52,15 @@ pub fn hopper_tiles(head_dim: usize) -> Option<HopperTiles> {
 }
 
 /// Head dimensions of the FP8 e4m3 Hopper kernel: rows of 128 or 256 bytes, whole 128-byte
-/// swizzle spans (head_dim 64, 64-byte rows, is not built yet).
+/// swizzle spans (head_dim 64, 64-byte rows, is not built yet). Score mods (softcap, ALiBi)
+/// at 128 only: the 256 build with them spills registers ([`fp8_score_mod_builds`]).
 pub const FP8_HEAD_DIMS: [usize; 2] = [128, 256];
+
+/// Whether the FP8 kernel is built with score mods for `head_dim` (not at 256: O, S, P and the
+/// mods' state spill past 240 registers in every schedule tried, 12-23 bytes).
+pub fn fp8_score_mod_builds(head_dim: usize) -> bool {
+    head_dim != 256
+}
 
 /// Keys per block of the FP8 kernel: whole 128-key Vt boxes (kernels/fp8_vt.cu). Each divides
 /// `fp8::KEY_PAD`, so a block never reads past its sequence's zero-padded Vt columns.

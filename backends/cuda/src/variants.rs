@@ -7,8 +7,9 @@
 use crate::params::KernelParams;
 use crate::tensor_map::{BOX_COLS, FP8_BOX_COLS};
 use crate::tiles::{
-    hopper_fp8_tiles, hopper_tiles, mma_tiles, smem_optin_of_arch, GenericTiles, HopperTiles,
-    MmaTiles, FP8_HEAD_DIMS, GENERIC_TILES, HOPPER_HEAD_DIMS, HOPPER_THREADS, MMA_HEAD_DIMS,
+    fp8_score_mod_builds, hopper_fp8_tiles, hopper_tiles, mma_tiles, smem_optin_of_arch,
+    GenericTiles, HopperTiles, MmaTiles, FP8_HEAD_DIMS, GENERIC_TILES, HOPPER_HEAD_DIMS,
+    HOPPER_THREADS, MMA_HEAD_DIMS,
 };
 use flashattn_core::{DType, Pass, MAX_HEAD_DIM};
 
@@ -331,6 +332,9 @@ pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
     }
     for d in FP8_HEAD_DIMS {
         for score_mod in [false, true] {
+            if score_mod && !fp8_score_mod_builds(d) {
+                continue;
+            }
             if let Some(t) = hopper_fp8_tiles(d) {
                 v.push(Variant::hopper(DType::Fp8E4m3, d, score_mod, t));
             }
@@ -495,8 +499,8 @@ mod tests {
                 .count()
         };
         assert_eq!(count("sm_90a", KernelKind::Hopper), 12);
-        // FP8: head_dim 128 and 256, with and without score mods.
-        assert_eq!(count("sm_90a", KernelKind::HopperFp8), 4);
+        // FP8: head_dim 128 and 256, score mods at 128 only.
+        assert_eq!(count("sm_90a", KernelKind::HopperFp8), 3);
         assert_eq!(count("sm_89", KernelKind::HopperFp8), 0);
         for arch in CI_ARCHS {
             // Every mma bucket fits every CI arch's shared memory, in both dtypes.

@@ -18,7 +18,8 @@ use flashattn_core::{
     Output, Result, Tensor, TensorRef,
 };
 use flashattn_cuda::{
-    flash_launch, select_generic, select_mma, smem_optin_of_arch, KernelKind, Variant,
+    flash_launch, select_generic, select_mma, smem_optin_of_arch, Fp8Tables, KernelKind,
+    KernelParams, Variant,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -100,45 +101,61 @@ impl Emulated {
     }
 
     fn compile_driver(&self, variant: &Variant) -> std::result::Result<PathBuf, String> {
-        let name = variant.name();
-        let mut src = String::from(EMU_H);
-        for (file, text) in variant.kind.def().sources {
-            if REPLACED.contains(file) {
-                continue;
-            }
-            let text: String = text
-                .lines()
-                .filter(|l| !(l.starts_with("typedef unsigned") && l.contains("int")))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            src.push_str(&text);
-        }
-        src.push_str(DRIVER);
-        let cpp = self.dir.join(format!("{name}.cpp"));
-        let bin = self.dir.join(&name);
-        std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
         let smem_t = if variant.kind == KernelKind::Generic {
             "float"
         } else {
             "uint8_t"
         };
-        let out = Command::new(cxx())
-            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
-            .arg(&bin)
-            .arg(&cpp)
-            .args(variant.defines())
-            .arg(format!("-DEMU_KERNEL={}", variant.entry_points()[0]))
-            .arg(format!("-DEMU_SMEM_T={smem_t}"))
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "does not compile as C++:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(bin)
+        let mut defines = variant.defines();
+        defines.push(format!("-DEMU_KERNEL={}", variant.entry_points()[0]));
+        defines.push(format!("-DEMU_SMEM_T={smem_t}"));
+        build_driver(
+            &self.dir,
+            &variant.name(),
+            variant.kind.def().sources,
+            &defines,
+        )
     }
+}
+
+/// Compiles a driver binary `dir/name`: emu.h, `sources` (the PTX headers replaced,
+/// params.cuh's fixed-width typedefs dropped for <cstdint>'s), the driver's main.
+fn build_driver(
+    dir: &Path,
+    name: &str,
+    sources: &[(&str, &str)],
+    defines: &[String],
+) -> std::result::Result<PathBuf, String> {
+    let mut src = String::from(EMU_H);
+    for (file, text) in sources {
+        if REPLACED.contains(file) {
+            continue;
+        }
+        let text: String = text
+            .lines()
+            .filter(|l| !(l.starts_with("typedef unsigned") && l.contains("int")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        src.push_str(&text);
+    }
+    src.push_str(DRIVER);
+    let cpp = dir.join(format!("{name}.cpp"));
+    let bin = dir.join(name);
+    std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
+    let out = Command::new(cxx())
+        .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+        .arg(&bin)
+        .arg(&cpp)
+        .args(defines)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "does not compile as C++:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(bin)
 }
 
 /// Runs `bin` on `dir`, killed after `limit` (a deadlocked emulation must fail, not hang).
@@ -305,6 +322,101 @@ fn nan_reaches_exactly_the_rows_that_see_it() {
                 );
             }
         }
+    }
+}
+
+/// The key (within its 32-key group) whose P value `to_p` (hopper_fwd.cu) packs into logical
+/// column `l` of an 8-bit wgmma A operand: byte y of register 2h holds row g's accumulators
+/// 8h + {0, 1, 4, 5}[y] (PTX ISA layouts: A column 16h + 4t + y; accumulator v at column
+/// 8 (v / 4) + 2t + v % 2 for lane t = lane % 4).
+fn p_order_key(l: usize) -> usize {
+    let (h, t, y) = (l / 16, (l / 4) % 4, l % 4);
+    let v = 8 * h + [0, 1, 4, 5][y];
+    8 * (v / 4) + 2 * t + v % 2
+}
+
+/// The FP8 V transpose (kernels/fp8_vt.cu, the only FP8 code that runs without a GPU): every
+/// Vt byte of every (KV head, dim, sequence) holds the key `to_p` puts in that column, and zero
+/// past the sequence's keys up to its padded end; no byte is left unwritten.
+#[test]
+fn fp8_v_transpose_writes_vt_in_p_register_order() {
+    let Some(b) = emulated("sm_90a", KernelKind::HopperFp8) else {
+        return;
+    };
+    let fp8 = DType::Fp8E4m3;
+    let cases = [
+        AttentionSpec::new(2, 6, 40, 300, 128)
+            .heads_kv(3)
+            .dtype(fp8),
+        AttentionSpec::new(1, 2, 10, 300, 256)
+            .dtype(fp8)
+            .varlen(vec![0, 5, 5, 10], vec![0, 1, 1, 290]),
+    ];
+    let sources = KernelKind::HopperFp8.def().sources;
+    let vt_sources: Vec<_> = sources
+        .iter()
+        .copied()
+        .filter(|(f, _)| ["params.cuh", "fp8_vt.cu"].contains(f))
+        .collect();
+    for spec in cases {
+        let (hkv, d) = (spec.heads_kv, spec.head_dim);
+        let checked = spec.validate().unwrap();
+        let tables = Fp8Tables::new(&checked).unwrap();
+        let launch = tables.transpose_launch(hkv, d).unwrap().unwrap();
+        let defines = [
+            "-DFA_DTYPE=3".to_string(),
+            format!("-DHEAD_DIM={d}"),
+            "-DEMU_KERNEL=fa_fp8_transpose_v".into(),
+            "-DEMU_FP8_VT".into(),
+            "-DEMU_SMEM_T=uint32_t".into(),
+        ];
+        let bin = build_driver(&b.dir, &format!("fp8_vt_d{d}"), &vt_sources, &defines).unwrap();
+        let dir = tempdir_in(&b.dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).unwrap();
+        let params = KernelParams::new(&checked, 128).unwrap();
+        let v: Vec<u8> = (0..checked.sizes.v)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_right(13) as u8 | 1)
+            .collect();
+        let vt_bytes = tables.vt_keys() * hkv * d;
+        let (g, t) = (launch.grid, launch.block);
+        write("params.bin", bytemuck::bytes_of(&params));
+        write(
+            "launch.txt",
+            format!("{} {} {} {t} {vt_bytes} 0", g.0, g.1, g.2).as_bytes(),
+        );
+        write("q.bin", &[]);
+        write("k.bin", &[]);
+        write("v.bin", &v);
+        write("vt_start.bin", bytemuck::cast_slice(&tables.vt_start));
+        if let Some(vl) = &spec.varlen {
+            write("cu_q.bin", bytemuck::cast_slice(&vl.cu_seqlens_q));
+            write("cu_k.bin", bytemuck::cast_slice(&vl.cu_seqlens_k));
+        }
+        run_with_limit(&bin, &dir, Duration::from_secs(300)).unwrap();
+        let vt = std::fs::read(dir.join("out.bin")).unwrap();
+        assert_eq!(vt.len(), vt_bytes);
+        let row = tables.vt_keys();
+        for s in 0..spec.batch {
+            let seq = spec.seq(s);
+            let (start, end) = (tables.vt_start[s] as usize, tables.vt_start[s + 1] as usize);
+            for h in 0..hkv {
+                for dd in 0..d {
+                    for col in start..end {
+                        let rel = col - start;
+                        let key = rel / 32 * 32 + p_order_key(rel % 32);
+                        let want = if key < seq.k_len {
+                            v[((seq.k_start + key) * hkv + h) * d + dd]
+                        } else {
+                            0
+                        };
+                        let got = vt[(h * d + dd) * row + col];
+                        assert_eq!(got, want, "d{d} seq {s} head {h} dim {dd} column {col}");
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

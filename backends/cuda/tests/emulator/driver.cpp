@@ -3,6 +3,8 @@
 //   ("grid_x grid_y grid_z threads out_bytes lse_floats"), q.bin k.bin v.bin and, when the
 //   spec has them, cu_q.bin cu_k.bin alibi.bin; writes DIR/out.bin and DIR/lse.bin.
 // The harness prepends emu.h and the kernel's sources and defines EMU_KERNEL (its entry point).
+// With EMU_FP8_VT the kernel is the FP8 V transpose (fp8_vt.cu): its Fp8Args take vt_start.bin,
+// and its Vt is the output (out.bin, out_bytes long, preset to 0xcd so unwritten bytes show).
 #include <fstream>
 #include <string>
 
@@ -22,10 +24,16 @@ static void write_file(const std::string& path, const void* data, size_t n) {
 }
 
 static const Params* emu_params;
+#ifdef EMU_FP8_VT
+static Fp8Args emu_fp8;
+#define EMU_CALL() EMU_KERNEL(*emu_params, emu_fp8)
+#else
+#define EMU_CALL() EMU_KERNEL(*emu_params)
+#endif
 
 // A fiber's body: the kernel, then it leaves the barriers it no longer takes part in.
 static void emu_entry() {
-    EMU_KERNEL(*emu_params);
+    EMU_CALL();
     emu_leave(emu_cta_bar);
     emu_leave(emu_cur->warp->bar);
     emu_cur->done = true;
@@ -102,6 +110,12 @@ int main(int argc, char** argv) {
     p.cu_seqlens_q = cu_q.empty() ? nullptr : (const int*)cu_q.data();
     p.cu_seqlens_k = cu_k.empty() ? nullptr : (const int*)cu_k.data();
     p.alibi = alibi.empty() ? nullptr : (const float*)alibi.data();
+#ifdef EMU_FP8_VT
+    std::vector<char> vt_start = read_file(dir + "/vt_start.bin", true);
+    emu_fp8.vt_start = (const int*)vt_start.data();
+    std::memset(out.data(), 0xcd, out.size());
+    emu_fp8.vt = (uint8_t*)out.data();
+#endif
 
     gridDim = {gx, gy, gz};
     blockDim = {threads, 1, 1};
