@@ -328,7 +328,7 @@ pub fn flash_launch(
             let mut p = KernelParams::new(spec, t.block_m)?;
             p.head_major_tiles = head_major_order(spec.causal, spec.head_dim) as i32;
             let elem = spec.dtype.size_bytes();
-            let l = t.launch_with(spec.head_dim, elem, p.total_tiles as usize, sm_count);
+            let l = t.launch(spec.head_dim, elem, p.total_tiles as usize, sm_count);
             (p, l)
         }
         Tiles::Mma(t) => {

@@ -8,12 +8,48 @@
 //! sequence's values (a NaN there would otherwise reach rows that do not see it, as 0 x NaN).
 
 use crate::device::{DevBuf, DeviceInfo};
-use crate::tiles::{
-    check_fp8_tiles, fp8_score_mod_builds, grid_x, grid_yz, num_blocks, Launch,
-    FP8_BLOCK_N_CHOICES, FP8_HEAD_DIMS, HOPPER_SMEM_LIMIT,
-};
+use crate::tiles::{grid_x, grid_yz, num_blocks, HopperTiles, Launch, HOPPER_SMEM_LIMIT};
 use crate::variants::Variant;
 use flashattn_core::{CheckedSpec, Result};
+
+/// Head dimensions of the FP8 e4m3 Hopper kernel: rows of 128 or 256 bytes, whole 128-byte
+/// swizzle spans (head_dim 64, 64-byte rows, is not built yet). Score mods (softcap, ALiBi)
+/// at 128 only: the 256 build with them spills registers ([`fp8_score_mod_builds`]).
+pub const FP8_HEAD_DIMS: [usize; 2] = [128, 256];
+
+/// Whether the FP8 kernel is built with score mods for `head_dim` (not at 256: O, S, P and the
+/// mods' state spill past 240 registers in every schedule tried, 12-23 bytes).
+pub fn fp8_score_mod_builds(head_dim: usize) -> bool {
+    head_dim != 256
+}
+
+/// Keys per block of the FP8 kernel: whole 128-key Vt boxes (kernels/fp8_vt.cu). Each divides
+/// `fp8::KEY_PAD`, so a block never reads past its sequence's zero-padded Vt columns.
+pub const FP8_BLOCK_N_CHOICES: [usize; 2] = [128, 256];
+
+/// The FP8 e4m3 tiles for `head_dim` (compile-checked only; not yet measured on a GPU):
+/// - 128: 128 x 128, 2 stages: O (64 regs) + S (64) + P (16); 80 KiB of shared memory.
+/// - 256: 128 x 128, 2 stages (FA3's FP8 choice): O (128) + S (64) + P (16); Q 32 KiB +
+///   2 stages x (K + Vt) 64 KiB = 160 KiB.
+pub fn hopper_fp8_tiles(head_dim: usize) -> Option<HopperTiles> {
+    FP8_HEAD_DIMS.contains(&head_dim).then_some(HopperTiles {
+        block_m: 128,
+        block_n: 128,
+        stages: 2,
+    })
+}
+
+/// `tiles::check_tiles` for the FP8 kernel: keys per block from [`FP8_BLOCK_N_CHOICES`].
+pub fn check_fp8_tiles(
+    head_dim: usize,
+    block_n: Option<usize>,
+    stages: Option<usize>,
+) -> Result<HopperTiles, String> {
+    let t = hopper_fp8_tiles(head_dim).ok_or_else(|| {
+        format!("no FP8 Hopper kernel for head_dim {head_dim} (built for {FP8_HEAD_DIMS:?})")
+    })?;
+    t.with_overrides(&FP8_BLOCK_N_CHOICES, block_n, stages, head_dim, 1)
+}
 
 /// Vt columns of each sequence are a multiple of this (every FP8 `block_n` divides it).
 pub const KEY_PAD: usize = 256;
@@ -282,6 +318,21 @@ mod tests {
         assert!(why(&d(256), &h100, None, Some(5)).contains("stages 5"));
         let alibi = d(256).alibi(vec![0.1; 8], false);
         assert!(why(&alibi, &h100, None, None).contains("head_dim 128 only"));
+    }
+
+    #[test]
+    fn fp8_tiles_fit() {
+        // FP8: one-byte elements; whole 128-key Vt boxes; a 32-byte k-step of Q K^T and P V.
+        for d in FP8_HEAD_DIMS {
+            let t = hopper_fp8_tiles(d).unwrap();
+            assert!(t.smem_bytes_with(d, 1) <= HOPPER_SMEM_LIMIT);
+            assert_eq!((t.block_m, t.block_n % 128, d % 128), (128, 0, 0));
+        }
+        let t = hopper_fp8_tiles(256).unwrap();
+        assert_eq!(t.smem_bytes_with(256, 1), 32768 + 131072 + 1024 + 80);
+        let l = t.launch(256, 1, 1000, 132).unwrap();
+        assert_eq!(l.smem, t.smem_bytes_with(256, 1));
+        assert_eq!(hopper_fp8_tiles(64), None);
     }
 
     #[test]

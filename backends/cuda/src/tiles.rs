@@ -51,45 +51,6 @@ pub fn hopper_tiles(head_dim: usize) -> Option<HopperTiles> {
     }
 }
 
-/// Head dimensions of the FP8 e4m3 Hopper kernel: rows of 128 or 256 bytes, whole 128-byte
-/// swizzle spans (head_dim 64, 64-byte rows, is not built yet). Score mods (softcap, ALiBi)
-/// at 128 only: the 256 build with them spills registers ([`fp8_score_mod_builds`]).
-pub const FP8_HEAD_DIMS: [usize; 2] = [128, 256];
-
-/// Whether the FP8 kernel is built with score mods for `head_dim` (not at 256: O, S, P and the
-/// mods' state spill past 240 registers in every schedule tried, 12-23 bytes).
-pub fn fp8_score_mod_builds(head_dim: usize) -> bool {
-    head_dim != 256
-}
-
-/// Keys per block of the FP8 kernel: whole 128-key Vt boxes (kernels/fp8_vt.cu). Each divides
-/// `fp8::KEY_PAD`, so a block never reads past its sequence's zero-padded Vt columns.
-pub const FP8_BLOCK_N_CHOICES: [usize; 2] = [128, 256];
-
-/// The FP8 e4m3 tiles for `head_dim` (compile-checked only; not yet measured on a GPU):
-/// - 128: 128 x 128, 2 stages: O (64 regs) + S (64) + P (16); 80 KiB of shared memory.
-/// - 256: 128 x 128, 2 stages (FA3's FP8 choice): O (128) + S (64) + P (16); Q 32 KiB +
-///   2 stages x (K + Vt) 64 KiB = 160 KiB.
-pub fn hopper_fp8_tiles(head_dim: usize) -> Option<HopperTiles> {
-    FP8_HEAD_DIMS.contains(&head_dim).then_some(HopperTiles {
-        block_m: 128,
-        block_n: 128,
-        stages: 2,
-    })
-}
-
-/// [`check_tiles`] for the FP8 kernel: keys per block from [`FP8_BLOCK_N_CHOICES`].
-pub fn check_fp8_tiles(
-    head_dim: usize,
-    block_n: Option<usize>,
-    stages: Option<usize>,
-) -> Result<HopperTiles, String> {
-    let t = hopper_fp8_tiles(head_dim).ok_or_else(|| {
-        format!("no FP8 Hopper kernel for head_dim {head_dim} (built for {FP8_HEAD_DIMS:?})")
-    })?;
-    t.with_overrides(&FP8_BLOCK_N_CHOICES, block_n, stages, head_dim, 1)
-}
-
 /// Keys-per-block values the kernel can be built with: wgmma N sizes generated in
 /// kernels/wgmma.cuh that are multiples of 16 (P V steps over keys 16 at a time).
 pub const HOPPER_BLOCK_N_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
@@ -124,7 +85,7 @@ impl HopperTiles {
 
     /// Sets the keys per block (one of `choices`) and the ring depth (2 to 4); `None` keeps
     /// the value. Checks that the tiles fit in shared memory.
-    fn with_overrides(
+    pub(crate) fn with_overrides(
         mut self,
         choices: &[usize],
         block_n: Option<usize>,
@@ -382,18 +343,9 @@ pub fn grid_yz(n: usize, what: &str) -> Result<u32, String> {
 }
 
 impl HopperTiles {
-    /// The persistent launch: one CTA per SM (never more than tiles), 384 threads.
+    /// The persistent launch: one CTA per SM (never more than tiles), 384 threads; elements of
+    /// `elem_bytes` (2, or 1 for FP8).
     pub fn launch(
-        &self,
-        head_dim: usize,
-        total_tiles: usize,
-        sm_count: usize,
-    ) -> Result<Launch, String> {
-        self.launch_with(head_dim, 2, total_tiles, sm_count)
-    }
-
-    /// [`HopperTiles::launch`] with elements of `elem_bytes` (1: FP8).
-    pub fn launch_with(
         &self,
         head_dim: usize,
         elem_bytes: usize,
@@ -470,17 +422,6 @@ mod tests {
             hopper_tiles(256).unwrap().smem_bytes(256),
             65536 + 163840 + 1024 + 80
         );
-        // FP8: one-byte elements; whole 128-key Vt boxes; a 32-byte k-step of Q K^T and P V.
-        for d in FP8_HEAD_DIMS {
-            let t = hopper_fp8_tiles(d).unwrap();
-            assert!(t.smem_bytes_with(d, 1) <= HOPPER_SMEM_LIMIT);
-            assert_eq!((t.block_m, t.block_n % 128, d % 128), (128, 0, 0));
-        }
-        let t = hopper_fp8_tiles(256).unwrap();
-        assert_eq!(t.smem_bytes_with(256, 1), 32768 + 131072 + 1024 + 80);
-        let l = t.launch_with(256, 1, 1000, 132).unwrap();
-        assert_eq!(l.smem, t.smem_bytes_with(256, 1));
-        assert_eq!(hopper_fp8_tiles(64), None);
     }
 
     #[test]
@@ -624,12 +565,12 @@ mod tests {
         assert!(t.launch(96, 1 << 31).is_err());
         // Hopper: persistent, one CTA per SM at most.
         let h = hopper_tiles(128).unwrap();
-        let l = h.launch(128, 1000, 132).unwrap();
+        let l = h.launch(128, 2, 1000, 132).unwrap();
         assert_eq!(
             (l.grid, l.block, l.smem),
             ((132, 1, 1), 384, h.smem_bytes(128))
         );
-        assert_eq!(h.launch(128, 7, 132).unwrap().grid, (7, 1, 1));
+        assert_eq!(h.launch(128, 2, 7, 132).unwrap().grid, (7, 1, 1));
         // Portable: (query blocks, heads, batch), y and z below 65536.
         let l = GENERIC_TILES.launch(9, 16, 3, 64, 64).unwrap();
         assert_eq!((l.grid, l.block), ((9, 16, 3), 128));

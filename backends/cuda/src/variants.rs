@@ -4,12 +4,12 @@
 //! A new kernel is one more `KernelKind`, its `KernelDef` and its arm in `defines`; the
 //! compile and SASS tests iterate over [`variants_for_arch`].
 
+use crate::fp8::{fp8_score_mod_builds, hopper_fp8_tiles, FP8_HEAD_DIMS};
 use crate::params::KernelParams;
 use crate::tensor_map::{BOX_COLS, FP8_BOX_COLS};
 use crate::tiles::{
-    fp8_score_mod_builds, hopper_fp8_tiles, hopper_tiles, mma_tiles, smem_optin_of_arch,
-    GenericTiles, HopperTiles, MmaTiles, FP8_HEAD_DIMS, GENERIC_TILES, HOPPER_HEAD_DIMS,
-    HOPPER_THREADS, MMA_HEAD_DIMS,
+    hopper_tiles, mma_tiles, smem_optin_of_arch, GenericTiles, HopperTiles, MmaTiles,
+    GENERIC_TILES, HOPPER_HEAD_DIMS, HOPPER_THREADS, MMA_HEAD_DIMS,
 };
 use flashattn_core::{DType, Pass, MAX_HEAD_DIM};
 
