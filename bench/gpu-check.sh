@@ -117,6 +117,22 @@ step_bench_forward() {
     step "cuda_bench mma tiles d64,96,128" tiles.log 90 "$BIN/cuda_bench" --kernels mma --mma-tiles default,128x64w8,64x64w4 --dims 64,96,128 --seqlens 8192 --causal no --iters 10
 }
 
+# Issue 13's FP8 goal: the FP8 e4m3 Hopper build (first GPU run: its correctness is in
+# step_tests, tests/gpu.rs hopper_fp8_cases), `run --check` against the f64 reference, then
+# FA3's FP8 benchmark shape (batch x seqlen = 16k tokens, heads x d = 2048), non-causal and
+# causal, goal >= 1200 TFLOP/s at d256 16k non-causal; beside PyTorch's bf16 cuDNN/flash SDPA on
+# the same shapes (PyTorch has no FP8 SDPA). The time includes the V transpose pre-pass.
+# SOFTMAX_UNDER_PV=1 is the d256 schedule that spills 4 bytes per tile (hopper_fwd.cu): A/B.
+step_fp8() {
+    step "run --check fp8 d128 gqa causal" cli.log 60 "$FA" run --backend cuda --dtype fp8e4m3 --batch 2 --heads 16 --kv-heads 4 --seqlen-q 1000 --seqlen-k 1500 --head-dim 128 --causal --check
+    step "run --check fp8 d256 window 20k keys" cli.log 60 "$FA" run --backend cuda --dtype fp8e4m3 --heads 4 --seqlen-q 300 --seqlen-k 20000 --head-dim 256 --window 4000,0 --check
+    step "run --check fp8 d128 softcap" cli.log 60 "$FA" run --backend cuda --dtype fp8e4m3 --heads 8 --seqlen-q 777 --head-dim 128 --softcap 30 --check
+    step "bench fp8 16k d256" bench.log 60 "$FA" bench --backend cuda --dtype fp8e4m3 --batch 1 --heads 8 --seqlens 16384 --head-dims 256 --both-causal --warmup 3 --iters 20
+    step "bench fp8 16k d128" bench.log 60 "$FA" bench --backend cuda --dtype fp8e4m3 --batch 1 --heads 16 --seqlens 16384 --head-dims 128 --both-causal --warmup 3 --iters 20
+    step "bench fp8 16k d256 SOFTMAX_UNDER_PV=1" bench.log 60 env FLASHATTN_CUDA_EXTRA_DEFINES=-DSOFTMAX_UNDER_PV=1 "$FA" bench --backend cuda --dtype fp8e4m3 --batch 1 --heads 8 --seqlens 16384 --head-dims 256 --warmup 3 --iters 20
+    step "torch sdpa bf16 16k d128,256" torch.log 90 python3 bench/torch_sdpa.py --seqlens 16384 --dims 128,256 --iters 20
+}
+
 # ---- to be filled in by the backward work (issue 12) ---------------------------------------
 # step_backward: `flashattn bench --backend cuda --pass backward` (or the CLI's equivalent) at
 # bf16, seqlen 8k, d 64/128, beside PyTorch's FA2 / cuDNN backward; the GPU tests of the
@@ -148,6 +164,7 @@ fi
 step_environment
 step_tests
 step_bench_forward
+step_fp8
 step_cli
 step_backward
 step_decode

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes wgmma.cuh: the wgmma wrappers the Hopper kernel uses, one per (A source, type, N).
+"""Writes wgmma.cuh: the wgmma wrappers the Hopper kernels use, one per (A source, type, N).
 
 An m64nNk16 wgmma with f32 accumulators names N/2 accumulator registers in its asm, too many to
 write by hand. Run `python3 gen_wgmma.py > wgmma.cuh` after changing the lists below; the output
@@ -8,6 +8,9 @@ is committed, so building needs no Python.
 
 N_SIZES = [64, 80, 96, 112, 128, 144, 160, 176, 192, 256]
 TYPES = {"bf16": "bf16", "f16": "f16"}
+# FP8 e4m3 (k = 32, both operands K-major, no transpose flags): S = Q K^T with N = block_n, and
+# O += P V with N = head_dim.
+FP8_N_SIZES = [64, 96, 128, 160, 192, 224, 256]
 
 
 def acc_list(n):
@@ -44,6 +47,26 @@ def main():
                 f"        : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"(accumulate));\n"
                 f"}}\n\n"
             )
+    out.append("// FP8 e4m3, k32: both operands K-major (P V reads V transposed in shared memory); RS: A\n")
+    out.append("// from registers, 4 x b32 = 16 e4m3 values.\n\n")
+    for n in FP8_N_SIZES:
+        k = n // 2
+        out.append(
+            f"__device__ __forceinline__ void wgmma_ss_e4m3_n{n}(float (&d)[{k}], uint64_t da, uint64_t db, int accumulate) {{\n"
+            f"    asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 2}, 0;\\n\"\n"
+            f"        \"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3 {{{acc_list(n)}}}, %{k}, %{k + 1}, p, 1, 1;\\n}}\\n\"\n"
+            f"        : {acc_operands(n)}\n"
+            f"        : \"l\"(da), \"l\"(db), \"r\"(accumulate));\n"
+            f"}}\n\n"
+        )
+        out.append(
+            f"__device__ __forceinline__ void wgmma_rs_e4m3_n{n}(float (&d)[{k}], const uint32_t (&a)[4], uint64_t db, int accumulate) {{\n"
+            f"    asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{k + 5}, 0;\\n\"\n"
+            f"        \"wgmma.mma_async.sync.aligned.m64n{n}k32.f32.e4m3.e4m3 {{{acc_list(n)}}}, {{%{k}, %{k + 1}, %{k + 2}, %{k + 3}}}, %{k + 4}, p, 1, 1;\\n}}\\n\"\n"
+            f"        : {acc_operands(n)}\n"
+            f"        : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"(accumulate));\n"
+            f"}}\n\n"
+        )
     print("".join(out), end="")
 
 

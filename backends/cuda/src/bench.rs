@@ -10,7 +10,7 @@ use crate::naive::scores_bytes;
 use crate::variants::{KernelKind, Variant};
 use crate::CudaBackend;
 use flashattn_core::{
-    random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Pass, Result,
+    random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, DType, Error, Pass, Result,
 };
 
 /// Problems smaller than this (about 1 ms of work at 1 TFLOP/s) do not decide the kernel choice.
@@ -46,6 +46,12 @@ impl CudaBackend {
             contenders.push(self.choose(&checked)?);
         }
         let scores = match algo {
+            Algorithm::Naive if spec.dtype == DType::Fp8E4m3 => {
+                return Err(Error::unsupported(
+                    BACKEND,
+                    "the naive kernel takes f32, f16 or bf16, not fp8e4m3",
+                ))
+            }
             Algorithm::Naive => {
                 contenders.truncate(1);
                 Some(scores_bytes(&checked)?)

@@ -3,6 +3,7 @@
 
 use crate::compile::BACKEND;
 use crate::device::{DevBuf, DeviceInfo, Gpu};
+use crate::fp8::Fp8Buffers;
 use crate::params::KernelParams;
 use crate::tensor_map::TensorMapParams;
 use crate::tiles::{
@@ -68,6 +69,8 @@ pub(crate) struct Buffers {
     cu_q: Option<DevBuf>,
     cu_k: Option<DevBuf>,
     alibi: Option<DevBuf>,
+    /// FP8: descales and the transposed V (fp8.rs).
+    fp8: Option<Fp8Buffers>,
 }
 
 impl Buffers {
@@ -95,7 +98,7 @@ impl Buffers {
     }
 
     /// Wraps the caller's tensors; only the small side tables are allocated.
-    fn callers(spec: &AttentionSpec, t: &DeviceTensors) -> Result<Buffers> {
+    fn callers(spec: &CheckedSpec<'_>, t: &DeviceTensors) -> Result<Buffers> {
         Buffers::with_tensors(
             spec,
             DevTensor::Callers(t.q),
@@ -107,7 +110,7 @@ impl Buffers {
     }
 
     fn with_tensors(
-        spec: &AttentionSpec,
+        spec: &CheckedSpec<'_>,
         q: DevTensor,
         k: DevTensor,
         v: DevTensor,
@@ -125,6 +128,10 @@ impl Buffers {
             Some(a) => Some(DevBuf::from_bytes(bytemuck::cast_slice(&a.slopes))?),
             None => None,
         };
+        let fp8 = match spec.dtype {
+            DType::Fp8E4m3 => Some(Fp8Buffers::new(spec)?),
+            _ => None,
+        };
         Ok(Buffers {
             q,
             k,
@@ -134,6 +141,7 @@ impl Buffers {
             cu_q,
             cu_k,
             alibi,
+            fp8,
         })
     }
 
@@ -142,7 +150,8 @@ impl Buffers {
             .iter()
             .filter_map(|b| b.as_ref())
             .map(|b| b.bytes as u64)
-            .sum()
+            .sum::<u64>()
+            + self.fp8.as_ref().map_or(0, |f| f.bytes() as u64)
     }
 
     /// The kernels' parameters for `spec` with query blocks of `block_m`, and our pointers.
@@ -222,9 +231,12 @@ pub fn select_hopper(
             "the Hopper kernel needs sm_90a, this GPU is {arch}"
         ));
     }
+    if spec.dtype == DType::Fp8E4m3 {
+        return crate::fp8::select(spec, info, block_n, stages);
+    }
     if !matches!(spec.dtype, DType::Bf16 | DType::F16) {
         return Err(format!(
-            "the Hopper kernel takes bf16 or f16, not {}",
+            "the Hopper kernel takes bf16, f16 or fp8e4m3, not {}",
             spec.dtype
         ));
     }
@@ -315,7 +327,8 @@ pub fn flash_launch(
         Tiles::Hopper(t) => {
             let mut p = KernelParams::new(spec, t.block_m)?;
             p.head_major_tiles = head_major_order(spec.causal, spec.head_dim) as i32;
-            let l = t.launch(spec.head_dim, p.total_tiles as usize, sm_count);
+            let elem = spec.dtype.size_bytes();
+            let l = t.launch(spec.head_dim, elem, p.total_tiles as usize, sm_count);
             (p, l)
         }
         Tiles::Mma(t) => {
@@ -369,13 +382,13 @@ impl CudaBackend {
 
     /// Every kernel family that can run `spec` here, in the default order (never empty).
     pub(crate) fn candidates(&self, spec: &CheckedSpec<'_>) -> Result<Vec<Variant>> {
-        if spec.dtype == DType::Fp8E4m3 {
-            return Err(unsupported(
-                "fp8e4m3 is not implemented in the CUDA backend yet",
-            ));
-        }
+        let kinds: &[KernelKind] = match spec.dtype {
+            // Only Hopper has FP8 tensor cores that the backend drives.
+            DType::Fp8E4m3 => &[KernelKind::Hopper],
+            _ => &[KernelKind::Hopper, KernelKind::Mma, KernelKind::Generic],
+        };
         let (mut ok, mut why) = (Vec::new(), Vec::new());
-        for kind in [KernelKind::Hopper, KernelKind::Mma, KernelKind::Generic] {
+        for &kind in kinds {
             match self.try_kind(spec, kind) {
                 Ok(v) => ok.push(v),
                 Err(e) => why.push(e),
@@ -393,7 +406,11 @@ impl CudaBackend {
         kind: KernelKind,
     ) -> std::result::Result<Variant, String> {
         match kind {
-            KernelKind::Hopper => self.hopper_variant(spec),
+            KernelKind::HopperFp8 if spec.dtype != DType::Fp8E4m3 => Err(format!(
+                "the hopper_fp8 kernel takes fp8e4m3, not {}",
+                spec.dtype
+            )),
+            KernelKind::Hopper | KernelKind::HopperFp8 => self.hopper_variant(spec),
             KernelKind::Mma => self.mma_variant(spec),
             KernelKind::Generic => self.generic_variant(spec),
             KernelKind::Naive | KernelKind::DecodeMma | KernelKind::DecodeSimt => Err(format!(
@@ -441,16 +458,39 @@ impl CudaBackend {
         bufs.set_pointers(&mut p);
         match variant.tiles {
             Tiles::Hopper(tiles) => {
-                let bf16 = spec.dtype == DType::Bf16;
+                let dt = spec.dtype;
                 let (qt, kt) = (spec.sizes.q_tokens, spec.sizes.k_tokens);
-                let map = |tokens, heads, dim, rows| TensorMapParams::new(tokens, heads, dim, rows);
+                let map = |tokens, heads, dim, rows| {
+                    TensorMapParams::of_dtype(dt, tokens, heads, dim, rows)
+                };
                 let mut tq = map(qt, spec.heads_q, spec.head_dim, tiles.block_m)?
-                    .encode(bufs.q.ptr(), bf16)?;
+                    .encode(bufs.q.ptr(), dt)?;
                 let mut tk = map(kt, spec.heads_kv, spec.head_dim, tiles.block_n)?
-                    .encode(bufs.k.ptr(), bf16)?;
-                let mut tv = map(kt, spec.heads_kv, spec.head_dim_v, tiles.block_n)?
-                    .encode(bufs.v.ptr(), bf16)?;
-                let args = &mut [arg(&mut tq), arg(&mut tk), arg(&mut tv), arg(&mut p)];
+                    .encode(bufs.k.ptr(), dt)?;
+                let Some(fp8) = &bufs.fp8 else {
+                    let mut tv = map(kt, spec.heads_kv, spec.head_dim_v, tiles.block_n)?
+                        .encode(bufs.v.ptr(), dt)?;
+                    let args = &mut [arg(&mut tq), arg(&mut tk), arg(&mut tv), arg(&mut p)];
+                    return launch(&self.gpu, variant, l, args);
+                };
+                // FP8: V transposed first (same stream), then the attention kernel reads Vt.
+                let mut f = fp8.args();
+                let transpose = fp8.tables.transpose_launch(spec.heads_kv, spec.head_dim_v);
+                if let Some(t) = transpose.map_err(unsupported)? {
+                    let func = self.gpu.function(variant, 1, t.smem)?;
+                    let args = &mut [arg(&mut p), arg(&mut f)];
+                    self.gpu.launch(func, t.grid, t.block, t.smem, args)?;
+                }
+                let vt_map =
+                    TensorMapParams::fp8_vt(fp8.tables.vt_keys(), spec.heads_kv, spec.head_dim_v)?;
+                let mut tv = vt_map.encode(fp8.vt.ptr, dt)?;
+                let args = &mut [
+                    arg(&mut tq),
+                    arg(&mut tk),
+                    arg(&mut tv),
+                    arg(&mut p),
+                    arg(&mut f),
+                ];
                 launch(&self.gpu, variant, l, args)
             }
             _ => launch(&self.gpu, variant, l, &mut [arg(&mut p)]),
@@ -527,7 +567,7 @@ impl CudaBackend {
         }
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let bufs = Buffers::callers(spec, tensors)?;
+        let bufs = Buffers::callers(&checked, tensors)?;
         self.launch_flash(&checked, &variant, &bufs)?;
         self.gpu.synchronize()
     }

@@ -4,6 +4,11 @@
 //!   FlashAttention-3-style kernel (kernels/hopper_fwd.cu): TMA loads into an mbarrier-guarded
 //!   shared-memory ring, a producer warpgroup and two consumer warpgroups (setmaxnreg), wgmma
 //!   for Q K^T and P V, a persistent grid, causal/window block skipping.
+//! * FP8 e4m3 (head_dim = head_dim_v 128 or 256, softcap/ALiBi at 128 only, descales per
+//!   (batch, KV head), bf16 output)
+//!   runs an FP8 build of the same kernel on sm_90a only (fp8.rs): a pre-pass writes V
+//!   transposed (wgmma's 8-bit B operand must be K-major), QGMMA for both products, P in e4m3.
+//!   Compile- and SASS-checked; not yet run on a GPU (the canary guards its first use).
 //! * Other f16/bf16 problems on sm_80 and later (A100, RTX 30/40, L4, L40, H100 outside those
 //!   shapes) run a FlashAttention-2-style tensor-core kernel (kernels/mma_fwd.cu): mma.sync,
 //!   ldmatrix, cp.async, any head_dim up to 256.
@@ -14,7 +19,7 @@
 //!   opened at run time (system CUDA, the pip wheel nvidia-cuda-nvrtc, or
 //!   `FLASHATTN_CUDA_PATH` / `FLASHATTN_NVRTC_PATH`).
 //!
-//! `FLASHATTN_CUDA_KERNEL=hopper|mma|generic` forces a kernel family (tests use it to check each).
+//! `FLASHATTN_CUDA_KERNEL=hopper|hopper_fp8|mma|generic` forces a kernel family (tests use it to check each).
 
 mod backward;
 mod bench;
@@ -26,6 +31,7 @@ mod decode_device;
 mod decode_tiles;
 mod device;
 mod forward;
+mod fp8;
 mod kv_cache;
 mod loader;
 mod naive;
@@ -44,6 +50,7 @@ pub use decode_device::DeviceDecode;
 pub use decode_tiles::{decode_head_dim, decode_tiles, num_splits, DecodeTiles, DECODE_HEAD_DIMS};
 pub use device::{probe, DeviceInfo};
 pub use forward::{flash_launch, select_generic, select_hopper, select_mma, DeviceTensors};
+pub use fp8::{Fp8Args, Fp8Tables, KEY_PAD};
 pub use kv_cache::CudaKvCache;
 pub use loader::{nvrtc_search_dirs, nvrtc_search_dirs_in, SearchEnv};
 pub use params::{DecodeParams, KernelParams};
@@ -105,7 +112,7 @@ fn forced_kernel() -> Result<Option<KernelKind>> {
                 Error::argument(
                     "FLASHATTN_CUDA_KERNEL",
                     name,
-                    "expected hopper, mma or generic",
+                    "expected hopper, hopper_fp8, mma or generic",
                 )
             }),
         _ => Ok(None),

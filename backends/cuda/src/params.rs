@@ -106,7 +106,7 @@ impl DecodeParams {
     }
 }
 
-fn to_i32(field: &'static str, v: usize) -> Result<i32> {
+pub(crate) fn to_i32(field: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         Error::unsupported(
             BACKEND,

@@ -63,41 +63,56 @@ pub fn check_tiles(
     block_n: Option<usize>,
     stages: Option<usize>,
 ) -> Result<HopperTiles, String> {
-    let mut t = hopper_tiles(head_dim)
+    let t = hopper_tiles(head_dim)
         .ok_or_else(|| format!("no Hopper kernel for head_dim {head_dim}"))?;
-    if let Some(n) = block_n {
-        if !HOPPER_BLOCK_N_CHOICES.contains(&n) {
-            return Err(format!(
-                "block_n {n} is not one of {HOPPER_BLOCK_N_CHOICES:?}"
-            ));
-        }
-        t.block_n = n;
-    }
-    if let Some(s) = stages {
-        if !(2..=4).contains(&s) {
-            return Err(format!("stages {s} is not in 2..=4"));
-        }
-        t.stages = s;
-    }
-    if t.smem_bytes(head_dim) > HOPPER_SMEM_LIMIT {
-        return Err(format!(
-            "block_n {} with {} stages needs {} bytes of shared memory",
-            t.block_n,
-            t.stages,
-            t.smem_bytes(head_dim)
-        ));
-    }
-    Ok(t)
+    t.with_overrides(&HOPPER_BLOCK_N_CHOICES, block_n, stages, head_dim, 2)
 }
 
 impl HopperTiles {
-    /// Dynamic shared memory: Q, the K and V rings, 1 KiB for aligning to the swizzle
-    /// period, and the mbarriers.
+    /// Dynamic shared memory with 16-bit elements: see [`HopperTiles::smem_bytes_with`].
     pub fn smem_bytes(&self, head_dim: usize) -> usize {
-        let q = self.block_m * head_dim * 2;
-        let kv = 2 * self.stages * self.block_n * head_dim * 2;
+        self.smem_bytes_with(head_dim, 2)
+    }
+
+    /// Dynamic shared memory with elements of `elem_bytes`: Q, the K and V rings, 1 KiB for
+    /// aligning to the swizzle period, and the mbarriers.
+    pub fn smem_bytes_with(&self, head_dim: usize, elem_bytes: usize) -> usize {
+        let q = self.block_m * head_dim * elem_bytes;
+        let kv = 2 * self.stages * self.block_n * head_dim * elem_bytes;
         let barriers = 8 * (2 + 4 * self.stages);
         q + kv + 1024 + barriers
+    }
+
+    /// Sets the keys per block (one of `choices`) and the ring depth (2 to 4); `None` keeps
+    /// the value. Checks that the tiles fit in shared memory.
+    pub(crate) fn with_overrides(
+        mut self,
+        choices: &[usize],
+        block_n: Option<usize>,
+        stages: Option<usize>,
+        head_dim: usize,
+        elem_bytes: usize,
+    ) -> Result<HopperTiles, String> {
+        if let Some(n) = block_n {
+            if !choices.contains(&n) {
+                return Err(format!("block_n {n} is not one of {choices:?}"));
+            }
+            self.block_n = n;
+        }
+        if let Some(s) = stages {
+            if !(2..=4).contains(&s) {
+                return Err(format!("stages {s} is not in 2..=4"));
+            }
+            self.stages = s;
+        }
+        let smem = self.smem_bytes_with(head_dim, elem_bytes);
+        if smem > HOPPER_SMEM_LIMIT {
+            return Err(format!(
+                "block_n {} with {} stages needs {smem} bytes of shared memory",
+                self.block_n, self.stages,
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -328,10 +343,12 @@ pub fn grid_yz(n: usize, what: &str) -> Result<u32, String> {
 }
 
 impl HopperTiles {
-    /// The persistent launch: one CTA per SM (never more than tiles), 384 threads.
+    /// The persistent launch: one CTA per SM (never more than tiles), 384 threads; elements of
+    /// `elem_bytes` (2, or 1 for FP8).
     pub fn launch(
         &self,
         head_dim: usize,
+        elem_bytes: usize,
         total_tiles: usize,
         sm_count: usize,
     ) -> Result<Launch, String> {
@@ -342,7 +359,7 @@ impl HopperTiles {
                 1,
             ),
             block: HOPPER_THREADS,
-            smem: self.smem_bytes(head_dim),
+            smem: self.smem_bytes_with(head_dim, elem_bytes),
         })
     }
 }
@@ -548,12 +565,12 @@ mod tests {
         assert!(t.launch(96, 1 << 31).is_err());
         // Hopper: persistent, one CTA per SM at most.
         let h = hopper_tiles(128).unwrap();
-        let l = h.launch(128, 1000, 132).unwrap();
+        let l = h.launch(128, 2, 1000, 132).unwrap();
         assert_eq!(
             (l.grid, l.block, l.smem),
             ((132, 1, 1), 384, h.smem_bytes(128))
         );
-        assert_eq!(h.launch(128, 7, 132).unwrap().grid, (7, 1, 1));
+        assert_eq!(h.launch(128, 2, 7, 132).unwrap().grid, (7, 1, 1));
         // Portable: (query blocks, heads, batch), y and z below 65536.
         let l = GENERIC_TILES.launch(9, 16, 3, 64, 64).unwrap();
         assert_eq!((l.grid, l.block), ((9, 16, 3), 128));

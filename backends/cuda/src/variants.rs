@@ -5,8 +5,9 @@
 //! compile and SASS tests iterate over [`variants_for_arch`].
 
 use crate::decode_tiles::{decode_tiles, DecodeTiles, DECODE_HEAD_DIMS, DECODE_WARPS};
+use crate::fp8::{fp8_score_mod_builds, hopper_fp8_tiles, FP8_HEAD_DIMS};
 use crate::params::{DecodeParams, KernelParams};
-use crate::tensor_map::BOX_COLS;
+use crate::tensor_map::{BOX_COLS, FP8_BOX_COLS};
 use crate::tiles::{
     hopper_tiles, mma_tiles, smem_optin_of_arch, GenericTiles, HopperTiles, MmaTiles,
     GENERIC_TILES, HOPPER_HEAD_DIMS, HOPPER_THREADS, MMA_HEAD_DIMS,
@@ -22,6 +23,7 @@ const PTX: (&str, &str) = ("ptx.cuh", include_str!("../kernels/ptx.cuh"));
 const PTX_HOPPER: (&str, &str) = ("ptx_hopper.cuh", include_str!("../kernels/ptx_hopper.cuh"));
 const WGMMA: (&str, &str) = ("wgmma.cuh", include_str!("../kernels/wgmma.cuh"));
 const HOPPER: (&str, &str) = ("hopper_fwd.cu", include_str!("../kernels/hopper_fwd.cu"));
+const FP8_VT: (&str, &str) = ("fp8_vt.cu", include_str!("../kernels/fp8_vt.cu"));
 const MMA: (&str, &str) = ("mma_fwd.cu", include_str!("../kernels/mma_fwd.cu"));
 const GENERIC: (&str, &str) = ("generic_fwd.cu", include_str!("../kernels/generic_fwd.cu"));
 const NAIVE: (&str, &str) = ("naive.cu", include_str!("../kernels/naive.cu"));
@@ -39,6 +41,8 @@ pub const CI_ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90a"];
 pub enum KernelKind {
     /// FlashAttention-3-style TMA + wgmma kernel; sm_90a only.
     Hopper,
+    /// The same kernel for FP8 e4m3 (QGMMA), after a pass that transposes V; sm_90a only.
+    HopperFp8,
     /// FlashAttention-2-style mma.sync + ldmatrix + cp.async kernel; sm_80 and later.
     Mma,
     /// Portable flash kernel on CUDA cores; any sm_70+ GPU, any shape, f32.
@@ -79,6 +83,19 @@ const HOPPER_DEF: KernelDef = KernelDef {
     min_sm: 90,
     only_arch: Some("sm_90a"),
     sass_needs: &["HGMMA", "UTMALDG"],
+};
+
+const HOPPER_FP8_DEF: KernelDef = KernelDef {
+    name: "hopper_fp8",
+    pass: Pass::Forward,
+    sources: &[
+        PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, PTX_HOPPER, WGMMA, FP8_VT, HOPPER,
+    ],
+    entry_points: &["fa_hopper_fwd", "fa_fp8_transpose_v"],
+    min_sm: 90,
+    only_arch: Some("sm_90a"),
+    // F2FP...E4M3: P converted to e4m3 in registers.
+    sass_needs: &["QGMMA", "UTMALDG", "F2FP.SATFINITE.E4M3.F32"],
 };
 
 const MMA_DEF: KernelDef = KernelDef {
@@ -155,8 +172,9 @@ pub const DECODE_APPEND_ENTRY: usize = 0;
 pub const DECODE_COMBINE_ENTRY: usize = 1;
 
 impl KernelKind {
-    pub const ALL: [KernelKind; 6] = [
+    pub const ALL: [KernelKind; 7] = [
         KernelKind::Hopper,
+        KernelKind::HopperFp8,
         KernelKind::Mma,
         KernelKind::Generic,
         KernelKind::Naive,
@@ -167,6 +185,7 @@ impl KernelKind {
     pub fn def(self) -> &'static KernelDef {
         match self {
             KernelKind::Hopper => &HOPPER_DEF,
+            KernelKind::HopperFp8 => &HOPPER_FP8_DEF,
             KernelKind::Mma => &MMA_DEF,
             KernelKind::Generic => &GENERIC_DEF,
             KernelKind::Naive => &NAIVE_DEF,
@@ -207,9 +226,14 @@ pub struct Variant {
 }
 
 impl Variant {
+    /// The Hopper kernel; FP8 e4m3 selects its FP8 build ([`KernelKind::HopperFp8`]).
     pub fn hopper(dtype: DType, head_dim: usize, score_mod: bool, tiles: HopperTiles) -> Self {
         Variant {
-            kind: KernelKind::Hopper,
+            kind: if dtype == DType::Fp8E4m3 {
+                KernelKind::HopperFp8
+            } else {
+                KernelKind::Hopper
+            },
             dtype,
             head_dim,
             score_mod,
@@ -260,7 +284,10 @@ impl Variant {
         let base = format!("{}_{}", self.kind.def().name, self.dtype.name());
         match self.tiles {
             Tiles::Hopper(t) => {
-                let default = hopper_tiles(self.head_dim);
+                let default = match self.kind {
+                    KernelKind::HopperFp8 => hopper_fp8_tiles(self.head_dim),
+                    _ => hopper_tiles(self.head_dim),
+                };
                 let mut n = format!("{base}_d{}", self.head_dim);
                 if self.score_mod {
                     n.push_str("_mod");
@@ -319,7 +346,7 @@ impl Variant {
                 ("STAGES", t.stages),
                 ("SCORE_MOD", self.score_mod as usize),
                 ("NUM_THREADS", HOPPER_THREADS as usize),
-                ("COL_BLOCK", BOX_COLS as usize),
+                ("COL_BLOCK", self.col_block()),
             ]),
             Tiles::Mma(t) => d.extend([
                 ("HEAD_DIM", self.head_dim),
@@ -343,6 +370,14 @@ impl Variant {
             Tiles::None => {}
         }
         d.into_iter().map(|(k, v)| format!("-D{k}={v}")).collect()
+    }
+
+    /// Elements per 128-byte shared-memory row of the Hopper kernels (the TMA box width).
+    fn col_block(&self) -> usize {
+        match self.dtype {
+            DType::Fp8E4m3 => FP8_BOX_COLS as usize,
+            _ => BOX_COLS as usize,
+        }
     }
 
     /// Whether this variant can be built for `arch` (e.g. `sm_90a`).
@@ -370,6 +405,16 @@ pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
                 if let Some(t) = hopper_tiles(d) {
                     v.push(Variant::hopper(dtype, d, score_mod, t));
                 }
+            }
+        }
+    }
+    for d in FP8_HEAD_DIMS {
+        for score_mod in [false, true] {
+            if score_mod && !fp8_score_mod_builds(d) {
+                continue;
+            }
+            if let Some(t) = hopper_fp8_tiles(d) {
+                v.push(Variant::hopper(DType::Fp8E4m3, d, score_mod, t));
             }
         }
     }
@@ -494,6 +539,23 @@ mod tests {
             ]
         );
         assert_eq!(Variant::naive(DType::Bf16).defines(), ["-DFA_DTYPE=2"]);
+        // FP8: 128 one-byte elements per 128-byte row.
+        let v = Variant::hopper(DType::Fp8E4m3, 256, false, hopper_fp8_tiles(256).unwrap());
+        assert_eq!(v.kind, KernelKind::HopperFp8);
+        assert_eq!(v.name(), "hopper_fp8_fp8e4m3_d256");
+        assert_eq!(
+            v.defines(),
+            [
+                "-DFA_DTYPE=3",
+                "-DHEAD_DIM=256",
+                "-DBLOCK_M=128",
+                "-DBLOCK_N=128",
+                "-DSTAGES=2",
+                "-DSCORE_MOD=0",
+                "-DNUM_THREADS=384",
+                "-DCOL_BLOCK=128",
+            ]
+        );
     }
 
     #[test]
@@ -552,6 +614,9 @@ mod tests {
                 .count()
         };
         assert_eq!(count("sm_90a", KernelKind::Hopper), 12);
+        // FP8: head_dim 128 and 256, score mods at 128 only.
+        assert_eq!(count("sm_90a", KernelKind::HopperFp8), 3);
+        assert_eq!(count("sm_89", KernelKind::HopperFp8), 0);
         for arch in CI_ARCHS {
             // Every mma bucket fits every CI arch's shared memory, in both dtypes.
             assert_eq!(count(arch, KernelKind::Mma), 16, "{arch}");

@@ -10,7 +10,10 @@
 
 mod common;
 
-use common::emu::{check_compiler, emulator_source, run_dir, run_with_limit, Drivers};
+use common::emu::{
+    build_binary, check_compiler, emulator_source, run_dir, run_with_limit, sources_for_emulator,
+    Drivers,
+};
 use common::{check_nan, mma_cases, named, nan_spec, run};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
@@ -19,7 +22,8 @@ use flashattn_core::{
     Output, Result, Tensor, TensorRef,
 };
 use flashattn_cuda::{
-    flash_launch, select_generic, select_mma, smem_optin_of_arch, KernelKind, Variant,
+    flash_launch, select_generic, select_mma, smem_optin_of_arch, Fp8Tables, KernelKind,
+    KernelParams, Variant,
 };
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -202,6 +206,102 @@ fn nan_reaches_exactly_the_rows_that_see_it() {
                 );
             }
         }
+    }
+}
+
+/// The key (within its 32-key group) whose P value `to_p` (hopper_fwd.cu) packs into logical
+/// column `l` of an 8-bit wgmma A operand: byte y of register 2h holds row g's accumulators
+/// 8h + {0, 1, 4, 5}[y] (PTX ISA layouts: A column 16h + 4t + y; accumulator v at column
+/// 8 (v / 4) + 2t + v % 2 for lane t = lane % 4).
+fn p_order_key(l: usize) -> usize {
+    let (h, t, y) = (l / 16, (l / 4) % 4, l % 4);
+    let v = 8 * h + [0, 1, 4, 5][y];
+    8 * (v / 4) + 2 * t + v % 2
+}
+
+/// The FP8 V transpose (kernels/fp8_vt.cu, the only FP8 code that runs without a GPU): every
+/// Vt byte of every (KV head, dim, sequence) holds the key `to_p` puts in that column, and zero
+/// past the sequence's keys up to its padded end; no byte is left unwritten.
+#[test]
+fn fp8_v_transpose_writes_vt_in_p_register_order() {
+    let Some(b) = emulated("sm_90a", KernelKind::HopperFp8) else {
+        return;
+    };
+    let fp8 = DType::Fp8E4m3;
+    let cases = [
+        AttentionSpec::new(2, 6, 40, 300, 128)
+            .heads_kv(3)
+            .dtype(fp8),
+        AttentionSpec::new(1, 2, 10, 300, 256)
+            .dtype(fp8)
+            .varlen(vec![0, 5, 5, 10], vec![0, 1, 1, 290]),
+    ];
+    let sources = KernelKind::HopperFp8.def().sources;
+    let vt_sources: Vec<_> = sources
+        .iter()
+        .copied()
+        .filter(|(f, _)| ["params.cuh", "fp8_vt.cu"].contains(f))
+        .collect();
+    for spec in cases {
+        let (hkv, d) = (spec.heads_kv, spec.head_dim);
+        let checked = spec.validate().unwrap();
+        let tables = Fp8Tables::new(&checked).unwrap();
+        let launch = tables.transpose_launch(hkv, d).unwrap().unwrap();
+        let defines = [
+            "-DFA_DTYPE=3".to_string(),
+            format!("-DHEAD_DIM={d}"),
+            "-DEMU_KERNEL=fa_fp8_transpose_v".into(),
+            "-DEMU_FP8_VT".into(),
+            "-DEMU_SMEM_T=uint32_t".into(),
+        ];
+        let source = sources_for_emulator(&vt_sources) + DRIVER;
+        let bin = build_binary(&b.drivers.dir, &format!("fp8_vt_d{d}"), &source, &defines).unwrap();
+        let dir = run_dir(&b.drivers.dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).unwrap();
+        let params = KernelParams::new(&checked, 128).unwrap();
+        let v: Vec<u8> = (0..checked.sizes.v)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_right(13) as u8 | 1)
+            .collect();
+        let vt_bytes = tables.vt_keys() * hkv * d;
+        let (g, t) = (launch.grid, launch.block);
+        write("params.bin", bytemuck::bytes_of(&params));
+        write(
+            "launch.txt",
+            format!("{} {} {} {t} {vt_bytes} 0", g.0, g.1, g.2).as_bytes(),
+        );
+        write("q.bin", &[]);
+        write("k.bin", &[]);
+        write("v.bin", &v);
+        write("vt_start.bin", bytemuck::cast_slice(&tables.vt_start));
+        if let Some(vl) = &spec.varlen {
+            write("cu_q.bin", bytemuck::cast_slice(&vl.cu_seqlens_q));
+            write("cu_k.bin", bytemuck::cast_slice(&vl.cu_seqlens_k));
+        }
+        run_with_limit(&bin, &dir, Duration::from_secs(300)).unwrap();
+        let vt = std::fs::read(dir.join("out.bin")).unwrap();
+        assert_eq!(vt.len(), vt_bytes);
+        let row = tables.vt_keys();
+        for s in 0..spec.batch {
+            let seq = spec.seq(s);
+            let (start, end) = (tables.vt_start[s] as usize, tables.vt_start[s + 1] as usize);
+            for h in 0..hkv {
+                for dd in 0..d {
+                    for col in start..end {
+                        let rel = col - start;
+                        let key = rel / 32 * 32 + p_order_key(rel % 32);
+                        let want = if key < seq.k_len {
+                            v[((seq.k_start + key) * hkv + h) * d + dd]
+                        } else {
+                            0
+                        };
+                        let got = vt[(h * d + dd) * row + col];
+                        assert_eq!(got, want, "d{d} seq {s} head {h} dim {dd} column {col}");
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

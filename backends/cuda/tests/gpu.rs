@@ -1,6 +1,6 @@
 //! On an NVIDIA GPU: the CUDA backend against the f64 reference through core's test kit, for
 //! each kernel family the GPU runs: the automatic choice, then each family forced (Hopper
-//! wgmma on sm_90a, mma.sync on sm_80+, the portable kernel everywhere) on core's feature
+//! wgmma on sm_90a, its FP8 build there, mma.sync on sm_80+, the portable kernel everywhere) on core's feature
 //! cases, shapes that cross the kernels' block and pipeline boundaries, long key sequences,
 //! NaN inputs, core's random specs, and the device-resident API. Without a GPU every test
 //! prints why it skips, unless FLASHATTN_REQUIRE_BACKENDS names cuda.
@@ -10,7 +10,7 @@ mod common;
 use common::{check_nan, mma_cases, named, nan_spec, run};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
-use flashattn_core::{AttentionSpec, Backend, DType, Pass};
+use flashattn_core::{AttentionSpec, Backend, DType, Fp8Descale, Pass};
 use flashattn_cuda::{CudaBackend, KernelKind};
 use proptest::prelude::*;
 
@@ -20,7 +20,11 @@ fn backend(kind: Option<KernelKind>) -> Option<CudaBackend> {
     let mut b = backend_or_skip("cuda", CudaBackend::new)?;
     b.force_kernel(kind);
     if let Some(kind) = kind {
-        let probe = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Bf16);
+        let dtype = match kind {
+            KernelKind::HopperFp8 => DType::Fp8E4m3,
+            _ => DType::Bf16,
+        };
+        let probe = AttentionSpec::new(1, 1, 8, 8, 128).dtype(dtype);
         if let Err(e) = b.variant_for(&probe) {
             println!("SKIP {kind:?} kernel on {}: {e}", b.device());
             return None;
@@ -162,6 +166,58 @@ fn hopper_kernel_cases() {
     }
 }
 
+/// `pipeline_cases` the FP8 build takes: no softcap or ALiBi at head_dim 256.
+fn fp8_cases(d: usize) -> Vec<(String, AttentionSpec)> {
+    let mut v = pipeline_cases(DType::Fp8E4m3, &[d]);
+    v.retain(|(_, s)| d != 256 || (s.softcap == 0.0 && s.alibi.is_none()));
+    v
+}
+
+/// The FP8 e4m3 build (never run on a GPU before this test): every feature at head_dim 128
+/// (256 without score mods), long key sequences, descales per (batch, KV head), other tiles.
+#[test]
+fn hopper_fp8_cases() {
+    let Some(b) = backend(Some(KernelKind::HopperFp8)) else {
+        return;
+    };
+    let fp8 = DType::Fp8E4m3;
+    let mut cases = fp8_cases(128);
+    cases.extend(fp8_cases(256));
+    run(&b, "hopper fp8 pipeline", &cases, 8000);
+    run(&b, "hopper fp8 long", &long_cases(fp8, 256), 8100);
+    // Descales [batch, heads_kv]: every (batch, KV head) its own, far from 1.
+    let d = |n: usize, x: f32| (0..n).map(|i| x * (1.0 + i as f32)).collect::<Vec<_>>();
+    let scaled = |spec: AttentionSpec| {
+        let n = spec.batch * spec.heads_kv;
+        spec.fp8_descale(Fp8Descale {
+            q: d(n, 0.05),
+            k: d(n, 0.02),
+            v: d(n, 3.0),
+        })
+    };
+    let base = |d| {
+        AttentionSpec::new(2, 8, 300, 700, d)
+            .dtype(fp8)
+            .heads_kv(2)
+            .return_lse(true)
+    };
+    let cases = named(vec![
+        ("d128 descales", scaled(base(128))),
+        ("d256 descales causal", scaled(base(256).causal(true))),
+        ("d128 descales softcap", scaled(base(128).softcap(5.0))),
+    ]);
+    run(&b, "hopper fp8 descales", &cases, 8200);
+    for (d, n, st) in [(128, 256, 2), (128, 128, 4), (256, 128, 3)] {
+        let Some(mut b) = backend(Some(KernelKind::HopperFp8)) else {
+            return;
+        };
+        b.set_block_n(Some(n));
+        b.set_stages(Some(st));
+        let what = format!("hopper fp8 d{d} block_n {n} stages {st}");
+        run(&b, &what, &fp8_cases(d), 8300);
+    }
+}
+
 #[test]
 fn hopper_block_n_variants() {
     let Some(_) = backend(Some(KernelKind::Hopper)) else {
@@ -207,17 +263,19 @@ fn nan_reaches_exactly_the_rows_that_see_it() {
         (KernelKind::Mma, DType::Bf16),
         (KernelKind::Generic, DType::F32),
         (KernelKind::Hopper, DType::Bf16),
+        (KernelKind::HopperFp8, DType::Fp8E4m3),
     ] {
         let Some(b) = backend(Some(kind)) else {
             continue;
         };
         let mut spec = nan_spec(dtype);
-        if kind == KernelKind::Hopper {
+        let hopper = matches!(kind, KernelKind::Hopper | KernelKind::HopperFp8);
+        if hopper {
             spec.head_dim = 128;
             spec.head_dim_v = 128;
         }
         for nan_in_q in [false, true] {
-            check_nan(&b, &spec, nan_in_q, kind != KernelKind::Hopper).unwrap_or_else(|e| {
+            check_nan(&b, &spec, nan_in_q, !hopper).unwrap_or_else(|e| {
                 panic!(
                     "{kind:?} {dtype}, NaN in {}: {e}",
                     if nan_in_q { "q" } else { "k" }
@@ -258,9 +316,12 @@ fn kernel_choice_and_variant_names() {
             KernelKind::Generic
         }
     );
-    // fp8 is refused with a reason, not a panic.
+    // fp8 runs the FP8 Hopper build on sm_90a; elsewhere it is refused with a reason.
     let fp8 = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Fp8E4m3);
-    assert!(b.supports(&fp8).is_err());
+    match b.info().arch().as_str() {
+        "sm_90a" => assert_eq!(b.variant_for(&fp8).unwrap().kind, KernelKind::HopperFp8),
+        _ => assert!(b.supports(&fp8).is_err()),
+    }
 }
 
 proptest! {

@@ -52,8 +52,13 @@ pub fn run_dir(dir: &Path) -> PathBuf {
 /// emu.h and `variant`'s sources as the emulator compiles them: the PTX headers replaced,
 /// params.cuh's fixed-width typedefs dropped for <cstdint>'s.
 pub fn emulator_source(variant: &Variant) -> String {
+    sources_for_emulator(variant.kind.def().sources)
+}
+
+/// emu.h and `sources` (file name, text) as the emulator compiles them.
+pub fn sources_for_emulator(sources: &[(&str, &str)]) -> String {
     let mut src = String::from(EMU_H);
-    for (file, text) in variant.kind.def().sources {
+    for (file, text) in sources {
         if REPLACED.contains(file) {
             continue;
         }
@@ -98,26 +103,36 @@ impl Drivers {
         source: &str,
         extra: &[String],
     ) -> std::result::Result<PathBuf, String> {
-        let name = variant.name();
-        let cpp = self.dir.join(format!("{name}.cpp"));
-        let bin = self.dir.join(&name);
-        std::fs::write(&cpp, source).map_err(|e| e.to_string())?;
-        let out = Command::new(cxx())
-            .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
-            .arg(&bin)
-            .arg(&cpp)
-            .args(variant.defines())
-            .args(extra)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "does not compile as C++:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(bin)
+        let mut defines = variant.defines();
+        defines.extend_from_slice(extra);
+        build_binary(&self.dir, &variant.name(), source, &defines)
     }
+}
+
+/// Compiles `source` with `defines` into the binary `dir/name`.
+pub fn build_binary(
+    dir: &Path,
+    name: &str,
+    source: &str,
+    defines: &[String],
+) -> std::result::Result<PathBuf, String> {
+    let cpp = dir.join(format!("{name}.cpp"));
+    let bin = dir.join(name);
+    std::fs::write(&cpp, source).map_err(|e| e.to_string())?;
+    let out = Command::new(cxx())
+        .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+        .arg(&bin)
+        .arg(&cpp)
+        .args(defines)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "does not compile as C++:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(bin)
 }
 
 /// Runs `bin` on `dir`, killed after `limit` (a deadlocked emulation must fail, not hang).

@@ -3,9 +3,16 @@
 //   ("grid_x grid_y grid_z threads out_bytes lse_floats"), q.bin k.bin v.bin and, when the
 //   spec has them, cu_q.bin cu_k.bin alibi.bin; writes DIR/out.bin and DIR/lse.bin.
 // The harness prepends emu.h and the kernel's sources and defines EMU_KERNEL (its entry point).
+// With EMU_FP8_VT the kernel is the FP8 V transpose (fp8_vt.cu): its Fp8Args take vt_start.bin,
+// and its Vt is the output (out.bin, out_bytes long, preset to 0xcd so unwritten bytes show).
 
 static const Params* emu_params;
+#ifdef EMU_FP8_VT
+static Fp8Args emu_fp8;
+static void emu_kernel() { EMU_KERNEL(*emu_params, emu_fp8); }
+#else
 static void emu_kernel() { EMU_KERNEL(*emu_params); }
+#endif
 
 int main(int argc, char** argv) {
     if (argc != 2) emu_fail("usage: driver DIR", argc, 0);
@@ -39,6 +46,12 @@ int main(int argc, char** argv) {
     p.cu_seqlens_q = cu_q.empty() ? nullptr : (const int*)cu_q.data();
     p.cu_seqlens_k = cu_k.empty() ? nullptr : (const int*)cu_k.data();
     p.alibi = alibi.empty() ? nullptr : (const float*)alibi.data();
+#ifdef EMU_FP8_VT
+    std::vector<char> vt_start = emu_read(dir + "/vt_start.bin", true);
+    emu_fp8.vt_start = (const int*)vt_start.data();
+    std::memset(out.data(), 0xcd, out.size());
+    emu_fp8.vt = (uint8_t*)out.data();
+#endif
 
     gridDim = {gx, gy, gz};
     blockDim = {threads, 1, 1};
