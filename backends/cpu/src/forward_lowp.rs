@@ -165,6 +165,7 @@ impl<L: Lowp> Products<L> for LowProducts {
             ldc: p.ld,
             alpha: std::ptr::null(),
             scale: scale as f32,
+            chunk: qk_chunk(),
         };
         low_qk_product::<L>(blk.nk, cols, t);
     }
@@ -206,7 +207,23 @@ impl<L: Lowp> Products<L> for LowProducts {
             ldc: p.dv_pad,
             alpha: sc.alpha.as_ptr(),
             scale: 1.0 / v_scale,
+            chunk: pv_chunk(),
         };
         low_pv_product::<L>(rows, l.dv_pad, t);
     }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+fn qk_chunk() -> usize {
+    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *C.get_or_init(|| env_usize("FA_QK_CHUNK", 32))
+}
+fn pv_chunk() -> usize {
+    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *C.get_or_init(|| env_usize("FA_PV_CHUNK", 32))
 }

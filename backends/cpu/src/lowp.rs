@@ -44,6 +44,9 @@ pub(crate) struct LowTile {
     pub ldc: usize,
     pub alpha: *const f32,
     pub scale: f32,
+    /// Reduction steps an f16 accumulator runs before it is added into the f32 result
+    /// (the f16 format only: each chunk's sum is rounded at f16's relative precision).
+    pub chunk: usize,
 }
 
 /// A low-precision level: the f32 primitives of AVX-512 (`Simd`) plus its tile format.
@@ -195,24 +198,6 @@ unsafe fn store_cols(c: *mut f32, x: __m512, scale: __m512, alpha: Option<__m512
     _mm512_storeu_ps(c, v);
 }
 
-/// Reduction steps an f16 accumulator runs before it is added into the f32 result.
-pub(crate) const FP16_CHUNK: usize = chunk();
-const fn chunk() -> usize {
-    match option_env!("FA_CHUNK") {
-        Some(s) => {
-            let b = s.as_bytes();
-            let mut v = 0;
-            let mut i = 0;
-            while i < b.len() {
-                v = v * 10 + (b[i] - b'0') as usize;
-                i += 1;
-            }
-            v
-        }
-        None => 32,
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile_fp16<const MR: usize, const NV: usize>(t: LowTile) {
@@ -220,7 +205,7 @@ unsafe fn tile_fp16<const MR: usize, const NV: usize>(t: LowTile) {
     let (mut a, mut b) = (t.a, t.b);
     let mut s0 = 0;
     while s0 < t.k {
-        let steps = FP16_CHUNK.min(t.k - s0);
+        let steps = t.chunk.min(t.k - s0);
         let mut acc = [[_mm512_setzero_si512(); NV]; MR];
         for _ in 0..steps {
             let mut bv = [_mm512_setzero_si512(); NV];
