@@ -131,3 +131,23 @@ pub(crate) fn cpu_model() -> Option<String> {
         .map(|(_, v)| v.trim().to_string())
         .filter(|v| !v.is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Isa;
+
+    #[test]
+    fn flags_parse_back_and_unknown_names_are_named() {
+        for isa in Isa::ALL {
+            assert_eq!(isa.flag().parse::<Isa>(), Ok(isa));
+        }
+        let err = "avx9".parse::<Isa>().unwrap_err();
+        assert!(
+            err.contains("\"avx9\"") && err.contains("avx512bf16"),
+            "{err}"
+        );
+        // The detected level is one this CPU runs, and the portable one always is.
+        assert!(Isa::detect().available() && Isa::Portable.available());
+        assert_eq!(Isa::all_available().first(), Some(&Isa::detect()));
+    }
+}

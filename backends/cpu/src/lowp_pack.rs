@@ -27,7 +27,10 @@ pub(crate) struct Rows {
 /// The factor a block of `src` rows is packed with: 2^e bringing its largest finite |x|
 /// into [4, 8) for the f16 format; 1 for bf16 (f32's range) or a block without finite
 /// non-zero values.
-pub(crate) fn block_scale<L: Lowp>(src: &Src, rows: Rows) -> f32 {
+///
+/// # Safety
+/// This CPU has `L`'s instructions.
+pub(crate) unsafe fn block_scale<L: Lowp>(src: &Src, rows: Rows) -> f32 {
     let (Some(bits), Format::F16) = (src.bits(), L::FORMAT) else {
         return 1.0;
     };
@@ -41,8 +44,7 @@ pub(crate) fn block_scale<L: Lowp>(src: &Src, rows: Rows) -> f32 {
         let at = rows.off + r * rows.stride;
         src.prefetch(at + PACK_AHEAD * rows.stride, rows.len);
         let row = &bits[at..at + rows.len];
-        // SAFETY: `row` holds `rows.len` values.
-        mx = mx.max(unsafe { L::max_magnitude(row.as_ptr(), row.len(), inf) });
+        mx = mx.max(L::max_magnitude(row.as_ptr(), row.len(), inf));
     }
     pow2_scale(to_f32(mx))
 }
@@ -249,11 +251,15 @@ mod tests {
         };
         if Isa::Avx512Fp16.available() {
             // SAFETY: checked just above.
-            let s = block_scale::<Avx512Fp16>(&Src::Bf16(&v), rows);
+            let s = unsafe { block_scale::<Avx512Fp16>(&Src::Bf16(&v), rows) };
             let scaled = bf16::from_f32(-3e6).to_f32() * s;
             assert!((4.0..8.0).contains(&scaled.abs()), "{scaled}");
         }
         // The bf16 format keeps f32's range: no scale (and no instruction runs).
-        assert_eq!(block_scale::<Avx512Bf16>(&Src::Bf16(&v), rows), 1.0);
+        // SAFETY: with the bf16 format it returns before any instruction of the level.
+        assert_eq!(
+            unsafe { block_scale::<Avx512Bf16>(&Src::Bf16(&v), rows) },
+            1.0
+        );
     }
 }
