@@ -46,7 +46,7 @@ def sdpa_backward_fn(q, k, v, causal):
     """A function that times the backward alone: the forward graph is built once and kept
     (retain_graph), the gradients are cleared before each backward."""
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    dout = torch.rand(out.shape, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    dout = (torch.rand(out.shape, generator=torch.Generator().manual_seed(8)) * 2 - 1).to(out.dtype)
 
     def run():
         q.grad = k.grad = v.grad = None

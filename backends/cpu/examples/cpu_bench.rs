@@ -35,11 +35,7 @@ fn main() {
         None => CpuBackend::new(),
     };
     if let Some(isa) = opt("--isa") {
-        let isa = match isa.as_str() {
-            "avx512" => Isa::Avx512,
-            "avx2" => Isa::Avx2,
-            _ => Isa::Portable,
-        };
+        let isa: Isa = isa.parse().expect("--isa");
         backend = backend.with_isa(isa).expect("--isa");
     }
     let algo = if flag("--naive") {

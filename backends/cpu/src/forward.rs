@@ -13,7 +13,9 @@
 
 use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
+use crate::forward_lowp::{LowLayout, LowProducts, LowScratch};
 use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
+use crate::lowp::Lowp;
 use crate::params::{forward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
 use crate::thread_pool::{Kernel, ThreadPool};
@@ -22,66 +24,72 @@ use std::f32::consts::{LN_2, LOG2_E};
 use std::ops::Range;
 
 #[derive(Clone, Copy, Debug)]
-struct Task {
-    b: usize,
-    h: usize,
-    q0: usize,
+pub(crate) struct Task {
+    pub b: usize,
+    pub h: usize,
+    pub q0: usize,
 }
 
 /// Everything the workers share for one forward call.
-struct Problem<'a> {
-    spec: CheckedSpec<'a>,
-    q: Src<'a>,
-    k: Src<'a>,
-    v: Src<'a>,
+pub(crate) struct Problem<'a> {
+    pub spec: CheckedSpec<'a>,
+    pub q: Src<'a>,
+    pub k: Src<'a>,
+    pub v: Src<'a>,
     out: OutBuf,
     lse: Option<LseBuf>,
     tasks: Vec<Task>,
-    /// Multiplier folded into Q when packing: scale, times log2(e) unless softcap needs
-    /// the natural-scale score first.
-    q_mul: f32,
+    /// Multiplier folded into Q when packing (into the scores with low-precision tiles):
+    /// scale, times log2(e) unless softcap needs the natural-scale score first.
+    pub q_mul: f32,
     /// Whether scores need the scalar softcap / ALiBi pass.
     post: bool,
     /// Value dimension padded to the vector width (O scratch row length).
-    dv_pad: usize,
+    pub dv_pad: usize,
     /// f32 V with `dv` a multiple of the vector width is read in place, else packed.
     v_direct: bool,
     /// f32 K read in place, else packed.
     k_direct: bool,
-    blocks: Blocks,
+    pub blocks: Blocks,
     /// Row stride of Qt and S^T (floats): block_m, padded to an odd number of cache lines.
-    ld: usize,
+    pub ld: usize,
     /// Row stride of the packed V block: dv_pad, padded likewise when the P·V loop reads
     /// it in chunks narrower than a row.
     vld: usize,
+    /// The low-precision tiles' layout, when this call's dtype and instruction set use them.
+    pub low: Option<LowLayout>,
 }
 
 /// Per-worker tile scratch: O(block_m * (d + dv) + block_n * (block_m + d + dv)) floats,
 /// independent of the sequence lengths.
-struct Scratch {
+pub(crate) struct Scratch {
     qt: AlignedBuf,
     kp: AlignedBuf,
     vp: AlignedBuf,
-    s: AlignedBuf,
-    o: AlignedBuf,
+    pub s: AlignedBuf,
+    pub o: AlignedBuf,
     m: AlignedBuf,
     l: AlignedBuf,
-    alpha: AlignedBuf,
+    pub alpha: AlignedBuf,
     m_use: AlignedBuf,
     m_blk: AlignedBuf,
     row: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
+    /// The low-precision operands (empty with the f32 tiles).
+    pub low: LowScratch,
 }
 
 impl Scratch {
     fn new(p: &Problem) -> Self {
         let d = p.spec.head_dim;
         let Blocks { block_m, block_n } = p.blocks;
+        let f32_tiles = p.low.is_none();
+        let size = |n: usize| if f32_tiles { n } else { 0 };
         Scratch {
-            qt: AlignedBuf::zeroed(d * p.ld),
-            kp: AlignedBuf::zeroed(if p.k_direct { 0 } else { block_n * d }),
-            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { block_n * p.vld }),
+            qt: AlignedBuf::zeroed(size(d * p.ld)),
+            kp: AlignedBuf::zeroed(if p.k_direct { 0 } else { size(block_n * d) }),
+            vp: AlignedBuf::zeroed(if p.v_direct { 0 } else { size(block_n * p.vld) }),
             s: AlignedBuf::zeroed(block_n * p.ld),
             o: AlignedBuf::zeroed(block_m * p.dv_pad),
             m: AlignedBuf::zeroed(block_m),
@@ -92,14 +100,15 @@ impl Scratch {
             row: vec![0.0; d.max(p.dv_pad)],
             lo: vec![0; block_m],
             hi: vec![0; block_m],
+            low: LowScratch::new(p.low.as_ref(), block_n),
         }
     }
 }
 
-/// Vector width of an instruction set's kernels (the padding unit of head dims).
+/// Vector width of an instruction set's f32 kernels (the padding unit of head dims).
 pub(crate) fn lanes(isa: Isa) -> usize {
     match isa {
-        Isa::Avx512 => 16,
+        Isa::Avx512Fp16 | Isa::Avx512Bf16 | Isa::Avx512 => 16,
         Isa::Avx2 | Isa::Portable => 8,
     }
 }
@@ -115,7 +124,11 @@ pub(crate) fn forward(
 ) -> Result<Output> {
     let lanes = lanes(isa);
     let dv = spec.head_dim_v;
-    let dv_pad = dv.div_ceil(lanes) * lanes;
+    let blocks = forward_blocks(spec, pool.threads());
+    let low = LowLayout::new(isa, spec, blocks);
+    let dv_pad = low
+        .as_ref()
+        .map_or(dv.div_ceil(lanes) * lanes, |l| l.dv_pad);
     let (out_t, out) = OutBuf::zeroed(spec.dtype.output(), spec.sizes.out)?;
     let mut lse_v = if spec.return_lse {
         vec![f32::NEG_INFINITY; spec.sizes.lse]
@@ -123,7 +136,6 @@ pub(crate) fn forward(
         Vec::new()
     };
     let (k, v) = (Src::new(k)?, Src::new(v)?);
-    let blocks = forward_blocks(spec, pool.threads());
     let tasks = tasks(spec, blocks.block_m);
     let problem = Problem {
         spec: *spec,
@@ -149,12 +161,13 @@ pub(crate) fn forward(
         k_direct: k.as_f32().is_some()
             && (spec.heads_kv == 1 || !(spec.heads_kv * spec.head_dim * 4).is_multiple_of(4096)),
         blocks,
-        ld: odd_lines(blocks.block_m),
+        ld: low.as_ref().map_or(odd_lines(blocks.block_m), |l| l.ld),
         vld: if dv_pad > 64 {
             odd_lines(dv_pad)
         } else {
             dv_pad
         },
+        low,
     };
     pool.run_kernel(isa, &problem);
     Ok(Output {
@@ -197,58 +210,127 @@ impl Kernel for Problem<'_> {
         &self.tasks
     }
 
-    /// One query block: load Q, then per visible key block: load K, scores, score mod and mask,
-    /// online softmax, load V, P·V; then normalise and store.
     #[inline(always)]
     unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: Task) {
-        let p = self;
-        let spec = &p.spec;
-        let s = spec.seq(t.b);
-        let rows = p.blocks.block_m.min(s.q_len - t.q0);
-        // Rows actually computed: the valid ones rounded up to the vector width (a short last
-        // block or a decode step does not pay for a whole block).
-        let rows_l = rows.div_ceil(S::LANES) * S::LANES;
-        let Some(keys) = block::row_key_ranges(&spec.mask, &s, t.q0, rows, &mut sc.lo, &mut sc.hi)
-        else {
-            return; // every row is masked: out stays 0, LSE stays -inf
-        };
-        load_q_block(p, sc, t, &s, rows, rows_l);
-        sc.o.as_mut_slice()[..rows_l * p.dv_pad].fill(0.0);
-        sc.m.as_mut_slice().fill(f32::NEG_INFINITY);
-        sc.l.as_mut_slice().fill(0.0);
-        let sm = ScoreMod::of(spec, t.b, t.h);
-        let kh = spec.kv_head(t.h);
-        for j0 in keys.clone().step_by(p.blocks.block_n) {
-            let blk = ScoreBlock {
-                s,
-                q0: t.q0,
-                rows,
-                rows_l,
-                j0,
-                nk: p.blocks.block_n.min(keys.end - j0),
-                query_stride: 1,
-                key_stride: p.ld,
-            };
-            let seen = block::rows_seeing(&sc.lo, &sc.hi, rows, j0..j0 + blk.nk);
-            let seen_l = seen.start..seen.end.div_ceil(S::LANES) * S::LANES;
-            let (kptr, krs) = load_k_block(p, sc, &blk, kh);
-            scores::<S>(p, sc, &blk, (kptr, krs), seen_l.clone());
-            if p.post {
-                block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
-            }
-            block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
-            online_softmax::<S>(sc, &blk);
-            let (vptr, vrs) = load_v_block(p, sc, &blk, kh);
-            accumulate_pv::<S>(p, sc, &blk, (vptr, vrs), seen_l);
-        }
-        store(p, sc, t, &s, rows);
+        run_task::<S, F32Products>(self, sc, t)
     }
+
+    #[inline(always)]
+    unsafe fn run_task_low<L: Lowp>(&self, sc: &mut Scratch, t: Task) {
+        if self.low.is_some() {
+            run_task::<L, LowProducts>(self, sc, t)
+        } else {
+            run_task::<L, F32Products>(self, sc, t)
+        }
+    }
+}
+
+/// The steps of a task whose operands differ between the f32 tiles and the low-precision
+/// tiles (`forward_lowp.rs`); everything else (mask, score mod, online softmax, store) is
+/// f32 code shared by both.
+pub(crate) trait Products<S: Simd> {
+    /// Packs the task's Q block (`rows` valid rows, zero up to `rows_l`).
+    unsafe fn load_q(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize);
+    /// S^T of the block for the query columns `cols` (K packed as needed), in the log2
+    /// domain unless the score mod follows.
+    unsafe fn scores(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        kh: usize,
+        cols: Range<usize>,
+    );
+    /// O = O * alpha + P · V for the query rows `rows` (V packed as needed).
+    unsafe fn accumulate(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        kh: usize,
+        rows: Range<usize>,
+    );
+}
+
+/// The f32 register tiles (`simd.rs`): f16 / bf16 inputs are widened while packing.
+pub(crate) struct F32Products;
+
+impl<S: Simd> Products<S> for F32Products {
+    #[inline(always)]
+    unsafe fn load_q(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize) {
+        load_q_block(p, sc, t, s, rows_l);
+    }
+    #[inline(always)]
+    unsafe fn scores(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        kh: usize,
+        cols: Range<usize>,
+    ) {
+        let k = load_k_block(p, sc, blk, kh);
+        scores::<S>(p, sc, blk, k, cols);
+    }
+    #[inline(always)]
+    unsafe fn accumulate(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        kh: usize,
+        rows: Range<usize>,
+    ) {
+        let v = load_v_block(p, sc, blk, kh);
+        accumulate_pv::<S>(p, sc, blk, v, rows);
+    }
+}
+
+/// One query block: load Q, then per visible key block: scores, score mod and mask, online
+/// softmax, P·V; then normalise and store.
+#[inline(always)]
+unsafe fn run_task<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch, t: Task) {
+    let spec = &p.spec;
+    let s = spec.seq(t.b);
+    let rows = p.blocks.block_m.min(s.q_len - t.q0);
+    // Rows actually computed: the valid ones rounded up to the vector width (a short last
+    // block or a decode step does not pay for a whole block).
+    let rows_l = rows.div_ceil(S::LANES) * S::LANES;
+    let Some(keys) = block::row_key_ranges(&spec.mask, &s, t.q0, rows, &mut sc.lo, &mut sc.hi)
+    else {
+        return; // every row is masked: out stays 0, LSE stays -inf
+    };
+    O::load_q(p, sc, t, &s, rows_l);
+    sc.o.as_mut_slice()[..rows_l * p.dv_pad].fill(0.0);
+    sc.m.as_mut_slice().fill(f32::NEG_INFINITY);
+    sc.l.as_mut_slice().fill(0.0);
+    let sm = ScoreMod::of(spec, t.b, t.h);
+    let kh = spec.kv_head(t.h);
+    for j0 in keys.clone().step_by(p.blocks.block_n) {
+        let blk = ScoreBlock {
+            s,
+            q0: t.q0,
+            rows,
+            rows_l,
+            j0,
+            nk: p.blocks.block_n.min(keys.end - j0),
+            query_stride: 1,
+            key_stride: p.ld,
+        };
+        let seen = block::rows_seeing(&sc.lo, &sc.hi, rows, j0..j0 + blk.nk);
+        let seen_l = seen.start..seen.end.div_ceil(S::LANES) * S::LANES;
+        O::scores(p, sc, &blk, kh, seen_l.clone());
+        if p.post {
+            block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
+        }
+        block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
+        online_softmax::<S>(sc, &blk);
+        O::accumulate(p, sc, &blk, kh, seen_l);
+    }
+    store(p, sc, t, &s, rows);
 }
 
 /// Qt[x][i] = q[i][x] * q_mul; padding rows are zero.
 #[inline(always)]
-fn load_q_block(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows: usize, rows_l: usize) {
+fn load_q_block(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize) {
     let (hq, d) = (p.spec.heads_q, p.spec.head_dim);
+    let rows = p.blocks.block_m.min(s.q_len - t.q0);
     block::pack_transposed(
         &p.q,
         (((s.q_start + t.q0) * hq + t.h) * d, hq * d),

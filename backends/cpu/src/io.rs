@@ -30,6 +30,15 @@ impl<'a> Src<'a> {
         }
     }
 
+    /// The raw bits of an f16 or bf16 tensor (the low-precision tiles read them as they are).
+    pub fn bits(&self) -> Option<&'a [u16]> {
+        match self {
+            Src::F32(_) => None,
+            Src::F16(s) => Some(s.reinterpret_cast()),
+            Src::Bf16(s) => Some(s.reinterpret_cast()),
+        }
+    }
+
     /// Asks for the `len` elements at `offset` to be brought into cache (a hint; no-op off
     /// x86_64 or out of range). Block packing reads rows a page apart, which the hardware
     /// prefetcher does not follow, so it requests a few rows ahead itself.
@@ -185,6 +194,14 @@ impl AlignedBuf {
     pub fn as_slice(&self) -> &[f32] {
         // SAFETY: as above.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+    /// The buffer as `2 * len` u16 (the low-precision tiles' operands).
+    pub fn as_u16(&self) -> *const u16 {
+        self.as_ptr() as *const u16
+    }
+    pub fn as_mut_u16(&mut self) -> &mut [u16] {
+        // SAFETY: the same bytes as `as_mut_slice`, as twice as many u16.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr() as *mut u16, 2 * self.len) }
     }
 }
 

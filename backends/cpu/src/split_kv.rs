@@ -167,7 +167,9 @@ pub(crate) fn attend<E: Elem>(
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => worker_avx512(p, &plan, &part, &next),
+                Isa::Avx512Fp16 | Isa::Avx512Bf16 | Isa::Avx512 => {
+                    worker_avx512(p, &plan, &part, &next)
+                }
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => worker_avx2(p, &plan, &part, &next),
                 _ => worker::<Portable, E>(p, &plan, &part, &next),

@@ -2,6 +2,9 @@
 //! tasks from a shared atomic queue (dynamic load balancing for masks).
 
 use crate::device::Isa;
+use crate::lowp::Lowp;
+#[cfg(target_arch = "x86_64")]
+use crate::lowp::{Avx512Bf16, Avx512Fp16};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{Avx2, Avx512};
 use crate::simd::{Portable, Simd};
@@ -86,6 +89,15 @@ pub(crate) trait Kernel: Sync {
     /// # Safety
     /// This CPU has `S`'s instructions.
     unsafe fn run_task<S: Simd>(&self, sc: &mut Self::Scratch, task: Self::Task);
+    /// Runs one task on a low-precision level: the kernels that have low-precision tiles
+    /// use them here for f16 / bf16 inputs; the default runs the f32 tiles.
+    ///
+    /// # Safety
+    /// This CPU has `L`'s instructions.
+    #[inline(always)]
+    unsafe fn run_task_low<L: Lowp>(&self, sc: &mut Self::Scratch, task: Self::Task) {
+        self.run_task::<L>(sc, task)
+    }
 }
 
 impl ThreadPool {
@@ -98,6 +110,10 @@ impl ThreadPool {
             unsafe {
                 match isa {
                     #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Fp16 => worker_fp16(kernel, &queue, &mut sc),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Bf16 => worker_bf16(kernel, &queue, &mut sc),
+                    #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => worker_avx512(kernel, &queue, &mut sc),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => worker_avx2(kernel, &queue, &mut sc),
@@ -106,6 +122,18 @@ impl ThreadPool {
             }
         });
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512fp16,f16c")]
+unsafe fn worker_fp16<K: Kernel>(kernel: &K, queue: &TaskQueue, sc: &mut K::Scratch) {
+    worker_low::<Avx512Fp16, K>(kernel, queue, sc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn worker_bf16<K: Kernel>(kernel: &K, queue: &TaskQueue, sc: &mut K::Scratch) {
+    worker_low::<Avx512Bf16, K>(kernel, queue, sc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -126,5 +154,14 @@ unsafe fn worker<S: Simd, K: Kernel>(kernel: &K, queue: &TaskQueue, sc: &mut K::
     let tasks = kernel.tasks();
     while let Some(t) = queue.take() {
         kernel.run_task::<S>(sc, tasks[t]);
+    }
+}
+
+/// Pulls tasks until none is left, on a low-precision level.
+#[inline(always)]
+unsafe fn worker_low<L: Lowp, K: Kernel>(kernel: &K, queue: &TaskQueue, sc: &mut K::Scratch) {
+    let tasks = kernel.tasks();
+    while let Some(t) = queue.take() {
+        kernel.run_task_low::<L>(sc, tasks[t]);
     }
 }

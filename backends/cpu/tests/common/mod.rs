@@ -12,7 +12,7 @@ use flashattn_cpu::{CpuBackend, Isa};
 #[allow(dead_code)] // not every test file uses every helper
 pub fn every_isa(threads: &[usize]) -> Vec<(String, CpuBackend)> {
     let mut out = Vec::new();
-    for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+    for isa in Isa::ALL {
         for &t in threads {
             let name = format!("cpu-{isa}");
             if let Some(b) = backend_or_skip(&name, || CpuBackend::with_threads(t).with_isa(isa)) {

@@ -1,0 +1,221 @@
+//! The forward's block products on the low-precision tiles (`lowp.rs`), for f16 / bf16
+//! inputs on the AVX512-FP16 and AVX512-BF16 levels. Q, K and V blocks are packed in the
+//! tiles' format (`lowp_pack.rs`: f16 scaled by a power of two per block, or bf16 pairs);
+//! the scores land in the same f32 S^T as on the f32 path, so mask, score mod and online
+//! softmax are the f32 code; the probabilities are rounded to the format for P·V (their
+//! row sum stays f32, as in FlashAttention's GPU kernels) and O accumulates in f32.
+
+use crate::block::ScoreBlock;
+use crate::device::Isa;
+use crate::forward::{Problem, Products, Scratch, Task};
+use crate::io::AlignedBuf;
+use crate::lowp::{low_pv_product, low_qk_product, Format, LowTile, Lowp};
+use crate::lowp_pack::{self, block_scale, Rows};
+use crate::params::{odd_lines, Blocks};
+use flashattn_core::{CheckedSpec, DType, SeqBounds};
+use std::ops::Range;
+
+/// Reduction steps an f16 accumulator of Q·K^T runs before it is flushed into f32: 16 keeps
+/// the LSE within f16's tolerance for scores with a standard deviation near 20 (32 did not:
+/// 0.12 against 0.1, `tests/low_precision.rs`); the scores' error feeds exp, the output's
+/// does not, so P·V runs twice as long.
+const QK_CHUNK: usize = 16;
+const PV_CHUNK: usize = 32;
+
+/// Sizes and strides of the low-precision operands of one forward call (all in elements).
+pub(crate) struct LowLayout {
+    /// Reduction elements per step: 1 (f16) or 2 (bf16 pairs).
+    kw: usize,
+    /// Columns of one step-row of Q^T and of the probabilities: block_m padded so that a
+    /// row is an odd number of cache lines (as the f32 path's strides, `odd_lines`).
+    qld: usize,
+    /// Length of a packed K row: head_dim rounded up to `kw`.
+    kld: usize,
+    /// Columns of one step-row of packed V.
+    vld: usize,
+    /// Value dimension padded to whole tiles (the O scratch row).
+    pub dv_pad: usize,
+    /// Row stride of S^T (f32): whole 32-query vectors fit in every row.
+    pub ld: usize,
+    d: usize,
+    dv: usize,
+}
+
+/// `n` columns of `kw` elements padded to an odd number of 64-byte lines.
+fn odd_line_cols(n: usize, kw: usize) -> usize {
+    ((n * kw).div_ceil(32) | 1) * 32 / kw
+}
+
+impl LowLayout {
+    /// The layout when `isa` has low-precision tiles for `spec`'s dtype, else `None`.
+    pub fn new(isa: Isa, spec: &CheckedSpec<'_>, blocks: Blocks) -> Option<LowLayout> {
+        let format = match (isa, spec.dtype) {
+            (Isa::Avx512Fp16, DType::F16 | DType::Bf16) => Format::F16,
+            (Isa::Avx512Bf16, DType::Bf16) => Format::Bf16,
+            _ => return None,
+        };
+        let kw = if format == Format::Bf16 { 2 } else { 1 };
+        let block_m = blocks.block_m.next_multiple_of(64);
+        let dv_pad = spec.head_dim_v.next_multiple_of(32);
+        Some(LowLayout {
+            kw,
+            qld: odd_line_cols(block_m, kw),
+            kld: spec.head_dim.next_multiple_of(kw),
+            // The P·V loop reads V in 64-column chunks; a wider row gets odd lines.
+            vld: if dv_pad > 64 {
+                odd_line_cols(dv_pad, kw)
+            } else {
+                dv_pad
+            },
+            dv_pad,
+            ld: odd_lines(block_m),
+            d: spec.head_dim,
+            dv: spec.head_dim_v,
+        })
+    }
+}
+
+/// Per-worker low-precision operands (empty on the f32 path).
+pub(crate) struct LowScratch {
+    qt: AlignedBuf,
+    kp: AlignedBuf,
+    vp: AlignedBuf,
+    p: AlignedBuf,
+    tmp: Vec<u16>,
+    /// The Q block's packing factor.
+    q_scale: f32,
+}
+
+impl LowScratch {
+    pub fn new(layout: Option<&LowLayout>, block_n: usize) -> LowScratch {
+        // u16 counts, as f32 buffers of half the length.
+        let buf = |n: usize| AlignedBuf::zeroed(n.div_ceil(2));
+        let Some(l) = layout else {
+            return LowScratch {
+                qt: buf(0),
+                kp: buf(0),
+                vp: buf(0),
+                p: buf(0),
+                tmp: Vec::new(),
+                q_scale: 1.0,
+            };
+        };
+        let keys = block_n.next_multiple_of(l.kw);
+        LowScratch {
+            qt: buf(l.kld * l.qld),
+            kp: buf(block_n * l.kld),
+            vp: buf(keys * l.vld),
+            p: buf(keys * l.qld),
+            tmp: vec![0; l.kld.max(l.dv)],
+            q_scale: 1.0,
+        }
+    }
+}
+
+/// The low-precision tiles of `L` (`Problem::low` is set whenever these run).
+pub(crate) struct LowProducts;
+
+fn layout<'a>(p: &'a Problem) -> &'a LowLayout {
+    p.low
+        .as_ref()
+        .expect("the low-precision path runs only with its layout")
+}
+
+impl<L: Lowp> Products<L> for LowProducts {
+    /// Q^T in the format, `qt[((x / kw) * qld + i) * kw + x % kw]`, zero past the block's
+    /// rows up to whole 32-query vectors.
+    #[inline(always)]
+    unsafe fn load_q(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize) {
+        let l = layout(p);
+        let hq = p.spec.heads_q;
+        let rows = Rows {
+            off: ((s.q_start + t.q0) * hq + t.h) * l.d,
+            stride: hq * l.d,
+            n: p.blocks.block_m.min(s.q_len - t.q0),
+            len: l.d,
+        };
+        let low = &mut sc.low;
+        low.q_scale = block_scale::<L>(&p.q, rows);
+        let n_pad = rows_l.next_multiple_of(32);
+        let dst = low.qt.as_mut_u16();
+        lowp_pack::pack_transposed::<L>(&p.q, rows, n_pad, low.q_scale, &mut low.tmp, dst, l.qld);
+    }
+
+    /// K rows in the format, then `S^T = K · Q^T * q_mul / (q_scale * k_scale)`.
+    #[inline(always)]
+    unsafe fn scores(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        kh: usize,
+        cols: Range<usize>,
+    ) {
+        let l = layout(p);
+        let hkv = p.spec.heads_kv;
+        let rows = Rows {
+            off: ((blk.s.k_start + blk.j0) * hkv + kh) * l.d,
+            stride: hkv * l.d,
+            n: blk.nk,
+            len: l.d,
+        };
+        let k_scale = block_scale::<L>(&p.k, rows);
+        lowp_pack::pack_keys::<L>(&p.k, rows, k_scale, sc.low.kp.as_mut_u16(), l.kld);
+        let scale = p.q_mul as f64 / (sc.low.q_scale as f64 * k_scale as f64);
+        let t = LowTile {
+            k: l.kld / l.kw,
+            a: sc.low.kp.as_u16(),
+            a_rs: l.kld,
+            a_cs: l.kw,
+            b: sc.low.qt.as_u16(),
+            ldb: l.qld * l.kw,
+            c: sc.s.as_mut_ptr(),
+            ldc: p.ld,
+            alpha: std::ptr::null(),
+            scale: scale as f32,
+            chunk: QK_CHUNK,
+        };
+        low_qk_product::<L>(blk.nk, cols, t);
+    }
+
+    /// The probabilities and the V block in the format, then `O = O * alpha + P · V`.
+    #[inline(always)]
+    unsafe fn accumulate(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        kh: usize,
+        rows: Range<usize>,
+    ) {
+        let l = layout(p);
+        let low = &mut sc.low;
+        // The P·V tiles start at a multiple of MR rows; convert from the 16-column chunk
+        // that holds it (those columns' probabilities are exact: 0 where masked).
+        let cols = rows.start / L::MR * L::MR / 16 * 16..rows.end;
+        let pp = low.p.as_mut_u16().as_mut_ptr();
+        lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
+        let hkv = p.spec.heads_kv;
+        let vrows = Rows {
+            off: ((blk.s.k_start + blk.j0) * hkv + kh) * l.dv,
+            stride: hkv * l.dv,
+            n: blk.nk,
+            len: l.dv,
+        };
+        let v_scale = block_scale::<L>(&p.v, vrows);
+        let vp = low.vp.as_mut_u16();
+        lowp_pack::pack_rows::<L>(&p.v, vrows, v_scale, &mut low.tmp, vp, l.vld);
+        let t = LowTile {
+            k: blk.nk.div_ceil(l.kw),
+            a: low.p.as_u16(),
+            a_rs: l.kw,
+            a_cs: l.qld * l.kw,
+            b: low.vp.as_u16(),
+            ldb: l.vld * l.kw,
+            c: sc.o.as_mut_ptr(),
+            ldc: p.dv_pad,
+            alpha: sc.alpha.as_ptr(),
+            scale: 1.0 / v_scale,
+            chunk: PV_CHUNK,
+        };
+        low_pv_product::<L>(rows, l.dv_pad, t);
+    }
+}

@@ -1,0 +1,93 @@
+//! f16 / bf16 inputs on every instruction set this CPU has (the low-precision tiles of the
+//! AVX512-FP16 and AVX512-BF16 levels, the f32 tiles of the others) against the f64
+//! reference: long key ranges, large scores, and values outside f16's range.
+
+mod common;
+
+use flashattn_core::testing::{check_backend, check_cases};
+use flashattn_core::{
+    lse_max_error, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, Tensor,
+};
+use rand::{Rng, SeedableRng};
+
+/// More than 20k keys: thousands of key blocks folded into one f32 accumulator.
+#[test]
+fn long_key_ranges_every_isa() {
+    let mut cases = Vec::new();
+    for dtype in [DType::Bf16, DType::F16] {
+        let long = |sq, sk, d| {
+            AttentionSpec::new(1, 2, sq, sk, d)
+                .dtype(dtype)
+                .return_lse(true)
+        };
+        cases.push((format!("{dtype} 20011 keys"), long(17, 20_011, 64)));
+        cases.push((
+            format!("{dtype} 20480 keys causal gqa"),
+            long(9, 20_480, 128).heads_kv(1).causal(true),
+        ));
+    }
+    let mut failures = Vec::new();
+    for (label, backend) in common::every_isa(&[2]) {
+        for e in check_cases(&backend, &cases, 41, check_backend) {
+            failures.push(format!("[{label}] {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// q, k, v uniform in +-amp_q, +-amp_k, +-1, rounded to `spec.dtype`; the error against the
+/// reference (out relative L2, LSE max abs).
+fn errors(backend: &dyn Backend, spec: &AttentionSpec, amp_q: f32, amp_k: f32) -> (f64, f64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut t = |n: Option<usize>, amp: f32| {
+        let vals: Vec<f32> = (0..n.unwrap())
+            .map(|_| rng.random_range(-amp..amp))
+            .collect();
+        Tensor::from_f32(spec.dtype, &vals)
+    };
+    let (q, k, v) = (
+        t(spec.q_elems(), amp_q),
+        t(spec.k_elems(), amp_k),
+        t(spec.v_elems(), 1.0),
+    );
+    let want = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+    let got = backend
+        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .unwrap();
+    let out = rel_l2_error(&got.out.to_f32_vec(), &want.out);
+    (out, lse_max_error(&got.lse.unwrap(), &want.lse))
+}
+
+/// Scores with a standard deviation near 20 (a sharp softmax; the f16 tiles' Q·K^T chunk is
+/// sized for it, `forward_lowp.rs`), and
+/// bf16 keys far beyond f16's largest value (the f16 tiles' block scale keeps bf16's range).
+#[test]
+fn large_scores_and_wide_ranges_every_isa() {
+    let mut failures = Vec::new();
+    for (label, backend) in common::every_isa(&[2]) {
+        for dtype in [DType::Bf16, DType::F16] {
+            let mut cases = Vec::new();
+            for d in [64, 128] {
+                let spec = AttentionSpec::new(1, 2, 129, 700, d)
+                    .dtype(dtype)
+                    .return_lse(true);
+                cases.push((format!("d {d} amp 8"), spec, 8.0, 8.0));
+            }
+            if dtype == DType::Bf16 {
+                let spec = AttentionSpec::new(1, 2, 65, 300, 72)
+                    .dtype(dtype)
+                    .return_lse(true);
+                cases.push(("keys near 1e6".into(), spec, 3e-6, 1e6));
+            }
+            for (name, spec, aq, ak) in cases {
+                let (out, lse) = errors(&backend, &spec, aq, ak);
+                if !(out <= dtype.tolerance() && lse <= dtype.lse_tolerance()) {
+                    failures.push(format!(
+                        "[{label}] {dtype} {name}: out {out:.2e} lse {lse:.2e}"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
