@@ -22,7 +22,13 @@ fn time_ms(iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
 
 /// candle's usual attention (as in its llama example): q, k, v `(b, h, s, d)`, an additive
 /// causal mask built once outside the timed region.
-fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+fn candle_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let mut s = (q.matmul(&k.t()?)? * scale)?;
     if let Some(mask) = mask {
         s = s.broadcast_add(mask)?;
@@ -31,7 +37,10 @@ fn candle_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, s
 }
 
 fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let seqlen = args.first().copied().unwrap_or(2048);
     let iters = args.get(1).copied().unwrap_or(5).max(1);
     let (b, h, d) = (1, 16, 64);
@@ -43,7 +52,13 @@ fn main() -> Result<()> {
     let bhsd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
     let (qt, kt, vt) = (bhsd(&q)?, bhsd(&k)?, bhsd(&v)?);
     let mask: Vec<f32> = (0..seqlen * seqlen)
-        .map(|x| if x % seqlen > x / seqlen { f32::NEG_INFINITY } else { 0.0 })
+        .map(|x| {
+            if x % seqlen > x / seqlen {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (seqlen, seqlen), &dev)?;
     println!(
@@ -59,7 +74,11 @@ fn main() -> Result<()> {
         // Same result, so the comparison is of equal work.
         let a = flashattn_candle::flash_attn(&q, &k, &v, scale as f32, causal)?;
         let e = candle_attention(&qt, &kt, &vt, m, scale)?.transpose(1, 2)?;
-        let diff = (a - e)?.abs()?.flatten_all()?.max(D::Minus1)?.to_dtype(DType::F32)?;
+        let diff = (a - e)?
+            .abs()?
+            .flatten_all()?
+            .max(D::Minus1)?
+            .to_dtype(DType::F32)?;
         println!(
             "causal={causal:<5}  candle matmul-softmax-matmul {naive:9.1} ms   flashattn {flash:9.1} ms   speedup {:5.2}x   max |diff| {:.1e}",
             naive / flash,

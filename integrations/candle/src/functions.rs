@@ -45,9 +45,7 @@ fn cu_seqlens(name: &str, t: &Tensor) -> Result<Vec<i32>> {
         .enumerate()
         .map(|(i, &x)| {
             i32::try_from(x).map_err(|_| {
-                candle_core::Error::msg(format!(
-                    "flashattn: {name}[{i}] = {x} does not fit in i32"
-                ))
+                candle_core::Error::msg(format!("flashattn: {name}[{i}] = {x} does not fit in i32"))
             })
         })
         .collect()
@@ -124,7 +122,12 @@ pub fn flash_attn(
     softmax_scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
-    apply(q, k, v, dense(None, softmax_scale, causal_window(causal), 0.0)?)
+    apply(
+        q,
+        k,
+        v,
+        dense(None, softmax_scale, causal_window(causal), 0.0)?,
+    )
 }
 
 /// Sliding-window attention: query i sees keys
@@ -150,7 +153,12 @@ pub fn flash_attn_alibi(
     softmax_scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
-    let p = dense(Some(alibi_slopes), softmax_scale, causal_window(causal), 0.0)?;
+    let p = dense(
+        Some(alibi_slopes),
+        softmax_scale,
+        causal_window(causal),
+        0.0,
+    )?;
     apply(q, k, v, p)
 }
 
@@ -165,7 +173,12 @@ pub fn flash_attn_alibi_windowed(
     window_size_right: Option<usize>,
 ) -> Result<Tensor> {
     let window = (window_size_left, window_size_right);
-    apply(q, k, v, dense(Some(alibi_slopes), softmax_scale, window, 0.0)?)
+    apply(
+        q,
+        k,
+        v,
+        dense(Some(alibi_slopes), softmax_scale, window, 0.0)?,
+    )
 }
 
 /// Everything: optional ALiBi, window, and softcap `c * tanh(s / c)` (0 is off, not 1).
@@ -181,7 +194,12 @@ pub fn flash_attn_alibi_windowed_softcap(
     softcap: f32,
 ) -> Result<Tensor> {
     let window = (window_size_left, window_size_right);
-    apply(q, k, v, dense(alibi_slopes, softmax_scale, window, softcap)?)
+    apply(
+        q,
+        k,
+        v,
+        dense(alibi_slopes, softmax_scale, window, softcap)?,
+    )
 }
 
 /// As [`flash_attn_alibi_windowed_softcap`], also returning the LSE, f32
@@ -218,7 +236,16 @@ pub fn flash_attn_varlen(
     causal: bool,
 ) -> Result<Tensor> {
     let (sq, sk, window) = (seqlens_q, seqlens_k, causal_window(causal));
-    let p = varlen(None, sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, window, 0.0)?;
+    let p = varlen(
+        None,
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window,
+        0.0,
+    )?;
     apply(q, k, v, p)
 }
 
@@ -237,7 +264,16 @@ pub fn flash_attn_varlen_windowed(
     window_size_right: Option<usize>,
 ) -> Result<Tensor> {
     let (sq, sk, window) = (seqlens_q, seqlens_k, (window_size_left, window_size_right));
-    let p = varlen(None, sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, window, 0.0)?;
+    let p = varlen(
+        None,
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window,
+        0.0,
+    )?;
     apply(q, k, v, p)
 }
 
@@ -257,7 +293,16 @@ pub fn flash_attn_varlen_alibi(
 ) -> Result<Tensor> {
     let (a, sq, sk) = (Some(alibi_slopes), seqlens_q, seqlens_k);
     let window = causal_window(causal);
-    let p = varlen(a, sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, window, 0.0)?;
+    let p = varlen(
+        a,
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window,
+        0.0,
+    )?;
     apply(q, k, v, p)
 }
 
@@ -278,7 +323,16 @@ pub fn flash_attn_varlen_alibi_windowed(
 ) -> Result<Tensor> {
     let (a, sq, sk) = (Some(alibi_slopes), seqlens_q, seqlens_k);
     let window = (window_size_left, window_size_right);
-    let p = varlen(a, sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, window, 0.0)?;
+    let p = varlen(
+        a,
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window,
+        0.0,
+    )?;
     apply(q, k, v, p)
 }
 
@@ -300,7 +354,16 @@ pub fn flash_attn_varlen_alibi_windowed_softcap(
 ) -> Result<Tensor> {
     let (a, sq, sk) = (alibi_slopes, seqlens_q, seqlens_k);
     let window = (window_size_left, window_size_right);
-    let p = varlen(a, sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap)?;
+    let p = varlen(
+        a,
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window,
+        softcap,
+    )?;
     apply(q, k, v, p)
 }
 
@@ -324,6 +387,15 @@ pub fn flash_attn_varlen_with_lse(
     let (a, sq, sk) = (alibi_slopes, seqlens_q, seqlens_k);
     let window = (window_size_left, window_size_right);
     let (tq, hq, _) = q.dims3()?;
-    let p = varlen(a, sq, sk, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap)?;
+    let p = varlen(
+        a,
+        sq,
+        sk,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window,
+        softcap,
+    )?;
     apply_with_lse(q, k, v, p, &[hq, tq])
 }

@@ -44,7 +44,10 @@ impl FlashMha {
             );
         }
         if c.rotary_base.is_some() && !c.head_dim.is_multiple_of(2) {
-            bail!("flashattn: head_dim = {} must be even for rotary", c.head_dim);
+            bail!(
+                "flashattn: head_dim = {} must be even for rotary",
+                c.head_dim
+            );
         }
         let (h, q_out, kv_out) = (
             c.hidden_size,
@@ -68,9 +71,18 @@ impl FlashMha {
     pub fn forward_at(&self, xs: &Tensor, seqlen_offset: usize) -> Result<Tensor> {
         let c = &self.config;
         let (b, s, _) = xs.dims3()?;
-        let q = self.q_proj.forward(xs)?.reshape((b, s, c.num_heads, c.head_dim))?;
-        let k = self.k_proj.forward(xs)?.reshape((b, s, c.num_kv_heads, c.head_dim))?;
-        let v = self.v_proj.forward(xs)?.reshape((b, s, c.num_kv_heads, c.head_dim))?;
+        let q = self
+            .q_proj
+            .forward(xs)?
+            .reshape((b, s, c.num_heads, c.head_dim))?;
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((b, s, c.num_kv_heads, c.head_dim))?;
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((b, s, c.num_kv_heads, c.head_dim))?;
         let (q, k) = match c.rotary_base {
             Some(base) => (
                 rotary(&q, seqlen_offset, base)?,
@@ -80,7 +92,8 @@ impl FlashMha {
         };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let out = flash_attn(&q, &k, &v, scale, c.causal)?;
-        self.o_proj.forward(&out.reshape((b, s, c.num_heads * c.head_dim))?)
+        self.o_proj
+            .forward(&out.reshape((b, s, c.num_heads * c.head_dim))?)
     }
 }
 
@@ -96,7 +109,7 @@ pub fn rotary(x: &Tensor, offset: usize, base: f32) -> Result<Tensor> {
     let (_, s, _, d) = x.dims4()?;
     let half = d / 2;
     let inv_freq: Vec<f32> = (0..half)
-        .map(|i| base.powf(-(2 * i) as f32 / d as f32))
+        .map(|i| base.powf(-((2 * i) as f32) / d as f32))
         .collect();
     let dev = x.device();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), dev)?;

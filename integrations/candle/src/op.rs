@@ -2,6 +2,7 @@
 //! backward.
 
 use crate::host::{contiguous, fa_err, Elem};
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use flashattn_core::{AttentionSpec, Backend, BackwardInputs, DType as FaDType};
 use flashattn_cpu::CpuBackend;
@@ -65,7 +66,13 @@ fn same(what: &str, a: usize, b: usize) -> Result<()> {
 
 impl Params {
     /// The flashattn spec of these arguments for q, k, v of shapes `q`, `k`, `v`.
-    pub fn spec(&self, dtype: FaDType, q: &[usize], k: &[usize], v: &[usize]) -> Result<AttentionSpec> {
+    pub fn spec(
+        &self,
+        dtype: FaDType,
+        q: &[usize],
+        k: &[usize],
+        v: &[usize],
+    ) -> Result<AttentionSpec> {
         let mut spec = match &self.varlen {
             None => {
                 let l = "(batch, seqlen, heads, head_dim)";
@@ -77,7 +84,9 @@ impl Params {
                 same("seqlens of k and v", sk, sv)?;
                 same("heads of k and v", hk, hv)?;
                 same("head_dim of q and k", d, dk)?;
-                AttentionSpec::new(b, hq, sq, sk, d).heads_kv(hk).head_dim_v(dv)
+                AttentionSpec::new(b, hq, sq, sk, d)
+                    .heads_kv(hk)
+                    .head_dim_v(dv)
             }
             Some(vl) => {
                 let l = "(total_tokens, heads, head_dim)";
@@ -156,16 +165,19 @@ impl FlashAttnOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let spec = self
-            .params
-            .spec(T::FA, l1.dims(), l2.dims(), l3.dims())?;
+        let spec = self.params.spec(T::FA, l1.dims(), l2.dims(), l3.dims())?;
         let (q, k, v) = (
             contiguous::<T>(s1, l1)?,
             contiguous::<T>(s2, l2)?,
             contiguous::<T>(s3, l3)?,
         );
         let out = cpu_backend()
-            .forward(&spec, T::tensor_ref(&q), T::tensor_ref(&k), T::tensor_ref(&v))
+            .forward(
+                &spec,
+                T::tensor_ref(&q),
+                T::tensor_ref(&k),
+                T::tensor_ref(&v),
+            )
             .map_err(fa_err)?;
         *self.lse_slot()? = out.lse;
         let values = T::from_fa(out.out)?;

@@ -46,17 +46,47 @@ fn dense_gradients_match_candle_autograd() -> Result<()> {
     let (b, sq, sk, hq, hkv, d) = (2, 33, 47, 6, 2, 40);
     let slopes: Vec<f32> = (0..hq).map(|h| 0.3 / (h + 1) as f32).collect();
     let cases = [
-        ("causal gqa", Opts { window: (None, Some(0)), ..Opts::default() }),
-        ("window", Opts { window: (Some(9), Some(4)), ..Opts::default() }),
-        ("alibi softcap", Opts { alibi: Some(slopes.clone()), softcap: 4.0, ..Opts::default() }),
+        (
+            "causal gqa",
+            Opts {
+                window: (None, Some(0)),
+                ..Opts::default()
+            },
+        ),
+        (
+            "window",
+            Opts {
+                window: (Some(9), Some(4)),
+                ..Opts::default()
+            },
+        ),
+        (
+            "alibi softcap",
+            Opts {
+                alibi: Some(slopes.clone()),
+                softcap: 4.0,
+                ..Opts::default()
+            },
+        ),
     ];
     for (name, o) in cases {
         for dtype in [DType::F32, DType::BF16] {
             let [q, k, v] = vars([&[b, sq, hq, d], &[b, sk, hkv, d], &[b, sk, hkv, d]], dtype)?;
             let w = rand(&[b, sq, hq, d], DType::F32)?;
-            let alibi = o.alibi.clone().map(|s| Tensor::new(s, &Device::Cpu)).transpose()?;
+            let alibi = o
+                .alibi
+                .clone()
+                .map(|s| Tensor::new(s, &Device::Cpu))
+                .transpose()?;
             let out = fa::flash_attn_alibi_windowed_softcap(
-                &q, &k, &v, alibi.as_ref(), 0.2, o.window.0, o.window.1, o.softcap,
+                &q,
+                &k,
+                &v,
+                alibi.as_ref(),
+                0.2,
+                o.window.0,
+                o.window.1,
+                o.softcap,
             )?;
             let ours = grads(&q, &k, &v, &out, &w)?;
             let (expected, _) = attention(&q, &k, &v, 0.2, &o)?;
@@ -76,7 +106,10 @@ fn transposed_view_gradients_match() -> Result<()> {
     let w = rand(&[b, s, h, d], DType::F32)?;
     let out = fa::flash_attn(&t(&q)?, &t(&k)?, &t(&v)?, 0.15, true)?;
     let ours = grads(&q, &k, &v, &out, &w)?;
-    let o = Opts { window: (None, Some(0)), ..Opts::default() };
+    let o = Opts {
+        window: (None, Some(0)),
+        ..Opts::default()
+    };
     let (expected, _) = attention(&t(&q)?, &t(&k)?, &t(&v)?, 0.15, &o)?;
     let theirs = grads(&q, &k, &v, &expected, &w)?;
     check_grads("transposed causal", DType::F32, &ours, &theirs)
@@ -92,7 +125,10 @@ fn varlen_gradients_match_candle_autograd() -> Result<()> {
     let (cq, ck) = (Tensor::new(&cu_q, &dev)?, Tensor::new(&cu_k, &dev)?);
     let out = fa::flash_attn_varlen(&q, &k, &v, &cq, &ck, 32, 40, 0.25, true)?;
     let ours = grads(&q, &k, &v, &out, &w)?;
-    let o = Opts { window: (None, Some(0)), ..Opts::default() };
+    let o = Opts {
+        window: (None, Some(0)),
+        ..Opts::default()
+    };
     let (expected, _) = attention_varlen(&q, &k, &v, &cu_q, &cu_k, 0.25, &o)?;
     let theirs = grads(&q, &k, &v, &expected, &w)?;
     check_grads("varlen causal", DType::F32, &ours, &theirs)

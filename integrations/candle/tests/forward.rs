@@ -79,7 +79,9 @@ const TALL: Dense = Dense {
 #[test]
 fn flash_attn_matches_candle_ops() -> Result<()> {
     let plain = Opts::default();
-    check_dense("gqa", &GQA, &plain, |q, k, v, s| fa::flash_attn(q, k, v, s, false))?;
+    check_dense("gqa", &GQA, &plain, |q, k, v, s| {
+        fa::flash_attn(q, k, v, s, false)
+    })?;
     let causal = Opts {
         window: (None, Some(0)),
         ..Opts::default()
@@ -146,10 +148,7 @@ fn alibi_matches_candle_ops() -> Result<()> {
     check_dense("alibi window", &GQA, &o, |q, k, v, s| {
         fa::flash_attn_alibi_windowed(q, k, v, &sl()?, s, window.0, window.1)
     })?;
-    let o = Opts {
-        softcap: 3.0,
-        ..o
-    };
+    let o = Opts { softcap: 3.0, ..o };
     check_dense("alibi window softcap", &GQA, &o, |q, k, v, s| {
         fa::flash_attn_alibi_windowed_softcap(q, k, v, Some(&sl()?), s, window.0, window.1, 3.0)
     })
@@ -188,15 +187,27 @@ fn transposed_and_offset_views_match() -> Result<()> {
     };
     for dtype in DTYPES {
         let q = rand(&[b, h, sq, d], dtype)?.transpose(1, 2)?;
-        let k = rand(&[b, h, sk + 3, d], dtype)?.narrow(2, 3, sk)?.transpose(1, 2)?;
+        let k = rand(&[b, h, sk + 3, d], dtype)?
+            .narrow(2, 3, sk)?
+            .transpose(1, 2)?;
         let v = rand(&[b, h, sk, d], dtype)?.transpose(1, 2)?;
         assert!(!q.is_contiguous() && !k.is_contiguous());
         let out = fa::flash_attn(&q, &k, &v, scale, true)?;
         let (expected, _) = attention(&q, &k, &v, scale, &o)?;
         let err = rel_err(&out, &expected)?;
         assert!(err < tolerance(dtype), "{dtype:?}: {err}");
-        let same = fa::flash_attn(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale, true)?;
-        assert_eq!(rel_err(&out, &same)?, 0.0, "{dtype:?}: views differ from copies");
+        let same = fa::flash_attn(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            scale,
+            true,
+        )?;
+        assert_eq!(
+            rel_err(&out, &same)?,
+            0.0,
+            "{dtype:?}: views differ from copies"
+        );
     }
     Ok(())
 }
@@ -237,7 +248,9 @@ fn varlen_functions_match_candle_ops() -> Result<()> {
         };
         let out = fa::flash_attn_varlen(&q, &k, &v, &cq, &ck, mq, mk, scale, true)?;
         check("causal", out, with(causal, false, 0.0))?;
-        let out = fa::flash_attn_varlen_windowed(&q, &k, &v, &cq, &ck, mq, mk, scale, window.0, window.1)?;
+        let out = fa::flash_attn_varlen_windowed(
+            &q, &k, &v, &cq, &ck, mq, mk, scale, window.0, window.1,
+        )?;
         check("window", out, with(window, false, 0.0))?;
         let out = fa::flash_attn_varlen_alibi(&q, &k, &v, &sl, &cq, &ck, mq, mk, scale, false)?;
         check("alibi", out, with((None, None), true, 0.0))?;
@@ -246,7 +259,18 @@ fn varlen_functions_match_candle_ops() -> Result<()> {
         )?;
         check("alibi window", out, with(window, true, 0.0))?;
         let out = fa::flash_attn_varlen_alibi_windowed_softcap(
-            &q, &k, &v, Some(&sl), &cq, &ck, mq, mk, scale, None, Some(0), 4.0,
+            &q,
+            &k,
+            &v,
+            Some(&sl),
+            &cq,
+            &ck,
+            mq,
+            mk,
+            scale,
+            None,
+            Some(0),
+            4.0,
         )?;
         check("alibi causal softcap", out, with(causal, true, 4.0))?;
     }
@@ -266,8 +290,20 @@ fn varlen_lse_matches_candle_ops() -> Result<()> {
         rand(&[tk, hq, d], DType::F32)?,
         rand(&[tk, hq, d], DType::F32)?,
     );
-    let (out, lse) =
-        fa::flash_attn_varlen_with_lse(&q, &k, &v, None, &cq, &ck, 32, 40, 0.3, None, Some(0), 0.0)?;
+    let (out, lse) = fa::flash_attn_varlen_with_lse(
+        &q,
+        &k,
+        &v,
+        None,
+        &cq,
+        &ck,
+        32,
+        40,
+        0.3,
+        None,
+        Some(0),
+        0.0,
+    )?;
     let o = Opts {
         window: (None, Some(0)),
         ..Opts::default()
@@ -290,21 +326,64 @@ fn error_of(r: Result<Tensor>) -> String {
 #[test]
 fn bad_inputs_give_errors_naming_the_value() -> Result<()> {
     let f32s = |s: &[usize]| rand(s, DType::F32);
-    let (q, k, v) = (f32s(&[1, 5, 4, 8])?, f32s(&[1, 6, 2, 8])?, f32s(&[1, 6, 2, 8])?);
+    let (q, k, v) = (
+        f32s(&[1, 5, 4, 8])?,
+        f32s(&[1, 6, 2, 8])?,
+        f32s(&[1, 6, 2, 8])?,
+    );
     let dev = Device::Cpu;
     let cases: Vec<(Result<Tensor>, &str)> = vec![
         (fa::flash_attn(&q.squeeze(0)?, &k, &v, 1.0, false), "rank 4"),
-        (fa::flash_attn(&q, &f32s(&[2, 6, 2, 8])?, &v, 1.0, false), "batch sizes"),
-        (fa::flash_attn(&q, &k, &f32s(&[1, 7, 2, 8])?, 1.0, false), "seqlens of k and v"),
-        (fa::flash_attn(&q, &f32s(&[1, 6, 3, 8])?, &f32s(&[1, 6, 3, 8])?, 1.0, false), "heads_kv = 3"),
-        (fa::flash_attn(&q, &k.to_dtype(DType::F16)?, &v, 1.0, false), "dtypes differ"),
-        (fa::flash_attn(&q.to_dtype(DType::F64)?, &k.to_dtype(DType::F64)?, &v.to_dtype(DType::F64)?, 1.0, false), "F64"),
+        (
+            fa::flash_attn(&q, &f32s(&[2, 6, 2, 8])?, &v, 1.0, false),
+            "batch sizes",
+        ),
+        (
+            fa::flash_attn(&q, &k, &f32s(&[1, 7, 2, 8])?, 1.0, false),
+            "seqlens of k and v",
+        ),
+        (
+            fa::flash_attn(&q, &f32s(&[1, 6, 3, 8])?, &f32s(&[1, 6, 3, 8])?, 1.0, false),
+            "heads_kv = 3",
+        ),
+        (
+            fa::flash_attn(&q, &k.to_dtype(DType::F16)?, &v, 1.0, false),
+            "dtypes differ",
+        ),
+        (
+            fa::flash_attn(
+                &q.to_dtype(DType::F64)?,
+                &k.to_dtype(DType::F64)?,
+                &v.to_dtype(DType::F64)?,
+                1.0,
+                false,
+            ),
+            "F64",
+        ),
         (fa::flash_attn(&q, &k, &v, -1.0, false), "scale = -1"),
         (fa::flash_attn(&q, &k, &v, f32::NAN, false), "scale = NaN"),
-        (fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, None, 1.0, None, None, -2.0), "softcap = -2"),
-        (fa::flash_attn_alibi(&q, &k, &v, &Tensor::new(&[0.5f32; 3], &dev)?, 1.0, false), "3 slopes"),
-        (fa::flash_attn_alibi(&q, &k, &v, &Tensor::new(&[1u32; 4], &dev)?, 1.0, false), "expected f32"),
-        (fa::flash_attn(&f32s(&[1, 5, 4, 300])?, &f32s(&[1, 6, 2, 300])?, &f32s(&[1, 6, 2, 300])?, 1.0, false), "head_dim = 300"),
+        (
+            fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, None, 1.0, None, None, -2.0),
+            "softcap = -2",
+        ),
+        (
+            fa::flash_attn_alibi(&q, &k, &v, &Tensor::new(&[0.5f32; 3], &dev)?, 1.0, false),
+            "3 slopes",
+        ),
+        (
+            fa::flash_attn_alibi(&q, &k, &v, &Tensor::new(&[1u32; 4], &dev)?, 1.0, false),
+            "expected f32",
+        ),
+        (
+            fa::flash_attn(
+                &f32s(&[1, 5, 4, 300])?,
+                &f32s(&[1, 6, 2, 300])?,
+                &f32s(&[1, 6, 2, 300])?,
+                1.0,
+                false,
+            ),
+            "head_dim = 300",
+        ),
     ];
     let (vq, vk) = (f32s(&[9, 4, 8])?, f32s(&[9, 2, 8])?);
     let cu = |x: &[u32]| Tensor::new(x, &dev);
@@ -312,16 +391,42 @@ fn bad_inputs_give_errors_naming_the_value() -> Result<()> {
         fa::flash_attn_varlen(&vq, &vk, &vk, cq, ck, mq, mk, 1.0, false)
     };
     let varlen_cases: Vec<(Result<Tensor>, &str)> = vec![
-        (varlen(&cu(&[0, 4, 9])?, &cu(&[0, 5])?, 5, 5), "cu_seqlens_k = 2 offsets"),
-        (varlen(&cu(&[0, 4, 10])?, &cu(&[0, 5, 9])?, 6, 5), "cu_seqlens_q[2] = 10"),
-        (varlen(&cu(&[0, 5, 4])?, &cu(&[0, 5, 9])?, 5, 5), "cu_seqlens_q[2] = 4 < cu_seqlens_q[1] = 5"),
-        (varlen(&cu(&[0, 4, 9])?, &cu(&[0, 5, 9])?, 4, 5), "max_seqlen_q = 4"),
-        (varlen(&cu(&[0, 4, 9])?, &Tensor::new(&[0f32, 5., 9.], &dev)?, 5, 5), "seqlens_k is F32"),
-        (varlen(&cu(&[0, 4, 9])?, &Tensor::new(&[0i64, 5, 1 << 40], &dev)?, 5, 5), "seqlens_k[2] = 1099511627776"),
+        (
+            varlen(&cu(&[0, 4, 9])?, &cu(&[0, 5])?, 5, 5),
+            "cu_seqlens_k = 2 offsets",
+        ),
+        (
+            varlen(&cu(&[0, 4, 10])?, &cu(&[0, 5, 9])?, 6, 5),
+            "cu_seqlens_q[2] = 10",
+        ),
+        (
+            varlen(&cu(&[0, 5, 4])?, &cu(&[0, 5, 9])?, 5, 5),
+            "cu_seqlens_q[2] = 4 < cu_seqlens_q[1] = 5",
+        ),
+        (
+            varlen(&cu(&[0, 4, 9])?, &cu(&[0, 5, 9])?, 4, 5),
+            "max_seqlen_q = 4",
+        ),
+        (
+            varlen(&cu(&[0, 4, 9])?, &Tensor::new(&[0f32, 5., 9.], &dev)?, 5, 5),
+            "seqlens_k is F32",
+        ),
+        (
+            varlen(
+                &cu(&[0, 4, 9])?,
+                &Tensor::new(&[0i64, 5, 1 << 40], &dev)?,
+                5,
+                5,
+            ),
+            "seqlens_k[2] = 1099511627776",
+        ),
     ];
     for (r, needle) in cases.into_iter().chain(varlen_cases) {
         let msg = error_of(r);
-        assert!(msg.contains(needle), "error {msg:?} does not name {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "error {msg:?} does not name {needle:?}"
+        );
     }
     Ok(())
 }

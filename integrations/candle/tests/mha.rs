@@ -18,11 +18,11 @@ fn reference_block(
 ) -> Result<Tensor> {
     let (b, s, hidden) = x.dims3()?;
     let (hq, hkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-    let proj = |name: &str, out: usize| linear_b(hidden, out, c.bias, vb.pp(name));
+    let proj = |name: &str, inp: usize, out: usize| linear_b(inp, out, c.bias, vb.pp(name));
     let heads = |t: Tensor, h: usize| t.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous();
-    let mut q = heads(proj("q_proj", hq * d)?.forward(x)?, hq)?;
-    let mut k = heads(proj("k_proj", hkv * d)?.forward(x)?, hkv)?;
-    let v = heads(proj("v_proj", hkv * d)?.forward(x)?, hkv)?;
+    let mut q = heads(proj("q_proj", hidden, hq * d)?.forward(x)?, hq)?;
+    let mut k = heads(proj("k_proj", hidden, hkv * d)?.forward(x)?, hkv)?;
+    let v = heads(proj("v_proj", hidden, hkv * d)?.forward(x)?, hkv)?;
     if let Some(base) = c.rotary_base {
         let angles: Vec<f32> = (offset..offset + s)
             .flat_map(|p| (0..d / 2).map(move |i| p as f32 / base.powf(2.0 * i as f32 / d as f32)))
@@ -38,7 +38,7 @@ fn reference_block(
     };
     let t = |x: &Tensor| x.transpose(1, 2);
     let (out, _) = attention(&t(&q)?, &t(&k)?, &t(&v)?, 1.0 / (d as f32).sqrt(), &o)?;
-    proj("o_proj", hidden)?.forward(&out.reshape((b, s, hq * d))?)
+    proj("o_proj", hq * d, hidden)?.forward(&out.reshape((b, s, hq * d))?)
 }
 
 fn config(causal: bool, rotary: bool) -> FlashMhaConfig {
@@ -78,6 +78,18 @@ fn flash_mha_matches_candle_ops_block_with_gradients() -> Result<()> {
             let (Some(a), Some(e)) = (a, e) else {
                 panic!("missing gradient for a parameter of shape {:?}", p.shape());
             };
+            let norm = |t: &Tensor| t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>();
+            if norm(e)? < 1e-3 {
+                // Without rotary, k_proj's bias shifts each row's scores by a constant: its
+                // exact gradient is 0 and both sides hold rounding noise only.
+                assert!(
+                    norm(a)? < 1e-3,
+                    "gradient of {:?}: norm {}",
+                    p.shape(),
+                    norm(a)?
+                );
+                continue;
+            }
             let err = rel_err(a, e)?;
             assert!(err < 2e-4, "gradient of {:?}: error {err}", p.shape());
         }
@@ -90,10 +102,22 @@ fn flash_mha_loads_named_weights_and_runs_bf16() -> Result<()> {
     // Weights from a plain tensor map, as from safetensors; bf16 within bf16 tolerance.
     let c = config(true, true);
     let dev = Device::Cpu;
-    let (h, q_out, kv_out) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let (h, q_out, kv_out) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+    );
     let mut ts = std::collections::HashMap::new();
-    for (name, out, inp) in [("q_proj", q_out, h), ("k_proj", kv_out, h), ("v_proj", kv_out, h), ("o_proj", h, q_out)] {
-        ts.insert(format!("{name}.weight"), (rand(&[out, inp], DType::F32)? * 0.2)?);
+    for (name, out, inp) in [
+        ("q_proj", q_out, h),
+        ("k_proj", kv_out, h),
+        ("v_proj", kv_out, h),
+        ("o_proj", h, q_out),
+    ] {
+        ts.insert(
+            format!("{name}.weight"),
+            (rand(&[out, inp], DType::F32)? * 0.2)?,
+        );
         ts.insert(format!("{name}.bias"), rand(&[out], DType::F32)?);
     }
     let vb32 = VarBuilder::from_tensors(ts.clone(), DType::F32, &dev);
@@ -106,7 +130,10 @@ fn flash_mha_loads_named_weights_and_runs_bf16() -> Result<()> {
     assert!(err < 3e-2, "bf16 layer error {err}");
     // A missing weight is candle's own error, naming it.
     let empty = VarBuilder::from_tensors(Default::default(), DType::F32, &dev);
-    let msg = FlashMha::new(c, empty).err().map(|e| e.to_string()).unwrap_or_default();
+    let msg = FlashMha::new(c, empty)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(msg.contains("q_proj"), "{msg}");
     Ok(())
 }

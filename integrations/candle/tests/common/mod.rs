@@ -71,7 +71,11 @@ pub fn attention(
     let p = candle_nn::ops::softmax(&s, D::Minus1)?.broadcast_mul(&seen)?;
     let out = p.matmul(&v.contiguous()?)?.transpose(1, 2)?;
     let m = s.max_keepdim(D::Minus1)?;
-    let sum = s.broadcast_sub(&m)?.exp()?.broadcast_mul(&seen)?.sum_keepdim(D::Minus1)?;
+    let sum = s
+        .broadcast_sub(&m)?
+        .exp()?
+        .broadcast_mul(&seen)?
+        .sum_keepdim(D::Minus1)?;
     let lse = (sum.log()? + m)?.squeeze(D::Minus1)?;
     Ok((out, lse))
 }
@@ -92,7 +96,13 @@ pub fn attention_varlen(
         let (q0, q1) = (cu_q[b] as usize, cu_q[b + 1] as usize);
         let (k0, k1) = (cu_k[b] as usize, cu_k[b + 1] as usize);
         let seq = |t: &Tensor, a: usize, z: usize| t.narrow(0, a, z - a)?.unsqueeze(0);
-        let (out, lse) = attention(&seq(q, q0, q1)?, &seq(k, k0, k1)?, &seq(v, k0, k1)?, scale, o)?;
+        let (out, lse) = attention(
+            &seq(q, q0, q1)?,
+            &seq(k, k0, k1)?,
+            &seq(v, k0, k1)?,
+            scale,
+            o,
+        )?;
         outs.push(out.squeeze(0)?);
         lses.push(lse.squeeze(0)?);
     }
@@ -107,15 +117,24 @@ pub fn rand(shape: &[usize], dtype: DType) -> Result<Tensor> {
 /// Relative L2 error of `actual` against `expected` (both any float dtype), through
 /// flashattn-core's metric (infinite on NaN).
 pub fn rel_err(actual: &Tensor, expected: &Tensor) -> Result<f64> {
-    let a = actual.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let e = expected.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let a = actual
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let e = expected
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     Ok(flashattn_core::rel_l2_error(&a, &e))
 }
 
 /// Largest LSE difference (`-inf` must match exactly).
 pub fn lse_err(actual: &Tensor, expected: &Tensor) -> Result<f64> {
     let a = actual.flatten_all()?.to_vec1::<f32>()?;
-    let e = expected.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let e = expected
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     Ok(flashattn_core::lse_max_error(&a, &e))
 }
 
