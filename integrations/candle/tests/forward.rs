@@ -103,6 +103,19 @@ fn flash_attn_matches_candle_ops() -> Result<()> {
     };
     check_dense("mqa dv!=d", &mqa_dv, &plain, |q, k, v, s| {
         fa::flash_attn(q, k, v, s, false)
+    })?;
+    // A few queries against tens of thousands of keys (a long prompt's last tokens).
+    let long = Dense {
+        b: 1,
+        sq: 3,
+        sk: 20011,
+        hq: 4,
+        hkv: 2,
+        d: 64,
+        dv: 64,
+    };
+    check_dense("long keys causal", &long, &causal, |q, k, v, s| {
+        fa::flash_attn(q, k, v, s, true)
     })
 }
 
