@@ -38,34 +38,6 @@ impl<'a> CpuKvCache<'a> {
         })
     }
 
-    /// Rows per sequence in `k_new` (`[batch, seqlen_new, heads_kv, head_dim]`), which must
-    /// come with `v_new` of the same rows.
-    fn seqlen_new(
-        &self,
-        k_new: Option<&TensorRef<'_>>,
-        v_new: Option<&TensorRef<'_>>,
-    ) -> Result<usize> {
-        let c = self.state.config();
-        let per_row = c.batch * c.heads_kv * c.head_dim;
-        match (k_new, v_new) {
-            (None, None) => Ok(0),
-            (Some(k), Some(_)) if k.len().is_multiple_of(per_row) => Ok(k.len() / per_row),
-            (Some(k), Some(_)) => Err(Error::argument(
-                "k_new",
-                format!("{} elements", k.len()),
-                format!(
-                    "expected [batch = {}, seqlen_new, heads_kv = {}, head_dim = {}]",
-                    c.batch, c.heads_kv, c.head_dim
-                ),
-            )),
-            (k, _) => Err(Error::argument(
-                if k.is_some() { "v_new" } else { "k_new" },
-                "none",
-                "new k and v rows come together",
-            )),
-        }
-    }
-
     /// Runs `step` appending `k_new` / `v_new`; `attend` false only writes the rows.
     fn step(
         &mut self,
@@ -75,7 +47,7 @@ impl<'a> CpuKvCache<'a> {
         v_new: Option<TensorRef<'_>>,
         attend: bool,
     ) -> Result<Option<Output>> {
-        let new = self.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
+        let new = self.state.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
         let spec = self.state.spec(step, new)?;
         let inputs = DecodeInputs {
             q,
