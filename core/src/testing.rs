@@ -3,6 +3,7 @@
 //! `FLASHATTN_REQUIRE_BACKENDS` names it), and draw random specs from one proptest strategy
 //! (feature `proptest`).
 
+pub mod decode;
 #[cfg(feature = "proptest")]
 pub mod strategy;
 

@@ -196,9 +196,11 @@ impl WgpuBackend {
         Uniforms { buffer, stride }
     }
 
-    /// The `tables` of `c` in a pooled storage buffer.
-    pub(crate) fn tables(&self, c: &CheckedSpec<'_>) -> wgpu::Buffer {
-        let words = table_words(c);
+    /// The `tables` of `c`, then `extra` words (a decode's cache tables, at offset
+    /// `table_words(c).len()`), in a pooled storage buffer.
+    pub(crate) fn tables(&self, c: &CheckedSpec<'_>, extra: &[u32]) -> wgpu::Buffer {
+        let mut words = table_words(c);
+        words.extend_from_slice(extra);
         let buf = self.buffers.take(
             &self.device,
             words.len() as u64 * 4,

@@ -132,14 +132,7 @@ impl Variant {
     fn files(&self) -> &'static [&'static str] {
         match self.kernel {
             Kernel::Flash(_) => &[IO_QKV, IO_FORWARD, ROW_REDUCE, QUERY_BLOCK, FLASH],
-            Kernel::Decode(_) => &[
-                IO_QKV,
-                IO_FORWARD,
-                ROW_REDUCE,
-                KV_CACHE,
-                QUERY_BLOCK,
-                FLASH,
-            ],
+            Kernel::Decode(_) => &[IO_QKV, IO_FORWARD, ROW_REDUCE, KV_CACHE, QUERY_BLOCK, FLASH],
             Kernel::DecodeAppend => &[KV_CACHE, DECODE_APPEND],
             Kernel::Combine => &[IO_QKV, IO_FORWARD, COMBINE],
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaivePv => {

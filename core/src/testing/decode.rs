@@ -1,0 +1,302 @@
+//! Decode cases every backend runs against the f64 reference: caches of every layout
+//! (contiguous, paged with a shuffled block table), rotary tables, and the named feature cases.
+
+use crate::{
+    random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, CacheConfig, DType,
+    DecodeStep, KvCache, Rotary, Tensor, TensorRef,
+};
+
+/// A contiguous cache with `extra` spare rows per sequence beyond the longest use.
+pub fn contiguous(seqlens: &[i32], new: usize, extra: usize) -> KvCache {
+    let cap = seqlens.iter().map(|&l| l as usize).max().unwrap_or(0) + new + extra;
+    KvCache::contiguous(seqlens.len(), cap, seqlens.to_vec()).seqlen_new(new)
+}
+
+/// A paged cache of `page`-row pages, each sequence's pages scattered over the pool (a
+/// fixed shuffle), with room for `extra` more rows.
+pub fn paged(seqlens: &[i32], new: usize, page: usize, extra: usize) -> KvCache {
+    let cap = seqlens.iter().map(|&l| l as usize).max().unwrap_or(0) + new + extra;
+    let per_seq = cap.div_ceil(page);
+    let blocks = per_seq * seqlens.len() + 3;
+    let mut pool: Vec<i32> = (0..blocks as i32).collect();
+    let mut x = 0x9e37_79b9u64;
+    for i in (1..pool.len()).rev() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        pool.swap(i, (x >> 33) as usize % (i + 1));
+    }
+    let table = pool[..per_seq * seqlens.len()].to_vec();
+    KvCache::paged(blocks, page, table, per_seq, seqlens.to_vec()).seqlen_new(new)
+}
+
+/// cos / sin tables for `positions` positions of a `dim`-wide rotation.
+pub fn rotary(dim: usize, positions: usize, interleaved: bool) -> Rotary {
+    let half = dim / 2;
+    let angle = |p: usize, i: usize| p as f32 * 10000f32.powf(-((2 * i) as f32) / dim as f32);
+    let table = |f: fn(f32) -> f32| {
+        (0..positions * half)
+            .map(|k| f(angle(k / half, k % half)))
+            .collect()
+    };
+    Rotary {
+        cos: table(f32::cos),
+        sin: table(f32::sin),
+        dim,
+        interleaved,
+    }
+}
+
+/// A decode problem: `hq` / `hkv` heads, `sq` query rows, head dim `d`, against `cache`.
+pub fn spec(hq: usize, hkv: usize, sq: usize, d: usize, cache: KvCache) -> AttentionSpec {
+    AttentionSpec::new(cache.seqlens.len(), hq, sq, 1, d)
+        .heads_kv(hkv)
+        .causal(true)
+        .return_lse(true)
+        .kv_cache(cache)
+}
+
+/// The named decode feature cases (f32; set the dtype per run).
+pub fn feature_cases() -> Vec<(&'static str, AttentionSpec)> {
+    let lens = [0, 1, 17, 1000];
+    vec![
+        (
+            "contiguous 0/1/17/1000, GQA 32/8",
+            spec(32, 8, 1, 64, contiguous(&lens, 1, 3)),
+        ),
+        ("page 1", spec(4, 2, 1, 64, paged(&lens, 1, 1, 0))),
+        (
+            "page 3, append of 4 across pages",
+            spec(4, 2, 1, 40, paged(&[2, 5, 0, 30], 4, 3, 2)),
+        ),
+        (
+            "page 16, 15 + 3 crosses a page",
+            spec(4, 2, 1, 64, paged(&[15, 1000, 17], 3, 16, 0)),
+        ),
+        (
+            "page 256",
+            spec(8, 2, 1, 72, paged(&[0, 255, 1000], 1, 256, 0)),
+        ),
+        ("MQA", spec(8, 1, 1, 128, contiguous(&[300, 17], 1, 0))),
+        ("attend only", spec(4, 2, 1, 64, paged(&lens, 0, 16, 0))),
+        (
+            "not causal, 3 query rows",
+            spec(4, 2, 3, 64, contiguous(&[50, 9], 0, 1)).causal(false),
+        ),
+        (
+            "causal, 4 new rows and queries",
+            spec(4, 2, 4, 64, paged(&[100, 0, 3], 4, 16, 0)),
+        ),
+        (
+            "window",
+            spec(4, 2, 2, 64, contiguous(&lens, 2, 0)).window(50, 0),
+        ),
+        (
+            "window both sides, not causal",
+            spec(4, 4, 5, 32, paged(&[300, 4], 0, 3, 0))
+                .causal(false)
+                .window(7, 2),
+        ),
+        (
+            "softcap",
+            spec(4, 2, 1, 64, contiguous(&[400, 3], 1, 0)).softcap(3.0),
+        ),
+        (
+            "alibi per batch",
+            spec(4, 2, 2, 64, paged(&[400, 30], 2, 16, 0))
+                .alibi(vec![0.1, 0.02, 0.3, 0.05, 0.01, 0.2, 0.04, 0.08], true),
+        ),
+        (
+            "head_dim_v differs, d 200",
+            spec(4, 2, 1, 200, contiguous(&[100, 1], 1, 0)).head_dim_v(72),
+        ),
+        (
+            "custom scale",
+            spec(2, 1, 1, 16, contiguous(&[33], 1, 0)).scale(0.7),
+        ),
+        (
+            "batch_idx",
+            spec(
+                4,
+                2,
+                1,
+                64,
+                KvCache::contiguous(5, 260, vec![100, 0, 250])
+                    .seqlen_new(1)
+                    .batch_idx(vec![4, 0, 2]),
+            ),
+        ),
+        (
+            "batch_idx repeated, attend only",
+            spec(
+                4,
+                2,
+                1,
+                64,
+                KvCache::contiguous(3, 40, vec![30, 12]).batch_idx(vec![1, 1]),
+            ),
+        ),
+        (
+            "rotary interleaved, causal: q at its own positions",
+            spec(
+                4,
+                2,
+                3,
+                64,
+                paged(&[40, 0], 3, 16, 0).rotary(rotary(64, 43, true)),
+            ),
+        ),
+        (
+            "rotary half-split, not causal: q at seqlens",
+            spec(
+                4,
+                2,
+                2,
+                64,
+                contiguous(&[40, 5], 2, 0).rotary(rotary(32, 42, false)),
+            )
+            .causal(false),
+        ),
+        (
+            "rotary half-split, window, dim = d",
+            spec(
+                2,
+                1,
+                2,
+                48,
+                contiguous(&[20], 2, 0).rotary(rotary(48, 22, false)),
+            )
+            .window(5, -1),
+        ),
+    ]
+}
+
+/// Rotation as the reference defines it, in f32.
+pub fn rotate(x: &mut [f32], pos: usize, r: &Rotary) {
+    let half = r.dim / 2;
+    for i in 0..half {
+        let (c, s) = (r.cos[pos * half + i], r.sin[pos * half + i]);
+        let (a, b) = if r.interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (xa, xb) = (x[a], x[b]);
+        x[a] = xa * c - xb * s;
+        x[b] = xa * s + xb * c;
+    }
+}
+
+/// A handle appends one token per step and attends; every step equals a prefill over the
+/// same prefix (the f64 reference and the backend's forward), and the cache holds what was appended.
+/// Panics on the first mismatch. `page`: paged with that page size, else contiguous; `rot`:
+/// rotary, interleaved or not. The prefill runs on `backend`'s forward too.
+pub fn decode_steps_equal_prefills(
+    backend: &dyn Backend,
+    dtype: DType,
+    page: Option<usize>,
+    rot: Option<bool>,
+    steps: usize,
+) {
+    {
+        let (batch, hq, hkv, d, prompt) = (2, 4, 2, 32, 5);
+        let mut config = CacheConfig::contiguous(batch, prompt + steps, hkv, d).dtype(dtype);
+        config.page_size = page;
+        let mut cache = backend.kv_cache(config).unwrap();
+        let rotary = rot.map(|interleaved| rotary(16, prompt + steps, interleaved));
+        // Host copies of every appended row ([batch][token][heads_kv * d]), k rotated.
+        let (mut ks, mut vs) = (vec![Vec::new(); batch], vec![Vec::new(); batch]);
+        let rows = |n: usize, seed: u64| {
+            let (_, k, v) =
+                random_inputs(&AttentionSpec::new(batch, hkv, n, n, d).dtype(dtype), seed);
+            (k, v)
+        };
+        // Rows of `t` ([batch, n, heads_kv, d]) kept, rotated at `at..` where given.
+        let keep = |hist: &mut Vec<Vec<Vec<f32>>>, t: &Tensor, n: usize, at: Option<usize>| {
+            let x = t.to_f32_vec();
+            for (b, h) in hist.iter_mut().enumerate() {
+                for i in 0..n {
+                    let mut row = x[(b * n + i) * hkv * d..][..hkv * d].to_vec();
+                    if let (Some(r), Some(at)) = (&rotary, at) {
+                        for head in row.chunks_mut(d) {
+                            rotate(head, at + i, r);
+                        }
+                    }
+                    let row = Tensor::from_f32(dtype, &row).to_f32_vec();
+                    h.push(row);
+                }
+            }
+        };
+        // The prompt: appended without rotation (append takes rows as they are).
+        let (k, v) = rows(prompt, 1);
+        cache.append(k.as_ref(), v.as_ref()).unwrap();
+        keep(&mut ks, &k, prompt, None);
+        keep(&mut vs, &v, prompt, None);
+        for step in 0..steps {
+            let len = prompt + step;
+            let (k, v) = rows(1, 100 + step as u64);
+            let (q, _, _) = random_inputs(
+                &AttentionSpec::new(batch, hq, 1, 1, d).dtype(dtype),
+                900 + step as u64,
+            );
+            let mut ds = DecodeStep::new(hq);
+            ds.return_lse = true;
+            ds.rotary = rotary.clone();
+            let got = cache
+                .decode(&ds, q.as_ref(), Some(k.as_ref()), Some(v.as_ref()))
+                .unwrap();
+            assert_eq!(cache.state().seqlens(), &[len as i32 + 1; 2]);
+            keep(&mut ks, &k, 1, Some(len));
+            keep(&mut vs, &v, 1, None);
+            // The same step as a prefill: q rotated at its position, all len + 1 keys.
+            let mut qr = q.to_f32_vec();
+            if let Some(r) = &rotary {
+                for head in qr.chunks_mut(d) {
+                    rotate(head, len, r);
+                }
+            }
+            let dense = AttentionSpec::new(batch, hq, 1, len + 1, d)
+                .heads_kv(hkv)
+                .causal(true)
+                .return_lse(true);
+            // [batch, len + 1, heads_kv, d]
+            let flat =
+                |h: &[Vec<Vec<f32>>]| h.iter().flatten().flatten().copied().collect::<Vec<f32>>();
+            let (kf, vf) = (flat(&ks), flat(&vs));
+            let (kf, vf) = (TensorRef::F32(&kf), TensorRef::F32(&vf));
+            let want = reference_attention(&dense, TensorRef::F32(&qr), kf, vf).unwrap();
+            let prefill = backend
+                .forward(&dense, TensorRef::F32(&qr), kf, vf)
+                .unwrap();
+            let tol = dtype.tolerance();
+            let err = rel_l2_error(&got.out.to_f32_vec(), &want.out);
+            assert!(err < tol, "{dtype} step {step}: {err:.2e} vs the reference");
+            let pre: Vec<f64> = prefill.out.to_f32_vec().iter().map(|&x| x as f64).collect();
+            let err = rel_l2_error(&got.out.to_f32_vec(), &pre);
+            assert!(
+                err < tol,
+                "{dtype} step {step}: {err:.2e} vs the backend's prefill"
+            );
+            let lse = got.lse.unwrap();
+            for (a, e) in lse.iter().zip(&want.lse) {
+                assert!(
+                    (*a as f64 - e).abs() < dtype.lse_tolerance(),
+                    "{dtype} step {step} LSE"
+                );
+            }
+        }
+        // read(): the buffers hold what was appended, where the state put it.
+        let (kb, _) = cache.read().unwrap();
+        let kb = kb.to_f32_vec();
+        let spec = cache.state().spec(&DecodeStep::new(hq), 0).unwrap();
+        let kvc = spec.kv_cache.unwrap();
+        for (b, seq) in ks.iter().enumerate() {
+            for (t, row) in seq.iter().enumerate() {
+                let at = kvc.row(b, t) * hkv * d;
+                assert_eq!(&kb[at..at + hkv * d], &row[..], "{dtype} seq {b} row {t}");
+            }
+        }
+        cache.reset(0).unwrap();
+        assert_eq!(cache.state().seqlens(), &[0, (prompt + steps) as i32]);
+    }
+}
