@@ -216,6 +216,17 @@ impl CacheState {
         }
     }
 
+    /// The step of an append without attention (attention options do not matter; one query
+    /// head per KV head) and the element count of its placeholder q.
+    pub fn append_step(&self) -> (DecodeStep, usize) {
+        let c = &self.config;
+        let step = DecodeStep {
+            causal: false,
+            ..DecodeStep::new(c.heads_kv)
+        };
+        (step, c.batch * c.heads_kv * c.head_dim)
+    }
+
     /// Rows of the k / v buffers the backend allocates (`[rows, heads_kv, d]`).
     pub fn buffer_rows(&self) -> usize {
         let c = &self.config;

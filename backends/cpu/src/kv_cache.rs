@@ -96,13 +96,10 @@ impl KvCacheHandle for CpuKvCache<'_> {
     }
 
     fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()> {
-        // Attention options do not matter for an append; q is a placeholder of the right size.
+        // q is a placeholder of the right size.
+        let (step, n) = self.state.append_step();
         let c = self.state.config();
-        let step = DecodeStep {
-            causal: false,
-            ..DecodeStep::new(c.heads_kv)
-        };
-        let q = zeros(c.dtype, c.batch * c.heads_kv * c.head_dim)?;
+        let q = zeros(c.dtype, n)?;
         self.step(&step, q.as_ref(), Some(k_new), Some(v_new), false)
             .map(|_| ())
     }

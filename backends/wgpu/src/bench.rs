@@ -9,8 +9,8 @@ use crate::dispatch::Scratch;
 use crate::forward::{DeviceInputs, DeviceOutputs};
 use crate::WgpuBackend;
 use flashattn_core::{
-    decode_bytes, random_inputs, random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, CheckedSpec,
-    Pass, Result, Tensor,
+    decode_bytes, random_inputs, random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan,
+    CheckedSpec, Pass, Result, Tensor,
 };
 use rand::SeedableRng;
 
@@ -53,7 +53,9 @@ impl WgpuBackend {
             _ => self.supports_checked(&c)?,
         }
         if algo == Algorithm::Copy && plan.pass != Pass::Decode {
-            return Err(unsupported("the copy peer is decode's (its memory-bound limit)"));
+            return Err(unsupported(
+                "the copy peer is decode's (its memory-bound limit)",
+            ));
         }
         self.ready().await?;
         match plan.pass {
@@ -78,10 +80,7 @@ impl WgpuBackend {
             self.device_tensor(&v),
         );
         drop((q, k, v));
-        let out = self.device_zeros(c.sizes.out as u64 * c.dtype.output().size_bytes() as u64);
-        let lse = c
-            .return_lse
-            .then(|| self.device_zeros(c.sizes.lse as u64 * 4));
+        let (out, lse) = self.bench_outputs(c);
         let inputs = DeviceInputs {
             q: &qb,
             k: &kb,
@@ -193,10 +192,7 @@ impl WgpuBackend {
         let vn = random_tensor(&mut rng, c.dtype, c.sizes.v_new);
         let [qb, kb, vb, knb, vnb] = [&q, &k, &v, &kn, &vn].map(|t| self.device_tensor(t));
         drop((q, k, v, kn, vn));
-        let out = self.device_zeros(c.sizes.out as u64 * c.dtype.output().size_bytes() as u64);
-        let lse = c
-            .return_lse
-            .then(|| self.device_zeros(c.sizes.lse as u64 * 4));
+        let (out, lse) = self.bench_outputs(c);
         let new = c.sizes.k_new > 0;
         let inputs = DeviceDecodeInputs {
             q: &qb,
@@ -287,6 +283,15 @@ impl WgpuBackend {
                 wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             ),
         }
+    }
+
+    /// Dedicated out and (when asked for) LSE buffers of `c`.
+    fn bench_outputs(&self, c: &CheckedSpec<'_>) -> (wgpu::Buffer, Option<wgpu::Buffer>) {
+        let out = self.device_zeros(c.sizes.out as u64 * c.dtype.output().size_bytes() as u64);
+        let lse = c
+            .return_lse
+            .then(|| self.device_zeros(c.sizes.lse as u64 * 4));
+        (out, lse)
     }
 
     /// A dedicated (not pooled) storage buffer holding `t`: the benchmark's inputs.

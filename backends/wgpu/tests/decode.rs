@@ -9,7 +9,7 @@ mod common;
 use common::assert_cases;
 use flashattn_core::testing::check_decode;
 use flashattn_core::testing::decode::{
-    contiguous, decode_steps_equal_prefills, feature_cases, paged, spec,
+    contiguous, decode_steps_equal_prefills, feature_cases, handle_refuses_bad_steps, paged, spec,
 };
 use flashattn_core::{
     random_inputs, AttentionSpec, Backend, CacheConfig, DType, DecodeInputs, DecodeStep, Error,
@@ -126,34 +126,7 @@ fn bad_arguments_leave_the_caches_unchanged() {
         assert!(err.to_string().contains(word), "{name}: {err}");
         assert!(kc == k && vc == v, "{name}: cache written");
     }
-    // A handle: an overflowing append or a bad k_new changes neither buffers nor lengths.
-    let mut cache = b
-        .kv_cache(CacheConfig::contiguous(2, 6, 2, 8).paged(4))
-        .unwrap();
-    let rows = |n: usize| {
-        let (_, k, v) = random_inputs(&AttentionSpec::new(2, 2, n, n, 8), n as u64);
-        (k, v)
-    };
-    let (k, v) = rows(5);
-    cache.append(k.as_ref(), v.as_ref()).unwrap();
-    let before = cache.read().unwrap();
-    let q = Tensor::zeros(DType::F32, 2 * 4 * 8);
-    let (k, v) = rows(2);
-    let step = DecodeStep::new(4);
-    let e = cache
-        .decode(&step, q.as_ref(), Some(k.as_ref()), Some(v.as_ref()))
-        .unwrap_err();
-    assert!(e.to_string().contains("overflows"), "{e}");
-    let odd = Tensor::zeros(DType::F32, 2 * 2 * 8 + 1);
-    let e = cache
-        .decode(&step, q.as_ref(), Some(odd.as_ref()), Some(v.as_ref()))
-        .unwrap_err();
-    assert!(e.to_string().contains("k_new"), "{e}");
-    assert_eq!(cache.state().seqlens(), &[5, 5]);
-    assert!(
-        cache.read().unwrap() == before,
-        "a refused step wrote the cache"
-    );
+    handle_refuses_bad_steps(b);
     // fp8 is refused as unsupported.
     let fp8 = base(KvCache::contiguous(1, 10, vec![3])).dtype(DType::Fp8E4m3);
     assert!(matches!(
