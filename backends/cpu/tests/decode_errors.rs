@@ -2,8 +2,8 @@
 //! slices or a handle's buffers) left bit for bit as they were.
 
 use flashattn_core::{
-    random_inputs, AttentionSpec, Backend, CacheConfig, DType, DecodeInputs, DecodeStep, Error,
-    KvCache, Rotary, Tensor, TensorRef,
+    random_inputs, AttentionSpec, Backend, DType, DecodeInputs, Error, KvCache, Rotary, Tensor,
+    TensorRef,
 };
 use flashattn_cpu::CpuBackend;
 

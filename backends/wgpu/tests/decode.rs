@@ -12,8 +12,7 @@ use flashattn_core::testing::decode::{
     contiguous, decode_steps_equal_prefills, feature_cases, handle_refuses_bad_steps, paged, spec,
 };
 use flashattn_core::{
-    random_inputs, AttentionSpec, Backend, CacheConfig, DType, DecodeInputs, DecodeStep, Error,
-    KvCache, Tensor,
+    random_inputs, AttentionSpec, Backend, DType, DecodeInputs, Error, KvCache, Tensor,
 };
 
 #[test]
