@@ -10,6 +10,10 @@
 // p.slice0 + split of its sequence. Longer key ranges take several dispatches whose partial
 // (O, LSE) accumulate in the split's slot of `part` (FLAG_PARTIAL), merged by combine.wgsl.
 //
+// Decode (the DECODE variant, FLAG_CACHE): k and v are the KV cache, keys are found through
+// its block table (kv_cache.wgsl), a block packs the query heads of one KV head
+// (query_block.wgsl) and q is rotated as it is loaded.
+//
 // The host prepends the `enable` lines, the tile constants (WG, TPR, BLOCK_M, BLOCK_N, DS,
 // DVS, DP, DVP, KVW), params.wgsl, mask.wgsl, score_mod.wgsl, the dtype file, io_qkv.wgsl,
 // io_forward.wgsl, row_reduce.wgsl and query_block.wgsl.
@@ -40,7 +44,12 @@ fn stage_tile(blk: Block, kt: i32, lid: u32, is_v: bool) {
         let key = kt + i32(j);
         var x = vec2<f32>(0.0, 0.0);
         if key < blk.keys.end && e < width {
-            let base = ((blk.seq.k_start + u32(key) - p.k_tok0) * p.heads_kv + blk.kh) * width + e;
+//#if DECODE
+            let key_row = cache_row(blk.b, u32(key));
+//#else
+            let key_row = blk.seq.k_start + u32(key) - p.k_tok0;
+//#endif
+            let base = (key_row * p.heads_kv + blk.kh) * width + e;
             if is_v {
                 x = vec2<f32>(ld_v(base), select(0.0, ld_v(base + 1u), e + 1u < width));
             } else {
@@ -145,7 +154,7 @@ fn inv_sum() -> f32 {
 // Writes out (in the output dtype) and the LSE directly: a single dispatch covered the keys.
 fn store_out(blk: Block, row: Row, t: u32) {
     let inv_l = inv_sum();
-    let o_base = ((row.tok - p.q_tok0) * p.heads_q + blk.h) * p.dv;
+    let o_base = ((row.tok - p.q_tok0) * p.heads_q + row.h) * p.dv;
     for (var s = 0u; s < DVS; s += 2u) {
         let e = 2u * (t + TPR * (s >> 1u));
         if e < p.dv {
@@ -153,13 +162,13 @@ fn store_out(blk: Block, row: Row, t: u32) {
         }
     }
     if t == 0u && has_flag(FLAG_LSE) {
-        lse[lse_index(blk.b, blk.h, row.i, blk.seq.q_start)] = row_lse_bits();
+        lse[lse_index(blk.b, row.h, row.i, blk.seq.q_start)] = row_lse_bits();
     }
 }
 
 // Index of (split slot, row, head) in the partials.
 fn slot_index(blk: Block, row: Row) -> u32 {
-    return (blk.split * (p.q_tok1 - p.q_tok0) + row.tok - p.q_tok0) * p.heads_q + blk.h;
+    return (blk.split * (p.q_tok1 - p.q_tok0) + row.tok - p.q_tok0) * p.heads_q + row.h;
 }
 
 // The LSE bits this row's slot holds from earlier dispatches (-inf when there are none).
@@ -217,7 +226,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let r = lid / TPR;
     let t = lid % TPR;
     let row = row_of(blk, r);
-    load_q(row, blk.h, t);
+    load_q(row, row.h, t);
     m_run = NEG_BIG;
     l_run = 0.0;
     for (var s = 0u; s < DVS; s++) {

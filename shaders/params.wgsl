@@ -28,6 +28,19 @@ struct Params {
     tab_cu_k: u32,       // offset of cu_seqlens_k in `tables`
     tab_alibi: u32,      // offset of the ALiBi slopes in `tables`
     part_lse: u32,       // offset of the partial LSEs in `part`
+    // Decode against a KV cache (FLAG_CACHE; kv_cache.wgsl): position pos of sequence b is
+    // cache row tables[tab_pages + b * max_blocks + pos / page_size] * page_size + pos % page_size
+    // (a contiguous cache is one page of seqlen_cache rows per sequence).
+    seqlen_new: u32,     // rows appended per sequence before attending
+    page_size: u32,
+    max_blocks: u32,
+    tab_pages: u32,      // offset of the block table (contiguous: the cache row of each entry)
+    tab_seqlens: u32,    // offset of the rows in use per sequence, before the append
+    tab_cos: u32,        // offset of cos [batch, rotary_span, rotary_dim / 2]; sin follows
+    rotary_dim: u32,     // 0 = no rotary
+    rotary_span: u32,    // positions per sequence in the rotary tables, from its seqlen on
+    append_b0: u32,      // the append kernel writes sequences [append_b0, append_b1)
+    append_b1: u32,
 }
 
 const FLAG_VARLEN: u32 = 1u;
@@ -37,6 +50,11 @@ const FLAG_LSE: u32 = 8u;
 const FLAG_PARTIAL: u32 = 16u;
 // The first dispatch on an accumulator: write it, do not add to what it holds.
 const FLAG_FIRST: u32 = 32u;
+const FLAG_CACHE: u32 = 64u;
+// Rotary pairs (2i, 2i + 1) (GPT-J); else halves (i, i + rotary_dim / 2) (GPT-NeoX).
+const FLAG_ROTARY_INTERLEAVED: u32 = 128u;
+// q row i takes rotary position seqlen + i (causal or windowed), else seqlen.
+const FLAG_ROTARY_Q_POSITIONAL: u32 = 256u;
 
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
@@ -53,7 +71,8 @@ fn is_nan(x: f32) -> bool {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// cu_seqlens_q at 0, cu_seqlens_k at p.tab_cu_k, ALiBi slopes (f32 bits) at p.tab_alibi.
+// cu_seqlens_q at 0, cu_seqlens_k at p.tab_cu_k, ALiBi slopes (f32 bits) at p.tab_alibi;
+// with a KV cache also the block table, seqlens and rotary tables (offsets above).
 @group(0) @binding(5) var<storage, read> tables: array<u32>;
 
 fn has_flag(f: u32) -> bool {
@@ -69,6 +88,10 @@ struct SeqBounds {
 }
 
 fn seq_bounds(b: u32) -> SeqBounds {
+    if has_flag(FLAG_CACHE) {
+        // Keys are cache positions, found through the block table (kv_cache.wgsl).
+        return SeqBounds(b * p.seqlen_q, p.seqlen_q, 0u, tables[p.tab_seqlens + b] + p.seqlen_new);
+    }
     if has_flag(FLAG_VARLEN) {
         let q0 = tables[b];
         let k0 = tables[p.tab_cu_k + b];

@@ -188,6 +188,45 @@ impl CacheState {
         &self.seqlens
     }
 
+    /// Rows per sequence in `k_new` (`[batch, seqlen_new, heads_kv, head_dim]`), which must
+    /// come with `v_new` of the same rows.
+    pub fn seqlen_new(
+        &self,
+        k_new: Option<&TensorRef<'_>>,
+        v_new: Option<&TensorRef<'_>>,
+    ) -> Result<usize> {
+        let c = &self.config;
+        let per_row = c.batch * c.heads_kv * c.head_dim;
+        match (k_new, v_new) {
+            (None, None) => Ok(0),
+            (Some(k), Some(_)) if k.len().is_multiple_of(per_row) => Ok(k.len() / per_row),
+            (Some(k), Some(_)) => Err(Error::argument(
+                "k_new",
+                format!("{} elements", k.len()),
+                format!(
+                    "expected [batch = {}, seqlen_new, heads_kv = {}, head_dim = {}]",
+                    c.batch, c.heads_kv, c.head_dim
+                ),
+            )),
+            (k, _) => Err(Error::argument(
+                if k.is_some() { "v_new" } else { "k_new" },
+                "none",
+                "new k and v rows come together",
+            )),
+        }
+    }
+
+    /// The step of an append without attention (attention options do not matter; one query
+    /// head per KV head) and the element count of its placeholder q.
+    pub fn append_step(&self) -> (DecodeStep, usize) {
+        let c = &self.config;
+        let step = DecodeStep {
+            causal: false,
+            ..DecodeStep::new(c.heads_kv)
+        };
+        (step, c.batch * c.heads_kv * c.head_dim)
+    }
+
     /// Rows of the k / v buffers the backend allocates (`[rows, heads_kv, d]`).
     pub fn buffer_rows(&self) -> usize {
         let c = &self.config;

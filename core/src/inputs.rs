@@ -62,6 +62,22 @@ pub fn validate_decode_inputs<'s>(
     check_decode(spec, &t.q, &kc, &vc, t.k_new.as_ref(), t.v_new.as_ref())
 }
 
+/// Validates the spec of a decode step against caches the backend owns (a KV cache handle):
+/// q and the new rows, everything but the cache buffers.
+pub fn validate_decode_step<'s>(
+    spec: &'s AttentionSpec,
+    q: &TensorRef<'_>,
+    k_new: Option<&TensorRef<'_>>,
+    v_new: Option<&TensorRef<'_>>,
+) -> Result<CheckedSpec<'s>> {
+    let c = spec.validate()?;
+    let s = &c.sizes;
+    cache_of(&c)?;
+    check_tensor("q", q, c.dtype, s.q, s.q_tokens, c.heads_q, c.head_dim)?;
+    check_new_rows(&c, k_new, v_new)?;
+    Ok(c)
+}
+
 pub(crate) fn check_decode<'s>(
     spec: &'s AttentionSpec,
     q: &TensorRef<'_>,
@@ -71,21 +87,36 @@ pub(crate) fn check_decode<'s>(
     v_new: Option<&TensorRef<'_>>,
 ) -> Result<CheckedSpec<'s>> {
     let c = spec.validate()?;
-    let Some(cache) = &spec.kv_cache else {
-        return Err(Error::invalid(
+    cache_of(&c)?;
+    check_qkv(&c, q, k_cache, v_cache)?;
+    check_new_rows(&c, k_new, v_new)?;
+    Ok(c)
+}
+
+fn cache_of<'s>(c: &CheckedSpec<'s>) -> Result<&'s crate::KvCache> {
+    c.spec.kv_cache.as_ref().ok_or_else(|| {
+        Error::invalid(
             "kv_cache",
             "none",
             "a decode call needs the KV cache's arguments",
-        ));
-    };
-    check_qkv(&c, q, k_cache, v_cache)?;
-    let rows = spec.batch * cache.seqlen_new;
+        )
+    })
+}
+
+/// The new rows match the cache's `seqlen_new`.
+fn check_new_rows(
+    c: &CheckedSpec<'_>,
+    k_new: Option<&TensorRef<'_>>,
+    v_new: Option<&TensorRef<'_>>,
+) -> Result<()> {
+    let cache = cache_of(c)?;
+    let rows = c.batch * cache.seqlen_new;
     for (name, new, n, dim) in [
-        ("k_new", k_new, c.sizes.k_new, spec.head_dim),
-        ("v_new", v_new, c.sizes.v_new, spec.head_dim_v),
+        ("k_new", k_new, c.sizes.k_new, c.head_dim),
+        ("v_new", v_new, c.sizes.v_new, c.head_dim_v),
     ] {
         match new {
-            Some(x) => check_tensor(name, x, spec.dtype, n, rows, spec.heads_kv, dim)?,
+            Some(x) => check_tensor(name, x, c.dtype, n, rows, c.heads_kv, dim)?,
             None if n > 0 => {
                 return Err(Error::argument(
                     name,
@@ -99,7 +130,7 @@ pub(crate) fn check_decode<'s>(
             None => {}
         }
     }
-    Ok(c)
+    Ok(())
 }
 
 fn check_qkv(

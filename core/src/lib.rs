@@ -29,7 +29,7 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use inputs::{
     lse_max_error, random_inputs, random_tensor, rel_l2_error, validate_backward_inputs,
-    validate_decode_inputs, validate_inputs,
+    validate_decode_inputs, validate_decode_step, validate_inputs,
 };
 pub use kv_cache::{decode_bytes, CacheLayout, KvCache, Rotary};
 pub use mask::Mask;

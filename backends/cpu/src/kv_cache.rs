@@ -38,34 +38,6 @@ impl<'a> CpuKvCache<'a> {
         })
     }
 
-    /// Rows per sequence in `k_new` (`[batch, seqlen_new, heads_kv, head_dim]`), which must
-    /// come with `v_new` of the same rows.
-    fn seqlen_new(
-        &self,
-        k_new: Option<&TensorRef<'_>>,
-        v_new: Option<&TensorRef<'_>>,
-    ) -> Result<usize> {
-        let c = self.state.config();
-        let per_row = c.batch * c.heads_kv * c.head_dim;
-        match (k_new, v_new) {
-            (None, None) => Ok(0),
-            (Some(k), Some(_)) if k.len().is_multiple_of(per_row) => Ok(k.len() / per_row),
-            (Some(k), Some(_)) => Err(Error::argument(
-                "k_new",
-                format!("{} elements", k.len()),
-                format!(
-                    "expected [batch = {}, seqlen_new, heads_kv = {}, head_dim = {}]",
-                    c.batch, c.heads_kv, c.head_dim
-                ),
-            )),
-            (k, _) => Err(Error::argument(
-                if k.is_some() { "v_new" } else { "k_new" },
-                "none",
-                "new k and v rows come together",
-            )),
-        }
-    }
-
     /// Runs `step` appending `k_new` / `v_new`; `attend` false only writes the rows.
     fn step(
         &mut self,
@@ -75,7 +47,7 @@ impl<'a> CpuKvCache<'a> {
         v_new: Option<TensorRef<'_>>,
         attend: bool,
     ) -> Result<Option<Output>> {
-        let new = self.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
+        let new = self.state.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
         let spec = self.state.spec(step, new)?;
         let inputs = DecodeInputs {
             q,
@@ -124,13 +96,10 @@ impl KvCacheHandle for CpuKvCache<'_> {
     }
 
     fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()> {
-        // Attention options do not matter for an append; q is a placeholder of the right size.
+        // q is a placeholder of the right size.
+        let (step, n) = self.state.append_step();
         let c = self.state.config();
-        let step = DecodeStep {
-            causal: false,
-            ..DecodeStep::new(c.heads_kv)
-        };
-        let q = zeros(c.dtype, c.batch * c.heads_kv * c.head_dim)?;
+        let q = zeros(c.dtype, n)?;
         self.step(&step, q.as_ref(), Some(k_new), Some(v_new), false)
             .map(|_| ())
     }

@@ -3,10 +3,11 @@
 //! bad arguments refused with the caches left bit for bit as they were.
 
 use flashattn_core::testing::check_decode;
-use flashattn_core::testing::decode::{contiguous, decode_cases, paged, rotary, spec};
+use flashattn_core::testing::decode::{
+    contiguous, decode_cases, decode_steps_equal_prefills, paged, spec,
+};
 use flashattn_core::{
-    random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, CacheConfig, DType,
-    DecodeInputs, DecodeStep, Rotary, Tensor, TensorRef,
+    random_inputs, AttentionSpec, Backend, DType, DecodeInputs, Tensor, TensorRef,
 };
 use flashattn_cpu::{CpuBackend, Isa};
 
@@ -122,122 +123,7 @@ fn fifty_decode_steps_equal_prefills_of_the_prefix() {
         (DType::Bf16, Some(16), None),
         (DType::F16, None, Some(false)),
     ] {
-        let backend = CpuBackend::with_threads(2);
-        let (batch, hq, hkv, d, prompt, steps) = (2, 4, 2, 32, 5, 50);
-        let mut config = CacheConfig::contiguous(batch, prompt + steps, hkv, d).dtype(dtype);
-        config.page_size = page;
-        let mut cache = backend.kv_cache(config).unwrap();
-        let rotary = rot.map(|interleaved| rotary(16, prompt + steps, interleaved));
-        // Host copies of every appended row ([batch][token][heads_kv * d]), k rotated.
-        let (mut ks, mut vs) = (vec![Vec::new(); batch], vec![Vec::new(); batch]);
-        let rows = |n: usize, seed: u64| {
-            let (_, k, v) =
-                random_inputs(&AttentionSpec::new(batch, hkv, n, n, d).dtype(dtype), seed);
-            (k, v)
-        };
-        // Rows of `t` ([batch, n, heads_kv, d]) kept, rotated at `at..` where given.
-        let keep = |hist: &mut Vec<Vec<Vec<f32>>>, t: &Tensor, n: usize, at: Option<usize>| {
-            let x = t.to_f32_vec();
-            for (b, h) in hist.iter_mut().enumerate() {
-                for i in 0..n {
-                    let mut row = x[(b * n + i) * hkv * d..][..hkv * d].to_vec();
-                    if let (Some(r), Some(at)) = (&rotary, at) {
-                        for head in row.chunks_mut(d) {
-                            rotate(head, at + i, r);
-                        }
-                    }
-                    let row = Tensor::from_f32(dtype, &row).to_f32_vec();
-                    h.push(row);
-                }
-            }
-        };
-        // The prompt: appended without rotation (append takes rows as they are).
-        let (k, v) = rows(prompt, 1);
-        cache.append(k.as_ref(), v.as_ref()).unwrap();
-        keep(&mut ks, &k, prompt, None);
-        keep(&mut vs, &v, prompt, None);
-        for step in 0..steps {
-            let len = prompt + step;
-            let (k, v) = rows(1, 100 + step as u64);
-            let (q, _, _) = random_inputs(
-                &AttentionSpec::new(batch, hq, 1, 1, d).dtype(dtype),
-                900 + step as u64,
-            );
-            let mut ds = DecodeStep::new(hq);
-            ds.return_lse = true;
-            ds.rotary = rotary.clone();
-            let got = cache
-                .decode(&ds, q.as_ref(), Some(k.as_ref()), Some(v.as_ref()))
-                .unwrap();
-            assert_eq!(cache.state().seqlens(), &[len as i32 + 1; 2]);
-            keep(&mut ks, &k, 1, Some(len));
-            keep(&mut vs, &v, 1, None);
-            // The same step as a prefill: q rotated at its position, all len + 1 keys.
-            let mut qr = q.to_f32_vec();
-            if let Some(r) = &rotary {
-                for head in qr.chunks_mut(d) {
-                    rotate(head, len, r);
-                }
-            }
-            let dense = AttentionSpec::new(batch, hq, 1, len + 1, d)
-                .heads_kv(hkv)
-                .causal(true)
-                .return_lse(true);
-            // [batch, len + 1, heads_kv, d]
-            let flat =
-                |h: &[Vec<Vec<f32>>]| h.iter().flatten().flatten().copied().collect::<Vec<f32>>();
-            let (kf, vf) = (flat(&ks), flat(&vs));
-            let (kf, vf) = (TensorRef::F32(&kf), TensorRef::F32(&vf));
-            let want = reference_attention(&dense, TensorRef::F32(&qr), kf, vf).unwrap();
-            let prefill = backend
-                .forward(&dense, TensorRef::F32(&qr), kf, vf)
-                .unwrap();
-            let tol = dtype.tolerance();
-            let err = rel_l2_error(&got.out.to_f32_vec(), &want.out);
-            assert!(err < tol, "{dtype} step {step}: {err:.2e} vs the reference");
-            let pre: Vec<f64> = prefill.out.to_f32_vec().iter().map(|&x| x as f64).collect();
-            let err = rel_l2_error(&got.out.to_f32_vec(), &pre);
-            assert!(
-                err < tol,
-                "{dtype} step {step}: {err:.2e} vs the CPU prefill"
-            );
-            let lse = got.lse.unwrap();
-            for (a, e) in lse.iter().zip(&want.lse) {
-                assert!(
-                    (*a as f64 - e).abs() < dtype.lse_tolerance(),
-                    "{dtype} step {step} LSE"
-                );
-            }
-        }
-        // read(): the buffers hold what was appended, where the state put it.
-        let (kb, _) = cache.read().unwrap();
-        let kb = kb.to_f32_vec();
-        let spec = cache.state().spec(&DecodeStep::new(hq), 0).unwrap();
-        let kvc = spec.kv_cache.unwrap();
-        for (b, seq) in ks.iter().enumerate() {
-            for (t, row) in seq.iter().enumerate() {
-                let at = kvc.row(b, t) * hkv * d;
-                assert_eq!(&kb[at..at + hkv * d], &row[..], "{dtype} seq {b} row {t}");
-            }
-        }
-        cache.reset(0).unwrap();
-        assert_eq!(cache.state().seqlens(), &[0, (prompt + steps) as i32]);
-    }
-}
-
-/// Rotation as the reference defines it, in f32.
-fn rotate(x: &mut [f32], pos: usize, r: &Rotary) {
-    let half = r.dim / 2;
-    for i in 0..half {
-        let (c, s) = (r.cos[pos * half + i], r.sin[pos * half + i]);
-        let (a, b) = if r.interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + half)
-        };
-        let (xa, xb) = (x[a], x[b]);
-        x[a] = xa * c - xb * s;
-        x[b] = xa * s + xb * c;
+        decode_steps_equal_prefills(&CpuBackend::with_threads(2), dtype, page, rot, 50);
     }
 }
 

@@ -2,8 +2,8 @@
 //! slices or a handle's buffers) left bit for bit as they were.
 
 use flashattn_core::{
-    random_inputs, AttentionSpec, Backend, CacheConfig, DType, DecodeInputs, DecodeStep, Error,
-    KvCache, Rotary, Tensor, TensorRef,
+    random_inputs, AttentionSpec, Backend, DType, DecodeInputs, Error, KvCache, Rotary, Tensor,
+    TensorRef,
 };
 use flashattn_cpu::CpuBackend;
 
@@ -205,60 +205,5 @@ fn bad_buffers_are_refused_before_any_write() {
 
 #[test]
 fn a_handle_refuses_overflowing_appends_and_keeps_its_state() {
-    let backend = CpuBackend::new();
-    let e = backend
-        .kv_cache(CacheConfig::contiguous(1, 10, 2, 8).paged(0))
-        .err()
-        .expect("page_size 0");
-    assert!(e.to_string().contains("cache.page_size"), "{e}");
-    let mut cache = backend
-        .kv_cache(CacheConfig::contiguous(2, 6, 2, 8).paged(4))
-        .unwrap();
-    let rows = |n: usize| {
-        let (_, k, v) = random_inputs(&AttentionSpec::new(2, 2, n, n, 8), n as u64);
-        (k, v)
-    };
-    let (k, v) = rows(5);
-    cache.append(k.as_ref(), v.as_ref()).unwrap();
-    let before = cache.read().unwrap();
-    let (k, v) = rows(2);
-    let e = cache.append(k.as_ref(), v.as_ref()).unwrap_err();
-    assert!(e.to_string().contains("seqlen_new = 2"), "{e}");
-    let q = Tensor::zeros(DType::F32, 2 * 4 * 8);
-    let e = cache
-        .decode(
-            &DecodeStep::new(4),
-            q.as_ref(),
-            Some(k.as_ref()),
-            Some(v.as_ref()),
-        )
-        .unwrap_err();
-    assert!(e.to_string().contains("overflows"), "{e}");
-    let odd = Tensor::zeros(DType::F32, 2 * 2 * 8 + 1);
-    let e = cache
-        .decode(
-            &DecodeStep::new(4),
-            q.as_ref(),
-            Some(odd.as_ref()),
-            Some(v.as_ref()),
-        )
-        .unwrap_err();
-    assert!(e.to_string().contains("k_new"), "{e}");
-    assert_eq!(cache.state().seqlens(), &[5, 5]);
-    assert!(
-        cache.read().unwrap() == before,
-        "a refused step wrote the cache"
-    );
-    // One more row fits; the step attends over 6 keys.
-    let (k, v) = rows(1);
-    let out = cache
-        .decode(
-            &DecodeStep::new(4),
-            q.as_ref(),
-            Some(k.as_ref()),
-            Some(v.as_ref()),
-        )
-        .unwrap();
-    assert_eq!(out.out.len(), 2 * 4 * 8);
-    assert_eq!(cache.state().seqlens(), &[6, 6]);
+    flashattn_core::testing::decode::handle_refuses_bad_steps(&CpuBackend::new());
 }

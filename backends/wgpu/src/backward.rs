@@ -365,7 +365,7 @@ impl WgpuBackend {
         let rows = Rows::of(c);
         let uniforms = self.uniforms(&work.iter().map(|w| w.params).collect::<Vec<_>>());
         scratch.keep(&uniforms.buffer);
-        let tables = self.tables(c);
+        let tables = self.tables(c, &[]);
         scratch.keep(&tables);
         let pipe = |kernel| {
             self.pipeline(Variant {

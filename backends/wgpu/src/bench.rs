@@ -3,13 +3,14 @@
 //! device buffers a run allocates beyond its inputs and outputs.
 
 use crate::backward::{DeviceBackwardInputs, DeviceGrads};
+use crate::decode::DeviceDecodeInputs;
 use crate::device::{now_ms, read_mapped, sync, unsupported};
 use crate::dispatch::Scratch;
 use crate::forward::{DeviceInputs, DeviceOutputs};
 use crate::WgpuBackend;
 use flashattn_core::{
-    random_inputs, random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, CheckedSpec,
-    Pass, Result, Tensor,
+    decode_bytes, random_inputs, random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan,
+    CheckedSpec, Pass, Result, Tensor,
 };
 use rand::SeedableRng;
 
@@ -47,17 +48,20 @@ impl WgpuBackend {
     ) -> Result<BenchMeasure> {
         let runs = plan.runs()?;
         let c = spec.validate()?;
-        self.supports_checked(&c)?;
-        if algo == Algorithm::Copy {
-            return Err(unsupported("the copy peer is not implemented yet"));
+        match plan.pass {
+            Pass::Decode => self.supports_decode_checked(&c)?,
+            _ => self.supports_checked(&c)?,
+        }
+        if algo == Algorithm::Copy && plan.pass != Pass::Decode {
+            return Err(unsupported(
+                "the copy peer is decode's (its memory-bound limit)",
+            ));
         }
         self.ready().await?;
         match plan.pass {
             Pass::Forward => self.bench_forward(&c, algo, plan, runs, progress).await,
             Pass::Backward => self.bench_backward(&c, algo, plan, runs, progress).await,
-            Pass::Decode => Err(unsupported(
-                "decode against a KV cache is not implemented on this backend yet",
-            )),
+            Pass::Decode => self.bench_decode(&c, algo, plan, runs, progress).await,
         }
     }
 
@@ -76,10 +80,7 @@ impl WgpuBackend {
             self.device_tensor(&v),
         );
         drop((q, k, v));
-        let out = self.device_zeros(c.sizes.out as u64 * c.dtype.output().size_bytes() as u64);
-        let lse = c
-            .return_lse
-            .then(|| self.device_zeros(c.sizes.lse as u64 * 4));
+        let (out, lse) = self.bench_outputs(c);
         let inputs = DeviceInputs {
             q: &qb,
             k: &kb,
@@ -146,6 +147,66 @@ impl WgpuBackend {
         self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
             Algorithm::Naive => self.encode_naive_backward(c, inputs, grads, enc, timer),
             _ => self.encode_backward(c, inputs, grads, enc, timer),
+        })
+        .await
+    }
+
+    /// A decode step on resident caches (every run rewrites the same new rows, so the caches
+    /// never overflow), or its copy peer: the bytes of K and V the step reads
+    /// (`decode_bytes`), copied once on the device, host-timed (a copy is no compute pass).
+    async fn bench_decode(
+        &self,
+        c: &CheckedSpec<'_>,
+        algo: Algorithm,
+        plan: &BenchPlan,
+        runs: usize,
+        progress: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        match algo {
+            Algorithm::Naive => return Err(unsupported("decode has no naive peer")),
+            Algorithm::Copy => {
+                let bytes = decode_bytes(c.spec).max(4);
+                let (src, dst) = (self.device_zeros(bytes), self.device_zeros(bytes));
+                let mut m = BenchMeasure {
+                    times_ms: Vec::new(),
+                    extra_bytes: Some(0),
+                };
+                for run in 0..runs {
+                    let t0 = now_ms();
+                    let mut enc = self.device.create_command_encoder(&Default::default());
+                    enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes.next_multiple_of(4));
+                    self.queue.submit([enc.finish()]);
+                    sync(&self.device, &self.queue).await?;
+                    if run >= plan.warmup {
+                        m.times_ms.push(now_ms() - t0);
+                    }
+                    progress();
+                }
+                return Ok(m);
+            }
+            Algorithm::Flash => {}
+        }
+        let (q, k, v) = random_inputs(c.spec, plan.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0xdec0de);
+        let kn = random_tensor(&mut rng, c.dtype, c.sizes.k_new);
+        let vn = random_tensor(&mut rng, c.dtype, c.sizes.v_new);
+        let [qb, kb, vb, knb, vnb] = [&q, &k, &v, &kn, &vn].map(|t| self.device_tensor(t));
+        drop((q, k, v, kn, vn));
+        let (out, lse) = self.bench_outputs(c);
+        let new = c.sizes.k_new > 0;
+        let inputs = DeviceDecodeInputs {
+            q: &qb,
+            k_cache: &kb,
+            v_cache: &vb,
+            k_new: new.then_some(&knb),
+            v_new: new.then_some(&vnb),
+        };
+        let outputs = DeviceOutputs {
+            out: &out,
+            lse: lse.as_ref(),
+        };
+        self.time_runs(runs, plan.warmup, progress, |enc, timer| {
+            self.encode_decode(c, inputs, Some(outputs), enc, timer)
         })
         .await
     }
@@ -222,6 +283,15 @@ impl WgpuBackend {
                 wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             ),
         }
+    }
+
+    /// Dedicated out and (when asked for) LSE buffers of `c`.
+    fn bench_outputs(&self, c: &CheckedSpec<'_>) -> (wgpu::Buffer, Option<wgpu::Buffer>) {
+        let out = self.device_zeros(c.sizes.out as u64 * c.dtype.output().size_bytes() as u64);
+        let lse = c
+            .return_lse
+            .then(|| self.device_zeros(c.sizes.lse as u64 * 4));
+        (out, lse)
     }
 
     /// A dedicated (not pooled) storage buffer holding `t`: the benchmark's inputs.

@@ -30,16 +30,19 @@ pub enum LayoutKind {
     BwdCast,
     /// naive_bwd.wgsl: q, k, v, dout, tables, stats, scores, one gradient in the dtype.
     NaiveBwd,
+    /// decode_append.wgsl: k_new, v_new, k cache, v cache, tables.
+    Append,
 }
 
 impl LayoutKind {
-    pub const ALL: [LayoutKind; 6] = [
+    pub const ALL: [LayoutKind; 7] = [
         LayoutKind::Forward,
         LayoutKind::BwdPrep,
         LayoutKind::BwdDq,
         LayoutKind::BwdDkdv,
         LayoutKind::BwdCast,
         LayoutKind::NaiveBwd,
+        LayoutKind::Append,
     ];
 
     fn entries(self) -> &'static [Access] {
@@ -50,6 +53,7 @@ impl LayoutKind {
             LayoutKind::BwdDkdv => &[U, R, R, R, R, R, R, W, W],
             LayoutKind::BwdCast => &[U, R, W],
             LayoutKind::NaiveBwd => &[U, R, R, R, R, R, R, W, W],
+            LayoutKind::Append => &[U, R, R, W, W, R],
         }
     }
 

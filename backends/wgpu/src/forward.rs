@@ -2,6 +2,7 @@
 //! combine) dispatches of a plan.
 
 use crate::bindings::{LayoutKind, Range};
+use crate::decode::CacheArgs;
 use crate::device::{backend_err, unsupported};
 use crate::dispatch::{check_buffer, grid_2d, record_pass, Dispatch, Scratch};
 use crate::params::{Params, FLAG_FIRST, FLAG_PARTIAL};
@@ -34,6 +35,16 @@ pub struct DeviceOutputs<'a> {
 /// Target number of workgroups in flight: below it, split-KV spreads the keys.
 const TARGET_WORKGROUPS: u64 = 256;
 const MAX_SPLITS: u64 = 32;
+
+/// One recorded forward (or decode) pass: its plan, tiles, grid, tables, and the cache
+/// arguments of a decode.
+pub(crate) struct Pass<'a> {
+    pub plan: &'a Plan,
+    pub tiles: Tiles,
+    pub grid: [u32; 3],
+    pub tables: &'a wgpu::Buffer,
+    pub cache: Option<&'a CacheArgs>,
+}
 
 /// What one flash or combine dispatch binds.
 struct Work {
@@ -168,12 +179,16 @@ impl WgpuBackend {
 
     /// A pooled storage buffer holding `t` (padded to whole words).
     pub(crate) fn upload(&self, t: TensorRef<'_>) -> wgpu::Buffer {
-        let bytes = t.as_bytes();
-        let buf = self.buffers.take(
-            &self.device,
-            bytes.len() as u64,
+        self.upload_as(
+            t,
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        );
+        )
+    }
+
+    /// [`upload`](Self::upload) into a buffer of `usage` (which has COPY_DST).
+    pub(crate) fn upload_as(&self, t: TensorRef<'_>, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        let bytes = t.as_bytes();
+        let buf = self.buffers.take(&self.device, bytes.len() as u64, usage);
         let whole = bytes.len() / 4 * 4;
         if whole > 0 {
             self.queue.write_buffer(&buf, 0, &bytes[..whole]);
@@ -218,11 +233,16 @@ impl WgpuBackend {
     /// How the keys are sliced: split-KV spreads them over more workgroups when
     /// (batch x heads x query blocks) alone is too few (a CPU adapter such as lavapipe has few
     /// cores to fill, so it gets a smaller target), and no workgroup walks more than
-    /// `MAX_KEYS_PER_WORKGROUP` keys per dispatch.
-    fn key_slicing(&self, c: &CheckedSpec<'_>, tiles: &Tiles) -> Slicing {
+    /// `MAX_KEYS_PER_WORKGROUP` keys per dispatch. `q_blocks` and `heads` are the grid's x and y.
+    pub(crate) fn key_slicing(
+        &self,
+        c: &CheckedSpec<'_>,
+        tiles: &Tiles,
+        q_blocks: u64,
+        heads: u64,
+    ) -> Slicing {
         let max_k = c.sizes.max_k_len as u64;
-        let q_blocks = (c.sizes.max_q_len as u64).div_ceil(u64::from(tiles.block_m));
-        let wgs = q_blocks * c.heads_q as u64 * c.batch as u64;
+        let wgs = q_blocks * heads * c.batch as u64;
         let k_tiles = max_k.div_ceil(u64::from(tiles.block_n));
         let target = if self.info.device_type == wgpu::DeviceType::Cpu {
             TARGET_WORKGROUPS / 8
@@ -260,14 +280,14 @@ impl WgpuBackend {
         // Packed rows of odd length share words between rows: write through the combine
         // kernel, which owns whole words.
         let odd_bf16 = c.dtype == DType::Bf16 && c.head_dim_v % 2 == 1;
+        let q_blocks = (c.sizes.max_q_len as u64).div_ceil(u64::from(tiles.block_m));
         let plan = plan(
             &geom,
             self.binding_limit,
             u64::from(self.limits.min_storage_buffer_offset_alignment),
-            self.key_slicing(c, &tiles),
+            self.key_slicing(c, &tiles, q_blocks, c.heads_q as u64),
             odd_bf16,
         )?;
-        let q_blocks = (c.sizes.max_q_len as u64).div_ceil(u64::from(tiles.block_m));
         let dims = u64::from(self.limits.max_compute_workgroups_per_dimension);
         if q_blocks > dims {
             return Err(unsupported(format!(
@@ -281,31 +301,38 @@ impl WgpuBackend {
             c.batch as u32 * plan.keys.splits,
         ];
         let mut scratch = Scratch::default();
-        let dispatches =
-            self.forward_dispatches(c, &plan, tiles, grid, inputs, outputs, &mut scratch)?;
+        let tables = self.tables(c, &[]);
+        scratch.keep(&tables);
+        let pass = Pass {
+            plan: &plan,
+            tiles,
+            grid,
+            tables: &tables,
+            cache: None,
+        };
+        let dispatches = self.forward_dispatches(c, &pass, inputs, outputs, &mut scratch)?;
         record_pass(enc, "flashattn forward", timer, &dispatches);
         Ok(scratch)
     }
 
-    /// The flash and combine dispatches of `plan`, with their uniforms, tables and partials
-    /// (kept in `scratch`).
-    #[allow(clippy::too_many_arguments)]
-    fn forward_dispatches(
+    /// The flash and combine dispatches of `pass`, with their uniforms and partials (kept in
+    /// `scratch`). With a cache, k and v are the cache buffers, bound whole.
+    pub(crate) fn forward_dispatches(
         &self,
         c: &CheckedSpec<'_>,
-        plan: &Plan,
-        tiles: Tiles,
-        grid: [u32; 3],
+        pass: &Pass<'_>,
         inputs: DeviceInputs<'_>,
         outputs: DeviceOutputs<'_>,
         scratch: &mut Scratch,
     ) -> Result<Vec<Dispatch>> {
+        let (plan, tables, grid) = (pass.plan, pass.tables, pass.grid);
         let geom = forward_geometry(c);
-        let work = forward_work(c, plan);
+        let mut work = forward_work(c, plan);
+        if let Some(cache) = pass.cache {
+            work.iter_mut().for_each(|w| cache.apply(&mut w.params));
+        }
         let uniforms = self.uniforms(&work.iter().map(|w| w.params).collect::<Vec<_>>());
         scratch.keep(&uniforms.buffer);
-        let tables = self.tables(c);
-        scratch.keep(&tables);
         let part = plan.partial.then(|| {
             let usage = wgpu::BufferUsages::STORAGE;
             self.buffers
@@ -320,7 +347,12 @@ impl WgpuBackend {
                 dtype: c.dtype,
             })
         };
-        let (flash, combine) = (pipe(Kernel::Flash(tiles))?, pipe(Kernel::Combine)?);
+        let flash = match pass.cache {
+            Some(_) => pipe(Kernel::Decode(pass.tiles))?,
+            None => pipe(Kernel::Flash(pass.tiles))?,
+        };
+        let combine = pipe(Kernel::Combine)?;
+        let es = c.dtype.size_bytes() as u64;
         // One combine invocation per output pair of the largest chunk's rows.
         let pairs = (plan.max_rows * c.heads_q as u64 * c.head_dim_v as u64).div_ceil(2);
         let dims = u64::from(self.limits.max_compute_workgroups_per_dimension);
@@ -333,6 +365,13 @@ impl WgpuBackend {
         let mut dispatches = Vec::with_capacity(work.len());
         for (i, w) in work.iter().enumerate() {
             let (q, k, v, pipeline, grid) = match w.k {
+                Some(_) if pass.cache.is_some() => (
+                    Range::tokens(inputs.q, w.q, geom.q_row)?,
+                    Range::words(inputs.k, 0, c.sizes.k as u64 * es)?,
+                    Range::words(inputs.v, 0, c.sizes.v as u64 * es)?,
+                    &flash,
+                    grid,
+                ),
                 Some(k) => (
                     Range::tokens(inputs.q, w.q, geom.q_row)?,
                     Range::tokens(inputs.k, k, geom.k_row)?,
@@ -356,7 +395,7 @@ impl WgpuBackend {
                 k,
                 v,
                 out,
-                Range::whole(&tables),
+                Range::whole(tables),
                 lse,
                 part,
             ];
@@ -377,7 +416,7 @@ pub(crate) fn uncovered_q_tokens(c: &CheckedSpec<'_>) -> bool {
         .is_some_and(|v| v.cu_seqlens_q.last().map_or(0, |&x| x as usize) < c.seqlen_q)
 }
 
-fn forward_geometry(c: &CheckedSpec<'_>) -> Geometry {
+pub(crate) fn forward_geometry(c: &CheckedSpec<'_>) -> Geometry {
     let es = c.dtype.size_bytes() as u64;
     let (hq, hkv) = (c.heads_q as u64, c.heads_kv as u64);
     let (d, dv) = (c.head_dim as u64, c.head_dim_v as u64);
@@ -392,7 +431,7 @@ fn forward_geometry(c: &CheckedSpec<'_>) -> Geometry {
     }
 }
 
-fn check_forward_buffers(
+pub(crate) fn check_forward_buffers(
     c: &CheckedSpec<'_>,
     inputs: DeviceInputs<'_>,
     outputs: DeviceOutputs<'_>,

@@ -9,12 +9,16 @@
 //! - [`WgpuBackend::forward_async`] / [`Backend::forward`] are the host API;
 //!   [`WgpuBackend::backward_async`] / [`Backend::backward`] and
 //!   [`WgpuBackend::backward_buffers`] the backward pass (deterministic: no atomics).
+//! - [`WgpuBackend::decode_async`] / [`Backend::decode`] decode against host caches;
+//!   [`WgpuKvCache`] (from [`Backend::kv_cache`]) keeps the cache on the device between steps,
+//!   [`WgpuBackend::decode_buffers`] runs a step on the caller's buffers.
 //!
 //! Kernels live in `shaders/` (plain .wgsl files); see `shaders/README.md`. Files: `device.rs`
 //! (adapter, device, errors), `forward.rs`, `backward.rs`, `naive.rs` (the benchmark's peers),
 //! `bench.rs`,
 //! `params.rs` (the kernels' uniform), `tiles.rs`, `plan.rs` (binding chunks and key slices),
-//! `bindings.rs`, `shaders.rs`, `buffer_pool.rs`, `decode.rs`.
+//! `bindings.rs`, `shaders.rs`, `buffer_pool.rs`, `decode.rs` (decode against a KV cache),
+//! `kv_cache.rs` (the device-resident cache handle).
 
 mod backward;
 mod bench;
@@ -24,6 +28,8 @@ mod decode;
 mod device;
 mod dispatch;
 mod forward;
+#[cfg(not(target_arch = "wasm32"))]
+mod kv_cache;
 mod naive;
 mod params;
 mod plan;
@@ -32,7 +38,10 @@ mod tiles;
 
 pub use backward::{DeviceBackwardInputs, DeviceGrads};
 pub use bench::BenchOptions;
+pub use decode::DeviceDecodeInputs;
 pub use forward::{DeviceInputs, DeviceOutputs};
+#[cfg(not(target_arch = "wasm32"))]
+pub use kv_cache::WgpuKvCache;
 pub use wgpu;
 
 use device::{unsupported, ErrorSink, NAME};
@@ -194,6 +203,16 @@ impl WgpuBackend {
 
     /// [`check_supported`](Self::check_supported) on a validated spec.
     fn supports_checked(&self, c: &CheckedSpec<'_>) -> Result<()> {
+        if c.kv_cache.is_some() {
+            return Err(unsupported(
+                "a spec with a KV cache is a decode step: run it through decode",
+            ));
+        }
+        self.supports_shape(c)
+    }
+
+    /// What the forward and decode kernels share: dtype, grid and position limits.
+    fn supports_shape(&self, c: &CheckedSpec<'_>) -> Result<()> {
         match c.dtype {
             DType::F32 | DType::Bf16 => {}
             DType::F16 if self.has_f16() => {}
@@ -208,11 +227,6 @@ impl WgpuBackend {
                     "fp8e4m3 runs on the CUDA backend (Hopper) only",
                 ))
             }
-        }
-        if c.kv_cache.is_some() {
-            return Err(unsupported(
-                "decode against a KV cache is not implemented on this backend yet",
-            ));
         }
         let dims = self.limits.max_compute_workgroups_per_dimension as usize;
         for (name, n) in [("heads_q", c.heads_q), ("batch", c.batch)] {
@@ -296,6 +310,25 @@ impl flashattn_core::Backend for WgpuBackend {
         inputs: flashattn_core::BackwardInputs<'_>,
     ) -> Result<flashattn_core::Grads> {
         pollster::block_on(self.backward_async(spec, inputs))
+    }
+
+    fn supports_decode(&self, spec: &AttentionSpec) -> Result<()> {
+        self.check_decode_supported(spec)
+    }
+
+    fn decode(
+        &self,
+        spec: &AttentionSpec,
+        inputs: flashattn_core::DecodeInputs<'_>,
+    ) -> Result<flashattn_core::Output> {
+        pollster::block_on(self.decode_async(spec, inputs))
+    }
+
+    fn kv_cache(
+        &self,
+        config: flashattn_core::CacheConfig,
+    ) -> Result<Box<dyn flashattn_core::KvCacheHandle + '_>> {
+        Ok(Box::new(WgpuKvCache::new(self, config)?))
     }
 
     fn bench(

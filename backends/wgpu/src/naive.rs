@@ -84,7 +84,7 @@ impl WgpuBackend {
         let base = Params::base(c);
         let params: Vec<Params> = groups.iter().map(|&g| base.bound(g, (0, 0))).collect();
         let uniforms = self.uniforms(&params);
-        let tables = self.tables(c);
+        let tables = self.tables(c, &[]);
         let lse = match outputs.lse {
             Some(l) if c.return_lse => Range::words(l, 0, rows * 4)?,
             _ => Range::whole(&self.dummy),
@@ -196,7 +196,7 @@ impl WgpuBackend {
             .collect();
         params.extend(plan.iter().map(|g| g.params));
         let uniforms = self.uniforms(&params);
-        let tables = self.tables(c);
+        let tables = self.tables(c, &[]);
         let scratch = Scratch {
             buffers: vec![
                 scores.clone(),

@@ -51,6 +51,16 @@ params_struct! {
         pub tab_cu_k: u32,
         pub tab_alibi: u32,
         pub part_lse: u32,
+        pub seqlen_new: u32,
+        pub page_size: u32,
+        pub max_blocks: u32,
+        pub tab_pages: u32,
+        pub tab_seqlens: u32,
+        pub tab_cos: u32,
+        pub rotary_dim: u32,
+        pub rotary_span: u32,
+        pub append_b0: u32,
+        pub append_b1: u32,
     }
 }
 
@@ -61,6 +71,10 @@ pub const FLAG_LSE: u32 = 8;
 pub const FLAG_PARTIAL: u32 = 16;
 /// The first dispatch on an accumulator writes it instead of adding to it.
 pub const FLAG_FIRST: u32 = 32;
+/// Decode against a KV cache (see `decode.rs`).
+pub const FLAG_CACHE: u32 = 64;
+pub const FLAG_ROTARY_INTERLEAVED: u32 = 128;
+pub const FLAG_ROTARY_Q_POSITIONAL: u32 = 256;
 
 impl Params {
     /// The fields every dispatch of `c` shares. Sizes fit in u32 and positions in i32: the
@@ -112,6 +126,10 @@ impl Params {
             tab_cu_k: c.batch as u32 + 1,
             tab_alibi: 2 * (c.batch as u32 + 1),
             part_lse: 0,
+            // Decode fields: set by `decode::CacheArgs::apply`.
+            page_size: 1,
+            max_blocks: 1,
+            ..Params::default()
         }
     }
 
@@ -178,9 +196,11 @@ impl WgpuBackend {
         Uniforms { buffer, stride }
     }
 
-    /// The `tables` of `c` in a pooled storage buffer.
-    pub(crate) fn tables(&self, c: &CheckedSpec<'_>) -> wgpu::Buffer {
-        let words = table_words(c);
+    /// The `tables` of `c`, then `extra` words (a decode's cache tables, at offset
+    /// `table_words(c).len()`), in a pooled storage buffer.
+    pub(crate) fn tables(&self, c: &CheckedSpec<'_>, extra: &[u32]) -> wgpu::Buffer {
+        let mut words = table_words(c);
+        words.extend_from_slice(extra);
         let buf = self.buffers.take(
             &self.device,
             words.len() as u64 * 4,
@@ -255,6 +275,9 @@ mod tests {
             ("FLAG_LSE", FLAG_LSE),
             ("FLAG_PARTIAL", FLAG_PARTIAL),
             ("FLAG_FIRST", FLAG_FIRST),
+            ("FLAG_CACHE", FLAG_CACHE),
+            ("FLAG_ROTARY_INTERLEAVED", FLAG_ROTARY_INTERLEAVED),
+            ("FLAG_ROTARY_Q_POSITIONAL", FLAG_ROTARY_Q_POSITIONAL),
         ] {
             let decl = format!("const {name}: u32 = {value}u;");
             assert!(src.contains(&decl), "params.wgsl lacks `{decl}`");

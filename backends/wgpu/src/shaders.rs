@@ -1,6 +1,7 @@
 //! WGSL sources and their compiled pipelines. A kernel variant is the plain files of shaders/
 //! concatenated (see shaders/README.md) after a generated header (enables, tile constants),
-//! with `//#if NAME` / `//#else` / `//#endif` line blocks kept where NAME holds.
+//! with `//#if NAME` / `//#else` / `//#endif` line blocks kept where NAME holds (the
+//! reduction path, `DECODE` for the decode variant of the flash kernel, `PACKED` for bf16).
 
 use crate::bindings::LayoutKind;
 use crate::device::backend_err;
@@ -27,12 +28,18 @@ const BWD_DQ: &str = include_str!("../../../shaders/bwd_dq.wgsl");
 const BWD_DKDV: &str = include_str!("../../../shaders/bwd_dkdv.wgsl");
 const BWD_CAST: &str = include_str!("../../../shaders/bwd_cast.wgsl");
 const NAIVE_BWD: &str = include_str!("../../../shaders/naive_bwd.wgsl");
+const KV_CACHE: &str = include_str!("../../../shaders/kv_cache.wgsl");
+const DECODE_APPEND: &str = include_str!("../../../shaders/decode_append.wgsl");
 const SUBGROUP_PROBE: &str = include_str!("../../../shaders/subgroup_probe.wgsl");
 
 /// Which kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Flash(Tiles),
+    /// The flash kernel against a KV cache (DECODE: block-table keys, packed GQA rows, rotary q).
+    Decode(Tiles),
+    /// Decode: writes the new k / v rows into the cache.
+    DecodeAppend,
     Combine,
     NaiveScores,
     NaiveSoftmax,
@@ -77,6 +84,8 @@ impl Variant {
     pub fn entry_point(&self) -> &'static str {
         match self.kernel {
             Kernel::Flash(_)
+            | Kernel::Decode(_)
+            | Kernel::DecodeAppend
             | Kernel::Combine
             | Kernel::BwdPrep
             | Kernel::BwdDq(_)
@@ -98,6 +107,7 @@ impl Variant {
     pub fn layout(&self) -> LayoutKind {
         match self.kernel {
             Kernel::Flash(_)
+            | Kernel::Decode(_)
             | Kernel::Combine
             | Kernel::NaiveScores
             | Kernel::NaiveSoftmax
@@ -107,12 +117,13 @@ impl Variant {
             Kernel::BwdDkdv(_) => LayoutKind::BwdDkdv,
             Kernel::BwdCast => LayoutKind::BwdCast,
             Kernel::NaiveBwd(_) => LayoutKind::NaiveBwd,
+            Kernel::DecodeAppend => LayoutKind::Append,
         }
     }
 
     fn tiles(&self) -> Option<Tiles> {
         match self.kernel {
-            Kernel::Flash(t) | Kernel::BwdDq(t) | Kernel::BwdDkdv(t) => Some(t),
+            Kernel::Flash(t) | Kernel::Decode(t) | Kernel::BwdDq(t) | Kernel::BwdDkdv(t) => Some(t),
             _ => None,
         }
     }
@@ -121,6 +132,8 @@ impl Variant {
     fn files(&self) -> &'static [&'static str] {
         match self.kernel {
             Kernel::Flash(_) => &[IO_QKV, IO_FORWARD, ROW_REDUCE, QUERY_BLOCK, FLASH],
+            Kernel::Decode(_) => &[IO_QKV, IO_FORWARD, ROW_REDUCE, KV_CACHE, QUERY_BLOCK, FLASH],
+            Kernel::DecodeAppend => &[KV_CACHE, DECODE_APPEND],
             Kernel::Combine => &[IO_QKV, IO_FORWARD, COMBINE],
             Kernel::NaiveScores | Kernel::NaiveSoftmax | Kernel::NaivePv => {
                 &[IO_QKV, IO_FORWARD, NAIVE]
@@ -154,6 +167,8 @@ impl Variant {
         let flags = [
             ("REDUCE_SUBGROUP", reduction == Reduction::Subgroup),
             ("REDUCE_WORKGROUP", reduction == Reduction::Workgroup),
+            ("DECODE", matches!(self.kernel, Kernel::Decode(_))),
+            ("PACKED", self.dtype == DType::Bf16),
         ];
         for part in [PARAMS, MASK, SCORE_MOD, dtype_src]
             .iter()
@@ -287,6 +302,7 @@ mod tests {
             subgroup_size: sg,
         };
         let mut kernels = vec![
+            Kernel::DecodeAppend,
             Kernel::Combine,
             Kernel::NaiveScores,
             Kernel::NaiveSoftmax,
@@ -298,6 +314,7 @@ mod tests {
         for (d, sg) in [(64, 0), (128, 32), (16, 0), (200, 8)] {
             let l = lim(sg);
             kernels.push(Kernel::Flash(Tiles::forward(d, d, 100, &l)));
+            kernels.push(Kernel::Decode(Tiles::forward(d, d, 8, &l)));
             kernels.push(Kernel::BwdDq(Tiles::backward_dq(d, d, 100, &l)));
             kernels.push(Kernel::BwdDkdv(Tiles::backward_dkdv(d, d, &l)));
         }
