@@ -101,7 +101,7 @@ impl CudaBackend {
     }
 
     /// Warm-up runs, then one CUDA-event timing per timed run, in milliseconds.
-    fn time_runs(
+    pub(crate) fn time_runs(
         &self,
         plan: &BenchPlan,
         run: &dyn Fn(&Self) -> Result<()>,

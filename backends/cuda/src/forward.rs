@@ -28,7 +28,7 @@ pub(crate) enum DevTensor {
 }
 
 impl DevTensor {
-    fn ptr(&self) -> sys::CUdeviceptr {
+    pub(crate) fn ptr(&self) -> sys::CUdeviceptr {
         match self {
             DevTensor::Ours(b) => b.ptr,
             DevTensor::Callers(p) => *p,
@@ -36,7 +36,7 @@ impl DevTensor {
     }
 
     /// Copies our allocation back to the host (the caller's tensors are never read back).
-    fn to_vec(&self) -> Result<Vec<u8>> {
+    pub(crate) fn to_vec(&self) -> Result<Vec<u8>> {
         match self {
             DevTensor::Ours(b) => b.to_vec(),
             DevTensor::Callers(_) => Err(Error::backend(BACKEND, "caller-owned tensor read back")),
@@ -106,7 +106,7 @@ impl Buffers {
         )
     }
 
-    fn with_tensors(
+    pub(crate) fn with_tensors(
         spec: &AttentionSpec,
         q: DevTensor,
         k: DevTensor,
@@ -152,7 +152,7 @@ impl Buffers {
         Ok(p)
     }
 
-    fn set_pointers(&self, p: &mut KernelParams) {
+    pub(crate) fn set_pointers(&self, p: &mut KernelParams) {
         p.q = self.q.ptr();
         p.k = self.k.ptr();
         p.v = self.v.ptr();
@@ -335,9 +335,9 @@ pub fn flash_launch(
             );
             (p, l)
         }
-        Tiles::None => {
+        Tiles::MmaBwd(_) | Tiles::GenericBwd(_) | Tiles::None => {
             return Err(unsupported(format!(
-                "{} is not a flash kernel",
+                "{} is not a forward flash kernel",
                 variant.name()
             )))
         }
@@ -396,7 +396,10 @@ impl CudaBackend {
             KernelKind::Hopper => self.hopper_variant(spec),
             KernelKind::Mma => self.mma_variant(spec),
             KernelKind::Generic => self.generic_variant(spec),
-            KernelKind::Naive => Err("the naive kernel is not a flash kernel".to_string()),
+            other => Err(format!(
+                "{} is not a forward flash kernel",
+                other.def().name
+            )),
         }
     }
 

@@ -30,6 +30,13 @@ mod tensor_map;
 mod tiles;
 mod variants;
 
+pub use backward::tiles::{
+    mma_bwd_head_dim, mma_bwd_tiles, GenericBwdTiles, MmaBwdTiles, GENERIC_BWD_TILES,
+    MMA_BWD_HEAD_DIMS,
+};
+pub use backward::{
+    backward_plan, select_generic_bwd, select_mma_bwd, BackwardPlan, BackwardTensors, Stage,
+};
 pub use cache::cache_root;
 pub use compile::{
     compile, compile_all, compile_many, compile_source, compile_threads, nvrtc_version,
@@ -50,8 +57,8 @@ pub use variants::{
 use compile::BACKEND;
 use device::Gpu;
 use flashattn_core::{
-    Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, Error, Output, Pass, Result,
-    TensorRef,
+    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, Error, Grads,
+    Output, Pass, Result, TensorRef,
 };
 use loader::load_nvrtc;
 
@@ -89,7 +96,12 @@ pub struct CudaBackend {
 fn forced_kernel() -> Result<Option<KernelKind>> {
     match std::env::var("FLASHATTN_CUDA_KERNEL") {
         Ok(name) if !name.is_empty() => KernelKind::from_name(&name)
-            .filter(|k| *k != KernelKind::Naive)
+            .filter(|k| {
+                matches!(
+                    k,
+                    KernelKind::Hopper | KernelKind::Mma | KernelKind::Generic
+                )
+            })
             .map(Some)
             .ok_or_else(|| {
                 Error::argument(
@@ -181,14 +193,24 @@ impl Backend for CudaBackend {
         self.forward_host(spec, q, k, v)
     }
 
-    /// `cuda/forward/<variant>`, e.g. `cuda/forward/mma_bf16_d128_128x64w4`: every compiled
-    /// kernel variant gets its own canary check.
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
+        self.backward_variant_for(spec).map(|_| ())
+    }
+
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        self.backward_host(spec, inputs)
+    }
+
+    /// `cuda/forward/<variant>`, e.g. `cuda/forward/mma_bf16_d128_128x64w4`, and
+    /// `cuda/backward/mma_bwd_bf16_d128_64x128w8s2q64` (`_det` when deterministic): every
+    /// compiled kernel variant gets its own canary check.
     fn kernel_variant(&self, spec: &AttentionSpec, pass: Pass) -> String {
         let kernel = match pass {
             Pass::Forward => self
                 .variant_for(spec)
                 .map_or_else(|_| "unsupported".to_string(), |v| v.name()),
-            Pass::Backward | Pass::Decode => "unsupported".to_string(),
+            Pass::Backward => self.backward_kernel_name(spec),
+            Pass::Decode => "unsupported".to_string(),
         };
         format!("{BACKEND}/{}/{kernel}", pass.name())
     }
@@ -200,6 +222,9 @@ impl Backend for CudaBackend {
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
-        self.bench_forward(spec, algo, plan, progress)
+        match plan.pass {
+            Pass::Backward => self.bench_backward(spec, algo, plan, progress),
+            _ => self.bench_forward(spec, algo, plan, progress),
+        }
     }
 }

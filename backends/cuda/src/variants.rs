@@ -4,6 +4,9 @@
 //! A new kernel is one more `KernelKind`, its `KernelDef` and its arm in `defines`; the
 //! compile and SASS tests iterate over [`variants_for_arch`].
 
+use crate::backward::tiles::{
+    mma_bwd_tiles, GenericBwdTiles, MmaBwdTiles, GENERIC_BWD_TILES, MMA_BWD_HEAD_DIMS,
+};
 use crate::params::KernelParams;
 use crate::tensor_map::BOX_COLS;
 use crate::tiles::{
@@ -24,6 +27,11 @@ const HOPPER: (&str, &str) = ("hopper_fwd.cu", include_str!("../kernels/hopper_f
 const MMA: (&str, &str) = ("mma_fwd.cu", include_str!("../kernels/mma_fwd.cu"));
 const GENERIC: (&str, &str) = ("generic_fwd.cu", include_str!("../kernels/generic_fwd.cu"));
 const NAIVE: (&str, &str) = ("naive.cu", include_str!("../kernels/naive.cu"));
+const MMA_TILE: (&str, &str) = ("mma_tile.cuh", include_str!("../kernels/mma_tile.cuh"));
+const BWD: (&str, &str) = ("bwd.cuh", include_str!("../kernels/bwd.cuh"));
+const BWD_PREP: (&str, &str) = ("bwd_prep.cu", include_str!("../kernels/bwd_prep.cu"));
+const MMA_BWD: (&str, &str) = ("mma_bwd.cu", include_str!("../kernels/mma_bwd.cu"));
+const GENERIC_BWD: (&str, &str) = ("generic_bwd.cu", include_str!("../kernels/generic_bwd.cu"));
 
 /// The archs CI compiles every variant for (tests/sass.rs) and `compile_all` is meant for.
 pub const CI_ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90a"];
@@ -39,6 +47,10 @@ pub enum KernelKind {
     Generic,
     /// Materialised scores, for benchmarks.
     Naive,
+    /// FlashAttention-2's backward on mma.sync (sm_80+), f16/bf16.
+    MmaBwd,
+    /// The portable backward on CUDA cores (sm_70+), any dtype.
+    GenericBwd,
 }
 
 /// One kernel family.
@@ -101,12 +113,45 @@ const NAIVE_DEF: KernelDef = KernelDef {
     sass_needs: &[],
 };
 
+/// Every backward family has these entry points, in this order (backward.rs `Stage`): the
+/// pre-processing (delta, dq accumulator zeroed), the post-processing (dq from the accumulator),
+/// the main kernel over key blocks, the deterministic dq kernel.
+const MMA_BWD_DEF: KernelDef = KernelDef {
+    name: "mma_bwd",
+    pass: Pass::Backward,
+    sources: &[
+        PARAMS, DTYPE, MASK, SCORE_MOD, PTX, MMA_TILE, BWD, BWD_PREP, MMA_BWD,
+    ],
+    entry_points: &["fa_bwd_prep", "fa_bwd_post", "fa_mma_bwd", "fa_mma_bwd_dq"],
+    min_sm: 80,
+    only_arch: None,
+    // RED: dq's f32 atomicAdd.
+    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS", "RED"],
+};
+
+const GENERIC_BWD_DEF: KernelDef = KernelDef {
+    name: "generic_bwd",
+    pass: Pass::Backward,
+    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, BWD, BWD_PREP, GENERIC_BWD],
+    entry_points: &[
+        "fa_bwd_prep",
+        "fa_bwd_post",
+        "fa_generic_bwd",
+        "fa_generic_bwd_dq",
+    ],
+    min_sm: 70,
+    only_arch: None,
+    sass_needs: &["RED"],
+};
+
 impl KernelKind {
-    pub const ALL: [KernelKind; 4] = [
+    pub const ALL: [KernelKind; 6] = [
         KernelKind::Hopper,
         KernelKind::Mma,
         KernelKind::Generic,
         KernelKind::Naive,
+        KernelKind::MmaBwd,
+        KernelKind::GenericBwd,
     ];
 
     pub fn def(self) -> &'static KernelDef {
@@ -115,6 +160,8 @@ impl KernelKind {
             KernelKind::Mma => &MMA_DEF,
             KernelKind::Generic => &GENERIC_DEF,
             KernelKind::Naive => &NAIVE_DEF,
+            KernelKind::MmaBwd => &MMA_BWD_DEF,
+            KernelKind::GenericBwd => &GENERIC_BWD_DEF,
         }
     }
 
@@ -132,6 +179,8 @@ pub enum Tiles {
     Hopper(HopperTiles),
     Mma(MmaTiles),
     Generic(GenericTiles),
+    MmaBwd(MmaBwdTiles),
+    GenericBwd(GenericBwdTiles),
     None,
 }
 
@@ -176,6 +225,24 @@ impl Variant {
             tiles: Tiles::Generic(GENERIC_TILES),
         }
     }
+    pub fn mma_bwd(dtype: DType, head_dim: usize, tiles: MmaBwdTiles) -> Self {
+        Variant {
+            kind: KernelKind::MmaBwd,
+            dtype,
+            head_dim,
+            score_mod: false,
+            tiles: Tiles::MmaBwd(tiles),
+        }
+    }
+    pub fn generic_bwd(dtype: DType) -> Self {
+        Variant {
+            kind: KernelKind::GenericBwd,
+            dtype,
+            head_dim: 0,
+            score_mod: false,
+            tiles: Tiles::GenericBwd(GENERIC_BWD_TILES),
+        }
+    }
     pub fn naive(dtype: DType) -> Self {
         Variant {
             kind: KernelKind::Naive,
@@ -209,7 +276,11 @@ impl Variant {
                 "{base}_d{}_{}x{}w{}",
                 self.head_dim, t.block_m, t.block_n, t.warps
             ),
-            Tiles::Generic(_) | Tiles::None => base,
+            Tiles::MmaBwd(t) => format!(
+                "{base}_d{}_{}x{}w{}s{}q{}",
+                self.head_dim, t.block_m, t.block_n, t.warps, t.stages, t.dq_block_n
+            ),
+            Tiles::Generic(_) | Tiles::GenericBwd(_) | Tiles::None => base,
         }
     }
 
@@ -262,6 +333,19 @@ impl Variant {
                 ("BLOCK_N", t.block_n),
                 ("MAX_HEAD_DIM", MAX_HEAD_DIM),
             ]),
+            Tiles::MmaBwd(t) => d.extend([
+                ("HEAD_DIM", self.head_dim),
+                ("BLOCK_M", t.block_m),
+                ("BLOCK_N", t.block_n),
+                ("NUM_WARPS", t.warps),
+                ("Q_STAGES", t.stages),
+                ("DQ_BLOCK_N", t.dq_block_n),
+            ]),
+            Tiles::GenericBwd(t) => d.extend([
+                ("NUM_WARPS", t.warps),
+                ("KEYS_PER_WARP", t.keys_per_warp),
+                ("MAX_HEAD_DIM", MAX_HEAD_DIM),
+            ]),
             Tiles::None => {}
         }
         d.into_iter().map(|(k, v)| format!("-D{k}={v}")).collect()
@@ -308,6 +392,16 @@ pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
     }
     for dtype in [DType::F32, DType::F16, DType::Bf16] {
         v.push(Variant::naive(dtype));
+    }
+    for dtype in [DType::Bf16, DType::F16] {
+        for d in MMA_BWD_HEAD_DIMS {
+            if let Ok(t) = mma_bwd_tiles(d, smem) {
+                v.push(Variant::mma_bwd(dtype, d, t));
+            }
+        }
+    }
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        v.push(Variant::generic_bwd(dtype));
     }
     v.retain(|x| x.builds_for(arch));
     v

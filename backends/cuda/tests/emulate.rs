@@ -14,11 +14,12 @@ use common::{check_nan, mma_cases, named, nan_spec, run};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
 use flashattn_core::{
-    validate_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, DType, Error,
-    Output, Result, Tensor, TensorRef,
+    validate_backward_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs,
+    BenchMeasure, BenchPlan, DType, Error, Grads, Output, Pass, Result, Tensor, TensorRef,
 };
 use flashattn_cuda::{
-    flash_launch, select_generic, select_mma, smem_optin_of_arch, KernelKind, Variant,
+    backward_plan, flash_launch, select_generic, select_generic_bwd, select_mma, select_mma_bwd,
+    smem_optin_of_arch, KernelKind, Variant,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ use std::time::{Duration, Instant};
 
 const EMU_H: &str = include_str!("emulator/emu.h");
 const DRIVER: &str = include_str!("emulator/driver.cpp");
+/// The backward's driver: runs a backward plan's launches (prep, main, post or dq) in order.
+const DRIVER_BWD: &str = include_str!("emulator/driver_bwd.cpp");
 /// Headers the emulator replaces (their inline PTX runs as C++ in emu.h).
 const REPLACED: [&str; 2] = ["ptx.cuh", "dtype.cuh"];
 
@@ -86,6 +89,17 @@ impl Emulated {
         v.map_err(|e| Error::unsupported("cuda-emulate", e))
     }
 
+    /// The backward family of `kind` (mma.sync, portable) for `spec`, as an `arch` GPU picks it.
+    fn backward_variant(&self, spec: &AttentionSpec) -> Result<Variant> {
+        let checked = spec.validate()?;
+        let v = match self.kind {
+            KernelKind::Mma => select_mma_bwd(&checked, (8, 0), smem_optin_of_arch(self.arch)),
+            KernelKind::Generic => select_generic_bwd(&checked),
+            k => Err(format!("{k:?} has no emulated backward")),
+        };
+        v.map_err(|e| Error::unsupported("cuda-emulate", e))
+    }
+
     /// The driver binary of `variant`: emu.h, the kernel's sources (the PTX headers replaced,
     /// params.cuh's fixed-width typedefs dropped for <cstdint>'s), the driver's main.
     fn driver(&self, variant: &Variant) -> Result<PathBuf> {
@@ -113,7 +127,17 @@ impl Emulated {
                 .collect();
             src.push_str(&text);
         }
-        src.push_str(DRIVER);
+        let backward = variant.kind.def().pass == Pass::Backward;
+        src.push_str(if backward { DRIVER_BWD } else { DRIVER });
+        let entries = variant.entry_points();
+        let entry_defines = if backward {
+            vec![
+                format!("-DEMU_MAIN={}", entries[2]),
+                format!("-DEMU_DQ={}", entries[3]),
+            ]
+        } else {
+            vec![format!("-DEMU_KERNEL={}", entries[0])]
+        };
         let cpp = self.dir.join(format!("{name}.cpp"));
         let bin = self.dir.join(&name);
         std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
@@ -127,7 +151,7 @@ impl Emulated {
             .arg(&bin)
             .arg(&cpp)
             .args(variant.defines())
-            .arg(format!("-DEMU_KERNEL={}", variant.entry_points()[0]))
+            .args(entry_defines)
             .arg(format!("-DEMU_SMEM_T={smem_t}"))
             .output()
             .map_err(|e| e.to_string())?;
@@ -139,6 +163,35 @@ impl Emulated {
         }
         Ok(bin)
     }
+}
+
+/// Writes `files` and the spec's side tables (cu_seqlens, ALiBi slopes) into a fresh folder
+/// under `dir` and runs the driver `bin` on it; returns the folder (the caller reads the
+/// results, then removes it).
+fn run_driver(
+    dir: &Path,
+    bin: &Path,
+    variant: &Variant,
+    spec: &AttentionSpec,
+    files: &[(&str, &[u8])],
+) -> Result<PathBuf> {
+    let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
+    let dir = tempdir_in(dir);
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(io);
+    for (name, bytes) in files {
+        write(name, bytes)?;
+    }
+    if let Some(vl) = &spec.varlen {
+        write("cu_q.bin", bytemuck::cast_slice(&vl.cu_seqlens_q))?;
+        write("cu_k.bin", bytemuck::cast_slice(&vl.cu_seqlens_k))?;
+    }
+    if let Some(a) = &spec.alibi {
+        write("alibi.bin", bytemuck::cast_slice(&a.slopes))?;
+    }
+    run_with_limit(bin, &dir, Duration::from_secs(600))
+        .map_err(|e| Error::backend("cuda-emulate", format!("{}: {e}", variant.name())))?;
+    Ok(dir)
 }
 
 /// Runs `bin` on `dir`, killed after `limit` (a deadlocked emulation must fail, not hang).
@@ -196,36 +249,24 @@ impl Backend for Emulated {
         let bin = self.driver(&variant)?;
         let (params, launch) = flash_launch(&checked, &variant, 1)?;
         let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
-        let dir = tempdir_in(&self.dir);
-        std::fs::create_dir_all(&dir).map_err(io)?;
-        let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(io);
-        write("params.bin", bytemuck::bytes_of(&params))?;
         let out_bytes = checked.sizes.out * spec.dtype.output().size_bytes();
         let lse_floats = if spec.return_lse {
             checked.sizes.lse
         } else {
             0
         };
-        write(
-            "launch.txt",
-            format!(
-                "{} {} {} {} {out_bytes} {lse_floats}",
-                launch.grid.0, launch.grid.1, launch.grid.2, launch.block
-            )
-            .as_bytes(),
-        )?;
-        write("q.bin", q.as_bytes())?;
-        write("k.bin", k.as_bytes())?;
-        write("v.bin", v.as_bytes())?;
-        if let Some(vl) = &spec.varlen {
-            write("cu_q.bin", bytemuck::cast_slice(&vl.cu_seqlens_q))?;
-            write("cu_k.bin", bytemuck::cast_slice(&vl.cu_seqlens_k))?;
-        }
-        if let Some(a) = &spec.alibi {
-            write("alibi.bin", bytemuck::cast_slice(&a.slopes))?;
-        }
-        run_with_limit(&bin, &dir, Duration::from_secs(600))
-            .map_err(|e| Error::backend("cuda-emulate", format!("{}: {e}", variant.name())))?;
+        let launch_txt = format!(
+            "{} {} {} {} {out_bytes} {lse_floats}",
+            launch.grid.0, launch.grid.1, launch.grid.2, launch.block
+        );
+        let files: [(&str, &[u8]); 5] = [
+            ("params.bin", bytemuck::bytes_of(&params)),
+            ("launch.txt", launch_txt.as_bytes()),
+            ("q.bin", q.as_bytes()),
+            ("k.bin", k.as_bytes()),
+            ("v.bin", v.as_bytes()),
+        ];
+        let dir = run_driver(&self.dir, &bin, &variant, spec, &files)?;
         let out = Tensor::from_bytes(
             spec.dtype.output(),
             &std::fs::read(dir.join("out.bin")).map_err(io)?,
@@ -237,6 +278,54 @@ impl Backend for Emulated {
             .map_err(io)?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(Output { out, lse })
+    }
+
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
+        self.backward_variant(spec).map(|_| ())
+    }
+
+    /// The backend's own launch plan (`backward_plan`) run by the backward driver.
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        let checked = validate_backward_inputs(spec, &inputs)?;
+        let variant = self.backward_variant(spec)?;
+        let bin = self.driver(&variant)?;
+        let plan = backward_plan(&checked, &variant)?;
+        let es = spec.dtype.size_bytes();
+        let sizes = &checked.sizes;
+        let mut launches = format!(
+            "{} {} {} {} {}\n",
+            sizes.q * es,
+            sizes.k * es,
+            sizes.v * es,
+            sizes.lse,
+            plan.dq_accum
+        );
+        for (stage, l) in &plan.launches {
+            let (x, y, z) = l.grid;
+            launches.push_str(&format!("{} {x} {y} {z} {}\n", *stage as u8, l.block));
+        }
+        let files: [(&str, &[u8]); 8] = [
+            ("params.bin", bytemuck::bytes_of(&plan.params)),
+            ("launches.txt", launches.as_bytes()),
+            ("q.bin", inputs.q.as_bytes()),
+            ("k.bin", inputs.k.as_bytes()),
+            ("v.bin", inputs.v.as_bytes()),
+            ("out.bin", inputs.out.as_bytes()),
+            ("lse.bin", bytemuck::cast_slice(inputs.lse)),
+            ("dout.bin", inputs.dout.as_bytes()),
+        ];
+        let dir = run_driver(&self.dir, &bin, &variant, spec, &files)?;
+        let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
+        let read = |name: &str| -> Result<Tensor> {
+            Tensor::from_bytes(spec.dtype, &std::fs::read(dir.join(name)).map_err(io)?)
+        };
+        let grads = Grads {
+            dq: read("dq.bin")?,
+            dk: read("dk.bin")?,
+            dv: read("dv.bin")?,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(grads)
     }
 
     fn bench(
@@ -329,4 +418,18 @@ proptest::proptest! {
             proptest::prop_assert!(false, "{}", e);
         }
     }
+}
+
+#[test]
+fn tmp_one_backward() {
+    let Some(b) = emulated("sm_80", KernelKind::Mma) else {
+        return;
+    };
+    let cases = named(feature_cases(DType::Bf16));
+    common::run_backward(&b, "bwd features", &cases, 1);
+    let det: Vec<_> = cases
+        .iter()
+        .map(|(n, s)| (n.clone(), s.clone().deterministic(true)))
+        .collect();
+    common::run_backward(&b, "bwd features det", &det, 1);
 }

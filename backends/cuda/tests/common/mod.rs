@@ -1,7 +1,7 @@
 //! Cases and checks shared by tests/gpu.rs (on a GPU) and tests/emulate.rs (the emulator).
 #![allow(dead_code)] // each test file uses part of it
 
-use flashattn_core::testing::{check_backend, check_cases};
+use flashattn_core::testing::{check_backend, check_backward, check_cases, CheckReport};
 use flashattn_core::{
     lse_max_error, random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType,
     Tensor,
@@ -10,8 +10,25 @@ use std::time::Instant;
 
 /// Runs every case with core's `check_backend` and fails with one line per failing case.
 pub fn run(b: &dyn Backend, what: &str, cases: &[(String, AttentionSpec)], seed: u64) {
+    run_check(b, what, cases, seed, check_backend);
+}
+
+/// The same with core's `check_backward` (forward for out and LSE, then dq, dk, dv).
+pub fn run_backward(b: &dyn Backend, what: &str, cases: &[(String, AttentionSpec)], seed: u64) {
+    run_check(b, what, cases, seed, check_backward);
+}
+
+type Check = fn(&dyn Backend, &AttentionSpec, u64) -> Result<CheckReport, String>;
+
+fn run_check(
+    b: &dyn Backend,
+    what: &str,
+    cases: &[(String, AttentionSpec)],
+    seed: u64,
+    check: Check,
+) {
     let start = Instant::now();
-    let failures = check_cases(b, cases, seed, check_backend);
+    let failures = check_cases(b, cases, seed, check);
     println!(
         "{what} on {}: {} cases, {} failed, {:.1} s",
         b.device(),

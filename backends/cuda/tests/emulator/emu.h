@@ -14,7 +14,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <memory>
+#include <string>
 #include <ucontext.h>
 #include <vector>
 
@@ -255,3 +257,113 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 #endif
+
+// ---- launches -------------------------------------------------------------------------------
+void atomicAdd(float* a, float v) { *a += v; }  // one CTA runs at a time: plain adds suffice
+
+static void (*emu_body)();  // the kernel call of the running launch
+
+// A fiber's body: the kernel, then it leaves the barriers it no longer takes part in.
+static void emu_entry() {
+    emu_body();
+    emu_leave(emu_cta_bar);
+    emu_leave(emu_cur->warp->bar);
+    emu_cur->done = true;
+}
+
+// Runs one CTA: every fiber in turn until it blocks at a barrier or finishes; a round in which
+// no fiber can move while some are unfinished is a deadlock.
+static void emu_run_cta(unsigned threads) {
+    std::memset(smem, 0xcd, sizeof(smem));  // garbage, as a real CTA finds it
+    std::vector<EmuWarp> warps(threads / 32);
+    for (EmuWarp& w : warps) w.bar.expected = 32;
+    emu_cta_bar = EmuBarrier{threads, 0, 0};
+    const size_t stack_bytes = 256 * 1024;
+    std::vector<EmuThread> ts(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+        EmuThread& th = ts[t];
+        th.tid = {t, 0, 0};
+        th.lane = (int)(t % 32);
+        th.warp = &warps[t / 32];
+        th.stack.reset(new char[stack_bytes]);
+        getcontext(&th.ctx);
+        th.ctx.uc_stack.ss_sp = th.stack.get();
+        th.ctx.uc_stack.ss_size = stack_bytes;
+        th.ctx.uc_link = &emu_sched;
+        makecontext(&th.ctx, emu_entry, 0);
+    }
+    for (;;) {
+        bool moved = false, all_done = true;
+        for (EmuThread& th : ts) {
+            if (th.done) continue;
+            all_done = false;
+            if (th.wait_gen && *th.wait_gen == th.wait_for) continue;
+            th.wait_gen = nullptr;
+            emu_cur = &th;
+            moved = true;
+            swapcontext(&emu_sched, &th.ctx);
+        }
+        emu_cur = nullptr;
+        if (all_done) return;
+        if (!moved) emu_fail("deadlock: every unfinished thread waits at a barrier", threads, 0);
+    }
+}
+
+// Runs `body` (a kernel call) on every CTA of `grid`, one CTA after another.
+static void emu_launch(EmuDim3 grid, unsigned threads, void (*body)()) {
+    if (threads % 32 != 0 || threads == 0) emu_fail("threads per block must be whole warps", threads, 0);
+    gridDim = grid;
+    blockDim = {threads, 1, 1};
+    emu_body = body;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = {x, y, z};
+                emu_run_cta(threads);
+            }
+}
+
+// ---- the drivers' files ---------------------------------------------------------------------
+static std::vector<char> read_file(const std::string& path, bool required) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) {
+        if (required) emu_fail(("cannot read " + path).c_str(), 0, 0);
+        return {};
+    }
+    return std::vector<char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+static void write_file(const std::string& path, const void* data, size_t n) {
+    std::ofstream f(path, std::ios::binary);
+    f.write((const char*)data, (std::streamsize)n);
+    if (!f) emu_fail(("cannot write " + path).c_str(), 0, 0);
+}
+
+// An input tensor, padded so that 16-byte copies of its last row stay inside the allocation.
+static std::vector<char> read_input(const std::string& dir, const char* name) {
+    std::vector<char> v = read_file(dir + "/" + name, true);
+    v.resize(v.size() + 64);
+    return v;
+}
+
+// A plain struct (the kernels' Params) read from its exact bytes.
+template <class T>
+static T read_pod(const std::string& path) {
+    std::vector<char> bytes = read_file(path, true);
+    if (bytes.size() != sizeof(T)) emu_fail(("wrong size: " + path).c_str(), (long long)bytes.size(), sizeof(T));
+    T x;
+    std::memcpy(&x, bytes.data(), sizeof(T));
+    return x;
+}
+
+// The optional side tables of a spec (cu_q.bin, cu_k.bin, alibi.bin), pointed to by `p`;
+// `keep` owns their bytes.
+template <class P>
+static void read_side_tables(P& p, const std::string& dir, std::vector<char> (&keep)[3]) {
+    keep[0] = read_file(dir + "/cu_q.bin", false);
+    keep[1] = read_file(dir + "/cu_k.bin", false);
+    keep[2] = read_file(dir + "/alibi.bin", false);
+    p.cu_seqlens_q = keep[0].empty() ? nullptr : (const int*)keep[0].data();
+    p.cu_seqlens_k = keep[1].empty() ? nullptr : (const int*)keep[1].data();
+    p.alibi = keep[2].empty() ? nullptr : (const float*)keep[2].data();
+}
