@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{check_nan, mma_cases, named, nan_spec, run};
+use common::{check_nan, deterministic, mma_cases, named, nan_spec, run, run_backward};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
 use flashattn_core::{
@@ -420,16 +420,49 @@ proptest::proptest! {
     }
 }
 
+/// The backward on core's feature cases (every mask and score feature, GQA, d_v != d, varlen)
+/// and the mma.sync shapes (odd head dims: element-wise copies; every bucket; many blocks), dq
+/// by atomics and by the deterministic pass, with sm_80's tiles (64 x 128 keys on 8 warps,
+/// double-buffered Q/dO; two warps per key tile at head_dim 256).
 #[test]
-fn tmp_one_backward() {
+fn mma_backward_bf16_sm80_tiles() {
     let Some(b) = emulated("sm_80", KernelKind::Mma) else {
         return;
     };
-    let cases = named(feature_cases(DType::Bf16));
-    common::run_backward(&b, "bwd features", &cases, 1);
-    let det: Vec<_> = cases
-        .iter()
-        .map(|(n, s)| (n.clone(), s.clone().deterministic(true)))
-        .collect();
-    common::run_backward(&b, "bwd features det", &det, 1);
+    let features = named(feature_cases(DType::Bf16));
+    run_backward(&b, "backward features", &features, 800);
+    run_backward(
+        &b,
+        "backward mma cases, deterministic",
+        &deterministic(mma_cases(DType::Bf16)),
+        810,
+    );
+}
+
+/// The same with the smaller tiles of 99 KiB GPUs (sm_86/sm_89: one Q/dO buffer at head_dim
+/// 128, 32 x 32 keys at 256), f16.
+#[test]
+fn mma_backward_f16_sm86_tiles() {
+    let Some(b) = emulated("sm_86", KernelKind::Mma) else {
+        return;
+    };
+    run_backward(&b, "backward mma cases", &mma_cases(DType::F16), 820);
+    let features = deterministic(named(feature_cases(DType::F16)));
+    run_backward(&b, "backward features, deterministic", &features, 830);
+}
+
+/// The portable backward (f32 problems), both dq modes.
+#[test]
+fn portable_backward_f32() {
+    let Some(b) = emulated("sm_80", KernelKind::Generic) else {
+        return;
+    };
+    let features = named(feature_cases(DType::F32));
+    run_backward(&b, "backward features", &features, 840);
+    run_backward(
+        &b,
+        "backward features, deterministic",
+        &deterministic(features),
+        850,
+    );
 }

@@ -39,6 +39,14 @@ fn run_check(
     assert!(failures.is_empty(), "{what}:\n{}", failures.join("\n"));
 }
 
+/// The same cases with `deterministic` asked (the backward's fixed-order dq pass).
+pub fn deterministic(cases: Vec<(String, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
+    cases
+        .into_iter()
+        .map(|(n, s)| (format!("{n} deterministic"), s.deterministic(true)))
+        .collect()
+}
+
 pub fn named(cases: Vec<(&'static str, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
     cases.into_iter().map(|(n, s)| (n.to_string(), s)).collect()
 }

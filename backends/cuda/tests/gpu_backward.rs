@@ -1,0 +1,297 @@
+//! On an NVIDIA GPU: the CUDA backward (kernels/mma_bwd.cu, kernels/generic_bwd.cu) against
+//! core's f64 `reference_backward`, per family (the automatic choice, mma.sync forced, the
+//! portable kernel forced), dq by f32 atomics and by the deterministic pass: core's feature
+//! cases, odd head dims and every bucket, shapes with many key and query blocks, long key
+//! sequences, bitwise reproducibility of the deterministic mode, and the device-resident API.
+//! Without a GPU every test prints why it skips, unless FLASHATTN_REQUIRE_BACKENDS names cuda.
+
+mod common;
+
+use common::{deterministic, mma_cases, named, run_backward};
+use flashattn_core::testing::strategy::{specs, SpecSpace};
+use flashattn_core::testing::{backend_or_skip, check_backward, feature_cases};
+use flashattn_core::{AttentionSpec, Backend, DType, Pass};
+use flashattn_cuda::{CudaBackend, KernelKind};
+use proptest::prelude::*;
+
+/// The backend on device 0 with `kind` forced (`None`: automatic), or `None` after printing
+/// why: no GPU, or this GPU has no backward of that family.
+fn backend(kind: Option<KernelKind>) -> Option<CudaBackend> {
+    let mut b = backend_or_skip("cuda", CudaBackend::new)?;
+    b.force_kernel(kind);
+    let probe = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Bf16);
+    if let Err(e) = b.backward_variant_for(&probe) {
+        println!("SKIP {kind:?} backward on {}: {e}", b.device());
+        return None;
+    }
+    Some(b)
+}
+
+/// Shapes with many key and query blocks per CTA walk, masks that cut blocks, GQA sums.
+fn block_cases(dtype: DType, d: usize) -> Vec<(String, AttentionSpec)> {
+    let base = |b, h, sq, sk| {
+        AttentionSpec::new(b, h, sq, sk, d)
+            .dtype(dtype)
+            .return_lse(true)
+    };
+    let cases = [
+        ("many blocks", base(2, 3, 300, 700)),
+        ("causal", base(1, 2, 513, 513).causal(true)),
+        ("causal sq<sk", base(1, 2, 130, 400).causal(true)),
+        ("window", base(1, 2, 400, 400).window(100, 37)),
+        ("gqa 4", base(2, 8, 200, 333).heads_kv(2)),
+        ("softcap", base(1, 2, 200, 260).softcap(8.0)),
+        (
+            "varlen causal empty seq",
+            base(1, 2, 400, 500)
+                .varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500])
+                .causal(true),
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(n, s)| (format!("d{d} {n}"), s))
+        .collect()
+}
+
+/// Tens of thousands of keys: dq atomics from hundreds of key blocks (the f64 reference on the
+/// CPU bounds the sizes).
+fn long_cases(dtype: DType, d: usize) -> Vec<(String, AttentionSpec)> {
+    let base = |sq, sk| {
+        AttentionSpec::new(1, 2, sq, sk, d)
+            .dtype(dtype)
+            .return_lse(true)
+    };
+    named(vec![
+        ("130 x 30k keys", base(130, 30_000)),
+        ("2k causal", base(2048, 2048).causal(true)),
+        ("window over 3k", base(3000, 3000).window(256, 0)),
+    ])
+}
+
+#[test]
+fn automatic_choice_backward() {
+    let Some(b) = backend(None) else { return };
+    for (i, dtype) in [DType::Bf16, DType::F16, DType::F32]
+        .into_iter()
+        .enumerate()
+    {
+        let cases = named(feature_cases(dtype));
+        let s = 10_000 + 100 * i as u64;
+        run_backward(&b, &format!("auto {dtype} backward"), &cases, s);
+        let det = deterministic(cases);
+        run_backward(&b, &format!("auto {dtype} deterministic"), &det, s + 50);
+    }
+}
+
+#[test]
+fn mma_backward_cases() {
+    let Some(b) = backend(Some(KernelKind::Mma)) else {
+        return;
+    };
+    for (i, dtype) in [DType::Bf16, DType::F16].into_iter().enumerate() {
+        let s = 11_000 + 1000 * i as u64;
+        let shapes = mma_cases(dtype);
+        run_backward(&b, &format!("mma {dtype} shapes"), &shapes, s);
+        let det = deterministic(shapes);
+        run_backward(&b, &format!("mma {dtype} shapes det"), &det, s + 100);
+        for d in [64, 128, 256] {
+            let blocks = block_cases(dtype, d);
+            run_backward(
+                &b,
+                &format!("mma {dtype} blocks d{d}"),
+                &blocks,
+                s + d as u64,
+            );
+        }
+        let det = deterministic(block_cases(dtype, 128));
+        run_backward(&b, &format!("mma {dtype} blocks d128 det"), &det, s + 300);
+    }
+    for d in [64, 128] {
+        let long = long_cases(DType::Bf16, d);
+        run_backward(&b, &format!("mma long d{d}"), &long, 13_000);
+        run_backward(&b, "mma long det", &deterministic(long), 13_100);
+    }
+}
+
+#[test]
+fn portable_backward_cases() {
+    let Some(b) = backend(Some(KernelKind::Generic)) else {
+        return;
+    };
+    let f32 = named(feature_cases(DType::F32));
+    run_backward(&b, "generic f32", &f32, 14_000);
+    run_backward(&b, "generic f32 det", &deterministic(f32), 14_100);
+    run_backward(
+        &b,
+        "generic bf16",
+        &named(feature_cases(DType::Bf16)),
+        14_200,
+    );
+    run_backward(
+        &b,
+        "generic f32 blocks",
+        &block_cases(DType::F32, 72),
+        14_300,
+    );
+    run_backward(&b, "generic f32 long", &long_cases(DType::F32, 64), 14_400);
+}
+
+/// Deterministic mode gives the same bits on every run (atomic dq need not).
+#[test]
+fn deterministic_backward_is_bitwise_reproducible() {
+    use flashattn_core::{random_inputs, random_tensor, BackwardInputs};
+    use rand::SeedableRng;
+    let Some(b) = backend(None) else { return };
+    for dtype in [DType::Bf16, DType::F32] {
+        let spec = AttentionSpec::new(2, 8, 700, 900, 128)
+            .heads_kv(2)
+            .dtype(dtype)
+            .causal(true)
+            .return_lse(true)
+            .deterministic(true);
+        let (q, k, v) = random_inputs(&spec, 5);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let dout = random_tensor(&mut rng, dtype, spec.out_elems().unwrap());
+        let fwd = b
+            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+            .unwrap();
+        let lse = fwd.lse.unwrap();
+        let grads = || {
+            let inputs = BackwardInputs {
+                q: q.as_ref(),
+                k: k.as_ref(),
+                v: v.as_ref(),
+                out: fwd.out.as_ref(),
+                lse: &lse,
+                dout: dout.as_ref(),
+            };
+            let g = b.backward(&spec, inputs).unwrap();
+            [g.dq, g.dk, g.dv].map(|t| t.as_ref().as_bytes().to_vec())
+        };
+        let first = grads();
+        for _ in 0..3 {
+            assert!(
+                grads() == first,
+                "{dtype}: deterministic backward differs between runs"
+            );
+        }
+    }
+}
+
+#[test]
+fn backward_variant_names() {
+    let Some(b) = backend(None) else { return };
+    let spec = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Bf16);
+    let name = b.kernel_variant(&spec, Pass::Backward);
+    let det = b.kernel_variant(&spec.clone().deterministic(true), Pass::Backward);
+    assert!(
+        name.starts_with("cuda/backward/mma_bwd_bf16_d128"),
+        "{name}"
+    );
+    assert_eq!(det, format!("{name}_det"));
+    let f32 = b.kernel_variant(&spec.dtype(DType::F32), Pass::Backward);
+    assert!(f32.starts_with("cuda/backward/generic_bwd_f32"), "{f32}");
+    let fp8 = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Fp8E4m3);
+    assert!(b.supports_backward(&fp8).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+    /// Core's random specs (every head dim, GQA, masks, softcap, ALiBi, varlen), automatic choice.
+    #[test]
+    fn random_specs_backward(
+        spec in specs(SpecSpace { max_seqlen: 400, ..SpecSpace::new(&[DType::Bf16, DType::F16, DType::F32]) }),
+        seed in any::<u64>(),
+        det in any::<bool>(),
+    ) {
+        let Some(b) = backend(None) else { return Ok(()) };
+        if let Err(e) = check_backward(&b, &spec.deterministic(det), seed) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+}
+
+/// The device-resident backward on buffers this test allocates in the primary context gives
+/// the host path's bits (deterministic mode: the same kernels on the same inputs); bad
+/// pointers are refused before any launch.
+#[test]
+fn backward_device_on_caller_buffers() {
+    use cudarc::driver::result as drv;
+    use flashattn_core::{random_inputs, random_tensor, BackwardInputs};
+    use flashattn_cuda::BackwardTensors;
+    use rand::SeedableRng;
+    let Some(b) = backend(None) else { return };
+    let dev = drv::device::get(0).unwrap();
+    // SAFETY: device 0 exists (the backend opened it); retaining the primary context is
+    // what the CUDA runtime does too.
+    let ctx = unsafe { drv::primary_ctx::retain(dev) }.unwrap();
+    unsafe { drv::ctx::set_current(ctx) }.unwrap();
+    let upload = |bytes: &[u8]| -> u64 {
+        let p = unsafe { drv::malloc_sync(bytes.len().max(16)) }.unwrap();
+        unsafe { drv::memcpy_htod_sync(p, bytes) }.unwrap();
+        p
+    };
+    let download = |p: u64, n: usize| -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        unsafe { drv::memcpy_dtoh_sync(&mut v, p) }.unwrap();
+        v
+    };
+    let spec = AttentionSpec::new(2, 8, 300, 517, 72)
+        .heads_kv(2)
+        .head_dim_v(64)
+        .dtype(DType::Bf16)
+        .causal(true)
+        .return_lse(true)
+        .deterministic(true);
+    let (q, k, v) = random_inputs(&spec, 21);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
+    let fwd = b
+        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .unwrap();
+    let lse = fwd.lse.unwrap();
+    let inputs = BackwardInputs {
+        q: q.as_ref(),
+        k: k.as_ref(),
+        v: v.as_ref(),
+        out: fwd.out.as_ref(),
+        lse: &lse,
+        dout: dout.as_ref(),
+    };
+    let host = b.backward(&spec, inputs).unwrap();
+    let zeros = |t: &flashattn_core::Tensor| upload(&vec![0u8; t.as_ref().as_bytes().len()]);
+    let t = BackwardTensors {
+        q: upload(q.as_ref().as_bytes()),
+        k: upload(k.as_ref().as_bytes()),
+        v: upload(v.as_ref().as_bytes()),
+        out: upload(fwd.out.as_ref().as_bytes()),
+        lse: upload(bytemuck::cast_slice(&lse)),
+        dout: upload(dout.as_ref().as_bytes()),
+        dq: zeros(&host.dq),
+        dk: zeros(&host.dk),
+        dv: zeros(&host.dv),
+    };
+    // SAFETY: every pointer holds its tensor's bytes for `spec`, freshly allocated above.
+    unsafe { b.backward_device(&spec, &t) }.unwrap();
+    for (name, p, want) in [
+        ("dq", t.dq, &host.dq),
+        ("dk", t.dk, &host.dk),
+        ("dv", t.dv, &host.dv),
+    ] {
+        let want = want.as_ref();
+        let want = want.as_bytes();
+        assert!(
+            download(p, want.len()) == want,
+            "{name} differs from the host path"
+        );
+    }
+    let misaligned = BackwardTensors { dk: t.dk + 2, ..t };
+    let e = unsafe { b.backward_device(&spec, &misaligned) }.unwrap_err();
+    assert!(e.to_string().contains("dk"), "{e}");
+    for p in [t.q, t.k, t.v, t.out, t.lse, t.dout, t.dq, t.dk, t.dv] {
+        unsafe { drv::free_sync(p) }.unwrap();
+    }
+    // SAFETY: retained above.
+    unsafe { drv::primary_ctx::release(dev) }.unwrap();
+}
