@@ -23,7 +23,7 @@ pub mod tiles;
 
 use crate::compile::BACKEND;
 use crate::device::DevBuf;
-use crate::forward::{arg, Buffers, DevTensor};
+use crate::forward::{arg, check_device_pointers, Buffers, DevTensor};
 use crate::params::KernelParams;
 use crate::tiles::Launch;
 use crate::variants::{KernelKind, Tiles, Variant};
@@ -402,16 +402,7 @@ impl CudaBackend {
             ("dk", t.dk),
             ("dv", t.dv),
         ];
-        for (name, ptr) in named {
-            // cp.async reads 16-byte aligned global addresses; null is never valid.
-            if ptr == 0 || ptr % 16 != 0 {
-                return Err(Error::argument(
-                    name,
-                    format!("{ptr:#x}"),
-                    "device pointers must be non-null and 16-byte aligned",
-                ));
-            }
-        }
+        check_device_pointers(named)?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
         let c = DevTensor::Callers;

@@ -71,6 +71,13 @@ pub(crate) struct Buffers {
 }
 
 impl Buffers {
+    /// Random inputs of `seed` (`random_inputs`), uploaded as by [`Buffers::new`]; benchmarks.
+    pub(crate) fn random(spec: &CheckedSpec<'_>, seed: u64) -> Result<Buffers> {
+        let (q, k, v) = flashattn_core::random_inputs(spec, seed);
+        let (q, k, v) = (q.as_ref(), k.as_ref(), v.as_ref());
+        Buffers::new(spec, q.as_bytes(), k.as_bytes(), v.as_bytes())
+    }
+
     /// Uploads host inputs into fresh allocations, with a zeroed output and an LSE preset to
     /// -inf (rows of no sequence keep those values).
     pub(crate) fn new(spec: &CheckedSpec<'_>, q: &[u8], k: &[u8], v: &[u8]) -> Result<Buffers> {
@@ -515,20 +522,28 @@ impl CudaBackend {
             ("v", tensors.v),
             ("out", tensors.out),
         ];
-        for (name, ptr) in named.into_iter().chain(tensors.lse.map(|p| ("lse", p))) {
-            // TMA and cp.async read 16-byte aligned global addresses; null is never valid.
-            if ptr == 0 || ptr % 16 != 0 {
-                return Err(Error::argument(
-                    name,
-                    format!("{ptr:#x}"),
-                    "device pointers must be non-null and 16-byte aligned",
-                ));
-            }
-        }
+        check_device_pointers(named.into_iter().chain(tensors.lse.map(|p| ("lse", p))))?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
         let bufs = Buffers::callers(spec, tensors)?;
         self.launch_flash(&checked, &variant, &bufs)?;
         self.gpu.synchronize()
     }
+}
+
+/// Refuses a null or misaligned caller pointer, by name: TMA and cp.async read 16-byte aligned
+/// global addresses; null is never valid.
+pub(crate) fn check_device_pointers(
+    named: impl IntoIterator<Item = (&'static str, sys::CUdeviceptr)>,
+) -> Result<()> {
+    for (name, ptr) in named {
+        if ptr == 0 || ptr % 16 != 0 {
+            return Err(Error::argument(
+                name,
+                format!("{ptr:#x}"),
+                "device pointers must be non-null and 16-byte aligned",
+            ));
+        }
+    }
+    Ok(())
 }

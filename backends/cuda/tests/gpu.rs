@@ -293,25 +293,12 @@ proptest! {
 /// The device-resident API on buffers this test allocates itself in the primary context.
 #[test]
 fn forward_device_on_caller_buffers() {
-    use cudarc::driver::result as drv;
     use flashattn_core::{lse_max_error, random_inputs, reference_attention, rel_l2_error, Tensor};
     use flashattn_cuda::DeviceTensors;
     let Some(b) = backend(None) else { return };
-    let dev = drv::device::get(0).unwrap();
-    // SAFETY: device 0 exists (the backend opened it); retaining the primary context is
-    // what the CUDA runtime does too.
-    let ctx = unsafe { drv::primary_ctx::retain(dev) }.unwrap();
-    unsafe { drv::ctx::set_current(ctx) }.unwrap();
-    let upload = |bytes: &[u8]| -> u64 {
-        let p = unsafe { drv::malloc_sync(bytes.len().max(16)) }.unwrap();
-        unsafe { drv::memcpy_htod_sync(p, bytes) }.unwrap();
-        p
-    };
-    let download = |p: u64, n: usize| -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        unsafe { drv::memcpy_dtoh_sync(&mut v, p) }.unwrap();
-        v
-    };
+    let mem = common::device::DeviceMem::new();
+    let upload = |bytes: &[u8]| mem.upload(bytes);
+    let download = |p: u64, n: usize| mem.download(p, n);
     let specs = [
         AttentionSpec::new(2, 8, 300, 517, 128)
             .heads_kv(2)
@@ -367,13 +354,5 @@ fn forward_device_on_caller_buffers() {
         };
         let e = unsafe { b.forward_device(spec, &flipped) }.unwrap_err();
         assert!(e.to_string().contains("lse"), "{e}");
-        for p in [tensors.q, tensors.k, tensors.v, tensors.out]
-            .into_iter()
-            .chain(tensors.lse)
-        {
-            unsafe { drv::free_sync(p) }.unwrap();
-        }
     }
-    // SAFETY: retained above.
-    unsafe { drv::primary_ctx::release(dev) }.unwrap();
 }

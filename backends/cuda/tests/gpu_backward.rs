@@ -10,9 +10,12 @@ mod common;
 use common::{deterministic, mma_cases, named, run_backward};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backend_or_skip, check_backward, feature_cases};
-use flashattn_core::{AttentionSpec, Backend, DType, Pass};
-use flashattn_cuda::{CudaBackend, KernelKind};
+use flashattn_core::{
+    random_inputs, random_tensor, AttentionSpec, Backend, BackwardInputs, DType, Pass, Tensor,
+};
+use flashattn_cuda::{BackwardTensors, CudaBackend, KernelKind};
 use proptest::prelude::*;
+use rand::SeedableRng;
 
 /// The backend on device 0 with `kind` forced (`None`: automatic), or `None` after printing
 /// why: no GPU, or this GPU has no backward of that family.
@@ -137,11 +140,55 @@ fn portable_backward_cases() {
     run_backward(&b, "generic f32 long", &long_cases(DType::F32, 64), 14_400);
 }
 
+/// One backward problem on the GPU: random inputs, the forward's out and LSE, a random dout.
+struct Problem {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Vec<f32>,
+    dout: Tensor,
+}
+
+impl Problem {
+    fn new(b: &CudaBackend, spec: &AttentionSpec, seed: u64) -> Problem {
+        let (q, k, v) = random_inputs(spec, seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
+        let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
+        let fwd = b.forward(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+        let lse = fwd.lse.unwrap();
+        let out = fwd.out;
+        Problem {
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dout,
+        }
+    }
+
+    fn inputs(&self) -> BackwardInputs<'_> {
+        BackwardInputs {
+            q: self.q.as_ref(),
+            k: self.k.as_ref(),
+            v: self.v.as_ref(),
+            out: self.out.as_ref(),
+            lse: &self.lse,
+            dout: self.dout.as_ref(),
+        }
+    }
+
+    /// dq, dk, dv of the host path, as bytes.
+    fn grads(&self, b: &CudaBackend, spec: &AttentionSpec) -> [Vec<u8>; 3] {
+        let g = b.backward(spec, self.inputs()).unwrap();
+        [g.dq, g.dk, g.dv].map(|t| t.as_ref().as_bytes().to_vec())
+    }
+}
+
 /// Deterministic mode gives the same bits on every run (atomic dq need not).
 #[test]
 fn deterministic_backward_is_bitwise_reproducible() {
-    use flashattn_core::{random_inputs, random_tensor, BackwardInputs};
-    use rand::SeedableRng;
     let Some(b) = backend(None) else { return };
     for dtype in [DType::Bf16, DType::F32] {
         let spec = AttentionSpec::new(2, 8, 700, 900, 128)
@@ -150,29 +197,11 @@ fn deterministic_backward_is_bitwise_reproducible() {
             .causal(true)
             .return_lse(true)
             .deterministic(true);
-        let (q, k, v) = random_inputs(&spec, 5);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
-        let dout = random_tensor(&mut rng, dtype, spec.out_elems().unwrap());
-        let fwd = b
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-            .unwrap();
-        let lse = fwd.lse.unwrap();
-        let grads = || {
-            let inputs = BackwardInputs {
-                q: q.as_ref(),
-                k: k.as_ref(),
-                v: v.as_ref(),
-                out: fwd.out.as_ref(),
-                lse: &lse,
-                dout: dout.as_ref(),
-            };
-            let g = b.backward(&spec, inputs).unwrap();
-            [g.dq, g.dk, g.dv].map(|t| t.as_ref().as_bytes().to_vec())
-        };
-        let first = grads();
+        let problem = Problem::new(&b, &spec, 5);
+        let first = problem.grads(&b, &spec);
         for _ in 0..3 {
             assert!(
-                grads() == first,
+                problem.grads(&b, &spec) == first,
                 "{dtype}: deterministic backward differs between runs"
             );
         }
@@ -217,26 +246,8 @@ proptest! {
 /// pointers are refused before any launch.
 #[test]
 fn backward_device_on_caller_buffers() {
-    use cudarc::driver::result as drv;
-    use flashattn_core::{random_inputs, random_tensor, BackwardInputs};
-    use flashattn_cuda::BackwardTensors;
-    use rand::SeedableRng;
     let Some(b) = backend(None) else { return };
-    let dev = drv::device::get(0).unwrap();
-    // SAFETY: device 0 exists (the backend opened it); retaining the primary context is
-    // what the CUDA runtime does too.
-    let ctx = unsafe { drv::primary_ctx::retain(dev) }.unwrap();
-    unsafe { drv::ctx::set_current(ctx) }.unwrap();
-    let upload = |bytes: &[u8]| -> u64 {
-        let p = unsafe { drv::malloc_sync(bytes.len().max(16)) }.unwrap();
-        unsafe { drv::memcpy_htod_sync(p, bytes) }.unwrap();
-        p
-    };
-    let download = |p: u64, n: usize| -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        unsafe { drv::memcpy_dtoh_sync(&mut v, p) }.unwrap();
-        v
-    };
+    let mem = common::device::DeviceMem::new();
     let spec = AttentionSpec::new(2, 8, 300, 517, 72)
         .heads_kv(2)
         .head_dim_v(64)
@@ -244,54 +255,34 @@ fn backward_device_on_caller_buffers() {
         .causal(true)
         .return_lse(true)
         .deterministic(true);
-    let (q, k, v) = random_inputs(&spec, 21);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
-    let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
-    let fwd = b
-        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
-    let lse = fwd.lse.unwrap();
-    let inputs = BackwardInputs {
-        q: q.as_ref(),
-        k: k.as_ref(),
-        v: v.as_ref(),
-        out: fwd.out.as_ref(),
-        lse: &lse,
-        dout: dout.as_ref(),
-    };
-    let host = b.backward(&spec, inputs).unwrap();
-    let zeros = |t: &flashattn_core::Tensor| upload(&vec![0u8; t.as_ref().as_bytes().len()]);
+    let p = Problem::new(&b, &spec, 21);
+    let host = p.grads(&b, &spec);
+    let up = |t: &Tensor| mem.upload(t.as_ref().as_bytes());
+    let zeros = |g: &Vec<u8>| mem.upload(&vec![0u8; g.len()]);
     let t = BackwardTensors {
-        q: upload(q.as_ref().as_bytes()),
-        k: upload(k.as_ref().as_bytes()),
-        v: upload(v.as_ref().as_bytes()),
-        out: upload(fwd.out.as_ref().as_bytes()),
-        lse: upload(bytemuck::cast_slice(&lse)),
-        dout: upload(dout.as_ref().as_bytes()),
-        dq: zeros(&host.dq),
-        dk: zeros(&host.dk),
-        dv: zeros(&host.dv),
+        q: up(&p.q),
+        k: up(&p.k),
+        v: up(&p.v),
+        out: up(&p.out),
+        lse: mem.upload(bytemuck::cast_slice(&p.lse)),
+        dout: up(&p.dout),
+        dq: zeros(&host[0]),
+        dk: zeros(&host[1]),
+        dv: zeros(&host[2]),
     };
     // SAFETY: every pointer holds its tensor's bytes for `spec`, freshly allocated above.
     unsafe { b.backward_device(&spec, &t) }.unwrap();
-    for (name, p, want) in [
-        ("dq", t.dq, &host.dq),
-        ("dk", t.dk, &host.dk),
-        ("dv", t.dv, &host.dv),
+    for (name, ptr, want) in [
+        ("dq", t.dq, &host[0]),
+        ("dk", t.dk, &host[1]),
+        ("dv", t.dv, &host[2]),
     ] {
-        let want = want.as_ref();
-        let want = want.as_bytes();
         assert!(
-            download(p, want.len()) == want,
+            mem.download(ptr, want.len()) == *want,
             "{name} differs from the host path"
         );
     }
     let misaligned = BackwardTensors { dk: t.dk + 2, ..t };
     let e = unsafe { b.backward_device(&spec, &misaligned) }.unwrap_err();
     assert!(e.to_string().contains("dk"), "{e}");
-    for p in [t.q, t.k, t.v, t.out, t.lse, t.dout, t.dq, t.dk, t.dv] {
-        unsafe { drv::free_sync(p) }.unwrap();
-    }
-    // SAFETY: retained above.
-    unsafe { drv::primary_ctx::release(dev) }.unwrap();
 }

@@ -9,7 +9,7 @@ use crate::device::DevBuf;
 use crate::forward::{Buffers, DevTensor};
 use crate::CudaBackend;
 use flashattn_core::{
-    random_inputs, random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Result,
+    random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Result,
 };
 use rand::SeedableRng;
 
@@ -37,17 +37,11 @@ impl CudaBackend {
         let forward = self.choose(&checked)?;
         let variant = self.choose_backward(&checked)?;
         let bwd = backward_plan(&checked, &variant)?;
-        let (q, k, v) = random_inputs(spec, plan.seed);
         let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0x5eed);
         let dout = random_tensor(&mut rng, spec.dtype, checked.sizes.out);
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let fwd = Buffers::new(
-            &checked,
-            q.as_ref().as_bytes(),
-            k.as_ref().as_bytes(),
-            v.as_ref().as_bytes(),
-        )?;
+        let fwd = Buffers::random(&checked, plan.seed)?;
         self.launch_flash(&checked, &forward, &fwd)?;
         self.gpu.synchronize()?;
         let sizes = &checked.sizes;

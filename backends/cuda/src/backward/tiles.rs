@@ -205,12 +205,13 @@ pub fn main_launch(
     threads: u32,
     smem: usize,
 ) -> Result<Option<Launch>, String> {
-    let grid = (
-        grid_x(num_blocks(s.max_k_len, keys), "key blocks")?,
-        grid_yz(s.heads_kv, "heads_kv")?,
-        grid_yz(s.batch, "batch")?,
-    );
-    Ok(launch(grid, threads, smem))
+    per_head_launch(
+        (s.max_k_len, keys, "key blocks"),
+        (s.heads_kv, "heads_kv"),
+        s,
+        threads,
+        smem,
+    )
 }
 
 /// The deterministic dq kernel: (query blocks of `rows` rows, heads_q, batch).
@@ -220,9 +221,26 @@ pub fn dq_launch(
     threads: u32,
     smem: usize,
 ) -> Result<Option<Launch>, String> {
+    per_head_launch(
+        (s.max_q_len, rows, "query blocks"),
+        (s.heads_q, "heads_q"),
+        s,
+        threads,
+        smem,
+    )
+}
+
+/// A grid of (blocks of `len` in `block`s, heads, batch), each side named for its error.
+fn per_head_launch(
+    (len, block, blocks_name): (usize, usize, &str),
+    (heads, heads_name): (usize, &str),
+    s: &BwdShape,
+    threads: u32,
+    smem: usize,
+) -> Result<Option<Launch>, String> {
     let grid = (
-        grid_x(num_blocks(s.max_q_len, rows), "query blocks")?,
-        grid_yz(s.heads_q, "heads_q")?,
+        grid_x(num_blocks(len, block), blocks_name)?,
+        grid_yz(heads, heads_name)?,
         grid_yz(s.batch, "batch")?,
     );
     Ok(launch(grid, threads, smem))

@@ -1,6 +1,8 @@
 //! Cases and checks shared by tests/gpu.rs (on a GPU) and tests/emulate.rs (the emulator).
 #![allow(dead_code)] // each test file uses part of it
 
+pub mod device;
+
 use flashattn_core::testing::{check_backend, check_backward, check_cases, CheckReport};
 use flashattn_core::{
     lse_max_error, random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType,
