@@ -1,15 +1,18 @@
 //! On an NVIDIA GPU: the CUDA backward (kernels/mma_bwd.cu, kernels/generic_bwd.cu) against
 //! core's f64 `reference_backward`, per family (the automatic choice, mma.sync forced, the
 //! portable kernel forced), dq by f32 atomics and by the deterministic pass: core's feature
-//! cases, odd head dims and every bucket, shapes with many key and query blocks, long key
-//! sequences, bitwise reproducibility of the deterministic mode, and the device-resident API.
+//! cases, odd head dims and every bucket, the forward's pipeline shapes (many key and query
+//! blocks, masks that cut blocks, GQA, varlen with empty sequences), long key sequences,
+//! bitwise reproducibility of the deterministic mode, and the device-resident API.
 //! Without a GPU every test prints why it skips, unless FLASHATTN_REQUIRE_BACKENDS names cuda.
 
 mod common;
 
-use common::{deterministic, mma_cases, named, run_backward};
+use common::{
+    deterministic, gpu_backend, long_cases, mma_cases, named, pipeline_cases, run_backward,
+};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
-use flashattn_core::testing::{backend_or_skip, check_backward, feature_cases};
+use flashattn_core::testing::{check_backward, feature_cases};
 use flashattn_core::{
     random_inputs, random_tensor, AttentionSpec, Backend, BackwardInputs, DType, Pass, Tensor,
 };
@@ -20,56 +23,7 @@ use rand::SeedableRng;
 /// The backend on device 0 with `kind` forced (`None`: automatic), or `None` after printing
 /// why: no GPU, or this GPU has no backward of that family.
 fn backend(kind: Option<KernelKind>) -> Option<CudaBackend> {
-    let mut b = backend_or_skip("cuda", CudaBackend::new)?;
-    b.force_kernel(kind);
-    let probe = AttentionSpec::new(1, 1, 8, 8, 128).dtype(DType::Bf16);
-    if let Err(e) = b.backward_variant_for(&probe) {
-        println!("SKIP {kind:?} backward on {}: {e}", b.device());
-        return None;
-    }
-    Some(b)
-}
-
-/// Shapes with many key and query blocks per CTA walk, masks that cut blocks, GQA sums.
-fn block_cases(dtype: DType, d: usize) -> Vec<(String, AttentionSpec)> {
-    let base = |b, h, sq, sk| {
-        AttentionSpec::new(b, h, sq, sk, d)
-            .dtype(dtype)
-            .return_lse(true)
-    };
-    let cases = [
-        ("many blocks", base(2, 3, 300, 700)),
-        ("causal", base(1, 2, 513, 513).causal(true)),
-        ("causal sq<sk", base(1, 2, 130, 400).causal(true)),
-        ("window", base(1, 2, 400, 400).window(100, 37)),
-        ("gqa 4", base(2, 8, 200, 333).heads_kv(2)),
-        ("softcap", base(1, 2, 200, 260).softcap(8.0)),
-        (
-            "varlen causal empty seq",
-            base(1, 2, 400, 500)
-                .varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500])
-                .causal(true),
-        ),
-    ];
-    cases
-        .into_iter()
-        .map(|(n, s)| (format!("d{d} {n}"), s))
-        .collect()
-}
-
-/// Tens of thousands of keys: dq atomics from hundreds of key blocks (the f64 reference on the
-/// CPU bounds the sizes).
-fn long_cases(dtype: DType, d: usize) -> Vec<(String, AttentionSpec)> {
-    let base = |sq, sk| {
-        AttentionSpec::new(1, 2, sq, sk, d)
-            .dtype(dtype)
-            .return_lse(true)
-    };
-    named(vec![
-        ("130 x 30k keys", base(130, 30_000)),
-        ("2k causal", base(2048, 2048).causal(true)),
-        ("window over 3k", base(3000, 3000).window(256, 0)),
-    ])
+    gpu_backend(kind, Pass::Backward)
 }
 
 #[test]
@@ -98,23 +52,17 @@ fn mma_backward_cases() {
         run_backward(&b, &format!("mma {dtype} shapes"), &shapes, s);
         let det = deterministic(shapes);
         run_backward(&b, &format!("mma {dtype} shapes det"), &det, s + 100);
-        for d in [64, 128, 256] {
-            let blocks = block_cases(dtype, d);
-            run_backward(
-                &b,
-                &format!("mma {dtype} blocks d{d}"),
-                &blocks,
-                s + d as u64,
-            );
-        }
-        let det = deterministic(block_cases(dtype, 128));
-        run_backward(&b, &format!("mma {dtype} blocks d128 det"), &det, s + 300);
+        let blocks = pipeline_cases(dtype, &[64, 128, 256]);
+        run_backward(&b, &format!("mma {dtype} pipeline"), &blocks, s + 200);
+        let det = deterministic(pipeline_cases(dtype, &[128]));
+        run_backward(&b, &format!("mma {dtype} pipeline det"), &det, s + 300);
     }
     for d in [64, 128] {
         let long = long_cases(DType::Bf16, d);
-        run_backward(&b, &format!("mma long d{d}"), &long, 13_000);
-        run_backward(&b, "mma long det", &deterministic(long), 13_100);
+        run_backward(&b, &format!("mma long d{d}"), &long, 13_000 + d as u64);
     }
+    let det = deterministic(long_cases(DType::Bf16, 128));
+    run_backward(&b, "mma long d128 det", &det, 13_500);
 }
 
 #[test]
@@ -134,7 +82,7 @@ fn portable_backward_cases() {
     run_backward(
         &b,
         "generic f32 blocks",
-        &block_cases(DType::F32, 72),
+        &pipeline_cases(DType::F32, &[72]),
         14_300,
     );
     run_backward(&b, "generic f32 long", &long_cases(DType::F32, 64), 14_400);
