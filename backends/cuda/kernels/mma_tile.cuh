@@ -126,7 +126,9 @@ DEV void mma_ab_regs(float (&acc)[NT][4], const uint32_t (&a)[KS][4], uint32_t b
 template <int KS, int NT, int A_RB, int B_RB, bool A_TRANS>
 DEV void mma_ab_smem(float (&acc)[NT][4], uint32_t a_tile, int a_row0, uint32_t b_tile, int col0, int lane,
                      int n_pairs) {
-#pragma unroll
+// Not unrolled for A stored [row][k] (dV, dK with two warps per key tile: 128 accumulator
+// registers live): unrolled, ptxas hoists the next k-steps' fragments and spills (sm_86, d256).
+#pragma unroll(A_TRANS ? KS : 1)
     for (int kk = 0; kk < KS; ++kk) {
         uint32_t a[4];
         if (A_TRANS)

@@ -67,7 +67,8 @@ pub struct KernelDef {
     pub min_sm: u32,
     /// Built for this arch only (wgmma and setmaxnreg need sm_90a).
     pub only_arch: Option<&'static str>,
-    /// SASS opcodes its cubin must contain (tests/sass.rs): the instructions it exists for.
+    /// SASS opcodes its cubin must contain (tests/sass.rs): the instructions it exists for;
+    /// `A|B` where archs name it differently.
     pub sass_needs: &'static [&'static str],
 }
 
@@ -125,8 +126,8 @@ const MMA_BWD_DEF: KernelDef = KernelDef {
     entry_points: &["fa_bwd_prep", "fa_bwd_post", "fa_mma_bwd", "fa_mma_bwd_dq"],
     min_sm: 80,
     only_arch: None,
-    // RED: dq's f32 atomicAdd.
-    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS", "RED"],
+    // dq's f32 atomicAdd: RED before sm_90, REDG on sm_90.
+    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS", "RED|REDG"],
 };
 
 const GENERIC_BWD_DEF: KernelDef = KernelDef {
@@ -141,7 +142,7 @@ const GENERIC_BWD_DEF: KernelDef = KernelDef {
     ],
     min_sm: 70,
     only_arch: None,
-    sass_needs: &["RED"],
+    sass_needs: &["RED|REDG"],
 };
 
 impl KernelKind {
