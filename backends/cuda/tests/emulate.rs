@@ -459,10 +459,7 @@ fn portable_backward_f32() {
     };
     let features = named(feature_cases(DType::F32));
     run_backward(&b, "backward features", &features, 840);
-    run_backward(
-        &b,
-        "backward features, deterministic",
-        &deterministic(features),
-        850,
-    );
+    // Every third case deterministic: the portable kernels emulate slowly (a fiber per lane).
+    let det = deterministic(features.into_iter().step_by(3).collect());
+    run_backward(&b, "backward features, deterministic", &det, 850);
 }
