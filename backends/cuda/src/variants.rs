@@ -4,6 +4,9 @@
 //! A new kernel is one more `KernelKind`, its `KernelDef` and its arm in `defines`; the
 //! compile and SASS tests iterate over [`variants_for_arch`].
 
+use crate::backward::tiles::{
+    mma_bwd_tiles, GenericBwdTiles, MmaBwdTiles, GENERIC_BWD_TILES, MMA_BWD_HEAD_DIMS,
+};
 use crate::decode_tiles::{decode_tiles, DecodeTiles, DECODE_HEAD_DIMS, DECODE_WARPS};
 use crate::fp8::{fp8_score_mod_builds, hopper_fp8_tiles, FP8_HEAD_DIMS};
 use crate::params::{DecodeParams, KernelParams};
@@ -32,6 +35,11 @@ const APPEND: (&str, &str) = ("append.cu", include_str!("../kernels/append.cu"))
 const COMBINE: (&str, &str) = ("combine.cu", include_str!("../kernels/combine.cu"));
 const DECODE_MMA: (&str, &str) = ("decode_mma.cu", include_str!("../kernels/decode_mma.cu"));
 const DECODE_SIMT: (&str, &str) = ("decode_simt.cu", include_str!("../kernels/decode_simt.cu"));
+const MMA_TILE: (&str, &str) = ("mma_tile.cuh", include_str!("../kernels/mma_tile.cuh"));
+const BWD: (&str, &str) = ("bwd.cuh", include_str!("../kernels/bwd.cuh"));
+const BWD_PREP: (&str, &str) = ("bwd_prep.cu", include_str!("../kernels/bwd_prep.cu"));
+const MMA_BWD: (&str, &str) = ("mma_bwd.cu", include_str!("../kernels/mma_bwd.cu"));
+const GENERIC_BWD: (&str, &str) = ("generic_bwd.cu", include_str!("../kernels/generic_bwd.cu"));
 
 /// The archs CI compiles every variant for (tests/sass.rs) and `compile_all` is meant for.
 pub const CI_ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90a"];
@@ -53,6 +61,10 @@ pub enum KernelKind {
     DecodeMma,
     /// The same on CUDA cores (f32 caches); sm_80+ (cp.async).
     DecodeSimt,
+    /// FlashAttention-2's backward on mma.sync (sm_80+), f16/bf16.
+    MmaBwd,
+    /// The portable backward on CUDA cores (sm_70+), any dtype.
+    GenericBwd,
 }
 
 /// One kernel family.
@@ -69,7 +81,8 @@ pub struct KernelDef {
     pub min_sm: u32,
     /// Built for this arch only (wgmma and setmaxnreg need sm_90a).
     pub only_arch: Option<&'static str>,
-    /// SASS opcodes its cubin must contain (tests/sass.rs): the instructions it exists for.
+    /// SASS opcodes its cubin must contain (tests/sass.rs): the instructions it exists for;
+    /// `A|B` where archs name it differently.
     pub sass_needs: &'static [&'static str],
 }
 
@@ -171,8 +184,39 @@ const DECODE_SIMT_DEF: KernelDef = KernelDef {
 pub const DECODE_APPEND_ENTRY: usize = 0;
 pub const DECODE_COMBINE_ENTRY: usize = 1;
 
+/// Every backward family has these entry points, in this order (backward.rs `Stage`): the
+/// pre-processing (delta, dq accumulator zeroed), the post-processing (dq from the accumulator),
+/// the main kernel over key blocks, the deterministic dq kernel.
+const MMA_BWD_DEF: KernelDef = KernelDef {
+    name: "mma_bwd",
+    pass: Pass::Backward,
+    sources: &[
+        PARAMS, DTYPE, MASK, SCORE_MOD, PTX, MMA_TILE, BWD, BWD_PREP, MMA_BWD,
+    ],
+    entry_points: &["fa_bwd_prep", "fa_bwd_post", "fa_mma_bwd", "fa_mma_bwd_dq"],
+    min_sm: 80,
+    only_arch: None,
+    // dq's f32 atomicAdd: RED before sm_90, REDG on sm_90.
+    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS", "RED|REDG"],
+};
+
+const GENERIC_BWD_DEF: KernelDef = KernelDef {
+    name: "generic_bwd",
+    pass: Pass::Backward,
+    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, BWD, BWD_PREP, GENERIC_BWD],
+    entry_points: &[
+        "fa_bwd_prep",
+        "fa_bwd_post",
+        "fa_generic_bwd",
+        "fa_generic_bwd_dq",
+    ],
+    min_sm: 70,
+    only_arch: None,
+    sass_needs: &["RED|REDG"],
+};
+
 impl KernelKind {
-    pub const ALL: [KernelKind; 7] = [
+    pub const ALL: [KernelKind; 9] = [
         KernelKind::Hopper,
         KernelKind::HopperFp8,
         KernelKind::Mma,
@@ -180,6 +224,8 @@ impl KernelKind {
         KernelKind::Naive,
         KernelKind::DecodeMma,
         KernelKind::DecodeSimt,
+        KernelKind::MmaBwd,
+        KernelKind::GenericBwd,
     ];
 
     pub fn def(self) -> &'static KernelDef {
@@ -191,6 +237,8 @@ impl KernelKind {
             KernelKind::Naive => &NAIVE_DEF,
             KernelKind::DecodeMma => &DECODE_MMA_DEF,
             KernelKind::DecodeSimt => &DECODE_SIMT_DEF,
+            KernelKind::MmaBwd => &MMA_BWD_DEF,
+            KernelKind::GenericBwd => &GENERIC_BWD_DEF,
         }
     }
 
@@ -209,6 +257,8 @@ pub enum Tiles {
     Mma(MmaTiles),
     Generic(GenericTiles),
     Decode(DecodeTiles),
+    MmaBwd(MmaBwdTiles),
+    GenericBwd(GenericBwdTiles),
     None,
 }
 
@@ -268,6 +318,24 @@ impl Variant {
             tiles: Tiles::Decode(tiles),
         }
     }
+    pub fn mma_bwd(dtype: DType, head_dim: usize, tiles: MmaBwdTiles) -> Self {
+        Variant {
+            kind: KernelKind::MmaBwd,
+            dtype,
+            head_dim,
+            score_mod: false,
+            tiles: Tiles::MmaBwd(tiles),
+        }
+    }
+    pub fn generic_bwd(dtype: DType) -> Self {
+        Variant {
+            kind: KernelKind::GenericBwd,
+            dtype,
+            head_dim: 0,
+            score_mod: false,
+            tiles: Tiles::GenericBwd(GENERIC_BWD_TILES),
+        }
+    }
     pub fn naive(dtype: DType) -> Self {
         Variant {
             kind: KernelKind::Naive,
@@ -305,7 +373,11 @@ impl Variant {
                 self.head_dim, t.block_m, t.block_n, t.warps
             ),
             Tiles::Decode(t) => format!("{base}_d{}_{}x{}", self.head_dim, t.block_n, t.stages),
-            Tiles::Generic(_) | Tiles::None => base,
+            Tiles::MmaBwd(t) => format!(
+                "{base}_d{}_{}x{}w{}s{}q{}",
+                self.head_dim, t.block_m, t.block_n, t.warps, t.stages, t.dq_block_n
+            ),
+            Tiles::Generic(_) | Tiles::GenericBwd(_) | Tiles::None => base,
         }
     }
 
@@ -366,6 +438,19 @@ impl Variant {
                 ("BLOCK_N", t.block_n),
                 ("STAGES", t.stages),
                 ("NUM_WARPS", DECODE_WARPS),
+            ]),
+            Tiles::MmaBwd(t) => d.extend([
+                ("HEAD_DIM", self.head_dim),
+                ("BLOCK_M", t.block_m),
+                ("BLOCK_N", t.block_n),
+                ("NUM_WARPS", t.warps),
+                ("Q_STAGES", t.stages),
+                ("DQ_BLOCK_N", t.dq_block_n),
+            ]),
+            Tiles::GenericBwd(t) => d.extend([
+                ("NUM_WARPS", t.warps),
+                ("KEYS_PER_WARP", t.keys_per_warp),
+                ("MAX_HEAD_DIM", MAX_HEAD_DIM),
             ]),
             Tiles::None => {}
         }
@@ -446,6 +531,16 @@ pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
                 v.push(Variant::decode(kind, dtype, d, t));
             }
         }
+    }
+    for dtype in [DType::Bf16, DType::F16] {
+        for d in MMA_BWD_HEAD_DIMS {
+            if let Ok(t) = mma_bwd_tiles(d, smem) {
+                v.push(Variant::mma_bwd(dtype, d, t));
+            }
+        }
+    }
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        v.push(Variant::generic_bwd(dtype));
     }
     v.retain(|x| x.builds_for(arch));
     v
