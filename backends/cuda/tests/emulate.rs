@@ -422,14 +422,18 @@ fn mma_backward_bf16_sm80_tiles() {
 }
 
 /// The same with the smaller tiles of 99 KiB GPUs (sm_86/sm_89: one Q/dO buffer at head_dim
-/// 128, 32 x 32 keys at 256), f16: odd head dims (element-wise copies), window with causal;
+/// 128, 32 x 32 keys at 256), f16: odd head dims (d 33 / dv 17: element-wise copies; 72),
+/// window with causal;
 /// deterministic at head_dim 256 and causal with fewer queries than keys.
 #[test]
 fn mma_backward_f16_sm86_tiles() {
     let Some(b) = emulated("sm_86", KernelKind::Mma) else {
         return;
     };
-    let mut cases = pick(mma_cases(DType::F16), &["d 8"]);
+    let mut cases = pick(
+        mma_cases(DType::F16),
+        &["d 33 / dv 17 (no 16-byte copies) d33"],
+    );
     let features = named(feature_cases(DType::F16));
     cases.extend(pick(features.clone(), &["head_dim 72", "window + causal"]));
     run_backward(&b, "backward", &cases, 820);
