@@ -30,6 +30,7 @@ mod decode_bench;
 mod decode_device;
 mod decode_tiles;
 mod device;
+mod families;
 mod forward;
 mod fp8;
 mod kv_cache;
