@@ -109,8 +109,9 @@ pub struct CudaBackend {
     measured: std::sync::Mutex<std::collections::HashMap<forward::ChoiceKey, KernelKind>>,
 }
 
-/// `FLASHATTN_CUDA_KERNEL`: a forward `KernelDef` name (hopper, mma, generic), or none
-/// (automatic). Decode follows it: generic runs the CUDA-core decode kernel, the others mma.sync.
+/// `FLASHATTN_CUDA_KERNEL`: a forward `KernelDef` name (hopper, hopper_fp8, mma, generic), or
+/// none (automatic). Decode follows it (generic runs the CUDA-core decode kernel, the others
+/// mma.sync), and so does the backward (mma: mma_bwd, generic: generic_bwd, hopper: automatic).
 fn forced_kernel() -> Result<Option<KernelKind>> {
     match std::env::var("FLASHATTN_CUDA_KERNEL") {
         Ok(name) if !name.is_empty() => KernelKind::from_name(&name)
