@@ -8,7 +8,6 @@
 # Each step runs under its own timeout, so one hang cannot eat the call. The tool returns at
 # most 8 files from $OUT: summary.txt (one PASS/FAIL/SKIP line per step, the last thing
 # printed too), env.log, tests.log, cli.log, bench.log, torch.log, tiles.log.
-# Later work fills in step_backward (marked below).
 set -u
 OUT="${OUT:-/tmp/gpu-check-out}"
 mkdir -p "$OUT"
@@ -133,11 +132,20 @@ step_fp8() {
     step "torch sdpa bf16 16k d128,256" torch.log 90 python3 bench/torch_sdpa.py --seqlens 16384 --dims 128,256 --iters 20
 }
 
-# ---- to be filled in by the backward work (issue 12) ---------------------------------------
-# step_backward: `flashattn bench --backend cuda --pass backward` (or the CLI's equivalent) at
-# bf16, seqlen 8k, d 64/128, beside PyTorch's FA2 / cuDNN backward; the GPU tests of the
-# backward kernels run in step_tests already if they live in tests/gpu*.rs.
-step_backward() { skip "backward" "no CUDA backward yet"; }
+# Issue 12's backward goal: bf16, seqlen 8k, d 64/128, FlashAttention's benchmark shapes
+# (batch 2, heads x d = 2048), non-causal and causal, dq by f32 atomics (the default), beside PyTorch SDPA's backward (flash = FlashAttention-2, cuDNN) on the
+# same shapes. `run --backward --check` first: a backward that is wrong is not timed. The GPU
+# tests of the backward kernels (tests/gpu_backward.rs) run in step_tests.
+step_backward() {
+    local d
+    step "run --backward --check bf16 d128 gqa causal" cli.log 60 "$FA" run --backend cuda --backward --dtype bf16 --batch 2 --heads 16 --kv-heads 4 --seqlen-q 1000 --seqlen-k 1500 --head-dim 128 --causal --check
+    step "run --backward --check f16 d72 window softcap" cli.log 60 "$FA" run --backend cuda --backward --dtype f16 --heads 8 --seqlen-q 777 --head-dim 72 --window 128,0 --softcap 30 --check
+    for d in 64 128; do
+        local heads=$((2048 / d))
+        step "bench backward bf16 8k d$d" bench.log 90 "$FA" bench --backend cuda --backward --dtype bf16 --batch 2 --heads $heads --seqlens 8192 --head-dims $d --both-causal --warmup 3 --iters 10
+    done
+    step "torch sdpa backward bf16 8k d64,128" torch.log 120 python3 bench/torch_sdpa.py --backward --seqlens 8192 --dims 64,128 --iters 10
+}
 # Issue 12's decode goal: 1 query x 32k cached keys (+1 appended), 32/8 heads, d 128, bf16,
 # contiguous and paged (page 16); `bench --decode` times the whole step (append, split-KV,
 # combine) beside a device copy of the same K/V bytes (the bandwidth limit, same run). The
@@ -165,8 +173,8 @@ step_environment
 step_tests
 step_bench_forward
 step_fp8
-step_cli
 step_backward
+step_cli
 step_decode
 echo "total ${SECONDS} s" | tee -a "$SUMMARY"
 echo "--- summary ---"

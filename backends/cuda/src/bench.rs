@@ -10,7 +10,7 @@ use crate::naive::scores_bytes;
 use crate::variants::{KernelKind, Variant};
 use crate::CudaBackend;
 use flashattn_core::{
-    random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, DType, Error, Pass, Result,
+    Algorithm, AttentionSpec, BenchMeasure, BenchPlan, DType, Error, Pass, Result,
 };
 
 /// Problems smaller than this (about 1 ms of work at 1 TFLOP/s) do not decide the kernel choice.
@@ -64,15 +64,9 @@ impl CudaBackend {
                 ))
             }
         };
-        let (q, k, v) = random_inputs(spec, plan.seed);
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let bufs = Buffers::new(
-            &checked,
-            q.as_ref().as_bytes(),
-            k.as_ref().as_bytes(),
-            v.as_ref().as_bytes(),
-        )?;
+        let bufs = Buffers::random(&checked, plan.seed)?;
         let scores = match scores {
             Some(n) => Some(DevBuf::alloc(n)?),
             None => None,

@@ -29,7 +29,7 @@ pub(crate) enum DevTensor {
 }
 
 impl DevTensor {
-    fn ptr(&self) -> sys::CUdeviceptr {
+    pub(crate) fn ptr(&self) -> sys::CUdeviceptr {
         match self {
             DevTensor::Ours(b) => b.ptr,
             DevTensor::Callers(p) => *p,
@@ -37,7 +37,7 @@ impl DevTensor {
     }
 
     /// Copies our allocation back to the host (the caller's tensors are never read back).
-    fn to_vec(&self) -> Result<Vec<u8>> {
+    pub(crate) fn to_vec(&self) -> Result<Vec<u8>> {
         match self {
             DevTensor::Ours(b) => b.to_vec(),
             DevTensor::Callers(_) => Err(Error::backend(BACKEND, "caller-owned tensor read back")),
@@ -74,6 +74,13 @@ pub(crate) struct Buffers {
 }
 
 impl Buffers {
+    /// Random inputs of `seed` (`random_inputs`), uploaded as by [`Buffers::new`]; benchmarks.
+    pub(crate) fn random(spec: &CheckedSpec<'_>, seed: u64) -> Result<Buffers> {
+        let (q, k, v) = flashattn_core::random_inputs(spec, seed);
+        let (q, k, v) = (q.as_ref(), k.as_ref(), v.as_ref());
+        Buffers::new(spec, q.as_bytes(), k.as_bytes(), v.as_bytes())
+    }
+
     /// Uploads host inputs into fresh allocations, with a zeroed output and an LSE preset to
     /// -inf (rows of no sequence keep those values).
     pub(crate) fn new(spec: &CheckedSpec<'_>, q: &[u8], k: &[u8], v: &[u8]) -> Result<Buffers> {
@@ -109,7 +116,7 @@ impl Buffers {
         )
     }
 
-    fn with_tensors(
+    pub(crate) fn with_tensors(
         spec: &CheckedSpec<'_>,
         q: DevTensor,
         k: DevTensor,
@@ -161,7 +168,7 @@ impl Buffers {
         Ok(p)
     }
 
-    fn set_pointers(&self, p: &mut KernelParams) {
+    pub(crate) fn set_pointers(&self, p: &mut KernelParams) {
         p.q = self.q.ptr();
         p.k = self.k.ptr();
         p.v = self.v.ptr();
@@ -348,9 +355,9 @@ pub fn flash_launch(
             );
             (p, l)
         }
-        Tiles::Decode(_) | Tiles::None => {
+        Tiles::Decode(_) | Tiles::MmaBwd(_) | Tiles::GenericBwd(_) | Tiles::None => {
             return Err(unsupported(format!(
-                "{} is not a flash kernel",
+                "{} is not a forward flash kernel",
                 variant.name()
             )))
         }
@@ -413,9 +420,9 @@ impl CudaBackend {
             KernelKind::Hopper | KernelKind::HopperFp8 => self.hopper_variant(spec),
             KernelKind::Mma => self.mma_variant(spec),
             KernelKind::Generic => self.generic_variant(spec),
-            KernelKind::Naive | KernelKind::DecodeMma | KernelKind::DecodeSimt => Err(format!(
+            other => Err(format!(
                 "the {} kernel is not a forward flash kernel",
-                kind.def().name
+                other.def().name
             )),
         }
     }
@@ -555,20 +562,28 @@ impl CudaBackend {
             ("v", tensors.v),
             ("out", tensors.out),
         ];
-        for (name, ptr) in named.into_iter().chain(tensors.lse.map(|p| ("lse", p))) {
-            // TMA and cp.async read 16-byte aligned global addresses; null is never valid.
-            if ptr == 0 || ptr % 16 != 0 {
-                return Err(Error::argument(
-                    name,
-                    format!("{ptr:#x}"),
-                    "device pointers must be non-null and 16-byte aligned",
-                ));
-            }
-        }
+        check_device_pointers(named.into_iter().chain(tensors.lse.map(|p| ("lse", p))))?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
         let bufs = Buffers::callers(&checked, tensors)?;
         self.launch_flash(&checked, &variant, &bufs)?;
         self.gpu.synchronize()
     }
+}
+
+/// Refuses a null or misaligned caller pointer, by name: TMA and cp.async read 16-byte aligned
+/// global addresses; null is never valid.
+pub(crate) fn check_device_pointers(
+    named: impl IntoIterator<Item = (&'static str, sys::CUdeviceptr)>,
+) -> Result<()> {
+    for (name, ptr) in named {
+        if ptr == 0 || ptr % 16 != 0 {
+            return Err(Error::argument(
+                name,
+                format!("{ptr:#x}"),
+                "device pointers must be non-null and 16-byte aligned",
+            ));
+        }
+    }
+    Ok(())
 }

@@ -30,6 +30,7 @@ mod decode_bench;
 mod decode_device;
 mod decode_tiles;
 mod device;
+mod families;
 mod forward;
 mod fp8;
 mod kv_cache;
@@ -40,6 +41,13 @@ mod tensor_map;
 mod tiles;
 mod variants;
 
+pub use backward::tiles::{
+    mma_bwd_head_dim, mma_bwd_tiles, GenericBwdTiles, MmaBwdTiles, GENERIC_BWD_TILES,
+    MMA_BWD_HEAD_DIMS,
+};
+pub use backward::{
+    backward_plan, select_generic_bwd, select_mma_bwd, BackwardPlan, BackwardTensors, Stage,
+};
 pub use cache::cache_root;
 pub use compile::{
     compile, compile_all, compile_many, compile_source, compile_threads, nvrtc_version,
@@ -66,8 +74,8 @@ pub use variants::{
 use compile::BACKEND;
 use device::Gpu;
 use flashattn_core::{
-    Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, CacheConfig, DecodeInputs, Error,
-    KvCacheHandle, Output, Pass, Result, TensorRef,
+    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, CacheConfig,
+    DecodeInputs, Error, Grads, KvCacheHandle, Output, Pass, Result, TensorRef,
 };
 use loader::load_nvrtc;
 
@@ -101,8 +109,9 @@ pub struct CudaBackend {
     measured: std::sync::Mutex<std::collections::HashMap<forward::ChoiceKey, KernelKind>>,
 }
 
-/// `FLASHATTN_CUDA_KERNEL`: a forward `KernelDef` name (hopper, mma, generic), or none
-/// (automatic). Decode follows it: generic runs the CUDA-core decode kernel, the others mma.sync.
+/// `FLASHATTN_CUDA_KERNEL`: a forward `KernelDef` name (hopper, hopper_fp8, mma, generic), or
+/// none (automatic). Decode follows it (generic runs the CUDA-core decode kernel, the others
+/// mma.sync), and so does the backward (mma: mma_bwd, generic: generic_bwd, hopper: automatic).
 fn forced_kernel() -> Result<Option<KernelKind>> {
     match std::env::var("FLASHATTN_CUDA_KERNEL") {
         Ok(name) if !name.is_empty() => KernelKind::from_name(&name)
@@ -198,17 +207,26 @@ impl Backend for CudaBackend {
         self.forward_host(spec, q, k, v)
     }
 
-    /// `cuda/forward/<variant>`, e.g. `cuda/forward/mma_bf16_d128_128x64w4`, and
+    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
+        self.backward_variant_for(spec).map(|_| ())
+    }
+
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
+        self.backward_host(spec, inputs)
+    }
+
+    /// `cuda/forward/<variant>`, e.g. `cuda/forward/mma_bf16_d128_128x64w4`,
+    /// `cuda/backward/mma_bwd_bf16_d128_64x128w8s2q64` (`_det` when deterministic) and
     /// `cuda/decode/<variant>/<split kernel>`, e.g. `cuda/decode/decode_mma_bf16_d128_64x3/mma_w1`:
     /// every compiled kernel variant gets its own canary check.
     fn kernel_variant(&self, spec: &AttentionSpec, pass: Pass) -> String {
         let kernel = match pass {
             Pass::Forward => self.variant_for(spec).map(|v| v.name()),
+            Pass::Backward => self.backward_kernel_name(spec),
             Pass::Decode => spec
                 .validate()
                 .and_then(|c| self.plan_decode(&c))
                 .map(|p| decode::variant_name(&p)),
-            Pass::Backward => Err(Error::unsupported(BACKEND, "backward")),
         };
         let kernel = kernel.unwrap_or_else(|_| "unsupported".to_string());
         format!("{BACKEND}/{}/{kernel}", pass.name())
@@ -235,6 +253,7 @@ impl Backend for CudaBackend {
     ) -> Result<BenchMeasure> {
         match plan.pass {
             Pass::Decode => self.bench_decode(spec, algo, plan, progress),
+            Pass::Backward => self.bench_backward(spec, algo, plan, progress),
             _ => self.bench_forward(spec, algo, plan, progress),
         }
     }

@@ -1,10 +1,14 @@
-//! Every kernel the backend compiles. [`KernelKind::def`] is the table of kernel families (the
-//! sources NVRTC compiles, entry points, archs, the SASS each must show); a [`Variant`] is one
-//! compiled unit of a family: dtype, head dim, tiles, which reach the kernel as `-D` defines.
-//! A new kernel is one more `KernelKind`, its `KernelDef` and its arm in `defines`; the
+//! Every kernel the backend compiles. [`KernelKind::def`] (families.rs) is the table of kernel
+//! families; a [`Variant`] is one compiled unit of a family: dtype, head dim, tiles, which
+//! reach the kernel as `-D` defines. A new kernel is one more `KernelKind`, its `KernelDef`
+//! (families.rs) and its arm in `defines`; the
 //! compile and SASS tests iterate over [`variants_for_arch`].
 
+use crate::backward::tiles::{
+    mma_bwd_tiles, GenericBwdTiles, MmaBwdTiles, GENERIC_BWD_TILES, MMA_BWD_HEAD_DIMS,
+};
 use crate::decode_tiles::{decode_tiles, DecodeTiles, DECODE_HEAD_DIMS, DECODE_WARPS};
+pub use crate::families::{KernelDef, KernelKind, DECODE_APPEND_ENTRY, DECODE_COMBINE_ENTRY};
 use crate::fp8::{fp8_score_mod_builds, hopper_fp8_tiles, FP8_HEAD_DIMS};
 use crate::params::{DecodeParams, KernelParams};
 use crate::tensor_map::{BOX_COLS, FP8_BOX_COLS};
@@ -14,193 +18,8 @@ use crate::tiles::{
 };
 use flashattn_core::{DType, Pass, MAX_HEAD_DIM};
 
-const PARAMS: (&str, &str) = ("params.cuh", include_str!("../kernels/params.cuh"));
-const DTYPE: (&str, &str) = ("dtype.cuh", include_str!("../kernels/dtype.cuh"));
-const MASK: (&str, &str) = ("mask.cuh", include_str!("../kernels/mask.cuh"));
-const SCORE_MOD: (&str, &str) = ("score_mod.cuh", include_str!("../kernels/score_mod.cuh"));
-const TILES: (&str, &str) = ("tiles.cuh", include_str!("../kernels/tiles.cuh"));
-const PTX: (&str, &str) = ("ptx.cuh", include_str!("../kernels/ptx.cuh"));
-const PTX_HOPPER: (&str, &str) = ("ptx_hopper.cuh", include_str!("../kernels/ptx_hopper.cuh"));
-const WGMMA: (&str, &str) = ("wgmma.cuh", include_str!("../kernels/wgmma.cuh"));
-const HOPPER: (&str, &str) = ("hopper_fwd.cu", include_str!("../kernels/hopper_fwd.cu"));
-const FP8_VT: (&str, &str) = ("fp8_vt.cu", include_str!("../kernels/fp8_vt.cu"));
-const MMA: (&str, &str) = ("mma_fwd.cu", include_str!("../kernels/mma_fwd.cu"));
-const GENERIC: (&str, &str) = ("generic_fwd.cu", include_str!("../kernels/generic_fwd.cu"));
-const NAIVE: (&str, &str) = ("naive.cu", include_str!("../kernels/naive.cu"));
-const DECODE_H: (&str, &str) = ("decode.cuh", include_str!("../kernels/decode.cuh"));
-const APPEND: (&str, &str) = ("append.cu", include_str!("../kernels/append.cu"));
-const COMBINE: (&str, &str) = ("combine.cu", include_str!("../kernels/combine.cu"));
-const DECODE_MMA: (&str, &str) = ("decode_mma.cu", include_str!("../kernels/decode_mma.cu"));
-const DECODE_SIMT: (&str, &str) = ("decode_simt.cu", include_str!("../kernels/decode_simt.cu"));
-
 /// The archs CI compiles every variant for (tests/sass.rs) and `compile_all` is meant for.
 pub const CI_ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90a"];
-
-/// Which kernel family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KernelKind {
-    /// FlashAttention-3-style TMA + wgmma kernel; sm_90a only.
-    Hopper,
-    /// The same kernel for FP8 e4m3 (QGMMA), after a pass that transposes V; sm_90a only.
-    HopperFp8,
-    /// FlashAttention-2-style mma.sync + ldmatrix + cp.async kernel; sm_80 and later.
-    Mma,
-    /// Portable flash kernel on CUDA cores; any sm_70+ GPU, any shape, f32.
-    Generic,
-    /// Materialised scores, for benchmarks.
-    Naive,
-    /// Decode against a KV cache: append, split-KV attention with mma.sync, combine; sm_80+.
-    DecodeMma,
-    /// The same on CUDA cores (f32 caches); sm_80+ (cp.async).
-    DecodeSimt,
-}
-
-/// One kernel family.
-#[derive(Debug)]
-pub struct KernelDef {
-    /// Short name, the start of every variant name ("hopper", "mma", ...).
-    pub name: &'static str,
-    pub pass: Pass,
-    /// (file name, text), concatenated in this order into the source NVRTC compiles (the
-    /// kernels include no headers, so NVRTC needs no CUDA include path).
-    pub sources: &'static [(&'static str, &'static str)],
-    pub entry_points: &'static [&'static str],
-    /// Oldest compute capability (major * 10 + minor) the kernel builds for.
-    pub min_sm: u32,
-    /// Built for this arch only (wgmma and setmaxnreg need sm_90a).
-    pub only_arch: Option<&'static str>,
-    /// SASS opcodes its cubin must contain (tests/sass.rs): the instructions it exists for.
-    pub sass_needs: &'static [&'static str],
-}
-
-const HOPPER_DEF: KernelDef = KernelDef {
-    name: "hopper",
-    pass: Pass::Forward,
-    sources: &[
-        PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, PTX_HOPPER, WGMMA, HOPPER,
-    ],
-    entry_points: &["fa_hopper_fwd"],
-    min_sm: 90,
-    only_arch: Some("sm_90a"),
-    sass_needs: &["HGMMA", "UTMALDG"],
-};
-
-const HOPPER_FP8_DEF: KernelDef = KernelDef {
-    name: "hopper_fp8",
-    pass: Pass::Forward,
-    sources: &[
-        PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, PTX_HOPPER, WGMMA, FP8_VT, HOPPER,
-    ],
-    entry_points: &["fa_hopper_fwd", "fa_fp8_transpose_v"],
-    min_sm: 90,
-    only_arch: Some("sm_90a"),
-    // F2FP...E4M3: P converted to e4m3 in registers.
-    sass_needs: &["QGMMA", "UTMALDG", "F2FP.SATFINITE.E4M3.F32"],
-};
-
-const MMA_DEF: KernelDef = KernelDef {
-    name: "mma",
-    pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, MMA],
-    entry_points: &["fa_mma_fwd"],
-    min_sm: 80,
-    only_arch: None,
-    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS"],
-};
-
-const GENERIC_DEF: KernelDef = KernelDef {
-    name: "generic",
-    pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, GENERIC],
-    entry_points: &["fa_generic_fwd"],
-    min_sm: 70,
-    only_arch: None,
-    sass_needs: &[],
-};
-
-const NAIVE_DEF: KernelDef = KernelDef {
-    name: "naive",
-    pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, NAIVE],
-    entry_points: &["naive_scores", "naive_softmax_pv"],
-    min_sm: 70,
-    only_arch: None,
-    sass_needs: &[],
-};
-
-/// The decode families' entry points, in this order: the split kernel(s) come last
-/// (`decode_tiles::tile_rows` picks among them).
-const DECODE_MMA_DEF: KernelDef = KernelDef {
-    name: "decode_mma",
-    pass: Pass::Decode,
-    sources: &[
-        PARAMS, DTYPE, MASK, SCORE_MOD, PTX, DECODE_H, APPEND, COMBINE, DECODE_MMA,
-    ],
-    entry_points: &[
-        "fa_decode_append",
-        "fa_decode_combine",
-        "fa_decode_mma_w1",
-        "fa_decode_mma_w4",
-    ],
-    min_sm: 80,
-    only_arch: None,
-    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS"],
-};
-
-const DECODE_SIMT_DEF: KernelDef = KernelDef {
-    name: "decode_simt",
-    pass: Pass::Decode,
-    sources: &[
-        PARAMS,
-        DTYPE,
-        MASK,
-        SCORE_MOD,
-        PTX,
-        DECODE_H,
-        APPEND,
-        COMBINE,
-        DECODE_SIMT,
-    ],
-    entry_points: &["fa_decode_append", "fa_decode_combine", "fa_decode_simt"],
-    min_sm: 80,
-    only_arch: None,
-    sass_needs: &["LDGSTS"],
-};
-
-/// Entry points every decode family has: the append and the combine kernels.
-pub const DECODE_APPEND_ENTRY: usize = 0;
-pub const DECODE_COMBINE_ENTRY: usize = 1;
-
-impl KernelKind {
-    pub const ALL: [KernelKind; 7] = [
-        KernelKind::Hopper,
-        KernelKind::HopperFp8,
-        KernelKind::Mma,
-        KernelKind::Generic,
-        KernelKind::Naive,
-        KernelKind::DecodeMma,
-        KernelKind::DecodeSimt,
-    ];
-
-    pub fn def(self) -> &'static KernelDef {
-        match self {
-            KernelKind::Hopper => &HOPPER_DEF,
-            KernelKind::HopperFp8 => &HOPPER_FP8_DEF,
-            KernelKind::Mma => &MMA_DEF,
-            KernelKind::Generic => &GENERIC_DEF,
-            KernelKind::Naive => &NAIVE_DEF,
-            KernelKind::DecodeMma => &DECODE_MMA_DEF,
-            KernelKind::DecodeSimt => &DECODE_SIMT_DEF,
-        }
-    }
-
-    /// The kind named `name` (a `KernelDef::name`), for `FLASHATTN_CUDA_KERNEL`.
-    pub fn from_name(name: &str) -> Option<KernelKind> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.def().name.eq_ignore_ascii_case(name))
-    }
-}
 
 /// The tiles a variant is compiled with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -209,6 +28,8 @@ pub enum Tiles {
     Mma(MmaTiles),
     Generic(GenericTiles),
     Decode(DecodeTiles),
+    MmaBwd(MmaBwdTiles),
+    GenericBwd(GenericBwdTiles),
     None,
 }
 
@@ -268,6 +89,24 @@ impl Variant {
             tiles: Tiles::Decode(tiles),
         }
     }
+    pub fn mma_bwd(dtype: DType, head_dim: usize, tiles: MmaBwdTiles) -> Self {
+        Variant {
+            kind: KernelKind::MmaBwd,
+            dtype,
+            head_dim,
+            score_mod: false,
+            tiles: Tiles::MmaBwd(tiles),
+        }
+    }
+    pub fn generic_bwd(dtype: DType) -> Self {
+        Variant {
+            kind: KernelKind::GenericBwd,
+            dtype,
+            head_dim: 0,
+            score_mod: false,
+            tiles: Tiles::GenericBwd(GENERIC_BWD_TILES),
+        }
+    }
     pub fn naive(dtype: DType) -> Self {
         Variant {
             kind: KernelKind::Naive,
@@ -305,7 +144,11 @@ impl Variant {
                 self.head_dim, t.block_m, t.block_n, t.warps
             ),
             Tiles::Decode(t) => format!("{base}_d{}_{}x{}", self.head_dim, t.block_n, t.stages),
-            Tiles::Generic(_) | Tiles::None => base,
+            Tiles::MmaBwd(t) => format!(
+                "{base}_d{}_{}x{}w{}s{}q{}",
+                self.head_dim, t.block_m, t.block_n, t.warps, t.stages, t.dq_block_n
+            ),
+            Tiles::Generic(_) | Tiles::GenericBwd(_) | Tiles::None => base,
         }
     }
 
@@ -366,6 +209,19 @@ impl Variant {
                 ("BLOCK_N", t.block_n),
                 ("STAGES", t.stages),
                 ("NUM_WARPS", DECODE_WARPS),
+            ]),
+            Tiles::MmaBwd(t) => d.extend([
+                ("HEAD_DIM", self.head_dim),
+                ("BLOCK_M", t.block_m),
+                ("BLOCK_N", t.block_n),
+                ("NUM_WARPS", t.warps),
+                ("Q_STAGES", t.stages),
+                ("DQ_BLOCK_N", t.dq_block_n),
+            ]),
+            Tiles::GenericBwd(t) => d.extend([
+                ("NUM_WARPS", t.warps),
+                ("KEYS_PER_WARP", t.keys_per_warp),
+                ("MAX_HEAD_DIM", MAX_HEAD_DIM),
             ]),
             Tiles::None => {}
         }
@@ -446,6 +302,16 @@ pub fn variants_for_arch(arch: &str) -> Vec<Variant> {
                 v.push(Variant::decode(kind, dtype, d, t));
             }
         }
+    }
+    for dtype in [DType::Bf16, DType::F16] {
+        for d in MMA_BWD_HEAD_DIMS {
+            if let Ok(t) = mma_bwd_tiles(d, smem) {
+                v.push(Variant::mma_bwd(dtype, d, t));
+            }
+        }
+    }
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        v.push(Variant::generic_bwd(dtype));
     }
     v.retain(|x| x.builds_for(arch));
     v

@@ -7,9 +7,9 @@
 
 mod common;
 
-use common::{check_nan, mma_cases, named, nan_spec, run};
+use common::{check_nan, gpu_backend, long_cases, mma_cases, named, nan_spec, pipeline_cases, run};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
-use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
+use flashattn_core::testing::{check_backend, feature_cases};
 use flashattn_core::{AttentionSpec, Backend, DType, Fp8Descale, Pass};
 use flashattn_cuda::{CudaBackend, KernelKind};
 use proptest::prelude::*;
@@ -17,77 +17,7 @@ use proptest::prelude::*;
 /// The backend on device 0 with `kind` forced (`None`: automatic), or `None` after printing
 /// why: no GPU, or this GPU cannot run that kernel family.
 fn backend(kind: Option<KernelKind>) -> Option<CudaBackend> {
-    let mut b = backend_or_skip("cuda", CudaBackend::new)?;
-    b.force_kernel(kind);
-    if let Some(kind) = kind {
-        let dtype = match kind {
-            KernelKind::HopperFp8 => DType::Fp8E4m3,
-            _ => DType::Bf16,
-        };
-        let probe = AttentionSpec::new(1, 1, 8, 8, 128).dtype(dtype);
-        if let Err(e) = b.variant_for(&probe) {
-            println!("SKIP {kind:?} kernel on {}: {e}", b.device());
-            return None;
-        }
-    }
-    Some(b)
-}
-
-/// Shapes that cross block, stage and tile boundaries of the Hopper kernel (and of the others).
-fn pipeline_cases(dtype: DType, dims: &[usize]) -> Vec<(String, AttentionSpec)> {
-    let mut v = Vec::new();
-    for &d in dims {
-        let base = |b, h, sq, sk| {
-            AttentionSpec::new(b, h, sq, sk, d)
-                .dtype(dtype)
-                .return_lse(true)
-        };
-        let cases = [
-            ("many blocks", base(2, 3, 300, 700)),
-            ("causal", base(1, 2, 513, 513).causal(true)),
-            ("causal sq<sk", base(1, 2, 130, 400).causal(true)),
-            ("window", base(1, 2, 400, 400).window(100, 37)),
-            ("gqa", base(2, 8, 200, 333).heads_kv(2)),
-            ("softcap", base(1, 2, 200, 260).softcap(8.0)),
-            (
-                "alibi causal",
-                base(1, 2, 260, 260)
-                    .causal(true)
-                    .alibi(vec![0.1, 0.03], false),
-            ),
-            (
-                "varlen",
-                base(1, 4, 700, 900)
-                    .heads_kv(2)
-                    .varlen(vec![0, 5, 300, 700], vec![0, 128, 129, 900]),
-            ),
-            (
-                "varlen causal empty seq",
-                base(1, 2, 400, 500)
-                    .varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500])
-                    .causal(true),
-            ),
-            // More tiles than SMs: the persistent loop and the Q reuse barrier.
-            ("many tiles", base(4, 40, 256, 128)),
-        ];
-        v.extend(cases.map(|(n, s)| (format!("d{d} {n}"), s)));
-    }
-    v
-}
-
-/// Tens of thousands of keys: prefill-like and decode-like (one query), causal and not.
-fn long_cases(dtype: DType, d: usize) -> Vec<(String, AttentionSpec)> {
-    let base = |sq, sk| {
-        AttentionSpec::new(1, 2, sq, sk, d)
-            .dtype(dtype)
-            .return_lse(true)
-    };
-    named(vec![
-        ("30k keys", base(130, 30_000)),
-        ("30k keys causal", base(130, 30_000).causal(true)),
-        ("1 query x 100k keys", base(1, 100_000)),
-        ("window over 40k keys", base(300, 40_000).window(2000, 0)),
-    ])
+    gpu_backend(kind, Pass::Forward)
 }
 
 #[test]
@@ -354,25 +284,12 @@ proptest! {
 /// The device-resident API on buffers this test allocates itself in the primary context.
 #[test]
 fn forward_device_on_caller_buffers() {
-    use cudarc::driver::result as drv;
     use flashattn_core::{lse_max_error, random_inputs, reference_attention, rel_l2_error, Tensor};
     use flashattn_cuda::DeviceTensors;
     let Some(b) = backend(None) else { return };
-    let dev = drv::device::get(0).unwrap();
-    // SAFETY: device 0 exists (the backend opened it); retaining the primary context is
-    // what the CUDA runtime does too.
-    let ctx = unsafe { drv::primary_ctx::retain(dev) }.unwrap();
-    unsafe { drv::ctx::set_current(ctx) }.unwrap();
-    let upload = |bytes: &[u8]| -> u64 {
-        let p = unsafe { drv::malloc_sync(bytes.len().max(16)) }.unwrap();
-        unsafe { drv::memcpy_htod_sync(p, bytes) }.unwrap();
-        p
-    };
-    let download = |p: u64, n: usize| -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        unsafe { drv::memcpy_dtoh_sync(&mut v, p) }.unwrap();
-        v
-    };
+    let mem = common::device::DeviceMem::new();
+    let upload = |bytes: &[u8]| mem.upload(bytes);
+    let download = |p: u64, n: usize| mem.download(p, n);
     let specs = [
         AttentionSpec::new(2, 8, 300, 517, 128)
             .heads_kv(2)
@@ -428,13 +345,5 @@ fn forward_device_on_caller_buffers() {
         };
         let e = unsafe { b.forward_device(spec, &flipped) }.unwrap_err();
         assert!(e.to_string().contains("lse"), "{e}");
-        for p in [tensors.q, tensors.k, tensors.v, tensors.out]
-            .into_iter()
-            .chain(tensors.lse)
-        {
-            unsafe { drv::free_sync(p) }.unwrap();
-        }
     }
-    // SAFETY: retained above.
-    unsafe { drv::primary_ctx::release(dev) }.unwrap();
 }

@@ -42,12 +42,13 @@ fn tools() -> Option<PathBuf> {
 }
 
 /// Lines of `sass` whose opcode is `op` or starts with `op.` (HMMA.16816.F32.BF16 counts as
-/// HMMA.16816.F32).
+/// HMMA.16816.F32); `op` may list alternatives, `RED|REDG` (one instruction named per arch).
 fn count(sass: &str, op: &str) -> usize {
+    let is = |w: &str, op: &str| w == op || w.strip_prefix(op).is_some_and(|r| r.starts_with('.'));
     sass.lines()
         .filter(|l| {
             l.split_whitespace()
-                .any(|w| w == op || w.strip_prefix(op).is_some_and(|r| r.starts_with('.')))
+                .any(|w| op.split('|').any(|op| is(w, op)))
         })
         .count()
 }
@@ -167,4 +168,7 @@ fn counts_only_whole_opcodes() {
     assert_eq!(count(sass, "HMMA.16816.F32"), 1);
     assert_eq!(count(sass, "HMMA.16816.F16"), 0);
     assert_eq!(count("  LDLX R1 ;", "LDL"), 0);
+    let red = "  RED.E.ADD.F32.FTZ.RN.STRONG.GPU [R2.64], R5 ;\n  REDG.E.ADD.F32.FTZ.RN.STRONG.GPU [R2.64], R5 ;\n";
+    assert_eq!(count(red, "RED|REDG"), 2);
+    assert_eq!(count(red, "RED"), 1);
 }

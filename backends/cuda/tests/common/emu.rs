@@ -1,8 +1,8 @@
-//! The emulator harness shared by tests/emulate.rs (forward kernels) and
+//! The emulator harness shared by tests/emulate.rs (forward and backward kernels) and
 //! tests/emulate_decode.rs (decode kernels): the C++ compiler, the source of a variant as the
 //! emulator compiles it, one compiled driver per variant, and running a driver with a limit.
 
-use flashattn_core::{Error, Result};
+use flashattn_core::{AttentionSpec, Error, Result};
 use flashattn_cuda::Variant;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -162,4 +162,33 @@ pub fn run_with_limit(bin: &Path, dir: &Path, limit: Duration) -> std::result::R
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes `files` and `spec`'s side tables (cu_seqlens, ALiBi slopes) into a fresh run folder
+/// of `dir` and runs the driver `bin` (of variant `name`) on it; returns the folder (the caller
+/// reads the results, then removes it).
+pub fn run_driver(
+    dir: &Path,
+    bin: &Path,
+    name: &str,
+    spec: &AttentionSpec,
+    files: &[(&str, &[u8])],
+) -> Result<PathBuf> {
+    let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
+    let dir = run_dir(dir);
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).map_err(io);
+    for (file, bytes) in files {
+        write(file, bytes)?;
+    }
+    if let Some(vl) = &spec.varlen {
+        write("cu_q.bin", bytemuck::cast_slice(&vl.cu_seqlens_q))?;
+        write("cu_k.bin", bytemuck::cast_slice(&vl.cu_seqlens_k))?;
+    }
+    if let Some(a) = &spec.alibi {
+        write("alibi.bin", bytemuck::cast_slice(&a.slopes))?;
+    }
+    run_with_limit(bin, &dir, Duration::from_secs(600))
+        .map_err(|e| Error::backend("cuda-emulate", format!("{name}: {e}")))?;
+    Ok(dir)
 }

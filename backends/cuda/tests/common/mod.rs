@@ -1,19 +1,40 @@
-//! Cases and checks shared by tests/gpu.rs (on a GPU) and tests/emulate.rs (the emulator).
+//! Cases and checks shared by tests/gpu*.rs (on a GPU) and tests/emulate.rs (the emulator).
 #![allow(dead_code)] // each test file uses part of it
 
+pub mod device;
 pub mod emu;
 
-use flashattn_core::testing::{check_backend, check_cases};
+use flashattn_core::testing::{
+    backend_or_skip, check_backend, check_backward, check_cases, CheckReport,
+};
 use flashattn_core::{
     lse_max_error, random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType,
-    Tensor,
+    Pass, Tensor,
 };
+use flashattn_cuda::{CudaBackend, KernelKind};
 use std::time::Instant;
 
 /// Runs every case with core's `check_backend` and fails with one line per failing case.
 pub fn run(b: &dyn Backend, what: &str, cases: &[(String, AttentionSpec)], seed: u64) {
+    run_check(b, what, cases, seed, check_backend);
+}
+
+/// The same with core's `check_backward` (forward for out and LSE, then dq, dk, dv).
+pub fn run_backward(b: &dyn Backend, what: &str, cases: &[(String, AttentionSpec)], seed: u64) {
+    run_check(b, what, cases, seed, check_backward);
+}
+
+type Check = fn(&dyn Backend, &AttentionSpec, u64) -> Result<CheckReport, String>;
+
+fn run_check(
+    b: &dyn Backend,
+    what: &str,
+    cases: &[(String, AttentionSpec)],
+    seed: u64,
+    check: Check,
+) {
     let start = Instant::now();
-    let failures = check_cases(b, cases, seed, check_backend);
+    let failures = check_cases(b, cases, seed, check);
     println!(
         "{what} on {}: {} cases, {} failed, {:.1} s",
         b.device(),
@@ -22,6 +43,14 @@ pub fn run(b: &dyn Backend, what: &str, cases: &[(String, AttentionSpec)], seed:
         start.elapsed().as_secs_f64()
     );
     assert!(failures.is_empty(), "{what}:\n{}", failures.join("\n"));
+}
+
+/// The same cases with `deterministic` asked (the backward's fixed-order dq pass).
+pub fn deterministic(cases: Vec<(String, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
+    cases
+        .into_iter()
+        .map(|(n, s)| (format!("{n} deterministic"), s.deterministic(true)))
+        .collect()
 }
 
 pub fn named(cases: Vec<(&'static str, AttentionSpec)>) -> Vec<(String, AttentionSpec)> {
@@ -130,4 +159,84 @@ pub fn nan_spec(dtype: DType) -> AttentionSpec {
         .dtype(dtype)
         .causal(true)
         .return_lse(true)
+}
+
+/// The CUDA backend on device 0 with `kind` forced (`None`: automatic), or `None` after
+/// printing why: no GPU, or this GPU has no kernel of that family for `pass`.
+pub fn gpu_backend(kind: Option<KernelKind>, pass: Pass) -> Option<CudaBackend> {
+    let mut b = backend_or_skip("cuda", CudaBackend::new)?;
+    b.force_kernel(kind);
+    if let Some(kind) = kind {
+        let dtype = match kind {
+            KernelKind::HopperFp8 => DType::Fp8E4m3,
+            _ => DType::Bf16,
+        };
+        let probe = AttentionSpec::new(1, 1, 8, 8, 128).dtype(dtype);
+        let found = match pass {
+            Pass::Backward => b.backward_variant_for(&probe),
+            _ => b.variant_for(&probe),
+        };
+        if let Err(e) = found {
+            println!("SKIP {kind:?} {} on {}: {e}", pass.name(), b.device());
+            return None;
+        }
+    }
+    Some(b)
+}
+
+/// Shapes that cross block, stage and tile boundaries of the Hopper kernel (and of the others).
+pub fn pipeline_cases(dtype: DType, dims: &[usize]) -> Vec<(String, AttentionSpec)> {
+    let mut v = Vec::new();
+    for &d in dims {
+        let base = |b, h, sq, sk| {
+            AttentionSpec::new(b, h, sq, sk, d)
+                .dtype(dtype)
+                .return_lse(true)
+        };
+        let cases = [
+            ("many blocks", base(2, 3, 300, 700)),
+            ("causal", base(1, 2, 513, 513).causal(true)),
+            ("causal sq<sk", base(1, 2, 130, 400).causal(true)),
+            ("window", base(1, 2, 400, 400).window(100, 37)),
+            ("gqa", base(2, 8, 200, 333).heads_kv(2)),
+            ("softcap", base(1, 2, 200, 260).softcap(8.0)),
+            (
+                "alibi causal",
+                base(1, 2, 260, 260)
+                    .causal(true)
+                    .alibi(vec![0.1, 0.03], false),
+            ),
+            (
+                "varlen",
+                base(1, 4, 700, 900)
+                    .heads_kv(2)
+                    .varlen(vec![0, 5, 300, 700], vec![0, 128, 129, 900]),
+            ),
+            (
+                "varlen causal empty seq",
+                base(1, 2, 400, 500)
+                    .varlen(vec![0, 0, 200, 400], vec![0, 100, 100, 500])
+                    .causal(true),
+            ),
+            // More tiles than SMs: the persistent loop and the Q reuse barrier.
+            ("many tiles", base(4, 40, 256, 128)),
+        ];
+        v.extend(cases.map(|(n, s)| (format!("d{d} {n}"), s)));
+    }
+    v
+}
+
+/// Tens of thousands of keys: prefill-like and decode-like (one query), causal and not.
+pub fn long_cases(dtype: DType, d: usize) -> Vec<(String, AttentionSpec)> {
+    let base = |sq, sk| {
+        AttentionSpec::new(1, 2, sq, sk, d)
+            .dtype(dtype)
+            .return_lse(true)
+    };
+    named(vec![
+        ("30k keys", base(130, 30_000)),
+        ("30k keys causal", base(130, 30_000).causal(true)),
+        ("1 query x 100k keys", base(1, 100_000)),
+        ("window over 40k keys", base(300, 40_000).window(2000, 0)),
+    ])
 }

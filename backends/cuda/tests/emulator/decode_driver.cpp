@@ -16,11 +16,7 @@ static void emu_decode_kernel() { emu_decode_fn(*emu_dparams); }
 int main(int argc, char** argv) {
     if (argc != 2) emu_fail("usage: decode_driver DIR", argc, 0);
     const std::string dir = argv[1];
-    std::vector<char> pbytes = emu_read(dir + "/params.bin", true);
-    if (pbytes.size() != sizeof(DecodeParams))
-        emu_fail("params.bin has the wrong size", (long long)pbytes.size(), sizeof(DecodeParams));
-    DecodeParams base;
-    std::memcpy(&base, pbytes.data(), sizeof(DecodeParams));
+    DecodeParams base = emu_read_pod<DecodeParams>(dir + "/params.bin");
     size_t out_bytes, lse_floats, q_rot_bytes, part_out_floats, part_lse_floats;
     {
         std::ifstream f(dir + "/sizes.txt");
@@ -68,18 +64,12 @@ int main(int argc, char** argv) {
         for (const EmuEntry& e : emu_entries)
             if (name == e.name) emu_decode_fn = e.fn;
         if (!emu_decode_fn) emu_fail(("no entry point " + name).c_str(), 0, 0);
-        if (threads % 32 != 0 || threads == 0) emu_fail("threads per block must be whole warps", threads, 0);
         DecodeParams p = base;
         p.append_b0 = b0;
         p.append_batches = batches;
         p.rotate_q = rotate_q;
         emu_dparams = &p;
-        gridDim = {grid, 1, 1};
-        blockDim = {threads, 1, 1};
-        for (unsigned x = 0; x < grid; ++x) {
-            blockIdx = {x, 0, 0};
-            emu_run_cta(emu_decode_kernel, threads);
-        }
+        emu_launch({grid, 1, 1}, threads, emu_decode_kernel);
     }
     emu_write(dir + "/out.bin", out.data(), out_bytes);
     emu_write(dir + "/lse.bin", lse.data(), lse.size() * 4);

@@ -258,8 +258,10 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
 }
 #endif
 
-// ---- running a CTA ------------------------------------------------------------------------
-inline void (*emu_body)();
+// ---- launches -------------------------------------------------------------------------------
+inline void atomicAdd(float* a, float v) { *a += v; }  // one CTA runs at a time: plain adds suffice
+
+inline void (*emu_body)();  // the kernel call of the running CTA
 
 // A fiber's body: the kernel, then it leaves the barriers it no longer takes part in.
 inline void emu_entry() {
@@ -309,7 +311,20 @@ inline void emu_run_cta(void (*body)(), unsigned threads) {
     }
 }
 
-// ---- the drivers' files -------------------------------------------------------------------
+// Runs `body` (a kernel call) on every CTA of `grid`, one CTA after another.
+inline void emu_launch(EmuDim3 grid, unsigned threads, void (*body)()) {
+    if (threads % 32 != 0 || threads == 0) emu_fail("threads per block must be whole warps", threads, 0);
+    gridDim = grid;
+    blockDim = {threads, 1, 1};
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = {x, y, z};
+                emu_run_cta(body, threads);
+            }
+}
+
+// ---- the drivers' files ---------------------------------------------------------------------
 inline std::vector<char> emu_read(const std::string& path, bool required) {
     std::ifstream f(path, std::ios::binary);
     if (!f) {
@@ -323,4 +338,33 @@ inline void emu_write(const std::string& path, const void* data, size_t n) {
     std::ofstream f(path, std::ios::binary);
     f.write((const char*)data, (std::streamsize)n);
     if (!f) emu_fail(("cannot write " + path).c_str(), 0, 0);
+}
+
+// An input tensor, padded so that 16-byte copies of its last row stay inside the allocation.
+inline std::vector<char> emu_read_input(const std::string& dir, const char* name) {
+    std::vector<char> v = emu_read(dir + "/" + name, true);
+    v.resize(v.size() + 64);
+    return v;
+}
+
+// A plain struct (the kernels' Params) read from its exact bytes.
+template <class T>
+T emu_read_pod(const std::string& path) {
+    std::vector<char> bytes = emu_read(path, true);
+    if (bytes.size() != sizeof(T)) emu_fail(("wrong size: " + path).c_str(), (long long)bytes.size(), sizeof(T));
+    T x;
+    std::memcpy(&x, bytes.data(), sizeof(T));
+    return x;
+}
+
+// The optional side tables of a spec (cu_q.bin, cu_k.bin, alibi.bin), pointed to by `p`;
+// `keep` owns their bytes.
+template <class P>
+void emu_read_side_tables(P& p, const std::string& dir, std::vector<char> (&keep)[3]) {
+    keep[0] = emu_read(dir + "/cu_q.bin", false);
+    keep[1] = emu_read(dir + "/cu_k.bin", false);
+    keep[2] = emu_read(dir + "/alibi.bin", false);
+    p.cu_seqlens_q = keep[0].empty() ? nullptr : (const int*)keep[0].data();
+    p.cu_seqlens_k = keep[1].empty() ? nullptr : (const int*)keep[1].data();
+    p.alibi = keep[2].empty() ? nullptr : (const float*)keep[2].data();
 }
