@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs lavapipe (Mesa's CPU Vulkan driver) and the Vulkan loader, so the wgpu backend has
-# an adapter on machines without a GPU. Idempotent and quiet (prints one line when it installs,
+# an adapter on machines without a GPU, and g++ for the CUDA kernel emulator tests. Idempotent and quiet (prints one line when it installs,
 # the apt log only on failure). Run as root, or as a user with sudo, on Debian or Ubuntu.
 set -euo pipefail
 
-PACKAGES=(mesa-vulkan-drivers libvulkan1)
+PACKAGES=(mesa-vulkan-drivers libvulkan1 g++)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
