@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the demo into www/ (www/pkg: the wasm module and its JS bindings).
 # On a fresh machine it first installs the wasm32 target and the wasm-bindgen-cli whose
-# version matches the wasm-bindgen crate in Cargo.lock (compiled from crates.io, once:
+# version matches the wasm-bindgen crate in Cargo.lock (compiled from the cargo registry, once:
 # a matching `wasm-bindgen` already on PATH or in $CARGO_HOME/bin is reused).
 set -euo pipefail
 cd "$(dirname "$0")"
