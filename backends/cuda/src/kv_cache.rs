@@ -81,34 +81,6 @@ impl<'a> CudaKvCache<'a> {
         })
     }
 
-    /// Rows per sequence in `k_new` (`[batch, seqlen_new, heads_kv, head_dim]`), which must
-    /// come with `v_new`.
-    fn seqlen_new(
-        &self,
-        k_new: Option<&TensorRef<'_>>,
-        v_new: Option<&TensorRef<'_>>,
-    ) -> Result<usize> {
-        let c = self.state.config();
-        let per_row = c.batch * c.heads_kv * c.head_dim;
-        match (k_new, v_new) {
-            (None, None) => Ok(0),
-            (Some(k), Some(_)) if k.len().is_multiple_of(per_row) => Ok(k.len() / per_row),
-            (Some(k), Some(_)) => Err(Error::argument(
-                "k_new",
-                format!("{} elements", k.len()),
-                format!(
-                    "expected [batch = {}, seqlen_new, heads_kv = {}, head_dim = {}]",
-                    c.batch, c.heads_kv, c.head_dim
-                ),
-            )),
-            (k, _) => Err(Error::argument(
-                if k.is_some() { "v_new" } else { "k_new" },
-                "none",
-                "new k and v rows come together",
-            )),
-        }
-    }
-
     /// Uploads the block-table entries that differ from what the device holds.
     fn sync_table(&mut self, wanted: &[i32]) -> Result<()> {
         let Some((buf, held)) = &mut self.table else {
@@ -137,7 +109,7 @@ impl<'a> CudaKvCache<'a> {
         k_new: Option<TensorRef<'_>>,
         v_new: Option<TensorRef<'_>>,
     ) -> Result<Option<Output>> {
-        let new = self.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
+        let new = self.state.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
         let spec = self.state.spec(step, new)?;
         let c = spec.validate()?;
         let dtype = c.dtype;
@@ -231,10 +203,7 @@ impl KvCacheHandle for CudaKvCache<'_> {
 
     fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()> {
         // Attention options do not matter for an append (no rotary: rows go in as given).
-        let step = DecodeStep {
-            causal: false,
-            ..DecodeStep::new(self.state.config().heads_kv)
-        };
+        let (step, _) = self.state.append_step();
         self.step(&step, None, Some(k_new), Some(v_new)).map(|_| ())
     }
 
