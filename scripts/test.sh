@@ -18,6 +18,9 @@ step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "flashattn-cuda next to candle-core's CUDA feature (cudarc features, check only)"
+bash scripts/check-cudarc-joint.sh
+
 step "unit, property and integration tests (every backend available here)"
 cargo test --workspace
 

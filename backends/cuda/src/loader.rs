@@ -16,8 +16,24 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-/// NVRTC sonames we accept, newest first.
-const NVRTC_NAMES: [&str; 2] = ["libnvrtc.so.13", "libnvrtc.so.12"];
+/// NVRTC sonames we accept, newest first: the ones cudarc's own by-name open tries for the
+/// CUDA version it was built for (13.x bindings also try .12; 12.x bindings never try .13).
+#[cfg(feature = "cuda-13000")]
+const NVRTC_NAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so.12"];
+#[cfg(not(feature = "cuda-13000"))]
+const NVRTC_NAMES: &[&str] = &["libnvrtc.so.12"];
+
+/// The driver's names, as cudarc opens it.
+const DRIVER_NAMES: &[&str] = &["libcuda.so.1", "libcuda.so"];
+
+/// Whether one of `names` opens by name. Our own probe: cudarc's `is_culib_present` exists only
+/// under its `dynamic-loading`, and a build next to candle-core links dynamically instead.
+fn opens_by_name(names: &[&str]) -> bool {
+    names.iter().any(|name| {
+        // SAFETY: loading NVIDIA's libraries runs their initialisers, which have no preconditions.
+        unsafe { Library::new(*name) }.is_ok()
+    })
+}
 
 /// Libraries we opened ourselves; kept loaded for the life of the process.
 fn keep() -> &'static Mutex<Vec<Library>> {
@@ -42,8 +58,7 @@ pub fn load_driver() -> Result<(), String> {
                 let file = if p.is_dir() { p.join("libcuda.so.1") } else { p };
                 open(&file).map_err(|e| format!("FLASHATTN_CUDA_PATH: cannot open {e}"))?;
             }
-            // SAFETY: only tries to open the library.
-            if unsafe { cudarc::driver::sys::is_culib_present() } {
+            if opens_by_name(DRIVER_NAMES) {
                 Ok(())
             } else {
                 Err("libcuda.so not found (no NVIDIA driver); set FLASHATTN_CUDA_PATH to its file or folder if it is installed elsewhere".into())
@@ -167,8 +182,7 @@ pub fn load_nvrtc() -> Result<(), String> {
                 }
                 open(&lib)?;
             }
-            // SAFETY: only tries to open the library.
-            if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            if opens_by_name(NVRTC_NAMES) {
                 Ok(())
             } else {
                 Err(format!(
