@@ -180,7 +180,7 @@ fn backward_family(forced: KernelKind) -> Option<KernelKind> {
 
 /// Device pointers (`CUdeviceptr`) of a backward call's tensors, which the caller owns, in the
 /// spec's layouts: q, k, v, out, dout, dq, dk, dv in the spec's dtype; lse f32 (the forward's).
-/// They must live in the primary context of device 0, like [`crate::DeviceTensors`].
+/// They must live in the primary context of the backend's device, like [`crate::DeviceTensors`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackwardTensors {
     pub q: u64,
@@ -380,7 +380,7 @@ impl CudaBackend {
     ///
     /// # Safety
     /// Each pointer must address at least its tensor's bytes for `spec` (see
-    /// [`BackwardTensors`]) in device 0's primary context and stay valid for the call; dq, dk
+    /// [`BackwardTensors`]) in the backend's device's primary context and stay valid for the call; dq, dk
     /// and dv must not overlap each other or the inputs.
     pub unsafe fn backward_device(
         &self,

@@ -6,8 +6,8 @@ use crate::decode::{DecodePointers, Workspace};
 use crate::CudaBackend;
 use flashattn_core::{AttentionSpec, CacheLayout, Error, Result};
 
-/// Device pointers (`CUdeviceptr`) of a decode call's tensors, owned by the caller, in device
-/// 0's primary context: q, the caches and the new rows in the spec's dtype, out in its output
+/// Device pointers (`CUdeviceptr`) of a decode call's tensors, owned by the caller, in the
+/// primary context of the backend's device: q, the caches and the new rows in the spec's dtype, out in its output
 /// dtype, lse f32 (exactly when `return_lse`), and the cache's int32 tables. The tables must
 /// hold the same values as the spec's `kv_cache` (the host copies validate the call and size
 /// the split; the kernels read the device copies).

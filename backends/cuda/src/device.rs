@@ -25,7 +25,7 @@ pub fn drv_err(what: &'static str) -> impl Fn(DriverError) -> Error {
     }
 }
 
-/// What `probe` finds out about device 0.
+/// What `probe` finds out about a device.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
     pub name: String,
@@ -64,15 +64,23 @@ fn unavailable(reason: impl Into<String>) -> Error {
     }
 }
 
-/// Loads the driver, initialises it and describes device 0; `Unavailable` says what is missing.
-pub fn probe() -> Result<DeviceInfo> {
+/// Loads the driver, initialises it and describes device `ordinal`; `Unavailable` says what is
+/// missing, `InvalidArgument` names an ordinal past the devices the driver sees.
+pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
     load_driver().map_err(unavailable)?;
     drv::init().map_err(|e| unavailable(format!("cuInit failed: {}", drv_err("cuInit")(e))))?;
     let count = drv::device::get_count().map_err(drv_err("cuDeviceGetCount"))?;
     if count < 1 {
         return Err(unavailable("the NVIDIA driver sees no CUDA device"));
     }
-    let dev = drv::device::get(0).map_err(drv_err("cuDeviceGet"))?;
+    if ordinal >= count as usize {
+        return Err(Error::argument(
+            "CUDA device ordinal",
+            ordinal,
+            format!("the NVIDIA driver sees {count} device(s), numbered from 0"),
+        ));
+    }
+    let dev = drv::device::get(ordinal as i32).map_err(drv_err("cuDeviceGet"))?;
     let attr = |a: sys::CUdevice_attribute| -> Result<i32> {
         // SAFETY: `dev` is a valid device handle.
         unsafe { drv::device::get_attribute(dev, a) }.map_err(drv_err("cuDeviceGetAttribute"))
@@ -102,7 +110,8 @@ struct Module {
     funcs: Vec<sys::CUfunction>,
 }
 
-/// Device 0's primary context and the modules loaded into it.
+/// One device's primary context (the one the CUDA runtime, PyTorch and candle use) and the
+/// modules loaded into it.
 pub struct Gpu {
     pub info: DeviceInfo,
     dev: sys::CUdevice,
@@ -118,15 +127,15 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 impl Gpu {
-    pub fn open() -> Result<Gpu> {
-        let info = probe()?;
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        let info = probe(ordinal)?;
         if info.compute_capability.0 < 7 {
             return Err(unavailable(format!(
                 "{} has compute capability {}.{}; flashattn's CUDA kernels need 7.0 or newer",
                 info.name, info.compute_capability.0, info.compute_capability.1
             )));
         }
-        let dev = drv::device::get(0).map_err(drv_err("cuDeviceGet"))?;
+        let dev = drv::device::get(ordinal as i32).map_err(drv_err("cuDeviceGet"))?;
         // SAFETY: valid device; released in Drop.
         let ctx = unsafe { drv::primary_ctx::retain(dev) }
             .map_err(drv_err("cuDevicePrimaryCtxRetain"))?;

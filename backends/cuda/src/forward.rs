@@ -47,8 +47,8 @@ impl DevTensor {
 
 /// Device pointers (`CUdeviceptr`) of tensors the caller owns, in the spec's layouts: q, k, v in
 /// the spec's dtype, out in `spec.dtype.output()`, lse f32 (present iff `spec.return_lse`).
-/// They must live in the primary context of device 0, the one the CUDA runtime (and so PyTorch)
-/// and cudarc use by default.
+/// They must live in the primary context of the backend's device (0, or the ordinal given to
+/// `CudaBackend::for_device`), the one the CUDA runtime (and so PyTorch) and cudarc use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceTensors {
     pub q: u64,
@@ -533,7 +533,7 @@ impl CudaBackend {
     ///
     /// # Safety
     /// Each pointer must address at least its tensor's bytes for `spec` (see [`DeviceTensors`])
-    /// in device 0's primary context and stay valid for the call; `out` and `lse` must not
+    /// in the backend's device's primary context and stay valid for the call; `out` and `lse` must not
     /// overlap the inputs or each other.
     pub unsafe fn forward_device(
         &self,

@@ -86,7 +86,7 @@ pub fn nvrtc_status() -> std::result::Result<(i32, i32), String> {
 
 /// One line for `flashattn info`: the device, or why the backend is unavailable.
 pub fn probe_summary() -> String {
-    match probe() {
+    match probe(0) {
         Ok(info) => match nvrtc_status() {
             Ok((ma, mi)) => format!("{} , NVRTC {ma}.{mi}", info.describe()),
             Err(e) => format!("{} , but {e}", info.describe()),
@@ -95,7 +95,7 @@ pub fn probe_summary() -> String {
     }
 }
 
-/// The CUDA backend on device 0.
+/// The CUDA backend on one device (0 unless opened with [`CudaBackend::for_device`]).
 pub struct CudaBackend {
     gpu: Gpu,
     /// The kernel family every call uses (`None`: the fastest that supports the spec).
@@ -131,7 +131,14 @@ fn forced_kernel() -> Result<Option<KernelKind>> {
 impl CudaBackend {
     /// Opens device 0. `Error::Unavailable` says what is missing: the driver, a device, NVRTC.
     pub fn new() -> Result<CudaBackend> {
-        let gpu = Gpu::open()?;
+        CudaBackend::for_device(0)
+    }
+
+    /// Opens device `ordinal` (as the CUDA runtime numbers them, after `CUDA_VISIBLE_DEVICES`);
+    /// its device-resident calls take pointers in that device's primary context. An ordinal
+    /// past the devices the driver sees is `Error::InvalidArgument` naming it.
+    pub fn for_device(ordinal: usize) -> Result<CudaBackend> {
+        let gpu = Gpu::open(ordinal)?;
         load_nvrtc().map_err(|reason| Error::Unavailable {
             backend: BACKEND,
             reason,

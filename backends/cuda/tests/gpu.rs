@@ -10,7 +10,7 @@ mod common;
 use common::{check_nan, gpu_backend, long_cases, mma_cases, named, nan_spec, pipeline_cases, run};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{check_backend, feature_cases};
-use flashattn_core::{AttentionSpec, Backend, DType, Fp8Descale, Pass};
+use flashattn_core::{AttentionSpec, Backend, DType, Error, Fp8Descale, Pass};
 use flashattn_cuda::{CudaBackend, KernelKind};
 use proptest::prelude::*;
 
@@ -345,5 +345,24 @@ fn forward_device_on_caller_buffers() {
         };
         let e = unsafe { b.forward_device(spec, &flipped) }.unwrap_err();
         assert!(e.to_string().contains("lse"), "{e}");
+    }
+}
+
+/// `for_device` takes the CUDA runtime's ordinals: an ordinal past the devices the driver sees
+/// is an error naming it (without a driver: `Unavailable`, checked first), and on a GPU
+/// `for_device(0)` is the device `new()` opens.
+#[test]
+fn for_device_names_an_ordinal_past_the_devices() {
+    let ordinal = 1 << 20;
+    match CudaBackend::for_device(ordinal) {
+        Err(Error::Unavailable { reason, .. }) => eprintln!("SKIP the GPU half: {reason}"),
+        Err(Error::InvalidArgument { value, .. }) => {
+            assert_eq!(value, ordinal.to_string());
+            let b = CudaBackend::for_device(0).expect("device 0");
+            let spec = AttentionSpec::new(1, 2, 17, 33, 64).dtype(DType::Bf16);
+            check_backend(&b, &spec, 9).expect("device 0 through for_device");
+        }
+        Err(e) => panic!("for_device({ordinal}): unexpected error {e:?}"),
+        Ok(_) => panic!("for_device({ordinal}) opened a device"),
     }
 }
