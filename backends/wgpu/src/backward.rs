@@ -4,9 +4,9 @@
 //! blocks walking the query rows that see them (bwd_dkdv.wgsl), and for f16/bf16 the cast of
 //! the f32 accumulators (bwd_cast.wgsl). The host and device-resident APIs.
 
-use crate::bindings::{LayoutKind, Range};
+use crate::bindings::{BufferSlice, HeldSlice, LayoutKind};
 use crate::device::{backend_err, read_mapped, unsupported};
-use crate::dispatch::{check_buffer, grid_2d, record_pass, Dispatch, Scratch};
+use crate::dispatch::{check_apart, check_buffer, grid_2d, record_pass, Dispatch, Scratch};
 use crate::params::{Params, FLAG_FIRST};
 use crate::plan::{
     backward_plan, slicing, BackwardGeometry, BackwardPlan, Slicing, MAX_BACKWARD_WALK,
@@ -23,21 +23,21 @@ use flashattn_core::{
 /// the output dtype, lse f32 in the forward's layout), with `BufferUsages::STORAGE`.
 #[derive(Clone, Copy)]
 pub struct DeviceBackwardInputs<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
-    pub out: &'a wgpu::Buffer,
-    pub lse: &'a wgpu::Buffer,
-    pub dout: &'a wgpu::Buffer,
+    pub q: BufferSlice<'a>,
+    pub k: BufferSlice<'a>,
+    pub v: BufferSlice<'a>,
+    pub out: BufferSlice<'a>,
+    pub lse: BufferSlice<'a>,
+    pub dout: BufferSlice<'a>,
 }
 
 /// Device-resident gradients: dq like q, dk like k, dv like v (`BufferUsages::STORAGE`; for
 /// f32 varlen specs that leave tokens outside every sequence, `COPY_DST` too: those get zeros).
 #[derive(Clone, Copy)]
 pub struct DeviceGrads<'a> {
-    pub dq: &'a wgpu::Buffer,
-    pub dk: &'a wgpu::Buffer,
-    pub dv: &'a wgpu::Buffer,
+    pub dq: BufferSlice<'a>,
+    pub dk: BufferSlice<'a>,
+    pub dv: BufferSlice<'a>,
 }
 
 /// Bytes per token of the backward's buffers.
@@ -74,9 +74,9 @@ impl Rows {
 /// scratch accumulators cast at the end. And the row statistics.
 struct Accumulators {
     stats: wgpu::Buffer,
-    dq: wgpu::Buffer,
-    dk: wgpu::Buffer,
-    dv: wgpu::Buffer,
+    dq: HeldSlice,
+    dk: HeldSlice,
+    dv: HeldSlice,
     cast: bool,
 }
 
@@ -156,17 +156,17 @@ impl WgpuBackend {
         let read_len = at[2] + sizes[2].next_multiple_of(4);
         let read = self.read_buffer(read_len);
         let device_inputs = DeviceBackwardInputs {
-            q: &up[0],
-            k: &up[1],
-            v: &up[2],
-            out: &up[3],
-            lse: &lse,
-            dout: &up[4],
+            q: (&up[0]).into(),
+            k: (&up[1]).into(),
+            v: (&up[2]).into(),
+            out: (&up[3]).into(),
+            lse: (&lse).into(),
+            dout: (&up[4]).into(),
         };
         let device_grads = DeviceGrads {
-            dq: &grads[0],
-            dk: &grads[1],
-            dv: &grads[2],
+            dq: (&grads[0]).into(),
+            dk: (&grads[1]).into(),
+            dv: (&grads[2]).into(),
         };
         let submitted = self
             .submit(|enc| {
@@ -289,18 +289,18 @@ impl WgpuBackend {
         if c.dtype == DType::F32 {
             return Accumulators {
                 stats,
-                dq: grads.dq.clone(),
-                dk: grads.dk.clone(),
-                dv: grads.dv.clone(),
+                dq: grads.dq.into(),
+                dk: grads.dk.into(),
+                dv: grads.dv.into(),
                 cast: false,
             };
         }
         let acc = storage | wgpu::BufferUsages::COPY_DST;
         Accumulators {
             stats,
-            dq: take(qt * rows.dq_acc, acc),
-            dk: take(kt * rows.dk_acc, acc),
-            dv: take(kt * rows.dv_acc, acc),
+            dq: take(qt * rows.dq_acc, acc).into(),
+            dk: take(kt * rows.dk_acc, acc).into(),
+            dv: take(kt * rows.dv_acc, acc).into(),
             cast: true,
         }
     }
@@ -336,16 +336,17 @@ impl WgpuBackend {
                 rows.dv_acc,
             ),
         ];
-        for (buffer, covered, total, row) in tails {
+        for (slice, covered, total, row) in tails {
             if covered >= total {
                 continue;
             }
-            if !buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
+            if !slice.buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
                 return Err(backend_err(
                     "varlen tokens outside every sequence get zero gradients: the f32 gradient buffers need BufferUsages::COPY_DST",
                 ));
             }
-            enc.clear_buffer(buffer, covered * row, Some((total - covered) * row));
+            let at = slice.offset + covered * row;
+            enc.clear_buffer(&slice.buffer, at, Some((total - covered) * row));
         }
         Ok(())
     }
@@ -380,7 +381,7 @@ impl WgpuBackend {
             pipe(Kernel::BwdCast)?,
         ];
         let grids = self.backward_grids(c, work, (dq_tiles, kv_tiles))?;
-        let lse = Range::words(inputs.lse, 0, c.sizes.lse as u64 * 4)?;
+        let lse = BufferSlice::words(inputs.lse, 0, c.sizes.lse as u64 * 4)?;
         let cast_pairs = [
             (&acc.dq, rows.dq_acc, grads.dq, rows.q),
             (&acc.dk, rows.dk_acc, grads.dk, rows.k),
@@ -390,15 +391,15 @@ impl WgpuBackend {
         for (i, (w, grid)) in work.iter().zip(grids).enumerate() {
             let u = uniforms.range(i);
             let (q, k) = (w.q, w.k);
-            let stats = || Range::tokens(&acc.stats, q, rows.stats);
+            let stats = || BufferSlice::tokens(&acc.stats, q, rows.stats);
             let (kind, pipeline, bindings) = match w.step {
                 Step::Prep => (
                     LayoutKind::BwdPrep,
                     &pipes[0],
                     vec![
                         u,
-                        Range::tokens(inputs.out, q, rows.o)?,
-                        Range::tokens(inputs.dout, q, rows.o)?,
+                        BufferSlice::tokens(inputs.out, q, rows.o)?,
+                        BufferSlice::tokens(inputs.dout, q, rows.o)?,
                         lse,
                         stats()?,
                     ],
@@ -406,19 +407,19 @@ impl WgpuBackend {
                 Step::Dq | Step::Dkdv => {
                     let mut b = vec![
                         u,
-                        Range::tokens(inputs.q, q, rows.q)?,
-                        Range::tokens(inputs.k, k, rows.k)?,
-                        Range::tokens(inputs.v, k, rows.v)?,
-                        Range::tokens(inputs.dout, q, rows.o)?,
-                        Range::whole(&tables),
+                        BufferSlice::tokens(inputs.q, q, rows.q)?,
+                        BufferSlice::tokens(inputs.k, k, rows.k)?,
+                        BufferSlice::tokens(inputs.v, k, rows.v)?,
+                        BufferSlice::tokens(inputs.dout, q, rows.o)?,
+                        BufferSlice::whole(&tables),
                         stats()?,
                     ];
                     if let Step::Dq = w.step {
-                        b.push(Range::tokens(&acc.dq, q, rows.dq_acc)?);
+                        b.push(BufferSlice::tokens(&acc.dq, q, rows.dq_acc)?);
                         (LayoutKind::BwdDq, &pipes[1], b)
                     } else {
-                        b.push(Range::tokens(&acc.dk, k, rows.dk_acc)?);
-                        b.push(Range::tokens(&acc.dv, k, rows.dv_acc)?);
+                        b.push(BufferSlice::tokens(&acc.dk, k, rows.dk_acc)?);
+                        b.push(BufferSlice::tokens(&acc.dv, k, rows.dv_acc)?);
                         (LayoutKind::BwdDkdv, &pipes[2], b)
                     }
                 }
@@ -427,8 +428,8 @@ impl WgpuBackend {
                     let range = if t == 0 { q } else { k };
                     let b = vec![
                         u,
-                        Range::tokens(src, range, src_row)?,
-                        Range::tokens(dst, range, dst_row)?,
+                        BufferSlice::tokens(src, range, src_row)?,
+                        BufferSlice::tokens(dst, range, dst_row)?,
                     ];
                     (LayoutKind::BwdCast, &pipes[3], b)
                 }
@@ -496,7 +497,16 @@ fn check_backward_buffers(
     ] {
         check_buffer(name, buffer, n as u64 * es)?;
     }
-    check_buffer("lse", i.lse, s.lse as u64 * 4)
+    check_buffer("lse", i.lse, s.lse as u64 * 4)?;
+    let read = [
+        ("q", i.q),
+        ("k", i.k),
+        ("v", i.v),
+        ("out", i.out),
+        ("lse", i.lse),
+        ("dout", i.dout),
+    ];
+    check_apart(&read, &[("dq", g.dq), ("dk", g.dk), ("dv", g.dv)])
 }
 
 /// The dispatches in order: statistics per query chunk; dQ per query chunk, key chunk and pass

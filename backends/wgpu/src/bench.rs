@@ -3,6 +3,7 @@
 //! device buffers a run allocates beyond its inputs and outputs.
 
 use crate::backward::{DeviceBackwardInputs, DeviceGrads};
+use crate::bindings::BufferSlice;
 use crate::decode::DeviceDecodeInputs;
 use crate::device::{now_ms, read_mapped, sync, unsupported};
 use crate::dispatch::Scratch;
@@ -82,13 +83,13 @@ impl WgpuBackend {
         drop((q, k, v));
         let (out, lse) = self.bench_outputs(c);
         let inputs = DeviceInputs {
-            q: &qb,
-            k: &kb,
-            v: &vb,
+            q: (&qb).into(),
+            k: (&kb).into(),
+            v: (&vb).into(),
         };
         let outputs = DeviceOutputs {
-            out: &out,
-            lse: lse.as_ref(),
+            out: (&out).into(),
+            lse: lse.as_ref().map(BufferSlice::from),
         };
         self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
             Algorithm::Naive => self.encode_naive(c, inputs, outputs, enc, timer),
@@ -118,13 +119,13 @@ impl WgpuBackend {
         let fwd_spec = c.spec.clone().return_lse(true);
         let fwd = fwd_spec.validate()?;
         let fwd_inputs = DeviceInputs {
-            q: &qb,
-            k: &kb,
-            v: &vb,
+            q: (&qb).into(),
+            k: (&kb).into(),
+            v: (&vb).into(),
         };
         let fwd_outputs = DeviceOutputs {
-            out: &out,
-            lse: Some(&lse),
+            out: (&out).into(),
+            lse: Some((&lse).into()),
         };
         self.submit(|enc| self.encode_forward(&fwd, fwd_inputs, fwd_outputs, enc, None))
             .await?;
@@ -132,17 +133,17 @@ impl WgpuBackend {
         let [dq, dk, dv] =
             [c.sizes.q, c.sizes.k, c.sizes.v].map(|n| self.device_zeros(n as u64 * es));
         let inputs = DeviceBackwardInputs {
-            q: &qb,
-            k: &kb,
-            v: &vb,
-            out: &out,
-            lse: &lse,
-            dout: &dob,
+            q: (&qb).into(),
+            k: (&kb).into(),
+            v: (&vb).into(),
+            out: (&out).into(),
+            lse: (&lse).into(),
+            dout: (&dob).into(),
         };
         let grads = DeviceGrads {
-            dq: &dq,
-            dk: &dk,
-            dv: &dv,
+            dq: (&dq).into(),
+            dk: (&dk).into(),
+            dv: (&dv).into(),
         };
         self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
             Algorithm::Naive => self.encode_naive_backward(c, inputs, grads, enc, timer),
@@ -195,15 +196,15 @@ impl WgpuBackend {
         let (out, lse) = self.bench_outputs(c);
         let new = c.sizes.k_new > 0;
         let inputs = DeviceDecodeInputs {
-            q: &qb,
-            k_cache: &kb,
-            v_cache: &vb,
-            k_new: new.then_some(&knb),
-            v_new: new.then_some(&vnb),
+            q: (&qb).into(),
+            k_cache: (&kb).into(),
+            v_cache: (&vb).into(),
+            k_new: new.then_some((&knb).into()),
+            v_new: new.then_some((&vnb).into()),
         };
         let outputs = DeviceOutputs {
-            out: &out,
-            lse: lse.as_ref(),
+            out: (&out).into(),
+            lse: lse.as_ref().map(BufferSlice::from),
         };
         self.time_runs(runs, plan.warmup, progress, |enc, timer| {
             self.encode_decode(c, inputs, Some(outputs), enc, timer)

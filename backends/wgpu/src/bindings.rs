@@ -117,42 +117,118 @@ impl Layouts {
     }
 }
 
-/// A byte range of a buffer to bind.
-#[derive(Clone, Copy)]
-pub struct Range<'a> {
+/// A byte range of a buffer: how callers hand tensors to the device-resident API (from a whole
+/// `&wgpu::Buffer` or a `wgpu::BufferBinding`, e.g. a sub-allocation of burn/cubecl's pool), and
+/// what the backend binds. `offset` must be a multiple of the adapter's
+/// `min_storage_buffer_offset_alignment` (256 on most GPUs), as for any storage binding.
+#[derive(Clone, Copy, Debug)]
+pub struct BufferSlice<'a> {
     pub buffer: &'a wgpu::Buffer,
     pub offset: u64,
     pub size: u64,
 }
 
-impl<'a> Range<'a> {
+impl<'a> From<&'a wgpu::Buffer> for BufferSlice<'a> {
+    fn from(buffer: &'a wgpu::Buffer) -> Self {
+        BufferSlice::whole(buffer)
+    }
+}
+
+impl<'a> From<wgpu::BufferBinding<'a>> for BufferSlice<'a> {
+    /// `size: None` means the rest of the buffer, as in WebGPU.
+    fn from(b: wgpu::BufferBinding<'a>) -> Self {
+        let rest = b.buffer.size().saturating_sub(b.offset);
+        BufferSlice {
+            buffer: b.buffer,
+            offset: b.offset,
+            size: b.size.map_or(rest, |s| s.get()),
+        }
+    }
+}
+
+/// A [`BufferSlice`] holding its buffer (a handle clone): for slices chosen inside a pass,
+/// either a pooled buffer or a caller's slice.
+#[derive(Clone, Debug)]
+pub(crate) struct HeldSlice {
+    pub buffer: wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl From<wgpu::Buffer> for HeldSlice {
+    fn from(buffer: wgpu::Buffer) -> Self {
+        let size = buffer.size();
+        HeldSlice {
+            buffer,
+            offset: 0,
+            size,
+        }
+    }
+}
+
+impl From<BufferSlice<'_>> for HeldSlice {
+    fn from(s: BufferSlice<'_>) -> Self {
+        HeldSlice {
+            buffer: s.buffer.clone(),
+            offset: s.offset,
+            size: s.size,
+        }
+    }
+}
+
+impl<'a> From<&'a HeldSlice> for BufferSlice<'a> {
+    fn from(s: &'a HeldSlice) -> Self {
+        BufferSlice {
+            buffer: &s.buffer,
+            offset: s.offset,
+            size: s.size,
+        }
+    }
+}
+
+impl<'a> BufferSlice<'a> {
     pub fn whole(buffer: &'a wgpu::Buffer) -> Self {
-        Range {
+        BufferSlice {
             buffer,
             offset: 0,
             size: buffer.size(),
         }
     }
 
-    /// `[offset, offset + bytes)` widened to whole words (storage bindings are word-sized).
-    pub fn words(buffer: &'a wgpu::Buffer, offset: u64, bytes: u64) -> Result<Self> {
+    /// `[offset, offset + bytes)` of `base` widened to whole words (storage bindings are
+    /// word-sized; the widening may reach past `base` but never past its buffer).
+    pub fn words(base: impl Into<BufferSlice<'a>>, offset: u64, bytes: u64) -> Result<Self> {
+        let base = base.into();
         let size = bytes.max(4).next_multiple_of(4);
-        if offset + size > buffer.size() {
-            return Err(backend_err(format!(
-                "buffer of {} bytes is too small to bind {size} bytes at offset {offset} (pad device buffers to a multiple of 4 bytes)",
-                buffer.size()
-            )));
+        let start = base.offset.checked_add(offset);
+        let fits = offset
+            .checked_add(bytes)
+            .is_some_and(|end| end <= base.size)
+            && start
+                .and_then(|s| s.checked_add(size))
+                .is_some_and(|end| end <= base.buffer.size());
+        match start {
+            Some(offset) if fits => Ok(BufferSlice {
+                buffer: base.buffer,
+                offset,
+                size,
+            }),
+            _ => Err(backend_err(format!(
+                "a slice of {} bytes at offset {} of a {}-byte buffer is too small to bind {size} bytes at offset {offset} of it (pad device buffers to a multiple of 4 bytes)",
+                base.size,
+                base.offset,
+                base.buffer.size()
+            ))),
         }
-        Ok(Range {
-            buffer,
-            offset,
-            size,
-        })
     }
 
-    /// The token range `[t0, t1)` of a buffer with `row` bytes per token.
-    pub fn tokens(buffer: &'a wgpu::Buffer, (t0, t1): (u64, u64), row: u64) -> Result<Self> {
-        Range::words(buffer, t0 * row, (t1 - t0) * row)
+    /// The token range `[t0, t1)` of `base` with `row` bytes per token.
+    pub fn tokens(
+        base: impl Into<BufferSlice<'a>>,
+        (t0, t1): (u64, u64),
+        row: u64,
+    ) -> Result<Self> {
+        BufferSlice::words(base, t0 * row, (t1 - t0) * row)
     }
 
     fn entry(&self, binding: u32) -> wgpu::BindGroupEntry<'a> {
@@ -172,13 +248,23 @@ impl WgpuBackend {
     pub(crate) fn bind_group(
         &self,
         kind: LayoutKind,
-        ranges: &[Range<'_>],
+        ranges: &[BufferSlice<'_>],
     ) -> Result<wgpu::BindGroup> {
         if ranges.len() != kind.binding_count() {
             return Err(backend_err(format!(
                 "{kind:?} takes {} bindings, {} given",
                 kind.binding_count(),
                 ranges.len()
+            )));
+        }
+        // Binding 0 is the uniform (its offsets follow the uniform alignment). The plans keep
+        // every chunk at an aligned distance from its slice's start, so only a caller's slice
+        // that starts off the alignment lands here.
+        let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
+        if let Some(r) = ranges[1..].iter().find(|r| !r.offset.is_multiple_of(align)) {
+            return Err(backend_err(format!(
+                "a device buffer slice starts at byte offset {}, not a multiple of the adapter's min_storage_buffer_offset_alignment ({align})",
+                r.offset
             )));
         }
         let entries: Vec<wgpu::BindGroupEntry<'_>> = ranges

@@ -8,9 +8,9 @@
 //! Everything that can fail on the host (validation, support, sizes) happens before anything
 //! is recorded, so a refused call leaves the caches exactly as they were.
 
-use crate::bindings::{LayoutKind, Range};
+use crate::bindings::{BufferSlice, LayoutKind};
 use crate::device::{backend_err, unsupported};
-use crate::dispatch::{check_buffer, grid_2d, record_pass, Dispatch, Scratch};
+use crate::dispatch::{check_apart, check_buffer, grid_2d, record_pass, Dispatch, Scratch};
 use crate::forward::{check_forward_buffers, forward_geometry, DeviceInputs, DeviceOutputs, Pass};
 use crate::params::{
     table_words, Params, FLAG_CACHE, FLAG_ROTARY_INTERLEAVED, FLAG_ROTARY_Q_POSITIONAL,
@@ -29,11 +29,11 @@ use std::collections::HashSet;
 /// `seqlen_new > 0`.
 #[derive(Clone, Copy)]
 pub struct DeviceDecodeInputs<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub k_cache: &'a wgpu::Buffer,
-    pub v_cache: &'a wgpu::Buffer,
-    pub k_new: Option<&'a wgpu::Buffer>,
-    pub v_new: Option<&'a wgpu::Buffer>,
+    pub q: BufferSlice<'a>,
+    pub k_cache: BufferSlice<'a>,
+    pub v_cache: BufferSlice<'a>,
+    pub k_new: Option<BufferSlice<'a>>,
+    pub v_new: Option<BufferSlice<'a>>,
 }
 
 /// The cache arguments of one call as the kernels read them: `Params` fields and the words
@@ -200,11 +200,11 @@ impl WgpuBackend {
         let es = c.dtype.size_bytes() as u64;
         let (k_bytes, v_bytes) = (c.sizes.k as u64 * es, c.sizes.v as u64 * es);
         let device = DeviceDecodeInputs {
-            q: &qb,
-            k_cache: &kc,
-            v_cache: &vc,
-            k_new: new[0].as_ref(),
-            v_new: new[1].as_ref(),
+            q: (&qb).into(),
+            k_cache: (&kc).into(),
+            v_cache: (&vc).into(),
+            k_new: new[0].as_ref().map(BufferSlice::from),
+            v_new: new[1].as_ref().map(BufferSlice::from),
         };
         let (k_at, v_at) = (0, k_bytes.next_multiple_of(4));
         let out_at = v_at + v_bytes.next_multiple_of(4);
@@ -247,8 +247,8 @@ impl WgpuBackend {
         let total = lse_at + lse_bytes;
         let read = self.read_buffer(total);
         let outputs = DeviceOutputs {
-            out: &out,
-            lse: lse.as_ref(),
+            out: (&out).into(),
+            lse: lse.as_ref().map(BufferSlice::from),
         };
         let submitted = self
             .submit(|enc| {
@@ -364,6 +364,11 @@ impl WgpuBackend {
         let es = c.dtype.size_bytes() as u64;
         check_buffer("k_new", k_new, c.sizes.k_new as u64 * es)?;
         check_buffer("v_new", v_new, c.sizes.v_new as u64 * es)?;
+        // The append reads the new rows and writes the caches.
+        check_apart(
+            &[("k_new", k_new), ("v_new", v_new)],
+            &[("k cache", inputs.k_cache), ("v cache", inputs.v_cache)],
+        )?;
         let ranges = append_ranges(
             c,
             c.kv_cache.as_ref().ok_or_else(|| backend_err("no cache"))?,
@@ -395,11 +400,11 @@ impl WgpuBackend {
             }
             let bindings = [
                 uniforms.range(i),
-                Range::words(k_new, 0, c.sizes.k_new as u64 * es)?,
-                Range::words(v_new, 0, c.sizes.v_new as u64 * es)?,
-                Range::words(inputs.k_cache, 0, c.sizes.k as u64 * es)?,
-                Range::words(inputs.v_cache, 0, c.sizes.v as u64 * es)?,
-                Range::whole(tables),
+                BufferSlice::words(k_new, 0, c.sizes.k_new as u64 * es)?,
+                BufferSlice::words(v_new, 0, c.sizes.v_new as u64 * es)?,
+                BufferSlice::words(inputs.k_cache, 0, c.sizes.k as u64 * es)?,
+                BufferSlice::words(inputs.v_cache, 0, c.sizes.v as u64 * es)?,
+                BufferSlice::whole(tables),
             ];
             dispatches.push(Dispatch {
                 pipeline: pipeline.clone(),

@@ -1,6 +1,7 @@
 //! Recording work: a pass's dispatches into one compute pass (timed with timestamp queries
 //! where asked), the grid of element-wise kernels, and the scratch buffers a pass used.
 
+use crate::bindings::BufferSlice;
 use crate::device::{scoped, unsupported};
 use crate::WgpuBackend;
 use flashattn_core::Result;
@@ -97,18 +98,44 @@ pub(crate) fn grid_2d(n: u64, dims: u64) -> Result<[u32; 3]> {
 
 /// Checks that a caller's buffer can be bound as storage and holds `bytes` (rounded up to
 /// whole words).
-pub(crate) fn check_buffer(name: &str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
-    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+pub(crate) fn check_buffer(name: &str, slice: BufferSlice<'_>, bytes: u64) -> Result<()> {
+    if !slice.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
         return Err(crate::device::backend_err(format!(
             "{name} buffer lacks BufferUsages::STORAGE"
         )));
     }
-    if buffer.size() < bytes.next_multiple_of(4) {
+    let words = bytes.next_multiple_of(4);
+    let end = slice.offset.checked_add(words);
+    if slice.size < bytes || end.is_none_or(|end| end > slice.buffer.size()) {
         return Err(crate::device::backend_err(format!(
-            "{name} buffer has {} bytes but the spec needs {} (rounded up to whole words)",
-            buffer.size(),
-            bytes.next_multiple_of(4)
+            "{name}: a slice of {} bytes at offset {} of a {}-byte buffer, but the spec needs {bytes} bytes (and the buffer whole words past them: {words})",
+            slice.size,
+            slice.offset,
+            slice.buffer.size(),
         )));
+    }
+    if !slice.offset.is_multiple_of(4) {
+        return Err(crate::device::backend_err(format!(
+            "{name}: offset {} is not a multiple of 4 bytes (storage bindings need the adapter's min_storage_buffer_offset_alignment)",
+            slice.offset
+        )));
+    }
+    Ok(())
+}
+
+/// WebGPU binds a buffer either read-only or writable within one dispatch (its usage scope is
+/// the whole buffer, not the bound range), so a tensor a kernel writes must not share a buffer
+/// with one it reads in the same dispatch. Tensors on the same side may share one.
+pub(crate) fn check_apart(
+    read: &[(&str, BufferSlice<'_>)],
+    written: &[(&str, BufferSlice<'_>)],
+) -> Result<()> {
+    for (w, ws) in written {
+        if let Some((r, _)) = read.iter().find(|(_, rs)| rs.buffer == ws.buffer) {
+            return Err(crate::device::backend_err(format!(
+                "{w} and {r} are slices of one buffer, but a dispatch writes {w} while it reads {r} and WebGPU binds a buffer either read-only or writable per dispatch: give {w} its own buffer"
+            )));
+        }
     }
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! The forward pass: the host API, the device-resident API, and recording the flash (and
 //! combine) dispatches of a plan.
 
-use crate::bindings::{LayoutKind, Range};
+use crate::bindings::{BufferSlice, LayoutKind};
 use crate::decode::CacheArgs;
 use crate::device::{backend_err, unsupported};
-use crate::dispatch::{check_buffer, grid_2d, record_pass, Dispatch, Scratch};
+use crate::dispatch::{check_apart, check_buffer, grid_2d, record_pass, Dispatch, Scratch};
 use crate::params::{Params, FLAG_FIRST, FLAG_PARTIAL};
 use crate::plan::{plan, slicing, Geometry, Plan, Slicing, MAX_KEYS_PER_WORKGROUP};
 use crate::shaders::{Kernel, Variant};
@@ -19,17 +19,17 @@ use flashattn_core::{
 /// IEEE half), created with `BufferUsages::STORAGE` on this backend's device.
 #[derive(Clone, Copy)]
 pub struct DeviceInputs<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
+    pub q: BufferSlice<'a>,
+    pub k: BufferSlice<'a>,
+    pub v: BufferSlice<'a>,
 }
 
 /// Device-resident outputs: `out` in the spec's output dtype, `lse` (f32) when the spec asks
 /// for it. Sizes are rounded up to a multiple of 4 bytes.
 #[derive(Clone, Copy)]
 pub struct DeviceOutputs<'a> {
-    pub out: &'a wgpu::Buffer,
-    pub lse: Option<&'a wgpu::Buffer>,
+    pub out: BufferSlice<'a>,
+    pub lse: Option<BufferSlice<'a>>,
 }
 
 /// Target number of workgroups in flight: below it, split-KV spreads the keys.
@@ -119,13 +119,13 @@ impl WgpuBackend {
                     enc.clear_buffer(&out, 0, None);
                 }
                 let inputs = DeviceInputs {
-                    q: &qb,
-                    k: &kb,
-                    v: &vb,
+                    q: (&qb).into(),
+                    k: (&kb).into(),
+                    v: (&vb).into(),
                 };
                 let outputs = DeviceOutputs {
-                    out: &out,
-                    lse: lse.as_ref(),
+                    out: (&out).into(),
+                    lse: lse.as_ref().map(BufferSlice::from),
                 };
                 let scratch = match algo {
                     Algorithm::Flash => self.encode_forward(&c, inputs, outputs, enc, None)?,
@@ -358,44 +358,44 @@ impl WgpuBackend {
         let dims = u64::from(self.limits.max_compute_workgroups_per_dimension);
         let combine_grid = grid_2d(pairs.div_ceil(64), dims)?;
         let lse = match outputs.lse {
-            Some(l) if c.return_lse => Range::words(l, 0, c.sizes.lse as u64 * 4)?,
-            _ => Range::whole(&self.dummy),
+            Some(l) if c.return_lse => BufferSlice::words(l, 0, c.sizes.lse as u64 * 4)?,
+            _ => BufferSlice::whole(&self.dummy),
         };
-        let part = Range::whole(part.as_ref().unwrap_or(&self.dummy));
+        let part = BufferSlice::whole(part.as_ref().unwrap_or(&self.dummy));
         let mut dispatches = Vec::with_capacity(work.len());
         for (i, w) in work.iter().enumerate() {
             let (q, k, v, pipeline, grid) = match w.k {
                 Some(_) if pass.cache.is_some() => (
-                    Range::tokens(inputs.q, w.q, geom.q_row)?,
-                    Range::words(inputs.k, 0, c.sizes.k as u64 * es)?,
-                    Range::words(inputs.v, 0, c.sizes.v as u64 * es)?,
+                    BufferSlice::tokens(inputs.q, w.q, geom.q_row)?,
+                    BufferSlice::words(inputs.k, 0, c.sizes.k as u64 * es)?,
+                    BufferSlice::words(inputs.v, 0, c.sizes.v as u64 * es)?,
                     &flash,
                     grid,
                 ),
                 Some(k) => (
-                    Range::tokens(inputs.q, w.q, geom.q_row)?,
-                    Range::tokens(inputs.k, k, geom.k_row)?,
-                    Range::tokens(inputs.v, k, geom.v_row)?,
+                    BufferSlice::tokens(inputs.q, w.q, geom.q_row)?,
+                    BufferSlice::tokens(inputs.k, k, geom.k_row)?,
+                    BufferSlice::tokens(inputs.v, k, geom.v_row)?,
                     &flash,
                     grid,
                 ),
                 // The combine kernel reads no q/k/v; their first words satisfy the layout.
                 None => (
-                    Range::words(inputs.q, 0, 4)?,
-                    Range::words(inputs.k, 0, 4)?,
-                    Range::words(inputs.v, 0, 4)?,
+                    BufferSlice::words(inputs.q, 0, 4)?,
+                    BufferSlice::words(inputs.k, 0, 4)?,
+                    BufferSlice::words(inputs.v, 0, 4)?,
                     &combine,
                     combine_grid,
                 ),
             };
-            let out = Range::tokens(outputs.out, w.q, geom.o_row)?;
+            let out = BufferSlice::tokens(outputs.out, w.q, geom.o_row)?;
             let bindings = [
                 uniforms.range(i),
                 q,
                 k,
                 v,
                 out,
-                Range::whole(tables),
+                BufferSlice::whole(tables),
                 lse,
                 part,
             ];
@@ -442,6 +442,10 @@ pub(crate) fn check_forward_buffers(
     check_buffer("k", inputs.k, s.k as u64 * es)?;
     check_buffer("v", inputs.v, s.v as u64 * es)?;
     check_buffer("out", outputs.out, s.out as u64 * es)?;
+    let read = [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)];
+    let mut written = vec![("out", outputs.out)];
+    written.extend(outputs.lse.map(|l| ("lse", l)));
+    check_apart(&read, &written)?;
     match (c.return_lse, outputs.lse) {
         (true, Some(l)) => check_buffer("lse", l, s.lse as u64 * 4),
         (true, None) => Err(backend_err(

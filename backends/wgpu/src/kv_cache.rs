@@ -4,6 +4,7 @@
 //! tables), appends and attends on the device, and commits only on success, so a refused
 //! step leaves the cache exactly as it was.
 
+use crate::bindings::BufferSlice;
 use crate::decode::DeviceDecodeInputs;
 use crate::device::{read_mapped, scoped, unsupported};
 use crate::WgpuBackend;
@@ -91,11 +92,11 @@ impl<'a> WgpuKvCache<'a> {
         let qb = be.upload(q);
         let new_bufs = [k_new, v_new].map(|t| t.map(|t| be.upload(t)));
         let inputs = DeviceDecodeInputs {
-            q: &qb,
-            k_cache: &self.k,
-            v_cache: &self.v,
-            k_new: new_bufs[0].as_ref(),
-            v_new: new_bufs[1].as_ref(),
+            q: (&qb).into(),
+            k_cache: (&self.k).into(),
+            v_cache: (&self.v).into(),
+            k_new: new_bufs[0].as_ref().map(BufferSlice::from),
+            v_new: new_bufs[1].as_ref().map(BufferSlice::from),
         };
         let result = if attend {
             pollster::block_on(be.run_host_step(&c, inputs, 0, |_, _| {})).map(|(out, _)| Some(out))

@@ -38,6 +38,7 @@ mod tiles;
 
 pub use backward::{DeviceBackwardInputs, DeviceGrads};
 pub use bench::BenchOptions;
+pub use bindings::BufferSlice;
 pub use decode::DeviceDecodeInputs;
 pub use forward::{DeviceInputs, DeviceOutputs};
 #[cfg(not(target_arch = "wasm32"))]

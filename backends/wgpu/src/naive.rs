@@ -3,7 +3,7 @@
 //! materialises P and dS (shaders/naive_bwd.wgsl).
 
 use crate::backward::{DeviceBackwardInputs, DeviceGrads};
-use crate::bindings::{LayoutKind, Range};
+use crate::bindings::{BufferSlice, LayoutKind};
 use crate::device::unsupported;
 use crate::dispatch::{grid_2d, record_pass, Dispatch, Scratch};
 use crate::forward::{DeviceInputs, DeviceOutputs};
@@ -86,8 +86,8 @@ impl WgpuBackend {
         let uniforms = self.uniforms(&params);
         let tables = self.tables(c, &[]);
         let lse = match outputs.lse {
-            Some(l) if c.return_lse => Range::words(l, 0, rows * 4)?,
-            _ => Range::whole(&self.dummy),
+            Some(l) if c.return_lse => BufferSlice::words(l, 0, rows * 4)?,
+            _ => BufferSlice::whole(&self.dummy),
         };
         let pipe = |kernel| {
             self.pipeline(Variant {
@@ -113,13 +113,13 @@ impl WgpuBackend {
         for (g, &(r0, r1)) in groups.iter().enumerate() {
             let bindings = [
                 uniforms.range(g),
-                Range::words(inputs.q, 0, q_bytes)?,
-                Range::words(inputs.k, 0, k_bytes)?,
-                Range::words(inputs.v, 0, v_bytes)?,
-                Range::words(outputs.out, 0, o_bytes)?,
-                Range::whole(&tables),
+                BufferSlice::words(inputs.q, 0, q_bytes)?,
+                BufferSlice::words(inputs.k, 0, k_bytes)?,
+                BufferSlice::words(inputs.v, 0, v_bytes)?,
+                BufferSlice::words(outputs.out, 0, o_bytes)?,
+                BufferSlice::whole(&tables),
                 lse,
-                Range::tokens(&scores, (r0, r1), sk * 4)?,
+                BufferSlice::tokens(&scores, (r0, r1), sk * 4)?,
             ];
             let group = self.bind_group(LayoutKind::Forward, &bindings)?;
             let n = r1 - r0;
@@ -207,21 +207,21 @@ impl WgpuBackend {
         };
         let mut dispatches = vec![self.naive_stats_dispatch(c, inputs, &stats, &uniforms)?];
         let es = c.dtype.size_bytes() as u64;
-        fn whole(b: &wgpu::Buffer, n: usize, es: u64) -> Result<Range<'_>> {
-            Range::words(b, 0, n as u64 * es)
+        fn whole(b: BufferSlice<'_>, n: usize, es: u64) -> Result<BufferSlice<'_>> {
+            BufferSlice::words(b, 0, n as u64 * es)
         }
         let s = &c.sizes;
         for (i, g) in plan.iter().enumerate() {
-            let bind = |grad: &wgpu::Buffer, n: usize| {
+            let bind = |grad: BufferSlice<'_>, n: usize| {
                 let bindings = [
                     uniforms.range(i + 1),
                     whole(inputs.q, s.q, es)?,
                     whole(inputs.k, s.k, es)?,
                     whole(inputs.v, s.v, es)?,
                     whole(inputs.dout, s.out, es)?,
-                    Range::whole(&tables),
-                    Range::words(&stats, 0, stats_bytes)?,
-                    Range::words(&scores, g.offset, region)?,
+                    BufferSlice::whole(&tables),
+                    BufferSlice::words(&stats, 0, stats_bytes)?,
+                    BufferSlice::words(&scores, g.offset, region)?,
                     whole(grad, n, es)?,
                 ];
                 self.bind_group(LayoutKind::NaiveBwd, &bindings)
@@ -295,10 +295,10 @@ impl WgpuBackend {
         let out_bytes = c.sizes.out as u64 * c.dtype.size_bytes() as u64;
         let bindings = [
             uniforms.range(0),
-            Range::words(inputs.out, 0, out_bytes)?,
-            Range::words(inputs.dout, 0, out_bytes)?,
-            Range::words(inputs.lse, 0, c.sizes.lse as u64 * 4)?,
-            Range::whole(stats),
+            BufferSlice::words(inputs.out, 0, out_bytes)?,
+            BufferSlice::words(inputs.dout, 0, out_bytes)?,
+            BufferSlice::words(inputs.lse, 0, c.sizes.lse as u64 * 4)?,
+            BufferSlice::whole(stats),
         ];
         let dims = u64::from(self.limits.max_compute_workgroups_per_dimension);
         Ok(Dispatch {

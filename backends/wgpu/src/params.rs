@@ -2,7 +2,7 @@
 //! reflects the WGSL with naga and compares names, types, offsets and size), the per-problem
 //! tables (cu_seqlens, ALiBi slopes), and the uniform buffer of one recorded pass.
 
-use crate::bindings::Range;
+use crate::bindings::BufferSlice;
 use crate::WgpuBackend;
 use flashattn_core::CheckedSpec;
 
@@ -167,8 +167,8 @@ pub struct Uniforms {
 
 impl Uniforms {
     /// The binding of dispatch `i`'s params.
-    pub fn range(&self, i: usize) -> Range<'_> {
-        Range {
+    pub fn range(&self, i: usize) -> BufferSlice<'_> {
+        BufferSlice {
             buffer: &self.buffer,
             offset: i as u64 * self.stride,
             size: std::mem::size_of::<Params>() as u64,

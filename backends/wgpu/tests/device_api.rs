@@ -65,13 +65,13 @@ fn forward_buffers_on_a_callers_device() {
         pollster::block_on(b.forward_buffers(
             &spec,
             DeviceInputs {
-                q: &qb,
-                k: &kb,
-                v: &vb,
+                q: (&qb).into(),
+                k: (&kb).into(),
+                v: (&vb).into(),
             },
             DeviceOutputs {
-                out: &out,
-                lse: Some(&lse),
+                out: (&out).into(),
+                lse: Some((&lse).into()),
             },
         ))
         .expect("forward_buffers");
@@ -103,12 +103,12 @@ fn wgpu_validation_errors_become_backend_errors() {
     let err = pollster::block_on(b.forward_buffers(
         &spec,
         DeviceInputs {
-            q: &qb,
-            k: &kb,
-            v: &vb,
+            q: (&qb).into(),
+            k: (&kb).into(),
+            v: (&vb).into(),
         },
         DeviceOutputs {
-            out: &out,
+            out: (&out).into(),
             lse: None,
         },
     ))
@@ -136,12 +136,12 @@ fn short_buffers_are_rejected_with_sizes() {
     let err = pollster::block_on(b.forward_buffers(
         &spec,
         DeviceInputs {
-            q: &small,
-            k: &small,
-            v: &small,
+            q: (&small).into(),
+            k: (&small).into(),
+            v: (&small).into(),
         },
         DeviceOutputs {
-            out: &small,
+            out: (&small).into(),
             lse: None,
         },
     ))
