@@ -162,3 +162,36 @@ fn bench_backward_and_decode_report_their_measures() {
     assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
     assert!(row["copy"]["gbps"].as_f64().unwrap() > 0.0, "{row}");
 }
+
+/// `--deterministic` reaches the backward: the check passes and two runs write the same bits.
+#[test]
+fn run_backward_deterministic_gives_the_same_bits_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let file = dir.path().join(name);
+        let mut cmd = cli();
+        cmd.args([
+            "run",
+            "--backend",
+            "cpu",
+            "--backward",
+            "--deterministic",
+            "--heads",
+            "3",
+            "--seqlen-q",
+            "17",
+            "--seqlen-k",
+            "129",
+            "--head-dim",
+            "40",
+            "--causal",
+            "--check",
+            "--out-dq",
+        ]);
+        cmd.arg(&file);
+        let text = ok_stdout(&cmd.output().unwrap());
+        assert!(text.contains("PASS"), "{text}");
+        std::fs::read(file).unwrap()
+    };
+    assert_eq!(run("a.npy"), run("b.npy"));
+}

@@ -33,7 +33,7 @@ pub struct ShapeArgs {
     pub mask: MaskArgs,
 }
 
-/// Flags that change the scores, not the shapes.
+/// Flags that change the scores (and how the backward sums), not the shapes.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct MaskArgs {
     /// Causal mask, bottom-right aligned.
@@ -48,6 +48,10 @@ pub struct MaskArgs {
     /// Softmax scale [default: 1/sqrt(head_dim)].
     #[arg(long, allow_negative_numbers = true)]
     pub scale: Option<f32>,
+    /// Backward: sum dq in a fixed order, so reruns give the same bits (CUDA then uses no
+    /// atomics; the CPU and wgpu backwards always do this).
+    #[arg(long)]
+    pub deterministic: bool,
 }
 
 impl ShapeArgs {
@@ -96,7 +100,7 @@ impl MaskArgs {
         if let Some(s) = self.scale {
             spec = spec.scale(s);
         }
-        spec
+        spec.deterministic(self.deterministic)
     }
 }
 
