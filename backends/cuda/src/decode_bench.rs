@@ -10,26 +10,26 @@ use crate::device::{drv_err, DevBuf};
 use crate::CudaBackend;
 use cudarc::driver::result as drv;
 use flashattn_core::{
-    decode_bytes, random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Result,
+    decode_bytes, random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, CheckedSpec,
+    Error, Result,
 };
 
 impl CudaBackend {
     pub(crate) fn bench_decode(
         &self,
-        spec: &AttentionSpec,
+        c: &CheckedSpec<'_>,
         algo: Algorithm,
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
-        plan.runs()?;
-        let c = spec.validate()?;
+        let spec = c.spec;
         if algo == Algorithm::Naive {
             return Err(Error::unsupported(
                 BACKEND,
                 "decode has no naive peer; compare with --algo copy (the bandwidth limit)",
             ));
         }
-        let dplan = self.plan_decode(&c)?;
+        let dplan = self.plan_decode(c)?;
         let (q, kc, vc) = random_inputs(spec, plan.seed);
         // New rows [batch, new, heads_kv, d / dv]: the k and v of a problem of that shape.
         let new = spec.kv_cache.as_ref().map_or(0, |k| k.seqlen_new);

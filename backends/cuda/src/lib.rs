@@ -251,10 +251,13 @@ impl Backend for CudaBackend {
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
+        // Checked once here; each pass's bench takes the checked spec.
+        plan.runs()?;
+        let c = spec.validate()?;
         match plan.pass {
-            Pass::Decode => self.bench_decode(spec, algo, plan, progress),
-            Pass::Backward => self.bench_backward(spec, algo, plan, progress),
-            _ => self.bench_forward(spec, algo, plan, progress),
+            Pass::Decode => self.bench_decode(&c, algo, plan, progress),
+            Pass::Backward => self.bench_backward(&c, algo, plan, progress),
+            _ => self.bench_forward(&c, algo, plan, progress),
         }
     }
 }

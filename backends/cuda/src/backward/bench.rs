@@ -9,19 +9,18 @@ use crate::device::DevBuf;
 use crate::forward::{Buffers, DevTensor};
 use crate::CudaBackend;
 use flashattn_core::{
-    random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Result,
+    random_tensor, Algorithm, BenchMeasure, BenchPlan, CheckedSpec, Error, Result,
 };
 use rand::SeedableRng;
 
 impl CudaBackend {
     pub(crate) fn bench_backward(
         &self,
-        spec: &AttentionSpec,
+        c: &CheckedSpec<'_>,
         algo: Algorithm,
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
-        plan.runs()?;
         if algo != Algorithm::Flash {
             // A naive backward (materialised P and dS) would only restate the forward's naive
             // peer's memory cost (the score matrix, twice); not built on CUDA.
@@ -32,7 +31,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        let spec = &spec.clone().return_lse(true);
+        let spec = &c.spec.clone().return_lse(true);
         let checked = spec.validate()?;
         let forward = self.choose(&checked)?;
         let variant = self.choose_backward(&checked)?;
