@@ -144,13 +144,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fa_decode_simt(const __
         c.slope[r] = alibi_slope(p, t.b, t.kv_h * p.group + (w0 + r) % p.group);
     }
     float o[RPW][DV_LANES], m[RPW], l[RPW];
-#pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-        m[r] = NEG_INF;
-        l[r] = 0.f;
-#pragma unroll
-        for (int x2 = 0; x2 < DV_LANES; ++x2) o[r][x2] = 0.f;
-    }
+    online_softmax_init(o, m, l);
     stream_blocks(
         t.n0, t.n1,
         [&](int slot, int n) {

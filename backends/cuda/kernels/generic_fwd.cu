@@ -47,12 +47,9 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32) fa_generic_fwd(cons
     float o[ROWS_PER_WARP][MAX_DV_PER_LANE];
     float m_run[ROWS_PER_WARP], l_run[ROWS_PER_WARP];
     int lo[ROWS_PER_WARP], hi[ROWS_PER_WARP];
+    online_softmax_init(o, m_run, l_run);
 #pragma unroll
     for (int t = 0; t < ROWS_PER_WARP; ++t) {
-        m_run[t] = NEG_INF;
-        l_run[t] = 0.f;
-#pragma unroll
-        for (int x = 0; x < MAX_DV_PER_LANE; ++x) o[t][x] = 0.f;
         mask_keys(p, m0 + warp * ROWS_PER_WARP + t, s.q_len, s.k_len, lo[t], hi[t]);
     }
 

@@ -13,6 +13,18 @@ DEV float warp_sum(float x) {
     return x;
 }
 
+// The online-softmax state of R rows before their first key: max -inf, sum 0, output 0.
+template <int R, int C>
+DEV void online_softmax_init(float (&o)[R][C], float (&m)[R], float (&l)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        m[r] = NEG_INF;
+        l[r] = 0.f;
+#pragma unroll
+        for (int x = 0; x < C; ++x) o[r][x] = 0.f;
+    }
+}
+
 // Folds one key block into a row's running max m and sum l: lane j holds key j's score x
 // (NEG_INF where masked). False while the row has seen no visible key (nothing changes); else
 // pj is this lane's weight and corr the factor the row's output is scaled by before P V is

@@ -14,15 +14,24 @@ use flashattn_core::{Algorithm, BenchMeasure, BenchPlan, CheckedSpec, DType, Err
 /// Problems smaller than this (about 1 ms of work at 1 TFLOP/s) do not decide the kernel choice.
 const MIN_DECIDING_FLOPS: f64 = 1e9;
 
+/// One `Backend::bench` call, its spec checked: each pass's bench takes it.
+pub(crate) struct BenchCall<'a> {
+    pub c: CheckedSpec<'a>,
+    pub algo: Algorithm,
+    pub plan: &'a BenchPlan,
+    pub progress: &'a mut dyn FnMut(),
+}
+
 impl CudaBackend {
     /// Times `algo` on random inputs uploaded once; CUDA events around each run.
-    pub(crate) fn bench_forward(
-        &self,
-        checked: &CheckedSpec<'_>,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
+    pub(crate) fn bench_forward(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
+        let BenchCall {
+            c: checked,
+            algo,
+            plan,
+            progress,
+        } = call;
+        let checked = &checked;
         if plan.pass != Pass::Forward {
             return Err(Error::unsupported(
                 BACKEND,

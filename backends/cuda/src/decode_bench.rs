@@ -4,24 +4,24 @@
 //! `Algorithm::Copy` times a device-to-device copy of as many bytes of K and of V as the step
 //! reads (`decode_bytes`), on the same device and stream: the memory-bandwidth limit beside it.
 
+use crate::bench::BenchCall;
 use crate::compile::BACKEND;
 use crate::decode::{DecodePointers, Workspace};
 use crate::device::{drv_err, DevBuf};
 use crate::CudaBackend;
 use cudarc::driver::result as drv;
 use flashattn_core::{
-    decode_bytes, random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, CheckedSpec,
-    Error, Result,
+    decode_bytes, random_inputs, Algorithm, AttentionSpec, BenchMeasure, Error, Result,
 };
 
 impl CudaBackend {
-    pub(crate) fn bench_decode(
-        &self,
-        c: &CheckedSpec<'_>,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
+    pub(crate) fn bench_decode(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
+        let BenchCall {
+            c,
+            algo,
+            plan,
+            progress,
+        } = call;
         let spec = c.spec;
         if algo == Algorithm::Naive {
             return Err(Error::unsupported(
@@ -29,7 +29,7 @@ impl CudaBackend {
                 "decode has no naive peer; compare with --algo copy (the bandwidth limit)",
             ));
         }
-        let dplan = self.plan_decode(c)?;
+        let dplan = self.plan_decode(&c)?;
         let (q, kc, vc) = random_inputs(spec, plan.seed);
         // New rows [batch, new, heads_kv, d / dv]: the k and v of a problem of that shape.
         let new = spec.kv_cache.as_ref().map_or(0, |k| k.seqlen_new);

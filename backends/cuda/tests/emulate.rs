@@ -27,30 +27,31 @@ fn emulated(arch: &'static str, kind: KernelKind) -> Option<Emulated> {
     backend_or_skip("cuda-emulate", || Emulated::new(arch, kind, 0))
 }
 
-#[test]
-fn mma_kernel_feature_cases_bf16_sm80_tiles() {
-    let Some(b) = emulated("sm_80", KernelKind::Mma) else {
+/// Core's feature cases of `dtype` (and the mma.sync kernel's own shapes) on `kind` kernels as
+/// an `arch` GPU picks them.
+fn forward_cases(arch: &'static str, kind: KernelKind, dtype: DType, seed: u64) {
+    let Some(b) = emulated(arch, kind) else {
         return;
     };
-    run(&b, "feature cases", &named(feature_cases(DType::Bf16)), 100);
-    run(&b, "mma cases", &mma_cases(DType::Bf16), 200);
+    run(&b, "feature cases", &named(feature_cases(dtype)), seed);
+    if kind == KernelKind::Mma {
+        run(&b, "mma cases", &mma_cases(dtype), seed + 100);
+    }
+}
+
+#[test]
+fn mma_kernel_feature_cases_bf16_sm80_tiles() {
+    forward_cases("sm_80", KernelKind::Mma, DType::Bf16, 100);
 }
 
 #[test]
 fn mma_kernel_feature_cases_f16_sm86_tiles() {
-    let Some(b) = emulated("sm_86", KernelKind::Mma) else {
-        return;
-    };
-    run(&b, "feature cases", &named(feature_cases(DType::F16)), 300);
-    run(&b, "mma cases", &mma_cases(DType::F16), 400);
+    forward_cases("sm_86", KernelKind::Mma, DType::F16, 300);
 }
 
 #[test]
 fn portable_kernel_feature_cases_f32() {
-    let Some(b) = emulated("sm_80", KernelKind::Generic) else {
-        return;
-    };
-    run(&b, "feature cases", &named(feature_cases(DType::F32)), 500);
+    forward_cases("sm_80", KernelKind::Generic, DType::F32, 500);
 }
 
 #[test]

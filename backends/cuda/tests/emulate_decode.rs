@@ -32,28 +32,26 @@ fn named(dtype: DType) -> Vec<(String, AttentionSpec)> {
         .collect()
 }
 
+/// Core's decode cases of `dtype` on `kind` kernels as an `arch` GPU with 8 SMs picks them.
+fn decode_cases_on(arch: &'static str, kind: KernelKind, dtype: DType, seed: u64) {
+    if let Some(b) = emulated(arch, kind, 8) {
+        run(&b, &named(dtype), seed);
+    }
+}
+
 #[test]
 fn mma_decode_cases_bf16_sm80() {
-    let Some(b) = emulated("sm_80", KernelKind::DecodeMma, 8) else {
-        return;
-    };
-    run(&b, &named(DType::Bf16), 100);
+    decode_cases_on("sm_80", KernelKind::DecodeMma, DType::Bf16, 100);
 }
 
 #[test]
 fn mma_decode_cases_f16_sm89() {
-    let Some(b) = emulated("sm_89", KernelKind::DecodeMma, 8) else {
-        return;
-    };
-    run(&b, &named(DType::F16), 200);
+    decode_cases_on("sm_89", KernelKind::DecodeMma, DType::F16, 200);
 }
 
 #[test]
 fn simt_decode_cases_f32() {
-    let Some(b) = emulated("sm_80", KernelKind::DecodeSimt, 8) else {
-        return;
-    };
-    run(&b, &named(DType::F32), 300);
+    decode_cases_on("sm_80", KernelKind::DecodeSimt, DType::F32, 300);
 }
 
 /// The 64-row tile (more than 16 packed rows: GQA 32/8 with 5 query rows), splits and the
