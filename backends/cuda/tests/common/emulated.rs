@@ -189,8 +189,7 @@ impl Backend for Emulated {
         k: TensorRef<'_>,
         v: TensorRef<'_>,
     ) -> Result<Output> {
-        let checked = spec.validate()?;
-        validate_inputs(spec, &q, &k, &v)?;
+        let checked = validate_inputs(spec, &q, &k, &v)?;
         let variant = self.variant_for(spec, Pass::Forward)?;
         let bin = self.driver(&variant)?;
         let (params, launch) = flash_launch(&checked, &variant, 1)?;
