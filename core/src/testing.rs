@@ -121,27 +121,18 @@ pub fn check_backward(
 ) -> Result<CheckReport, String> {
     let spec = &spec.clone().return_lse(true);
     let name = backend.name();
-    let (q, k, v) = random_inputs(spec, seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-    let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap_or(0));
-    let fwd = backend
-        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .map_err(|e| format!("{name} forward failed on {spec}: {e}"))?;
-    let lse = fwd
-        .lse
-        .ok_or_else(|| format!("{name}: forward gave no LSE on {spec}"))?;
-    let inputs = BackwardInputs {
-        q: q.as_ref(),
-        k: k.as_ref(),
-        v: v.as_ref(),
-        out: fwd.out.as_ref(),
-        lse: &lse,
-        dout: dout.as_ref(),
-    };
+    let case = BackwardCase::new(backend, spec, seed)?;
+    let inputs = case.inputs();
     let got = backend
         .backward(spec, inputs)
         .map_err(|e| format!("{name} backward failed on {spec}: {e}"))?;
-    let want = reference_backward(spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref())
+    let (q, k, v, dout) = (
+        case.q.as_ref(),
+        case.k.as_ref(),
+        case.v.as_ref(),
+        case.dout.as_ref(),
+    );
+    let want = reference_backward(spec, q, k, v, dout)
         .map_err(|e| format!("reference backward failed on {spec}: {e}"))?;
     let tol = backward_tolerance(spec.dtype);
     let mut worst = 0.0f64;
@@ -169,6 +160,52 @@ pub fn check_backward(
         rel_l2: worst,
         lse_max_abs: None,
     })
+}
+
+/// A backward problem: random q, k, v and dout of `spec` (`seed`), and `backend`'s forward out
+/// and LSE of them (the forward runs with `return_lse`).
+pub struct BackwardCase {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub out: Tensor,
+    pub lse: Vec<f32>,
+    pub dout: Tensor,
+}
+
+impl BackwardCase {
+    pub fn new(backend: &dyn Backend, spec: &AttentionSpec, seed: u64) -> Result<Self, String> {
+        let name = backend.name();
+        let spec = &spec.clone().return_lse(true);
+        let (q, k, v) = random_inputs(spec, seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+        let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap_or(0));
+        let fwd = backend
+            .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
+            .map_err(|e| format!("{name} forward failed on {spec}: {e}"))?;
+        let lse = fwd
+            .lse
+            .ok_or_else(|| format!("{name}: forward gave no LSE on {spec}"))?;
+        Ok(BackwardCase {
+            q,
+            k,
+            v,
+            out: fwd.out,
+            lse,
+            dout,
+        })
+    }
+
+    pub fn inputs(&self) -> BackwardInputs<'_> {
+        BackwardInputs {
+            q: self.q.as_ref(),
+            k: self.k.as_ref(),
+            v: self.v.as_ref(),
+            out: self.out.as_ref(),
+            lse: &self.lse,
+            dout: self.dout.as_ref(),
+        }
+    }
 }
 
 /// Runs one decode step of `spec` (which has a KV cache) on `backend` with random q, caches

@@ -4,15 +4,9 @@
 //   delta_i = dO_i . out_i (fa_bwd_prep), dV_j += P dO_i, dK_j += scale dS q_i, dQ_i += scale dS k_j.
 // Every kernel takes the forward's Params (out and lse are inputs here) and, as plain kernel
 // arguments, dout, delta (f32, the LSE's layout), the f32 dq accumulator and dq, dk, dv.
-// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh.
+// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh, warp.cuh.
 
 #define POS_INF __int_as_float(0x7f800000)
-
-DEV float warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-    return x;
-}
 
 // The forward's LSE of a row in log2 units; a row that saw no key (LSE -inf) gets +inf, so that
 // every P of it is exp2(-inf) = 0 and its gradients are 0, never NaN. NaN stays NaN.

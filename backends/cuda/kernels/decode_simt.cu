@@ -7,7 +7,7 @@
 // columns l, l + 32, ... A key a row does not see adds nothing (its V, even NaN, is skipped).
 // Compile-time (src/variants.rs, from src/decode_tiles.rs): FA_DTYPE, HEAD_DIM (bucket),
 // BLOCK_N (32), STAGES, NUM_WARPS (4).
-// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh, ptx.cuh, decode.cuh, append.cu,
+// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh, warp.cuh, ptx.cuh, decode.cuh, append.cu,
 // combine.cu.
 
 #if !defined(HEAD_DIM) || !defined(BLOCK_N) || !defined(STAGES) || !defined(NUM_WARPS)
@@ -50,17 +50,6 @@ DEV void chunk_f32(const uint8_t* at, float (&f)[EPC]) {
     }
 }
 
-DEV float warp_max(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
-    return x;
-}
-DEV float warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-    return x;
-}
-
 // One warp's rows: query row and ALiBi slope of each (the visible keys are recomputed per
 // block: keeping them live through the loop made ptxas spill).
 struct SimtRows {
@@ -96,15 +85,8 @@ DEV void attend_block(const Params& p, const DecodeTile& t, const SimtRows& c, c
         mask_keys(p, c.i[r], t.q_len, t.k_len, lo, hi);
         float x = NEG_INF;
         if (j >= lo && j < hi) x = score_mod(p, s[r], c.slope[r], c.i[r], j, t.q_len, t.k_len);
-        // fmaxf skips NaN, but a NaN score makes p and so l NaN: the row's out and LSE are NaN.
-        const float mx = fmaxf(m[r], warp_max(x));
-        const float m_use = mx == NEG_INF ? 0.f : mx;
-        const float pj = __expf(x - m_use);
-        const float psum = warp_sum(pj);
-        if (psum == 0.f && l[r] == 0.f) continue;  // nothing visible yet
-        const float corr = __expf(m[r] - m_use);
-        l[r] = l[r] * corr + psum;
-        m[r] = mx;
+        float pj, corr;
+        if (!online_softmax_step(x, m[r], l[r], pj, corr)) continue;
 #pragma unroll
         for (int x2 = 0; x2 < DV_LANES; ++x2) o[r][x2] *= corr;
         pr[r] = pj;
@@ -162,13 +144,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fa_decode_simt(const __
         c.slope[r] = alibi_slope(p, t.b, t.kv_h * p.group + (w0 + r) % p.group);
     }
     float o[RPW][DV_LANES], m[RPW], l[RPW];
-#pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-        m[r] = NEG_INF;
-        l[r] = 0.f;
-#pragma unroll
-        for (int x2 = 0; x2 < DV_LANES; ++x2) o[r][x2] = 0.f;
-    }
+    online_softmax_init(o, m, l);
     stream_blocks(
         t.n0, t.n1,
         [&](int slot, int n) {

@@ -7,7 +7,7 @@
 // in shared memory as f32. For each of its rows a warp computes 32 scores at once (lane j
 // takes key j), folds them into the online softmax with warp reductions, then accumulates
 // P V with each lane owning the output dimensions lane, lane + 32, ...
-// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh.
+// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh, warp.cuh.
 // Compile-time (src/variants.rs, from src/tiles.rs GenericTiles): FA_DTYPE, ROWS_PER_WARP,
 // NUM_WARPS, BLOCK_M (= ROWS_PER_WARP * NUM_WARPS), BLOCK_N (32: one key per lane), MAX_HEAD_DIM.
 
@@ -18,17 +18,6 @@
 #error "the generic kernel takes one key per lane and ROWS_PER_WARP rows per warp"
 #endif
 #define MAX_DV_PER_LANE (MAX_HEAD_DIM / 32)
-
-DEV float warp_max(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
-    return x;
-}
-DEV float warp_sum(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-    return x;
-}
 
 // grid: (num_m_blocks, heads_q, batch); dynamic shared memory: see generic_smem_bytes in Rust.
 extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32) fa_generic_fwd(const Params p) {
@@ -58,12 +47,9 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32) fa_generic_fwd(cons
     float o[ROWS_PER_WARP][MAX_DV_PER_LANE];
     float m_run[ROWS_PER_WARP], l_run[ROWS_PER_WARP];
     int lo[ROWS_PER_WARP], hi[ROWS_PER_WARP];
+    online_softmax_init(o, m_run, l_run);
 #pragma unroll
     for (int t = 0; t < ROWS_PER_WARP; ++t) {
-        m_run[t] = NEG_INF;
-        l_run[t] = 0.f;
-#pragma unroll
-        for (int x = 0; x < MAX_DV_PER_LANE; ++x) o[t][x] = 0.f;
         mask_keys(p, m0 + warp * ROWS_PER_WARP + t, s.q_len, s.k_len, lo[t], hi[t]);
     }
 
@@ -95,16 +81,8 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32) fa_generic_fwd(cons
                 for (int c = 0; c < d; ++c) dot += sq[r * d + c] * sk[lane * (d + 1) + c];
                 sc = score_mod(p, dot, slope, i, j, s.q_len, s.k_len);
             }
-            // fmaxf skips NaN, but a NaN score makes pj and so l NaN: the row's out and LSE
-            // become NaN, as FlashAttention's and the reference's do.
-            const float mx = fmaxf(m_run[t], warp_max(sc));
-            const float m_use = mx == NEG_INF ? 0.f : mx;
-            const float pj = __expf(sc - m_use);
-            const float psum = warp_sum(pj);
-            if (psum == 0.f && l_run[t] == 0.f) continue;  // nothing visible yet
-            const float corr = __expf(m_run[t] - m_use);
-            l_run[t] = l_run[t] * corr + psum;
-            m_run[t] = mx;
+            float pj, corr;
+            if (!online_softmax_step(sc, m_run[t], l_run[t], pj, corr)) continue;
 #pragma unroll
             for (int x = 0; x < MAX_DV_PER_LANE; ++x) o[t][x] *= corr;
             for (int jj = 0; jj < BLOCK_N; ++jj) {

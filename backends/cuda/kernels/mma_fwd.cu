@@ -14,7 +14,7 @@
 // multiple of 8 cannot use 16-byte copies and are loaded element by element (still exact).
 // Compile-time (src/variants.rs, from src/tiles.rs MmaTiles): FA_DTYPE (1 f16, 2 bf16),
 // HEAD_DIM (a multiple of 32), BLOCK_M, BLOCK_N, NUM_WARPS.
-// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh, tiles.cuh, ptx.cuh.
+// Prepended: params.cuh, dtype.cuh, mask.cuh, score_mod.cuh, tiles.cuh, ptx.cuh, mma_tile.cuh.
 
 #if !defined(HEAD_DIM) || !defined(BLOCK_M) || !defined(BLOCK_N) || !defined(NUM_WARPS)
 #error "the mma kernel's tile constants come from src/variants.rs"
@@ -23,68 +23,16 @@
 #define M_TILES (BLOCK_M / (16 * NUM_WARPS))  // 16-row tiles per warp
 #define N_TILES (BLOCK_N / 8)                 // 8-key tiles of S
 #define D_TILES (HEAD_DIM / 8)                // 8-column tiles of O
-#define CHUNKS (HEAD_DIM / 8)                 // 16-byte chunks per shared-memory row
 #define ROW_BYTES (HEAD_DIM * 2)
 #if M_TILES * 16 * NUM_WARPS != BLOCK_M || BLOCK_N % 16 != 0 || HEAD_DIM % 32 != 0
 #error "mma tiles: whole 16-row tiles per warp, 16-key steps, head dims in multiples of 32"
 #endif
 
-#if FA_DTYPE == 2
-#define PACK2 pack_bf16x2
-#else
-#define PACK2 pack_f16x2
-#endif
+// The tiles' XOR swizzle (mma_tile.cuh `swz`: no bank conflicts for ldmatrix and the copies).
+DEV uint32_t swizzle(int r, int c) { return swz<ROW_BYTES>(r, c); }
 
-// Byte offset of 16-byte chunk c of row r in a tile of ROW_BYTES-byte rows, XOR-swizzled so
-// that the 8 rows one ldmatrix matrix reads at one column, and the 8 chunks a quarter-warp
-// copies, land in 8 different 16-byte bank groups (no bank conflicts). Rows of a multiple of
-// 128 bytes swap chunks within groups of 8 by r % 8. Rows of an odd multiple of 64 bytes (head
-// dims 32, 96, 160, 224) start alternately at the two halves of the 128-byte bank window, so
-// chunks swap within groups of 4 by (r / 2) % 4.
-DEV uint32_t swizzle(int r, int c) {
-#if HEAD_DIM % 64 == 0
-    return r * ROW_BYTES + ((c ^ (r & 7)) << 4);
-#else
-    return r * ROW_BYTES + ((c ^ ((r >> 1) & 3)) << 4);
-#endif
-}
-
-// ---- load a Q, K or V block -------------------------------------------------------------
-
-// Copies ROWS rows of a block (row r at src + r * stride elements) into the tile at shared
-// offset `dst`; rows from `rows` on and columns from `cols` on become zeros (past a sequence's
-// end, past head_dim in the bucket). vec: cols and stride are multiples of 8, so whole 16-byte
-// chunks go through cp.async (the caller commits and waits); else element by element.
-// COPY_TPR threads share a row (8 x 16 = 128 contiguous bytes, coalesced), so a thread keeps
-// its chunk column and its row's swizzle across the sweep: its addresses are a base plus
-// immediates.
-#define COPY_TPR (CHUNKS % 8 == 0 ? 8 : 4)
-#define COPY_ROWS (THREADS / COPY_TPR)  // rows one sweep of the CTA copies
-template <int ROWS>
-DEV void load_block(uint8_t* smem, uint32_t smem_base, uint32_t dst, const elem_t* src, uint64_t stride, int rows,
-                    int cols, bool vec) {
-    static_assert(ROWS % COPY_ROWS == 0, "a block is a whole number of copy sweeps");
-    if (vec) {
-        const int c0 = threadIdx.x % COPY_TPR, r0 = threadIdx.x / COPY_TPR;
-#pragma unroll
-        for (int rr = 0; rr < ROWS / COPY_ROWS; ++rr) {
-            const int r = r0 + rr * COPY_ROWS;
-            const elem_t* row = src + r * stride;
-#pragma unroll
-            for (int cc = 0; cc < CHUNKS / COPY_TPR; ++cc) {
-                const int c = c0 + cc * COPY_TPR;
-                const bool ok = r < rows && c * 8 < cols;
-                cp_async_16(smem_base + dst + swizzle(r, c), ok ? row + c * 8 : src, ok);
-            }
-        }
-    } else {
-        for (int x = threadIdx.x; x < ROWS * HEAD_DIM; x += THREADS) {
-            const int r = x / HEAD_DIM, col = x % HEAD_DIM;
-            const uint16_t val = r < rows && col < cols ? src[r * stride + col] : (uint16_t)0;
-            *(uint16_t*)(smem + dst + swizzle(r, col / 8) + (col % 8) * 2) = val;
-        }
-    }
-}
+// Q, K and V blocks are copied by mma_tile.cuh's `load_rows` (cp.async, zeros past the
+// sequence's end and past head_dim in the bucket).
 
 // ---- scores: S = Q K^T ------------------------------------------------------------------
 
@@ -308,15 +256,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) fa_mma_fwd(const __grid_co
         const elem_t* v = (const elem_t*)p.v + ((uint64_t)s.k_start * p.heads_kv + kv_h) * dv;
         const uint64_t q_stride = (uint64_t)p.heads_q * d, k_stride = (uint64_t)p.heads_kv * d,
                        v_stride = (uint64_t)p.heads_kv * dv;
-        load_block<BLOCK_M>(smem, smem_base, q_tile, q, q_stride, s.q_len - m0, d, vec);
-        load_block<BLOCK_N>(smem, smem_base, k_tile, k + n_lo * BLOCK_N * k_stride, k_stride,
-                            s.k_len - n_lo * BLOCK_N, d, vec);
+        load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, smem_base, q_tile, q, q_stride, s.q_len - m0, d, vec);
+        load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, k_tile, k + n_lo * BLOCK_N * k_stride, k_stride,
+                                              s.k_len - n_lo * BLOCK_N, d, vec);
         cp_async_commit();
         for (int n = n_lo; n < n_hi; ++n) {
             const int j0 = n * BLOCK_N;
             cp_async_wait<0>();
             __syncthreads();  // K_n (and Q) are in; every warp is done with V_{n-1}
-            load_block<BLOCK_N>(smem, smem_base, v_tile, v + j0 * v_stride, v_stride, s.k_len - j0, dv, vec);
+            load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, v_tile, v + j0 * v_stride, v_stride, s.k_len - j0,
+                                                  dv, vec);
             cp_async_commit();
             float sc[M_TILES][N_TILES][4];
             uint32_t pa[M_TILES][BLOCK_N / 16][4];
@@ -325,8 +274,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) fa_mma_fwd(const __grid_co
             cp_async_wait<0>();
             __syncthreads();  // V_n is in; every warp is done with K_n
             if (n + 1 < n_hi) {
-                load_block<BLOCK_N>(smem, smem_base, k_tile, k + (j0 + BLOCK_N) * k_stride, k_stride,
-                                    s.k_len - j0 - BLOCK_N, d, vec);
+                load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, k_tile, k + (j0 + BLOCK_N) * k_stride, k_stride,
+                                                      s.k_len - j0 - BLOCK_N, d, vec);
                 cp_async_commit();
             }
             pv(o, pa, smem_base + v_tile, lane, v_steps);

@@ -1,9 +1,10 @@
-// Shared-memory tiles and warp-level matrix products on mma.sync m16n8k16 (sm_80+), for the
-// backward kernels: swizzled tiles of 16-bit rows, cp.async block copies, and the three operand
-// shapes FlashAttention-2's backward needs (A and B^T from shared memory; A in registers, B from
-// shared memory; A from shared memory, plain or transposed). Fragment layouts: PTX ISA,
-// "Matrix Fragments for mma.m16n8k16" (g = lane / 4, t = lane % 4; an accumulator tile holds
-// rows g and g + 8, columns 2t and 2t + 1). Prepended: params.cuh, dtype.cuh, ptx.cuh.
+// Shared-memory tiles and warp-level matrix products on mma.sync m16n8k16 (sm_80+): swizzled
+// tiles of 16-bit rows and cp.async block copies (the forward's and the backward's), and the
+// three operand shapes FlashAttention-2's backward needs (A and B^T from shared memory; A in
+// registers, B from shared memory; A from shared memory, plain or transposed). Fragment
+// layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16" (g = lane / 4, t = lane % 4; an
+// accumulator tile holds rows g and g + 8, columns 2t and 2t + 1). Prepended: params.cuh,
+// dtype.cuh, ptx.cuh.
 
 #if FA_DTYPE == 2
 #define PACK2 pack_bf16x2

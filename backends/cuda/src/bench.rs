@@ -9,44 +9,49 @@ use crate::forward::Buffers;
 use crate::naive::scores_bytes;
 use crate::variants::{KernelKind, Variant};
 use crate::CudaBackend;
-use flashattn_core::{
-    Algorithm, AttentionSpec, BenchMeasure, BenchPlan, DType, Error, Pass, Result,
-};
+use flashattn_core::{Algorithm, BenchMeasure, BenchPlan, CheckedSpec, DType, Error, Pass, Result};
 
 /// Problems smaller than this (about 1 ms of work at 1 TFLOP/s) do not decide the kernel choice.
 const MIN_DECIDING_FLOPS: f64 = 1e9;
 
+/// One `Backend::bench` call, its spec checked: each pass's bench takes it.
+pub(crate) struct BenchCall<'a> {
+    pub c: CheckedSpec<'a>,
+    pub algo: Algorithm,
+    pub plan: &'a BenchPlan,
+    pub progress: &'a mut dyn FnMut(),
+}
+
 impl CudaBackend {
     /// Times `algo` on random inputs uploaded once; CUDA events around each run.
-    pub(crate) fn bench_forward(
-        &self,
-        spec: &AttentionSpec,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
+    pub(crate) fn bench_forward(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
+        let BenchCall {
+            c: checked,
+            algo,
+            plan,
+            progress,
+        } = call;
+        let checked = &checked;
         if plan.pass != Pass::Forward {
             return Err(Error::unsupported(
                 BACKEND,
                 format!("the {} pass is not implemented yet", plan.pass.name()),
             ));
         }
-        plan.runs()?;
-        let checked = spec.validate()?;
         // The tensor-core kernels that compete for this problem; one unless both can run it.
         let mut contenders: Vec<Variant> = match self.forced {
-            Some(_) => vec![self.choose(&checked)?],
+            Some(_) => vec![self.choose(checked)?],
             None => self
-                .candidates(&checked)?
+                .candidates(checked)?
                 .into_iter()
                 .filter(|v| matches!(v.kind, KernelKind::Hopper | KernelKind::Mma))
                 .collect(),
         };
         if contenders.is_empty() {
-            contenders.push(self.choose(&checked)?);
+            contenders.push(self.choose(checked)?);
         }
         let scores = match algo {
-            Algorithm::Naive if spec.dtype == DType::Fp8E4m3 => {
+            Algorithm::Naive if checked.dtype == DType::Fp8E4m3 => {
                 return Err(Error::unsupported(
                     BACKEND,
                     "the naive kernel takes f32, f16 or bf16, not fp8e4m3",
@@ -54,7 +59,7 @@ impl CudaBackend {
             }
             Algorithm::Naive => {
                 contenders.truncate(1);
-                Some(scores_bytes(&checked)?)
+                Some(scores_bytes(checked)?)
             }
             Algorithm::Flash => None,
             Algorithm::Copy => {
@@ -66,7 +71,7 @@ impl CudaBackend {
         };
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let bufs = Buffers::random(&checked, plan.seed)?;
+        let bufs = Buffers::random(checked, plan.seed)?;
         let scores = match scores {
             Some(n) => Some(DevBuf::alloc(n)?),
             None => None,
@@ -74,8 +79,8 @@ impl CudaBackend {
         let mut best: Option<(f64, KernelKind, BenchMeasure)> = None;
         for (i, variant) in contenders.iter().enumerate() {
             let run = |this: &Self| match &scores {
-                Some(s) => this.launch_naive(&checked, &bufs, s),
-                None => this.launch_flash(&checked, variant, &bufs),
+                Some(s) => this.launch_naive(checked, &bufs, s),
+                None => this.launch_flash(checked, variant, &bufs),
             };
             // The caller counts plan.runs() calls of `progress`: the first contender's.
             let mut quiet = || {};
@@ -94,8 +99,8 @@ impl CudaBackend {
         let (_, kind, measure) =
             best.ok_or_else(|| Error::backend(BACKEND, "no kernel was timed"))?;
         // Small problems time launch overhead more than the kernels: they decide nothing.
-        if contenders.len() > 1 && spec.flops() >= MIN_DECIDING_FLOPS {
-            self.record_choice(&checked, kind);
+        if contenders.len() > 1 && checked.flops() >= MIN_DECIDING_FLOPS {
+            self.record_choice(checked, kind);
         }
         Ok(measure)
     }

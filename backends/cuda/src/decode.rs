@@ -21,7 +21,7 @@ use crate::CudaBackend;
 use cudarc::driver::result as drv;
 use flashattn_core::{
     validate_decode_inputs, AttentionSpec, CacheLayout, CheckedSpec, DType, DecodeInputs, Error,
-    KvCache, Output, Result, Tensor, TensorMut,
+    KvCache, Output, Result, Tensor, TensorMut, TensorRef,
 };
 
 fn unsupported(reason: impl Into<String>) -> Error {
@@ -342,6 +342,59 @@ impl DecodePointers {
     }
 }
 
+/// Device copies of a call's q, caches and new rows (absent when it has none), and its out and
+/// LSE (absent unless asked for): what the host API and the benchmark run on.
+pub(crate) struct DecodeBuffers {
+    pub q: DevBuf,
+    pub k_cache: DevBuf,
+    pub v_cache: DevBuf,
+    pub new: Option<[DevBuf; 2]>,
+    pub out: DevBuf,
+    pub lse: Option<DevBuf>,
+}
+
+impl DecodeBuffers {
+    /// Uploads `[q, k_cache, v_cache]` and the new rows `[k, v]`; zeroed out and LSE for `c`.
+    pub fn upload(
+        c: &CheckedSpec<'_>,
+        [q, k_cache, v_cache]: [TensorRef<'_>; 3],
+        new: Option<[TensorRef<'_>; 2]>,
+    ) -> Result<DecodeBuffers> {
+        let up = |t: TensorRef<'_>| DevBuf::from_bytes(t.as_bytes());
+        let new = match new {
+            Some([k, v]) => Some([up(k)?, up(v)?]),
+            None => None,
+        };
+        let lse = match c.return_lse {
+            true => Some(DevBuf::zeroed(c.sizes.lse * 4)?),
+            false => None,
+        };
+        Ok(DecodeBuffers {
+            q: up(q)?,
+            k_cache: up(k_cache)?,
+            v_cache: up(v_cache)?,
+            new,
+            out: DevBuf::zeroed(c.sizes.out * c.dtype.output().size_bytes())?,
+            lse,
+        })
+    }
+
+    /// Their pointers (0: absent); the tables and scratch come from a [`Workspace`].
+    pub fn pointers(&self) -> DecodePointers {
+        let [k_new, v_new] = self.new.as_ref().map_or([0, 0], |n| [n[0].ptr, n[1].ptr]);
+        DecodePointers {
+            q: self.q.ptr,
+            k_cache: self.k_cache.ptr,
+            v_cache: self.v_cache.ptr,
+            k_new,
+            v_new,
+            out: self.out.ptr,
+            lse: self.lse.as_ref().map_or(0, |b| b.ptr),
+            ..Default::default()
+        }
+    }
+}
+
 /// Device buffers beside the caller's tensors: the tables and the scratch of a call. A handle
 /// keeps one across steps (buffers grow when a step needs more, else are reused).
 #[derive(Default)]
@@ -500,42 +553,21 @@ impl CudaBackend {
         let plan = self.plan_decode(&c)?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let up = |t: Option<flashattn_core::TensorRef<'_>>| {
-            t.map(|t| DevBuf::from_bytes(t.as_bytes())).transpose()
-        };
-        let q = DevBuf::from_bytes(inputs.q.as_bytes())?;
-        let k_cache = DevBuf::from_bytes(inputs.k_cache.as_ref().as_bytes())?;
-        let v_cache = DevBuf::from_bytes(inputs.v_cache.as_ref().as_bytes())?;
-        let (k_new, v_new) = (up(inputs.k_new)?, up(inputs.v_new)?);
-        let out = DevBuf::zeroed(c.sizes.out * spec.dtype.output().size_bytes())?;
-        let lse = if spec.return_lse {
-            Some(DevBuf::zeroed(c.sizes.lse * 4)?)
-        } else {
-            None
-        };
-        let ptr = |b: &Option<DevBuf>| b.as_ref().map_or(0, |b| b.ptr);
-        let mut ws = Workspace::default();
-        let ptrs = ws.prepare(
-            &plan,
-            DecodePointers {
-                q: q.ptr,
-                k_cache: k_cache.ptr,
-                v_cache: v_cache.ptr,
-                k_new: ptr(&k_new),
-                v_new: ptr(&v_new),
-                out: out.ptr,
-                lse: ptr(&lse),
-                ..Default::default()
-            },
+        let new = inputs.k_new.zip(inputs.v_new);
+        let bufs = DecodeBuffers::upload(
+            &c,
+            [inputs.q, inputs.k_cache.as_ref(), inputs.v_cache.as_ref()],
+            new.map(|(k, v)| [k, v]),
         )?;
+        let ptrs = Workspace::default().prepare(&plan, bufs.pointers())?;
         self.launch_decode(&plan, &ptrs, true)?;
         self.gpu.synchronize()?;
-        let out = Tensor::from_bytes(spec.dtype.output(), &out.to_vec()?)?;
-        let lse = match &lse {
+        let out = Tensor::from_bytes(spec.dtype.output(), &bufs.out.to_vec()?)?;
+        let lse = match &bufs.lse {
             Some(b) => Some(bytemuck::pod_collect_to_vec(&b.to_vec()?)),
             None => None,
         };
-        let (kb, vb) = (k_cache.to_vec()?, v_cache.to_vec()?);
+        let (kb, vb) = (bufs.k_cache.to_vec()?, bufs.v_cache.to_vec()?);
         write_back(&mut inputs.k_cache, &kb);
         write_back(&mut inputs.v_cache, &vb);
         Ok(Output { out, lse })

@@ -4,25 +4,25 @@
 //! `Algorithm::Copy` times a device-to-device copy of as many bytes of K and of V as the step
 //! reads (`decode_bytes`), on the same device and stream: the memory-bandwidth limit beside it.
 
+use crate::bench::BenchCall;
 use crate::compile::BACKEND;
-use crate::decode::{DecodePointers, Workspace};
+use crate::decode::{DecodeBuffers, Workspace};
 use crate::device::{drv_err, DevBuf};
 use crate::CudaBackend;
 use cudarc::driver::result as drv;
 use flashattn_core::{
-    decode_bytes, random_inputs, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Result,
+    decode_bytes, random_inputs, Algorithm, AttentionSpec, BenchMeasure, Error, Result,
 };
 
 impl CudaBackend {
-    pub(crate) fn bench_decode(
-        &self,
-        spec: &AttentionSpec,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        plan.runs()?;
-        let c = spec.validate()?;
+    pub(crate) fn bench_decode(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
+        let BenchCall {
+            c,
+            algo,
+            plan,
+            progress,
+        } = call;
+        let spec = c.spec;
         if algo == Algorithm::Naive {
             return Err(Error::unsupported(
                 BACKEND,
@@ -39,25 +39,11 @@ impl CudaBackend {
         let (_, k_new, v_new) = random_inputs(&rows, plan.seed ^ 0xdec0de);
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let up = |t: &flashattn_core::Tensor| DevBuf::from_bytes(t.as_ref().as_bytes());
-        let (qb, kb, vb, knb, vnb) = (up(&q)?, up(&kc)?, up(&vc)?, up(&k_new)?, up(&v_new)?);
-        let out = DevBuf::zeroed(c.sizes.out * spec.dtype.output().size_bytes())?;
-        let lse = DevBuf::zeroed(if spec.return_lse { c.sizes.lse * 4 } else { 0 })?;
-        let has_new = c.sizes.k_new > 0;
+        let new = (c.sizes.k_new > 0).then(|| [k_new.as_ref(), v_new.as_ref()]);
+        let bufs = DecodeBuffers::upload(&c, [q.as_ref(), kc.as_ref(), vc.as_ref()], new)?;
+        let (kb, vb) = (&bufs.k_cache, &bufs.v_cache);
         let mut ws = Workspace::default();
-        let ptrs = ws.prepare(
-            &dplan,
-            DecodePointers {
-                q: qb.ptr,
-                k_cache: kb.ptr,
-                v_cache: vb.ptr,
-                k_new: if has_new { knb.ptr } else { 0 },
-                v_new: if has_new { vnb.ptr } else { 0 },
-                out: out.ptr,
-                lse: if spec.return_lse { lse.ptr } else { 0 },
-                ..Default::default()
-            },
-        )?;
+        let ptrs = ws.prepare(&dplan, bufs.pointers())?;
         let (times_ms, extra) = match algo {
             Algorithm::Copy => {
                 // K's share of the bytes the step reads, then V's, each from its cache.

@@ -7,6 +7,7 @@ const PARAMS: (&str, &str) = ("params.cuh", include_str!("../kernels/params.cuh"
 const DTYPE: (&str, &str) = ("dtype.cuh", include_str!("../kernels/dtype.cuh"));
 const MASK: (&str, &str) = ("mask.cuh", include_str!("../kernels/mask.cuh"));
 const SCORE_MOD: (&str, &str) = ("score_mod.cuh", include_str!("../kernels/score_mod.cuh"));
+const WARP: (&str, &str) = ("warp.cuh", include_str!("../kernels/warp.cuh"));
 const TILES: (&str, &str) = ("tiles.cuh", include_str!("../kernels/tiles.cuh"));
 const PTX: (&str, &str) = ("ptx.cuh", include_str!("../kernels/ptx.cuh"));
 const PTX_HOPPER: (&str, &str) = ("ptx_hopper.cuh", include_str!("../kernels/ptx_hopper.cuh"));
@@ -97,7 +98,7 @@ const HOPPER_FP8_DEF: KernelDef = KernelDef {
 const MMA_DEF: KernelDef = KernelDef {
     name: "mma",
     pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, MMA],
+    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, MMA_TILE, MMA],
     entry_points: &["fa_mma_fwd"],
     min_sm: 80,
     only_arch: None,
@@ -107,7 +108,7 @@ const MMA_DEF: KernelDef = KernelDef {
 const GENERIC_DEF: KernelDef = KernelDef {
     name: "generic",
     pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, GENERIC],
+    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, WARP, GENERIC],
     entry_points: &["fa_generic_fwd"],
     min_sm: 70,
     only_arch: None,
@@ -151,6 +152,7 @@ const DECODE_SIMT_DEF: KernelDef = KernelDef {
         DTYPE,
         MASK,
         SCORE_MOD,
+        WARP,
         PTX,
         DECODE_H,
         APPEND,
@@ -174,7 +176,7 @@ const MMA_BWD_DEF: KernelDef = KernelDef {
     name: "mma_bwd",
     pass: Pass::Backward,
     sources: &[
-        PARAMS, DTYPE, MASK, SCORE_MOD, PTX, MMA_TILE, BWD, BWD_PREP, MMA_BWD,
+        PARAMS, DTYPE, MASK, SCORE_MOD, WARP, PTX, MMA_TILE, BWD, BWD_PREP, MMA_BWD,
     ],
     entry_points: &["fa_bwd_prep", "fa_bwd_post", "fa_mma_bwd", "fa_mma_bwd_dq"],
     min_sm: 80,
@@ -186,7 +188,16 @@ const MMA_BWD_DEF: KernelDef = KernelDef {
 const GENERIC_BWD_DEF: KernelDef = KernelDef {
     name: "generic_bwd",
     pass: Pass::Backward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, BWD, BWD_PREP, GENERIC_BWD],
+    sources: &[
+        PARAMS,
+        DTYPE,
+        MASK,
+        SCORE_MOD,
+        WARP,
+        BWD,
+        BWD_PREP,
+        GENERIC_BWD,
+    ],
     entry_points: &[
         "fa_bwd_prep",
         "fa_bwd_post",

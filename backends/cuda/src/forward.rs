@@ -512,8 +512,7 @@ impl CudaBackend {
         k: TensorRef<'_>,
         v: TensorRef<'_>,
     ) -> Result<Output> {
-        let checked = spec.validate()?;
-        validate_inputs(spec, &q, &k, &v)?;
+        let checked = validate_inputs(spec, &q, &k, &v)?;
         let variant = self.choose(&checked)?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;

@@ -71,6 +71,7 @@ pub use variants::{
     DECODE_APPEND_ENTRY, DECODE_COMBINE_ENTRY,
 };
 
+use bench::BenchCall;
 use compile::BACKEND;
 use device::Gpu;
 use flashattn_core::{
@@ -258,10 +259,19 @@ impl Backend for CudaBackend {
         plan: &BenchPlan,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
+        // Checked once here; each pass's bench takes the checked spec.
+        plan.runs()?;
+        let c = spec.validate()?;
+        let call = BenchCall {
+            c,
+            algo,
+            plan,
+            progress,
+        };
         match plan.pass {
-            Pass::Decode => self.bench_decode(spec, algo, plan, progress),
-            Pass::Backward => self.bench_backward(spec, algo, plan, progress),
-            _ => self.bench_forward(spec, algo, plan, progress),
+            Pass::Decode => self.bench_decode(call),
+            Pass::Backward => self.bench_backward(call),
+            _ => self.bench_forward(call),
         }
     }
 }

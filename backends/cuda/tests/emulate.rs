@@ -10,241 +10,48 @@
 
 mod common;
 
-use common::emu::{
-    build_binary, check_compiler, emulator_source, run_dir, run_driver, run_with_limit,
-    sources_for_emulator, Drivers,
-};
+use common::emu::{build_binary, run_dir, run_with_limit, sources_for_emulator};
+use common::emulated::Emulated;
 use common::{check_nan, deterministic, mma_cases, named, nan_spec, run, run_backward};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
-use flashattn_core::{
-    validate_backward_inputs, validate_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs,
-    BenchMeasure, BenchPlan, DType, Error, Grads, Output, Pass, Result, Tensor, TensorRef,
-};
-use flashattn_cuda::{
-    backward_plan, flash_launch, select_generic, select_generic_bwd, select_mma, select_mma_bwd,
-    smem_optin_of_arch, Fp8Tables, KernelKind, KernelParams, Variant,
-};
-use std::path::PathBuf;
+use flashattn_core::{AttentionSpec, DType};
+use flashattn_cuda::{Fp8Tables, KernelKind, KernelParams};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// The forward driver, for the FP8 V transpose's standalone binary.
 const DRIVER: &str = include_str!("emulator/driver.cpp");
-/// The backward's driver: runs a backward plan's launches (prep, main, post or dq) in order.
-const DRIVER_BWD: &str = include_str!("emulator/driver_bwd.cpp");
-
-/// The CUDA backend's kernels on the emulator, as a `Backend` (forward and backward).
-struct Emulated {
-    arch: &'static str,
-    kind: KernelKind,
-    drivers: Drivers,
-}
-
-impl Emulated {
-    /// The emulator for `kind` kernels as an `arch` GPU would choose them, if a C++ compiler works.
-    fn new(arch: &'static str, kind: KernelKind) -> Result<Emulated> {
-        check_compiler()?;
-        Ok(Emulated {
-            arch,
-            kind,
-            drivers: Drivers::new(),
-        })
-    }
-
-    fn variant(&self, spec: &AttentionSpec) -> Result<Variant> {
-        let checked = spec.validate()?;
-        let smem = smem_optin_of_arch(self.arch);
-        let v = match self.kind {
-            KernelKind::Mma => select_mma(&checked, (8, 0), smem, None),
-            KernelKind::Generic => select_generic(&checked, smem),
-            k => Err(format!("{k:?} is not emulated")),
-        };
-        v.map_err(|e| Error::unsupported("cuda-emulate", e))
-    }
-
-    /// The backward family of `kind` (mma.sync, portable) for `spec`, as an `arch` GPU picks it.
-    fn backward_variant(&self, spec: &AttentionSpec) -> Result<Variant> {
-        let checked = spec.validate()?;
-        let v = match self.kind {
-            KernelKind::Mma => select_mma_bwd(&checked, (8, 0), smem_optin_of_arch(self.arch)),
-            KernelKind::Generic => select_generic_bwd(&checked),
-            k => Err(format!("{k:?} has no emulated backward")),
-        };
-        v.map_err(|e| Error::unsupported("cuda-emulate", e))
-    }
-
-    /// The driver binary of `variant`: the emulator's source of its kernel, the driver's main
-    /// (the backward's runs a plan's launches; its entry points: main and dq kernel).
-    fn driver(&self, variant: &Variant) -> Result<PathBuf> {
-        let smem_t = if variant.kind == KernelKind::Generic {
-            "float"
-        } else {
-            "uint8_t"
-        };
-        let entries = variant.entry_points();
-        let (driver, mut extra) = match variant.kind.def().pass {
-            Pass::Backward => (
-                DRIVER_BWD,
-                vec![
-                    format!("-DEMU_MAIN={}", entries[2]),
-                    format!("-DEMU_DQ={}", entries[3]),
-                ],
-            ),
-            _ => (DRIVER, vec![format!("-DEMU_KERNEL={}", entries[0])]),
-        };
-        extra.push(format!("-DEMU_SMEM_T={smem_t}"));
-        self.drivers
-            .get(variant, emulator_source(variant) + driver, &extra)
-    }
-}
-
-impl Backend for Emulated {
-    fn name(&self) -> &'static str {
-        "cuda-emulate"
-    }
-
-    fn device(&self) -> String {
-        format!("CPU emulation of {} ({:?} kernels)", self.arch, self.kind)
-    }
-
-    fn supports(&self, spec: &AttentionSpec) -> Result<()> {
-        self.variant(spec).map(|_| ())
-    }
-
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
-        let checked = spec.validate()?;
-        validate_inputs(spec, &q, &k, &v)?;
-        let variant = self.variant(spec)?;
-        let bin = self.driver(&variant)?;
-        let (params, launch) = flash_launch(&checked, &variant, 1)?;
-        let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
-        let out_bytes = checked.sizes.out * spec.dtype.output().size_bytes();
-        let lse_floats = if spec.return_lse {
-            checked.sizes.lse
-        } else {
-            0
-        };
-        let launch_txt = format!(
-            "{} {} {} {} {out_bytes} {lse_floats}",
-            launch.grid.0, launch.grid.1, launch.grid.2, launch.block
-        );
-        let files: [(&str, &[u8]); 5] = [
-            ("params.bin", bytemuck::bytes_of(&params)),
-            ("launch.txt", launch_txt.as_bytes()),
-            ("q.bin", q.as_bytes()),
-            ("k.bin", k.as_bytes()),
-            ("v.bin", v.as_bytes()),
-        ];
-        let dir = run_driver(&self.drivers.dir, &bin, &variant.name(), spec, &files)?;
-        let out = Tensor::from_bytes(
-            spec.dtype.output(),
-            &std::fs::read(dir.join("out.bin")).map_err(io)?,
-        )?;
-        let lse = spec
-            .return_lse
-            .then(|| std::fs::read(dir.join("lse.bin")).map(|b| bytemuck::pod_collect_to_vec(&b)))
-            .transpose()
-            .map_err(io)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(Output { out, lse })
-    }
-
-    fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
-        self.backward_variant(spec).map(|_| ())
-    }
-
-    /// The backend's own launch plan (`backward_plan`) run by the backward driver.
-    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
-        let checked = validate_backward_inputs(spec, &inputs)?;
-        let variant = self.backward_variant(spec)?;
-        let bin = self.driver(&variant)?;
-        let plan = backward_plan(&checked, &variant)?;
-        let es = spec.dtype.size_bytes();
-        let sizes = &checked.sizes;
-        let mut launches = format!(
-            "{} {} {} {} {}\n",
-            sizes.q * es,
-            sizes.k * es,
-            sizes.v * es,
-            sizes.lse,
-            plan.dq_accum
-        );
-        for (stage, l) in &plan.launches {
-            let (x, y, z) = l.grid;
-            launches.push_str(&format!("{} {x} {y} {z} {}\n", *stage as u8, l.block));
-        }
-        let files: [(&str, &[u8]); 8] = [
-            ("params.bin", bytemuck::bytes_of(&plan.params)),
-            ("launches.txt", launches.as_bytes()),
-            ("q.bin", inputs.q.as_bytes()),
-            ("k.bin", inputs.k.as_bytes()),
-            ("v.bin", inputs.v.as_bytes()),
-            ("out.bin", inputs.out.as_bytes()),
-            ("lse.bin", bytemuck::cast_slice(inputs.lse)),
-            ("dout.bin", inputs.dout.as_bytes()),
-        ];
-        let dir = run_driver(&self.drivers.dir, &bin, &variant.name(), spec, &files)?;
-        let io = |e: std::io::Error| Error::backend("cuda-emulate", e);
-        let read = |name: &str| -> Result<Tensor> {
-            Tensor::from_bytes(spec.dtype, &std::fs::read(dir.join(name)).map_err(io)?)
-        };
-        let grads = Grads {
-            dq: read("dq.bin")?,
-            dk: read("dk.bin")?,
-            dv: read("dv.bin")?,
-        };
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(grads)
-    }
-
-    fn bench(
-        &self,
-        _: &AttentionSpec,
-        _: Algorithm,
-        _: &BenchPlan,
-        _: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        Err(Error::unsupported(
-            "cuda-emulate",
-            "no timings in emulation",
-        ))
-    }
-}
 
 fn emulated(arch: &'static str, kind: KernelKind) -> Option<Emulated> {
-    backend_or_skip("cuda-emulate", || Emulated::new(arch, kind))
+    backend_or_skip("cuda-emulate", || Emulated::new(arch, kind, 0))
+}
+
+/// Core's feature cases of `dtype` (and the mma.sync kernel's own shapes) on `kind` kernels as
+/// an `arch` GPU picks them.
+fn forward_cases(arch: &'static str, kind: KernelKind, dtype: DType, seed: u64) {
+    let Some(b) = emulated(arch, kind) else {
+        return;
+    };
+    run(&b, "feature cases", &named(feature_cases(dtype)), seed);
+    if kind == KernelKind::Mma {
+        run(&b, "mma cases", &mma_cases(dtype), seed + 100);
+    }
 }
 
 #[test]
 fn mma_kernel_feature_cases_bf16_sm80_tiles() {
-    let Some(b) = emulated("sm_80", KernelKind::Mma) else {
-        return;
-    };
-    run(&b, "feature cases", &named(feature_cases(DType::Bf16)), 100);
-    run(&b, "mma cases", &mma_cases(DType::Bf16), 200);
+    forward_cases("sm_80", KernelKind::Mma, DType::Bf16, 100);
 }
 
 #[test]
 fn mma_kernel_feature_cases_f16_sm86_tiles() {
-    let Some(b) = emulated("sm_86", KernelKind::Mma) else {
-        return;
-    };
-    run(&b, "feature cases", &named(feature_cases(DType::F16)), 300);
-    run(&b, "mma cases", &mma_cases(DType::F16), 400);
+    forward_cases("sm_86", KernelKind::Mma, DType::F16, 300);
 }
 
 #[test]
 fn portable_kernel_feature_cases_f32() {
-    let Some(b) = emulated("sm_80", KernelKind::Generic) else {
-        return;
-    };
-    run(&b, "feature cases", &named(feature_cases(DType::F32)), 500);
+    forward_cases("sm_80", KernelKind::Generic, DType::F32, 500);
 }
 
 #[test]
@@ -397,16 +204,33 @@ fn pick(cases: Vec<(String, AttentionSpec)>, names: &[&str]) -> Vec<(String, Att
     picked
 }
 
+/// The backward of `kind` kernels as `arch` picks them, on `dtype`'s feature cases: those named
+/// in `atomic` (plus `extra`) with dq by atomics, those named in `det` with the deterministic
+/// dq pass.
+fn backward_cases(
+    (arch, kind, dtype): (&'static str, KernelKind, DType),
+    extra: Vec<(String, AttentionSpec)>,
+    atomic: &[&str],
+    det: &[&str],
+    seed: u64,
+) {
+    let Some(b) = emulated(arch, kind) else {
+        return;
+    };
+    let features = named(feature_cases(dtype));
+    let mut cases = extra;
+    cases.extend(pick(features.clone(), atomic));
+    run_backward(&b, "backward", &cases, seed);
+    let det = deterministic(pick(features, det));
+    run_backward(&b, "backward, deterministic", &det, seed + 10);
+}
+
 /// The mma.sync backward with sm_80's tiles (64 x 128 keys on 8 warps, double-buffered Q/dO;
 /// two warps per key tile at head_dim 256), bf16: dq by atomics on odd sizes, fully masked
 /// rows, GQA, softcap, ALiBi with causal, varlen, head_dim_v != head_dim; the deterministic dq
 /// pass on a window over varlen and MQA causal.
 #[test]
 fn mma_backward_bf16_sm80_tiles() {
-    let Some(b) = emulated("sm_80", KernelKind::Mma) else {
-        return;
-    };
-    let features = named(feature_cases(DType::Bf16));
     let atomic = [
         "odd sizes",
         "causal sq>sk (masked rows)",
@@ -416,9 +240,9 @@ fn mma_backward_bf16_sm80_tiles() {
         "varlen",
         "head_dim_v differs",
     ];
-    run_backward(&b, "backward", &pick(features.clone(), &atomic), 800);
-    let det = deterministic(pick(features, &["varlen window", "mqa causal"]));
-    run_backward(&b, "backward, deterministic", &det, 810);
+    let det = ["varlen window", "mqa causal"];
+    let kind = ("sm_80", KernelKind::Mma, DType::Bf16);
+    backward_cases(kind, Vec::new(), &atomic, &det, 800);
 }
 
 /// The same with the smaller tiles of 99 KiB GPUs (sm_86/sm_89: one Q/dO buffer at head_dim
@@ -427,29 +251,25 @@ fn mma_backward_bf16_sm80_tiles() {
 /// deterministic at head_dim 256 and causal with fewer queries than keys.
 #[test]
 fn mma_backward_f16_sm86_tiles() {
-    let Some(b) = emulated("sm_86", KernelKind::Mma) else {
-        return;
-    };
-    let mut cases = pick(
+    let odd = pick(
         mma_cases(DType::F16),
         &["d 33 / dv 17 (no 16-byte copies) d33"],
     );
-    let features = named(feature_cases(DType::F16));
-    cases.extend(pick(features.clone(), &["head_dim 72", "window + causal"]));
-    run_backward(&b, "backward", &cases, 820);
-    let det = deterministic(pick(features, &["head_dim 256", "causal sq<sk"]));
-    run_backward(&b, "backward, deterministic", &det, 830);
+    let atomic = ["head_dim 72", "window + causal"];
+    let det = ["head_dim 256", "causal sq<sk"];
+    backward_cases(
+        ("sm_86", KernelKind::Mma, DType::F16),
+        odd,
+        &atomic,
+        &det,
+        820,
+    );
 }
 
 /// The portable backward (f32 problems), both dq modes.
 #[test]
 fn portable_backward_f32() {
-    let Some(b) = emulated("sm_80", KernelKind::Generic) else {
-        return;
-    };
-    let features = named(feature_cases(DType::F32));
     let atomic = ["odd sizes", "softcap", "alibi", "varlen"];
-    run_backward(&b, "backward", &pick(features.clone(), &atomic), 840);
-    let det = deterministic(pick(features, &["gqa", "window"]));
-    run_backward(&b, "backward, deterministic", &det, 850);
+    let kind = ("sm_80", KernelKind::Generic, DType::F32);
+    backward_cases(kind, Vec::new(), &atomic, &["gqa", "window"], 840);
 }

@@ -12,13 +12,10 @@ use common::{
     deterministic, gpu_backend, long_cases, mma_cases, named, pipeline_cases, run_backward,
 };
 use flashattn_core::testing::strategy::{specs, SpecSpace};
-use flashattn_core::testing::{check_backward, feature_cases};
-use flashattn_core::{
-    random_inputs, random_tensor, AttentionSpec, Backend, BackwardInputs, DType, Pass, Tensor,
-};
+use flashattn_core::testing::{check_backward, feature_cases, BackwardCase};
+use flashattn_core::{AttentionSpec, Backend, DType, Pass, Tensor};
 use flashattn_cuda::{BackwardTensors, CudaBackend, KernelKind};
 use proptest::prelude::*;
-use rand::SeedableRng;
 
 /// The backend on device 0 with `kind` forced (`None`: automatic), or `None` after printing
 /// why: no GPU, or this GPU has no backward of that family.
@@ -86,50 +83,10 @@ fn portable_backward_cases() {
     run_backward(&b, "generic f32 long", &long_cases(DType::F32, 64), 14_400);
 }
 
-/// One backward problem on the GPU: random inputs, the forward's out and LSE, a random dout.
-struct Problem {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Vec<f32>,
-    dout: Tensor,
-}
-
-impl Problem {
-    fn new(b: &CudaBackend, spec: &AttentionSpec, seed: u64) -> Problem {
-        let (q, k, v) = random_inputs(spec, seed);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
-        let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
-        let fwd = b.forward(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
-        let lse = fwd.lse.unwrap();
-        let out = fwd.out;
-        Problem {
-            q,
-            k,
-            v,
-            out,
-            lse,
-            dout,
-        }
-    }
-
-    fn inputs(&self) -> BackwardInputs<'_> {
-        BackwardInputs {
-            q: self.q.as_ref(),
-            k: self.k.as_ref(),
-            v: self.v.as_ref(),
-            out: self.out.as_ref(),
-            lse: &self.lse,
-            dout: self.dout.as_ref(),
-        }
-    }
-
-    /// dq, dk, dv of the host path, as bytes.
-    fn grads(&self, b: &CudaBackend, spec: &AttentionSpec) -> [Vec<u8>; 3] {
-        let g = b.backward(spec, self.inputs()).unwrap();
-        [g.dq, g.dk, g.dv].map(|t| t.as_ref().as_bytes().to_vec())
-    }
+/// dq, dk, dv of the host path on `case`, as bytes.
+fn grads(b: &CudaBackend, spec: &AttentionSpec, case: &BackwardCase) -> [Vec<u8>; 3] {
+    let g = b.backward(spec, case.inputs()).unwrap();
+    [g.dq, g.dk, g.dv].map(|t| t.as_ref().as_bytes().to_vec())
 }
 
 /// Deterministic mode gives the same bits on every run (atomic dq need not).
@@ -143,11 +100,11 @@ fn deterministic_backward_is_bitwise_reproducible() {
             .causal(true)
             .return_lse(true)
             .deterministic(true);
-        let problem = Problem::new(&b, &spec, 5);
-        let first = problem.grads(&b, &spec);
+        let problem = BackwardCase::new(&b, &spec, 5).unwrap();
+        let first = grads(&b, &spec, &problem);
         for _ in 0..3 {
             assert!(
-                problem.grads(&b, &spec) == first,
+                grads(&b, &spec, &problem) == first,
                 "{dtype}: deterministic backward differs between runs"
             );
         }
@@ -201,8 +158,8 @@ fn backward_device_on_caller_buffers() {
         .causal(true)
         .return_lse(true)
         .deterministic(true);
-    let p = Problem::new(&b, &spec, 21);
-    let host = p.grads(&b, &spec);
+    let p = BackwardCase::new(&b, &spec, 21).unwrap();
+    let host = grads(&b, &spec, &p);
     let up = |t: &Tensor| mem.upload(t.as_ref().as_bytes());
     let zeros = |g: &Vec<u8>| mem.upload(&vec![0u8; g.len()]);
     let t = BackwardTensors {

@@ -5,7 +5,7 @@
 use crate::backward::{DeviceBackwardInputs, DeviceGrads};
 use crate::bindings::BufferSlice;
 use crate::decode::DeviceDecodeInputs;
-use crate::device::{now_ms, read_mapped, sync, unsupported};
+use crate::device::{backend_err, now_ms, read_mapped, sync, unsupported};
 use crate::dispatch::Scratch;
 use crate::forward::{DeviceInputs, DeviceOutputs};
 use crate::WgpuBackend;
@@ -20,6 +20,32 @@ use rand::SeedableRng;
 pub enum BenchOptions {
     DeviceTimer,
     HostTimer,
+}
+
+/// A forward's dedicated device buffers.
+struct ForwardBuffers {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    out: wgpu::Buffer,
+    lse: Option<wgpu::Buffer>,
+}
+
+impl ForwardBuffers {
+    fn inputs(&self) -> DeviceInputs<'_> {
+        DeviceInputs {
+            q: (&self.q).into(),
+            k: (&self.k).into(),
+            v: (&self.v).into(),
+        }
+    }
+
+    fn outputs(&self) -> DeviceOutputs<'_> {
+        DeviceOutputs {
+            out: (&self.out).into(),
+            lse: self.lse.as_ref().map(BufferSlice::from),
+        }
+    }
 }
 
 /// The timestamp query set of the timed pass, and the buffers its two stamps go through.
@@ -74,23 +100,8 @@ impl WgpuBackend {
         runs: usize,
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
-        let (q, k, v) = random_inputs(c.spec, plan.seed);
-        let (qb, kb, vb) = (
-            self.device_tensor(&q),
-            self.device_tensor(&k),
-            self.device_tensor(&v),
-        );
-        drop((q, k, v));
-        let (out, lse) = self.bench_outputs(c);
-        let inputs = DeviceInputs {
-            q: (&qb).into(),
-            k: (&kb).into(),
-            v: (&vb).into(),
-        };
-        let outputs = DeviceOutputs {
-            out: (&out).into(),
-            lse: lse.as_ref().map(BufferSlice::from),
-        };
+        let f = self.forward_buffers_of(c, plan.seed);
+        let (inputs, outputs) = (f.inputs(), f.outputs());
         self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
             Algorithm::Naive => self.encode_naive(c, inputs, outputs, enc, timer),
             _ => self.encode_forward(c, inputs, outputs, enc, timer),
@@ -108,37 +119,28 @@ impl WgpuBackend {
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
         self.supports_backward_checked(c)?;
-        let (q, k, v) = random_inputs(c.spec, plan.seed);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0xd0);
-        let dout = random_tensor(&mut rng, c.dtype, c.sizes.out);
-        let [qb, kb, vb, dob] = [&q, &k, &v, &dout].map(|t| self.device_tensor(t));
-        drop((q, k, v, dout));
-        let es = c.dtype.size_bytes() as u64;
-        let out = self.device_zeros(c.sizes.out as u64 * es);
-        let lse = self.device_zeros(c.sizes.lse as u64 * 4);
         let fwd_spec = c.spec.clone().return_lse(true);
         let fwd = fwd_spec.validate()?;
-        let fwd_inputs = DeviceInputs {
-            q: (&qb).into(),
-            k: (&kb).into(),
-            v: (&vb).into(),
-        };
-        let fwd_outputs = DeviceOutputs {
-            out: (&out).into(),
-            lse: Some((&lse).into()),
-        };
-        self.submit(|enc| self.encode_forward(&fwd, fwd_inputs, fwd_outputs, enc, None))
+        let f = self.forward_buffers_of(&fwd, plan.seed);
+        self.submit(|enc| self.encode_forward(&fwd, f.inputs(), f.outputs(), enc, None))
             .await?;
         sync(&self.device, &self.queue).await?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0xd0);
+        let dout = self.device_tensor(&random_tensor(&mut rng, c.dtype, c.sizes.out));
+        let es = c.dtype.size_bytes() as u64;
         let [dq, dk, dv] =
             [c.sizes.q, c.sizes.k, c.sizes.v].map(|n| self.device_zeros(n as u64 * es));
+        let lse = f
+            .lse
+            .as_ref()
+            .ok_or_else(|| backend_err("the forward of a backward bench has no LSE buffer"))?;
         let inputs = DeviceBackwardInputs {
-            q: (&qb).into(),
-            k: (&kb).into(),
-            v: (&vb).into(),
-            out: (&out).into(),
-            lse: (&lse).into(),
-            dout: (&dob).into(),
+            q: (&f.q).into(),
+            k: (&f.k).into(),
+            v: (&f.v).into(),
+            out: (&f.out).into(),
+            lse: lse.into(),
+            dout: (&dout).into(),
         };
         let grads = DeviceGrads {
             dq: (&dq).into(),
@@ -284,6 +286,15 @@ impl WgpuBackend {
                 wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             ),
         }
+    }
+
+    /// Random q, k, v of `c` (`seed`) in dedicated buffers, and dedicated out and (when asked
+    /// for) LSE buffers.
+    fn forward_buffers_of(&self, c: &CheckedSpec<'_>, seed: u64) -> ForwardBuffers {
+        let (q, k, v) = random_inputs(c.spec, seed);
+        let [q, k, v] = [&q, &k, &v].map(|t| self.device_tensor(t));
+        let (out, lse) = self.bench_outputs(c);
+        ForwardBuffers { q, k, v, out, lse }
     }
 
     /// Dedicated out and (when asked for) LSE buffers of `c`.

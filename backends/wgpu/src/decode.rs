@@ -36,6 +36,17 @@ pub struct DeviceDecodeInputs<'a> {
     pub v_new: Option<BufferSlice<'a>>,
 }
 
+impl DeviceDecodeInputs<'_> {
+    /// What the attention reads: q, and the caches as k and v.
+    fn attention_inputs(&self) -> DeviceInputs<'_> {
+        DeviceInputs {
+            q: self.q,
+            k: self.k_cache,
+            v: self.v_cache,
+        }
+    }
+}
+
 /// The cache arguments of one call as the kernels read them: `Params` fields and the words
 /// appended to the `tables` binding (block table, seqlens, rotary cos and sin).
 pub(crate) struct CacheArgs {
@@ -178,25 +189,18 @@ impl WgpuBackend {
     pub async fn decode_async(
         &self,
         spec: &AttentionSpec,
-        inputs: DecodeInputs<'_>,
+        mut inputs: DecodeInputs<'_>,
     ) -> Result<Output> {
         let c = validate_decode_inputs(spec, &inputs)?;
         self.supports_decode_checked(&c)?;
         self.ready().await?;
-        let DecodeInputs {
-            q,
-            mut k_cache,
-            mut v_cache,
-            k_new,
-            v_new,
-        } = inputs;
         let cache_usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST;
-        let kc = self.upload_as(k_cache.as_ref(), cache_usage);
-        let vc = self.upload_as(v_cache.as_ref(), cache_usage);
-        let qb = self.upload(q);
-        let new = [k_new, v_new].map(|t| t.map(|t| self.upload(t)));
+        let kc = self.upload_as(inputs.k_cache.as_ref(), cache_usage);
+        let vc = self.upload_as(inputs.v_cache.as_ref(), cache_usage);
+        let qb = self.upload(inputs.q);
+        let new = [inputs.k_new, inputs.v_new].map(|t| t.map(|t| self.upload(t)));
         let es = c.dtype.size_bytes() as u64;
         let (k_bytes, v_bytes) = (c.sizes.k as u64 * es, c.sizes.v as u64 * es);
         let device = DeviceDecodeInputs {
@@ -218,8 +222,14 @@ impl WgpuBackend {
             self.buffers.give(b);
         }
         let (output, bytes) = result?;
-        write_bytes(&mut k_cache, &bytes[k_at as usize..][..k_bytes as usize]);
-        write_bytes(&mut v_cache, &bytes[v_at as usize..][..v_bytes as usize]);
+        write_bytes(
+            &mut inputs.k_cache,
+            &bytes[k_at as usize..][..k_bytes as usize],
+        );
+        write_bytes(
+            &mut inputs.v_cache,
+            &bytes[v_at as usize..][..v_bytes as usize],
+        );
         Ok(output)
     }
 
@@ -314,12 +324,7 @@ impl WgpuBackend {
             .ok_or_else(|| backend_err("a decode step without a KV cache"))?;
         let es = c.dtype.size_bytes() as u64;
         if let Some(o) = outputs {
-            let qkv = DeviceInputs {
-                q: inputs.q,
-                k: inputs.k_cache,
-                v: inputs.v_cache,
-            };
-            check_forward_buffers(c, qkv, o)?;
+            check_forward_buffers(c, inputs.attention_inputs(), o)?;
         }
         check_buffer("k cache", inputs.k_cache, c.sizes.k as u64 * es)?;
         check_buffer("v cache", inputs.v_cache, c.sizes.v as u64 * es)?;
@@ -337,11 +342,7 @@ impl WgpuBackend {
                 tables: &tables,
                 cache: Some(&args),
             };
-            let qkv = DeviceInputs {
-                q: inputs.q,
-                k: inputs.k_cache,
-                v: inputs.v_cache,
-            };
+            let qkv = inputs.attention_inputs();
             dispatches.extend(self.forward_dispatches(c, &pass, qkv, outputs, &mut scratch)?);
         }
         record_pass(enc, "flashattn decode", timer, &dispatches);

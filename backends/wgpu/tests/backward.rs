@@ -6,7 +6,7 @@ mod common;
 
 use common::assert_cases;
 use flashattn_core::testing::strategy::{specs, SpecSpace};
-use flashattn_core::testing::{check_backward, feature_cases};
+use flashattn_core::testing::{check_backward, feature_cases, BackwardCase};
 use flashattn_core::{reference_backward, rel_l2_error, AttentionSpec, Backend, DType, Pass};
 use flashattn_wgpu::WgpuBackend;
 use proptest::prelude::*;
@@ -108,7 +108,7 @@ fn deterministic() {
             .heads_kv(2)
             .causal(true)
             .dtype(dtype));
-        let case = common::BackwardCase::new(b, &spec, 21);
+        let case = BackwardCase::new(b, &spec, 21).unwrap();
         let inputs = case.inputs();
         let first = b.backward(&spec, inputs).unwrap();
         for (run, backend) in [(1, b), (2, b), (3, &other)] {
@@ -135,7 +135,7 @@ fn naive_backward_matches_the_reference() {
         if spec.is_varlen() {
             continue;
         }
-        let case = common::BackwardCase::new(b, &spec, 31);
+        let case = BackwardCase::new(b, &spec, 31).unwrap();
         let inputs = case.inputs();
         let got = pollster::block_on(b.naive_backward_async(&spec, inputs))
             .unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -6,8 +6,7 @@
 
 mod common;
 
-use common::BackwardCase;
-use flashattn_core::testing::{backward_tolerance, decode};
+use flashattn_core::testing::{backward_tolerance, decode, BackwardCase};
 use flashattn_core::{
     lse_max_error, random_inputs, random_tensor, reference_attention, reference_backward,
     reference_decode, rel_l2_error, AttentionSpec, Backend, DType, DecodeInputs, Tensor,
@@ -203,7 +202,7 @@ fn backward_on_slices_of_shared_buffers() {
             ),
         ] {
             let spec = spec.dtype(dtype).return_lse(true);
-            let case = BackwardCase::new(&b, &spec, 5);
+            let case = BackwardCase::new(&b, &spec, 5).unwrap();
             let grad_bytes = |t: &Tensor| zeros(t.as_ref().as_bytes().len());
             let inputs = Arena::new(
                 &b,

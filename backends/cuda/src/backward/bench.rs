@@ -4,24 +4,22 @@
 //! and gradients (delta, the f32 dq accumulator, side tables).
 
 use super::{backward_plan, BwdBuffers};
+use crate::bench::BenchCall;
 use crate::compile::BACKEND;
 use crate::device::DevBuf;
 use crate::forward::{Buffers, DevTensor};
 use crate::CudaBackend;
-use flashattn_core::{
-    random_tensor, Algorithm, AttentionSpec, BenchMeasure, BenchPlan, Error, Result,
-};
+use flashattn_core::{random_tensor, Algorithm, BenchMeasure, Error, Result};
 use rand::SeedableRng;
 
 impl CudaBackend {
-    pub(crate) fn bench_backward(
-        &self,
-        spec: &AttentionSpec,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        plan.runs()?;
+    pub(crate) fn bench_backward(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
+        let BenchCall {
+            c,
+            algo,
+            plan,
+            progress,
+        } = call;
         if algo != Algorithm::Flash {
             // A naive backward (materialised P and dS) would only restate the forward's naive
             // peer's memory cost (the score matrix, twice); not built on CUDA.
@@ -32,7 +30,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        let spec = &spec.clone().return_lse(true);
+        let spec = &c.spec.clone().return_lse(true);
         let checked = spec.validate()?;
         let forward = self.choose(&checked)?;
         let variant = self.choose_backward(&checked)?;

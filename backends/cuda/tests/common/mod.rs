@@ -3,6 +3,7 @@
 
 pub mod device;
 pub mod emu;
+pub mod emulated;
 
 use flashattn_core::testing::{
     backend_or_skip, check_backend, check_backward, check_cases, CheckReport,
@@ -24,9 +25,10 @@ pub fn run_backward(b: &dyn Backend, what: &str, cases: &[(String, AttentionSpec
     run_check(b, what, cases, seed, check_backward);
 }
 
-type Check = fn(&dyn Backend, &AttentionSpec, u64) -> Result<CheckReport, String>;
+pub type Check = fn(&dyn Backend, &AttentionSpec, u64) -> Result<CheckReport, String>;
 
-fn run_check(
+/// Runs every case with `check` and fails with one line per failing case.
+pub fn run_check(
     b: &dyn Backend,
     what: &str,
     cases: &[(String, AttentionSpec)],

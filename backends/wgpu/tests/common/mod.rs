@@ -4,12 +4,8 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 use flashattn_core::testing::{backend_or_skip, check_cases, CheckReport};
-use flashattn_core::{
-    random_inputs, random_tensor, Algorithm, AttentionSpec, Backend, BackwardInputs, BenchPlan,
-    DType, Pass, Tensor,
-};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
 use flashattn_wgpu::WgpuBackend;
-use rand::SeedableRng;
 use std::sync::OnceLock;
 
 /// The backend, or `None` when the test is skipped (the reason is printed; a failure instead
@@ -110,45 +106,4 @@ pub fn assert_bench_memory(
     let (fe, ne) = (flash.extra_bytes.unwrap(), naive.extra_bytes.unwrap());
     assert!(ne >= naive_min, "naive extra {ne}");
     assert!(fe * ratio < ne, "flash extra {fe} vs naive {ne}");
-}
-
-/// Random q, k, v, dout of `spec` and the forward's out and LSE on `b`: a backward's inputs.
-pub struct BackwardCase {
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    pub out: Tensor,
-    pub lse: Vec<f32>,
-    pub dout: Tensor,
-}
-
-impl BackwardCase {
-    pub fn new(b: &WgpuBackend, spec: &AttentionSpec, seed: u64) -> BackwardCase {
-        let spec = spec.clone().return_lse(true);
-        let (q, k, v) = random_inputs(&spec, seed);
-        let fwd = b
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-            .unwrap();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xd0);
-        let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap());
-        BackwardCase {
-            q,
-            k,
-            v,
-            out: fwd.out,
-            lse: fwd.lse.unwrap(),
-            dout,
-        }
-    }
-
-    pub fn inputs(&self) -> BackwardInputs<'_> {
-        BackwardInputs {
-            q: self.q.as_ref(),
-            k: self.k.as_ref(),
-            v: self.v.as_ref(),
-            out: self.out.as_ref(),
-            lse: &self.lse,
-            dout: self.dout.as_ref(),
-        }
-    }
 }
