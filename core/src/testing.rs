@@ -130,14 +130,7 @@ pub fn check_backward(
     let lse = fwd
         .lse
         .ok_or_else(|| format!("{name}: forward gave no LSE on {spec}"))?;
-    let inputs = BackwardInputs {
-        q: q.as_ref(),
-        k: k.as_ref(),
-        v: v.as_ref(),
-        out: fwd.out.as_ref(),
-        lse: &lse,
-        dout: dout.as_ref(),
-    };
+    let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, &lse, &dout);
     let got = backend
         .backward(spec, inputs)
         .map_err(|e| format!("{name} backward failed on {spec}: {e}"))?;
@@ -198,13 +191,7 @@ pub fn check_decode(
     let got = backend
         .decode(
             spec,
-            DecodeInputs {
-                q: q.as_ref(),
-                k_cache: kc.as_mut(),
-                v_cache: vc.as_mut(),
-                k_new: has_new.then(|| k_new.as_ref()),
-                v_new: has_new.then(|| v_new.as_ref()),
-            },
+            DecodeInputs::of(&q, (&mut kc, &mut vc), has_new.then_some((&k_new, &v_new))),
         )
         .map_err(|e| format!("{name} decode failed on {spec}: {e}"))?;
     for (which, after, before, expected) in [
