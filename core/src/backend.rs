@@ -1,7 +1,8 @@
 //! The one trait every backend implements.
 
 use crate::{
-    AttentionSpec, CacheConfig, Error, Grads, KvCacheHandle, Output, Result, TensorMut, TensorRef,
+    AttentionSpec, CacheConfig, Error, Grads, KvCacheHandle, Output, Result, Tensor, TensorMut,
+    TensorRef,
 };
 
 /// What a benchmark times: our flash kernel, naive attention that materialises the scores, or
@@ -71,6 +72,25 @@ pub struct BackwardInputs<'a> {
     pub dout: TensorRef<'a>,
 }
 
+impl<'a> BackwardInputs<'a> {
+    /// The inputs as views of host tensors: q, k, v, the forward's out and LSE, and dout.
+    pub fn of(
+        (q, k, v): (&'a Tensor, &'a Tensor, &'a Tensor),
+        out: &'a Tensor,
+        lse: &'a [f32],
+        dout: &'a Tensor,
+    ) -> Self {
+        BackwardInputs {
+            q: q.as_ref(),
+            k: k.as_ref(),
+            v: v.as_ref(),
+            out: out.as_ref(),
+            lse,
+            dout: dout.as_ref(),
+        }
+    }
+}
+
 /// Host inputs of a decode call. The caches are appended to in place (`seqlen_new` rows per
 /// batch entry from `k_new` / `v_new`) before attending.
 #[derive(Debug)]
@@ -81,6 +101,23 @@ pub struct DecodeInputs<'a> {
     /// `[batch, seqlen_new, heads_kv, head_dim]`; `None` when `seqlen_new` is 0.
     pub k_new: Option<TensorRef<'a>>,
     pub v_new: Option<TensorRef<'a>>,
+}
+
+impl<'a> DecodeInputs<'a> {
+    /// The inputs as views of host tensors; `new` holds the appended k and v rows, if any.
+    pub fn of(
+        q: &'a Tensor,
+        (k_cache, v_cache): (&'a mut Tensor, &'a mut Tensor),
+        new: Option<(&'a Tensor, &'a Tensor)>,
+    ) -> Self {
+        DecodeInputs {
+            q: q.as_ref(),
+            k_cache: k_cache.as_mut(),
+            v_cache: v_cache.as_mut(),
+            k_new: new.map(|(k, _)| k.as_ref()),
+            v_new: new.map(|(_, v)| v.as_ref()),
+        }
+    }
 }
 
 /// What a backend measured.

@@ -329,8 +329,38 @@ impl CacheState {
     }
 }
 
-/// A KV cache living on one backend's device between decode steps.
-pub trait KvCacheHandle {
+/// The host tensors of one cache step.
+pub struct StepInputs<'a> {
+    /// The query rows; a zero placeholder of the right size when only appending.
+    pub q: TensorRef<'a>,
+    pub k_new: Option<TensorRef<'a>>,
+    pub v_new: Option<TensorRef<'a>>,
+    /// false: append the new rows only (a prefill), no attention and no output.
+    pub attend: bool,
+}
+
+/// What a backend's KV cache supplies besides [`KvCacheHandle::read`] and `state`: one
+/// step on its buffers. The bookkeeping around a step is `KvCacheHandle`'s, the same for
+/// every backend.
+pub trait CacheBuffers {
+    fn cache_state_mut(&mut self) -> &mut CacheState;
+
+    /// Runs the decode `spec` (built by the state) on the buffers: appends the new rows and,
+    /// when attending, attends with q. Returns the output when attending; leaves the state
+    /// alone.
+    fn run_step(&mut self, spec: &AttentionSpec, io: StepInputs<'_>) -> Result<Option<Output>>;
+
+    /// The backend's name, for errors.
+    fn backend_name(&self) -> &'static str;
+}
+
+/// A KV cache living on one backend's device between decode steps. A step builds its spec
+/// from the state, runs on the buffers, and commits only on success, so a refused step
+/// leaves the cache exactly as it was.
+pub trait KvCacheHandle: CacheBuffers {
+    /// The whole k and v buffers, read back to the host (`[buffer_rows, heads_kv, d]`).
+    fn read(&self) -> Result<(Tensor, Tensor)>;
+
     fn state(&self) -> &CacheState;
 
     /// Appends `seqlen_new` rows per sequence (`k_new` / `v_new` `[batch, seqlen_new, heads_kv, d]`)
@@ -342,16 +372,48 @@ pub trait KvCacheHandle {
         q: TensorRef<'_>,
         k_new: Option<TensorRef<'_>>,
         v_new: Option<TensorRef<'_>>,
-    ) -> Result<Output>;
+    ) -> Result<Output> {
+        let io = StepInputs {
+            q,
+            k_new,
+            v_new,
+            attend: true,
+        };
+        run_and_commit(self, step, io)?
+            .ok_or_else(|| Error::backend(self.backend_name(), "decode produced no output"))
+    }
 
     /// Appends rows without attending (prefill of a prompt into the cache).
-    fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()>;
+    fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()> {
+        let (step, n) = self.state().append_step();
+        let q = Tensor::zeros(self.state().config().dtype, n);
+        let io = StepInputs {
+            q: q.as_ref(),
+            k_new: Some(k_new),
+            v_new: Some(v_new),
+            attend: false,
+        };
+        run_and_commit(self, &step, io).map(|_| ())
+    }
 
     /// Empties sequence `seq`.
-    fn reset(&mut self, seq: usize) -> Result<()>;
+    fn reset(&mut self, seq: usize) -> Result<()> {
+        self.cache_state_mut().reset(seq)
+    }
+}
 
-    /// The whole k and v buffers, read back to the host (`[buffer_rows, heads_kv, d]`).
-    fn read(&self) -> Result<(Tensor, Tensor)>;
+/// Builds the spec of a step appending `io`'s new rows, runs it, and commits on success.
+fn run_and_commit<C: KvCacheHandle + ?Sized>(
+    cache: &mut C,
+    step: &DecodeStep,
+    io: StepInputs<'_>,
+) -> Result<Option<Output>> {
+    let state = cache.state();
+    let new = state.seqlen_new(io.k_new.as_ref(), io.v_new.as_ref())?;
+    let spec = state.spec(step, new)?;
+    let out = cache.run_step(&spec, io)?;
+    cache.cache_state_mut().commit(new);
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@ pub use backend::{
     Algorithm, Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, Pass,
 };
 pub use cache_dir::cache_dir;
-pub use cache_state::{CacheConfig, CacheState, DecodeStep, KvCacheHandle};
+pub use cache_state::{
+    CacheBuffers, CacheConfig, CacheState, DecodeStep, KvCacheHandle, StepInputs,
+};
 pub use checked::{CheckedSpec, Sizes};
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -142,48 +142,39 @@ mod tests {
         v
     }
 
+    /// Whether `got` holds exactly the indices `0..n` where `want` holds.
+    fn agrees(got: Range<usize>, n: usize, want: impl Fn(usize) -> bool) -> bool {
+        (0..n).all(|x| got.contains(&x) == want(x))
+    }
+
     #[test]
     fn ranges_match_the_definition() {
         for m in masks() {
             for (q, k) in [(1, 1), (5, 5), (7, 3), (3, 11), (20, 20), (9, 1)] {
-                let mut pairs = 0u128;
+                let vis = |i: usize, j: usize| visible(&m, i, j, q, k);
+                let at = format!("{m:?} q{q} k{k}");
+                let pairs = (0..q).map(|i| (0..k).filter(|&j| vis(i, j)).count() as u128);
+                assert_eq!(m.visible_pairs(q, k), pairs.sum(), "{at}");
                 for i in 0..q {
-                    let r = m.keys(i, q, k);
-                    for j in 0..k {
-                        assert_eq!(
-                            r.contains(&j),
-                            visible(&m, i, j, q, k),
-                            "{m:?} q{q} k{k} ({i},{j})"
-                        );
-                        pairs += visible(&m, i, j, q, k) as u128;
-                    }
+                    assert!(agrees(m.keys(i, q, k), k, |j| vis(i, j)), "{at} row {i}");
                 }
-                assert_eq!(m.visible_pairs(q, k), pairs, "{m:?} q{q} k{k}");
                 for j in 0..k {
-                    let r = m.rows(j, q, k);
-                    for i in 0..q {
-                        assert_eq!(
-                            r.contains(&i),
-                            visible(&m, i, j, q, k),
-                            "rows {m:?} q{q} k{k} ({i},{j})"
-                        );
-                    }
+                    assert!(agrees(m.rows(j, q, k), q, |i| vis(i, j)), "{at} key {j}");
                 }
-                for a in 0..q {
-                    for b in a..=q {
-                        let union = m.keys_of_rows(a..b, q, k);
-                        for j in 0..k {
-                            let any = (a..b).any(|i| visible(&m, i, j, q, k));
-                            assert_eq!(union.contains(&j), any, "{m:?} rows {a}..{b} key {j}");
-                        }
-                    }
-                }
-                for a in 0..k {
-                    for b in a..=k {
-                        let union = m.rows_of_keys(a..b, q, k);
-                        for i in 0..q {
-                            let any = (a..b).any(|j| visible(&m, i, j, q, k));
-                            assert_eq!(union.contains(&i), any, "{m:?} keys {a}..{b} row {i}");
+                // The keys some row of `a..b` sees, and the rows that see some key of `a..b`.
+                type Union = fn(&Mask, Range<usize>, usize, usize) -> Range<usize>;
+                let unions: [(Union, usize, usize, bool); 2] = [
+                    (Mask::keys_of_rows, q, k, false),
+                    (Mask::rows_of_keys, k, q, true),
+                ];
+                for (union, len, other, by_keys) in unions {
+                    // x: an index of `a..b`, y: one the union may hold.
+                    let sees = |x, y| if by_keys { vis(y, x) } else { vis(x, y) };
+                    for a in 0..len {
+                        for b in a..=len {
+                            let any = |y| (a..b).any(|x| sees(x, y));
+                            let got = union(&m, a..b, q, k);
+                            assert!(agrees(got, other, any), "{at} {a}..{b} by keys {by_keys}");
                         }
                     }
                 }

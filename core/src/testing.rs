@@ -9,8 +9,7 @@ pub mod strategy;
 
 use crate::{
     lse_max_error, random_inputs, random_tensor, reference_attention, reference_backward,
-    reference_decode, rel_l2_error, AttentionSpec, Backend, BackwardInputs, DType, DecodeInputs,
-    Result as FaResult, Tensor,
+    rel_l2_error, AttentionSpec, Backend, BackwardInputs, DType, Result as FaResult, Tensor,
 };
 use rand::SeedableRng;
 
@@ -197,14 +196,12 @@ impl BackwardCase {
     }
 
     pub fn inputs(&self) -> BackwardInputs<'_> {
-        BackwardInputs {
-            q: self.q.as_ref(),
-            k: self.k.as_ref(),
-            v: self.v.as_ref(),
-            out: self.out.as_ref(),
-            lse: &self.lse,
-            dout: self.dout.as_ref(),
-        }
+        BackwardInputs::of(
+            (&self.q, &self.k, &self.v),
+            &self.out,
+            &self.lse,
+            &self.dout,
+        )
     }
 }
 
@@ -217,36 +214,17 @@ pub fn check_decode(
     seed: u64,
 ) -> Result<CheckReport, String> {
     let name = backend.name();
-    let (q, k_cache, v_cache) = random_inputs(spec, seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xdec0de);
-    let k_new = random_tensor(&mut rng, spec.dtype, spec.k_new_elems().unwrap_or(0));
-    let v_new = random_tensor(&mut rng, spec.dtype, spec.v_new_elems().unwrap_or(0));
-    let has_new = spec.kv_cache.as_ref().is_some_and(|c| c.seqlen_new > 0);
-    let want = reference_decode(
-        spec,
-        q.as_ref(),
-        k_cache.as_ref(),
-        v_cache.as_ref(),
-        has_new.then(|| k_new.as_ref()),
-        has_new.then(|| v_new.as_ref()),
-    )
-    .map_err(|e| format!("reference decode failed on {spec}: {e}"))?;
-    let (mut kc, mut vc) = (k_cache.clone(), v_cache.clone());
+    let data = decode::DecodeData::random(spec, seed);
+    let want = data
+        .reference(spec)
+        .map_err(|e| format!("reference decode failed on {spec}: {e}"))?;
+    let (mut kc, mut vc) = (data.k_cache.clone(), data.v_cache.clone());
     let got = backend
-        .decode(
-            spec,
-            DecodeInputs {
-                q: q.as_ref(),
-                k_cache: kc.as_mut(),
-                v_cache: vc.as_mut(),
-                k_new: has_new.then(|| k_new.as_ref()),
-                v_new: has_new.then(|| v_new.as_ref()),
-            },
-        )
+        .decode(spec, data.inputs((&mut kc, &mut vc)))
         .map_err(|e| format!("{name} decode failed on {spec}: {e}"))?;
     for (which, after, before, expected) in [
-        ("k cache", &kc, &k_cache, &want.k_cache),
-        ("v cache", &vc, &v_cache, &want.v_cache),
+        ("k cache", &kc, &data.k_cache, &want.k_cache),
+        ("v cache", &vc, &data.v_cache, &want.v_cache),
     ] {
         cache_matches(after, before, expected, spec.dtype).map_err(|e| {
             format!("{name}: {which} after the append: {e} on {spec} (seed {seed})")

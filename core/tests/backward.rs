@@ -1,20 +1,13 @@
 //! The f64 reference backward against central finite differences of the f64 forward.
 
-use flashattn_core::{
-    random_inputs, random_tensor, reference_attention, reference_backward, AttentionSpec, Tensor,
-    TensorRef,
-};
+mod common;
+
+use flashattn_core::{random_inputs, random_tensor, reference_backward, AttentionSpec, Tensor};
 use rand::SeedableRng;
 
 /// `sum(out * dout)` of the reference forward.
 fn loss(spec: &AttentionSpec, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> f64 {
-    let r = reference_attention(
-        spec,
-        TensorRef::F32(q),
-        TensorRef::F32(k),
-        TensorRef::F32(v),
-    )
-    .unwrap();
+    let r = common::reference_f32(spec, q, k, v);
     r.out.iter().zip(dout).map(|(o, d)| o * *d as f64).sum()
 }
 

@@ -239,40 +239,22 @@ fn bad_cache_arguments_are_rejected() {
         dim,
         interleaved: true,
     };
-    rejects(
-        base(
-            KvCache::contiguous(2, 10, vec![1, 1])
-                .seqlen_new(1)
-                .rotary(rot(3, 4)),
-        ),
-        "kv_cache.rotary.dim",
-        "3",
-    );
-    rejects(
-        base(
-            KvCache::contiguous(2, 10, vec![1, 1])
-                .seqlen_new(1)
-                .rotary(rot(10, 4)),
-        ),
-        "kv_cache.rotary.dim",
-        "10",
-    );
-    rejects(
-        base(
-            KvCache::contiguous(2, 10, vec![1, 5])
-                .seqlen_new(1)
-                .rotary(rot(4, 5)),
-        ),
-        "kv_cache.rotary.cos",
-        "5 positions",
-    );
-    base(
-        KvCache::contiguous(2, 10, vec![1, 5])
-            .seqlen_new(1)
-            .rotary(rot(4, 6)),
-    )
-    .validate()
-    .unwrap();
+    // (seqlens, rotary dim, cos positions; the field refused and what its value names).
+    for (seqlens, dim, n, refused) in [
+        ([1, 1], 3, 4, Some(("kv_cache.rotary.dim", "3"))),
+        ([1, 1], 10, 4, Some(("kv_cache.rotary.dim", "10"))),
+        ([1, 5], 4, 5, Some(("kv_cache.rotary.cos", "5 positions"))),
+        ([1, 5], 4, 6, None),
+    ] {
+        let cache = KvCache::contiguous(2, 10, seqlens.to_vec()).seqlen_new(1);
+        let spec = base(cache.rotary(rot(dim, n)));
+        match refused {
+            Some((field, fragment)) => rejects(spec, field, fragment),
+            None => {
+                spec.validate().unwrap();
+            }
+        }
+    }
     rejects(
         base(KvCache::contiguous(2, 10, vec![1, 5]).rotary(rot(4, 6))),
         "kv_cache.rotary",

@@ -1,15 +1,11 @@
 //! The reference against cases whose answers follow from the definition by hand.
 
-use flashattn_core::{reference_attention, AttentionSpec, TensorRef};
+mod common;
+
+use flashattn_core::AttentionSpec;
 
 fn run(spec: &AttentionSpec, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f64>, Vec<f64>) {
-    let r = reference_attention(
-        spec,
-        TensorRef::F32(q),
-        TensorRef::F32(k),
-        TensorRef::F32(v),
-    )
-    .unwrap();
+    let r = common::reference_f32(spec, q, k, v);
     (r.out, r.lse)
 }
 

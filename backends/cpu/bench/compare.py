@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_sdpa_cpu import make_qkv, median_ms, sdpa_backward_fn  # noqa: E402
+from torch_sdpa_cpu import make_qkv, median_ms, sdpa_backward_fn, shape_args  # noqa: E402
 
 
 def torch_median_ms(q, k, v, warmup, iters, causal):
@@ -37,14 +37,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--bshd", action="store_true",
-                    help="give torch flashattn's memory layout [b, s, h, d] (a transposed view)")
+    shape_args(ap, iters=5)
     ap.add_argument("--backward", action="store_true", help="compare the backward passes")
     ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     args = ap.parse_args()

@@ -55,16 +55,21 @@ def sdpa_backward_fn(q, k, v, causal):
     return run, out.grad_fn.name()
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def shape_args(ap, iters):
+    """The shape, thread and layout flags of this script and compare.py."""
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=iters)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--bshd", action="store_true",
                     help="flashattn's memory layout [b, s, h, d] (SDPA gets a transposed view)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    shape_args(ap, iters=10)
     ap.add_argument("--backward", action="store_true",
                     help="time the backward pass (out.backward(dout)) instead of the forward")
     args = ap.parse_args()

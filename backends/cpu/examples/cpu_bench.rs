@@ -8,36 +8,28 @@
 
 use flashattn_core::alloc_meter::MeteredAlloc;
 use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
-use flashattn_cpu::{CpuBackend, Isa};
+
+mod common;
 
 #[global_allocator]
 static ALLOC: MeteredAlloc = MeteredAlloc;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    let flag = |name: &str| args.iter().any(|a| a == name);
-    let seq: usize = opt("--seq").map_or(2048, |s| s.parse().expect("--seq"));
-    let heads: usize = opt("--heads").map_or(8, |s| s.parse().expect("--heads"));
-    let iters: usize = opt("--iters").map_or(10, |s| s.parse().expect("--iters"));
-    let dims: Vec<usize> = opt("--dims")
+    let args = common::Args::from_env();
+    let flag = |name: &str| args.flag(name);
+    let seq = args.num("--seq", 2048);
+    let heads = args.num("--heads", 8);
+    let iters = args.num("--iters", 10);
+    let dims: Vec<usize> = args
+        .opt("--dims")
         .unwrap_or_else(|| "64,128".into())
         .split(',')
         .map(|s| s.parse().expect("--dims"))
         .collect();
-    let dtype: DType = opt("--dtype").map_or(DType::F32, |s| s.parse().expect("--dtype"));
-    let mut backend = match opt("--threads") {
-        Some(t) => CpuBackend::with_threads(t.parse().expect("--threads")),
-        None => CpuBackend::new(),
-    };
-    if let Some(isa) = opt("--isa") {
-        let isa: Isa = isa.parse().expect("--isa");
-        backend = backend.with_isa(isa).expect("--isa");
-    }
+    let dtype: DType = args
+        .opt("--dtype")
+        .map_or(DType::F32, |s| s.parse().expect("--dtype"));
+    let backend = args.backend();
     let algo = if flag("--naive") {
         Algorithm::Naive
     } else {

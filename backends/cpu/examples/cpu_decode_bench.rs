@@ -12,21 +12,15 @@ use flashattn_core::alloc_meter::MeteredAlloc;
 use flashattn_core::{
     decode_bytes, Algorithm, AttentionSpec, Backend, BenchPlan, DType, KvCache, Pass,
 };
-use flashattn_cpu::{CpuBackend, Isa};
+
+mod common;
 
 #[global_allocator]
 static ALLOC: MeteredAlloc = MeteredAlloc;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let opt = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    let num = |name: &str, default: usize| -> usize {
-        opt(name).map_or(default, |s| s.parse().unwrap_or_else(|_| panic!("{name}")))
-    };
+    let args = common::Args::from_env();
+    let num = |name: &str, default: usize| args.num(name, default);
     let keys = num("--keys", 32768);
     let heads = num("--heads", 32);
     let heads_kv = num("--heads-kv", 8);
@@ -34,17 +28,12 @@ fn main() {
     let new = num("--new", 1);
     let iters = num("--iters", 10);
     let rounds = num("--rounds", 3);
-    let dtype: DType = opt("--dtype").map_or(DType::Bf16, |s| s.parse().expect("--dtype"));
-    let mut backend = match opt("--threads") {
-        Some(t) => CpuBackend::with_threads(t.parse().expect("--threads")),
-        None => CpuBackend::new(),
-    };
-    if let Some(isa) = opt("--isa") {
-        let isa: Isa = isa.parse().expect("--isa");
-        backend = backend.with_isa(isa).expect("--isa");
-    }
+    let dtype: DType = args
+        .opt("--dtype")
+        .map_or(DType::Bf16, |s| s.parse().expect("--dtype"));
+    let backend = args.backend();
     let used = vec![(keys - new) as i32];
-    let cache = match opt("--page") {
+    let cache = match args.opt("--page") {
         Some(p) => {
             let page: usize = p.parse().expect("--page");
             let pages = keys.div_ceil(page);

@@ -23,7 +23,7 @@
 //! (which recomputes S and dP: 7 block products instead of 5), and no O(key blocks x tokens)
 //! partial-dq buffers.
 
-use crate::block::{self, ScoreBlock};
+use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
 use crate::device::Isa;
 use crate::forward::lanes;
 use crate::io::{try_zeroed, AlignedBuf, OutBuf, SharedRows, Src};
@@ -346,6 +346,7 @@ impl Kernel for Problem<'_> {
                 rows_l: m,
                 j0,
                 nk,
+                kh: t.kv_head,
                 query_stride: p.ld,
                 key_stride: 1,
             };
@@ -418,7 +419,7 @@ unsafe fn block_grads<S: Simd>(
         sc.dp.as_mut_ptr().add(s0 * ld),
     );
     let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
-    block::qk_product::<S>(
+    block::qk_product::<QkTiles<S>>(
         n,
         keys.clone(),
         product(d, q, d_pad, sc.kt.as_ptr(), sp, ld),
@@ -432,7 +433,7 @@ unsafe fn block_grads<S: Simd>(
     load_lse(p, sc, blk, (b, h), seen.clone());
     probabilities::<S>(sc, ld, seen.clone(), keys.clone());
     // dP = dO · V^T, then dS in place.
-    block::qk_product::<S>(
+    block::qk_product::<QkTiles<S>>(
         n,
         keys.clone(),
         product(dv, dout, dv_pad, sc.vt.as_ptr(), dp, ld),
@@ -455,7 +456,7 @@ unsafe fn block_grads<S: Simd>(
             ldc: ldb,
             alpha: sc.ones.as_ptr(),
         };
-        block::pv_product::<S>(0..blk.nk, ldb, t);
+        block::pv_product::<PvTiles<S>>(0..blk.nk, ldb, t);
     }
     // dQ_blk = dS · K (overwrites the rows `seen`, rounded out to whole tiles).
     let t = Tile {
@@ -469,7 +470,7 @@ unsafe fn block_grads<S: Simd>(
         ldc: d_pad,
         alpha: std::ptr::null(),
     };
-    block::pv_product::<S>(seen, d_pad, t);
+    block::pv_product::<PvTiles<S>>(seen, d_pad, t);
 }
 
 /// The `C = A · B` product of query rows `a` (`k` wide, row stride `a_rs`) with a transposed

@@ -16,34 +16,31 @@ pub(crate) fn bench(
     progress: &mut dyn FnMut(),
 ) -> Result<BenchMeasure> {
     plan.runs()?;
-    if plan.pass == Pass::Decode {
-        // Decode has its own peers (the copy of the bytes a step reads).
-        return crate::decode_bench::bench(backend, spec, algo, plan, progress);
-    }
-    if algo == Algorithm::Copy {
-        return Err(Error::unsupported(
-            "cpu",
-            "the copy peer times decode steps only",
-        ));
-    }
     let b = Bench {
         backend,
         spec,
-        naive: algo == Algorithm::Naive,
+        algo,
         plan,
     };
     match plan.pass {
+        // Decode has its own peers (the copy of the bytes a step reads: decode_bench.rs).
+        Pass::Decode => b.decode(progress),
+        _ if algo == Algorithm::Copy => Err(Error::unsupported(
+            "cpu",
+            "the copy peer times decode steps only",
+        )),
         Pass::Forward => b.forward(progress),
         _ => b.backward(progress),
     }
 }
 
-/// One benchmark: the flash or the naive algorithm of one pass.
-struct Bench<'a> {
-    backend: &'a CpuBackend,
-    spec: &'a AttentionSpec,
-    naive: bool,
-    plan: &'a BenchPlan,
+/// One benchmark: an algorithm (flash, naive, or decode's copy) of one pass.
+#[derive(Clone, Copy)]
+pub(crate) struct Bench<'a> {
+    pub backend: &'a CpuBackend,
+    pub spec: &'a AttentionSpec,
+    pub algo: Algorithm,
+    pub plan: &'a BenchPlan,
 }
 
 impl Bench<'_> {
@@ -56,8 +53,8 @@ impl Bench<'_> {
         // Output and LSE are results, not extra memory.
         let lse_bytes = if spec.return_lse { c.sizes.lse * 4 } else { 0 };
         let out_bytes = (c.sizes.out * spec.dtype.output().size_bytes() + lse_bytes) as u64;
-        self.time_runs(out_bytes, progress, || {
-            if self.naive {
+        time_runs(self.plan, out_bytes, progress, || {
+            if self.algo == Algorithm::Naive {
                 backend.naive_forward(spec, q, k, v)
             } else {
                 backend.forward(spec, q, k, v)
@@ -80,17 +77,10 @@ impl Bench<'_> {
         let lse = fwd
             .lse
             .ok_or_else(|| Error::backend("cpu", "the forward gave no LSE"))?;
-        let inputs = BackwardInputs {
-            q: q.as_ref(),
-            k: k.as_ref(),
-            v: v.as_ref(),
-            out: fwd.out.as_ref(),
-            lse: &lse,
-            dout: dout.as_ref(),
-        };
+        let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, &lse, &dout);
         let grad_bytes = ((c.sizes.q + c.sizes.k + c.sizes.v) * spec.dtype.size_bytes()) as u64;
-        self.time_runs(grad_bytes, progress, || {
-            if self.naive {
+        time_runs(self.plan, grad_bytes, progress, || {
+            if self.algo == Algorithm::Naive {
                 backend.naive_backward(spec, inputs)
             } else {
                 backend.backward(spec, inputs)
@@ -98,31 +88,32 @@ impl Bench<'_> {
             .map(drop)
         })
     }
+}
 
-    /// Runs `run` for every run of the plan; times and measures the peak extra heap
-    /// (beyond `result_bytes`) of the runs after the warm-up.
-    fn time_runs(
-        &self,
-        result_bytes: u64,
-        progress: &mut dyn FnMut(),
-        mut run: impl FnMut() -> Result<()>,
-    ) -> Result<BenchMeasure> {
-        let mut measure = BenchMeasure::default();
-        for i in 0..self.plan.runs()? {
-            let baseline = alloc_meter::start();
-            let t0 = Instant::now();
-            run()?;
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            let extra = alloc_meter::peak_above(baseline).map(|b| b.saturating_sub(result_bytes));
-            if i >= self.plan.warmup {
-                measure.times_ms.push(ms);
-                measure.extra_bytes = match (measure.extra_bytes, extra) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (_, e) => e,
-                };
-            }
-            progress();
+/// Runs `run` for every run of `plan`; times and measures the peak extra heap (beyond
+/// `result_bytes`) of the runs after the warm-up. What a run returns is dropped untimed.
+pub(crate) fn time_runs<T>(
+    plan: &BenchPlan,
+    result_bytes: u64,
+    progress: &mut dyn FnMut(),
+    mut run: impl FnMut() -> Result<T>,
+) -> Result<BenchMeasure> {
+    let mut measure = BenchMeasure::default();
+    for i in 0..plan.runs()? {
+        let baseline = alloc_meter::start();
+        let t0 = Instant::now();
+        let result = run()?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let extra = alloc_meter::peak_above(baseline).map(|b| b.saturating_sub(result_bytes));
+        drop(result);
+        if i >= plan.warmup {
+            measure.times_ms.push(ms);
+            measure.extra_bytes = match (measure.extra_bytes, extra) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (_, e) => e,
+            };
         }
-        Ok(measure)
+        progress();
     }
+    Ok(measure)
 }

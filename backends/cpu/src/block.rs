@@ -12,6 +12,7 @@ use crate::simd::{Simd, Tile};
 use flashattn_core::score::{alibi, softcap, softcap_grad};
 use flashattn_core::{Mask, ScoreMod, SeqBounds};
 use std::f32::consts::LOG2_E;
+use std::marker::PhantomData;
 use std::ops::Range;
 
 /// Rows the packing loops prefetch ahead of the row they copy.
@@ -109,70 +110,124 @@ pub(crate) fn rows_seeing(
     r0..r1.max(r0)
 }
 
+/// A register-tile kernel that the two block products below walk over a block: the f32
+/// Q·K and P·V tiles of `simd.rs` ([`QkTiles`], [`PvTiles`]) and the low-precision tiles
+/// of `lowp.rs`.
+pub(crate) trait TileKernel {
+    type Tile;
+    /// Tile shape: MR broadcast rows x NV vectors of COLS output columns.
+    const MR: usize;
+    const NV: usize;
+    const COLS: usize;
+    /// Vectors of a Q·K tile with `cols` columns left: whole vectors only, or the last one
+    /// part-filled where the kernel's buffers have room for it.
+    fn vectors(cols: usize) -> usize;
+    /// The product `t` moved to row `r`, column `c`; with `alpha`, the rows' alpha too
+    /// (a null alpha stays null), else none.
+    unsafe fn at(t: &Self::Tile, r: usize, c: usize, alpha: bool) -> Self::Tile;
+    /// One tile of `mr` (1..=MR) rows and `nv` (1..=NV) vectors.
+    unsafe fn run(mr: usize, nv: usize, t: Self::Tile);
+}
+
 /// `C[r][c] = sum_x A[r][x] * B[x][c]` for the `nk` rows of A and the columns `cols`
-/// (rounded out to whole groups of `NV_QK` vectors), in `qk_tile`s: S^T = K · Q^T in the
-/// forward, S = Q · K^T and dP = dO · V^T in the backward. `t` describes the product at
-/// row 0, column 0 (`t.k` is the inner dimension, `t.alpha` is ignored).
+/// (rounded out to whole groups of `NV` vectors), in tiles: S^T = K · Q^T in the forward,
+/// S = Q · K^T and dP = dO · V^T in the backward. `t` describes the product at row 0,
+/// column 0 (`t.k` is the inner dimension, `t.alpha` is ignored).
 ///
-/// Column groups outer: one group's B slice (k x 48 floats) stays in L1 while A's rows
-/// stream past it.
+/// Column groups outer: one group's B slice stays in L1 while A's rows stream past it.
 #[inline(always)]
-pub(crate) unsafe fn qk_product<S: Simd>(nk: usize, cols: Range<usize>, t: Tile) {
-    let qw = S::NV_QK * S::LANES;
-    for ig in (cols.start / qw * qw..cols.end).step_by(qw) {
-        let nv = S::NV_QK.min((cols.end - ig) / S::LANES);
+pub(crate) unsafe fn qk_product<K: TileKernel>(nk: usize, cols: Range<usize>, t: K::Tile) {
+    let w = K::NV * K::COLS;
+    for ig in (cols.start / w * w..cols.end).step_by(w) {
+        let nv = K::vectors(cols.end - ig);
         let mut jt = 0;
         while jt < nk {
-            let mr = S::MR_QK.min(nk - jt);
-            S::qk_tile(
-                mr,
-                nv,
-                Tile {
-                    a: t.a.add(jt * t.a_rs),
-                    b: t.b.add(ig),
-                    c: t.c.add(jt * t.ldc + ig),
-                    alpha: std::ptr::null(),
-                    ..t
-                },
-            );
+            let mr = K::MR.min(nk - jt);
+            K::run(mr, nv, K::at(&t, jt, ig, false));
             jt += mr;
         }
     }
 }
 
 /// `C[i][0..width] = C[i] * alpha[i] + sum_k A(i, k) B[k]` for the rows `rows` (rounded down
-/// to whole tiles at the start), in `pv_tile`s: O = O * alpha + P · V in the forward;
-/// dQ = dS · K, dV += P^T · dO and dK += dS^T · Q in the backward. `t` describes the product
-/// at row 0, column 0; a null `t.alpha` overwrites C.
+/// to whole tiles at the start): O = O * alpha + P · V in the forward; dQ = dS · K,
+/// dV += P^T · dO and dK += dS^T · Q in the backward. `t` describes the product at row 0,
+/// column 0; a null `t.alpha` overwrites C. `width` is a multiple of `COLS`.
 ///
-/// Column chunks outer: one chunk of B (k x 64 floats) stays in L1 while the rows pass over it.
+/// Column chunks outer: one chunk of B stays in L1 while the rows pass over it.
 #[inline(always)]
-pub(crate) unsafe fn pv_product<S: Simd>(rows: Range<usize>, width: usize, t: Tile) {
+pub(crate) unsafe fn pv_product<K: TileKernel>(rows: Range<usize>, width: usize, t: K::Tile) {
     let mut n0 = 0;
     while n0 < width {
-        let nv = S::NV_PV.min((width - n0) / S::LANES);
-        for ig in (rows.start / S::MR_PV * S::MR_PV..rows.end).step_by(S::MR_PV) {
-            S::pv_tile(
-                S::MR_PV.min(rows.end - ig),
-                nv,
-                Tile {
-                    a: t.a.add(ig * t.a_rs),
-                    b: t.b.add(n0),
-                    c: t.c.add(ig * t.ldc + n0),
-                    alpha: if t.alpha.is_null() {
-                        t.alpha
-                    } else {
-                        t.alpha.add(ig)
-                    },
-                    ..t
-                },
-            );
+        let nv = K::NV.min((width - n0) / K::COLS);
+        for ig in (rows.start / K::MR * K::MR..rows.end).step_by(K::MR) {
+            K::run(K::MR.min(rows.end - ig), nv, K::at(&t, ig, n0, true));
         }
-        n0 += nv * S::LANES;
+        n0 += nv * K::COLS;
     }
 }
 
-/// Where a score block lies: keys `j0..j0 + nk` of a sequence, query rows `q0..q0 + rows`
+/// The f32 Q·K tiles of `S` (`MR_QK` x `NV_QK`), for [`qk_product`].
+pub(crate) struct QkTiles<S>(PhantomData<S>);
+
+/// The f32 P·V tiles of `S` (`MR_PV` x `NV_PV`), for [`pv_product`].
+pub(crate) struct PvTiles<S>(PhantomData<S>);
+
+/// `t` at row `r`, column `c` (f32 B: one element per column).
+#[inline(always)]
+unsafe fn tile_at(t: &Tile, r: usize, c: usize, alpha: bool) -> Tile {
+    Tile {
+        a: t.a.add(r * t.a_rs),
+        b: t.b.add(c),
+        c: t.c.add(r * t.ldc + c),
+        alpha: if !alpha || t.alpha.is_null() {
+            std::ptr::null()
+        } else {
+            t.alpha.add(r)
+        },
+        ..*t
+    }
+}
+
+impl<S: Simd> TileKernel for QkTiles<S> {
+    type Tile = Tile;
+    const MR: usize = S::MR_QK;
+    const NV: usize = S::NV_QK;
+    const COLS: usize = S::LANES;
+    #[inline(always)]
+    fn vectors(cols: usize) -> usize {
+        S::NV_QK.min(cols / S::LANES)
+    }
+    #[inline(always)]
+    unsafe fn at(t: &Tile, r: usize, c: usize, alpha: bool) -> Tile {
+        tile_at(t, r, c, alpha)
+    }
+    #[inline(always)]
+    unsafe fn run(mr: usize, nv: usize, t: Tile) {
+        S::qk_tile(mr, nv, t)
+    }
+}
+
+impl<S: Simd> TileKernel for PvTiles<S> {
+    type Tile = Tile;
+    const MR: usize = S::MR_PV;
+    const NV: usize = S::NV_PV;
+    const COLS: usize = S::LANES;
+    #[inline(always)]
+    fn vectors(cols: usize) -> usize {
+        S::NV_PV.min(cols / S::LANES)
+    }
+    #[inline(always)]
+    unsafe fn at(t: &Tile, r: usize, c: usize, alpha: bool) -> Tile {
+        tile_at(t, r, c, alpha)
+    }
+    #[inline(always)]
+    unsafe fn run(mr: usize, nv: usize, t: Tile) {
+        S::pv_tile(mr, nv, t)
+    }
+}
+
+/// Where a score block lies: keys `j0..j0 + nk` of a sequence (of KV head `kh`), query rows `q0..q0 + rows`
 /// (`rows_l` with the padding rows), and the layout of its scores: score (row i, key j0 + j)
 /// at `i * query_stride + j * key_stride` (the forward stores S^T, the backward S).
 #[derive(Clone, Copy)]
@@ -183,11 +238,21 @@ pub(crate) struct ScoreBlock {
     pub rows_l: usize,
     pub j0: usize,
     pub nk: usize,
+    /// The KV head of the keys.
+    pub kh: usize,
     pub query_stride: usize,
     pub key_stride: usize,
 }
 
 impl ScoreBlock {
+    /// The element offset of the block's first key row in a `[tokens, heads_kv, width]` K
+    /// or V, and the stride between its rows.
+    #[inline(always)]
+    pub fn key_rows(&self, heads_kv: usize, width: usize) -> (usize, usize) {
+        let row0 = (self.s.k_start + self.j0) * heads_kv + self.kh;
+        (row0 * width, heads_kv * width)
+    }
+
     #[inline(always)]
     fn at(&self, i: usize, j: usize) -> usize {
         i * self.query_stride + j * self.key_stride

@@ -3,94 +3,70 @@
 //! (the cache never overflows). `Algorithm::Copy` copies the bytes of K and V the step reads
 //! (`decode_bytes`) on the same threads: the memory-bandwidth limit beside the step.
 
+use crate::bench::{time_runs, Bench};
 use crate::thread_pool::ThreadPool;
-use crate::CpuBackend;
 use flashattn_core::{
-    alloc_meter, random_inputs, validate_decode_inputs, Algorithm, AttentionSpec, Backend,
-    BenchMeasure, BenchPlan, DecodeInputs, Error, Result, Tensor,
+    random_inputs, validate_decode_inputs, Algorithm, AttentionSpec, Backend, BenchMeasure,
+    DecodeInputs, Error, Result, Tensor,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
 
 /// Largest piece of one copy task (bytes).
 const COPY_PIECE: usize = 256 << 10;
 
-pub(crate) fn bench(
-    backend: &CpuBackend,
-    spec: &AttentionSpec,
-    algo: Algorithm,
-    plan: &BenchPlan,
-    progress: &mut dyn FnMut(),
-) -> Result<BenchMeasure> {
-    backend.supports_decode(spec)?;
-    let runs = plan.runs()?;
-    let (q, mut kc, mut vc) = random_inputs(spec, plan.seed);
-    let new = spec.kv_cache.as_ref().map_or(0, |c| c.seqlen_new);
-    let has_new = new > 0;
-    // New rows [batch, new, heads_kv, d / dv]: the k and v of a problem of that shape.
-    let rows_spec = AttentionSpec::new(spec.batch, spec.heads_kv, new, new, spec.head_dim)
-        .head_dim_v(spec.head_dim_v)
-        .dtype(spec.dtype);
-    let (_, k_new, v_new) = random_inputs(&rows_spec, plan.seed ^ 0xdec0de);
-    let copy = match algo {
-        Algorithm::Flash => None,
-        Algorithm::Copy => {
-            let inputs = DecodeInputs {
-                q: q.as_ref(),
-                k_cache: kc.as_mut(),
-                v_cache: vc.as_mut(),
-                k_new: has_new.then(|| k_new.as_ref()),
-                v_new: has_new.then(|| v_new.as_ref()),
-            };
-            validate_decode_inputs(spec, &inputs)?;
-            Some(CopyPlan::new(spec, &kc, &vc))
-        }
-        Algorithm::Naive => {
-            return Err(Error::unsupported(
-                "cpu",
-                "decode has no naive peer; compare with --algo copy (the bandwidth limit)",
-            ))
-        }
-    };
-    let out_bytes = spec.out_elems().unwrap_or(0) as u64 * spec.dtype.output().size_bytes() as u64
-        + if spec.return_lse {
-            spec.lse_elems().unwrap_or(0) as u64 * 4
-        } else {
-            0
-        };
-    let mut measure = BenchMeasure::default();
-    for run in 0..runs {
-        let baseline = alloc_meter::start();
-        let t0 = Instant::now();
-        let out = match &copy {
-            Some(c) => {
-                c.run(&backend.pool, &kc, &vc);
-                None
+impl Bench<'_> {
+    /// Times decode steps (`algo` Flash) or the copy of the bytes a step reads (Copy).
+    pub(crate) fn decode(&self, progress: &mut dyn FnMut()) -> Result<BenchMeasure> {
+        let Bench {
+            backend,
+            spec,
+            algo,
+            plan,
+        } = *self;
+        backend.supports_decode(spec)?;
+        let (q, mut kc, mut vc) = random_inputs(spec, plan.seed);
+        let new = spec.kv_cache.as_ref().map_or(0, |c| c.seqlen_new);
+        let has_new = new > 0;
+        // New rows [batch, new, heads_kv, d / dv]: the k and v of a problem of that shape.
+        let rows_spec = AttentionSpec::new(spec.batch, spec.heads_kv, new, new, spec.head_dim)
+            .head_dim_v(spec.head_dim_v)
+            .dtype(spec.dtype);
+        let (_, k_new, v_new) = random_inputs(&rows_spec, plan.seed ^ 0xdec0de);
+        let copy = match algo {
+            Algorithm::Flash => None,
+            Algorithm::Copy => {
+                let inputs =
+                    DecodeInputs::of(&q, (&mut kc, &mut vc), has_new.then_some((&k_new, &v_new)));
+                validate_decode_inputs(spec, &inputs)?;
+                Some(CopyPlan::new(spec, &kc, &vc))
             }
-            None => Some(backend.decode(
-                spec,
-                DecodeInputs {
-                    q: q.as_ref(),
-                    k_cache: kc.as_mut(),
-                    v_cache: vc.as_mut(),
-                    k_new: has_new.then(|| k_new.as_ref()),
-                    v_new: has_new.then(|| v_new.as_ref()),
-                },
-            )?),
+            Algorithm::Naive => {
+                return Err(Error::unsupported(
+                    "cpu",
+                    "decode has no naive peer; compare with --algo copy (the bandwidth limit)",
+                ))
+            }
         };
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let extra = alloc_meter::peak_above(baseline).map(|b| b.saturating_sub(out_bytes));
-        drop(out);
-        if run >= plan.warmup {
-            measure.times_ms.push(ms);
-            measure.extra_bytes = match (measure.extra_bytes, extra) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (_, e) => e,
+        let out_bytes = spec.out_elems().unwrap_or(0) as u64
+            * spec.dtype.output().size_bytes() as u64
+            + if spec.return_lse {
+                spec.lse_elems().unwrap_or(0) as u64 * 4
+            } else {
+                0
             };
-        }
-        progress();
+        time_runs(plan, out_bytes, progress, || {
+            Ok(match &copy {
+                Some(c) => {
+                    c.run(&backend.pool, &kc, &vc);
+                    None
+                }
+                None => Some(backend.decode(
+                    spec,
+                    DecodeInputs::of(&q, (&mut kc, &mut vc), has_new.then_some((&k_new, &v_new))),
+                )?),
+            })
+        })
     }
-    Ok(measure)
 }
 
 /// The byte ranges of the K and V caches a decode step reads, cut into pieces, and the

@@ -11,7 +11,7 @@
 //! NaN: a NaN score gives p = NaN (the vector exp2 propagates it), so every row that sees a
 //! NaN key or has a NaN query comes out NaN in out and LSE; the row max ignores NaN.
 
-use crate::block::{self, ScoreBlock};
+use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
 use crate::device::Isa;
 use crate::forward_lowp::{LowLayout, LowProducts, LowScratch};
 use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
@@ -233,21 +233,9 @@ pub(crate) trait Products<S: Simd> {
     unsafe fn load_q(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize);
     /// S^T of the block for the query columns `cols` (K packed as needed), in the log2
     /// domain unless the score mod follows.
-    unsafe fn scores(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        kh: usize,
-        cols: Range<usize>,
-    );
+    unsafe fn scores(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, cols: Range<usize>);
     /// O = O * alpha + P · V for the query rows `rows` (V packed as needed).
-    unsafe fn accumulate(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        kh: usize,
-        rows: Range<usize>,
-    );
+    unsafe fn accumulate(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, rows: Range<usize>);
 }
 
 /// The f32 register tiles (`simd.rs`): f16 / bf16 inputs are widened while packing.
@@ -259,25 +247,13 @@ impl<S: Simd> Products<S> for F32Products {
         load_q_block(p, sc, t, s, rows_l);
     }
     #[inline(always)]
-    unsafe fn scores(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        kh: usize,
-        cols: Range<usize>,
-    ) {
-        let k = load_k_block(p, sc, blk, kh);
+    unsafe fn scores(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, cols: Range<usize>) {
+        let k = load_k_block(p, sc, blk);
         scores::<S>(p, sc, blk, k, cols);
     }
     #[inline(always)]
-    unsafe fn accumulate(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        kh: usize,
-        rows: Range<usize>,
-    ) {
-        let v = load_v_block(p, sc, blk, kh);
+    unsafe fn accumulate(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, rows: Range<usize>) {
+        let v = load_v_block(p, sc, blk);
         accumulate_pv::<S>(p, sc, blk, v, rows);
     }
 }
@@ -310,18 +286,19 @@ unsafe fn run_task<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch, t: Ta
             rows_l,
             j0,
             nk: p.blocks.block_n.min(keys.end - j0),
+            kh,
             query_stride: 1,
             key_stride: p.ld,
         };
         let seen = block::rows_seeing(&sc.lo, &sc.hi, rows, j0..j0 + blk.nk);
         let seen_l = seen.start..seen.end.div_ceil(S::LANES) * S::LANES;
-        O::scores(p, sc, &blk, kh, seen_l.clone());
+        O::scores(p, sc, &blk, seen_l.clone());
         if p.post {
             block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
         }
         block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
         online_softmax::<S>(sc, &blk);
-        O::accumulate(p, sc, &blk, kh, seen_l);
+        O::accumulate(p, sc, &blk, seen_l);
     }
     store(p, sc, t, &s, rows);
 }
@@ -345,18 +322,13 @@ fn load_q_block(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: u
 
 /// The block's K rows and their stride: in place for f32, else widened into `kp`.
 #[inline(always)]
-unsafe fn load_k_block(
-    p: &Problem,
-    sc: &mut Scratch,
-    blk: &ScoreBlock,
-    kh: usize,
-) -> (*const f32, usize) {
-    let (hkv, d) = (p.spec.heads_kv, p.spec.head_dim);
-    let off = ((blk.s.k_start + blk.j0) * hkv + kh) * d;
+unsafe fn load_k_block(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) -> (*const f32, usize) {
+    let d = p.spec.head_dim;
+    let (off, stride) = blk.key_rows(p.spec.heads_kv, d);
     match p.k.as_f32() {
-        Some(k) if p.k_direct => (k.as_ptr().add(off), hkv * d),
+        Some(k) if p.k_direct => (k.as_ptr().add(off), stride),
         _ => {
-            block::pack_rows(&p.k, off, hkv * d, blk.nk, d, sc.kp.as_mut_slice(), d);
+            block::pack_rows(&p.k, off, stride, blk.nk, d, sc.kp.as_mut_slice(), d);
             (sc.kp.as_ptr(), d)
         }
     }
@@ -365,18 +337,13 @@ unsafe fn load_k_block(
 /// The block's V rows and their stride: in place for f32 with a vector-multiple dv, else
 /// widened and padded into `vp`.
 #[inline(always)]
-unsafe fn load_v_block(
-    p: &Problem,
-    sc: &mut Scratch,
-    blk: &ScoreBlock,
-    kh: usize,
-) -> (*const f32, usize) {
-    let (hkv, dv) = (p.spec.heads_kv, p.spec.head_dim_v);
-    let off = ((blk.s.k_start + blk.j0) * hkv + kh) * dv;
+unsafe fn load_v_block(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) -> (*const f32, usize) {
+    let dv = p.spec.head_dim_v;
+    let (off, stride) = blk.key_rows(p.spec.heads_kv, dv);
     match (p.v_direct, p.v.as_f32()) {
-        (true, Some(v)) => (v.as_ptr().add(off), hkv * dv),
+        (true, Some(v)) => (v.as_ptr().add(off), stride),
         _ => {
-            block::pack_rows(&p.v, off, hkv * dv, blk.nk, dv, sc.vp.as_mut_slice(), p.vld);
+            block::pack_rows(&p.v, off, stride, blk.nk, dv, sc.vp.as_mut_slice(), p.vld);
             (sc.vp.as_ptr(), p.vld)
         }
     }
@@ -391,7 +358,7 @@ unsafe fn scores<S: Simd>(
     (kptr, krs): (*const f32, usize),
     cols: Range<usize>,
 ) {
-    block::qk_product::<S>(
+    block::qk_product::<QkTiles<S>>(
         blk.nk,
         cols,
         Tile {
@@ -463,7 +430,7 @@ unsafe fn accumulate_pv<S: Simd>(
     (vptr, vrs): (*const f32, usize),
     rows: Range<usize>,
 ) {
-    block::pv_product::<S>(
+    block::pv_product::<PvTiles<S>>(
         rows,
         p.dv_pad,
         Tile {

@@ -5,11 +5,11 @@
 //! softmax are the f32 code; the probabilities are rounded to the format for P·V (their
 //! row sum stays f32, as in FlashAttention's GPU kernels) and O accumulates in f32.
 
-use crate::block::ScoreBlock;
+use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
 use crate::forward::{Problem, Products, Scratch, Task};
 use crate::io::AlignedBuf;
-use crate::lowp::{low_pv_product, low_qk_product, Format, LowTile, Lowp};
+use crate::lowp::{Format, LowTile, LowTiles, Lowp};
 use crate::lowp_pack::{self, block_scale, Rows};
 use crate::params::{odd_lines, Blocks};
 use flashattn_core::{CheckedSpec, DType, SeqBounds};
@@ -121,6 +121,17 @@ fn layout<'a>(p: &'a Problem) -> &'a LowLayout {
         .expect("the low-precision path runs only with its layout")
 }
 
+/// The block's K (`len` = d) or V (`len` = dv) rows.
+fn key_rows(p: &Problem, blk: &ScoreBlock, len: usize) -> Rows {
+    let (off, stride) = blk.key_rows(p.spec.heads_kv, len);
+    Rows {
+        off,
+        stride,
+        n: blk.nk,
+        len,
+    }
+}
+
 impl<L: Lowp> Products<L> for LowProducts {
     /// Q^T in the format, `qt[((x / kw) * qld + i) * kw + x % kw]`, zero past the block's
     /// rows up to whole 32-query vectors.
@@ -143,21 +154,9 @@ impl<L: Lowp> Products<L> for LowProducts {
 
     /// K rows in the format, then `S^T = K · Q^T * q_mul / (q_scale * k_scale)`.
     #[inline(always)]
-    unsafe fn scores(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        kh: usize,
-        cols: Range<usize>,
-    ) {
+    unsafe fn scores(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, cols: Range<usize>) {
         let l = layout(p);
-        let hkv = p.spec.heads_kv;
-        let rows = Rows {
-            off: ((blk.s.k_start + blk.j0) * hkv + kh) * l.d,
-            stride: hkv * l.d,
-            n: blk.nk,
-            len: l.d,
-        };
+        let rows = key_rows(p, blk, l.d);
         let k_scale = block_scale::<L>(&p.k, rows);
         lowp_pack::pack_keys::<L>(&p.k, rows, k_scale, sc.low.kp.as_mut_u16(), l.kld);
         let scale = p.q_mul as f64 / (sc.low.q_scale as f64 * k_scale as f64);
@@ -174,18 +173,12 @@ impl<L: Lowp> Products<L> for LowProducts {
             scale: scale as f32,
             chunk: QK_CHUNK,
         };
-        low_qk_product::<L>(blk.nk, cols, t);
+        block::qk_product::<LowTiles<L>>(blk.nk, cols, t);
     }
 
     /// The probabilities and the V block in the format, then `O = O * alpha + P · V`.
     #[inline(always)]
-    unsafe fn accumulate(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        kh: usize,
-        rows: Range<usize>,
-    ) {
+    unsafe fn accumulate(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, rows: Range<usize>) {
         let l = layout(p);
         let low = &mut sc.low;
         // The P·V tiles start at a multiple of MR rows; convert from the 16-column chunk
@@ -193,13 +186,7 @@ impl<L: Lowp> Products<L> for LowProducts {
         let cols = rows.start / L::MR * L::MR / 16 * 16..rows.end;
         let pp = low.p.as_mut_u16().as_mut_ptr();
         lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
-        let hkv = p.spec.heads_kv;
-        let vrows = Rows {
-            off: ((blk.s.k_start + blk.j0) * hkv + kh) * l.dv,
-            stride: hkv * l.dv,
-            n: blk.nk,
-            len: l.dv,
-        };
+        let vrows = key_rows(p, blk, l.dv);
         let v_scale = block_scale::<L>(&p.v, vrows);
         let vp = low.vp.as_mut_u16();
         lowp_pack::pack_rows::<L>(&p.v, vrows, v_scale, &mut low.tmp, vp, l.vld);
@@ -216,6 +203,6 @@ impl<L: Lowp> Products<L> for LowProducts {
             scale: 1.0 / v_scale,
             chunk: PV_CHUNK,
         };
-        low_pv_product::<L>(rows, l.dv_pad, t);
+        block::pv_product::<LowTiles<L>>(rows, l.dv_pad, t);
     }
 }

@@ -5,8 +5,8 @@
 
 use crate::CpuBackend;
 use flashattn_core::{
-    validate_decode_inputs, Backend, CacheConfig, CacheState, DType, DecodeInputs, DecodeStep,
-    Error, KvCacheHandle, Output, Result, Tensor, TensorRef,
+    validate_decode_inputs, AttentionSpec, Backend, CacheBuffers, CacheConfig, CacheState, DType,
+    DecodeInputs, Error, KvCacheHandle, Output, Result, StepInputs, Tensor,
 };
 use half::{bf16, f16};
 
@@ -37,79 +37,52 @@ impl<'a> CpuKvCache<'a> {
             v,
         })
     }
+}
 
-    /// Runs `step` appending `k_new` / `v_new`; `attend` false only writes the rows.
-    fn step(
-        &mut self,
-        step: &DecodeStep,
-        q: TensorRef<'_>,
-        k_new: Option<TensorRef<'_>>,
-        v_new: Option<TensorRef<'_>>,
-        attend: bool,
-    ) -> Result<Option<Output>> {
-        let new = self.state.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
-        let spec = self.state.spec(step, new)?;
+impl CacheBuffers for CpuKvCache<'_> {
+    fn cache_state_mut(&mut self) -> &mut CacheState {
+        &mut self.state
+    }
+
+    fn run_step(&mut self, spec: &AttentionSpec, io: StepInputs<'_>) -> Result<Option<Output>> {
         let inputs = DecodeInputs {
-            q,
+            q: io.q,
             k_cache: self.k.as_mut(),
             v_cache: self.v.as_mut(),
-            k_new,
-            v_new,
+            k_new: io.k_new,
+            v_new: io.v_new,
         };
-        let out = if attend {
-            Some(self.backend.decode(&spec, inputs)?)
-        } else {
-            let c = validate_decode_inputs(&spec, &inputs)?;
-            let cache = spec
-                .kv_cache
-                .as_ref()
-                .ok_or_else(|| Error::backend("cpu", "the cache state built no cache spec"))?;
-            let DecodeInputs {
-                mut k_cache,
-                mut v_cache,
-                ..
-            } = inputs;
-            if let (Some(kn), Some(vn)) = (k_new, v_new) {
-                crate::decode::append(&c, cache, &mut k_cache, &mut v_cache, kn, vn);
-            }
-            None
-        };
-        self.state.commit(new);
-        Ok(out)
+        if io.attend {
+            return self.backend.decode(spec, inputs).map(Some);
+        }
+        let c = validate_decode_inputs(spec, &inputs)?;
+        let cache = spec
+            .kv_cache
+            .as_ref()
+            .ok_or_else(|| Error::backend("cpu", "the cache state built no cache spec"))?;
+        let DecodeInputs {
+            mut k_cache,
+            mut v_cache,
+            ..
+        } = inputs;
+        if let (Some(kn), Some(vn)) = (io.k_new, io.v_new) {
+            crate::decode::append(&c, cache, &mut k_cache, &mut v_cache, kn, vn);
+        }
+        Ok(None)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "cpu"
     }
 }
 
 impl KvCacheHandle for CpuKvCache<'_> {
-    fn state(&self) -> &CacheState {
-        &self.state
-    }
-
-    fn decode(
-        &mut self,
-        step: &DecodeStep,
-        q: TensorRef<'_>,
-        k_new: Option<TensorRef<'_>>,
-        v_new: Option<TensorRef<'_>>,
-    ) -> Result<Output> {
-        self.step(step, q, k_new, v_new, true)?
-            .ok_or_else(|| Error::backend("cpu", "decode produced no output"))
-    }
-
-    fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()> {
-        // q is a placeholder of the right size.
-        let (step, n) = self.state.append_step();
-        let c = self.state.config();
-        let q = zeros(c.dtype, n)?;
-        self.step(&step, q.as_ref(), Some(k_new), Some(v_new), false)
-            .map(|_| ())
-    }
-
-    fn reset(&mut self, seq: usize) -> Result<()> {
-        self.state.reset(seq)
-    }
-
     fn read(&self) -> Result<(Tensor, Tensor)> {
         Ok((self.k.clone(), self.v.clone()))
+    }
+
+    fn state(&self) -> &CacheState {
+        &self.state
     }
 }
 

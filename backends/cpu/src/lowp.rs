@@ -15,12 +15,13 @@
 //! (row i, reduction step s) at `a + i * a_rs + s * a_cs`; the vector operand B holds step
 //! s's columns at `b + s * ldb`, `KW` elements per column. The result C is f32.
 
+use crate::block::TileKernel;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Avx512;
 use crate::simd::Simd;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-use std::ops::Range;
+use std::marker::PhantomData;
 
 /// What a low-precision level stores its tiles' operands as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -388,58 +389,36 @@ unsafe fn max_magnitude(src: *const u16, n: usize, inf: u16) -> u16 {
     lanes.iter().fold(0, |a, &b| a.max(b))
 }
 
-/// `C[r][cols] = scale * sum_s A(r, s) B[s][cols]` for the rows `0..nrows` and the columns
-/// `cols`, rounded out to whole tiles (the caller's B and C have room and B zeros there).
-/// Column groups outer: one group's slice of B stays in L1 while A's rows stream past it.
-#[inline(always)]
-pub(crate) unsafe fn low_qk_product<L: Lowp>(nrows: usize, cols: Range<usize>, t: LowTile) {
-    let w = L::NV * L::COLS;
-    for ig in (cols.start / w * w..cols.end).step_by(w) {
-        let nv = L::NV.min((cols.end - ig).div_ceil(L::COLS));
-        let mut r = 0;
-        while r < nrows {
-            let mr = L::MR.min(nrows - r);
-            L::tile(
-                mr,
-                nv,
-                LowTile {
-                    a: t.a.add(r * t.a_rs),
-                    b: t.b.add(ig * L::KW),
-                    c: t.c.add(r * t.ldc + ig),
-                    alpha: std::ptr::null(),
-                    ..t
-                },
-            );
-            r += mr;
+/// The tiles of a low-precision level, for [`qk_product`](crate::block::qk_product) (`C[r][cols] = scale *
+/// sum_s A(r, s) B[s][cols]`, columns rounded out to whole tiles: the caller's B and C have
+/// room and B zeros there) and [`pv_product`](crate::block::pv_product) (with `scale`).
+pub(crate) struct LowTiles<L>(PhantomData<L>);
+
+impl<L: Lowp> TileKernel for LowTiles<L> {
+    type Tile = LowTile;
+    const MR: usize = L::MR;
+    const NV: usize = L::NV;
+    const COLS: usize = L::COLS;
+    #[inline(always)]
+    fn vectors(cols: usize) -> usize {
+        L::NV.min(cols.div_ceil(L::COLS))
+    }
+    #[inline(always)]
+    unsafe fn at(t: &LowTile, r: usize, c: usize, alpha: bool) -> LowTile {
+        LowTile {
+            a: t.a.add(r * t.a_rs),
+            b: t.b.add(c * L::KW),
+            c: t.c.add(r * t.ldc + c),
+            alpha: if !alpha || t.alpha.is_null() {
+                std::ptr::null()
+            } else {
+                t.alpha.add(r)
+            },
+            ..*t
         }
     }
-}
-
-/// `C[i][0..width] = C[i] * alpha[i] + scale * sum_s A(i, s) B[s]` for the rows `rows`
-/// (rounded down to whole tiles at the start); `width` is a multiple of `COLS`. Column
-/// chunks outer: one chunk of B stays in L1 while the rows pass over it.
-#[inline(always)]
-pub(crate) unsafe fn low_pv_product<L: Lowp>(rows: Range<usize>, width: usize, t: LowTile) {
-    let mut n0 = 0;
-    while n0 < width {
-        let nv = L::NV.min((width - n0) / L::COLS);
-        for ig in (rows.start / L::MR * L::MR..rows.end).step_by(L::MR) {
-            L::tile(
-                L::MR.min(rows.end - ig),
-                nv,
-                LowTile {
-                    a: t.a.add(ig * t.a_rs),
-                    b: t.b.add(n0 * L::KW),
-                    c: t.c.add(ig * t.ldc + n0),
-                    alpha: if t.alpha.is_null() {
-                        t.alpha
-                    } else {
-                        t.alpha.add(ig)
-                    },
-                    ..t
-                },
-            );
-        }
-        n0 += nv * L::COLS;
+    #[inline(always)]
+    unsafe fn run(mr: usize, nv: usize, t: LowTile) {
+        L::tile(mr, nv, t)
     }
 }

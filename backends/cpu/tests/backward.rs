@@ -14,7 +14,6 @@ use flashattn_core::{
 use flashattn_cpu::CpuBackend;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
-use std::sync::OnceLock;
 
 #[test]
 fn feature_cases_every_dtype_isa_and_thread_count() {
@@ -29,11 +28,6 @@ fn feature_cases_every_dtype_isa_and_thread_count() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-fn backends() -> &'static Vec<(String, CpuBackend)> {
-    static B: OnceLock<Vec<(String, CpuBackend)>> = OnceLock::new();
-    B.get_or_init(|| common::every_isa(&[1, 3]))
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -43,7 +37,7 @@ proptest! {
         seed in any::<u64>(),
         which in any::<usize>(),
     ) {
-        let all = backends();
+        let all = common::every_isa_once();
         let (label, backend) = &all[which % all.len()];
         if let Err(e) = check_backward(backend, &spec, seed) {
             prop_assert!(false, "[{label}] {e}\n{spec:?}");
@@ -87,14 +81,8 @@ fn forward_backward(
     let fwd = backend
         .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
         .unwrap();
-    let inputs = BackwardInputs {
-        q: q.as_ref(),
-        k: k.as_ref(),
-        v: v.as_ref(),
-        out: fwd.out.as_ref(),
-        lse: fwd.lse.as_deref().unwrap(),
-        dout: dout.as_ref(),
-    };
+    let lse = fwd.lse.as_deref().unwrap();
+    let inputs = BackwardInputs::of((q, k, v), &fwd.out, lse, dout);
     backend.backward(spec, inputs).unwrap()
 }
 

@@ -24,6 +24,12 @@ fn spec(cache: KvCache) -> AttentionSpec {
         .kv_cache(cache)
 }
 
+/// One sequence of 3 cached rows appending `new`, with a rotary of `dim` and `positions`.
+fn rotary_spec(dim: usize, positions: usize, new: usize) -> AttentionSpec {
+    let cache = KvCache::contiguous(1, 10, vec![3]).seqlen_new(new);
+    spec(cache.rotary(rotary(dim, positions)))
+}
+
 /// New rows for `spec`'s cache: `[batch, new, heads_kv, d]`.
 fn new_rows(spec: &AttentionSpec, new: usize) -> (Tensor, Tensor) {
     let shape = AttentionSpec::new(spec.batch, spec.heads_kv, new.max(1), new.max(1), 8);
@@ -83,29 +89,17 @@ fn bad_cache_arguments_name_the_field_and_leave_the_caches_unchanged() {
         ),
         (
             "odd rotary_dim",
-            spec(
-                KvCache::contiguous(1, 10, vec![3])
-                    .seqlen_new(1)
-                    .rotary(rotary(3, 10)),
-            ),
+            rotary_spec(3, 10, 1),
             &["kv_cache.rotary.dim", "= 3"],
         ),
         (
             "rotary_dim over head_dim",
-            spec(
-                KvCache::contiguous(1, 10, vec![3])
-                    .seqlen_new(1)
-                    .rotary(rotary(10, 10)),
-            ),
+            rotary_spec(10, 10, 1),
             &["kv_cache.rotary.dim", "= 10"],
         ),
         (
             "cos / sin too short",
-            spec(
-                KvCache::contiguous(1, 10, vec![3])
-                    .seqlen_new(2)
-                    .rotary(rotary(4, 4)),
-            ),
+            rotary_spec(4, 4, 2),
             &["kv_cache.rotary.cos", "4 positions", "up to 4"],
         ),
     ];
@@ -118,13 +112,7 @@ fn bad_cache_arguments_name_the_field_and_leave_the_caches_unchanged() {
         let err = backend
             .decode(
                 &spec,
-                DecodeInputs {
-                    q: q.as_ref(),
-                    k_cache: kc.as_mut(),
-                    v_cache: vc.as_mut(),
-                    k_new: (new > 0).then(|| kn.as_ref()),
-                    v_new: (new > 0).then(|| vn.as_ref()),
-                },
+                DecodeInputs::of(&q, (&mut kc, &mut vc), (new > 0).then_some((&kn, &vn))),
             )
             .expect_err(name);
         assert!(matches!(err, Error::InvalidSpec { .. }), "{name}: {err:?}");

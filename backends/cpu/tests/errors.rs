@@ -118,26 +118,13 @@ fn invalid_specs_are_errors_naming_the_field() {
             other => panic!("expected InvalidSpec({field}), got {other:?}"),
         }
         let q = vec![0.0f32; 64];
-        let r = b.forward(
-            &spec,
-            TensorRef::F32(&q),
-            TensorRef::F32(&q),
-            TensorRef::F32(&q),
-        );
-        assert!(
-            matches!(r, Err(Error::InvalidSpec { .. })),
-            "{field}: {r:?}"
-        );
-        let r = b.naive_forward(
-            &spec,
-            TensorRef::F32(&q),
-            TensorRef::F32(&q),
-            TensorRef::F32(&q),
-        );
-        assert!(
-            matches!(r, Err(Error::InvalidSpec { .. })),
-            "{field}: {r:?}"
-        );
+        let q = TensorRef::F32(&q);
+        for r in [b.forward(&spec, q, q, q), b.naive_forward(&spec, q, q, q)] {
+            assert!(
+                matches!(r, Err(Error::InvalidSpec { .. })),
+                "{field}: {r:?}"
+            );
+        }
     }
 }
 
@@ -215,14 +202,7 @@ fn bad_backward_inputs_are_errors() {
         b.supports_backward(&fp8),
         Err(Error::Unsupported { .. })
     ));
-    let inp = BackwardInputs {
-        q: q.as_ref(),
-        k: k.as_ref(),
-        v: v.as_ref(),
-        out: fwd.out.as_ref(),
-        lse: &lse,
-        dout: dout.as_ref(),
-    };
+    let inp = BackwardInputs::of((&q, &k, &v), &fwd.out, &lse, &dout);
     assert!(matches!(
         b.backward(&fp8, inp),
         Err(Error::Unsupported { .. })

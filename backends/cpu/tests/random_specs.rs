@@ -6,15 +6,7 @@ mod common;
 use flashattn_core::testing::check_backend;
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::DType;
-use flashattn_cpu::CpuBackend;
 use proptest::prelude::*;
-use std::sync::OnceLock;
-
-/// Backends built once: (1 thread, 3 threads) for each available ISA.
-fn backends() -> &'static Vec<(String, CpuBackend)> {
-    static B: OnceLock<Vec<(String, CpuBackend)>> = OnceLock::new();
-    B.get_or_init(|| common::every_isa(&[1, 3]))
-}
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
@@ -26,7 +18,7 @@ proptest! {
         which in any::<usize>(),
     ) {
         prop_assert!(spec.validate().is_ok(), "generator made an invalid spec: {spec:?}");
-        let all = backends();
+        let all = common::every_isa_once();
         let (label, backend) = &all[which % all.len()];
         if let Err(e) = check_backend(backend, &spec, seed) {
             prop_assert!(false, "[{label}] {e}\n{spec:?}");

@@ -10,8 +10,8 @@ use crate::device::{drv_err, DevBuf};
 use crate::CudaBackend;
 use cudarc::driver::result as drv;
 use flashattn_core::{
-    CacheConfig, CacheLayout, CacheState, DType, DecodeStep, Error, KvCacheHandle, Output, Result,
-    Tensor, TensorRef,
+    AttentionSpec, CacheBuffers, CacheConfig, CacheLayout, CacheState, DType, DecodeStep, Error,
+    KvCacheHandle, Output, Result, StepInputs, Tensor, TensorRef,
 };
 
 /// Slots of the per-step buffers in `CudaKvCache::io`.
@@ -100,17 +100,22 @@ impl<'a> CudaKvCache<'a> {
         held[first..=last].copy_from_slice(part);
         Ok(())
     }
+}
 
-    /// Runs `step` appending `k_new` / `v_new`; `attend` false only writes the rows.
-    fn step(
-        &mut self,
-        step: &DecodeStep,
-        q: Option<TensorRef<'_>>,
-        k_new: Option<TensorRef<'_>>,
-        v_new: Option<TensorRef<'_>>,
-    ) -> Result<Option<Output>> {
-        let new = self.state.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
-        let spec = self.state.spec(step, new)?;
+impl CacheBuffers for CudaKvCache<'_> {
+    fn cache_state_mut(&mut self) -> &mut CacheState {
+        &mut self.state
+    }
+
+    fn run_step(&mut self, spec: &AttentionSpec, io: StepInputs<'_>) -> Result<Option<Output>> {
+        // An append moves no q to the device.
+        let StepInputs {
+            q,
+            k_new,
+            v_new,
+            attend,
+        } = io;
+        let q = attend.then_some(q);
         let c = spec.validate()?;
         let dtype = c.dtype;
         let given = [
@@ -146,7 +151,6 @@ impl<'a> CudaKvCache<'a> {
             Some(t) => io.slot(slot, t.as_bytes().len(), Some(t.as_bytes())),
             None => Ok(0),
         };
-        let attend = q.is_some();
         let out_bytes = if attend {
             c.sizes.out * dtype.output().size_bytes()
         } else {
@@ -180,37 +184,15 @@ impl<'a> CudaKvCache<'a> {
         } else {
             None
         };
-        self.state.commit(new);
         Ok(out)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        BACKEND
     }
 }
 
 impl KvCacheHandle for CudaKvCache<'_> {
-    fn state(&self) -> &CacheState {
-        &self.state
-    }
-
-    fn decode(
-        &mut self,
-        step: &DecodeStep,
-        q: TensorRef<'_>,
-        k_new: Option<TensorRef<'_>>,
-        v_new: Option<TensorRef<'_>>,
-    ) -> Result<Output> {
-        self.step(step, Some(q), k_new, v_new)?
-            .ok_or_else(|| Error::backend(BACKEND, "decode produced no output"))
-    }
-
-    fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()> {
-        // Attention options do not matter for an append (no rotary: rows go in as given).
-        let (step, _) = self.state.append_step();
-        self.step(&step, None, Some(k_new), Some(v_new)).map(|_| ())
-    }
-
-    fn reset(&mut self, seq: usize) -> Result<()> {
-        self.state.reset(seq)
-    }
-
     fn read(&self) -> Result<(Tensor, Tensor)> {
         let gpu = &self.backend.gpu;
         let _guard = gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -220,6 +202,10 @@ impl KvCacheHandle for CudaKvCache<'_> {
             Tensor::from_bytes(dtype, &self.k.to_vec()?)?,
             Tensor::from_bytes(dtype, &self.v.to_vec()?)?,
         ))
+    }
+
+    fn state(&self) -> &CacheState {
+        &self.state
     }
 }
 

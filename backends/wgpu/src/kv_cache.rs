@@ -9,8 +9,8 @@ use crate::decode::DeviceDecodeInputs;
 use crate::device::{read_mapped, scoped, unsupported};
 use crate::WgpuBackend;
 use flashattn_core::{
-    validate_decode_step, CacheConfig, CacheState, DType, DecodeStep, Error, KvCacheHandle, Output,
-    Result, Tensor, TensorRef,
+    validate_decode_step, AttentionSpec, CacheBuffers, CacheConfig, CacheState, DType,
+    KvCacheHandle, Output, Result, StepInputs, Tensor,
 };
 
 /// A KV cache owned by the wgpu backend: k `[rows, heads_kv, head_dim]`, v `[.., head_dim_v]`
@@ -73,24 +73,20 @@ impl<'a> WgpuKvCache<'a> {
     pub fn buffers(&self) -> (&wgpu::Buffer, &wgpu::Buffer) {
         (&self.k, &self.v)
     }
+}
 
-    /// Runs `step` appending `k_new` / `v_new`; `attend` false only writes the rows.
-    fn step(
-        &mut self,
-        step: &DecodeStep,
-        q: TensorRef<'_>,
-        k_new: Option<TensorRef<'_>>,
-        v_new: Option<TensorRef<'_>>,
-        attend: bool,
-    ) -> Result<Option<Output>> {
-        let new = self.state.seqlen_new(k_new.as_ref(), v_new.as_ref())?;
-        let spec = self.state.spec(step, new)?;
-        let c = validate_decode_step(&spec, &q, k_new.as_ref(), v_new.as_ref())?;
+impl CacheBuffers for WgpuKvCache<'_> {
+    fn cache_state_mut(&mut self) -> &mut CacheState {
+        &mut self.state
+    }
+
+    fn run_step(&mut self, spec: &AttentionSpec, io: StepInputs<'_>) -> Result<Option<Output>> {
+        let c = validate_decode_step(spec, &io.q, io.k_new.as_ref(), io.v_new.as_ref())?;
         let be = self.backend;
         be.supports_decode_checked(&c)?;
         pollster::block_on(be.ready())?;
-        let qb = be.upload(q);
-        let new_bufs = [k_new, v_new].map(|t| t.map(|t| be.upload(t)));
+        let qb = be.upload(io.q);
+        let new_bufs = [io.k_new, io.v_new].map(|t| t.map(|t| be.upload(t)));
         let inputs = DeviceDecodeInputs {
             q: (&qb).into(),
             k_cache: (&self.k).into(),
@@ -98,7 +94,7 @@ impl<'a> WgpuKvCache<'a> {
             k_new: new_bufs[0].as_ref().map(BufferSlice::from),
             v_new: new_bufs[1].as_ref().map(BufferSlice::from),
         };
-        let result = if attend {
+        let result = if io.attend {
             pollster::block_on(be.run_host_step(&c, inputs, 0, |_, _| {})).map(|(out, _)| Some(out))
         } else {
             pollster::block_on(async {
@@ -111,41 +107,15 @@ impl<'a> WgpuKvCache<'a> {
         for b in std::iter::once(qb).chain(new_bufs.into_iter().flatten()) {
             be.buffers.give(b);
         }
-        let out = result?;
-        self.state.commit(new);
-        Ok(out)
+        result
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "wgpu"
     }
 }
 
 impl KvCacheHandle for WgpuKvCache<'_> {
-    fn state(&self) -> &CacheState {
-        &self.state
-    }
-
-    fn decode(
-        &mut self,
-        step: &DecodeStep,
-        q: TensorRef<'_>,
-        k_new: Option<TensorRef<'_>>,
-        v_new: Option<TensorRef<'_>>,
-    ) -> Result<Output> {
-        self.step(step, q, k_new, v_new, true)?
-            .ok_or_else(|| Error::backend("wgpu", "decode produced no output"))
-    }
-
-    fn append(&mut self, k_new: TensorRef<'_>, v_new: TensorRef<'_>) -> Result<()> {
-        // q is a placeholder of the right size.
-        let (step, n) = self.state.append_step();
-        let c = self.state.config();
-        let q = Tensor::zeros(c.dtype, n);
-        self.step(&step, q.as_ref(), Some(k_new), Some(v_new), false)
-            .map(|_| ())
-    }
-
-    fn reset(&mut self, seq: usize) -> Result<()> {
-        self.state.reset(seq)
-    }
-
     fn read(&self) -> Result<(Tensor, Tensor)> {
         let be = self.backend;
         let c = self.state.config();
@@ -173,5 +143,9 @@ impl KvCacheHandle for WgpuKvCache<'_> {
             Tensor::from_bytes(c.dtype, &bytes[..kb as usize])?,
             Tensor::from_bytes(c.dtype, &bytes[v_at as usize..][..vb as usize])?,
         ))
+    }
+
+    fn state(&self) -> &CacheState {
+        &self.state
     }
 }

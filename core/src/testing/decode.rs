@@ -2,9 +2,60 @@
 //! (contiguous, paged with a shuffled block table), rotary tables, and the named feature cases.
 
 use crate::{
-    random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, CacheConfig, DType,
-    DecodeStep, KvCache, Rotary, Tensor, TensorRef,
+    random_inputs, random_tensor, reference_attention, reference_decode, rel_l2_error,
+    AttentionSpec, Backend, CacheConfig, DType, DecodeInputs, DecodeStep, KvCache, ReferenceDecode,
+    Result, Rotary, Tensor, TensorRef,
 };
+use rand::SeedableRng;
+
+/// Random host tensors of one decode call of a spec: q, both caches, and the new rows
+/// (empty when the step appends none).
+pub struct DecodeData {
+    pub q: Tensor,
+    pub k_cache: Tensor,
+    pub v_cache: Tensor,
+    pub k_new: Tensor,
+    pub v_new: Tensor,
+}
+
+impl DecodeData {
+    pub fn random(spec: &AttentionSpec, seed: u64) -> DecodeData {
+        let (q, k_cache, v_cache) = random_inputs(spec, seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xdec0de);
+        let k_new = random_tensor(&mut rng, spec.dtype, spec.k_new_elems().unwrap_or(0));
+        let v_new = random_tensor(&mut rng, spec.dtype, spec.v_new_elems().unwrap_or(0));
+        DecodeData {
+            q,
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+        }
+    }
+
+    /// The new k and v rows, when the step appends any.
+    pub fn new_rows(&self) -> Option<(&Tensor, &Tensor)> {
+        (!self.k_new.is_empty()).then_some((&self.k_new, &self.v_new))
+    }
+
+    /// The call's inputs, with `caches` (copies of the caches) to append to.
+    pub fn inputs<'a>(&'a self, caches: (&'a mut Tensor, &'a mut Tensor)) -> DecodeInputs<'a> {
+        DecodeInputs::of(&self.q, caches, self.new_rows())
+    }
+
+    /// The f64 reference of the call: out, LSE and both caches after the append.
+    pub fn reference(&self, spec: &AttentionSpec) -> Result<ReferenceDecode> {
+        let new = self.new_rows();
+        reference_decode(
+            spec,
+            self.q.as_ref(),
+            self.k_cache.as_ref(),
+            self.v_cache.as_ref(),
+            new.map(|(k, _)| k.as_ref()),
+            new.map(|(_, v)| v.as_ref()),
+        )
+    }
+}
 
 /// A contiguous cache with `extra` spare rows per sequence beyond the longest use.
 pub fn contiguous(seqlens: &[i32], new: usize, extra: usize) -> KvCache {

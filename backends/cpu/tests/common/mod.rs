@@ -7,6 +7,7 @@ use flashattn_core::{
     Result, TensorRef,
 };
 use flashattn_cpu::{CpuBackend, Isa};
+use std::sync::OnceLock;
 
 /// Every instruction set this CPU has, at each of `threads`, with a label for messages.
 #[allow(dead_code)] // not every test file uses every helper
@@ -21,6 +22,13 @@ pub fn every_isa(threads: &[usize]) -> Vec<(String, CpuBackend)> {
         }
     }
     out
+}
+
+/// `every_isa(&[1, 3])`, built once per test binary (for proptest cases, which share it).
+#[allow(dead_code)]
+pub fn every_isa_once() -> &'static [(String, CpuBackend)] {
+    static B: OnceLock<Vec<(String, CpuBackend)>> = OnceLock::new();
+    B.get_or_init(|| every_isa(&[1, 3]))
 }
 
 /// The naive (materialised scores) forward and backward, seen through the `Backend` trait so
