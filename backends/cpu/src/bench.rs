@@ -16,6 +16,8 @@ pub(crate) fn bench(
     progress: &mut dyn FnMut(),
 ) -> Result<BenchMeasure> {
     plan.runs()?;
+    // The random inputs are contiguous buffers: a strided spec is timed in that layout.
+    let spec = &spec.contiguous();
     if plan.pass == Pass::Decode {
         // Decode has its own peers (the copy of the bytes a step reads).
         return crate::decode_bench::bench(backend, spec, algo, plan, progress);

@@ -127,10 +127,10 @@ impl<L: Lowp> Products<L> for LowProducts {
     #[inline(always)]
     unsafe fn load_q(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize) {
         let l = layout(p);
-        let hq = p.spec.heads_q;
+        let q_rows = p.rows[0];
         let rows = Rows {
-            off: ((s.q_start + t.q0) * hq + t.h) * l.d,
-            stride: hq * l.d,
+            off: q_rows.at(s.q_start + t.q0, t.h),
+            stride: q_rows.token,
             n: p.blocks.block_m.min(s.q_len - t.q0),
             len: l.d,
         };
@@ -151,10 +151,10 @@ impl<L: Lowp> Products<L> for LowProducts {
         cols: Range<usize>,
     ) {
         let l = layout(p);
-        let hkv = p.spec.heads_kv;
+        let k_rows = p.rows[1];
         let rows = Rows {
-            off: ((blk.s.k_start + blk.j0) * hkv + kh) * l.d,
-            stride: hkv * l.d,
+            off: k_rows.at(blk.s.k_start + blk.j0, kh),
+            stride: k_rows.token,
             n: blk.nk,
             len: l.d,
         };
@@ -193,10 +193,10 @@ impl<L: Lowp> Products<L> for LowProducts {
         let cols = rows.start / L::MR * L::MR / 16 * 16..rows.end;
         let pp = low.p.as_mut_u16().as_mut_ptr();
         lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
-        let hkv = p.spec.heads_kv;
+        let v_rows = p.rows[2];
         let vrows = Rows {
-            off: ((blk.s.k_start + blk.j0) * hkv + kh) * l.dv,
-            stride: hkv * l.dv,
+            off: v_rows.at(blk.s.k_start + blk.j0, kh),
+            stride: v_rows.token,
             n: blk.nk,
             len: l.dv,
         };
