@@ -6,7 +6,7 @@
 //! The head dimension is always contiguous (stride 1). An offset into a buffer is given by
 //! slicing it (`&qkv[heads * dim..]` is k of a packed qkv).
 
-use crate::{AttentionSpec, Error, Result};
+use crate::{AttentionSpec, Error, Result, TensorRef};
 
 /// Element strides of one input tensor (head_dim contiguous).
 ///
@@ -111,5 +111,18 @@ pub(crate) fn check_view(
             "the {shape} view reaches element {end}, past the buffer's {len} elements"
         ))),
         Some(_) => Ok(()),
+    }
+}
+
+impl<'a> TensorRef<'a> {
+    /// The elements from `offset` on (a view's start inside a larger buffer, e.g. k inside a
+    /// packed qkv buffer); `None` past the end.
+    pub fn tail(&self, offset: usize) -> Option<TensorRef<'a>> {
+        Some(match *self {
+            TensorRef::F32(s) => TensorRef::F32(s.get(offset..)?),
+            TensorRef::F16(s) => TensorRef::F16(s.get(offset..)?),
+            TensorRef::Bf16(s) => TensorRef::Bf16(s.get(offset..)?),
+            TensorRef::Fp8E4m3(s) => TensorRef::Fp8E4m3(s.get(offset..)?),
+        })
     }
 }
