@@ -219,7 +219,8 @@ fn time(backend: &dyn Backend, spec: &AttentionSpec, plan: &BenchPlan) -> Option
 /// A copy of a dense `spec` with its sequence lengths halved (the longer first) until its
 /// FLOPs are at most `flops`; varlen and decode problems are timed as they are.
 fn shrink(spec: &AttentionSpec, flops: f64) -> AttentionSpec {
-    let mut p = spec.clone();
+    // Timed on contiguous random inputs (a strided spec's own buffers are the caller's).
+    let mut p = spec.contiguous();
     if !p.is_uniform() {
         return p;
     }

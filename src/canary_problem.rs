@@ -64,7 +64,8 @@ pub fn small_problem(
 fn shrunk(spec: &AttentionSpec, cap_q: usize, cap_k: usize) -> Result<AttentionSpec, String> {
     let (max_q, max_k) = spec.max_lens();
     let (sq, sk) = (max_q.clamp(1, cap_q), max_k.clamp(1, cap_k));
-    let mut s = spec.clone();
+    // Resized buffers: the caller's strides no longer apply (the kernels are the same).
+    let mut s = spec.contiguous();
     s.batch = 2;
     // Two KV heads, or one when each has many query heads (the reference's cost).
     s.heads_kv = spec.heads_kv.min(if spec.group_size() > 2 { 1 } else { 2 });

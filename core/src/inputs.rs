@@ -1,8 +1,9 @@
 //! Checks that host buffers match a spec, and makes random inputs for tests and benchmarks.
 
+use crate::strides::check_view;
 use crate::{
-    AttentionSpec, BackwardInputs, CheckedSpec, DType, DecodeInputs, Error, Result, Tensor,
-    TensorRef,
+    AttentionSpec, BackwardInputs, CheckedSpec, DType, DecodeInputs, Error, Result, Strides,
+    Tensor, TensorRef,
 };
 use rand::{Rng, SeedableRng};
 
@@ -38,10 +39,10 @@ pub fn validate_backward_inputs<'s>(
             "the backward pass takes f32, f16 or bf16",
         ));
     }
-    let od = spec.dtype.output();
-    let (tq, hq, dv) = (c.sizes.q_tokens, spec.heads_q, spec.head_dim_v);
-    check_tensor("out", &t.out, od, c.sizes.out, tq, hq, dv)?;
-    check_tensor("dout", &t.dout, od, c.sizes.out, tq, hq, dv)?;
+    let (od, view) = (spec.dtype.output(), q_view(&c, c.head_dim_v));
+    let st = &spec.strides;
+    check_tensor("out", &t.out, od, c.sizes.out, view, st.out)?;
+    check_tensor("dout", &t.dout, od, c.sizes.out, view, st.dout)?;
     if t.lse.len() != c.sizes.lse {
         return Err(Error::BufferLength {
             tensor: "lse",
@@ -71,9 +72,10 @@ pub fn validate_decode_step<'s>(
     v_new: Option<&TensorRef<'_>>,
 ) -> Result<CheckedSpec<'s>> {
     let c = spec.validate()?;
-    let s = &c.sizes;
     cache_of(&c)?;
-    check_tensor("q", q, c.dtype, s.q, s.q_tokens, c.heads_q, c.head_dim)?;
+    decode_strides(&c)?;
+    let view = q_view(&c, c.head_dim);
+    check_tensor("q", q, c.dtype, c.sizes.q, view, spec.strides.q)?;
     check_new_rows(&c, k_new, v_new)?;
     Ok(c)
 }
@@ -88,6 +90,7 @@ pub(crate) fn check_decode<'s>(
 ) -> Result<CheckedSpec<'s>> {
     let c = spec.validate()?;
     cache_of(&c)?;
+    decode_strides(&c)?;
     check_qkv(&c, q, k_cache, v_cache)?;
     check_new_rows(&c, k_new, v_new)?;
     Ok(c)
@@ -110,13 +113,15 @@ fn check_new_rows(
     v_new: Option<&TensorRef<'_>>,
 ) -> Result<()> {
     let cache = cache_of(c)?;
-    let rows = c.batch * cache.seqlen_new;
     for (name, new, n, dim) in [
         ("k_new", k_new, c.sizes.k_new, c.head_dim),
         ("v_new", v_new, c.sizes.v_new, c.head_dim_v),
     ] {
         match new {
-            Some(x) => check_tensor(name, x, c.dtype, n, rows, c.heads_kv, dim)?,
+            Some(x) => {
+                let view = View::new(c.batch, cache.seqlen_new, c.heads_kv, dim);
+                check_tensor(name, x, c.dtype, n, view, None)?
+            }
             None if n > 0 => {
                 return Err(Error::argument(
                     name,
@@ -133,26 +138,74 @@ fn check_new_rows(
     Ok(())
 }
 
+/// A decode step reads its caches in their own layout: only q may be strided.
+fn decode_strides(c: &CheckedSpec<'_>) -> Result<()> {
+    let st = &c.strides;
+    if st.k.is_some() || st.v.is_some() || st.out.is_some() || st.dout.is_some() {
+        return Err(Error::invalid(
+            "strides",
+            format!("{st:?}"),
+            "a decode step takes strides for q only",
+        ));
+    }
+    Ok(())
+}
+
 fn check_qkv(
     c: &CheckedSpec<'_>,
     q: &TensorRef<'_>,
     k: &TensorRef<'_>,
     v: &TensorRef<'_>,
 ) -> Result<()> {
-    let (dt, s) = (c.dtype, &c.sizes);
-    check_tensor("q", q, dt, s.q, s.q_tokens, c.heads_q, c.head_dim)?;
-    check_tensor("k", k, dt, s.k, s.k_tokens, c.heads_kv, c.head_dim)?;
-    check_tensor("v", v, dt, s.v, s.k_tokens, c.heads_kv, c.head_dim_v)
+    let (dt, s, st) = (c.dtype, &c.sizes, &c.strides);
+    check_tensor("q", q, dt, s.q, q_view(c, c.head_dim), st.q)?;
+    check_tensor("k", k, dt, s.k, k_view(c, c.head_dim), st.k)?;
+    check_tensor("v", v, dt, s.v, k_view(c, c.head_dim_v), st.v)
 }
 
+/// The shape of an input as its strides address it: `batch` sequences of `seqlen` rows
+/// (varlen and cache buffers: one run of all their rows) of `heads x dim`.
+#[derive(Clone, Copy)]
+struct View {
+    batch: usize,
+    seqlen: usize,
+    heads: usize,
+    dim: usize,
+}
+
+impl View {
+    fn new(batch: usize, seqlen: usize, heads: usize, dim: usize) -> View {
+        View {
+            batch,
+            seqlen,
+            heads,
+            dim,
+        }
+    }
+}
+
+fn q_view(c: &CheckedSpec<'_>, dim: usize) -> View {
+    match c.is_varlen() {
+        true => View::new(1, c.sizes.q_tokens, c.heads_q, dim),
+        false => View::new(c.batch, c.seqlen_q, c.heads_q, dim),
+    }
+}
+
+fn k_view(c: &CheckedSpec<'_>, dim: usize) -> View {
+    match c.is_varlen() || c.kv_cache.is_some() {
+        true => View::new(1, c.sizes.k_tokens, c.heads_kv, dim),
+        false => View::new(c.batch, c.seqlen_k, c.heads_kv, dim),
+    }
+}
+
+/// The dtype, and the length (contiguous) or the reach of the strides (strided).
 fn check_tensor(
     name: &'static str,
     t: &TensorRef<'_>,
     dtype: DType,
     expected: usize,
-    tokens: usize,
-    heads: usize,
-    dim: usize,
+    view: View,
+    strides: Option<Strides>,
 ) -> Result<()> {
     if t.dtype() != dtype {
         return Err(Error::DTypeMismatch {
@@ -161,15 +214,33 @@ fn check_tensor(
             actual: t.dtype(),
         });
     }
-    if t.len() != expected {
-        return Err(Error::BufferLength {
+    let geometry = (view.batch, view.seqlen, view.heads, view.dim);
+    match strides {
+        Some(st) => check_view(strides_name(name), &st, geometry, t.len()),
+        None if t.len() != expected => Err(Error::BufferLength {
             tensor: name,
             expected,
             actual: t.len(),
-            shape: format!("{tokens} tokens x {heads} heads x {dim}"),
-        });
+            shape: format!(
+                "{} tokens x {} heads x {}",
+                view.batch * view.seqlen,
+                view.heads,
+                view.dim
+            ),
+        }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+fn strides_name(tensor: &str) -> &'static str {
+    match tensor {
+        "q" => "strides.q",
+        "k" => "strides.k",
+        "v" => "strides.v",
+        "out" => "strides.out",
+        "dout" => "strides.dout",
+        _ => "strides",
+    }
 }
 
 /// Random q, k, v for `spec`, uniform in [-1, 1) (scaled for fp8 so descales matter), seeded.

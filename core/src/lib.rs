@@ -16,6 +16,7 @@ pub mod mask;
 mod reference;
 pub mod score;
 mod spec;
+mod strides;
 mod tensor;
 pub mod testing;
 
@@ -41,4 +42,5 @@ pub use reference::{
 };
 pub use score::ScoreMod;
 pub use spec::{Alibi, AttentionSpec, Fp8Descale, SeqBounds, Varlen, MAX_HEAD_DIM};
+pub use strides::{InputStrides, Strides};
 pub use tensor::{Grads, Output, Tensor, TensorMut, TensorRef};

@@ -38,6 +38,7 @@ pub fn reference_attention(
     k: TensorRef<'_>,
     v: TensorRef<'_>,
 ) -> Result<ReferenceOutput> {
+    contiguous_only(spec)?;
     let c = validate_inputs(spec, &q, &k, &v)?;
     let (q, k, v) = (widen(&q), widen(&k), widen(&v));
     let mut r = Rows::new(spec, c.sizes.out, c.sizes.lse);
@@ -69,6 +70,7 @@ pub fn reference_backward(
     v: TensorRef<'_>,
     dout: TensorRef<'_>,
 ) -> Result<ReferenceGrads> {
+    contiguous_only(spec)?;
     let c = validate_inputs(spec, &q, &k, &v)?;
     if spec.dtype == DType::Fp8E4m3 {
         return Err(Error::invalid(
@@ -130,6 +132,7 @@ pub fn reference_decode(
     k_new: Option<TensorRef<'_>>,
     v_new: Option<TensorRef<'_>>,
 ) -> Result<ReferenceDecode> {
+    contiguous_only(spec)?;
     let c = check_decode(spec, &q, &k_cache, &v_cache, k_new.as_ref(), v_new.as_ref())?;
     let cache = spec.kv_cache.as_ref().expect("checked: decode has a cache");
     let (hq, hkv, d, dv) = (spec.heads_q, spec.heads_kv, spec.head_dim, spec.head_dim_v);
@@ -398,6 +401,19 @@ fn descales(spec: &AttentionSpec, b: usize, kh: usize) -> (f64, f64, f64) {
         }
         None => (1.0, 1.0, 1.0),
     }
+}
+
+/// The oracle reads contiguous inputs only (it shares no addressing code with backends):
+/// tests compare a strided call with the reference of `spec.contiguous()` on copies.
+fn contiguous_only(spec: &AttentionSpec) -> Result<()> {
+    if spec.strides.is_contiguous() {
+        return Ok(());
+    }
+    Err(Error::argument(
+        "strides",
+        format!("{:?}", spec.strides),
+        "the reference takes contiguous inputs (use spec.contiguous() on contiguous copies)",
+    ))
 }
 
 fn widen(t: &TensorRef<'_>) -> Vec<f64> {

@@ -68,6 +68,7 @@ pub struct AttentionSpec {
     pub deterministic: bool,
     /// Decode against a KV cache (FlashAttention's `flash_attn_with_kvcache`).
     pub kv_cache: Option<KvCache>,
+    pub strides: crate::InputStrides,
 }
 
 /// Where one sequence of the batch lies, in tokens.
@@ -107,6 +108,7 @@ impl AttentionSpec {
             fp8_descale: None,
             deterministic: false,
             kv_cache: None,
+            strides: crate::InputStrides::default(),
         }
     }
 
@@ -532,8 +534,7 @@ impl AttentionSpec {
         self.visible_pairs() as f64 * 2.0 * (self.head_dim + self.head_dim_v) as f64
     }
 
-    /// Floating-point operations of the backward pass, counted as 2.5 x the forward's
-    /// (FlashAttention's convention).
+    /// Floating-point operations of the backward pass: 2.5 x the forward's (FlashAttention's).
     pub fn backward_flops(&self) -> f64 {
         2.5 * self.flops()
     }

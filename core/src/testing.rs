@@ -6,6 +6,7 @@
 pub mod decode;
 #[cfg(feature = "proptest")]
 pub mod strategy;
+pub mod strided;
 
 use crate::{
     lse_max_error, random_inputs, random_tensor, reference_attention, reference_backward,

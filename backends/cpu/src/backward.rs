@@ -26,7 +26,7 @@
 use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
 use crate::device::Isa;
 use crate::forward::lanes;
-use crate::io::{try_zeroed, AlignedBuf, OutBuf, SharedRows, Src};
+use crate::io::{try_zeroed, AlignedBuf, OutBuf, RowLayout, SharedRows, Src};
 use crate::params::{backward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
 use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
@@ -53,6 +53,9 @@ struct Problem<'a> {
     dout: &'a [f32],
     k: Src<'a>,
     v: Src<'a>,
+    /// Where k's and v's rows lie (the spec's strides, or contiguous).
+    k_rows: RowLayout,
+    v_rows: RowLayout,
     lse: &'a [f32],
     /// rowsum(dout * out), head-major `[heads_q][q_tokens]`.
     delta: &'a [f32],
@@ -183,10 +186,19 @@ pub(crate) fn backward(
     let lanes = lanes(isa);
     let (d, dv) = (spec.head_dim, spec.head_dim_v);
     let (d_pad, dv_pad) = (d.div_ceil(lanes) * lanes, dv.div_ceil(lanes) * lanes);
-    let q = head_major(pool, spec, Src::new(inputs.q)?, d, d_pad, None)?;
+    let q = (Src::new(inputs.q)?, RowLayout::q(spec));
+    let q = head_major(pool, spec, q, d, d_pad, None)?;
     let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
-    let out = Some((Src::new(inputs.out)?, SharedRows::new(&mut delta)));
-    let dout = head_major(pool, spec, Src::new(inputs.dout)?, dv, dv_pad, out)?;
+    let out = (
+        Src::new(inputs.out)?,
+        RowLayout::out(spec, spec.strides.out),
+    );
+    let dout = (
+        Src::new(inputs.dout)?,
+        RowLayout::out(spec, spec.strides.dout),
+    );
+    let out = Some((out, SharedRows::new(&mut delta)));
+    let dout = head_major(pool, spec, dout, dv, dv_pad, out)?;
     // dq accumulates in f32, head-major (a query block's rows are contiguous, not a page
     // apart), and is written out in the input's layout and dtype at the end.
     let mut dq_acc = try_zeroed(spec.sizes.q, 1, "the dq accumulator")?;
@@ -200,6 +212,8 @@ pub(crate) fn backward(
         dout: &dout,
         k: Src::new(inputs.k)?,
         v: Src::new(inputs.v)?,
+        k_rows: RowLayout::k(spec),
+        v_rows: RowLayout::v(spec),
         lse: inputs.lse,
         delta: &delta,
         dq: SharedRows::new(&mut dq_acc),
@@ -227,15 +241,16 @@ pub(crate) fn backward(
     })
 }
 
-/// A `[tokens, heads_q, dim]` tensor as f32 `[heads_q][tokens][dim_pad]` (zero padded). With
-/// `delta`, also `delta[h][token] = row · out_row` (dout's rowsum with out, in a fixed order).
+/// A `[tokens, heads_q, dim]` tensor (read through its row layout) as f32
+/// `[heads_q][tokens][dim_pad]` (zero padded). With `delta`, also
+/// `delta[h][token] = row · out_row` (dout's rowsum with out, in a fixed order).
 fn head_major(
     pool: &ThreadPool,
     spec: &CheckedSpec<'_>,
-    src: Src,
+    (src, layout): (Src, RowLayout),
     dim: usize,
     dim_pad: usize,
-    delta: Option<(Src, SharedRows)>,
+    delta: Option<((Src, RowLayout), SharedRows)>,
 ) -> Result<Vec<f32>> {
     let (tokens, hq) = (spec.sizes.q_tokens, spec.heads_q);
     let mut dst = try_zeroed(tokens * hq, dim_pad, "a head-major copy of q or dout")?;
@@ -251,9 +266,9 @@ fn head_major(
             .map(|(_, d)| unsafe { d.rows(h * tokens + toks.start, toks.len()) });
         for (i, tok) in toks.enumerate() {
             let row = &mut rows[i * dim_pad..i * dim_pad + dim];
-            src.read_row((tok * hq + h) * dim, row);
-            if let (Some((out, _)), Some(dr)) = (&delta, &mut d_rows) {
-                out.read_row((tok * hq + h) * dim, &mut o);
+            src.read_row(layout.at(tok, h), row);
+            if let (Some(((out, out_rows), _)), Some(dr)) = (&delta, &mut d_rows) {
+                out.read_row(out_rows.at(tok, h), &mut o);
                 dr[i] = row.iter().zip(&o).map(|(a, b)| a * b).sum();
             }
         }
@@ -367,13 +382,14 @@ impl Kernel for Problem<'_> {
 /// zeroed dK, dV accumulators.
 #[inline(always)]
 fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
-    let (hkv, d, dv) = (p.spec.heads_kv, p.spec.head_dim, p.spec.head_dim_v);
-    let row0 = (p.spec.seq(t.b).k_start + j0) * hkv + t.kv_head;
+    let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
+    let tok0 = p.spec.seq(t.b).k_start + j0;
+    let (k0, k_stride) = (p.k_rows.at(tok0, t.kv_head), p.k_rows.token);
     // Each row is read once (no software prefetch: unlike the forward, a task reads its K and
     // V block once, and prefetching it measured slower); K^T is transposed from the copy.
     let (kp, kt) = (sc.kp.as_mut_slice(), sc.kt.as_mut_slice());
     for j in 0..nk {
-        p.k.read_row((row0 + j * hkv) * d, &mut kp[j * p.d_pad..j * p.d_pad + d]);
+        p.k.read_row(k0 + j * k_stride, &mut kp[j * p.d_pad..j * p.d_pad + d]);
         for x in 0..d {
             kt[x * p.ld + j] = kp[j * p.d_pad + x] * p.k_mul;
         }
@@ -382,7 +398,7 @@ fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) 
     let rows = (nk, nk);
     block::pack_transposed(
         &p.v,
-        (row0 * dv, hkv * dv),
+        (p.v_rows.at(tok0, t.kv_head), p.v_rows.token),
         rows,
         dv,
         1.0,

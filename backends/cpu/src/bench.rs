@@ -16,6 +16,8 @@ pub(crate) fn bench(
     progress: &mut dyn FnMut(),
 ) -> Result<BenchMeasure> {
     plan.runs()?;
+    // The random inputs are contiguous buffers: a strided spec is timed in that layout.
+    let spec = &spec.contiguous();
     let b = Bench {
         backend,
         spec,

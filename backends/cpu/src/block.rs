@@ -7,7 +7,7 @@
 //! `S[i][j]` (queries x keys), so that its per-key-block K^T and V^T serve every query block
 //! and no query block needs transposing.
 
-use crate::io::Src;
+use crate::io::{RowLayout, Src};
 use crate::simd::{Simd, Tile};
 use flashattn_core::score::{alibi, softcap, softcap_grad};
 use flashattn_core::{Mask, ScoreMod, SeqBounds};
@@ -245,12 +245,11 @@ pub(crate) struct ScoreBlock {
 }
 
 impl ScoreBlock {
-    /// The element offset of the block's first key row in a `[tokens, heads_kv, width]` K
-    /// or V, and the stride between its rows.
+    /// The element offset of the block's first key row in K or V laid out as `rows`, and
+    /// the stride between its rows.
     #[inline(always)]
-    pub fn key_rows(&self, heads_kv: usize, width: usize) -> (usize, usize) {
-        let row0 = (self.s.k_start + self.j0) * heads_kv + self.kh;
-        (row0 * width, heads_kv * width)
+    pub fn key_rows(&self, rows: RowLayout) -> (usize, usize) {
+        (rows.at(self.s.k_start + self.j0, self.kh), rows.token)
     }
 
     #[inline(always)]

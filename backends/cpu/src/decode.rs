@@ -6,7 +6,7 @@
 //! so a refused call leaves the caches exactly as they were.
 
 use crate::device::Isa;
-use crate::io::{LseBuf, OutBuf, Src};
+use crate::io::{LseBuf, OutBuf, RowLayout, Src};
 use crate::split_kv::{attend, Attend};
 use crate::thread_pool::ThreadPool;
 use flashattn_core::{
@@ -156,7 +156,7 @@ fn rotate(x: &mut [f32], pos: usize, rot: &Rotary) {
 /// windowed, else at `seqlens[b]`: FlashAttention's rule) and pre-scaled.
 fn pack_q(c: &CheckedSpec<'_>, cache: &KvCache, q: Src<'_>) -> (Vec<f32>, usize) {
     let (hq, hkv, d, sq) = (c.heads_q, c.heads_kv, c.head_dim, c.seqlen_q);
-    let group = c.group_size();
+    let (group, q_rows) = (c.group_size(), RowLayout::q(c));
     let d_pad = d.div_ceil(16) * 16;
     let rows = sq * group;
     // Scores come out in the log2 domain, unless softcap must see them at natural scale.
@@ -173,7 +173,7 @@ fn pack_q(c: &CheckedSpec<'_>, cache: &KvCache, q: Src<'_>) -> (Vec<f32>, usize)
                 let r = i * group + h % group;
                 let at = ((b * hkv + h / group) * rows + r) * d_pad;
                 let row = &mut qp[at..at + d];
-                q.read_row(((b * sq + i) * hq + h) * d, row);
+                q.read_row(q_rows.at(b * sq + i, h), row);
                 if let Some(rot) = &cache.rotary {
                     let pos = cache.seqlens[b] as usize + if positional { i } else { 0 };
                     rotate(row, pos, rot);

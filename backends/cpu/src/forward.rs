@@ -14,7 +14,7 @@
 use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
 use crate::device::Isa;
 use crate::forward_lowp::{LowLayout, LowProducts, LowScratch};
-use crate::io::{AlignedBuf, LseBuf, OutBuf, Src};
+use crate::io::{AlignedBuf, LseBuf, OutBuf, RowLayout, Src};
 use crate::lowp::Lowp;
 use crate::params::{forward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
@@ -36,6 +36,8 @@ pub(crate) struct Problem<'a> {
     pub q: Src<'a>,
     pub k: Src<'a>,
     pub v: Src<'a>,
+    /// Where q's, k's and v's rows lie (the spec's strides, or contiguous).
+    pub rows: [RowLayout; 3],
     out: OutBuf,
     lse: Option<LseBuf>,
     tasks: Vec<Task>,
@@ -136,12 +138,14 @@ pub(crate) fn forward(
         Vec::new()
     };
     let (k, v) = (Src::new(k)?, Src::new(v)?);
+    let rows = [RowLayout::q(spec), RowLayout::k(spec), RowLayout::v(spec)];
     let tasks = tasks(spec, blocks.block_m);
     let problem = Problem {
         spec: *spec,
         q: Src::new(q)?,
         k,
         v,
+        rows,
         out,
         lse: spec.return_lse.then(|| LseBuf::new(&mut lse_v)),
         tasks,
@@ -157,9 +161,9 @@ pub(crate) fn forward(
         // 128 rows, would thrash a handful of L1 sets; so the block is packed. K rows are
         // visited 8 at a time, which L1 holds unless the stride is a multiple of 4 KiB
         // (all 8 in the same sets; measured ~10% slower at 8 heads x 128 than packing).
-        v_direct: spec.heads_kv == 1 && v.as_f32().is_some() && dv == dv_pad,
+        v_direct: rows[2].token == dv && v.as_f32().is_some() && dv == dv_pad,
         k_direct: k.as_f32().is_some()
-            && (spec.heads_kv == 1 || !(spec.heads_kv * spec.head_dim * 4).is_multiple_of(4096)),
+            && (rows[1].token == spec.head_dim || !(rows[1].token * 4).is_multiple_of(4096)),
         blocks,
         ld: low.as_ref().map_or(odd_lines(blocks.block_m), |l| l.ld),
         vld: if dv_pad > 64 {
@@ -306,11 +310,11 @@ unsafe fn run_task<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch, t: Ta
 /// Qt[x][i] = q[i][x] * q_mul; padding rows are zero.
 #[inline(always)]
 fn load_q_block(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize) {
-    let (hq, d) = (p.spec.heads_q, p.spec.head_dim);
+    let (d, q_rows) = (p.spec.head_dim, p.rows[0]);
     let rows = p.blocks.block_m.min(s.q_len - t.q0);
     block::pack_transposed(
         &p.q,
-        (((s.q_start + t.q0) * hq + t.h) * d, hq * d),
+        (q_rows.at(s.q_start + t.q0, t.h), q_rows.token),
         (rows, rows_l),
         d,
         p.q_mul,
@@ -324,7 +328,7 @@ fn load_q_block(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: u
 #[inline(always)]
 unsafe fn load_k_block(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) -> (*const f32, usize) {
     let d = p.spec.head_dim;
-    let (off, stride) = blk.key_rows(p.spec.heads_kv, d);
+    let (off, stride) = blk.key_rows(p.rows[1]);
     match p.k.as_f32() {
         Some(k) if p.k_direct => (k.as_ptr().add(off), stride),
         _ => {
@@ -339,7 +343,7 @@ unsafe fn load_k_block(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) -> (*con
 #[inline(always)]
 unsafe fn load_v_block(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) -> (*const f32, usize) {
     let dv = p.spec.head_dim_v;
-    let (off, stride) = blk.key_rows(p.spec.heads_kv, dv);
+    let (off, stride) = blk.key_rows(p.rows[2]);
     match (p.v_direct, p.v.as_f32()) {
         (true, Some(v)) => (v.as_ptr().add(off), stride),
         _ => {

@@ -8,7 +8,7 @@
 use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
 use crate::forward::{Problem, Products, Scratch, Task};
-use crate::io::AlignedBuf;
+use crate::io::{AlignedBuf, RowLayout};
 use crate::lowp::{Format, LowTile, LowTiles, Lowp};
 use crate::lowp_pack::{self, block_scale, Rows};
 use crate::params::{odd_lines, Blocks};
@@ -121,9 +121,9 @@ fn layout<'a>(p: &'a Problem) -> &'a LowLayout {
         .expect("the low-precision path runs only with its layout")
 }
 
-/// The block's K (`len` = d) or V (`len` = dv) rows.
-fn key_rows(p: &Problem, blk: &ScoreBlock, len: usize) -> Rows {
-    let (off, stride) = blk.key_rows(p.spec.heads_kv, len);
+/// The block's K (`len` = d) or V (`len` = dv) rows, laid out as `rows`.
+fn key_rows(blk: &ScoreBlock, rows: RowLayout, len: usize) -> Rows {
+    let (off, stride) = blk.key_rows(rows);
     Rows {
         off,
         stride,
@@ -138,10 +138,10 @@ impl<L: Lowp> Products<L> for LowProducts {
     #[inline(always)]
     unsafe fn load_q(p: &Problem, sc: &mut Scratch, t: Task, s: &SeqBounds, rows_l: usize) {
         let l = layout(p);
-        let hq = p.spec.heads_q;
+        let q_rows = p.rows[0];
         let rows = Rows {
-            off: ((s.q_start + t.q0) * hq + t.h) * l.d,
-            stride: hq * l.d,
+            off: q_rows.at(s.q_start + t.q0, t.h),
+            stride: q_rows.token,
             n: p.blocks.block_m.min(s.q_len - t.q0),
             len: l.d,
         };
@@ -156,7 +156,7 @@ impl<L: Lowp> Products<L> for LowProducts {
     #[inline(always)]
     unsafe fn scores(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, cols: Range<usize>) {
         let l = layout(p);
-        let rows = key_rows(p, blk, l.d);
+        let rows = key_rows(blk, p.rows[1], l.d);
         let k_scale = block_scale::<L>(&p.k, rows);
         lowp_pack::pack_keys::<L>(&p.k, rows, k_scale, sc.low.kp.as_mut_u16(), l.kld);
         let scale = p.q_mul as f64 / (sc.low.q_scale as f64 * k_scale as f64);
@@ -186,7 +186,7 @@ impl<L: Lowp> Products<L> for LowProducts {
         let cols = rows.start / L::MR * L::MR / 16 * 16..rows.end;
         let pp = low.p.as_mut_u16().as_mut_ptr();
         lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
-        let vrows = key_rows(p, blk, l.dv);
+        let vrows = key_rows(blk, p.rows[2], l.dv);
         let v_scale = block_scale::<L>(&p.v, vrows);
         let vp = low.vp.as_mut_u16();
         lowp_pack::pack_rows::<L>(&p.v, vrows, v_scale, &mut low.tmp, vp, l.vld);

@@ -1,6 +1,6 @@
 //! Reading input rows as f32 and writing output rows in the output dtype.
 
-use flashattn_core::{DType, Error, Result, Tensor, TensorRef};
+use flashattn_core::{CheckedSpec, DType, Error, Result, Strides, Tensor, TensorRef};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -79,6 +79,79 @@ impl<'a> Src<'a> {
             Src::F16(s) => s[offset..end].convert_to_f32_slice(dst),
             Src::Bf16(s) => s[offset..end].convert_to_f32_slice(dst),
         }
+    }
+}
+
+/// Where the (token, head) rows of an input lie in its buffer: the spec's strides, or the
+/// contiguous layout. Rows of one sequence are `token` elements apart, so a block of rows
+/// is read as (first row's offset, `token`) like a contiguous one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowLayout {
+    /// Stride between consecutive tokens of a sequence.
+    pub token: usize,
+    head: usize,
+    batch: usize,
+    /// Tokens per batch entry of a dense strided view; `usize::MAX` when the tokens form one
+    /// run (contiguous or varlen), so that `at` never divides on that path.
+    seqlen: usize,
+}
+
+impl RowLayout {
+    /// q's rows (`[tokens, heads_q, head_dim]`).
+    pub fn q(spec: &CheckedSpec<'_>) -> Self {
+        let (h, d) = (spec.heads_q, spec.head_dim);
+        Self::new(spec, spec.strides.q, spec.seqlen_q, h, d)
+    }
+    pub fn k(spec: &CheckedSpec<'_>) -> Self {
+        let (h, d) = (spec.heads_kv, spec.head_dim);
+        Self::new(spec, spec.strides.k, spec.seqlen_k, h, d)
+    }
+    pub fn v(spec: &CheckedSpec<'_>) -> Self {
+        let (h, d) = (spec.heads_kv, spec.head_dim_v);
+        Self::new(spec, spec.strides.v, spec.seqlen_k, h, d)
+    }
+    /// The backward's out or dout (`[tokens, heads_q, head_dim_v]`).
+    pub fn out(spec: &CheckedSpec<'_>, strides: Option<Strides>) -> Self {
+        let (h, d) = (spec.heads_q, spec.head_dim_v);
+        Self::new(spec, strides, spec.seqlen_q, h, d)
+    }
+
+    fn new(
+        spec: &CheckedSpec<'_>,
+        strides: Option<Strides>,
+        seqlen: usize,
+        heads: usize,
+        dim: usize,
+    ) -> Self {
+        match strides {
+            None => RowLayout {
+                token: heads * dim,
+                head: dim,
+                batch: 0,
+                seqlen: usize::MAX,
+            },
+            Some(st) => RowLayout {
+                token: st.seq,
+                head: st.head,
+                batch: st.batch,
+                seqlen: if spec.is_varlen() {
+                    usize::MAX
+                } else {
+                    seqlen.max(1)
+                },
+            },
+        }
+    }
+
+    /// Element offset of row (`token`, `head`); `token` counts as in the spec's contiguous
+    /// layout (`b * seqlen + i` dense, the varlen token index).
+    #[inline]
+    pub fn at(&self, token: usize, head: usize) -> usize {
+        if token < self.seqlen {
+            return token * self.token + head * self.head;
+        }
+        let (b, i) = (token / self.seqlen, token % self.seqlen);
+        b * self.batch + i * self.token + head * self.head
     }
 }
 

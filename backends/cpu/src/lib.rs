@@ -89,6 +89,7 @@ impl CpuBackend {
         v: TensorRef<'_>,
     ) -> Result<Output> {
         let c = self.check(spec, &q, &k, &v)?;
+        naive_contiguous(spec)?;
         naive::forward(&self.pool, &c, q, k, v)
     }
 
@@ -99,6 +100,7 @@ impl CpuBackend {
         inputs: BackwardInputs<'_>,
     ) -> Result<Grads> {
         let c = self.check_backward(spec, &inputs)?;
+        naive_contiguous(spec)?;
         naive::backward(&self.pool, &c, inputs)
     }
 
@@ -133,6 +135,17 @@ impl Default for CpuBackend {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The naive baseline reads contiguous inputs only (the benchmarks' layout).
+fn naive_contiguous(spec: &AttentionSpec) -> Result<()> {
+    if spec.strides.is_contiguous() {
+        return Ok(());
+    }
+    Err(Error::unsupported(
+        "cpu",
+        "naive attention (the benchmark baseline) reads contiguous inputs only, not strided inputs",
+    ))
 }
 
 pub(crate) fn fp8_unsupported() -> Error {

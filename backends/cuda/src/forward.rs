@@ -376,6 +376,7 @@ impl CudaBackend {
     /// FlashAttention-2 on an H100, PERF_NOTES.md), mma.sync, the portable kernel that can run
     /// `spec` on this GPU.
     pub(crate) fn choose(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
+        spec.strides.require_contiguous("cuda")?;
         if let Some(kind) = self.forced {
             return self.try_kind(spec, kind).map_err(unsupported);
         }

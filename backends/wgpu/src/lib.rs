@@ -214,6 +214,7 @@ impl WgpuBackend {
 
     /// What the forward and decode kernels share: dtype, grid and position limits.
     fn supports_shape(&self, c: &CheckedSpec<'_>) -> Result<()> {
+        c.strides.require_contiguous("wgpu")?;
         match c.dtype {
             DType::F32 | DType::Bf16 => {}
             DType::F16 if self.has_f16() => {}
