@@ -11,7 +11,9 @@ mod common;
 
 use common::emulated::Emulated;
 use common::run_check;
-use flashattn_core::testing::decode::{contiguous, decode_cases, paged, spec};
+use flashattn_core::testing::decode::{
+    contiguous, decode_cases, decode_nan_reaches_exactly_the_rows_that_see_it, paged, spec,
+};
 use flashattn_core::testing::{backend_or_skip, check_decode};
 use flashattn_core::{AttentionSpec, DType};
 use flashattn_cuda::KernelKind;
@@ -52,6 +54,15 @@ fn mma_decode_cases_f16_sm89() {
 #[test]
 fn simt_decode_cases_f32() {
     decode_cases_on("sm_80", KernelKind::DecodeSimt, DType::F32, 300);
+}
+
+/// NaN in q or a visible key reaches exactly the rows that see it (core's shared check, f32:
+/// the CUDA-core kernel).
+#[test]
+fn nan_reaches_exactly_the_rows_that_see_it() {
+    if let Some(b) = emulated("sm_80", KernelKind::DecodeSimt, 8) {
+        decode_nan_reaches_exactly_the_rows_that_see_it(&b, "cuda simt decode, emulated");
+    }
 }
 
 /// The 64-row tile (more than 16 packed rows: GQA 32/8 with 5 query rows), splits and the

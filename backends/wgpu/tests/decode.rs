@@ -1,7 +1,7 @@
 //! Decode against a KV cache on the wgpu backend: core's decode cases (every layout, page
 //! sizes 1/3/16/256, cache lengths 0/1/17/1000, GQA 32/8, MQA, rotary both styles, every
 //! feature) per dtype against the f64 reference, one cache of ~100k keys, a handle's decode
-//! steps against prefills of the same prefix, and bad arguments refused with the caches left
+//! steps against prefills of the same prefix, NaN rows, and bad arguments refused with the caches left
 //! bit for bit as they were.
 
 mod common;
@@ -9,11 +9,19 @@ mod common;
 use common::assert_cases;
 use flashattn_core::testing::check_decode;
 use flashattn_core::testing::decode::{
-    contiguous, decode_cases, decode_steps_equal_prefills, handle_refuses_bad_steps, paged, spec,
+    contiguous, decode_cases, decode_nan_reaches_exactly_the_rows_that_see_it,
+    decode_steps_equal_prefills, handle_refuses_bad_steps, paged, spec,
 };
 use flashattn_core::{
     random_inputs, AttentionSpec, Backend, DType, DecodeInputs, Error, KvCache, Tensor,
 };
+
+/// NaN in q or a visible key reaches exactly the rows that see it (core's shared check).
+#[test]
+fn nan_reaches_exactly_the_rows_that_see_it() {
+    let Some(b) = common::backend() else { return };
+    decode_nan_reaches_exactly_the_rows_that_see_it(b, "wgpu");
+}
 
 #[test]
 fn decode_cases_every_dtype() {

@@ -418,3 +418,55 @@ pub fn handle_refuses_bad_steps(backend: &dyn Backend) {
     assert_eq!(out.out.len(), 2 * 4 * 8);
     assert_eq!(cache.state().seqlens(), &[6, 6]);
 }
+
+/// NaN in q or a visible key makes exactly the rows that see it NaN; a NaN in a V row that
+/// the causal mask hides from a row leaves that row finite.
+/// (2 query rows x 2 heads on one KV head, 6 cached keys + 2 new, f32.) Panics naming
+/// `label` when a row is wrong.
+pub fn decode_nan_reaches_exactly_the_rows_that_see_it(backend: &dyn Backend, label: &str) {
+    let spec = spec(2, 1, 2, 16, contiguous(&[6], 2, 0));
+    let (q, kc, vc) = random_inputs(&spec, 3);
+    let rows = AttentionSpec::new(1, 1, 2, 2, 16);
+    let (_, kn, mut vn) = random_inputs(&rows, 4);
+    let mut qv = q.to_f32_vec();
+    qv[16 + 5] = f32::NAN; // row 0, head 1
+    if let Tensor::F32(v) = &mut vn {
+        v[16 + 3] = f32::NAN; // the last new key: hidden from row 0
+    }
+    let (mut kc, mut vc) = (kc.clone(), vc.clone());
+    let out = backend
+        .decode(
+            &spec,
+            DecodeInputs {
+                q: TensorRef::F32(&qv),
+                k_cache: kc.as_mut(),
+                v_cache: vc.as_mut(),
+                k_new: Some(kn.as_ref()),
+                v_new: Some(vn.as_ref()),
+            },
+        )
+        .unwrap();
+    let o = out.out.to_f32_vec();
+    let lse = out.lse.unwrap();
+    let row_nan = |i: usize, h: usize| o[(i * 2 + h) * 16..][..16].iter().all(|x| x.is_nan());
+    let row_finite = |i: usize, h: usize| o[(i * 2 + h) * 16..][..16].iter().all(|x| x.is_finite());
+    assert!(
+        row_finite(0, 0) && lse[0].is_finite(),
+        "[{label}] row 0 head 0: {o:?}"
+    );
+    assert!(row_nan(0, 1) && lse[2].is_nan(), "[{label}] row 0 head 1");
+    // Row 1 sees the NaN value element: that output element is NaN, the others finite.
+    let only_3 = |h: usize| {
+        let r = &o[(2 + h) * 16..][..16];
+        r.iter().enumerate().all(|(x, v)| v.is_nan() == (x == 3))
+    };
+    assert!(
+        only_3(0) && only_3(1),
+        "[{label}] row 1 sees the NaN value: {:?}",
+        &o[32..]
+    );
+    assert!(
+        lse[1].is_finite() && lse[3].is_finite(),
+        "[{label}] NaN V leaves the LSE"
+    );
+}
