@@ -4,6 +4,7 @@
 //! (feature `proptest`).
 
 pub mod decode;
+pub mod nan;
 #[cfg(feature = "proptest")]
 pub mod strategy;
 pub mod strided;

@@ -5,6 +5,7 @@
 
 mod common;
 
+use flashattn_core::testing::nan::backward_nan_stays_in_its_head_group;
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backward_tolerance, check_backward, check_cases, feature_cases};
 use flashattn_core::{
@@ -239,6 +240,18 @@ fn training_step_weight_gradients_match_the_reference() {
                 ww.iter().any(|&x| x.abs() > 1e-3),
                 "{name} is ~0: test is void"
             );
+        }
+    }
+}
+
+/// NaN in one key reaches exactly its head group's gradients (core's shared check), on
+/// every ISA and dtype.
+#[test]
+fn nan_stays_in_its_head_group() {
+    for (label, backend) in common::every_isa(&[3]) {
+        for dtype in [DType::F32, DType::F16, DType::Bf16] {
+            backward_nan_stays_in_its_head_group(&backend, dtype)
+                .unwrap_or_else(|e| panic!("[{label}] {e}"));
         }
     }
 }

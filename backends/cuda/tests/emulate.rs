@@ -14,7 +14,7 @@ use common::emu::{build_binary, run_dir, run_with_limit, sources_for_emulator};
 use common::emulated::Emulated;
 use common::{check_nan, deterministic, mma_cases, named, nan_spec, run, run_backward};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
-use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases};
+use flashattn_core::testing::{backend_or_skip, check_backend, feature_cases, nan};
 use flashattn_core::{AttentionSpec, DType};
 use flashattn_cuda::{Fp8Tables, KernelKind, KernelParams};
 use std::sync::OnceLock;
@@ -272,4 +272,19 @@ fn portable_backward_f32() {
     let atomic = ["odd sizes", "softcap", "alibi", "varlen"];
     let kind = ("sm_80", KernelKind::Generic, DType::F32);
     backward_cases(kind, Vec::new(), &atomic, &["gqa", "window"], 840);
+}
+
+/// NaN in one key reaches exactly its head group's gradients (core's shared check): the
+/// mma.sync backward (bf16) and the portable one (f32).
+#[test]
+fn backward_nan_stays_in_its_head_group() {
+    for (kind, dtype) in [
+        (KernelKind::Mma, DType::Bf16),
+        (KernelKind::Generic, DType::F32),
+    ] {
+        if let Some(b) = emulated("sm_80", kind) {
+            nan::backward_nan_stays_in_its_head_group(&b, dtype)
+                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        }
+    }
 }

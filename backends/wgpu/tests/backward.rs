@@ -5,6 +5,7 @@
 mod common;
 
 use common::assert_cases;
+use flashattn_core::testing::nan::backward_nan_stays_in_its_head_group;
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{check_backward, feature_cases, BackwardCase};
 use flashattn_core::{reference_backward, rel_l2_error, AttentionSpec, Backend, DType, Pass};
@@ -182,5 +183,14 @@ proptest! {
         if let Err(e) = check_backward(b, &spec, seed) {
             prop_assert!(false, "{}", e);
         }
+    }
+}
+
+/// NaN in one key reaches exactly its head group's gradients (core's shared check).
+#[test]
+fn nan_stays_in_its_head_group() {
+    let Some(b) = common::backend() else { return };
+    for dtype in common::dtypes(b) {
+        backward_nan_stays_in_its_head_group(b, dtype).unwrap_or_else(|e| panic!("{e}"));
     }
 }
