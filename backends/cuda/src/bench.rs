@@ -25,13 +25,8 @@ pub(crate) struct BenchCall<'a> {
 impl CudaBackend {
     /// Times `algo` on random inputs uploaded once; CUDA events around each run.
     pub(crate) fn bench_forward(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
-        let BenchCall {
-            c: checked,
-            algo,
-            plan,
-            progress,
-        } = call;
-        let checked = &checked;
+        let (checked, algo, plan) = (&call.c, call.algo, call.plan);
+        let progress = call.progress;
         if plan.pass != Pass::Forward {
             return Err(Error::unsupported(
                 BACKEND,

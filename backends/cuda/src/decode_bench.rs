@@ -16,12 +16,7 @@ use flashattn_core::{
 
 impl CudaBackend {
     pub(crate) fn bench_decode(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
-        let BenchCall {
-            c,
-            algo,
-            plan,
-            progress,
-        } = call;
+        let (c, algo, plan) = (&call.c, call.algo, call.plan);
         let spec = c.spec;
         if algo == Algorithm::Naive {
             return Err(Error::unsupported(
@@ -29,7 +24,7 @@ impl CudaBackend {
                 "decode has no naive peer; compare with --algo copy (the bandwidth limit)",
             ));
         }
-        let dplan = self.plan_decode(&c)?;
+        let dplan = self.plan_decode(c)?;
         let (q, kc, vc) = random_inputs(spec, plan.seed);
         // New rows [batch, new, heads_kv, d / dv]: the k and v of a problem of that shape.
         let new = spec.kv_cache.as_ref().map_or(0, |k| k.seqlen_new);
@@ -40,7 +35,7 @@ impl CudaBackend {
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
         let new = (c.sizes.k_new > 0).then(|| [k_new.as_ref(), v_new.as_ref()]);
-        let bufs = DecodeBuffers::upload(&c, [q.as_ref(), kc.as_ref(), vc.as_ref()], new)?;
+        let bufs = DecodeBuffers::upload(c, [q.as_ref(), kc.as_ref(), vc.as_ref()], new)?;
         let (kb, vb) = (&bufs.k_cache, &bufs.v_cache);
         let mut ws = Workspace::default();
         let ptrs = ws.prepare(&dplan, bufs.pointers())?;
@@ -66,11 +61,11 @@ impl CudaBackend {
                     }
                     .map_err(drv_err("cuMemcpyDtoDAsync"))
                 };
-                (self.time_runs(plan, &run, progress)?, dst.bytes as u64)
+                (self.time_runs(plan, &run, call.progress)?, dst.bytes as u64)
             }
             _ => {
                 let run = |this: &Self| this.launch_decode(&dplan, &ptrs, true);
-                (self.time_runs(plan, &run, progress)?, ws.bytes())
+                (self.time_runs(plan, &run, call.progress)?, ws.bytes())
             }
         };
         Ok(BenchMeasure {

@@ -14,12 +14,7 @@ use rand::SeedableRng;
 
 impl CudaBackend {
     pub(crate) fn bench_backward(&self, call: BenchCall<'_>) -> Result<BenchMeasure> {
-        let BenchCall {
-            c,
-            algo,
-            plan,
-            progress,
-        } = call;
+        let (c, algo, plan) = (&call.c, call.algo, call.plan);
         if algo != Algorithm::Flash {
             // A naive backward (materialised P and dS) would only restate the forward's naive
             // peer's memory cost (the score matrix, twice); not built on CUDA.
@@ -52,7 +47,7 @@ impl CudaBackend {
         ];
         let bufs = BwdBuffers::new(&checked, &bwd, fwd, grads)?;
         let run = |this: &Self| this.launch_backward(&checked, &variant, &bwd, &bufs);
-        let times_ms = self.time_runs(plan, &run, progress)?;
+        let times_ms = self.time_runs(plan, &run, call.progress)?;
         Ok(BenchMeasure {
             times_ms,
             extra_bytes: Some(bufs.extra_bytes()),
