@@ -17,12 +17,14 @@ mod autotune;
 mod canary;
 mod canary_problem;
 mod discovery;
+mod packed;
 mod rotary;
 mod runtime;
 mod settings;
 mod store;
 
 pub use flashattn_core::*;
+pub use packed::{kv_packed, kv_packed_views, qkv_packed, qkv_packed_views};
 pub use rotary::rotary_tables;
 pub use runtime::{BackendStatus, Opener, Runtime, Selection};
 pub use settings::Settings;
@@ -33,7 +35,10 @@ pub use flashattn_cuda as cuda;
 #[cfg(feature = "wgpu")]
 pub use flashattn_wgpu as wgpu;
 
-/// Runs attention on host slices with the backend the process-wide runtime picks.
+/// Runs attention on host slices with the backend the process-wide runtime picks. Inputs
+/// are contiguous in the spec's layout, or strided views (`spec.strides`, see
+/// [`InputStrides`]: transposed `[b, h, s, d]` tensors, packed buffers) read without a copy
+/// by the backends that take them (the CPU today).
 pub fn attention(
     spec: &AttentionSpec,
     q: TensorRef<'_>,

@@ -1,10 +1,10 @@
 //! The candle op: `CustomOp3` over (q, k, v) running flashattn's CPU backend, forward and
 //! backward.
 
-use crate::host::{contiguous, fa_err, Elem};
+use crate::host::{fa_err, view, Elem, View};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use flashattn_core::{AttentionSpec, Backend, BackwardInputs, DType as FaDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use flashattn_core::{AttentionSpec, Backend, BackwardInputs, DType as FaDType, InputStrides};
 use flashattn_cpu::CpuBackend;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -166,17 +166,20 @@ impl FlashAttnOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let spec = self.params.spec(T::FA, l1.dims(), l2.dims(), l3.dims())?;
-        let (q, k, v) = (
-            contiguous::<T>(s1, l1)?,
-            contiguous::<T>(s2, l2)?,
-            contiguous::<T>(s3, l3)?,
-        );
+        // Strided views (transposed, narrowed) are read in place, not copied.
+        let (q, k, v) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
+        let spec = spec.strides(InputStrides {
+            q: q.strides,
+            k: k.strides,
+            v: v.strides,
+            ..Default::default()
+        });
         let out = cpu_backend()
             .forward(
                 &spec,
-                T::tensor_ref(&q),
-                T::tensor_ref(&k),
-                T::tensor_ref(&v),
+                T::tensor_ref(&q.data),
+                T::tensor_ref(&k.data),
+                T::tensor_ref(&v.data),
             )
             .map_err(fa_err)?;
         *self.lse_slot()? = out.lse;
@@ -208,19 +211,35 @@ impl FlashAttnOp {
         let lse = self.lse_slot()?.clone().ok_or_else(|| {
             candle_core::Error::msg("flashattn: backward called before the forward kept its LSE")
         })?;
-        let host = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
-        let (hq, hk, hv, ho) = (host(q)?, host(k)?, host(v)?, host(out)?);
-        let hdo = host(&dout.to_dtype(T::DTYPE)?)?;
+        let dout = dout.to_dtype(T::DTYPE)?;
+        let tensors = [q, k, v, out, &dout];
+        let guards = tensors.map(|t| t.storage_and_layout());
+        let mut views: Vec<View<'_, T>> = Vec::with_capacity(5);
+        for (storage, layout) in &guards {
+            match &**storage {
+                Storage::Cpu(s) => views.push(view::<T>(s, layout)?),
+                _ => candle_core::bail!("flashattn: the backward's tensors must be on the CPU"),
+            }
+        }
+        let [hq, hk, hv, ho, hdo] = <[View<'_, T>; 5]>::try_from(views)
+            .map_err(|_| candle_core::Error::msg("flashattn: five views expected"))?;
+        let spec = spec.strides(InputStrides {
+            q: hq.strides,
+            k: hk.strides,
+            v: hv.strides,
+            out: ho.strides,
+            dout: hdo.strides,
+        });
         let grads = cpu_backend()
             .backward(
                 &spec,
                 BackwardInputs {
-                    q: T::tensor_ref(&hq),
-                    k: T::tensor_ref(&hk),
-                    v: T::tensor_ref(&hv),
-                    out: T::tensor_ref(&ho),
+                    q: T::tensor_ref(&hq.data),
+                    k: T::tensor_ref(&hk.data),
+                    v: T::tensor_ref(&hv.data),
+                    out: T::tensor_ref(&ho.data),
                     lse: &lse,
-                    dout: T::tensor_ref(&hdo),
+                    dout: T::tensor_ref(&hdo.data),
                 },
             )
             .map_err(fa_err)?;
