@@ -96,6 +96,11 @@ fn run_decode_checks_a_paged_rotary_step() {
     }
 }
 
+/// The first row of `flashattn bench --backend cpu --json` with `args` (split at spaces).
+fn bench_row(args: &str) -> serde_json::Value {
+    ok_json(&cpu_bench(args).arg("--json").output().unwrap())[0].clone()
+}
+
 #[test]
 fn bench_backward_and_decode_report_their_measures() {
     let row = bench_row(
@@ -118,9 +123,4 @@ fn bench_backward_and_decode_report_their_measures() {
     assert_eq!(row["pass"], "decode", "{row}");
     assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
     assert!(row["copy"]["gbps"].as_f64().unwrap() > 0.0, "{row}");
-}
-
-/// The first row of `flashattn bench --backend cpu --json` with `args` (split at spaces).
-fn bench_row(args: &str) -> serde_json::Value {
-    ok_json(&cpu_bench(args).arg("--json").output().unwrap())[0].clone()
 }
