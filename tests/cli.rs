@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::cli::{assert_clean_error, cli, ok_json, ok_stdout, read_f32, write_npy};
+use common::cli::{
+    assert_clean_error, cli, cli_with_files, cpu_bench, ok_json, ok_stdout, read_f32, write_npy,
+};
 use flashattn::{reference_attention, rel_l2_error, AttentionSpec, DType, Tensor};
 
 #[test]
@@ -19,22 +21,16 @@ fn npy_round_trip_matches_the_reference() {
     write_npy(&p("k.npy"), &[2, 29, 2, 40], &k32);
     write_npy(&p("v.npy"), &[2, 29, 2, 40], &v32);
     write_npy(&p("slopes.npy"), &[4], &[0.5f32, 0.25, 0.1, 0.05]);
-    let out = cli()
-        .args(["run", "--backend", "cpu", "--causal", "--check"])
-        .arg("--q")
-        .arg(p("q.npy"))
-        .arg("--k")
-        .arg(p("k.npy"))
-        .arg("--v")
-        .arg(p("v.npy"))
-        .arg("--alibi")
-        .arg(p("slopes.npy"))
-        .arg("--out")
-        .arg(p("o.npy"))
-        .arg("--lse")
-        .arg(p("lse.npy"))
-        .output()
-        .unwrap();
+    let files = [
+        ("--q", "q.npy"),
+        ("--k", "k.npy"),
+        ("--v", "v.npy"),
+        ("--alibi", "slopes.npy"),
+        ("--out", "o.npy"),
+        ("--lse", "lse.npy"),
+    ];
+    let args = ["run", "--backend", "cpu", "--causal", "--check"];
+    let out = cli_with_files(&args, dir.path(), &files).output().unwrap();
     assert!(ok_stdout(&out).contains("PASS"));
     let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
     let (shape, o) = read_f32(&p("o.npy"));
@@ -56,19 +52,14 @@ fn f16_files_give_f16_output_and_bf16_converts_f32_files() {
         write_npy(&p(name), &[1, 9, 2, 16], data);
     }
     let run = |extra: &[&str], out: &str| {
-        cli()
-            .args(["run", "--backend", "cpu", "--check"])
-            .args(extra)
-            .arg("--q")
-            .arg(p("q.npy"))
-            .arg("--k")
-            .arg(p("k.npy"))
-            .arg("--v")
-            .arg(p("v.npy"))
-            .arg("--out")
-            .arg(p(out))
-            .output()
-            .unwrap()
+        let files = [
+            ("--q", "q.npy"),
+            ("--k", "k.npy"),
+            ("--v", "v.npy"),
+            ("--out", out),
+        ];
+        let args = [&["run", "--backend", "cpu", "--check"], extra].concat();
+        cli_with_files(&args, dir.path(), &files).output().unwrap()
     };
     let out = run(&[], "o16.npy");
     ok_stdout(&out);
@@ -115,24 +106,8 @@ fn json_outputs_parse_and_carry_the_fields() {
     assert_eq!(run["check"]["passed"], true);
     assert!(run["check"]["rel_l2"].as_f64().unwrap() < 1e-4);
 
-    let out = cli()
-        .args([
-            "bench",
-            "--backend",
-            "cpu",
-            "--seqlens",
-            "384,512",
-            "--heads",
-            "2",
-            "--warmup",
-            "1",
-            "--iters",
-            "2",
-            "--compare-naive",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let args = "--seqlens 384,512 --heads 2 --warmup 1 --iters 2 --compare-naive --json";
+    let out = cpu_bench(args).output().unwrap();
     let records = ok_json(&out);
     let records = records.as_array().unwrap();
     assert_eq!(records.len(), 2);
@@ -155,24 +130,8 @@ fn json_outputs_parse_and_carry_the_fields() {
 fn plot_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("t.svg");
-    let out = cli()
-        .args([
-            "bench",
-            "--backend",
-            "cpu",
-            "--seqlens",
-            "32,64",
-            "--heads",
-            "1",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-        ])
-        .arg("--plot")
-        .arg(&svg)
-        .output()
-        .unwrap();
+    let args = "--seqlens 32,64 --heads 1 --warmup 0 --iters 1 --plot";
+    let out = cpu_bench(args).arg(&svg).output().unwrap();
     ok_stdout(&out);
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::cli::{cli, ok_json, ok_stdout, read_f32, write_npy};
+use common::cli::{cli, cli_with_files, cpu_bench, ok_json, ok_stdout, read_f32, write_npy};
 use flashattn::{random_inputs, random_tensor, reference_backward, rel_l2_error, AttentionSpec};
 use rand::SeedableRng;
 
@@ -23,16 +23,7 @@ fn run_backward_checks_and_writes_gradients() {
     write_npy(&p("k.npy"), &[1, 29, 2, 40], &k.to_f32_vec());
     write_npy(&p("v.npy"), &[1, 29, 2, 24], &v.to_f32_vec());
     write_npy(&p("do.npy"), &[1, 37, 4, 24], &dout.to_f32_vec());
-    let mut cmd = cli();
-    cmd.args([
-        "run",
-        "--backend",
-        "cpu",
-        "--backward",
-        "--causal",
-        "--check",
-    ]);
-    for (flag, file) in [
+    let files = [
         ("--q", "q.npy"),
         ("--k", "k.npy"),
         ("--v", "v.npy"),
@@ -40,9 +31,16 @@ fn run_backward_checks_and_writes_gradients() {
         ("--out-dq", "dq.npy"),
         ("--out-dk", "dk.npy"),
         ("--out-dv", "dv.npy"),
-    ] {
-        cmd.arg(flag).arg(p(file));
-    }
+    ];
+    let args = [
+        "run",
+        "--backend",
+        "cpu",
+        "--backward",
+        "--causal",
+        "--check",
+    ];
+    let mut cmd = cli_with_files(&args, dir.path(), &files);
     let text = ok_stdout(&cmd.output().unwrap());
     assert!(text.contains("PASS"), "{text}");
     let want =
@@ -98,31 +96,16 @@ fn run_decode_checks_a_paged_rotary_step() {
     }
 }
 
+/// The first row of `flashattn bench --backend cpu --json` with `args` (split at spaces).
+fn bench_row(args: &str) -> serde_json::Value {
+    ok_json(&cpu_bench(args).arg("--json").output().unwrap())[0].clone()
+}
+
 #[test]
 fn bench_backward_and_decode_report_their_measures() {
-    let out = cli()
-        .args([
-            "bench",
-            "--backend",
-            "cpu",
-            "--backward",
-            "--compare-naive",
-            "--json",
-            "--seqlen-q",
-            "256",
-            "--heads",
-            "2",
-            "--head-dim",
-            "64",
-            "--iters",
-            "2",
-            "--warmup",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    let rows = ok_json(&out);
-    let row = &rows[0];
+    let row = bench_row(
+        "--backward --compare-naive --seqlen-q 256 --heads 2 --head-dim 64 --iters 2 --warmup 1",
+    );
     assert_eq!(row["pass"], "backward", "{row}");
     assert!(row["time_ms"].as_f64().unwrap() > 0.0, "{row}");
     assert!(row["tflops"].as_f64().unwrap() > 0.0, "{row}");
@@ -134,30 +117,9 @@ fn bench_backward_and_decode_report_their_measures() {
     );
     assert!(naive > 256.0 * 256.0 * 4.0 && flash < naive, "{row}");
 
-    let out = cli()
-        .args([
-            "bench",
-            "--backend",
-            "cpu",
-            "--decode",
-            "--json",
-            "--seqlens",
-            "2048",
-            "--heads",
-            "8",
-            "--kv-heads",
-            "2",
-            "--head-dim",
-            "128",
-            "--dtype",
-            "bf16",
-            "--iters",
-            "3",
-        ])
-        .output()
-        .unwrap();
-    let rows = ok_json(&out);
-    let row = &rows[0];
+    let row = bench_row(
+        "--decode --seqlens 2048 --heads 8 --kv-heads 2 --head-dim 128 --dtype bf16 --iters 3",
+    );
     assert_eq!(row["pass"], "decode", "{row}");
     assert!(row["gbps"].as_f64().unwrap() > 0.0, "{row}");
     assert!(row["copy"]["gbps"].as_f64().unwrap() > 0.0, "{row}");

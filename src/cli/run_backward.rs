@@ -2,8 +2,7 @@
 //! a random (or given) output gradient, both on the backend selected for the backward.
 
 use super::run::{finish, finite_or_null, write_out_and_lse, Check, Report, RunArgs};
-use super::run_forward::files;
-use super::run_inputs::{InputArgs, Problem};
+use super::run_forward::load;
 use super::CliResult;
 use flashattn::testing::backward_tolerance;
 use flashattn::{reference_backward, rel_l2_error, BackwardInputs, Pass};
@@ -11,15 +10,7 @@ use std::time::Instant;
 
 pub fn run(args: &RunArgs) -> CliResult<i32> {
     let mut outputs = args.outputs()?;
-    let problem = Problem::load(&InputArgs {
-        shape: &args.shape,
-        files: files(args),
-        alibi: args.alibi.as_ref(),
-        seed: args.seed,
-        pass: Pass::Backward,
-        check: args.check,
-        return_lse: true,
-    })?;
+    let problem = load(args, Pass::Backward, true)?;
     let dout = problem.dout(args.dout.as_deref(), args.seed)?;
     let spec = &problem.spec;
     let selection = args.select(spec, Pass::Backward)?;

@@ -4,11 +4,8 @@
 use super::decode_spec::DEFAULT_CACHE_LEN;
 use super::run::{finish, finite_or_null, write_out_and_lse, Check, Report, RunArgs};
 use super::{budget, CliResult};
-use flashattn::{
-    lse_max_error, random_inputs, random_tensor, reference_decode, rel_l2_error, AttentionSpec,
-    DType, DecodeInputs, Pass, Tensor,
-};
-use rand::SeedableRng;
+use flashattn::testing::decode::DecodeData;
+use flashattn::{lse_max_error, rel_l2_error, AttentionSpec, DType, Pass, Tensor};
 use std::time::Instant;
 
 pub fn run(args: &RunArgs) -> CliResult<i32> {
@@ -25,26 +22,13 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
         "the inputs and results of this decode step",
         budget::run_bytes(spec, Pass::Decode, args.check),
     )?;
-    let (q, k_cache, v_cache) = random_inputs(spec, args.seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed ^ 0xdec0de);
-    let k_new = random_tensor(&mut rng, spec.dtype, spec.k_new_elems().unwrap_or(0));
-    let v_new = random_tensor(&mut rng, spec.dtype, spec.v_new_elems().unwrap_or(0));
-    let has_new = !k_new.is_empty();
+    let data = DecodeData::random(spec, args.seed);
     let selection = args.select(spec, Pass::Decode)?;
-    let (mut k_after, mut v_after) = (k_cache.clone(), v_cache.clone());
+    let (mut k_after, mut v_after) = (data.k_cache.clone(), data.v_cache.clone());
     let start = Instant::now();
     let output = selection
         .backend
-        .decode(
-            spec,
-            DecodeInputs {
-                q: q.as_ref(),
-                k_cache: k_after.as_mut(),
-                v_cache: v_after.as_mut(),
-                k_new: has_new.then(|| k_new.as_ref()),
-                v_new: has_new.then(|| v_new.as_ref()),
-            },
-        )
+        .decode(spec, data.inputs((&mut k_after, &mut v_after)))
         .map_err(|e| e.to_string())?;
     let time_ms = start.elapsed().as_secs_f64() * 1e3;
     let out = output.out.to_f32_vec();
@@ -54,22 +38,14 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
             if !args.json {
                 eprintln!("checking against the f64 reference decode ...");
             }
-            let want = reference_decode(
-                spec,
-                q.as_ref(),
-                k_cache.as_ref(),
-                v_cache.as_ref(),
-                has_new.then(|| k_new.as_ref()),
-                has_new.then(|| v_new.as_ref()),
-            )
-            .map_err(|e| e.to_string())?;
+            let want = data.reference(spec).map_err(|e| e.to_string())?;
             let rel_l2 = rel_l2_error(&out, &want.out);
             let lse_err = output
                 .lse
                 .as_ref()
                 .map_or(f64::INFINITY, |l| lse_max_error(l, &want.lse));
-            let (k_err, k_kept) = cache_error(spec, &k_cache, &k_after, &want.k_cache);
-            let (v_err, v_kept) = cache_error(spec, &v_cache, &v_after, &want.v_cache);
+            let (k_err, k_kept) = cache_error(spec, &data.k_cache, &k_after, &want.k_cache);
+            let (v_err, v_kept) = cache_error(spec, &data.v_cache, &v_after, &want.v_cache);
             let tolerance = spec.dtype.tolerance();
             let new_err = k_err.max(v_err);
             Some(Check {

@@ -8,15 +8,7 @@ use std::time::Instant;
 
 pub fn run(args: &RunArgs) -> CliResult<i32> {
     let mut outputs = args.outputs()?;
-    let problem = Problem::load(&InputArgs {
-        shape: &args.shape,
-        files: files(args),
-        alibi: args.alibi.as_ref(),
-        seed: args.seed,
-        pass: Pass::Forward,
-        check: args.check,
-        return_lse: args.lse.is_some() || args.check,
-    })?;
+    let problem = load(args, Pass::Forward, args.lse.is_some() || args.check)?;
     let spec = &problem.spec;
     let selection = args.select(spec, Pass::Forward)?;
     let (q, k, v) = (problem.q.as_ref(), problem.k.as_ref(), problem.v.as_ref());
@@ -72,8 +64,21 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
     ))
 }
 
+/// The inputs of `args` for `pass` (read from .npy files or random).
+pub fn load(args: &RunArgs, pass: Pass, return_lse: bool) -> CliResult<Problem> {
+    Problem::load(&InputArgs {
+        shape: &args.shape,
+        files: files(args),
+        alibi: args.alibi.as_ref(),
+        seed: args.seed,
+        pass,
+        check: args.check,
+        return_lse,
+    })
+}
+
 /// The .npy inputs, when given.
-pub fn files(args: &RunArgs) -> Option<(&std::path::Path, &std::path::Path, &std::path::Path)> {
+fn files(args: &RunArgs) -> Option<(&std::path::Path, &std::path::Path, &std::path::Path)> {
     match (&args.q, &args.k, &args.v) {
         (Some(q), Some(k), Some(v)) => Some((q, k, v)),
         _ => None,

@@ -14,6 +14,24 @@ pub fn cli() -> Command {
     c
 }
 
+/// `flashattn bench --backend cpu` with `args` (split at spaces).
+pub fn cpu_bench(args: &str) -> Command {
+    let mut c = cli();
+    c.args(["bench", "--backend", "cpu"])
+        .args(args.split_whitespace());
+    c
+}
+
+/// The binary running `args`, then `flag dir/file` for each of `files`.
+pub fn cli_with_files(args: &[&str], dir: &Path, files: &[(&str, &str)]) -> Command {
+    let mut c = cli();
+    c.args(args);
+    for (flag, file) in files {
+        c.arg(flag).arg(dir.join(file));
+    }
+    c
+}
+
 pub fn write_npy<T: npyz::Serialize + npyz::AutoSerialize + Copy>(
     path: &Path,
     shape: &[u64],

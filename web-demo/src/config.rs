@@ -167,77 +167,28 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
+        // The default form with one change.
+        let with = |change: fn(&mut DemoConfig)| {
+            let mut c = DemoConfig::default();
+            change(&mut c);
+            c
+        };
         let cases: Vec<(DemoConfig, &str)> = vec![
+            (with(|c| c.dtype = "f8".into()), "dtype"),
+            (with(|c| c.dtype = "fp8".into()), "dtype"),
+            (with(|c| c.seqlen = 0), "seqlen_q"),
+            (with(|c| c.head_dim = 300), "head_dim"),
+            (with(|c| c.window_left = -2), "window.left"),
+            (with(|c| c.softcap = -1.0), "softcap"),
+            (with(|c| c.heatmap_head = 4), "heatmap_head"),
+            (with(|c| c.seqlen = 40000), "seqlen"),
+            (with(|c| c.iters = 0), "iters"),
             (
-                DemoConfig {
-                    dtype: "f8".into(),
-                    ..Default::default()
-                },
-                "dtype",
-            ),
-            (
-                DemoConfig {
-                    dtype: "fp8".into(),
-                    ..Default::default()
-                },
-                "dtype",
-            ),
-            (
-                DemoConfig {
-                    seqlen: 0,
-                    ..Default::default()
-                },
-                "seqlen_q",
-            ),
-            (
-                DemoConfig {
-                    head_dim: 300,
-                    ..Default::default()
-                },
-                "head_dim",
-            ),
-            (
-                DemoConfig {
-                    window_left: -2,
-                    ..Default::default()
-                },
-                "window.left",
-            ),
-            (
-                DemoConfig {
-                    softcap: -1.0,
-                    ..Default::default()
-                },
-                "softcap",
-            ),
-            (
-                DemoConfig {
-                    heatmap_head: 4,
-                    ..Default::default()
-                },
-                "heatmap_head",
-            ),
-            (
-                DemoConfig {
-                    seqlen: 40000,
-                    ..Default::default()
-                },
-                "seqlen",
-            ),
-            (
-                DemoConfig {
-                    iters: 0,
-                    ..Default::default()
-                },
-                "iters",
-            ),
-            (
-                DemoConfig {
-                    seqlen: 32768,
-                    heads: 128,
-                    head_dim: 256,
-                    ..Default::default()
-                },
+                with(|c| {
+                    c.seqlen = 32768;
+                    c.heads = 128;
+                    c.head_dim = 256;
+                }),
                 "shape",
             ),
         ];

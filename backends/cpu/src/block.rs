@@ -167,63 +167,48 @@ pub(crate) unsafe fn pv_product<K: TileKernel>(rows: Range<usize>, width: usize,
     }
 }
 
-/// The f32 Q·K tiles of `S` (`MR_QK` x `NV_QK`), for [`qk_product`].
-pub(crate) struct QkTiles<S>(PhantomData<S>);
+/// The f32 register tiles of `S`: the Q·K shape (`MR_QK` x `NV_QK`, `qk_tile`) or, with
+/// `PV`, the P·V shape (`MR_PV` x `NV_PV`, `pv_tile`).
+pub(crate) struct F32Tiles<S, const PV: bool>(PhantomData<S>);
+pub(crate) type QkTiles<S> = F32Tiles<S, false>;
+pub(crate) type PvTiles<S> = F32Tiles<S, true>;
 
-/// The f32 P·V tiles of `S` (`MR_PV` x `NV_PV`), for [`pv_product`].
-pub(crate) struct PvTiles<S>(PhantomData<S>);
-
-/// `t` at row `r`, column `c` (f32 B: one element per column).
-#[inline(always)]
-unsafe fn tile_at(t: &Tile, r: usize, c: usize, alpha: bool) -> Tile {
-    Tile {
-        a: t.a.add(r * t.a_rs),
-        b: t.b.add(c),
-        c: t.c.add(r * t.ldc + c),
-        alpha: if !alpha || t.alpha.is_null() {
-            std::ptr::null()
+impl<S: Simd, const PV: bool> TileKernel for F32Tiles<S, PV> {
+    type Tile = Tile;
+    const MR: usize = if PV { S::MR_PV } else { S::MR_QK };
+    const NV: usize = if PV { S::NV_PV } else { S::NV_QK };
+    const COLS: usize = S::LANES;
+    #[inline(always)]
+    fn vectors(cols: usize) -> usize {
+        Self::NV.min(cols / S::LANES)
+    }
+    #[inline(always)]
+    unsafe fn at(t: &Tile, r: usize, c: usize, alpha: bool) -> Tile {
+        Tile {
+            a: t.a.add(r * t.a_rs),
+            b: t.b.add(c),
+            c: t.c.add(r * t.ldc + c),
+            alpha: alpha_at(t.alpha, r, alpha),
+            ..*t
+        }
+    }
+    #[inline(always)]
+    unsafe fn run(mr: usize, nv: usize, t: Tile) {
+        if PV {
+            S::pv_tile(mr, nv, t)
         } else {
-            t.alpha.add(r)
-        },
-        ..*t
+            S::qk_tile(mr, nv, t)
+        }
     }
 }
 
-impl<S: Simd> TileKernel for QkTiles<S> {
-    type Tile = Tile;
-    const MR: usize = S::MR_QK;
-    const NV: usize = S::NV_QK;
-    const COLS: usize = S::LANES;
-    #[inline(always)]
-    fn vectors(cols: usize) -> usize {
-        S::NV_QK.min(cols / S::LANES)
-    }
-    #[inline(always)]
-    unsafe fn at(t: &Tile, r: usize, c: usize, alpha: bool) -> Tile {
-        tile_at(t, r, c, alpha)
-    }
-    #[inline(always)]
-    unsafe fn run(mr: usize, nv: usize, t: Tile) {
-        S::qk_tile(mr, nv, t)
-    }
-}
-
-impl<S: Simd> TileKernel for PvTiles<S> {
-    type Tile = Tile;
-    const MR: usize = S::MR_PV;
-    const NV: usize = S::NV_PV;
-    const COLS: usize = S::LANES;
-    #[inline(always)]
-    fn vectors(cols: usize) -> usize {
-        S::NV_PV.min(cols / S::LANES)
-    }
-    #[inline(always)]
-    unsafe fn at(t: &Tile, r: usize, c: usize, alpha: bool) -> Tile {
-        tile_at(t, r, c, alpha)
-    }
-    #[inline(always)]
-    unsafe fn run(mr: usize, nv: usize, t: Tile) {
-        S::pv_tile(mr, nv, t)
+/// Row `r`'s alpha of a tile's `alpha` when `keep`, else none (a null alpha stays null).
+#[inline(always)]
+pub(crate) unsafe fn alpha_at(alpha: *const f32, r: usize, keep: bool) -> *const f32 {
+    if !keep || alpha.is_null() {
+        std::ptr::null()
+    } else {
+        alpha.add(r)
     }
 }
 

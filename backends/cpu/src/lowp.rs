@@ -15,7 +15,7 @@
 //! (row i, reduction step s) at `a + i * a_rs + s * a_cs`; the vector operand B holds step
 //! s's columns at `b + s * ldb`, `KW` elements per column. The result C is f32.
 
-use crate::block::TileKernel;
+use crate::block::{alpha_at, TileKernel};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Avx512;
 use crate::simd::Simd;
@@ -276,58 +276,50 @@ unsafe fn tile_bf16<const MR: usize, const NV: usize>(t: LowTile) {
     }
 }
 
+/// A low-precision level on AVX-512: its format, reduction width, tile shape (8 rows x
+/// `nv` accumulators of `cols` columns), tile kernel and f32 rounding; the conversions of
+/// both levels are the same AVX-512 code.
 #[cfg(target_arch = "x86_64")]
-impl Lowp for Avx512Fp16 {
-    const FORMAT: Format = Format::F16;
-    const KW: usize = 1;
-    const COLS: usize = 32;
-    const MR: usize = 8;
-    const NV: usize = 2;
+macro_rules! avx512_lowp {
+    ($t:ty, $format:ident, kw $kw:literal, cols $cols:literal, nv [$nv:literal $($nvs:literal)*],
+     $tile:ident, |$x:ident| $from_f32:expr) => {
+        impl Lowp for $t {
+            const FORMAT: Format = Format::$format;
+            const KW: usize = $kw;
+            const COLS: usize = $cols;
+            const MR: usize = 8;
+            const NV: usize = $nv;
 
-    #[inline(always)]
-    unsafe fn tile(mr: usize, nv: usize, t: LowTile) {
-        low_dispatch!(tile_fp16, mr, nv, t; rows [8 7 6 5 4 3 2 1]; nv [2 1])
-    }
-    #[inline(always)]
-    unsafe fn from_f32(x: __m512) -> [u16; 16] {
-        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-        std::mem::transmute(h)
-    }
-    #[inline(always)]
-    unsafe fn convert(src: *const u16, from: Format, n: usize, scale: f32, dst: *mut u16) {
-        convert_bits::<Self>(src, from, n, scale, dst)
-    }
-    #[inline(always)]
-    unsafe fn max_magnitude(src: *const u16, n: usize, inf: u16) -> u16 {
-        max_magnitude(src, n, inf)
-    }
+            #[inline(always)]
+            unsafe fn tile(mr: usize, nv: usize, t: LowTile) {
+                low_dispatch!($tile, mr, nv, t; rows [8 7 6 5 4 3 2 1]; nv [$nv $($nvs)*])
+            }
+            #[inline(always)]
+            unsafe fn from_f32($x: __m512) -> [u16; 16] {
+                $from_f32
+            }
+            #[inline(always)]
+            unsafe fn convert(src: *const u16, from: Format, n: usize, scale: f32, dst: *mut u16) {
+                convert_bits::<Self>(src, from, n, scale, dst)
+            }
+            #[inline(always)]
+            unsafe fn max_magnitude(src: *const u16, n: usize, inf: u16) -> u16 {
+                max_magnitude(src, n, inf)
+            }
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Lowp for Avx512Bf16 {
-    const FORMAT: Format = Format::Bf16;
-    const KW: usize = 2;
-    const COLS: usize = 16;
-    const MR: usize = 8;
-    const NV: usize = 3;
+avx512_lowp!(Avx512Fp16, F16, kw 1, cols 32, nv [2 1], tile_fp16, |x| {
+    let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+    std::mem::transmute(h)
+});
 
-    #[inline(always)]
-    unsafe fn tile(mr: usize, nv: usize, t: LowTile) {
-        low_dispatch!(tile_bf16, mr, nv, t; rows [8 7 6 5 4 3 2 1]; nv [3 2 1])
-    }
-    #[inline(always)]
-    unsafe fn from_f32(x: __m512) -> [u16; 16] {
-        std::mem::transmute(_mm512_cvtneps_pbh(x))
-    }
-    #[inline(always)]
-    unsafe fn convert(src: *const u16, from: Format, n: usize, scale: f32, dst: *mut u16) {
-        convert_bits::<Self>(src, from, n, scale, dst)
-    }
-    #[inline(always)]
-    unsafe fn max_magnitude(src: *const u16, n: usize, inf: u16) -> u16 {
-        max_magnitude(src, n, inf)
-    }
-}
+#[cfg(target_arch = "x86_64")]
+avx512_lowp!(Avx512Bf16, Bf16, kw 2, cols 16, nv [3 2 1], tile_bf16, |x| {
+    std::mem::transmute(_mm512_cvtneps_pbh(x))
+});
 
 /// 16 f16 / bf16 values (the first `n`, the rest 0) as f32.
 #[cfg(target_arch = "x86_64")]
@@ -409,11 +401,7 @@ impl<L: Lowp> TileKernel for LowTiles<L> {
             a: t.a.add(r * t.a_rs),
             b: t.b.add(c * L::KW),
             c: t.c.add(r * t.ldc + c),
-            alpha: if !alpha || t.alpha.is_null() {
-                std::ptr::null()
-            } else {
-                t.alpha.add(r)
-            },
+            alpha: alpha_at(t.alpha, r, alpha),
             ..*t
         }
     }
