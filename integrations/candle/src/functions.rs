@@ -5,7 +5,8 @@
 //! Varlen: `(total_tokens, heads, head_dim)` with cumulative `seqlens_*` (`batch + 1` integers).
 //! Windows: `None` is unbounded, `(None, Some(0))` is the causal mask; both are bottom-right
 //! aligned (query i sees key j iff `j <= i + seqlen_k - seqlen_q`), as in FlashAttention.
-//! `softcap` 0 is off. Any strides are accepted (copied to contiguous buffers for now).
+//! `softcap` 0 is off. Any strides are accepted; transposed and narrowed views reach the CPU
+//! backend as strides over candle's storage, without a copy.
 
 use crate::op::{FlashAttnOp, Params, VarlenArgs};
 use candle_core::{bail, DType, Result, Tensor};
@@ -67,18 +68,12 @@ fn dense(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `p` over a variable-length batch: the cumulative `seqlens_*` and the longest lengths.
 fn varlen(
-    alibi: Option<&Tensor>,
-    seqlens_q: &Tensor,
-    seqlens_k: &Tensor,
-    max_seqlen_q: usize,
-    max_seqlen_k: usize,
-    softmax_scale: f32,
-    window: (Option<usize>, Option<usize>),
-    softcap: f32,
+    mut p: Params,
+    (seqlens_q, seqlens_k): (&Tensor, &Tensor),
+    (max_seqlen_q, max_seqlen_k): (usize, usize),
 ) -> Result<Params> {
-    let mut p = dense(alibi, softmax_scale, window, softcap)?;
     p.varlen = Some(VarlenArgs {
         cu_seqlens_q: cu_seqlens("seqlens_q", seqlens_q)?,
         cu_seqlens_k: cu_seqlens("seqlens_k", seqlens_k)?,
@@ -235,17 +230,8 @@ pub fn flash_attn_varlen(
     softmax_scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
-    let (sq, sk, window) = (seqlens_q, seqlens_k, causal_window(causal));
-    let p = varlen(
-        None,
-        sq,
-        sk,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        window,
-        0.0,
-    )?;
+    let p = dense(None, softmax_scale, causal_window(causal), 0.0)?;
+    let p = varlen(p, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k))?;
     apply(q, k, v, p)
 }
 
@@ -263,17 +249,13 @@ pub fn flash_attn_varlen_windowed(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
 ) -> Result<Tensor> {
-    let (sq, sk, window) = (seqlens_q, seqlens_k, (window_size_left, window_size_right));
-    let p = varlen(
+    let p = dense(
         None,
-        sq,
-        sk,
-        max_seqlen_q,
-        max_seqlen_k,
         softmax_scale,
-        window,
+        (window_size_left, window_size_right),
         0.0,
     )?;
+    let p = varlen(p, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k))?;
     apply(q, k, v, p)
 }
 
@@ -291,18 +273,13 @@ pub fn flash_attn_varlen_alibi(
     softmax_scale: f32,
     causal: bool,
 ) -> Result<Tensor> {
-    let (a, sq, sk) = (Some(alibi_slopes), seqlens_q, seqlens_k);
-    let window = causal_window(causal);
-    let p = varlen(
-        a,
-        sq,
-        sk,
-        max_seqlen_q,
-        max_seqlen_k,
+    let p = dense(
+        Some(alibi_slopes),
         softmax_scale,
-        window,
+        causal_window(causal),
         0.0,
     )?;
+    let p = varlen(p, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k))?;
     apply(q, k, v, p)
 }
 
@@ -321,18 +298,13 @@ pub fn flash_attn_varlen_alibi_windowed(
     window_size_left: Option<usize>,
     window_size_right: Option<usize>,
 ) -> Result<Tensor> {
-    let (a, sq, sk) = (Some(alibi_slopes), seqlens_q, seqlens_k);
-    let window = (window_size_left, window_size_right);
-    let p = varlen(
-        a,
-        sq,
-        sk,
-        max_seqlen_q,
-        max_seqlen_k,
+    let p = dense(
+        Some(alibi_slopes),
         softmax_scale,
-        window,
+        (window_size_left, window_size_right),
         0.0,
     )?;
+    let p = varlen(p, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k))?;
     apply(q, k, v, p)
 }
 
@@ -352,18 +324,13 @@ pub fn flash_attn_varlen_alibi_windowed_softcap(
     window_size_right: Option<usize>,
     softcap: f32,
 ) -> Result<Tensor> {
-    let (a, sq, sk) = (alibi_slopes, seqlens_q, seqlens_k);
-    let window = (window_size_left, window_size_right);
-    let p = varlen(
-        a,
-        sq,
-        sk,
-        max_seqlen_q,
-        max_seqlen_k,
+    let p = dense(
+        alibi_slopes,
         softmax_scale,
-        window,
+        (window_size_left, window_size_right),
         softcap,
     )?;
+    let p = varlen(p, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k))?;
     apply(q, k, v, p)
 }
 
@@ -384,18 +351,13 @@ pub fn flash_attn_varlen_with_lse(
     window_size_right: Option<usize>,
     softcap: f32,
 ) -> Result<(Tensor, Tensor)> {
-    let (a, sq, sk) = (alibi_slopes, seqlens_q, seqlens_k);
-    let window = (window_size_left, window_size_right);
     let (tq, hq, _) = q.dims3()?;
-    let p = varlen(
-        a,
-        sq,
-        sk,
-        max_seqlen_q,
-        max_seqlen_k,
+    let p = dense(
+        alibi_slopes,
         softmax_scale,
-        window,
+        (window_size_left, window_size_right),
         softcap,
     )?;
+    let p = varlen(p, (seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k))?;
     apply_with_lse(q, k, v, p, &[hq, tq])
 }
