@@ -74,23 +74,7 @@ impl Arena {
     }
 
     fn read(&self, b: &WgpuBackend) -> Vec<u8> {
-        let (device, queue) = (b.device_handle(), b.queue());
-        let read = device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: self.buffer.size(),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&self.buffer, 0, &read, 0, self.buffer.size());
-        queue.submit([enc.finish()]);
-        read.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
-        device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .expect("poll");
-        let bytes = read.get_mapped_range(..).expect("range").to_vec();
-        read.unmap();
-        bytes
+        common::read_back(b.device_handle(), b.queue(), &self.buffer)
     }
 
     /// The bytes of the parts `written` after the pass; panics if any other byte changed.
@@ -271,56 +255,31 @@ fn a_misaligned_slice_is_an_error_naming_its_offset() {
     let bytes = vec![0u8; 8 * 16 * 4];
     let arena = Arena::new(b, &[&bytes, &bytes, &bytes]);
     let out = Arena::new(b, &[&bytes]);
+    // The error of a forward on q, k (v is arena part 2) into `o`.
+    let fails = |q, k, o| {
+        let (inputs, outputs) = (
+            DeviceInputs {
+                q,
+                k,
+                v: arena.slice(2),
+            },
+            DeviceOutputs { out: o, lse: None },
+        );
+        pollster::block_on(b.forward_buffers(&spec, inputs, outputs))
+            .unwrap_err()
+            .to_string()
+    };
     let mut q = arena.slice(0);
     q.offset += 4;
-    let err = pollster::block_on(b.forward_buffers(
-        &spec,
-        DeviceInputs {
-            q,
-            k: arena.slice(1),
-            v: arena.slice(2),
-        },
-        DeviceOutputs {
-            out: out.slice(0),
-            lse: None,
-        },
-    ))
-    .unwrap_err()
-    .to_string();
+    let err = fails(q, arena.slice(1), out.slice(0));
     assert!(err.contains(&format!("offset {}", q.offset)), "{err}");
     // A slice shorter than the spec needs names its size.
     let mut short = arena.slice(1);
     short.size -= 4;
-    let err = pollster::block_on(b.forward_buffers(
-        &spec,
-        DeviceInputs {
-            q: arena.slice(0),
-            k: short,
-            v: arena.slice(2),
-        },
-        DeviceOutputs {
-            out: out.slice(0),
-            lse: None,
-        },
-    ))
-    .unwrap_err()
-    .to_string();
+    let err = fails(arena.slice(0), short, out.slice(0));
     assert!(err.contains(&format!("{} bytes", short.size)), "{err}");
     // An output in the inputs' buffer.
-    let err = pollster::block_on(b.forward_buffers(
-        &spec,
-        DeviceInputs {
-            q: arena.slice(0),
-            k: arena.slice(1),
-            v: arena.slice(2),
-        },
-        DeviceOutputs {
-            out: arena.slice(0),
-            lse: None,
-        },
-    ))
-    .unwrap_err()
-    .to_string();
+    let err = fails(arena.slice(0), arena.slice(1), arena.slice(0));
     assert!(err.contains("out and q are slices of one buffer"), "{err}");
     // Nothing was written.
     arena.written(b, &[]);

@@ -24,25 +24,6 @@ fn storage_buffer(device: &wgpu::Device, queue: &wgpu::Queue, bytes: &[u8]) -> w
     buf
 }
 
-fn read_back(device: &wgpu::Device, queue: &wgpu::Queue, src: &wgpu::Buffer) -> Vec<u8> {
-    let read = device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: src.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(src, 0, &read, 0, src.size());
-    queue.submit([enc.finish()]);
-    read.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .expect("poll");
-    let bytes = read.get_mapped_range(..).expect("range").to_vec();
-    read.unmap();
-    bytes
-}
-
 #[test]
 fn forward_buffers_on_a_callers_device() {
     let Some(shared) = common::backend() else {
@@ -75,12 +56,16 @@ fn forward_buffers_on_a_callers_device() {
             },
         ))
         .expect("forward_buffers");
-        let got =
-            Tensor::from_bytes(dtype, &read_back(&device, &queue, &out)[..out_bytes]).unwrap();
+        let got = Tensor::from_bytes(
+            dtype,
+            &common::read_back(&device, &queue, &out)[..out_bytes],
+        )
+        .unwrap();
         let reference = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
         let err = rel_l2_error(&got.to_f32_vec(), &reference.out);
         assert!(err < dtype.tolerance(), "{dtype}: rel L2 {err:.3e}");
-        let lse_got: Vec<f32> = bytemuck::pod_collect_to_vec(&read_back(&device, &queue, &lse));
+        let lse_got: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&common::read_back(&device, &queue, &lse));
         let lse_err = flashattn_core::lse_max_error(&lse_got, &reference.lse);
         assert!(lse_err < 1e-3, "{dtype}: LSE error {lse_err:.3e}");
     }

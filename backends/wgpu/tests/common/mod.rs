@@ -5,7 +5,7 @@
 
 use flashattn_core::testing::{backend_or_skip, check_cases, CheckReport};
 use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
-use flashattn_wgpu::WgpuBackend;
+use flashattn_wgpu::{wgpu, WgpuBackend};
 use std::sync::OnceLock;
 
 /// The backend, or `None` when the test is skipped (the reason is printed; a failure instead
@@ -106,4 +106,24 @@ pub fn assert_bench_memory(
     let (fe, ne) = (flash.extra_bytes.unwrap(), naive.extra_bytes.unwrap());
     assert!(ne >= naive_min, "naive extra {ne}");
     assert!(fe * ratio < ne, "flash extra {fe} vs naive {ne}");
+}
+
+/// The whole of `src` (which has COPY_SRC), copied out and mapped.
+pub fn read_back(device: &wgpu::Device, queue: &wgpu::Queue, src: &wgpu::Buffer) -> Vec<u8> {
+    let read = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: src.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(src, 0, &read, 0, src.size());
+    queue.submit([enc.finish()]);
+    read.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    let bytes = read.get_mapped_range(..).expect("range").to_vec();
+    read.unmap();
+    bytes
 }
