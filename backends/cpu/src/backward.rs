@@ -25,6 +25,7 @@
 
 use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
 use crate::device::Isa;
+use crate::dq_turns::Turns;
 use crate::forward::lanes;
 use crate::io::{try_zeroed, AlignedBuf, OutBuf, RowLayout, SharedRows, Src};
 use crate::params::{backward_blocks, odd_lines, Blocks};
@@ -34,7 +35,6 @@ use flashattn_core::mask::blocks as block_range;
 use flashattn_core::{BackwardInputs, CheckedSpec, Grads, Result, ScoreMod, Tensor};
 use std::f32::consts::LOG2_E;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[derive(Clone, Copy, Debug)]
 struct Task {
@@ -119,60 +119,6 @@ impl Scratch {
             lo: vec![0; block_m],
             hi: vec![0; block_m],
         }
-    }
-}
-
-/// Whose turn it is to add into the dq rows of each (batch, query head, query block).
-struct Turns {
-    /// Index of the first query block of each sequence.
-    first_block: Vec<usize>,
-    heads_q: usize,
-    /// The key block that adds next.
-    next: Vec<AtomicUsize>,
-}
-
-impl Turns {
-    /// Each counter starts at the first key block that sees its query block.
-    fn new(spec: &CheckedSpec<'_>, blocks: Blocks) -> Turns {
-        let (mut first_block, mut next) = (Vec::with_capacity(spec.batch), Vec::new());
-        for b in 0..spec.batch {
-            let s = spec.seq(b);
-            first_block.push(next.len() / spec.heads_q);
-            for q0 in (0..s.q_len).step_by(blocks.block_m) {
-                let rows = q0..(q0 + blocks.block_m).min(s.q_len);
-                let keys = spec.mask.keys_of_rows(rows, s.q_len, s.k_len);
-                let kb = keys.start / blocks.block_n;
-                next.extend((0..spec.heads_q).map(|_| AtomicUsize::new(kb)));
-            }
-        }
-        Turns {
-            first_block,
-            heads_q: spec.heads_q,
-            next,
-        }
-    }
-
-    fn counter(&self, b: usize, h: usize, qb: usize) -> &AtomicUsize {
-        &self.next[(self.first_block[b] + qb) * self.heads_q + h]
-    }
-
-    /// Waits until key block `kb` may add into (b, h, qb). Spins briefly, then yields (the
-    /// turn's holder may be descheduled on a loaded machine).
-    fn wait(&self, b: usize, h: usize, qb: usize, kb: usize) {
-        let c = self.counter(b, h, qb);
-        let mut spins = 0u32;
-        while c.load(Ordering::Acquire) != kb {
-            if spins < 64 {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
-            }
-        }
-    }
-
-    fn pass(&self, b: usize, h: usize, qb: usize, kb: usize) {
-        self.counter(b, h, qb).store(kb + 1, Ordering::Release);
     }
 }
 

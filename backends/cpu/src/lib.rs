@@ -15,6 +15,7 @@ mod decode;
 mod decode_bench;
 mod decode_tiles;
 mod device;
+mod dq_turns;
 mod forward;
 mod forward_lowp;
 mod io;
