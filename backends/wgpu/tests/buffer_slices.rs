@@ -6,16 +6,16 @@
 
 mod common;
 
-use flashattn_core::testing::{backward_tolerance, decode, BackwardCase};
+use flashattn_core::testing::decode::{self, DecodeData};
+use flashattn_core::testing::{backward_tolerance, BackwardCase};
 use flashattn_core::{
-    lse_max_error, random_inputs, random_tensor, reference_attention, reference_backward,
-    reference_decode, rel_l2_error, AttentionSpec, Backend, DType, DecodeInputs, Tensor,
+    lse_max_error, random_inputs, reference_attention, reference_backward, rel_l2_error,
+    AttentionSpec, Backend, DType, Tensor,
 };
 use flashattn_wgpu::{
     wgpu, BufferSlice, DeviceBackwardInputs, DeviceDecodeInputs, DeviceGrads, DeviceInputs,
     DeviceOutputs, WgpuBackend,
 };
-use rand::SeedableRng;
 use std::num::NonZeroU64;
 
 /// Every part of one pass in one buffer, each at a multiple of the adapter's storage offset
@@ -295,10 +295,14 @@ fn decode_on_slices_of_shared_buffers() {
         for dtype in [DType::F32, DType::Bf16] {
             let cache = decode::paged(&[5, 20], 2, 16, 3);
             let spec = decode::spec(8, 2, 2, 64, cache).dtype(dtype);
-            let (q, k_cache, v_cache) = random_inputs(&spec, 21);
-            let mut rng = rand::rngs::StdRng::seed_from_u64(22);
-            let k_new = random_tensor(&mut rng, dtype, spec.k_new_elems().unwrap());
-            let v_new = random_tensor(&mut rng, dtype, spec.v_new_elems().unwrap());
+            let data = DecodeData::random(&spec, 21);
+            let DecodeData {
+                q,
+                k_cache,
+                v_cache,
+                k_new,
+                v_new,
+            } = &data;
             let out_bytes = spec.out_elems().unwrap() * dtype.size_bytes();
             let lse_bytes = spec.lse_elems().unwrap() * 4;
             let inputs = Arena::new(
@@ -332,15 +336,7 @@ fn decode_on_slices_of_shared_buffers() {
             inputs.written(&b, &[]);
             let cache_after = caches.written(&b, &[0, 1]);
             let got = outputs.written(&b, &[0, 1]);
-            let want = reference_decode(
-                &spec,
-                q.as_ref(),
-                k_cache.as_ref(),
-                v_cache.as_ref(),
-                Some(k_new.as_ref()),
-                Some(v_new.as_ref()),
-            )
-            .unwrap();
+            let want = data.reference(&spec).unwrap();
             let out = Tensor::from_bytes(dtype, &got[0]).unwrap();
             let err = rel_l2_error(&out.to_f32_vec(), &want.out);
             assert!(err < dtype.tolerance(), "{spec}: rel L2 {err:.3e}");
@@ -349,18 +345,7 @@ fn decode_on_slices_of_shared_buffers() {
             assert!(lse_err < 1e-3, "{spec}: LSE error {lse_err:.3e}");
             // The host path on copies of the same caches: the same bits everywhere.
             let (mut kc, mut vc) = (k_cache.clone(), v_cache.clone());
-            let host = b
-                .decode(
-                    &spec,
-                    DecodeInputs {
-                        q: q.as_ref(),
-                        k_cache: kc.as_mut(),
-                        v_cache: vc.as_mut(),
-                        k_new: Some(k_new.as_ref()),
-                        v_new: Some(v_new.as_ref()),
-                    },
-                )
-                .unwrap();
+            let host = b.decode(&spec, data.inputs((&mut kc, &mut vc))).unwrap();
             assert_eq!(host.out.as_ref().as_bytes(), &got[0][..]);
             assert_eq!(kc.as_ref().as_bytes(), &cache_after[0][..]);
             assert_eq!(vc.as_ref().as_bytes(), &cache_after[1][..]);

@@ -4,10 +4,9 @@
 mod common;
 
 use common::assert_cases;
+use flashattn_core::testing::nan::same_nans_and_close;
 use flashattn_core::testing::{check_backend, feature_cases};
-use flashattn_core::{
-    random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, Tensor,
-};
+use flashattn_core::{random_inputs, reference_attention, AttentionSpec, Backend, DType, Tensor};
 
 #[test]
 fn feature_cases_every_dtype() {
@@ -159,28 +158,6 @@ fn nan_reaches_exactly_what_sees_it() {
         same_nans_and_close(&got.lse.unwrap(), &want.lse, 1e-3)
             .unwrap_or_else(|e| panic!("{spec}: lse: {e}"));
     }
-}
-
-/// NaN exactly where `want` has NaN (and -inf where it has -inf); elsewhere the relative L2
-/// error of the finite values is at most `tol`.
-fn same_nans_and_close(got: &[f32], want: &[f64], tol: f64) -> Result<(), String> {
-    let mut finite = (Vec::new(), Vec::new());
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        if w.is_nan() != g.is_nan() || (w.is_infinite() && g as f64 != w) {
-            return Err(format!("element {i}: got {g}, the reference has {w}"));
-        }
-        if w.is_finite() {
-            finite.0.push(g);
-            finite.1.push(w);
-        }
-    }
-    let err = rel_l2_error(&finite.0, &finite.1);
-    if err > tol {
-        return Err(format!(
-            "relative L2 error of the finite values {err:.3e} > {tol:.0e}"
-        ));
-    }
-    Ok(())
 }
 
 /// Windows longer than any sequence are unbounded (core's Mask drops them on the host), as in

@@ -9,8 +9,9 @@ use crate::{
 };
 use rand::SeedableRng;
 
-/// NaN exactly where `want` has NaN; the relative L2 error of the other elements at most
-/// `tol`. `Err` names the first element that differs.
+/// NaN exactly where `want` has NaN, and the same infinity where it has one (a fully masked
+/// row's LSE is -inf); the relative L2 error of the finite elements at most `tol`. `Err` names
+/// the first element that differs.
 pub fn same_nans_and_close(got: &[f32], want: &[f64], tol: f64) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!(
@@ -21,10 +22,10 @@ pub fn same_nans_and_close(got: &[f32], want: &[f64], tol: f64) -> Result<(), St
     }
     let mut finite = (Vec::new(), Vec::new());
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        if w.is_nan() != g.is_nan() {
+        if w.is_nan() != g.is_nan() || (w.is_infinite() && g as f64 != w) {
             return Err(format!("element {i}: got {g}, the reference has {w}"));
         }
-        if !w.is_nan() {
+        if w.is_finite() {
             finite.0.push(g);
             finite.1.push(w);
         }
