@@ -199,6 +199,13 @@ unsafe fn store_cols(c: *mut f32, x: __m512, scale: __m512, alpha: Option<__m512
     _mm512_storeu_ps(c, v);
 }
 
+/// Adds one accumulator's f32 columns: `C += scale * x`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn add_cols(c: *mut f32, x: __m512, scale: __m512) {
+    _mm512_storeu_ps(c, _mm512_fmadd_ps(x, scale, _mm512_loadu_ps(c)));
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile_fp16<const MR: usize, const NV: usize>(t: LowTile) {
@@ -223,9 +230,7 @@ unsafe fn tile_fp16<const MR: usize, const NV: usize>(t: LowTile) {
         }
         for (i, row) in acc.iter().enumerate() {
             // The first chunk starts C (from C * alpha, or from nothing); later ones add.
-            let alpha = if s0 > 0 {
-                Some(_mm512_set1_ps(1.0))
-            } else if t.alpha.is_null() {
+            let alpha = if s0 > 0 || t.alpha.is_null() {
                 None
             } else {
                 Some(_mm512_set1_ps(*t.alpha.add(i)))
@@ -234,8 +239,13 @@ unsafe fn tile_fp16<const MR: usize, const NV: usize>(t: LowTile) {
                 let c = t.c.add(i * t.ldc + v * 32);
                 let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(*x));
                 let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(*x));
-                store_cols(c, lo, scale, alpha);
-                store_cols(c.add(16), hi, scale, alpha);
+                if s0 == 0 {
+                    store_cols(c, lo, scale, alpha);
+                    store_cols(c.add(16), hi, scale, alpha);
+                } else {
+                    add_cols(c, lo, scale);
+                    add_cols(c.add(16), hi, scale);
+                }
             }
         }
         s0 += steps;

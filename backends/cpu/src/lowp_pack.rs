@@ -30,6 +30,8 @@ pub(crate) struct Rows {
 ///
 /// # Safety
 /// This CPU has `L`'s instructions.
+// Inlined into the target-feature worker: on its own it would call each intrinsic.
+#[inline(always)]
 pub(crate) unsafe fn block_scale<L: Lowp>(src: &Src, rows: Rows) -> f32 {
     let (Some(bits), Format::F16) = (src.bits(), L::FORMAT) else {
         return 1.0;
