@@ -18,6 +18,9 @@ use std::sync::{Mutex, OnceLock};
 
 /// NVRTC sonames we accept, newest first: the ones cudarc's own by-name open tries for the
 /// CUDA version it was built for (13.x bindings also try .12; 12.x bindings never try .13).
+/// Without `cuda-13000` (`cuda-12080`, or `cuda-version-from-build-system`, whose version we
+/// cannot see) only .12 is safe for both: a lone .13 then fails here with our message
+/// instead of in cudarc's open, which panics.
 #[cfg(feature = "cuda-13000")]
 const NVRTC_NAMES: &[&str] = &["libnvrtc.so.13", "libnvrtc.so.12"];
 #[cfg(not(feature = "cuda-13000"))]
