@@ -16,6 +16,7 @@
 //! s's columns at `b + s * ldb`, `KW` elements per column. The result C is f32.
 
 use crate::block::{alpha_at, TileKernel};
+use crate::lowp_pack::Rows;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::Avx512;
 use crate::simd::Simd;
@@ -68,8 +69,9 @@ pub(crate) trait Lowp: Simd {
     /// `dst[x] = format(value(src[x]) * scale)` for `x < n`, `src` holding f16 or bf16
     /// bits (`from`).
     unsafe fn convert(src: *const u16, from: Format, n: usize, scale: f32, dst: *mut u16);
-    /// The largest `bits & 0x7fff` of `n` values below `inf` (the finite magnitudes).
-    unsafe fn max_magnitude(src: *const u16, n: usize, inf: u16) -> u16;
+    /// The largest `bits & 0x7fff` below `inf` (the finite magnitudes) of the rows `rows`
+    /// (`rows.off` from `src`), prefetching the row `ahead` rows on.
+    unsafe fn max_magnitude(src: *const u16, rows: Rows, inf: u16, ahead: usize) -> u16;
 }
 
 /// Forwards `Simd` to `Avx512`: the low-precision levels compute everything outside their
@@ -313,8 +315,8 @@ macro_rules! avx512_lowp {
                 convert_bits::<Self>(src, from, n, scale, dst)
             }
             #[inline(always)]
-            unsafe fn max_magnitude(src: *const u16, n: usize, inf: u16) -> u16 {
-                max_magnitude(src, n, inf)
+            unsafe fn max_magnitude(src: *const u16, rows: Rows, inf: u16, ahead: usize) -> u16 {
+                max_magnitude(src, rows, inf, ahead)
             }
         }
     };
@@ -372,20 +374,30 @@ unsafe fn convert_bits<L: Lowp<V = __m512>>(
 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn max_magnitude(src: *const u16, n: usize, inf: u16) -> u16 {
-    let (abs, inf_v) = (_mm512_set1_epi16(0x7fff), _mm512_set1_epi16(inf as i16));
+unsafe fn max_magnitude(src: *const u16, rows: Rows, inf: u16, ahead: usize) -> u16 {
+    let (abs, inf) = (_mm512_set1_epi16(0x7fff), _mm512_set1_epi16(inf as i16));
+    let (stride, len) = (rows.stride, rows.len);
+    // One running max over every row, folded once: a fold per row cost as much as the scan.
     let mut mx = _mm512_setzero_si512();
-    let mut x = 0;
-    while x < n {
-        let k: __mmask32 = if n - x >= 32 {
-            !0
-        } else {
-            (1u32 << (n - x)) - 1
-        };
-        let v = _mm512_and_si512(_mm512_maskz_loadu_epi16(k, src.add(x) as *const i16), abs);
-        let finite = _mm512_cmplt_epu16_mask(v, inf_v);
-        mx = _mm512_mask_max_epu16(mx, finite, mx, v);
-        x += 32;
+    for r in 0..rows.n {
+        let row = src.add(rows.off + r * stride);
+        // Prefetch never faults, so the row past the block needs no bound.
+        let next = row.wrapping_add(ahead * stride) as *const i8;
+        for line in (0..len * 2).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line));
+        }
+        let mut x = 0;
+        while x < len {
+            let k: __mmask32 = if len - x >= 32 {
+                !0
+            } else {
+                (1u32 << (len - x)) - 1
+            };
+            let v = _mm512_and_si512(_mm512_maskz_loadu_epi16(k, row.add(x) as *const i16), abs);
+            let finite = _mm512_cmplt_epu16_mask(v, inf);
+            mx = _mm512_mask_max_epu16(mx, finite, mx, v);
+            x += 32;
+        }
     }
     let lanes: [u16; 32] = std::mem::transmute(mx);
     lanes.iter().fold(0, |a, &b| a.max(b))

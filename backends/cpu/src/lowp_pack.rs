@@ -41,14 +41,17 @@ pub(crate) unsafe fn block_scale<L: Lowp>(src: &Src, rows: Rows) -> f32 {
         Src::F16(_) => (0x7c00, |b| f16::from_bits(b).to_f32()),
         _ => (0x7f80, |b| bf16::from_bits(b).to_f32()),
     };
-    let mut mx = 0u16;
-    for r in 0..rows.n {
-        let at = rows.off + r * rows.stride;
-        src.prefetch(at + PACK_AHEAD * rows.stride, rows.len);
-        let row = &bits[at..at + rows.len];
-        mx = mx.max(L::max_magnitude(row.as_ptr(), row.len(), inf));
-    }
+    let last = rows.off + rows.n.saturating_sub(1) * rows.stride + rows.len;
+    assert!(rows.n == 0 || last <= bits.len(), "block rows past the input");
+    let mx = L::max_magnitude(bits.as_ptr(), rows, inf, PACK_AHEAD);
     pow2_scale(to_f32(mx))
+}
+
+/// Whether `block_scale` reads (and prefetches) the rows: then packing them needs no
+/// prefetch of its own.
+#[inline(always)]
+fn scanned<L: Lowp>(src: &Src) -> bool {
+    L::FORMAT == Format::F16 && src.bits().is_some()
 }
 
 /// 2^e with `max * 2^e` in [4, 8) (e within f32 normal exponents), or 1 for a zero `max`.
@@ -121,7 +124,7 @@ pub(crate) unsafe fn pack_rows<L: Lowp>(
     let len = rows.len;
     for r in 0..rows.n.next_multiple_of(L::KW) {
         let at = rows.off + r * rows.stride;
-        if r + PACK_AHEAD < rows.n {
+        if r + PACK_AHEAD < rows.n && !scanned::<L>(src) {
             src.prefetch(at + PACK_AHEAD * rows.stride, len);
         }
         if L::KW == 1 {
@@ -177,7 +180,7 @@ pub(crate) unsafe fn pack_keys<L: Lowp>(
 ) {
     for r in 0..rows.n {
         let at = rows.off + r * rows.stride;
-        if r + PACK_AHEAD < rows.n {
+        if r + PACK_AHEAD < rows.n && !scanned::<L>(src) {
             src.prefetch(at + PACK_AHEAD * rows.stride, rows.len);
         }
         convert_row::<L>(src, at, scale, &mut dst[r * ld..r * ld + rows.len]);
