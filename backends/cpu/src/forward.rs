@@ -102,7 +102,7 @@ impl Scratch {
             row: vec![0.0; d.max(p.dv_pad)],
             lo: vec![0; block_m],
             hi: vec![0; block_m],
-            low: LowScratch::new(p.low.as_ref(), block_n),
+            low: LowScratch::new(p.low.as_ref(), block_n, p.spec.seqlen_k),
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::forward::{Problem, Products, Scratch, Task};
 use crate::io::{AlignedBuf, RowLayout};
 use crate::lowp::{Format, LowTile, LowTiles, Lowp};
 use crate::lowp_pack::{self, block_scale, Rows};
+use crate::lowp_reuse::PackedBlocks;
 use crate::params::{odd_lines, Blocks};
 use flashattn_core::{CheckedSpec, DType, SeqBounds};
 use std::ops::Range;
@@ -81,8 +82,10 @@ impl LowLayout {
 /// Per-worker low-precision operands (empty on the f32 path).
 pub(crate) struct LowScratch {
     qt: AlignedBuf,
-    kp: AlignedBuf,
-    vp: AlignedBuf,
+    k: PackedBlocks,
+    v: PackedBlocks,
+    /// The (batch, KV head) whose blocks `k` and `v` hold.
+    head: Option<(usize, usize)>,
     p: AlignedBuf,
     tmp: Vec<u16>,
     /// The Q block's packing factor.
@@ -90,25 +93,28 @@ pub(crate) struct LowScratch {
 }
 
 impl LowScratch {
-    pub fn new(layout: Option<&LowLayout>, block_n: usize) -> LowScratch {
+    /// Operands for blocks of `block_n` of `keys` keys.
+    pub fn new(layout: Option<&LowLayout>, block_n: usize, keys: usize) -> LowScratch {
         // u16 counts, as f32 buffers of half the length.
         let buf = |n: usize| AlignedBuf::zeroed(n.div_ceil(2));
         let Some(l) = layout else {
             return LowScratch {
                 qt: buf(0),
-                kp: buf(0),
-                vp: buf(0),
+                k: PackedBlocks::new(0, block_n, 0),
+                v: PackedBlocks::new(0, block_n, 0),
+                head: None,
                 p: buf(0),
                 tmp: Vec::new(),
                 q_scale: 1.0,
             };
         };
-        let keys = block_n.next_multiple_of(l.kw);
+        let padded = block_n.next_multiple_of(l.kw);
         LowScratch {
             qt: buf(l.kld * l.qld),
-            kp: buf(block_n * l.kld),
-            vp: buf(keys * l.vld),
-            p: buf(keys * l.qld),
+            k: PackedBlocks::new(block_n * l.kld, block_n, keys),
+            v: PackedBlocks::new(padded * l.vld, block_n, keys),
+            head: None,
+            p: buf(padded * l.qld),
             tmp: vec![0; l.kld.max(l.dv)],
             q_scale: 1.0,
         }
@@ -149,6 +155,12 @@ impl<L: Lowp> Products<L> for LowProducts {
             len: l.d,
         };
         let low = &mut sc.low;
+        let head = Some((t.b, p.spec.kv_head(t.h)));
+        if low.head != head {
+            low.head = head;
+            low.k.clear();
+            low.v.clear();
+        }
         low.q_scale = block_scale::<L>(&p.q, rows);
         let n_pad = rows_l.next_multiple_of(32);
         let dst = low.qt.as_mut_u16();
@@ -160,12 +172,15 @@ impl<L: Lowp> Products<L> for LowProducts {
     unsafe fn scores(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, cols: Range<usize>) {
         let l = layout(p);
         let rows = key_rows(blk, p.rows[1], l.d);
-        let k_scale = block_scale::<L>(&p.k, rows);
-        lowp_pack::pack_keys::<L>(&p.k, rows, k_scale, sc.low.kp.as_mut_u16(), l.kld);
+        let (kp, k_scale) = sc.low.k.get(blk.j0, blk.nk, |dst| {
+            let k_scale = block_scale::<L>(&p.k, rows);
+            lowp_pack::pack_keys::<L>(&p.k, rows, k_scale, dst, l.kld);
+            k_scale
+        });
         let scale = p.q_mul as f64 / (sc.low.q_scale as f64 * k_scale as f64);
         let t = LowTile {
             k: l.kld / l.kw,
-            a: sc.low.kp.as_u16(),
+            a: kp,
             a_rs: l.kld,
             a_cs: l.kw,
             b: sc.low.qt.as_u16(),
@@ -190,15 +205,18 @@ impl<L: Lowp> Products<L> for LowProducts {
         let pp = low.p.as_mut_u16().as_mut_ptr();
         lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
         let vrows = key_rows(blk, p.rows[2], l.dv);
-        let v_scale = block_scale::<L>(&p.v, vrows);
-        let vp = low.vp.as_mut_u16();
-        lowp_pack::pack_rows::<L>(&p.v, vrows, v_scale, &mut low.tmp, vp, l.vld);
+        let tmp = &mut low.tmp;
+        let (vp, v_scale) = low.v.get(blk.j0, blk.nk, |dst| {
+            let v_scale = block_scale::<L>(&p.v, vrows);
+            lowp_pack::pack_rows::<L>(&p.v, vrows, v_scale, tmp, dst, l.vld);
+            v_scale
+        });
         let t = LowTile {
             k: blk.nk.div_ceil(l.kw),
             a: low.p.as_u16(),
             a_rs: l.kw,
             a_cs: l.qld * l.kw,
-            b: low.vp.as_u16(),
+            b: vp,
             ldb: l.vld * l.kw,
             c: sc.o.as_mut_ptr(),
             ldc: p.dv_pad,

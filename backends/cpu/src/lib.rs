@@ -23,6 +23,7 @@ mod kv_cache;
 mod kv_prefetch;
 mod lowp;
 mod lowp_pack;
+mod lowp_reuse;
 mod naive;
 mod params;
 mod simd;

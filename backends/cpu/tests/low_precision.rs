@@ -35,6 +35,42 @@ fn long_key_ranges_every_isa() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Several query blocks per head, so a worker meets the K / V blocks it packed for the
+/// previous query block of the same (batch, KV head) (`lowp_reuse.rs`): GQA (query heads
+/// share a KV head, and the next KV head must not see the last one's blocks), varlen (each
+/// sequence its own keys), causal (the last block's length differs between query blocks)
+/// and a window (blocks off the block grid).
+#[test]
+fn packed_blocks_reused_across_query_blocks_every_isa() {
+    let mut cases = Vec::new();
+    for dtype in [DType::Bf16, DType::F16] {
+        let spec = |sq, sk| {
+            AttentionSpec::new(1, 4, sq, sk, 72)
+                .heads_kv(2)
+                .dtype(dtype)
+                .return_lse(true)
+        };
+        cases.push((format!("{dtype} gqa"), spec(1000, 700)));
+        cases.push((format!("{dtype} gqa causal"), spec(1300, 1300).causal(true)));
+        cases.push((format!("{dtype} window"), spec(900, 1100).window(300, 17)));
+        cases.push((
+            format!("{dtype} varlen"),
+            AttentionSpec::new(1, 4, 1650, 1900, 40)
+                .heads_kv(2)
+                .dtype(dtype)
+                .return_lse(true)
+                .varlen(vec![0, 800, 817, 1650], vec![0, 300, 1129, 1900]),
+        ));
+    }
+    let mut failures = Vec::new();
+    for (label, backend) in common::every_isa(&[2]) {
+        for e in check_cases(&backend, &cases, 43, check_backend) {
+            failures.push(format!("[{label}] {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// q, k, v uniform in +-amp_q, +-amp_k, +-1, rounded to `spec.dtype`; the error against the
 /// reference (out relative L2, LSE max abs).
 fn errors(backend: &dyn Backend, spec: &AttentionSpec, amp_q: f32, amp_k: f32) -> (f64, f64) {
