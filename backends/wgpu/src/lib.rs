@@ -34,6 +34,7 @@ mod naive;
 mod params;
 mod plan;
 mod shaders;
+mod strided;
 mod tiles;
 
 pub use backward::{DeviceBackwardInputs, DeviceGrads};
@@ -214,7 +215,10 @@ impl WgpuBackend {
 
     /// What the forward and decode kernels share: dtype, grid and position limits.
     fn supports_shape(&self, c: &CheckedSpec<'_>) -> Result<()> {
-        c.strides.require_contiguous("wgpu")?;
+        // Strided inputs are bound whole (strided.rs): each must fit in one binding.
+        for input in strided::Input::ALL {
+            strided::View::of(c, input).check_binding(input, self.binding_limit)?;
+        }
         match c.dtype {
             DType::F32 | DType::Bf16 => {}
             DType::F16 if self.has_f16() => {}
