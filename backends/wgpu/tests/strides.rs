@@ -258,55 +258,109 @@ fn decode_reads_a_strided_q() {
     }
 }
 
+/// `s` with only the inputs named in `strided` ("q", "k", "v", "out", "dout") left strided:
+/// the others back to the contiguous `plain` tensors (q, k, v, out, dout).
+fn only(mut s: StridedInputs, plain: [&Tensor; 5], strided: &[&str]) -> StridedInputs {
+    let mut st = s.spec.strides;
+    let keep = |name: &str| strided.contains(&name);
+    if !keep("q") {
+        (st.q, s.q) = (None, plain[0].clone());
+    }
+    if !keep("k") {
+        (st.k, s.k) = (None, plain[1].clone());
+    }
+    if !keep("v") {
+        (st.v, s.v) = (None, plain[2].clone());
+    }
+    if !keep("out") {
+        (st.out, s.out) = (None, Some(plain[3].clone()));
+    }
+    if !keep("dout") {
+        (st.dout, s.dout) = (None, Some(plain[4].clone()));
+    }
+    s.spec = s.spec.contiguous().strides(st);
+    s
+}
+
 /// Under a 64 KiB binding limit the contiguous tensors are cut into token chunks while a
-/// strided one is bound whole: the same results as contiguous on that backend. A strided
-/// input larger than a binding is refused, naming it.
+/// strided one is bound whole: forward and backward give the same results as contiguous on
+/// that backend. A strided input larger than a binding is refused, naming it.
 #[test]
 fn strided_inputs_next_to_chunked_tensors() {
     let Some(b) = common::backend_with_binding_limit(64 << 10) else {
         return;
     };
-    // Long keys (k, v chunked) with a strided q; long queries (q chunked) with strided k, v.
-    for (spec, strided) in [
-        (AttentionSpec::new(1, 2, 17, 1000, 40).causal(true), "q"),
-        (AttentionSpec::new(1, 2, 1000, 17, 40).heads_kv(1), "kv"),
-    ] {
+    // Long keys (k, v chunked) with strided q, out, dout; long queries (q, out, dout
+    // chunked) with strided k, v.
+    let q_side: &[&str] = &["q", "out", "dout"];
+    let k_side: &[&str] = &["k", "v"];
+    let cases: [(AttentionSpec, &[&str], &[&str]); 4] = [
+        (AttentionSpec::new(1, 2, 17, 1000, 40).causal(true), q_side, k_side),
+        (AttentionSpec::new(2, 2, 500, 17, 40).heads_kv(1), k_side, q_side),
+        // A small strided tensor on a chunked side (its big neighbour is chunked).
+        // (Two heads: one head of one sequence transposed is the contiguous layout.)
+        (AttentionSpec::new(1, 2, 17, 1000, 8).head_dim_v(256), &["k"], &["v"]),
+        (AttentionSpec::new(1, 2, 1000, 17, 8).head_dim_v(256), &["q"], &["out", "dout"]),
+    ];
+    for (spec, short, long) in cases {
         let spec = spec.return_lse(true);
         let (q, k, v) = random_inputs(&spec, 5);
-        let plain = b
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap());
+        let fwd = b
             .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
             .unwrap();
         let want = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
-        let err = rel_l2_error(&plain.out.to_f32_vec(), &want.out);
+        let err = rel_l2_error(&fwd.out.to_f32_vec(), &want.out);
         assert!(err <= spec.dtype.tolerance(), "{spec}: rel L2 {err:.2e}");
-        let mut s = strided_inputs(&spec, (&q, &k, &v), None, Layout::Transposed);
-        // Keep the long side contiguous.
-        let mut st = s.spec.strides;
-        if strided == "q" {
-            (st.k, st.v, s.k, s.v) = (None, None, k.clone(), v.clone());
-        } else {
-            (st.q, s.q) = (None, q.clone());
-        }
-        s.spec = spec.clone().strides(st);
-        forward_equal(&b, &s, &plain, &format!("{spec} strided {strided}"));
-        // The long side strided: too large for a binding.
-        let mut wide = strided_inputs(&spec, (&q, &k, &v), None, Layout::Transposed);
-        let (name, mut st) = (if strided == "q" { "k" } else { "q" }, wide.spec.strides);
-        if strided == "q" {
-            (st.q, wide.q) = (None, q.clone());
-        } else {
-            (st.k, st.v, wide.k, wide.v) = (None, None, k.clone(), v.clone());
-        }
-        wide.spec = spec.clone().strides(st);
-        let err = b
-            .forward(&wide.spec, wide.q.as_ref(), wide.k.as_ref(), wide.v.as_ref())
-            .unwrap_err();
-        assert!(
-            matches!(err, Error::Unsupported { .. }),
-            "{spec}: {err}"
+        let lse = fwd.lse.clone().unwrap();
+        let backward = |s: &StridedInputs| {
+            let (o, g) = (s.out.as_ref().unwrap(), s.dout.as_ref().unwrap());
+            b.backward(
+                &s.spec,
+                BackwardInputs {
+                    q: s.q.as_ref(),
+                    k: s.k.as_ref(),
+                    v: s.v.as_ref(),
+                    out: o.as_ref(),
+                    lse: &lse,
+                    dout: g.as_ref(),
+                },
+            )
+        };
+        let all = [&q, &k, &v, &fwd.out, &dout];
+        let contiguous = only(
+            strided_inputs(&spec, (&q, &k, &v), Some((&fwd.out, &dout)), Layout::Transposed),
+            all,
+            &[],
         );
-        assert!(err.to_string().contains(&format!("strided {name} ")), "{err}");
-        assert!(b.supports(&wide.spec).is_err());
+        let grads = backward(&contiguous).unwrap();
+        let s = only(
+            strided_inputs(&spec, (&q, &k, &v), Some((&fwd.out, &dout)), Layout::Transposed),
+            all,
+            short,
+        );
+        forward_equal(&b, &s, &fwd, &format!("{spec} strided {short:?}"));
+        let got = backward(&s).unwrap_or_else(|e| panic!("{spec} strided {short:?}: {e}"));
+        assert!(got == grads, "{spec} strided {short:?}: gradients differ");
+        // The long side strided: too large for a binding.
+        for name in long {
+            let wide = only(
+                strided_inputs(&spec, (&q, &k, &v), Some((&fwd.out, &dout)), Layout::Transposed),
+                all,
+                &[name],
+            );
+            let ran = match *name {
+                "out" | "dout" => backward(&wide).err(),
+                _ => b
+                    .forward(&wide.spec, wide.q.as_ref(), wide.k.as_ref(), wide.v.as_ref())
+                    .err(),
+            };
+            let err = ran.unwrap_or_else(|| panic!("{spec}: a too large strided {name} ran"));
+            assert!(matches!(err, Error::Unsupported { .. }), "{spec}: {err}");
+            assert!(err.to_string().contains(&format!("strided {name} ")), "{err}");
+            assert!(b.supports_backward(&wide.spec).is_err());
+        }
     }
 }
 
