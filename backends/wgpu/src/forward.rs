@@ -97,7 +97,11 @@ impl WgpuBackend {
             0
         };
         let [qv, kv, vv, ..] = views(&c);
-        let (qb, kb, vb) = (self.upload_view(q, &qv), self.upload_view(k, &kv), self.upload_view(v, &vv));
+        let (qb, kb, vb) = (
+            self.upload_view(q, &qv),
+            self.upload_view(k, &kv),
+            self.upload_view(v, &vv),
+        );
         // COPY_DST: cleared / filled when varlen leaves tokens uncovered.
         let io = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC

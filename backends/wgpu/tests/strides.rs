@@ -89,14 +89,15 @@ fn forward_equal(b: &dyn Backend, s: &StridedInputs, plain: &flashattn_core::Out
     let got = b
         .forward(&s.spec, s.q.as_ref(), s.k.as_ref(), s.v.as_ref())
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(got == *plain, "{what}: strided output differs from contiguous");
+    assert!(
+        got == *plain,
+        "{what}: strided output differs from contiguous"
+    );
 }
 
 fn check_forward(b: &dyn Backend, spec: &AttentionSpec, seed: u64) {
     let (q, k, v) = random_inputs(spec, seed);
-    let plain = b
-        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
+    let plain = b.forward(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
     let want = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
     let err = rel_l2_error(&plain.out.to_f32_vec(), &want.out);
     assert!(err <= spec.dtype.tolerance(), "{spec}: rel L2 {err:.2e}");
@@ -111,7 +112,10 @@ fn check_forward(b: &dyn Backend, spec: &AttentionSpec, seed: u64) {
         let got = b
             .forward(&p.spec, qa, ka, va)
             .unwrap_or_else(|e| panic!("{spec} packed: {e}"));
-        assert!(got == plain, "{spec} packed: output differs from contiguous");
+        assert!(
+            got == plain,
+            "{spec} packed: output differs from contiguous"
+        );
     }
 }
 
@@ -188,7 +192,9 @@ fn packed_qkv_backward_equals_contiguous() {
     let (q, k, v) = random_inputs(&spec, 11);
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap());
-    let fwd = b.forward(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+    let fwd = b
+        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .unwrap();
     let lse = fwd.lse.clone().unwrap();
     let plain = b
         .backward(
@@ -244,7 +250,10 @@ fn decode_reads_a_strided_q() {
         let plain = run(&spec, &data.q).unwrap();
         let want = data.reference(&spec).unwrap();
         let err = rel_l2_error(&plain.out.to_f32_vec(), &want.out);
-        assert!(err <= spec.dtype.tolerance(), "decode {spec}: rel L2 {err:.2e}");
+        assert!(
+            err <= spec.dtype.tolerance(),
+            "decode {spec}: rel L2 {err:.2e}"
+        );
         let batch = spec.batch;
         for layout in LAYOUTS {
             let (qs, st) = strided_copy(&data.q, (batch, sq, 4, d), layout);
@@ -295,12 +304,28 @@ fn strided_inputs_next_to_chunked_tensors() {
     let q_side: &[&str] = &["q", "out", "dout"];
     let k_side: &[&str] = &["k", "v"];
     let cases: [(AttentionSpec, &[&str], &[&str]); 4] = [
-        (AttentionSpec::new(1, 2, 17, 1000, 40).causal(true), q_side, k_side),
-        (AttentionSpec::new(2, 2, 500, 17, 40).heads_kv(1), k_side, q_side),
+        (
+            AttentionSpec::new(1, 2, 17, 1000, 40).causal(true),
+            q_side,
+            k_side,
+        ),
+        (
+            AttentionSpec::new(2, 2, 500, 17, 40).heads_kv(1),
+            k_side,
+            q_side,
+        ),
         // A small strided tensor on a chunked side (its big neighbour is chunked).
         // (Two heads: one head of one sequence transposed is the contiguous layout.)
-        (AttentionSpec::new(1, 2, 17, 1000, 8).head_dim_v(256), &["k"], &["v"]),
-        (AttentionSpec::new(1, 2, 1000, 17, 8).head_dim_v(256), &["q"], &["out", "dout"]),
+        (
+            AttentionSpec::new(1, 2, 17, 1000, 8).head_dim_v(256),
+            &["k"],
+            &["v"],
+        ),
+        (
+            AttentionSpec::new(1, 2, 1000, 17, 8).head_dim_v(256),
+            &["q"],
+            &["out", "dout"],
+        ),
     ];
     for (spec, short, long) in cases {
         let spec = spec.return_lse(true);
@@ -330,13 +355,23 @@ fn strided_inputs_next_to_chunked_tensors() {
         };
         let all = [&q, &k, &v, &fwd.out, &dout];
         let contiguous = only(
-            strided_inputs(&spec, (&q, &k, &v), Some((&fwd.out, &dout)), Layout::Transposed),
+            strided_inputs(
+                &spec,
+                (&q, &k, &v),
+                Some((&fwd.out, &dout)),
+                Layout::Transposed,
+            ),
             all,
             &[],
         );
         let grads = backward(&contiguous).unwrap();
         let s = only(
-            strided_inputs(&spec, (&q, &k, &v), Some((&fwd.out, &dout)), Layout::Transposed),
+            strided_inputs(
+                &spec,
+                (&q, &k, &v),
+                Some((&fwd.out, &dout)),
+                Layout::Transposed,
+            ),
             all,
             short,
         );
@@ -346,19 +381,32 @@ fn strided_inputs_next_to_chunked_tensors() {
         // The long side strided: too large for a binding.
         for name in long {
             let wide = only(
-                strided_inputs(&spec, (&q, &k, &v), Some((&fwd.out, &dout)), Layout::Transposed),
+                strided_inputs(
+                    &spec,
+                    (&q, &k, &v),
+                    Some((&fwd.out, &dout)),
+                    Layout::Transposed,
+                ),
                 all,
                 &[name],
             );
             let ran = match *name {
                 "out" | "dout" => backward(&wide).err(),
                 _ => b
-                    .forward(&wide.spec, wide.q.as_ref(), wide.k.as_ref(), wide.v.as_ref())
+                    .forward(
+                        &wide.spec,
+                        wide.q.as_ref(),
+                        wide.k.as_ref(),
+                        wide.v.as_ref(),
+                    )
                     .err(),
             };
             let err = ran.unwrap_or_else(|| panic!("{spec}: a too large strided {name} ran"));
             assert!(matches!(err, Error::Unsupported { .. }), "{spec}: {err}");
-            assert!(err.to_string().contains(&format!("strided {name} ")), "{err}");
+            assert!(
+                err.to_string().contains(&format!("strided {name} ")),
+                "{err}"
+            );
             assert!(b.supports_backward(&wide.spec).is_err());
         }
     }
