@@ -18,7 +18,8 @@
 //! `bench.rs`,
 //! `params.rs` (the kernels' uniform), `tiles.rs`, `plan.rs` (binding chunks and key slices),
 //! `bindings.rs`, `shaders.rs`, `buffer_pool.rs`, `decode.rs` (decode against a KV cache),
-//! `kv_cache.rs` (the device-resident cache handle).
+//! `kv_cache.rs` (the device-resident cache handle), `strided.rs` (how strided inputs are
+//! addressed and bound).
 
 mod backward;
 mod bench;
