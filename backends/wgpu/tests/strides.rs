@@ -35,8 +35,13 @@ fn cases() -> Vec<AttentionSpec> {
     ]
 }
 
-/// Transposed, and rows padded by NaN as one part of a packed buffer sees them.
-const LAYOUTS: [Layout; 2] = [Layout::Transposed, Layout::Padded(2 * 72 + 8)];
+/// Transposed, and rows padded by NaN as one part of a packed buffer sees them (an odd pad:
+/// odd token strides, so bf16 rows start in either half of a word).
+const LAYOUTS: [Layout; 3] = [
+    Layout::Transposed,
+    Layout::Padded(2 * 72 + 8),
+    Layout::Padded(3),
+];
 
 /// q, k and v of `spec` (head_dim == head_dim_v) packed in one buffer per token,
 /// `[tokens, heads_q + 2 heads_kv, d]` and `pad` NaN elements, each read through strides
