@@ -75,14 +75,14 @@ fn key_of(blk: KeyBlock, r: u32) -> Key {
     return Key(i32(j), tok, ok, rows);
 }
 
-fn load_key(key: Key, kh: u32, t: u32) {
-    let k_base = ((key.tok - p.k_tok0) * p.heads_kv + kh) * p.d;
+fn load_key(key: Key, b: u32, kh: u32, t: u32) {
+    let k_base = at_k(b, key.tok, kh);
     for (var s = 0u; s < DS; s++) {
         let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
         k_slice[s] = select(0.0, ld_k(k_base + e), key.ok && e < p.d);
         dk[s] = 0.0;
     }
-    let v_base = ((key.tok - p.k_tok0) * p.heads_kv + kh) * p.dv;
+    let v_base = at_v(b, key.tok, kh);
     for (var s = 0u; s < DVS; s++) {
         let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
         v_slice[s] = select(0.0, ld_v(v_base + e), key.ok && e < p.dv);
@@ -98,7 +98,7 @@ fn stage_rows(blk: KeyBlock, h: u32, i0: i32, end: i32, lid: u32) {
         let e = 2u * (idx % DP2);
         var x = vec2<f32>(0.0, 0.0);
         if i < end && e < p.d {
-            let base = ((blk.seq.q_start + u32(i) - p.q_tok0) * p.heads_q + h) * p.d + e;
+            let base = at_q(blk.b, blk.seq.q_start + u32(i), h) + e;
             x = vec2<f32>(ld_q(base), select(0.0, ld_q(base + 1u), e + 1u < p.d));
         }
         q_tile[idx] = x;
@@ -108,7 +108,7 @@ fn stage_rows(blk: KeyBlock, h: u32, i0: i32, end: i32, lid: u32) {
         let e = 2u * (idx % DVP2);
         var x = vec2<f32>(0.0, 0.0);
         if i < end && e < p.dv {
-            let base = ((blk.seq.q_start + u32(i) - p.q_tok0) * p.heads_q + h) * p.dv + e;
+            let base = at_dout(blk.b, blk.seq.q_start + u32(i), h) + e;
             x = vec2<f32>(ld_dout(base), select(0.0, ld_dout(base + 1u), e + 1u < p.dv));
         }
         do_tile[idx] = x;
@@ -229,7 +229,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let r = lid / TPR;
     let t = lid % TPR;
     let key = key_of(blk, r);
-    load_key(key, blk.kh, t);
+    load_key(key, blk.b, blk.kh, t);
     let ql = i32(blk.seq.q_len);
     let kl = i32(blk.seq.k_len);
     // Rows every key of the block sees (both ends grow with the key): tiles inside need no guard.

@@ -32,7 +32,7 @@ fn load_row(row: Row, h: u32, t: u32) {
     for (var s = 0u; s < DS; s++) {
         dq[s] = 0.0;
     }
-    let o_base = ((row.tok - p.q_tok0) * p.heads_q + h) * p.dv;
+    let o_base = at_dout(row.b, row.tok, h);
     for (var s = 0u; s < DVS; s++) {
         let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
         do_slice[s] = select(0.0, ld_dout(o_base + e), row.ok && e < p.dv);
@@ -47,7 +47,7 @@ fn stage_kv(blk: Block, kt: i32, lid: u32) {
         let e = 2u * (idx % DP2);
         var x = vec2<f32>(0.0, 0.0);
         if key < blk.keys.end && e < p.d {
-            let base = ((blk.seq.k_start + u32(key) - p.k_tok0) * p.heads_kv + blk.kh) * p.d + e;
+            let base = at_k(blk.b, blk.seq.k_start + u32(key), blk.kh) + e;
             x = vec2<f32>(ld_k(base), select(0.0, ld_k(base + 1u), e + 1u < p.d));
         }
         k_tile[idx] = x;
@@ -57,7 +57,7 @@ fn stage_kv(blk: Block, kt: i32, lid: u32) {
         let e = 2u * (idx % DVP2);
         var x = vec2<f32>(0.0, 0.0);
         if key < blk.keys.end && e < p.dv {
-            let base = ((blk.seq.k_start + u32(key) - p.k_tok0) * p.heads_kv + blk.kh) * p.dv + e;
+            let base = at_v(blk.b, blk.seq.k_start + u32(key), blk.kh) + e;
             x = vec2<f32>(ld_v(base), select(0.0, ld_v(base + 1u), e + 1u < p.dv));
         }
         v_tile[idx] = x;

@@ -16,11 +16,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let h = idx % p.heads_q;
     let tok = p.q_tok0 + idx / p.heads_q;
-    // out and dout are bound from token q_tok0: (token, head) idx starts at idx * dv.
+    let b = select(tok / p.seqlen_q, 0u, has_flag(FLAG_VARLEN));
+    let o_base = at_out(b, tok, h);
+    let g_base = at_dout(b, tok, h);
     var delta = 0.0;
     for (var e = 0u; e < p.dv; e++) {
-        let i = idx * p.dv + e;
-        delta += elem_get(fwd_out[elem_word(i)], i) * elem_get(grad_out[elem_word(i)], i);
+        let i = o_base + e;
+        let j = g_base + e;
+        delta += elem_get(fwd_out[elem_word(i)], i) * elem_get(grad_out[elem_word(j)], j);
     }
     var at = h * p.seqlen_q + tok;
     if !has_flag(FLAG_VARLEN) {

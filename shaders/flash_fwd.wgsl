@@ -45,11 +45,14 @@ fn stage_tile(blk: Block, kt: i32, lid: u32, is_v: bool) {
         var x = vec2<f32>(0.0, 0.0);
         if key < blk.keys.end && e < width {
 //#if DECODE
-            let key_row = cache_row(blk.b, u32(key));
+            let base = (cache_row(blk.b, u32(key)) * p.heads_kv + blk.kh) * width + e;
 //#else
-            let key_row = blk.seq.k_start + u32(key) - p.k_tok0;
+            let tok = blk.seq.k_start + u32(key);
+            var base = at_k(blk.b, tok, blk.kh) + e;
+            if is_v {
+                base = at_v(blk.b, tok, blk.kh) + e;
+            }
 //#endif
-            let base = (key_row * p.heads_kv + blk.kh) * width + e;
             if is_v {
                 x = vec2<f32>(ld_v(base), select(0.0, ld_v(base + 1u), e + 1u < width));
             } else {

@@ -41,6 +41,30 @@ struct Params {
     rotary_span: u32,    // positions per sequence in the rotary tables, from its seqlen on
     append_b0: u32,      // the append kernel writes sequences [append_b0, append_b1)
     append_b1: u32,
+    // Inputs (q, k, v; the backward's out, dout): element x of head h of token tok (counted
+    // over the tensor) of sequence b lies at b * _sb + tok * _ss + h * _sh + x - _at of the
+    // binding (wrapping u32; see backends/wgpu/src/strided.rs). Contiguous: _sb = 0,
+    // _ss = heads * dim, _sh = dim, _at = the first bound token * _ss.
+    q_sb: u32,
+    q_ss: u32,
+    q_sh: u32,
+    q_at: u32,
+    k_sb: u32,
+    k_ss: u32,
+    k_sh: u32,
+    k_at: u32,
+    v_sb: u32,
+    v_ss: u32,
+    v_sh: u32,
+    v_at: u32,
+    out_sb: u32,
+    out_ss: u32,
+    out_sh: u32,
+    out_at: u32,
+    dout_sb: u32,
+    dout_ss: u32,
+    dout_sh: u32,
+    dout_at: u32,
 }
 
 const FLAG_VARLEN: u32 = 1u;
@@ -55,6 +79,12 @@ const FLAG_CACHE: u32 = 64u;
 const FLAG_ROTARY_INTERLEAVED: u32 = 128u;
 // q row i takes rotary position seqlen + i (causal or windowed), else seqlen.
 const FLAG_ROTARY_Q_POSITIONAL: u32 = 256u;
+// A strided input, bound whole (the host keeps its _at at 0; the kernels do not read these).
+const FLAG_WHOLE_Q: u32 = 512u;
+const FLAG_WHOLE_K: u32 = 1024u;
+const FLAG_WHOLE_V: u32 = 2048u;
+const FLAG_WHOLE_OUT: u32 = 4096u;
+const FLAG_WHOLE_DOUT: u32 = 8192u;
 
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
@@ -107,4 +137,15 @@ fn lse_index(b: u32, h: u32, i: u32, q_start: u32) -> u32 {
         return h * p.seqlen_q + q_start + i;
     }
     return (b * p.heads_q + h) * p.seqlen_q + i;
+}
+
+// Where head h of token tok (of sequence b) starts in each input's binding (see Params).
+fn at_q(b: u32, tok: u32, h: u32) -> u32 { return b * p.q_sb + tok * p.q_ss + h * p.q_sh - p.q_at; }
+fn at_k(b: u32, tok: u32, h: u32) -> u32 { return b * p.k_sb + tok * p.k_ss + h * p.k_sh - p.k_at; }
+fn at_v(b: u32, tok: u32, h: u32) -> u32 { return b * p.v_sb + tok * p.v_ss + h * p.v_sh - p.v_at; }
+fn at_out(b: u32, tok: u32, h: u32) -> u32 {
+    return b * p.out_sb + tok * p.out_ss + h * p.out_sh - p.out_at;
+}
+fn at_dout(b: u32, tok: u32, h: u32) -> u32 {
+    return b * p.dout_sb + tok * p.dout_ss + h * p.dout_sh - p.dout_at;
 }

@@ -24,6 +24,7 @@ struct Block {
 
 // One invocation's query row.
 struct Row {
+    b: u32,
     i: u32,
     h: u32,
     tok: u32,
@@ -67,7 +68,7 @@ fn row_of(blk: Block, r: u32) -> Row {
     let ql = i32(blk.seq.q_len);
     let kl = i32(blk.seq.k_len);
     let keys = span_and(mask_keys(i32(i), ql, kl), blk.keys);
-    return Row(i, h, tok, ok, keys, i32(i) + kl - ql, alibi_slope_log2(blk.b, h));
+    return Row(blk.b, i, h, tok, ok, keys, i32(i) + kl - ql, alibi_slope_log2(blk.b, h));
 }
 
 // Keys every row of the block sees (both ends of a row's range grow with the row).
@@ -87,7 +88,7 @@ fn tile_guarded(blk: Block, all_see: Span, kt: i32) -> bool {
 
 // Loads q_slice (zeros past d and for rows outside the dispatch); decode rotates q.
 fn load_q(row: Row, h: u32, t: u32) {
-    let base = ((row.tok - p.q_tok0) * p.heads_q + h) * p.d;
+    let base = at_q(row.b, row.tok, h);
     for (var s = 0u; s < DS; s++) {
         let e = 2u * (t + TPR * (s >> 1u)) + (s & 1u);
         var x = select(0.0, ld_q(base + e), row.ok && e < p.d);

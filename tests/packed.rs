@@ -124,21 +124,21 @@ fn packed_shapes_that_do_not_fit_are_errors() {
 
 #[test]
 fn the_runtime_routes_strided_inputs_past_backends_that_refuse_them() {
+    let spec = AttentionSpec::new(1, 2, 8, 8, 16);
+    let (strided, _) = qkv_packed_views(&spec, TensorRef::F32(&[0.0; 768])).unwrap();
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     if let Some(w) = backend_or_skip("wgpu", flashattn::wgpu::WgpuBackend::new) {
-        let contiguous = AttentionSpec::new(1, 2, 8, 8, 16);
-        w.supports(&contiguous).unwrap();
-        let spec = qkv_packed_views(&contiguous, TensorRef::F32(&[0.0; 768]))
-            .unwrap()
-            .0;
-        let err = w.supports(&spec).unwrap_err();
-        assert!(err.to_string().contains("strided inputs"), "{err}");
+        // wgpu reads strided inputs, each bound whole: under a 256-byte binding limit it
+        // refuses this packed q (2.8 KB), naming it.
+        w.supports(&strided).unwrap();
+        let w = w.with_max_binding_bytes(256);
+        w.supports(&spec).unwrap();
+        let err = w.supports(&strided).unwrap_err();
+        assert!(err.to_string().contains("strided q"), "{err}");
         backends.push(Arc::new(w));
     }
     backends.push(Arc::new(CpuBackend::with_threads(2)));
     let rt = Runtime::with_backends(backends, false);
-    let spec = AttentionSpec::new(1, 2, 8, 8, 16);
-    let (strided, _) = qkv_packed_views(&spec, TensorRef::F32(&[0.0; 768])).unwrap();
     let s = rt.select(&strided).unwrap();
     assert_eq!(s.backend.name(), "cpu", "{}", s.reason);
 }

@@ -72,7 +72,7 @@ impl InputStrides {
         Err(Error::unsupported(
             backend,
             format!(
-                "strided inputs ({self:?}) run on the cpu backend only; pass contiguous buffers"
+                "strided inputs ({self:?}) are not read here (the cpu and wgpu backends read them); pass contiguous buffers"
             ),
         ))
     }

@@ -12,6 +12,7 @@ use crate::plan::{
     backward_plan, slicing, BackwardGeometry, BackwardPlan, Slicing, MAX_BACKWARD_WALK,
 };
 use crate::shaders::{Kernel, Variant};
+use crate::strided::views;
 use crate::tiles::Tiles;
 use crate::WgpuBackend;
 use flashattn_core::{
@@ -144,7 +145,9 @@ impl WgpuBackend {
         let c = validate_backward_inputs(spec, &inputs)?;
         self.supports_backward_checked(&c)?;
         self.ready().await?;
-        let up = [inputs.q, inputs.k, inputs.v, inputs.out, inputs.dout].map(|t| self.upload(t));
+        let views = views(&c);
+        let host = [inputs.q, inputs.k, inputs.v, inputs.out, inputs.dout];
+        let up: [wgpu::Buffer; 5] = std::array::from_fn(|i| self.upload_view(host[i], &views[i]));
         let lse = self.upload(flashattn_core::TensorRef::F32(inputs.lse));
         let es = c.dtype.size_bytes() as u64;
         let sizes = [c.sizes.q, c.sizes.k, c.sizes.v].map(|n| n as u64 * es);
@@ -387,6 +390,7 @@ impl WgpuBackend {
             (&acc.dk, rows.dk_acc, grads.dk, rows.k),
             (&acc.dv, rows.dv_acc, grads.dv, rows.v),
         ];
+        let [qv, kv, vv, ov, gv] = views(c);
         let mut dispatches = Vec::with_capacity(work.len());
         for (i, (w, grid)) in work.iter().zip(grids).enumerate() {
             let u = uniforms.range(i);
@@ -398,8 +402,8 @@ impl WgpuBackend {
                     &pipes[0],
                     vec![
                         u,
-                        BufferSlice::tokens(inputs.out, q, rows.o)?,
-                        BufferSlice::tokens(inputs.dout, q, rows.o)?,
+                        ov.bind(inputs.out, q)?,
+                        gv.bind(inputs.dout, q)?,
                         lse,
                         stats()?,
                     ],
@@ -407,10 +411,10 @@ impl WgpuBackend {
                 Step::Dq | Step::Dkdv => {
                     let mut b = vec![
                         u,
-                        BufferSlice::tokens(inputs.q, q, rows.q)?,
-                        BufferSlice::tokens(inputs.k, k, rows.k)?,
-                        BufferSlice::tokens(inputs.v, k, rows.v)?,
-                        BufferSlice::tokens(inputs.dout, q, rows.o)?,
+                        qv.bind(inputs.q, q)?,
+                        kv.bind(inputs.k, k)?,
+                        vv.bind(inputs.v, k)?,
+                        gv.bind(inputs.dout, q)?,
                         BufferSlice::whole(&tables),
                         stats()?,
                     ];
@@ -485,17 +489,19 @@ fn check_backward_buffers(
 ) -> Result<()> {
     let es = c.dtype.size_bytes() as u64;
     let s = &c.sizes;
-    for (name, buffer, n) in [
-        ("q", i.q, s.q),
-        ("k", i.k, s.k),
-        ("v", i.v, s.v),
-        ("out", i.out, s.out),
-        ("dout", i.dout, s.out),
-        ("dq", g.dq, s.q),
-        ("dk", g.dk, s.k),
-        ("dv", g.dv, s.v),
+    let [qv, kv, vv, ov, gv] = views(c);
+    for (name, buffer, n, view) in [
+        ("q", i.q, s.q, Some(qv)),
+        ("k", i.k, s.k, Some(kv)),
+        ("v", i.v, s.v, Some(vv)),
+        ("out", i.out, s.out, Some(ov)),
+        ("dout", i.dout, s.out, Some(gv)),
+        ("dq", g.dq, s.q, None),
+        ("dk", g.dk, s.k, None),
+        ("dv", g.dv, s.v, None),
     ] {
-        check_buffer(name, buffer, n as u64 * es)?;
+        let bytes = n as u64 * es;
+        check_buffer(name, buffer, view.map_or(bytes, |v| v.bytes(bytes)))?;
     }
     check_buffer("lse", i.lse, s.lse as u64 * 4)?;
     let read = [

@@ -74,6 +74,9 @@ impl WgpuBackend {
         progress: &mut dyn FnMut(),
     ) -> Result<BenchMeasure> {
         let runs = plan.runs()?;
+        // The benchmark makes its own contiguous inputs (a strided spec's buffers are the
+        // caller's), as on the cpu backend.
+        let spec = &spec.contiguous();
         let c = spec.validate()?;
         match plan.pass {
             Pass::Decode => self.supports_decode_checked(&c)?,

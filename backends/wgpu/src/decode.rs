@@ -17,6 +17,7 @@ use crate::params::{
 };
 use crate::plan::{token_chunks, Plan};
 use crate::shaders::{Kernel, Variant};
+use crate::strided::{Input, View};
 use crate::WgpuBackend;
 use flashattn_core::{
     validate_decode_inputs, AttentionSpec, CacheLayout, CheckedSpec, DType, DecodeInputs, Error,
@@ -199,7 +200,7 @@ impl WgpuBackend {
             | wgpu::BufferUsages::COPY_DST;
         let kc = self.upload_as(inputs.k_cache.as_ref(), cache_usage);
         let vc = self.upload_as(inputs.v_cache.as_ref(), cache_usage);
-        let qb = self.upload(inputs.q);
+        let qb = self.upload_view(inputs.q, &View::of(&c, Input::Q));
         let new = [inputs.k_new, inputs.v_new].map(|t| t.map(|t| self.upload(t)));
         let es = c.dtype.size_bytes() as u64;
         let (k_bytes, v_bytes) = (c.sizes.k as u64 * es, c.sizes.v as u64 * es);

@@ -8,6 +8,7 @@ use crate::dispatch::{check_apart, check_buffer, grid_2d, record_pass, Dispatch,
 use crate::params::{Params, FLAG_FIRST, FLAG_PARTIAL};
 use crate::plan::{plan, slicing, Geometry, Plan, Slicing, MAX_KEYS_PER_WORKGROUP};
 use crate::shaders::{Kernel, Variant};
+use crate::strided::{views, View};
 use crate::tiles::{TileLimits, Tiles};
 use crate::WgpuBackend;
 use flashattn_core::{
@@ -95,7 +96,12 @@ impl WgpuBackend {
         } else {
             0
         };
-        let (qb, kb, vb) = (self.upload(q), self.upload(k), self.upload(v));
+        let [qv, kv, vv, ..] = views(&c);
+        let (qb, kb, vb) = (
+            self.upload_view(q, &qv),
+            self.upload_view(k, &kv),
+            self.upload_view(v, &vv),
+        );
         // COPY_DST: cleared / filled when varlen leaves tokens uncovered.
         let io = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::COPY_SRC
@@ -185,9 +191,21 @@ impl WgpuBackend {
         )
     }
 
+    /// A pooled storage buffer holding input `t` as `view` reads it: a strided one as it
+    /// lies, up to the last element the view reaches (the kernels read through the strides).
+    pub(crate) fn upload_view(&self, t: TensorRef<'_>, view: &View) -> wgpu::Buffer {
+        let bytes = t.as_bytes();
+        let reach = view.bytes(bytes.len() as u64).min(bytes.len() as u64) as usize;
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        self.upload_bytes(&bytes[..reach], usage)
+    }
+
     /// [`upload`](Self::upload) into a buffer of `usage` (which has COPY_DST).
     pub(crate) fn upload_as(&self, t: TensorRef<'_>, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-        let bytes = t.as_bytes();
+        self.upload_bytes(t.as_bytes(), usage)
+    }
+
+    fn upload_bytes(&self, bytes: &[u8], usage: wgpu::BufferUsages) -> wgpu::Buffer {
         let buf = self.buffers.take(&self.device, bytes.len() as u64, usage);
         let whole = bytes.len() / 4 * 4;
         if whole > 0 {
@@ -362,20 +380,21 @@ impl WgpuBackend {
             _ => BufferSlice::whole(&self.dummy),
         };
         let part = BufferSlice::whole(part.as_ref().unwrap_or(&self.dummy));
+        let [qv, kv, vv, ..] = views(c);
         let mut dispatches = Vec::with_capacity(work.len());
         for (i, w) in work.iter().enumerate() {
             let (q, k, v, pipeline, grid) = match w.k {
                 Some(_) if pass.cache.is_some() => (
-                    BufferSlice::tokens(inputs.q, w.q, geom.q_row)?,
+                    qv.bind(inputs.q, w.q)?,
                     BufferSlice::words(inputs.k, 0, c.sizes.k as u64 * es)?,
                     BufferSlice::words(inputs.v, 0, c.sizes.v as u64 * es)?,
                     &flash,
                     grid,
                 ),
                 Some(k) => (
-                    BufferSlice::tokens(inputs.q, w.q, geom.q_row)?,
-                    BufferSlice::tokens(inputs.k, k, geom.k_row)?,
-                    BufferSlice::tokens(inputs.v, k, geom.v_row)?,
+                    qv.bind(inputs.q, w.q)?,
+                    kv.bind(inputs.k, k)?,
+                    vv.bind(inputs.v, k)?,
                     &flash,
                     grid,
                 ),
@@ -438,9 +457,10 @@ pub(crate) fn check_forward_buffers(
 ) -> Result<()> {
     let es = c.dtype.size_bytes() as u64;
     let s = &c.sizes;
-    check_buffer("q", inputs.q, s.q as u64 * es)?;
-    check_buffer("k", inputs.k, s.k as u64 * es)?;
-    check_buffer("v", inputs.v, s.v as u64 * es)?;
+    let [qv, kv, vv, ..] = views(c);
+    check_buffer("q", inputs.q, qv.bytes(s.q as u64 * es))?;
+    check_buffer("k", inputs.k, kv.bytes(s.k as u64 * es))?;
+    check_buffer("v", inputs.v, vv.bytes(s.v as u64 * es))?;
     check_buffer("out", outputs.out, s.out as u64 * es)?;
     let read = [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)];
     let mut written = vec![("out", outputs.out)];

@@ -7,6 +7,7 @@
 use crate::bindings::BufferSlice;
 use crate::decode::DeviceDecodeInputs;
 use crate::device::{read_mapped, scoped, unsupported};
+use crate::strided::{Input, View};
 use crate::WgpuBackend;
 use flashattn_core::{
     validate_decode_step, AttentionSpec, CacheBuffers, CacheConfig, CacheState, DType,
@@ -85,7 +86,7 @@ impl CacheBuffers for WgpuKvCache<'_> {
         let be = self.backend;
         be.supports_decode_checked(&c)?;
         pollster::block_on(be.ready())?;
-        let qb = be.upload(io.q);
+        let qb = be.upload_view(io.q, &View::of(&c, Input::Q));
         let new_bufs = [io.k_new, io.v_new].map(|t| t.map(|t| be.upload(t)));
         let inputs = DeviceDecodeInputs {
             q: (&qb).into(),

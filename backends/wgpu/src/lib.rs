@@ -18,7 +18,8 @@
 //! `bench.rs`,
 //! `params.rs` (the kernels' uniform), `tiles.rs`, `plan.rs` (binding chunks and key slices),
 //! `bindings.rs`, `shaders.rs`, `buffer_pool.rs`, `decode.rs` (decode against a KV cache),
-//! `kv_cache.rs` (the device-resident cache handle).
+//! `kv_cache.rs` (the device-resident cache handle), `strided.rs` (how strided inputs are
+//! addressed and bound).
 
 mod backward;
 mod bench;
@@ -34,6 +35,7 @@ mod naive;
 mod params;
 mod plan;
 mod shaders;
+mod strided;
 mod tiles;
 
 pub use backward::{DeviceBackwardInputs, DeviceGrads};
@@ -214,7 +216,10 @@ impl WgpuBackend {
 
     /// What the forward and decode kernels share: dtype, grid and position limits.
     fn supports_shape(&self, c: &CheckedSpec<'_>) -> Result<()> {
-        c.strides.require_contiguous("wgpu")?;
+        // Strided inputs are bound whole (strided.rs): each must fit in one binding.
+        for input in strided::Input::ALL {
+            strided::View::of(c, input).check_binding(input, self.binding_limit)?;
+        }
         match c.dtype {
             DType::F32 | DType::Bf16 => {}
             DType::F16 if self.has_f16() => {}

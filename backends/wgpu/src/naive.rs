@@ -27,6 +27,16 @@ impl WgpuBackend {
                 "naive attention here takes dense (not varlen) specs",
             ));
         }
+        if let Some(i) = crate::strided::Input::ALL
+            .into_iter()
+            .find(|&i| crate::strided::View::of(c, i).is_strided())
+        {
+            return Err(unsupported(format!(
+                "naive attention (the benchmarks' peer) reads contiguous inputs only, and {} is strided ({:?}); the flash kernels read strided inputs",
+                i.name(),
+                c.strides
+            )));
+        }
         if walked > NAIVE_MAX_WALK {
             return Err(unsupported(format!(
                 "naive attention walks {walked} keys or rows in one invocation, more than its {NAIVE_MAX_WALK}"

@@ -3,6 +3,7 @@
 //! tables (cu_seqlens, ALiBi slopes), and the uniform buffer of one recorded pass.
 
 use crate::bindings::BufferSlice;
+use crate::strided::{views, Input, View};
 use crate::WgpuBackend;
 use flashattn_core::CheckedSpec;
 
@@ -61,6 +62,26 @@ params_struct! {
         pub rotary_span: u32,
         pub append_b0: u32,
         pub append_b1: u32,
+        pub q_sb: u32,
+        pub q_ss: u32,
+        pub q_sh: u32,
+        pub q_at: u32,
+        pub k_sb: u32,
+        pub k_ss: u32,
+        pub k_sh: u32,
+        pub k_at: u32,
+        pub v_sb: u32,
+        pub v_ss: u32,
+        pub v_sh: u32,
+        pub v_at: u32,
+        pub out_sb: u32,
+        pub out_ss: u32,
+        pub out_sh: u32,
+        pub out_at: u32,
+        pub dout_sb: u32,
+        pub dout_ss: u32,
+        pub dout_sh: u32,
+        pub dout_at: u32,
     }
 }
 
@@ -75,6 +96,12 @@ pub const FLAG_FIRST: u32 = 32;
 pub const FLAG_CACHE: u32 = 64;
 pub const FLAG_ROTARY_INTERLEAVED: u32 = 128;
 pub const FLAG_ROTARY_Q_POSITIONAL: u32 = 256;
+/// A strided input, bound whole: its `*_at` stays 0 whatever tokens a dispatch binds.
+pub const FLAG_WHOLE_Q: u32 = 512;
+pub const FLAG_WHOLE_K: u32 = 1024;
+pub const FLAG_WHOLE_V: u32 = 2048;
+pub const FLAG_WHOLE_OUT: u32 = 4096;
+pub const FLAG_WHOLE_DOUT: u32 = 8192;
 
 impl Params {
     /// The fields every dispatch of `c` shares. Sizes fit in u32 and positions in i32: the
@@ -93,6 +120,12 @@ impl Params {
         }
         if c.return_lse {
             flags |= FLAG_LSE;
+        }
+        let views = views(c);
+        for (input, view) in Input::ALL.iter().zip(&views) {
+            if view.is_strided() {
+                flags |= input.whole_flag();
+            }
         }
         // Windows longer than the sequences are already dropped (unbounded) by `Mask`.
         let window = |w: Option<u64>| w.map_or(-1, |w| i32::try_from(w).unwrap_or(i32::MAX));
@@ -131,12 +164,39 @@ impl Params {
             max_blocks: 1,
             ..Params::default()
         }
+        .with_views(&views)
+    }
+
+    /// The input strides of `views` (in `Input::ALL` order), their `*_at` for token 0.
+    fn with_views(mut self, views: &[View; 5]) -> Params {
+        let [q, k, v, o, g] = views;
+        (self.q_sb, self.q_ss, self.q_sh) = (q.sb, q.ss, q.sh);
+        (self.k_sb, self.k_ss, self.k_sh) = (k.sb, k.ss, k.sh);
+        (self.v_sb, self.v_ss, self.v_sh) = (v.sb, v.ss, v.sh);
+        (self.out_sb, self.out_ss, self.out_sh) = (o.sb, o.ss, o.sh);
+        (self.dout_sb, self.dout_ss, self.dout_sh) = (g.sb, g.ss, g.sh);
+        self
     }
 
     /// These params with the query tokens `q` and key tokens `k` bound.
     pub fn bound(mut self, q: (u64, u64), k: (u64, u64)) -> Params {
         (self.q_tok0, self.q_tok1) = (q.0 as u32, q.1 as u32);
         (self.k_tok0, self.k_tok1) = (k.0 as u32, k.1 as u32);
+        // A contiguous input is bound from the dispatch's first token (`View::at`); the
+        // contiguous token stride is its row, so `at` is that many elements in.
+        let flags = self.flags;
+        let at = |whole: u32, tok0: u64, ss: u32| {
+            if flags & whole != 0 {
+                0
+            } else {
+                tok0.wrapping_mul(u64::from(ss)) as u32
+            }
+        };
+        self.q_at = at(FLAG_WHOLE_Q, q.0, self.q_ss);
+        self.k_at = at(FLAG_WHOLE_K, k.0, self.k_ss);
+        self.v_at = at(FLAG_WHOLE_V, k.0, self.v_ss);
+        self.out_at = at(FLAG_WHOLE_OUT, q.0, self.out_ss);
+        self.dout_at = at(FLAG_WHOLE_DOUT, q.0, self.dout_ss);
         self
     }
 }
@@ -278,6 +338,11 @@ mod tests {
             ("FLAG_CACHE", FLAG_CACHE),
             ("FLAG_ROTARY_INTERLEAVED", FLAG_ROTARY_INTERLEAVED),
             ("FLAG_ROTARY_Q_POSITIONAL", FLAG_ROTARY_Q_POSITIONAL),
+            ("FLAG_WHOLE_Q", FLAG_WHOLE_Q),
+            ("FLAG_WHOLE_K", FLAG_WHOLE_K),
+            ("FLAG_WHOLE_V", FLAG_WHOLE_V),
+            ("FLAG_WHOLE_OUT", FLAG_WHOLE_OUT),
+            ("FLAG_WHOLE_DOUT", FLAG_WHOLE_DOUT),
         ] {
             let decl = format!("const {name}: u32 = {value}u;");
             assert!(src.contains(&decl), "params.wgsl lacks `{decl}`");
