@@ -249,13 +249,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) fa_mma_fwd(const __grid_co
     mask_key_blocks(p, m0, m_end, s.q_len, s.k_len, BLOCK_N, n_lo, n_hi);
 
     if (n_lo < n_hi) {
-        const bool vec = d % 8 == 0 && dv % 8 == 0;
+        const bool vec = d % 8 == 0 && dv % 8 == 0 && rows_16b_aligned(p.q, p.q_strides) &&
+                         rows_16b_aligned(p.k, p.k_strides) && rows_16b_aligned(p.v, p.v_strides);
         const int k_steps = (d + 15) / 16, v_steps = (dv + 15) / 16;
-        const elem_t* q = (const elem_t*)p.q + ((uint64_t)(s.q_start + m0) * p.heads_q + tile.h) * d;
-        const elem_t* k = (const elem_t*)p.k + ((uint64_t)s.k_start * p.heads_kv + kv_h) * d;
-        const elem_t* v = (const elem_t*)p.v + ((uint64_t)s.k_start * p.heads_kv + kv_h) * dv;
-        const uint64_t q_stride = (uint64_t)p.heads_q * d, k_stride = (uint64_t)p.heads_kv * d,
-                       v_stride = (uint64_t)p.heads_kv * dv;
+        const elem_t* q = (const elem_t*)p.q + strided_row(p, p.q_strides, tile.b, s.q_start, m0, tile.h);
+        const elem_t* k = (const elem_t*)p.k + strided_row(p, p.k_strides, tile.b, s.k_start, 0, kv_h);
+        const elem_t* v = (const elem_t*)p.v + strided_row(p, p.v_strides, tile.b, s.k_start, 0, kv_h);
+        const uint64_t q_stride = p.q_strides[1], k_stride = p.k_strides[1], v_stride = p.v_strides[1];
         load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, smem_base, q_tile, q, q_stride, s.q_len - m0, d, vec);
         load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, k_tile, k + n_lo * BLOCK_N * k_stride, k_stride,
                                               s.k_len - n_lo * BLOCK_N, d, vec);

@@ -34,6 +34,10 @@ struct Params {
     int head_major_tiles;    // tile order, see decode_tile in tiles.cuh
     float scale;             // softmax scale
     float softcap;           // 0 = off
+    // Element strides {batch, token, head} of q, k, v and the backward's out and dout inputs
+    // (head_dim contiguous; varlen uses the token stride only). The forward's out, dq, dk, dv
+    // are always contiguous.
+    uint64_t q_strides[3], k_strides[3], v_strides[3], o_strides[3], do_strides[3];
 };
 
 // Where one sequence of the batch lies, in tokens (core's SeqBounds).
@@ -61,4 +65,18 @@ DEV SeqBounds seq_bounds(const Params& p, int b) {
 DEV uint64_t lse_index(const Params& p, int b, int h, int q_start, int i) {
     if (p.cu_seqlens_q) return (uint64_t)h * p.seqlen_q + q_start + i;
     return ((uint64_t)b * p.heads_q + h) * p.seqlen_q + i;
+}
+
+// Element offset of row i (0-based in its sequence) of head h of a strided input, for sequence b
+// starting at token `start` (dense: b * seqlen; varlen: cu_seqlens[b]). Rows of one sequence and
+// head are `st[1]` elements apart.
+DEV uint64_t strided_row(const Params& p, const uint64_t (&st)[3], int b, int start, int i, int h) {
+    const uint64_t seq0 = p.cu_seqlens_q ? (uint64_t)start * st[1] : (uint64_t)b * st[0];
+    return seq0 + (uint64_t)i * st[1] + (uint64_t)h * st[2];
+}
+
+// Whether every row of a strided input starts 16 bytes aligned (16-bit elements): base pointer
+// and all strides multiples of 8 elements, as 16-byte copies need.
+DEV bool rows_16b_aligned(const void* base, const uint64_t (&st)[3]) {
+    return ((uint64_t)base & 15) == 0 && (st[0] | st[1] | st[2]) % 8 == 0;
 }

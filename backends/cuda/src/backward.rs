@@ -244,7 +244,6 @@ impl CudaBackend {
     /// The forced family's backward (see [`backward_family`]); else the first of the mma.sync
     /// and the portable backward that runs `spec` on this GPU.
     pub(crate) fn choose_backward(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
-        spec.strides.require_contiguous("cuda")?;
         if spec.dtype == DType::Fp8E4m3 {
             return Err(Error::invalid(
                 "dtype",

@@ -495,7 +495,6 @@ impl CudaBackend {
 
     /// The plan of a validated decode spec on this GPU, or why it cannot run.
     pub(crate) fn plan_decode(&self, c: &CheckedSpec<'_>) -> Result<DecodePlan> {
-        c.strides.require_contiguous("cuda")?;
         let variant = self.decode_variant(c)?;
         let plan = decode_plan(c, &variant, self.gpu.info.sm_count)?;
         if plan.split.smem > self.gpu.info.smem_optin {

@@ -238,6 +238,13 @@ pub fn select_hopper(
             "the Hopper kernel needs sm_90a, this GPU is {arch}"
         ));
     }
+    if !spec.strides.is_contiguous() {
+        // Its TMA tensor maps address q, k, v as [tokens, heads, dim] with one token stride.
+        return Err(format!(
+            "the Hopper kernel reads contiguous q, k, v only, not strided inputs ({:?})",
+            spec.strides
+        ));
+    }
     if spec.dtype == DType::Fp8E4m3 {
         return crate::fp8::select(spec, info, block_n, stages);
     }
@@ -376,7 +383,6 @@ impl CudaBackend {
     /// FlashAttention-2 on an H100, PERF_NOTES.md), mma.sync, the portable kernel that can run
     /// `spec` on this GPU.
     pub(crate) fn choose(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
-        spec.strides.require_contiguous("cuda")?;
         if let Some(kind) = self.forced {
             return self.try_kind(spec, kind).map_err(unsupported);
         }

@@ -5,7 +5,7 @@
 
 use crate::compile::BACKEND;
 use crate::tiles::num_blocks;
-use flashattn_core::{CheckedSpec, Error, Result};
+use flashattn_core::{CheckedSpec, Error, Result, Strides};
 
 /// Declares the struct and the list of its fields with their offsets (for the C checks).
 macro_rules! kernel_params {
@@ -50,6 +50,14 @@ kernel_params! {
         pub head_major_tiles: i32,
         pub scale: f32,
         pub softcap: f32,
+        /// Element strides (batch, token, head) of q, k, v and the backward's out and dout
+        /// (core's `Strides`; contiguous unless the spec gives others). The forward's out and
+        /// every gradient stay contiguous.
+        pub q_strides: [u64; 3],
+        pub k_strides: [u64; 3],
+        pub v_strides: [u64; 3],
+        pub o_strides: [u64; 3],
+        pub do_strides: [u64; 3],
     }
 }
 
@@ -125,6 +133,13 @@ fn layout_checks(
     c
 }
 
+/// A tensor's (batch, token, head) element strides: the given ones, else the contiguous layout
+/// of `[.., seqlen, heads, dim]` (validation bounded both by the buffer's length).
+fn strides_of(given: Option<Strides>, seqlen: usize, heads: usize, dim: usize) -> [u64; 3] {
+    let s = given.unwrap_or_else(|| Strides::contiguous(seqlen, heads, dim));
+    [s.batch as u64, s.seq as u64, s.head as u64]
+}
+
 pub(crate) fn to_i32(field: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         Error::unsupported(
@@ -153,6 +168,7 @@ impl KernelParams {
             sizes.k_tokens.saturating_mul(spec.heads_kv),
         )?;
         // The mask's bounds are below the longest sequence (Mask::new drops longer ones).
+        let st = &spec.strides;
         let bound = |b: Option<u64>, name| b.map_or(Ok(-1), |x| to_i32(name, x as usize));
         Ok(KernelParams {
             batch: to_i32("batch", spec.batch)?,
@@ -170,6 +186,11 @@ impl KernelParams {
             alibi_per_batch: spec.alibi.as_ref().is_some_and(|a| a.per_batch) as i32,
             scale: spec.scale,
             softcap: spec.softcap,
+            q_strides: strides_of(st.q, spec.seqlen_q, spec.heads_q, spec.head_dim),
+            k_strides: strides_of(st.k, spec.seqlen_k, spec.heads_kv, spec.head_dim),
+            v_strides: strides_of(st.v, spec.seqlen_k, spec.heads_kv, spec.head_dim_v),
+            o_strides: strides_of(st.out, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
+            do_strides: strides_of(st.dout, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
             ..Default::default()
         })
     }
@@ -197,28 +218,53 @@ mod tests {
     #[test]
     fn fields_are_listed_in_order_with_c_alignment() {
         let f = KernelParams::FIELDS;
-        assert_eq!(f.len(), 24);
+        assert_eq!(f.len(), 29);
         assert_eq!(f[0], ("out", 0));
         assert_eq!(f[8], ("batch", 64));
-        assert_eq!(f[f.len() - 1], ("softcap", 64 + 15 * 4));
-        // 8 pointers, 14 ints, 2 floats: 128 bytes, no padding.
-        assert_eq!(std::mem::size_of::<KernelParams>(), 128);
+        assert_eq!(f[23], ("softcap", 64 + 15 * 4));
+        assert_eq!(f[24], ("q_strides", 128));
+        assert_eq!(f[f.len() - 1], ("do_strides", 128 + 4 * 24));
+        // 8 pointers, 14 ints, 2 floats, 5 x 3 strides: 248 bytes, no padding.
+        assert_eq!(std::mem::size_of::<KernelParams>(), 248);
         let c = KernelParams::cuda_layout_checks();
-        assert!(c.contains("sizeof(Params) == 128"));
+        assert!(c.contains("sizeof(Params) == 248"));
         assert!(c.contains("FA_OFFSET_OF(head_major_tiles) == 116"));
+        assert!(c.contains("FA_OFFSET_OF(v_strides) == 176"));
     }
 
     #[test]
     fn decode_params_follow_the_attention_part_without_padding() {
         let f = DecodeParams::FIELDS;
         assert_eq!(f[0], ("attn", 0));
-        assert_eq!(f[1], ("k_new", 128));
-        assert_eq!(f[f.len() - 1], ("rotate_q", 128 + 80 + 13 * 4));
-        // 10 pointers and 14 ints after the 128 bytes of KernelParams.
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 128 + 80 + 56);
+        assert_eq!(f[1], ("k_new", 248));
+        assert_eq!(f[f.len() - 1], ("rotate_q", 248 + 80 + 13 * 4));
+        // 10 pointers and 14 ints after the 248 bytes of KernelParams.
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 248 + 80 + 56);
         let c = DecodeParams::cuda_layout_checks();
-        assert!(c.contains("sizeof(DecodeParams) == 264"), "{c}");
-        assert!(c.contains("->part_lse) == 200"), "{c}");
+        assert!(c.contains("sizeof(DecodeParams) == 384"), "{c}");
+        assert!(c.contains("->part_lse) == 320"), "{c}");
+    }
+
+    #[test]
+    fn strides_default_to_the_contiguous_layout() {
+        let spec = AttentionSpec::new(2, 4, 17, 33, 40)
+            .heads_kv(2)
+            .head_dim_v(24);
+        let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
+        assert_eq!(p.q_strides, [17 * 4 * 40, 4 * 40, 40]);
+        assert_eq!(p.k_strides, [33 * 2 * 40, 2 * 40, 40]);
+        assert_eq!(p.v_strides, [33 * 2 * 24, 2 * 24, 24]);
+        assert_eq!(p.o_strides, [17 * 4 * 24, 4 * 24, 24]);
+        assert_eq!(p.do_strides, p.o_strides);
+        // Transposed q ([b, h, s, d]) as given.
+        let t = Strides::new(4 * 17 * 40, 40, 17 * 40);
+        let spec = spec.strides(flashattn_core::InputStrides {
+            q: Some(t),
+            ..Default::default()
+        });
+        let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
+        assert_eq!(p.q_strides, [4 * 17 * 40, 40, 17 * 40]);
+        assert_eq!(p.k_strides, [33 * 2 * 40, 2 * 40, 40]);
     }
 
     #[test]
