@@ -105,9 +105,9 @@ DEV uint64_t q_row_at(const DecodeParams& dp, const DecodeTile& t, int r) {
 }
 
 // Whether q's rows go by 16-byte copies: the rotated copy always, the caller's q when its
-// pointer and strides allow.
+// strides allow.
 DEV bool q_rows_16b(const DecodeParams& dp) {
-    return dp.attn.q != dp.q_in || rows_16b_aligned(dp.attn.q, dp.attn.q_strides);
+    return dp.attn.q != dp.q_in || (stride_bits(dp.attn.q_strides) & 7) == 0;
 }
 
 // Stores column `col` of packed row r: o (already normalised) and, with `lse_too`, the row's

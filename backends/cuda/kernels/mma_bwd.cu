@@ -64,11 +64,10 @@ struct KeyBlock {
     DEV int m0(int it) const { return (m_lo + it % n_m) * BLOCK_M; }
 };
 
-// Whether q, k, v and dout all go by 16-byte copies (head dims, pointers and strides).
-DEV bool bwd_vec(const Params& p, const elem_t* dout) {
-    return p.head_dim % 8 == 0 && p.head_dim_v % 8 == 0 && rows_16b_aligned(p.q, p.q_strides) &&
-           rows_16b_aligned(p.k, p.k_strides) && rows_16b_aligned(p.v, p.v_strides) &&
-           rows_16b_aligned(dout, p.do_strides);
+// Whether q, k, v and dout all go by 16-byte copies (head dims and strides multiples of 8).
+DEV bool bwd_vec(const Params& p) {
+    return ((p.head_dim | p.head_dim_v | stride_bits(p.q_strides) | stride_bits(p.k_strides) |
+             stride_bits(p.v_strides) | stride_bits(p.do_strides)) & 7) == 0;
 }
 
 // Queues the copies of item it's Q and dO rows into buffer `stage` (one cp.async group).
@@ -186,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     int m_hi;
     mask_row_blocks(p, j0, j_end, s.q_len, s.k_len, BLOCK_M, kb.m_lo, m_hi);
     kb.n_m = m_hi - kb.m_lo;
-    kb.vec = bwd_vec(p, dout);
+    kb.vec = bwd_vec(p);
 
     float dk_acc[KV_N][4] = {}, dv_acc[KV_N][4] = {};
     const int total = kb.n_m * p.group;  // items: (query head, query block), head-major
@@ -292,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     mask_keys(p, m_end - 1, s.q_len, s.k_len, full_lo, tmp);
     mask_keys(p, m0, s.q_len, s.k_len, tmp, full_hi);
     mask_key_blocks(p, m0, m_end, s.q_len, s.k_len, DQ_BLOCK_N, n_lo, n_hi);
-    const bool vec = bwd_vec(p, dout);
+    const bool vec = bwd_vec(p);
     const int k_steps = (d + 15) / 16, v_steps = (dvd + 15) / 16, d_pairs = (d + 15) / 16;
     const uint64_t k_stride = p.k_strides[1], v_stride = p.v_strides[1];
     const elem_t* k = (const elem_t*)p.k + strided_row(p, p.k_strides, b, s.k_start, 0, kv_h);

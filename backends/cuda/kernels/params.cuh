@@ -35,7 +35,8 @@ struct Params {
     float scale;             // softmax scale
     float softcap;           // 0 = off
     // Element strides {batch, token, head} of q, k, v and the backward's out and dout inputs
-    // (head_dim contiguous; varlen uses the token stride only). The forward's out, dq, dk, dv
+    // (head_dim contiguous; varlen uses the token stride only); token and head strides fit 32
+    // bits (checked by KernelParams::new). The forward's out, dq, dk, dv
     // are always contiguous.
     uint64_t q_strides[3], k_strides[3], v_strides[3], o_strides[3], do_strides[3];
 };
@@ -75,8 +76,7 @@ DEV uint64_t strided_row(const Params& p, const uint64_t (&st)[3], int b, int st
     return seq0 + (uint64_t)i * st[1] + (uint64_t)h * st[2];
 }
 
-// Whether every row of a strided input starts 16 bytes aligned (16-bit elements): base pointer
-// and all strides multiples of 8 elements, as 16-byte copies need.
-DEV bool rows_16b_aligned(const void* base, const uint64_t (&st)[3]) {
-    return ((uint64_t)base & 15) == 0 && (st[0] | st[1] | st[2]) % 8 == 0;
-}
+// The low bits of a strided input's strides: 0 mod 8 means every row starts 16 bytes after an
+// aligned base (16-bit elements), as 16-byte copies need. Base pointers are 16-byte aligned:
+// the host allocates its own, and checks the caller's (check_device_pointers).
+DEV uint32_t stride_bits(const uint64_t (&st)[3]) { return (uint32_t)(st[0] | st[1] | st[2]); }

@@ -286,7 +286,7 @@ impl CudaBackend {
         })
     }
 
-    /// Queues the launches of `plan` on the default stream (no synchronisation).
+    /// Queues the launches of `plan` on the backend's stream (no synchronisation).
     pub(crate) fn launch_backward(
         &self,
         spec: &CheckedSpec<'_>,

@@ -458,7 +458,7 @@ impl CudaBackend {
         select_generic(spec, self.gpu.info.smem_optin)
     }
 
-    /// Queues the flash kernel for `spec` on the default stream (no synchronisation).
+    /// Queues the flash kernel for `spec` on the backend's stream (no synchronisation).
     pub(crate) fn launch_flash(
         &self,
         spec: &CheckedSpec<'_>,

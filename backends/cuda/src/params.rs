@@ -169,6 +169,26 @@ impl KernelParams {
         )?;
         // The mask's bounds are below the longest sequence (Mask::new drops longer ones).
         let st = &spec.strides;
+        // Token and head strides must fit 32 bits: the kernels' row arithmetic narrows them.
+        let given = [
+            ("q", st.q),
+            ("k", st.k),
+            ("v", st.v),
+            ("out", st.out),
+            ("dout", st.dout),
+        ];
+        for (name, s) in given.into_iter().filter_map(|(n, s)| Some((n, s?))) {
+            for (which, v) in [("token", s.seq), ("head", s.head)] {
+                if i32::try_from(v).is_err() {
+                    return Err(Error::unsupported(
+                        BACKEND,
+                        format!(
+                            "{name}'s {which} stride {v} exceeds the kernels' 32-bit index range"
+                        ),
+                    ));
+                }
+            }
+        }
         let bound = |b: Option<u64>, name| b.map_or(Ok(-1), |x| to_i32(name, x as usize));
         Ok(KernelParams {
             batch: to_i32("batch", spec.batch)?,
@@ -295,6 +315,17 @@ mod tests {
         let p = KernelParams::new(&spec.validate().unwrap(), 128).unwrap();
         assert_eq!(p.num_m_blocks, 3); // 280 rows
         assert_eq!(p.batch, 3);
+    }
+
+    #[test]
+    fn token_strides_past_32_bits_are_refused() {
+        let big = Strides::new(1 << 40, 1 << 33, 64);
+        let spec = AttentionSpec::new(1, 1, 2, 2, 64).strides(flashattn_core::InputStrides {
+            k: Some(big),
+            ..Default::default()
+        });
+        let e = KernelParams::new(&spec.validate().unwrap(), 64).unwrap_err();
+        assert!(e.to_string().contains("k's token stride 8589934592"), "{e}");
     }
 
     #[test]
