@@ -34,9 +34,11 @@ struct Params {
     int head_major_tiles;    // tile order, see decode_tile in tiles.cuh
     float scale;             // softmax scale
     float softcap;           // 0 = off
-    // Element strides {batch, token, head} of q, k, v and the backward's out and dout inputs
-    // (head_dim contiguous; varlen uses the token stride only); token and head strides fit 32
-    // bits (checked by KernelParams::new). The forward's out, dq, dk, dv
+    // Element strides {batch', token, head} of q, k, v and the backward's out and dout inputs
+    // (head_dim contiguous). batch' is what sequence b adds beyond its first token's place
+    // (b seqlen tokens in): the batch stride - seqlen * token stride when dense, 0 when varlen,
+    // mod 2^64 (so no branch on the layout). Token and head strides fit 32 bits
+    // (KernelParams::new). The forward's out, dq, dk, dv
     // are always contiguous.
     uint64_t q_strides[3], k_strides[3], v_strides[3], o_strides[3], do_strides[3];
 };
@@ -72,8 +74,7 @@ DEV uint64_t lse_index(const Params& p, int b, int h, int q_start, int i) {
 // starting at token `start` (dense: b * seqlen; varlen: cu_seqlens[b]). Rows of one sequence and
 // head are `st[1]` elements apart.
 DEV uint64_t strided_row(const Params& p, const uint64_t (&st)[3], int b, int start, int i, int h) {
-    const uint64_t seq0 = p.cu_seqlens_q ? (uint64_t)start * st[1] : (uint64_t)b * st[0];
-    return seq0 + (uint64_t)i * st[1] + (uint64_t)h * st[2];
+    return (uint64_t)(start + i) * st[1] + (uint64_t)b * st[0] + (uint64_t)h * st[2];
 }
 
 // The low bits of a strided input's strides: 0 mod 8 means every row starts 16 bytes after an

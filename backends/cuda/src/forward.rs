@@ -292,6 +292,17 @@ pub fn select_mma(
             spec.dtype
         ));
     }
+    // Its rows go by 16-byte copies whenever the head dims allow (mma_fwd.cu keeps no
+    // register for a stride check: its largest tiles use all 255).
+    let st = &spec.strides;
+    for (name, s) in [("q", st.q), ("k", st.k), ("v", st.v)] {
+        if let Some(s) = s.filter(|s| (s.batch | s.seq | s.head) % 8 != 0) {
+            return Err(format!(
+                "the mma.sync kernel reads strided rows by 16-byte copies: {name}'s strides \
+                 {s:?} must be multiples of 8 elements (the portable kernel takes any)"
+            ));
+        }
+    }
     let bucket = mma_head_dim(spec.head_dim, spec.head_dim_v).ok_or_else(|| {
         format!(
             "the mma.sync kernel takes head dims up to 256, not {}/{}",

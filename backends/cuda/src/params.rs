@@ -133,11 +133,25 @@ fn layout_checks(
     c
 }
 
-/// A tensor's (batch, token, head) element strides: the given ones, else the contiguous layout
-/// of `[.., seqlen, heads, dim]` (validation bounded both by the buffer's length).
-fn strides_of(given: Option<Strides>, seqlen: usize, heads: usize, dim: usize) -> [u64; 3] {
+/// A tensor's element strides as `Params` holds them (params.cuh): {batch', token, head}, the
+/// given ones or the contiguous layout of `[.., seqlen, heads, dim]`, where batch' is what
+/// sequence b adds beyond its `b * seqlen` tokens: batch - seqlen * token when dense, 0 when
+/// varlen (the kernels place row i of a sequence starting at token t at
+/// `(t + i) token + b batch' + h head`, mod 2^64).
+fn strides_of(
+    spec: &CheckedSpec<'_>,
+    given: Option<Strides>,
+    seqlen: usize,
+    heads: usize,
+    dim: usize,
+) -> [u64; 3] {
     let s = given.unwrap_or_else(|| Strides::contiguous(seqlen, heads, dim));
-    [s.batch as u64, s.seq as u64, s.head as u64]
+    let (token, head) = (s.seq as u64, s.head as u64);
+    let batch = match spec.is_varlen() {
+        true => 0,
+        false => (s.batch as u64).wrapping_sub((seqlen as u64).wrapping_mul(token)),
+    };
+    [batch, token, head]
 }
 
 pub(crate) fn to_i32(field: &'static str, v: usize) -> Result<i32> {
@@ -206,11 +220,11 @@ impl KernelParams {
             alibi_per_batch: spec.alibi.as_ref().is_some_and(|a| a.per_batch) as i32,
             scale: spec.scale,
             softcap: spec.softcap,
-            q_strides: strides_of(st.q, spec.seqlen_q, spec.heads_q, spec.head_dim),
-            k_strides: strides_of(st.k, spec.seqlen_k, spec.heads_kv, spec.head_dim),
-            v_strides: strides_of(st.v, spec.seqlen_k, spec.heads_kv, spec.head_dim_v),
-            o_strides: strides_of(st.out, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
-            do_strides: strides_of(st.dout, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
+            q_strides: strides_of(spec, st.q, spec.seqlen_q, spec.heads_q, spec.head_dim),
+            k_strides: strides_of(spec, st.k, spec.seqlen_k, spec.heads_kv, spec.head_dim),
+            v_strides: strides_of(spec, st.v, spec.seqlen_k, spec.heads_kv, spec.head_dim_v),
+            o_strides: strides_of(spec, st.out, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
+            do_strides: strides_of(spec, st.dout, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
             ..Default::default()
         })
     }
@@ -271,10 +285,11 @@ mod tests {
             .heads_kv(2)
             .head_dim_v(24);
         let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
-        assert_eq!(p.q_strides, [17 * 4 * 40, 4 * 40, 40]);
-        assert_eq!(p.k_strides, [33 * 2 * 40, 2 * 40, 40]);
-        assert_eq!(p.v_strides, [33 * 2 * 24, 2 * 24, 24]);
-        assert_eq!(p.o_strides, [17 * 4 * 24, 4 * 24, 24]);
+        // Contiguous: a batch adds nothing beyond its tokens.
+        assert_eq!(p.q_strides, [0, 4 * 40, 40]);
+        assert_eq!(p.k_strides, [0, 2 * 40, 40]);
+        assert_eq!(p.v_strides, [0, 2 * 24, 24]);
+        assert_eq!(p.o_strides, [0, 4 * 24, 24]);
         assert_eq!(p.do_strides, p.o_strides);
         // Transposed q ([b, h, s, d]) as given.
         let t = Strides::new(4 * 17 * 40, 40, 17 * 40);
@@ -283,8 +298,17 @@ mod tests {
             ..Default::default()
         });
         let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
-        assert_eq!(p.q_strides, [4 * 17 * 40, 40, 17 * 40]);
-        assert_eq!(p.k_strides, [33 * 2 * 40, 2 * 40, 40]);
+        assert_eq!(p.q_strides, [4 * 17 * 40 - 17 * 40, 40, 17 * 40]);
+        assert_eq!(p.k_strides, [0, 2 * 40, 40]);
+        // Batch-minor ([s, b, h, d]): the batch term is negative, mod 2^64.
+        let t = Strides::new(4 * 40, 2 * 4 * 40, 40);
+        let spec = spec.strides(flashattn_core::InputStrides {
+            q: Some(t),
+            ..Default::default()
+        });
+        let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
+        // Batch 1's first row: 17 tokens in, plus the batch term, lands at 1 * 160.
+        assert_eq!((17 * p.q_strides[1]).wrapping_add(p.q_strides[0]), 160);
     }
 
     #[test]
