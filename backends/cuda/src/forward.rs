@@ -46,7 +46,9 @@ impl DevTensor {
 }
 
 /// Device pointers (`CUdeviceptr`) of tensors the caller owns, in the spec's layouts: q, k, v in
-/// the spec's dtype, out in `spec.dtype.output()`, lse f32 (present iff `spec.return_lse`).
+/// the spec's dtype (through `spec.strides` when given: then each must address its view's
+/// `Strides::extent` elements), out in `spec.dtype.output()`, lse f32 (present iff
+/// `spec.return_lse`).
 /// They must live in the primary context of the backend's device (0, or the ordinal given to
 /// `CudaBackend::for_device`), the one the CUDA runtime (and so PyTorch) and cudarc use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
