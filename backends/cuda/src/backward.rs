@@ -22,8 +22,8 @@ mod bench;
 pub mod tiles;
 
 use crate::compile::BACKEND;
-use crate::device::DevBuf;
-use crate::forward::{arg, check_device_pointers, Buffers, DevTensor};
+use crate::device::{check_device_pointers, DevBuf};
+use crate::forward::{arg, Buffers, DevTensor};
 use crate::params::KernelParams;
 use crate::tiles::Launch;
 use crate::variants::{KernelKind, Tiles, Variant};

@@ -392,3 +392,20 @@ impl Drop for Timer {
         }
     }
 }
+
+/// Refuses a null or misaligned caller pointer, by name: TMA and cp.async read 16-byte aligned
+/// global addresses; null is never valid.
+pub(crate) fn check_device_pointers(
+    named: impl IntoIterator<Item = (&'static str, sys::CUdeviceptr)>,
+) -> Result<()> {
+    for (name, ptr) in named {
+        if ptr == 0 || ptr % 16 != 0 {
+            return Err(Error::argument(
+                name,
+                format!("{ptr:#x}"),
+                "device pointers must be non-null and 16-byte aligned",
+            ));
+        }
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! launches, and the host and device-resident entry points.
 
 use crate::compile::BACKEND;
-use crate::device::{DevBuf, DeviceInfo, Gpu};
+use crate::device::{check_device_pointers, DevBuf, DeviceInfo, Gpu};
 use crate::fp8::Fp8Buffers;
 use crate::params::KernelParams;
 use crate::tensor_map::TensorMapParams;
@@ -588,21 +588,4 @@ impl CudaBackend {
         self.launch_flash(&checked, &variant, &bufs)?;
         self.gpu.synchronize()
     }
-}
-
-/// Refuses a null or misaligned caller pointer, by name: TMA and cp.async read 16-byte aligned
-/// global addresses; null is never valid.
-pub(crate) fn check_device_pointers(
-    named: impl IntoIterator<Item = (&'static str, sys::CUdeviceptr)>,
-) -> Result<()> {
-    for (name, ptr) in named {
-        if ptr == 0 || ptr % 16 != 0 {
-            return Err(Error::argument(
-                name,
-                format!("{ptr:#x}"),
-                "device pointers must be non-null and 16-byte aligned",
-            ));
-        }
-    }
-    Ok(())
 }
