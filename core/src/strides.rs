@@ -72,7 +72,8 @@ impl InputStrides {
         Err(Error::unsupported(
             backend,
             format!(
-                "strided inputs ({self:?}) run on the cpu backend only; pass contiguous buffers"
+                "strided inputs ({self:?}) are not read by this backend (the cpu backend and \
+                 the cuda backend's non-Hopper kernels read them); pass contiguous buffers"
             ),
         ))
     }
