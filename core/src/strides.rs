@@ -72,7 +72,9 @@ impl InputStrides {
         Err(Error::unsupported(
             backend,
             format!(
-                "strided inputs ({self:?}) are not read here (the cpu and wgpu backends read them); pass contiguous buffers"
+                "strided inputs ({self:?}) are not read by this backend (the cpu and wgpu \
+                 backends and the cuda backend's non-Hopper kernels read them); pass contiguous \
+                 buffers"
             ),
         ))
     }

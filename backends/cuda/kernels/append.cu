@@ -62,10 +62,11 @@ extern "C" __global__ void fa_decode_append(const __grid_constant__ DecodeParams
     const int b = qi / p.seqlen_q, i = qi % p.seqlen_q;
     const int rr = rot_row(dp, b, dp.seqlens[b] + (dp.positional_q ? i : 0));
     const uint64_t row = (uint64_t)qi * p.heads_q;
-    const elem_t* q = (const elem_t*)dp.q_in;
-    elem_t* out = (elem_t*)p.q;
+    const elem_t* q = (const elem_t*)dp.q_in;  // the caller's, through q_strides
+    elem_t* out = (elem_t*)p.q;                // the rotated copy: contiguous
     for (int e = threadIdx.x; e < p.heads_q * d; e += blockDim.x) {
         const int h = e / d, x = e % d;
-        store_elem(out, (row + h) * d + x, rotated(dp, q + (row + h) * d, x, rr));
+        const uint64_t at = strided_row(p, p.q_strides, b, b * p.seqlen_q, i, h);
+        store_elem(out, (row + h) * d + x, rotated(dp, q + at, x, rr));
     }
 }

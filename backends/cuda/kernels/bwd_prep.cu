@@ -16,7 +16,11 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * 32)
     const int dv = p.head_dim_v, d = p.head_dim;
     const elem_t* out = (const elem_t*)p.out;
     float acc = 0.f;
-    for (int c = lane; c < dv; c += 32) acc += load_elem(out, row * dv + c) * load_elem(dout, row * dv + c);
+    // Dense token tok is row tok % seqlen_q of sequence tok / seqlen_q; varlen rows go by token.
+    const int b = p.cu_seqlens_q ? 0 : tok / p.seqlen_q, start = b * p.seqlen_q;
+    const uint64_t o_at = strided_row(p, p.o_strides, b, start, tok - start, h);
+    const uint64_t do_at = strided_row(p, p.do_strides, b, start, tok - start, h);
+    for (int c = lane; c < dv; c += 32) acc += load_elem(out, o_at + c) * load_elem(dout, do_at + c);
     acc = warp_sum(acc);
     // lse_index without the batch entry: varlen rows are [heads, total], dense [batch, heads, seqlen].
     const uint64_t at = p.cu_seqlens_q ? (uint64_t)h * p.seqlen_q + tok

@@ -94,6 +94,22 @@ DEV int out_row(const DecodeParams& dp, const DecodeTile& t, int r) {
     return (t.b * p.seqlen_q + i) * p.heads_q + h;
 }
 
+// Element offset of packed row r's q (query r / group, head kv_h group + r % group): the
+// caller's q through its strides, or the rotated copy (contiguous, like out) when the append
+// kernel wrote one.
+DEV uint64_t q_row_at(const DecodeParams& dp, const DecodeTile& t, int r) {
+    const Params& p = dp.attn;
+    if (p.q != dp.q_in) return (uint64_t)out_row(dp, t, r) * p.head_dim;
+    const int i = r / p.group, h = t.kv_h * p.group + r % p.group;
+    return strided_row(p, p.q_strides, t.b, t.b * p.seqlen_q, i, h);
+}
+
+// Whether q's rows go by 16-byte copies: the rotated copy always, the caller's q when its
+// strides allow.
+DEV bool q_rows_16b(const DecodeParams& dp) {
+    return dp.attn.q != dp.q_in || (stride_bits(dp.attn.q_strides) & 7) == 0;
+}
+
 // Stores column `col` of packed row r: o (already normalised) and, with `lse_too`, the row's
 // LSE (natural log; -inf for a row that saw no key, NaN stays NaN). One split: the final
 // output (out in the dtype, lse); several: the split's partial (f32) for the combine kernel.

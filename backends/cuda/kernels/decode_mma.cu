@@ -57,14 +57,14 @@ DEV void load_q(const DecodeParams& dp, const DecodeTile& t, uint8_t* smem, uint
         for (int x = threadIdx.x; x < ROWS * CHUNKS; x += THREADS) {
             const int r = x / CHUNKS, c = x % CHUNKS;
             const bool ok = t.r0 + r < t.r1 && c * 8 < d;
-            const elem_t* src = ok ? q + (uint64_t)out_row(dp, t, t.r0 + r) * d + c * 8 : q;
+            const elem_t* src = ok ? q + q_row_at(dp, t, t.r0 + r) + c * 8 : q;
             cp_async_16(base + Q_OFFSET + tile_offset(r, c), src, ok);
         }
     } else {
         for (int x = threadIdx.x; x < ROWS * HEAD_DIM; x += THREADS) {
             const int r = x / HEAD_DIM, col = x % HEAD_DIM;
             const bool ok = t.r0 + r < t.r1 && col < d;
-            const uint16_t val = ok ? q[(uint64_t)out_row(dp, t, t.r0 + r) * d + col] : (uint16_t)0;
+            const uint16_t val = ok ? q[q_row_at(dp, t, t.r0 + r) + col] : (uint16_t)0;
             *(uint16_t*)(smem + Q_OFFSET + tile_offset(r, col / 8) + (col % 8) * 2) = val;
         }
     }
@@ -232,7 +232,7 @@ DEV void decode_mma(const DecodeParams& dp) {
     }
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int slice = warp % MW, kbase = (warp / MW) * KEYS;
-    const bool vec = p.head_dim % 8 == 0 && p.head_dim_v % 8 == 0;
+    const bool vec = p.head_dim % 8 == 0 && p.head_dim_v % 8 == 0 && q_rows_16b(dp);
 
     MmaRows c;
     c.has_mod = p.softcap > 0.f || p.alibi != nullptr;

@@ -133,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fa_decode_simt(const __
     for (int x = threadIdx.x; x < TILE_ROWS * HEAD_DIM; x += THREADS) {
         const int r = x / HEAD_DIM, col = x % HEAD_DIM;
         const bool ok = t.r0 + r < t.r1 && col < d;
-        qs[x] = ok ? load_elem(q, (uint64_t)out_row(dp, t, t.r0 + r) * d + col) : 0.f;
+        qs[x] = ok ? load_elem(q, q_row_at(dp, t, t.r0 + r) + col) : 0.f;
     }
     SimtRows c;
     const int w0 = t.r0 + warp * RPW;

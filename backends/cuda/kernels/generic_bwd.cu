@@ -17,10 +17,11 @@
 #endif
 #define COLS (MAX_HEAD_DIM / 32)  // head-dim columns per lane
 
-// Row `row` of a [tokens, heads, dim] tensor as this lane's columns (0 past dim), in f32.
-DEV void load_lane_row(float (&x)[COLS], const elem_t* t, uint64_t row, int dim, int lane) {
+// The row at element `at` of a strided input (strided_row) as this lane's columns (0 past dim),
+// in f32.
+DEV void load_lane_row(float (&x)[COLS], const elem_t* t, uint64_t at, int dim, int lane) {
 #pragma unroll
-    for (int c = 0; c < COLS; ++c) x[c] = lane + 32 * c < dim ? load_elem(t, row * dim + lane + 32 * c) : 0.f;
+    for (int c = 0; c < COLS; ++c) x[c] = lane + 32 * c < dim ? load_elem(t, at + lane + 32 * c) : 0.f;
 }
 
 DEV float lane_dot(const float (&a)[COLS], const float (&b)[COLS]) {
@@ -48,9 +49,9 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32)
     int lo[KEYS_PER_WARP], hi[KEYS_PER_WARP];
 #pragma unroll
     for (int x = 0; x < KEYS_PER_WARP; ++x) {
-        const uint64_t row = (uint64_t)(s.k_start + min(j0 + x, s.k_len - 1)) * p.heads_kv + kv_h;
-        load_lane_row(k[x], (const elem_t*)p.k, row, d, lane);
-        load_lane_row(v[x], (const elem_t*)p.v, row, dvd, lane);
+        const int j = min(j0 + x, s.k_len - 1);
+        load_lane_row(k[x], (const elem_t*)p.k, strided_row(p, p.k_strides, b, s.k_start, j, kv_h), d, lane);
+        load_lane_row(v[x], (const elem_t*)p.v, strided_row(p, p.v_strides, b, s.k_start, j, kv_h), dvd, lane);
         mask_rows(p, j0 + x < s.k_len ? j0 + x : s.k_len, s.q_len, s.k_len, lo[x], hi[x]);
 #pragma unroll
         for (int c = 0; c < COLS; ++c) dk_acc[x][c] = dv_acc[x][c] = 0.f;
@@ -68,8 +69,8 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32)
         for (int i = r_lo; i < r_hi; ++i) {
             const uint64_t row = (uint64_t)(s.q_start + i) * p.heads_q + h, at = lse_index(p, b, h, s.q_start, i);
             float q[COLS], o[COLS], dq[COLS];
-            load_lane_row(q, (const elem_t*)p.q, row, d, lane);
-            load_lane_row(o, dout, row, dvd, lane);
+            load_lane_row(q, (const elem_t*)p.q, strided_row(p, p.q_strides, b, s.q_start, i, h), d, lane);
+            load_lane_row(o, dout, strided_row(p, p.do_strides, b, s.q_start, i, h), dvd, lane);
             const float lse2 = lse_log2(p.lse[at]), dl = delta[at];
 #pragma unroll
             for (int cc = 0; cc < COLS; ++cc) dq[cc] = 0.f;
@@ -109,17 +110,16 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32)
     const GradCtx c = grad_ctx(p, s, b, h);
     const uint64_t row = (uint64_t)(s.q_start + i) * p.heads_q + h, at = lse_index(p, b, h, s.q_start, i);
     float q[COLS], o[COLS], acc[COLS], kr[COLS], vr[COLS];
-    load_lane_row(q, (const elem_t*)p.q, row, d, lane);
-    load_lane_row(o, dout, row, dvd, lane);
+    load_lane_row(q, (const elem_t*)p.q, strided_row(p, p.q_strides, b, s.q_start, i, h), d, lane);
+    load_lane_row(o, dout, strided_row(p, p.do_strides, b, s.q_start, i, h), dvd, lane);
     const float lse2 = lse_log2(p.lse[at]), dl = delta[at];
 #pragma unroll
     for (int cc = 0; cc < COLS; ++cc) acc[cc] = 0.f;
     int lo, hi;
     mask_keys(p, i, s.q_len, s.k_len, lo, hi);
     for (int j = lo; j < hi; ++j) {
-        const uint64_t krow = (uint64_t)(s.k_start + j) * p.heads_kv + kv_h;
-        load_lane_row(kr, (const elem_t*)p.k, krow, d, lane);
-        load_lane_row(vr, (const elem_t*)p.v, krow, dvd, lane);
+        load_lane_row(kr, (const elem_t*)p.k, strided_row(p, p.k_strides, b, s.k_start, j, kv_h), d, lane);
+        load_lane_row(vr, (const elem_t*)p.v, strided_row(p, p.v_strides, b, s.k_start, j, kv_h), dvd, lane);
         float pr, ds;
         grad_of_score(c, lane_dot(q, kr), lane_dot(o, vr), i, j, lse2, dl, pr, ds);
 #pragma unroll

@@ -33,15 +33,16 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32) fa_generic_fwd(cons
     if (m0 >= s.q_len) return;
     const int m1 = min(m0 + BLOCK_M, s.q_len);
     const int kv_h = h / p.group;
-    const elem_t* q = (const elem_t*)p.q;
-    const elem_t* k = (const elem_t*)p.k;
-    const elem_t* v = (const elem_t*)p.v;
+    // Row 0 of this sequence and head; rows are the token stride apart.
+    const elem_t* q = (const elem_t*)p.q + strided_row(p, p.q_strides, b, s.q_start, 0, h);
+    const elem_t* k = (const elem_t*)p.k + strided_row(p, p.k_strides, b, s.k_start, 0, kv_h);
+    const elem_t* v = (const elem_t*)p.v + strided_row(p, p.v_strides, b, s.k_start, 0, kv_h);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float slope = alibi_slope(p, b, h);
 
     for (int x = threadIdx.x; x < BLOCK_M * d; x += blockDim.x) {
         int r = x / d, c = x % d;
-        sq[x] = m0 + r < s.q_len ? load_elem(q, ((uint64_t)(s.q_start + m0 + r) * p.heads_q + h) * d + c) : 0.f;
+        sq[x] = m0 + r < s.q_len ? load_elem(q, (uint64_t)(m0 + r) * p.q_strides[1] + c) : 0.f;
     }
 
     float o[ROWS_PER_WARP][MAX_DV_PER_LANE];
@@ -61,11 +62,11 @@ extern "C" __global__ void __launch_bounds__(NUM_WARPS * 32) fa_generic_fwd(cons
         for (int x = threadIdx.x; x < BLOCK_N * d; x += blockDim.x) {
             int r = x / d, c = x % d;
             sk[r * (d + 1) + c] =
-                j0 + r < s.k_len ? load_elem(k, ((uint64_t)(s.k_start + j0 + r) * p.heads_kv + kv_h) * d + c) : 0.f;
+                j0 + r < s.k_len ? load_elem(k, (uint64_t)(j0 + r) * p.k_strides[1] + c) : 0.f;
         }
         for (int x = threadIdx.x; x < BLOCK_N * dv; x += blockDim.x) {
             int r = x / dv, c = x % dv;
-            sv[x] = j0 + r < s.k_len ? load_elem(v, ((uint64_t)(s.k_start + j0 + r) * p.heads_kv + kv_h) * dv + c) : 0.f;
+            sv[x] = j0 + r < s.k_len ? load_elem(v, (uint64_t)(j0 + r) * p.v_strides[1] + c) : 0.f;
         }
         __syncthreads();
 

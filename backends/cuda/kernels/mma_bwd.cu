@@ -64,15 +64,20 @@ struct KeyBlock {
     DEV int m0(int it) const { return (m_lo + it % n_m) * BLOCK_M; }
 };
 
+// Whether q, k, v and dout all go by 16-byte copies (head dims and strides multiples of 8).
+DEV bool bwd_vec(const Params& p) {
+    return ((p.head_dim | p.head_dim_v | stride_bits(p.q_strides) | stride_bits(p.k_strides) |
+             stride_bits(p.v_strides) | stride_bits(p.do_strides)) & 7) == 0;
+}
+
 // Queues the copies of item it's Q and dO rows into buffer `stage` (one cp.async group).
 DEV void load_q_do(const KeyBlock& kb, const elem_t* dout, uint8_t* smem, uint32_t base, int it, int stage) {
     const Params& p = kb.p;
     const int h = kb.head(it), m0 = kb.m0(it), rows = kb.s.q_len - m0;
-    const uint64_t tok = kb.s.q_start + m0;
-    load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, base, Q_T(stage), (const elem_t*)p.q + (tok * p.heads_q + h) * p.head_dim,
-                                          (uint64_t)p.heads_q * p.head_dim, rows, p.head_dim, kb.vec);
-    load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, base, DO_T(stage), dout + (tok * p.heads_q + h) * p.head_dim_v,
-                                          (uint64_t)p.heads_q * p.head_dim_v, rows, p.head_dim_v, kb.vec);
+    const elem_t* q = (const elem_t*)p.q + strided_row(p, p.q_strides, kb.b, kb.s.q_start, m0, h);
+    const elem_t* dO = dout + strided_row(p, p.do_strides, kb.b, kb.s.q_start, m0, h);
+    load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, base, Q_T(stage), q, p.q_strides[1], rows, p.head_dim, kb.vec);
+    load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, base, DO_T(stage), dO, p.do_strides[1], rows, p.head_dim_v, kb.vec);
     cp_async_commit();
 }
 
@@ -180,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     int m_hi;
     mask_row_blocks(p, j0, j_end, s.q_len, s.k_len, BLOCK_M, kb.m_lo, m_hi);
     kb.n_m = m_hi - kb.m_lo;
-    kb.vec = d % 8 == 0 && dvd % 8 == 0;
+    kb.vec = bwd_vec(p);
 
     float dk_acc[KV_N][4] = {}, dv_acc[KV_N][4] = {};
     const int total = kb.n_m * p.group;  // items: (query head, query block), head-major
@@ -188,11 +193,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     // This warp's dK / dV columns and how many 16-column pairs of them are real.
     const int kv_col0 = qp * KV_COLS, k_pairs = (d - kv_col0 + 15) / 16, v_pairs = (dvd - kv_col0 + 15) / 16;
     if (total > 0) {
-        const uint64_t tok = s.k_start + j0;
-        load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, base, K_T, (const elem_t*)p.k + (tok * p.heads_kv + kv_h) * d,
-                                              (uint64_t)p.heads_kv * d, s.k_len - j0, d, kb.vec);
-        load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, base, V_T, (const elem_t*)p.v + (tok * p.heads_kv + kv_h) * dvd,
-                                              (uint64_t)p.heads_kv * dvd, s.k_len - j0, dvd, kb.vec);
+        const elem_t* k = (const elem_t*)p.k + strided_row(p, p.k_strides, b, s.k_start, j0, kv_h);
+        const elem_t* v = (const elem_t*)p.v + strided_row(p, p.v_strides, b, s.k_start, j0, kv_h);
+        load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, base, K_T, k, p.k_strides[1], s.k_len - j0, d, kb.vec);
+        load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, base, V_T, v, p.v_strides[1], s.k_len - j0, dvd, kb.vec);
         load_q_do(kb, dout, smem, base, 0, 0);
         float nl, nd;
         load_stats(kb, delta, 0, nl, nd);
@@ -287,17 +291,17 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     mask_keys(p, m_end - 1, s.q_len, s.k_len, full_lo, tmp);
     mask_keys(p, m0, s.q_len, s.k_len, tmp, full_hi);
     mask_key_blocks(p, m0, m_end, s.q_len, s.k_len, DQ_BLOCK_N, n_lo, n_hi);
-    const bool vec = d % 8 == 0 && dvd % 8 == 0;
+    const bool vec = bwd_vec(p);
     const int k_steps = (d + 15) / 16, v_steps = (dvd + 15) / 16, d_pairs = (d + 15) / 16;
-    const uint64_t q_tok = s.q_start + m0, k_stride = (uint64_t)p.heads_kv * d, v_stride = (uint64_t)p.heads_kv * dvd;
-    const elem_t* k = (const elem_t*)p.k + ((uint64_t)s.k_start * p.heads_kv + kv_h) * d;
-    const elem_t* v = (const elem_t*)p.v + ((uint64_t)s.k_start * p.heads_kv + kv_h) * dvd;
+    const uint64_t k_stride = p.k_strides[1], v_stride = p.v_strides[1];
+    const elem_t* k = (const elem_t*)p.k + strided_row(p, p.k_strides, b, s.k_start, 0, kv_h);
+    const elem_t* v = (const elem_t*)p.v + strided_row(p, p.v_strides, b, s.k_start, 0, kv_h);
     float acc[HEAD_DIM / 8][4] = {};
     if (n_lo < n_hi) {
-        load_rows<DQ_BM, HEAD_DIM, THREADS>(smem, base, DQ_Q, (const elem_t*)p.q + (q_tok * p.heads_q + h) * d,
-                                            (uint64_t)p.heads_q * d, s.q_len - m0, d, vec);
-        load_rows<DQ_BM, HEAD_DIM, THREADS>(smem, base, DQ_DO, dout + (q_tok * p.heads_q + h) * dvd,
-                                            (uint64_t)p.heads_q * dvd, s.q_len - m0, dvd, vec);
+        const elem_t* q = (const elem_t*)p.q + strided_row(p, p.q_strides, b, s.q_start, m0, h);
+        const elem_t* dO = dout + strided_row(p, p.do_strides, b, s.q_start, m0, h);
+        load_rows<DQ_BM, HEAD_DIM, THREADS>(smem, base, DQ_Q, q, p.q_strides[1], s.q_len - m0, d, vec);
+        load_rows<DQ_BM, HEAD_DIM, THREADS>(smem, base, DQ_DO, dO, p.do_strides[1], s.q_len - m0, dvd, vec);
     }
     for (int n = n_lo; n < n_hi; ++n) {
         const int j0 = n * DQ_BLOCK_N;

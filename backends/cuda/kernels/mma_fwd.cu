@@ -249,23 +249,28 @@ extern "C" __global__ void __launch_bounds__(THREADS) fa_mma_fwd(const __grid_co
     mask_key_blocks(p, m0, m_end, s.q_len, s.k_len, BLOCK_N, n_lo, n_hi);
 
     if (n_lo < n_hi) {
+        // 16-byte copies: strided q, k, v come here only with strides that are multiples of 8
+        // elements (select_mma), so the head dims decide, as for contiguous inputs.
         const bool vec = d % 8 == 0 && dv % 8 == 0;
         const int k_steps = (d + 15) / 16, v_steps = (dv + 15) / 16;
-        const elem_t* q = (const elem_t*)p.q + ((uint64_t)(s.q_start + m0) * p.heads_q + tile.h) * d;
-        const elem_t* k = (const elem_t*)p.k + ((uint64_t)s.k_start * p.heads_kv + kv_h) * d;
-        const elem_t* v = (const elem_t*)p.v + ((uint64_t)s.k_start * p.heads_kv + kv_h) * dv;
-        const uint64_t q_stride = (uint64_t)p.heads_q * d, k_stride = (uint64_t)p.heads_kv * d,
-                       v_stride = (uint64_t)p.heads_kv * dv;
-        load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, smem_base, q_tile, q, q_stride, s.q_len - m0, d, vec);
-        load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, k_tile, k + n_lo * BLOCK_N * k_stride, k_stride,
+        // The next K and V blocks' first rows, advanced a block at a time; the token strides
+        // (32-bit: KernelParams::new) stay in the constant bank: the largest tiles use all 255
+        // registers and have no room for them.
+        const elem_t* k = (const elem_t*)p.k + strided_row(p, p.k_strides, tile.b, s.k_start, n_lo * BLOCK_N, kv_h);
+        const elem_t* v = (const elem_t*)p.v + strided_row(p, p.v_strides, tile.b, s.k_start, n_lo * BLOCK_N, kv_h);
+        load_rows<BLOCK_M, HEAD_DIM, THREADS>(smem, smem_base, q_tile,
+                                              (const elem_t*)p.q + strided_row(p, p.q_strides, tile.b, s.q_start, m0, tile.h),
+                                              (uint32_t)p.q_strides[1], s.q_len - m0, d, vec);
+        load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, k_tile, k, (uint32_t)p.k_strides[1],
                                               s.k_len - n_lo * BLOCK_N, d, vec);
         cp_async_commit();
         for (int n = n_lo; n < n_hi; ++n) {
             const int j0 = n * BLOCK_N;
             cp_async_wait<0>();
             __syncthreads();  // K_n (and Q) are in; every warp is done with V_{n-1}
-            load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, v_tile, v + j0 * v_stride, v_stride, s.k_len - j0,
-                                                  dv, vec);
+            load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, v_tile, v, (uint32_t)p.v_strides[1], s.k_len - j0, dv,
+                                                  vec);
+            v += (uint64_t)BLOCK_N * (uint32_t)p.v_strides[1];
             cp_async_commit();
             float sc[M_TILES][N_TILES][4];
             uint32_t pa[M_TILES][BLOCK_N / 16][4];
@@ -274,7 +279,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) fa_mma_fwd(const __grid_co
             cp_async_wait<0>();
             __syncthreads();  // V_n is in; every warp is done with K_n
             if (n + 1 < n_hi) {
-                load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, k_tile, k + (j0 + BLOCK_N) * k_stride, k_stride,
+                k += (uint64_t)BLOCK_N * (uint32_t)p.k_strides[1];
+                load_rows<BLOCK_N, HEAD_DIM, THREADS>(smem, smem_base, k_tile, k, (uint32_t)p.k_strides[1],
                                                       s.k_len - j0 - BLOCK_N, d, vec);
                 cp_async_commit();
             }

@@ -34,6 +34,13 @@ struct Params {
     int head_major_tiles;    // tile order, see decode_tile in tiles.cuh
     float scale;             // softmax scale
     float softcap;           // 0 = off
+    // Element strides {batch', token, head} of q, k, v and the backward's out and dout inputs
+    // (head_dim contiguous). batch' is what sequence b adds beyond its first token's place
+    // (b seqlen tokens in): the batch stride - seqlen * token stride when dense, 0 when varlen,
+    // mod 2^64 (so no branch on the layout). Token and head strides fit 32 bits
+    // (KernelParams::new). The forward's out, dq, dk, dv
+    // are always contiguous.
+    uint64_t q_strides[3], k_strides[3], v_strides[3], o_strides[3], do_strides[3];
 };
 
 // Where one sequence of the batch lies, in tokens (core's SeqBounds).
@@ -62,3 +69,15 @@ DEV uint64_t lse_index(const Params& p, int b, int h, int q_start, int i) {
     if (p.cu_seqlens_q) return (uint64_t)h * p.seqlen_q + q_start + i;
     return ((uint64_t)b * p.heads_q + h) * p.seqlen_q + i;
 }
+
+// Element offset of row i (0-based in its sequence) of head h of a strided input, for sequence b
+// starting at token `start` (dense: b * seqlen; varlen: cu_seqlens[b]). Rows of one sequence and
+// head are `st[1]` elements apart.
+DEV uint64_t strided_row(const Params& p, const uint64_t (&st)[3], int b, int start, int i, int h) {
+    return (uint64_t)(start + i) * st[1] + (uint64_t)b * st[0] + (uint64_t)h * st[2];
+}
+
+// The low bits of a strided input's strides: 0 mod 8 means every row starts 16 bytes after an
+// aligned base (16-bit elements), as 16-byte copies need. Base pointers are 16-byte aligned:
+// the host allocates its own, and checks the caller's (check_device_pointers).
+DEV uint32_t stride_bits(const uint64_t (&st)[3]) { return (uint32_t)(st[0] | st[1] | st[2]); }

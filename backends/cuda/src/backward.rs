@@ -22,8 +22,8 @@ mod bench;
 pub mod tiles;
 
 use crate::compile::BACKEND;
-use crate::device::DevBuf;
-use crate::forward::{arg, check_device_pointers, Buffers, DevTensor};
+use crate::device::{check_device_pointers, DevBuf};
+use crate::forward::{arg, Buffers, DevTensor};
 use crate::params::KernelParams;
 use crate::tiles::Launch;
 use crate::variants::{KernelKind, Tiles, Variant};
@@ -244,7 +244,6 @@ impl CudaBackend {
     /// The forced family's backward (see [`backward_family`]); else the first of the mma.sync
     /// and the portable backward that runs `spec` on this GPU.
     pub(crate) fn choose_backward(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
-        spec.strides.require_contiguous("cuda")?;
         if spec.dtype == DType::Fp8E4m3 {
             return Err(Error::invalid(
                 "dtype",
@@ -287,7 +286,7 @@ impl CudaBackend {
         })
     }
 
-    /// Queues the launches of `plan` on the default stream (no synchronisation).
+    /// Queues the launches of `plan` on the backend's stream (no synchronisation).
     pub(crate) fn launch_backward(
         &self,
         spec: &CheckedSpec<'_>,

@@ -112,7 +112,7 @@ impl CudaBackend {
             self.gpu.synchronize()?;
             progress();
         }
-        let timer = Timer::new()?;
+        let timer = Timer::new(&self.gpu)?;
         let mut times_ms = Vec::with_capacity(plan.iters);
         for _ in 0..plan.iters {
             timer.start()?;

@@ -4,7 +4,7 @@
 //! host-slice entry point. The caller's device pointers enter through `decode_device.rs`, the
 //! handle that keeps caches on the GPU between steps is `kv_cache.rs`.
 //!
-//! One call is up to three launches on the default stream: the append (new rows into the cache,
+//! One call is up to three launches on the backend's stream: the append (new rows into the cache,
 //! k and q rotated), the split-KV attention (the keys of each (batch, KV head) in chunks across
 //! CTAs, the query heads of a KV head packed into one tile), and the combine of the chunks'
 //! partial (out, LSE). Everything that can fail is checked before the first launch, so a
@@ -495,7 +495,6 @@ impl CudaBackend {
 
     /// The plan of a validated decode spec on this GPU, or why it cannot run.
     pub(crate) fn plan_decode(&self, c: &CheckedSpec<'_>) -> Result<DecodePlan> {
-        c.strides.require_contiguous("cuda")?;
         let variant = self.decode_variant(c)?;
         let plan = decode_plan(c, &variant, self.gpu.info.sm_count)?;
         if plan.split.smem > self.gpu.info.smem_optin {
@@ -509,7 +508,7 @@ impl CudaBackend {
         Ok(plan)
     }
 
-    /// Queues `plan`'s launches on the default stream (no synchronisation); `attend` false
+    /// Queues `plan`'s launches on the backend's stream (no synchronisation); `attend` false
     /// queues the append only.
     pub(crate) fn launch_decode(
         &self,

@@ -46,18 +46,19 @@ impl CudaBackend {
                 let k_bytes = total / (spec.head_dim + spec.head_dim_v) * spec.head_dim;
                 let (k_bytes, v_bytes) = (k_bytes.min(kb.bytes), (total - k_bytes).min(vb.bytes));
                 let dst = DevBuf::alloc(k_bytes + v_bytes)?;
+                let stream = self.gpu.stream();
                 let run = |_: &Self| {
-                    // SAFETY: both ranges lie inside their buffers; the default stream orders them.
+                    // SAFETY: both ranges lie inside their buffers; the backend's stream (where
+                    // the timer's events go) orders them.
                     unsafe {
-                        drv::memcpy_dtod_async(dst.ptr, kb.ptr, k_bytes, std::ptr::null_mut())
-                            .and_then(|_| {
-                                drv::memcpy_dtod_async(
-                                    dst.ptr + k_bytes as u64,
-                                    vb.ptr,
-                                    v_bytes,
-                                    std::ptr::null_mut(),
-                                )
-                            })
+                        drv::memcpy_dtod_async(dst.ptr, kb.ptr, k_bytes, stream).and_then(|_| {
+                            drv::memcpy_dtod_async(
+                                dst.ptr + k_bytes as u64,
+                                vb.ptr,
+                                v_bytes,
+                                stream,
+                            )
+                        })
                     }
                     .map_err(drv_err("cuMemcpyDtoDAsync"))
                 };

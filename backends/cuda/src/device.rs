@@ -119,6 +119,8 @@ pub struct Gpu {
     modules: Mutex<HashMap<Variant, Module>>,
     /// Serialises work on the GPU: the backend is shared across threads.
     pub lock: Mutex<()>,
+    /// The stream every launch goes on (null: the legacy default stream); see `set_stream`.
+    stream: sys::CUstream,
 }
 
 // SAFETY: CUDA contexts, modules and functions are usable from any thread once the context is
@@ -145,6 +147,7 @@ impl Gpu {
             ctx,
             modules: Mutex::new(HashMap::new()),
             lock: Mutex::new(()),
+            stream: std::ptr::null_mut(),
         };
         gpu.bind()?;
         Ok(gpu)
@@ -208,7 +211,50 @@ impl Gpu {
         Ok(f)
     }
 
-    /// Launches `f` on the default stream and checks the launch.
+    /// Launches on `stream` from now on (null: the legacy default stream).
+    ///
+    /// # Safety
+    /// `stream` must be a stream of this device's primary context and outlive every call made
+    /// with it.
+    pub unsafe fn set_stream(&mut self, stream: sys::CUstream) {
+        self.stream = stream;
+    }
+
+    pub fn stream(&self) -> sys::CUstream {
+        self.stream
+    }
+
+    /// Makes the caller's stream wait for what this call queued on the legacy default stream
+    /// before: the synchronous uploads and memsets of inputs and side tables (cuMemcpyHtoD
+    /// from pageable memory may return before its DMA lands; a non-blocking stream would not
+    /// wait for it). Nothing to do on the default stream itself.
+    fn order_after_default_stream(&self) -> Result<()> {
+        if self.stream.is_null() {
+            return Ok(());
+        }
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let event = drv::event::create(flags).map_err(drv_err("cuEventCreate"))?;
+        // SAFETY: a live event; the stream is the caller's (set_stream's contract). The event
+        // may be destroyed once waited on: the wait keeps what it needs.
+        let r = unsafe {
+            drv::event::record(event, std::ptr::null_mut())
+                .map_err(drv_err("cuEventRecord"))
+                .and_then(|()| {
+                    drv::stream::wait_event(
+                        self.stream,
+                        event,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                    .map_err(drv_err("cuStreamWaitEvent"))
+                })
+        };
+        // SAFETY: created above, destroyed once.
+        let _ = unsafe { drv::event::destroy(event) };
+        r
+    }
+
+    /// Launches `f` on the backend's stream (after the uploads queued before it) and checks
+    /// the launch.
     pub fn launch(
         &self,
         f: sys::CUfunction,
@@ -217,23 +263,19 @@ impl Gpu {
         smem: usize,
         args: &mut [*mut c_void],
     ) -> Result<()> {
+        self.order_after_default_stream()?;
         // SAFETY: the caller passes pointers to live values whose types match the kernel's
         // parameters (KernelParams mirrors the CUDA struct; tensor maps are 128-byte blobs).
-        unsafe {
-            drv::launch_kernel(
-                f,
-                grid,
-                (block, 1, 1),
-                smem as u32,
-                std::ptr::null_mut(),
-                args,
-            )
-        }
-        .map_err(drv_err("cuLaunchKernel"))
+        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), smem as u32, self.stream, args) }
+            .map_err(drv_err("cuLaunchKernel"))
     }
 
+    /// Waits for the backend's stream only (never the whole context: other streams of the
+    /// caller keep running).
     pub fn synchronize(&self) -> Result<()> {
-        drv::ctx::synchronize().map_err(drv_err("kernel execution (cuCtxSynchronize)"))
+        // SAFETY: null or the caller's live stream (set_stream's contract).
+        unsafe { drv::stream::synchronize(self.stream) }
+            .map_err(drv_err("kernel execution (cuStreamSynchronize)"))
     }
 }
 
@@ -304,30 +346,34 @@ impl Drop for DevBuf {
     }
 }
 
-/// A CUDA event pair timing work on the default stream.
+/// A CUDA event pair timing work on one stream.
 pub struct Timer {
     start: sys::CUevent,
     stop: sys::CUevent,
+    stream: sys::CUstream,
 }
 
 impl Timer {
-    pub fn new() -> Result<Timer> {
+    /// Times work on `gpu`'s stream.
+    pub fn new(gpu: &Gpu) -> Result<Timer> {
         let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
         let start = drv::event::create(flags).map_err(drv_err("cuEventCreate"))?;
         let stop = drv::event::create(flags).map_err(drv_err("cuEventCreate"))?;
-        Ok(Timer { start, stop })
+        Ok(Timer {
+            start,
+            stop,
+            stream: gpu.stream,
+        })
     }
     pub fn start(&self) -> Result<()> {
-        // SAFETY: live event, default stream.
-        unsafe { drv::event::record(self.start, std::ptr::null_mut()) }
-            .map_err(drv_err("cuEventRecord"))
+        // SAFETY: live event; null or the caller's live stream.
+        unsafe { drv::event::record(self.start, self.stream) }.map_err(drv_err("cuEventRecord"))
     }
     /// Stops and waits; milliseconds between start and stop.
     pub fn stop_ms(&self) -> Result<f64> {
         // SAFETY: live events.
         unsafe {
-            drv::event::record(self.stop, std::ptr::null_mut())
-                .map_err(drv_err("cuEventRecord"))?;
+            drv::event::record(self.stop, self.stream).map_err(drv_err("cuEventRecord"))?;
             drv::event::synchronize(self.stop)
                 .map_err(drv_err("kernel execution (cuEventSynchronize)"))?;
             drv::event::elapsed(self.start, self.stop)
@@ -345,4 +391,21 @@ impl Drop for Timer {
             let _ = drv::event::destroy(self.stop);
         }
     }
+}
+
+/// Refuses a null or misaligned caller pointer, by name: TMA and cp.async read 16-byte aligned
+/// global addresses; null is never valid.
+pub(crate) fn check_device_pointers(
+    named: impl IntoIterator<Item = (&'static str, sys::CUdeviceptr)>,
+) -> Result<()> {
+    for (name, ptr) in named {
+        if ptr == 0 || ptr % 16 != 0 {
+            return Err(Error::argument(
+                name,
+                format!("{ptr:#x}"),
+                "device pointers must be non-null and 16-byte aligned",
+            ));
+        }
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! launches, and the host and device-resident entry points.
 
 use crate::compile::BACKEND;
-use crate::device::{DevBuf, DeviceInfo, Gpu};
+use crate::device::{check_device_pointers, DevBuf, DeviceInfo, Gpu};
 use crate::fp8::Fp8Buffers;
 use crate::params::KernelParams;
 use crate::tensor_map::TensorMapParams;
@@ -46,7 +46,9 @@ impl DevTensor {
 }
 
 /// Device pointers (`CUdeviceptr`) of tensors the caller owns, in the spec's layouts: q, k, v in
-/// the spec's dtype, out in `spec.dtype.output()`, lse f32 (present iff `spec.return_lse`).
+/// the spec's dtype (through `spec.strides` when given: then each must address its view's
+/// `Strides::extent` elements), out in `spec.dtype.output()`, lse f32 (present iff
+/// `spec.return_lse`).
 /// They must live in the primary context of the backend's device (0, or the ordinal given to
 /// `CudaBackend::for_device`), the one the CUDA runtime (and so PyTorch) and cudarc use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,6 +240,13 @@ pub fn select_hopper(
             "the Hopper kernel needs sm_90a, this GPU is {arch}"
         ));
     }
+    if !spec.strides.is_contiguous() {
+        // Its TMA tensor maps address q, k, v as [tokens, heads, dim] with one token stride.
+        return Err(format!(
+            "the Hopper kernel reads contiguous q, k, v only, not strided inputs ({:?})",
+            spec.strides
+        ));
+    }
     if spec.dtype == DType::Fp8E4m3 {
         return crate::fp8::select(spec, info, block_n, stages);
     }
@@ -284,6 +293,17 @@ pub fn select_mma(
              tf32 tensor cores would miss the f32 accuracy)",
             spec.dtype
         ));
+    }
+    // Its rows go by 16-byte copies whenever the head dims allow (mma_fwd.cu keeps no
+    // register for a stride check: its largest tiles use all 255).
+    let st = &spec.strides;
+    for (name, s) in [("q", st.q), ("k", st.k), ("v", st.v)] {
+        if let Some(s) = s.filter(|s| (s.batch | s.seq | s.head) % 8 != 0) {
+            return Err(format!(
+                "the mma.sync kernel reads strided rows by 16-byte copies: {name}'s strides \
+                 {s:?} must be multiples of 8 elements (the portable kernel takes any)"
+            ));
+        }
     }
     let bucket = mma_head_dim(spec.head_dim, spec.head_dim_v).ok_or_else(|| {
         format!(
@@ -376,7 +396,6 @@ impl CudaBackend {
     /// FlashAttention-2 on an H100, PERF_NOTES.md), mma.sync, the portable kernel that can run
     /// `spec` on this GPU.
     pub(crate) fn choose(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
-        spec.strides.require_contiguous("cuda")?;
         if let Some(kind) = self.forced {
             return self.try_kind(spec, kind).map_err(unsupported);
         }
@@ -452,7 +471,7 @@ impl CudaBackend {
         select_generic(spec, self.gpu.info.smem_optin)
     }
 
-    /// Queues the flash kernel for `spec` on the default stream (no synchronisation).
+    /// Queues the flash kernel for `spec` on the backend's stream (no synchronisation).
     pub(crate) fn launch_flash(
         &self,
         spec: &CheckedSpec<'_>,
@@ -569,21 +588,4 @@ impl CudaBackend {
         self.launch_flash(&checked, &variant, &bufs)?;
         self.gpu.synchronize()
     }
-}
-
-/// Refuses a null or misaligned caller pointer, by name: TMA and cp.async read 16-byte aligned
-/// global addresses; null is never valid.
-pub(crate) fn check_device_pointers(
-    named: impl IntoIterator<Item = (&'static str, sys::CUdeviceptr)>,
-) -> Result<()> {
-    for (name, ptr) in named {
-        if ptr == 0 || ptr % 16 != 0 {
-            return Err(Error::argument(
-                name,
-                format!("{ptr:#x}"),
-                "device pointers must be non-null and 16-byte aligned",
-            ));
-        }
-    }
-    Ok(())
 }

@@ -187,6 +187,29 @@ impl CudaBackend {
         self.forced = kind;
     }
 
+    /// Queues every kernel on `stream` (a `CUstream`: cudarc's `CudaStream::cu_stream()`,
+    /// PyTorch's `torch.cuda.current_stream().cuda_stream`) instead of the legacy default
+    /// stream; null goes back to the default stream. Every call still returns only when its
+    /// work on that stream has finished (`cuStreamSynchronize` of that stream alone, never
+    /// `cuCtxSynchronize`): the caller's other streams keep running, and the caller's earlier
+    /// work on `stream` (which produced the inputs) is ordered before ours without a host
+    /// wait. Inputs and side tables the backend uploads itself go through the default stream,
+    /// which `stream` is made to wait for with an event. Not yet run on a GPU: compile-checked
+    /// only.
+    ///
+    /// # Safety
+    /// `stream` must be null or a live stream of the backend's device's primary context, and
+    /// stay alive while the backend uses it.
+    pub unsafe fn set_stream(&mut self, stream: cudarc::driver::sys::CUstream) {
+        // SAFETY: the caller's contract is Gpu::set_stream's.
+        unsafe { self.gpu.set_stream(stream) }
+    }
+
+    /// The stream the backend launches on (null: the legacy default stream).
+    pub fn stream(&self) -> cudarc::driver::sys::CUstream {
+        self.gpu.stream()
+    }
+
     pub fn info(&self) -> &DeviceInfo {
         &self.gpu.info
     }

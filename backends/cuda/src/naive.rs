@@ -12,6 +12,9 @@ use flashattn_core::{CheckedSpec, Error, Result};
 /// Bytes of the f32 score matrix naive attention materialises for `spec`, or why it cannot run.
 pub(crate) fn scores_bytes(spec: &CheckedSpec<'_>) -> Result<usize> {
     let refuse = |why: &str| Error::unsupported(BACKEND, format!("naive attention: {why}"));
+    if !spec.strides.is_contiguous() {
+        return Err(refuse("contiguous inputs only"));
+    }
     if !spec.is_uniform() {
         return Err(refuse("dense batches only (no varlen, no KV cache)"));
     }

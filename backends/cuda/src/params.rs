@@ -5,7 +5,7 @@
 
 use crate::compile::BACKEND;
 use crate::tiles::num_blocks;
-use flashattn_core::{CheckedSpec, Error, Result};
+use flashattn_core::{CheckedSpec, Error, Result, Strides};
 
 /// Declares the struct and the list of its fields with their offsets (for the C checks).
 macro_rules! kernel_params {
@@ -50,6 +50,14 @@ kernel_params! {
         pub head_major_tiles: i32,
         pub scale: f32,
         pub softcap: f32,
+        /// Element strides (batch, token, head) of q, k, v and the backward's out and dout
+        /// (core's `Strides`; contiguous unless the spec gives others). The forward's out and
+        /// every gradient stay contiguous.
+        pub q_strides: [u64; 3],
+        pub k_strides: [u64; 3],
+        pub v_strides: [u64; 3],
+        pub o_strides: [u64; 3],
+        pub do_strides: [u64; 3],
     }
 }
 
@@ -125,6 +133,27 @@ fn layout_checks(
     c
 }
 
+/// A tensor's element strides as `Params` holds them (params.cuh): {batch', token, head}, the
+/// given ones or the contiguous layout of `[.., seqlen, heads, dim]`, where batch' is what
+/// sequence b adds beyond its `b * seqlen` tokens: batch - seqlen * token when dense, 0 when
+/// varlen (the kernels place row i of a sequence starting at token t at
+/// `(t + i) token + b batch' + h head`, mod 2^64).
+fn strides_of(
+    spec: &CheckedSpec<'_>,
+    given: Option<Strides>,
+    seqlen: usize,
+    heads: usize,
+    dim: usize,
+) -> [u64; 3] {
+    let s = given.unwrap_or_else(|| Strides::contiguous(seqlen, heads, dim));
+    let (token, head) = (s.seq as u64, s.head as u64);
+    let batch = match spec.is_varlen() {
+        true => 0,
+        false => (s.batch as u64).wrapping_sub((seqlen as u64).wrapping_mul(token)),
+    };
+    [batch, token, head]
+}
+
 pub(crate) fn to_i32(field: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         Error::unsupported(
@@ -153,6 +182,27 @@ impl KernelParams {
             sizes.k_tokens.saturating_mul(spec.heads_kv),
         )?;
         // The mask's bounds are below the longest sequence (Mask::new drops longer ones).
+        let st = &spec.strides;
+        // Token and head strides must fit 32 bits: the kernels' row arithmetic narrows them.
+        let given = [
+            ("q", st.q),
+            ("k", st.k),
+            ("v", st.v),
+            ("out", st.out),
+            ("dout", st.dout),
+        ];
+        for (name, s) in given.into_iter().filter_map(|(n, s)| Some((n, s?))) {
+            for (which, v) in [("token", s.seq), ("head", s.head)] {
+                if i32::try_from(v).is_err() {
+                    return Err(Error::unsupported(
+                        BACKEND,
+                        format!(
+                            "{name}'s {which} stride {v} exceeds the kernels' 32-bit index range"
+                        ),
+                    ));
+                }
+            }
+        }
         let bound = |b: Option<u64>, name| b.map_or(Ok(-1), |x| to_i32(name, x as usize));
         Ok(KernelParams {
             batch: to_i32("batch", spec.batch)?,
@@ -170,6 +220,11 @@ impl KernelParams {
             alibi_per_batch: spec.alibi.as_ref().is_some_and(|a| a.per_batch) as i32,
             scale: spec.scale,
             softcap: spec.softcap,
+            q_strides: strides_of(spec, st.q, spec.seqlen_q, spec.heads_q, spec.head_dim),
+            k_strides: strides_of(spec, st.k, spec.seqlen_k, spec.heads_kv, spec.head_dim),
+            v_strides: strides_of(spec, st.v, spec.seqlen_k, spec.heads_kv, spec.head_dim_v),
+            o_strides: strides_of(spec, st.out, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
+            do_strides: strides_of(spec, st.dout, spec.seqlen_q, spec.heads_q, spec.head_dim_v),
             ..Default::default()
         })
     }
@@ -197,28 +252,63 @@ mod tests {
     #[test]
     fn fields_are_listed_in_order_with_c_alignment() {
         let f = KernelParams::FIELDS;
-        assert_eq!(f.len(), 24);
+        assert_eq!(f.len(), 29);
         assert_eq!(f[0], ("out", 0));
         assert_eq!(f[8], ("batch", 64));
-        assert_eq!(f[f.len() - 1], ("softcap", 64 + 15 * 4));
-        // 8 pointers, 14 ints, 2 floats: 128 bytes, no padding.
-        assert_eq!(std::mem::size_of::<KernelParams>(), 128);
+        assert_eq!(f[23], ("softcap", 64 + 15 * 4));
+        assert_eq!(f[24], ("q_strides", 128));
+        assert_eq!(f[f.len() - 1], ("do_strides", 128 + 4 * 24));
+        // 8 pointers, 14 ints, 2 floats, 5 x 3 strides: 248 bytes, no padding.
+        assert_eq!(std::mem::size_of::<KernelParams>(), 248);
         let c = KernelParams::cuda_layout_checks();
-        assert!(c.contains("sizeof(Params) == 128"));
+        assert!(c.contains("sizeof(Params) == 248"));
         assert!(c.contains("FA_OFFSET_OF(head_major_tiles) == 116"));
+        assert!(c.contains("FA_OFFSET_OF(v_strides) == 176"));
     }
 
     #[test]
     fn decode_params_follow_the_attention_part_without_padding() {
         let f = DecodeParams::FIELDS;
         assert_eq!(f[0], ("attn", 0));
-        assert_eq!(f[1], ("k_new", 128));
-        assert_eq!(f[f.len() - 1], ("rotate_q", 128 + 80 + 13 * 4));
-        // 10 pointers and 14 ints after the 128 bytes of KernelParams.
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 128 + 80 + 56);
+        assert_eq!(f[1], ("k_new", 248));
+        assert_eq!(f[f.len() - 1], ("rotate_q", 248 + 80 + 13 * 4));
+        // 10 pointers and 14 ints after the 248 bytes of KernelParams.
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 248 + 80 + 56);
         let c = DecodeParams::cuda_layout_checks();
-        assert!(c.contains("sizeof(DecodeParams) == 264"), "{c}");
-        assert!(c.contains("->part_lse) == 200"), "{c}");
+        assert!(c.contains("sizeof(DecodeParams) == 384"), "{c}");
+        assert!(c.contains("->part_lse) == 320"), "{c}");
+    }
+
+    #[test]
+    fn strides_default_to_the_contiguous_layout() {
+        let spec = AttentionSpec::new(2, 4, 17, 33, 40)
+            .heads_kv(2)
+            .head_dim_v(24);
+        let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
+        // Contiguous: a batch adds nothing beyond its tokens.
+        assert_eq!(p.q_strides, [0, 4 * 40, 40]);
+        assert_eq!(p.k_strides, [0, 2 * 40, 40]);
+        assert_eq!(p.v_strides, [0, 2 * 24, 24]);
+        assert_eq!(p.o_strides, [0, 4 * 24, 24]);
+        assert_eq!(p.do_strides, p.o_strides);
+        // Transposed q ([b, h, s, d]) as given.
+        let t = Strides::new(4 * 17 * 40, 40, 17 * 40);
+        let spec = spec.strides(flashattn_core::InputStrides {
+            q: Some(t),
+            ..Default::default()
+        });
+        let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
+        assert_eq!(p.q_strides, [4 * 17 * 40 - 17 * 40, 40, 17 * 40]);
+        assert_eq!(p.k_strides, [0, 2 * 40, 40]);
+        // Batch-minor ([s, b, h, d]): the batch term is negative, mod 2^64.
+        let t = Strides::new(4 * 40, 2 * 4 * 40, 40);
+        let spec = spec.strides(flashattn_core::InputStrides {
+            q: Some(t),
+            ..Default::default()
+        });
+        let p = KernelParams::new(&spec.validate().unwrap(), 64).unwrap();
+        // Batch 1's first row: 17 tokens in, plus the batch term, lands at 1 * 160.
+        assert_eq!((17 * p.q_strides[1]).wrapping_add(p.q_strides[0]), 160);
     }
 
     #[test]
@@ -249,6 +339,17 @@ mod tests {
         let p = KernelParams::new(&spec.validate().unwrap(), 128).unwrap();
         assert_eq!(p.num_m_blocks, 3); // 280 rows
         assert_eq!(p.batch, 3);
+    }
+
+    #[test]
+    fn token_strides_past_32_bits_are_refused() {
+        let big = Strides::new(1 << 40, 1 << 33, 64);
+        let spec = AttentionSpec::new(1, 1, 2, 2, 64).strides(flashattn_core::InputStrides {
+            k: Some(big),
+            ..Default::default()
+        });
+        let e = KernelParams::new(&spec.validate().unwrap(), 64).unwrap_err();
+        assert!(e.to_string().contains("k's token stride 8589934592"), "{e}");
     }
 
     #[test]

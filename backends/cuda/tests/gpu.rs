@@ -366,3 +366,72 @@ fn for_device_names_an_ordinal_past_the_devices() {
         Ok(_) => panic!("for_device({ordinal}) opened a device"),
     }
 }
+
+/// Strided inputs on the GPU: a transposed `[b, h, s, d]` view gives the automatic choice's
+/// output bit for bit as the contiguous inputs (the Hopper kernel refuses strided inputs, so
+/// both run the kernel that takes them: forced here by choosing on the strided spec).
+#[test]
+fn strided_views_equal_contiguous() {
+    use flashattn_core::testing::strided::{strided_inputs, Layout};
+    use flashattn_core::{random_inputs, reference_attention, rel_l2_error};
+    let Some(mut b) = backend(None) else { return };
+    let spec = AttentionSpec::new(2, 4, 129, 300, 128)
+        .heads_kv(2)
+        .dtype(DType::Bf16)
+        .causal(true)
+        .return_lse(true);
+    let (q, k, v) = random_inputs(&spec, 5);
+    let s = strided_inputs(&spec, (&q, &k, &v), None, Layout::Transposed);
+    let kind = b.variant_for(&s.spec).unwrap().kind;
+    b.force_kernel(Some(kind));
+    let plain = b
+        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .unwrap();
+    let got = b
+        .forward(&s.spec, s.q.as_ref(), s.k.as_ref(), s.v.as_ref())
+        .unwrap();
+    assert!(got == plain, "{spec} on {kind:?}: strided output differs");
+    let want = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+    let err = rel_l2_error(&got.out.to_f32_vec(), &want.out);
+    assert!(err < spec.dtype.tolerance(), "{spec}: rel L2 {err}");
+}
+
+/// `set_stream`: the host and device-resident calls on a caller's non-blocking stream (which
+/// does not wait for the legacy default stream: the uploads must be ordered before the kernels
+/// by the backend) give the reference's results, varlen and ALiBi side tables included.
+#[test]
+fn calls_on_a_callers_non_blocking_stream() {
+    use cudarc::driver::result as drv;
+    use flashattn_core::{random_inputs, reference_attention, rel_l2_error, Tensor};
+    use flashattn_cuda::DeviceTensors;
+    let Some(mut b) = backend(None) else { return };
+    let mem = common::device::DeviceMem::new();
+    let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).unwrap();
+    // SAFETY: a live stream of device 0's primary context, destroyed after the last call.
+    unsafe { b.set_stream(stream) };
+    assert_eq!(b.stream(), stream);
+    let spec = AttentionSpec::new(2, 4, 90, 90, 64)
+        .dtype(DType::Bf16)
+        .varlen(vec![0, 33, 90], vec![0, 40, 90])
+        .alibi(vec![0.5, 0.25, 0.125, 0.0625], false)
+        .causal(true);
+    check_backend(&b, &spec, 31).expect("host path on the caller's stream");
+    let (q, k, v) = random_inputs(&spec, 32);
+    let out_bytes = spec.out_elems().unwrap() * 2;
+    let t = DeviceTensors {
+        q: mem.upload(q.as_ref().as_bytes()),
+        k: mem.upload(k.as_ref().as_bytes()),
+        v: mem.upload(v.as_ref().as_bytes()),
+        out: mem.upload(&vec![0u8; out_bytes]),
+        lse: None,
+    };
+    // SAFETY: every pointer holds its tensor's bytes for `spec`.
+    unsafe { b.forward_device(&spec, &t) }.unwrap();
+    let out = Tensor::from_bytes(DType::Bf16, &mem.download(t.out, out_bytes)).unwrap();
+    let want = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+    let err = rel_l2_error(&out.to_f32_vec(), &want.out);
+    assert!(err < DType::Bf16.tolerance(), "{spec}: rel L2 {err}");
+    unsafe { b.set_stream(std::ptr::null_mut()) };
+    // SAFETY: created above; nothing is queued on it any more (every call synchronised it).
+    unsafe { drv::stream::destroy(stream) }.unwrap();
+}
