@@ -42,7 +42,10 @@ pub(crate) unsafe fn block_scale<L: Lowp>(src: &Src, rows: Rows) -> f32 {
         _ => (0x7f80, |b| bf16::from_bits(b).to_f32()),
     };
     let last = rows.off + rows.n.saturating_sub(1) * rows.stride + rows.len;
-    assert!(rows.n == 0 || last <= bits.len(), "block rows past the input");
+    assert!(
+        rows.n == 0 || last <= bits.len(),
+        "block rows past the input"
+    );
     let mx = L::max_magnitude(bits.as_ptr(), rows, inf, PACK_AHEAD);
     pow2_scale(to_f32(mx))
 }
