@@ -53,7 +53,7 @@ impl PackedBlocks {
     ) -> (*const u16, f32) {
         let scratch = self.held.len() - 1;
         // Blocks that do not start on the block grid (a window's first block) are not kept.
-        let slot = if j0 % self.block_n == 0 {
+        let slot = if j0.is_multiple_of(self.block_n) {
             (j0 / self.block_n).min(scratch)
         } else {
             scratch
