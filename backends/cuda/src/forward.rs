@@ -5,6 +5,7 @@ use crate::compile::BACKEND;
 use crate::device::{check_device_pointers, DevBuf, Gpu};
 use crate::fp8::Fp8Buffers;
 use crate::params::KernelParams;
+use crate::tables::{DeviceTable, DeviceTables};
 use crate::tensor_map::TensorMapParams;
 use crate::tiles::{head_major_order, Launch};
 use crate::variants::{Tiles, Variant};
@@ -64,10 +65,10 @@ pub(crate) struct Buffers {
     v: DevTensor,
     out: DevTensor,
     lse: Option<DevTensor>,
-    /// cu_seqlens and ALiBi slopes: allocations beyond inputs and outputs.
-    cu_q: Option<DevBuf>,
-    cu_k: Option<DevBuf>,
-    alibi: Option<DevBuf>,
+    /// cu_seqlens and ALiBi slopes: uploaded from the spec, or the caller's (`DeviceTables`).
+    cu_q: Option<DevTensor>,
+    cu_k: Option<DevTensor>,
+    alibi: Option<DevTensor>,
     /// FP8: descales and the transposed V (fp8.rs).
     fp8: Option<Fp8Buffers>,
 }
@@ -100,11 +101,17 @@ impl Buffers {
             ours(DevBuf::from_bytes(v)?),
             ours(DevBuf::zeroed(out_bytes)?),
             lse,
+            &DeviceTables::default(),
         )
     }
 
-    /// Wraps the caller's tensors; only the small side tables are allocated.
-    fn callers(spec: &CheckedSpec<'_>, t: &DeviceTensors) -> Result<Buffers> {
+    /// Wraps the caller's tensors and tables; only the side tables not in `tables` (and FP8's
+    /// descales and transposed V) are allocated.
+    fn callers(
+        spec: &CheckedSpec<'_>,
+        t: &DeviceTensors,
+        tables: &DeviceTables,
+    ) -> Result<Buffers> {
         Buffers::with_tensors(
             spec,
             DevTensor::Callers(t.q),
@@ -112,6 +119,7 @@ impl Buffers {
             DevTensor::Callers(t.v),
             DevTensor::Callers(t.out),
             t.lse.map(DevTensor::Callers),
+            tables,
         )
     }
 
@@ -122,16 +130,28 @@ impl Buffers {
         v: DevTensor,
         out: DevTensor,
         lse: Option<DevTensor>,
+        tables: &DeviceTables,
     ) -> Result<Buffers> {
+        // The caller's table, else an upload of the host copy.
+        let table = |given: Option<DeviceTable>, host: &[u8]| match given {
+            Some(t) => Ok(DevTensor::Callers(t.ptr)),
+            None => DevBuf::from_bytes(host).map(DevTensor::Ours),
+        };
         let (cu_q, cu_k) = match &spec.varlen {
             Some(vl) => (
-                Some(DevBuf::from_bytes(bytemuck::cast_slice(&vl.cu_seqlens_q))?),
-                Some(DevBuf::from_bytes(bytemuck::cast_slice(&vl.cu_seqlens_k))?),
+                Some(table(
+                    tables.cu_seqlens_q,
+                    bytemuck::cast_slice(&vl.cu_seqlens_q),
+                )?),
+                Some(table(
+                    tables.cu_seqlens_k,
+                    bytemuck::cast_slice(&vl.cu_seqlens_k),
+                )?),
             ),
             None => (None, None),
         };
         let alibi = match &spec.alibi {
-            Some(a) => Some(DevBuf::from_bytes(bytemuck::cast_slice(&a.slopes))?),
+            Some(a) => Some(table(tables.alibi_slopes, bytemuck::cast_slice(&a.slopes))?),
             None => None,
         };
         let fp8 = match spec.dtype {
@@ -151,13 +171,28 @@ impl Buffers {
         })
     }
 
-    pub(crate) fn extra_bytes(&self) -> u64 {
+    /// Our side tables (uploads of the spec's host copies).
+    fn side_tables(&self) -> impl Iterator<Item = &DevBuf> {
         [&self.cu_q, &self.cu_k, &self.alibi]
-            .iter()
-            .filter_map(|b| b.as_ref())
-            .map(|b| b.bytes as u64)
-            .sum::<u64>()
+            .into_iter()
+            .filter_map(|b| match b {
+                Some(DevTensor::Ours(b)) => Some(b),
+                _ => None,
+            })
+    }
+
+    pub(crate) fn extra_bytes(&self) -> u64 {
+        self.side_tables().map(|b| b.bytes as u64).sum::<u64>()
             + self.fp8.as_ref().map_or(0, |f| f.bytes() as u64)
+    }
+
+    /// Whether the call allocated anything of its own (that must outlive its kernels).
+    pub(crate) fn allocates(&self) -> bool {
+        let ours = |t: &DevTensor| matches!(t, DevTensor::Ours(_));
+        let tensors = [&self.q, &self.k, &self.v, &self.out];
+        tensors.into_iter().chain(&self.lse).any(ours)
+            || self.side_tables().next().is_some()
+            || self.fp8.is_some()
     }
 
     /// The kernels' parameters for `spec` with query blocks of `block_m`, and our pointers.
@@ -173,9 +208,9 @@ impl Buffers {
         p.v = self.v.ptr();
         p.out = self.out.ptr();
         p.lse = self.lse.as_ref().map_or(0, |b| b.ptr());
-        p.cu_seqlens_q = self.cu_q.as_ref().map_or(0, |b| b.ptr);
-        p.cu_seqlens_k = self.cu_k.as_ref().map_or(0, |b| b.ptr);
-        p.alibi = self.alibi.as_ref().map_or(0, |b| b.ptr);
+        p.cu_seqlens_q = self.cu_q.as_ref().map_or(0, DevTensor::ptr);
+        p.cu_seqlens_k = self.cu_k.as_ref().map_or(0, DevTensor::ptr);
+        p.alibi = self.alibi.as_ref().map_or(0, DevTensor::ptr);
     }
 }
 
@@ -333,7 +368,40 @@ impl CudaBackend {
         spec: &AttentionSpec,
         tensors: &DeviceTensors,
     ) -> Result<()> {
+        self.forward_on_device(spec, tensors, &DeviceTables::default(), true)
+    }
+
+    /// [`forward_device`](Self::forward_device) reading the side tables in `tables` where the
+    /// caller holds them (the others are uploaded from the spec). When the call allocates
+    /// nothing (every table the spec needs is in `tables`, see [`DeviceTables::complete`], and
+    /// the dtype is not FP8, whose descales and transposed V are per-call allocations) it only
+    /// queues the kernel on the backend's stream (`set_stream`) and returns, like any CUDA op:
+    /// no host copy, no wait. Otherwise it waits for the kernel before freeing its uploads.
+    ///
+    /// # Safety
+    /// As for `forward_device`, and: each table must hold `len` elements of its type (the
+    /// offsets within the spec's bounds: `varlen_bounds`), and every pointer, tensors and
+    /// tables, must stay valid and unchanged until the stream has passed this call (an event
+    /// recorded after it, or a synchronisation); out and lse are written until then.
+    pub unsafe fn forward_device_with_tables(
+        &self,
+        spec: &AttentionSpec,
+        tensors: &DeviceTensors,
+        tables: &DeviceTables,
+    ) -> Result<()> {
+        self.forward_on_device(spec, tensors, tables, false)
+    }
+
+    /// Both device forwards; `wait`: always wait for the kernel (else only when we allocated).
+    unsafe fn forward_on_device(
+        &self,
+        spec: &AttentionSpec,
+        tensors: &DeviceTensors,
+        tables: &DeviceTables,
+        wait: bool,
+    ) -> Result<()> {
         let checked = spec.validate()?;
+        tables.check(spec)?;
         let variant = self.choose(&checked)?;
         if spec.return_lse != tensors.lse.is_some() {
             return Err(Error::argument(
@@ -358,8 +426,13 @@ impl CudaBackend {
         check_device_pointers(named.into_iter().chain(tensors.lse.map(|p| ("lse", p))))?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let bufs = Buffers::callers(&checked, tensors)?;
-        self.launch_flash(&checked, &variant, &bufs)?;
-        self.gpu.synchronize()
+        let bufs = Buffers::callers(&checked, tensors, tables)?;
+        if wait || bufs.allocates() {
+            self.launch_flash(&checked, &variant, &bufs)?;
+            return self.gpu.synchronize();
+        }
+        // Nothing uploaded: the launch need not wait for the legacy default stream either.
+        let _unordered = self.gpu.unordered();
+        self.launch_flash(&checked, &variant, &bufs)
     }
 }

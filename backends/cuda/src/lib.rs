@@ -38,6 +38,7 @@ mod loader;
 mod naive;
 mod params;
 mod select;
+mod tables;
 mod tensor_map;
 mod tiles;
 mod variants;
@@ -67,6 +68,7 @@ pub use select::{
     forward_candidates, select_forward_kind, select_generic, select_hopper, select_mma,
     ForwardTiles,
 };
+pub use tables::{varlen_bounds, DeviceTable, DeviceTables};
 pub use tiles::{
     hopper_tiles, mma_head_dim, mma_tiles, smem_optin_of_arch, HopperTiles, Launch, MmaTiles,
     GENERIC_TILES, MMA_HEAD_DIMS,
