@@ -31,6 +31,22 @@ fn problem(dtype: DType) -> (AttentionSpec, AttentionSpec) {
     (real, host)
 }
 
+/// The real problem's cu_seqlens and slopes, uploaded as the caller's device tables.
+fn upload_tables(mem: &common::device::DeviceMem, real: &AttentionSpec) -> DeviceTables {
+    let vl = real.varlen.as_ref().unwrap();
+    let table = |bytes: &[u8]| DeviceTable {
+        ptr: mem.upload(bytes),
+        len: bytes.len() / 4,
+    };
+    DeviceTables {
+        cu_seqlens_q: Some(table(bytemuck::cast_slice(&vl.cu_seqlens_q))),
+        cu_seqlens_k: Some(table(bytemuck::cast_slice(&vl.cu_seqlens_k))),
+        alibi_slopes: Some(table(bytemuck::cast_slice(
+            &real.alibi.as_ref().unwrap().slopes,
+        ))),
+    }
+}
+
 #[test]
 fn forward_reads_device_tables_and_queues_without_waiting() {
     let Some(mut b) = gpu_backend(None, Pass::Forward) else {
@@ -52,18 +68,7 @@ fn forward_reads_device_tables_and_queues_without_waiting() {
             out: mem.upload(&vec![0u8; out_bytes]),
             lse: Some(mem.upload(bytemuck::cast_slice(&vec![f32::NEG_INFINITY; lse_n]))),
         };
-        let vl = real.varlen.as_ref().unwrap();
-        let table = |bytes: &[u8]| DeviceTable {
-            ptr: mem.upload(bytes),
-            len: bytes.len() / 4,
-        };
-        let tables = DeviceTables {
-            cu_seqlens_q: Some(table(bytemuck::cast_slice(&vl.cu_seqlens_q))),
-            cu_seqlens_k: Some(table(bytemuck::cast_slice(&vl.cu_seqlens_k))),
-            alibi_slopes: Some(table(bytemuck::cast_slice(
-                &real.alibi.as_ref().unwrap().slopes,
-            ))),
-        };
+        let tables = upload_tables(&mem, &real);
         assert!(tables.complete(&host));
         // SAFETY: every pointer holds its tensor's or table's bytes; all outlive the
         // synchronisation below.
@@ -112,18 +117,7 @@ fn backward_reads_device_tables() {
         dk: mem.upload(&grad_bytes(real.k_elems())),
         dv: mem.upload(&grad_bytes(real.v_elems())),
     };
-    let vl = real.varlen.as_ref().unwrap();
-    let table = |bytes: &[u8]| DeviceTable {
-        ptr: mem.upload(bytes),
-        len: bytes.len() / 4,
-    };
-    let tables = DeviceTables {
-        cu_seqlens_q: Some(table(bytemuck::cast_slice(&vl.cu_seqlens_q))),
-        cu_seqlens_k: Some(table(bytemuck::cast_slice(&vl.cu_seqlens_k))),
-        alibi_slopes: Some(table(bytemuck::cast_slice(
-            &real.alibi.as_ref().unwrap().slopes,
-        ))),
-    };
+    let tables = upload_tables(&mem, &real);
     // SAFETY: every pointer holds its tensor's or table's bytes; the call waits.
     unsafe { b.backward_device_with_tables(&host, &t, &tables) }.unwrap();
     let want =
