@@ -34,7 +34,7 @@ use flashattn_core::{
     Result, Tensor,
 };
 use tiles::{
-    dq_launch, main_launch, mma_bwd_head_dim, mma_bwd_tiles, post_launch, prep_launch, BwdShape,
+    mma_bwd_head_dim, mma_bwd_tiles, per_head_launch, post_launch, prep_launch, BwdShape, PerHead,
 };
 
 fn unsupported(reason: impl Into<String>) -> Error {
@@ -80,14 +80,16 @@ pub fn backward_plan(spec: &CheckedSpec<'_>, variant: &Variant) -> Result<Backwa
     };
     let (main, dq) = match variant.tiles {
         Tiles::MmaBwd(t) => (
-            main_launch(
+            per_head_launch(
                 &shape,
+                PerHead::Keys,
                 t.block_n,
                 t.threads(),
                 t.smem_bytes(variant.head_dim),
             ),
-            dq_launch(
+            per_head_launch(
                 &shape,
+                PerHead::Queries,
                 t.dq_block_m(),
                 t.threads(),
                 t.dq_smem_bytes(variant.head_dim),
@@ -96,8 +98,8 @@ pub fn backward_plan(spec: &CheckedSpec<'_>, variant: &Variant) -> Result<Backwa
         Tiles::GenericBwd(t) => {
             let threads = (t.warps * 32) as u32;
             (
-                main_launch(&shape, t.warps * t.keys_per_warp, threads, 0),
-                dq_launch(&shape, t.warps, threads, 0),
+                per_head_launch(&shape, PerHead::Keys, t.warps * t.keys_per_warp, threads, 0),
+                per_head_launch(&shape, PerHead::Queries, t.warps, threads, 0),
             )
         }
         _ => {
