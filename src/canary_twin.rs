@@ -295,6 +295,67 @@ mod tests {
         }
     }
 
+    /// A backend that reads strided inputs as if they were contiguous (the bug a strided
+    /// kernel path can have): its canary on a strided call must fail. A contiguous twin would
+    /// pass it, leaving the call's own path unchecked.
+    struct StrideBlind(flashattn_cpu::CpuBackend);
+
+    impl Backend for StrideBlind {
+        fn name(&self) -> &'static str {
+            "stride-blind"
+        }
+        fn device(&self) -> String {
+            "test".into()
+        }
+        fn supports(&self, spec: &AttentionSpec) -> Result<()> {
+            self.0.supports(spec)
+        }
+        fn forward(
+            &self,
+            spec: &AttentionSpec,
+            q: TensorRef<'_>,
+            k: TensorRef<'_>,
+            v: TensorRef<'_>,
+        ) -> Result<Output> {
+            let plain = spec.contiguous();
+            let head = |t: TensorRef<'_>, n: Option<usize>| {
+                let n = n.unwrap_or(0).min(t.len());
+                Tensor::from_f32(t.dtype(), &t.to_f32_vec()[..n])
+            };
+            let q = head(q, plain.q_elems());
+            let k = head(k, plain.k_elems());
+            let v = head(v, plain.v_elems());
+            self.0.forward(&plain, q.as_ref(), k.as_ref(), v.as_ref())
+        }
+        fn bench(
+            &self,
+            _: &AttentionSpec,
+            _: Algorithm,
+            _: &BenchPlan,
+            _: &mut dyn FnMut(),
+        ) -> Result<BenchMeasure> {
+            Err(Error::unsupported("stride-blind", "not timed"))
+        }
+    }
+
+    #[test]
+    fn a_backend_that_misreads_strides_fails_the_canary_of_a_strided_call() {
+        use crate::canary::{Canary, Verdict};
+        let blind = StrideBlind(flashattn_cpu::CpuBackend::new());
+        let spec = AttentionSpec::new(2, 4, 33, 33, 40).dtype(DType::Bf16);
+        let canary = Canary::new(true, None);
+        let plain = canary.check(&blind, &spec, Pass::Forward);
+        assert_eq!(plain, Verdict::Passed, "contiguous calls are read right");
+        for strided in [transposed(spec.clone()), padded(spec.clone(), 8)] {
+            // A fresh canary: verdicts are kept per variant, and the variant is the same.
+            let verdict = Canary::new(true, None).check(&blind, &strided, Pass::Forward);
+            assert!(
+                matches!(verdict, Verdict::Broken(_)),
+                "{strided}: {verdict:?}"
+            );
+        }
+    }
+
     /// The strided twin runs end to end against the reference (on the CPU backend, which
     /// reads strides): forward, backward and a decode step with a strided q.
     #[test]
