@@ -102,7 +102,7 @@ fn eight_threads_get_identical_results_from_the_global_runtime_and_every_backend
         let results = on_threads(move || {
             let (spec, q, k, v) = &*shared;
             let b: &dyn Backend = backend.as_ref();
-            b.forward(spec, ForwardInputs::of(&q, &k, &v)).unwrap()
+            b.forward(spec, ForwardInputs::of(q, k, v)).unwrap()
         });
         assert_identical(name, &results);
     }

@@ -8,7 +8,7 @@ pub mod cli;
 use flashattn::{
     reference_attention, reference_backward, reference_decode, Algorithm, AttentionSpec, Backend,
     BackwardInputs, BenchMeasure, BenchPlan, DType, DecodeInputs, Error, ForwardInputs, Grads,
-    Output, Pass, Result, Tensor, TensorMut, TensorRef,
+    Output, Pass, Result, Tensor, TensorMut,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -79,9 +79,7 @@ fn forward_backward(
     spec: &AttentionSpec,
     [q, k, v, dout]: [&Tensor; 4],
 ) -> Grads {
-    let fwd = backend
-        .forward(spec, ForwardInputs::of(&q, &k, &v))
-        .unwrap();
+    let fwd = backend.forward(spec, ForwardInputs::of(q, k, v)).unwrap();
     let lse = fwd.lse.as_deref().unwrap();
     let inputs = BackwardInputs::of((q, k, v), &fwd.out, lse, dout);
     backend.backward(spec, inputs).unwrap()

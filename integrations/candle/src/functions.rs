@@ -55,8 +55,13 @@ struct Call<'a> {
     alibi: Option<&'a Tensor>,
     window: (Option<usize>, Option<usize>),
     softcap: f32,
-    /// The cumulative `seqlens_*` and the longest lengths of a variable-length batch.
-    varlen: Option<((&'a Tensor, &'a Tensor), (usize, usize))>,
+    varlen: Option<Varlen<'a>>,
+}
+
+/// The cumulative `seqlens_*` (q, k) and the longest lengths of a variable-length batch.
+struct Varlen<'a> {
+    seqlens: (&'a Tensor, &'a Tensor),
+    max_seqlens: (usize, usize),
 }
 
 impl<'a> Call<'a> {
@@ -81,7 +86,10 @@ impl<'a> Call<'a> {
 
     fn varlen(self, seqlens: (&'a Tensor, &'a Tensor), max_seqlens: (usize, usize)) -> Self {
         Call {
-            varlen: Some((seqlens, max_seqlens)),
+            varlen: Some(Varlen {
+                seqlens,
+                max_seqlens,
+            }),
             ..self
         }
     }
@@ -91,7 +99,10 @@ impl<'a> Call<'a> {
         let alibi = alibi_slopes(self.alibi)?;
         let varlen = match self.varlen {
             None => None,
-            Some(((seqlens_q, seqlens_k), (max_seqlen_q, max_seqlen_k))) => Some(VarlenArgs {
+            Some(Varlen {
+                seqlens: (seqlens_q, seqlens_k),
+                max_seqlens: (max_seqlen_q, max_seqlen_k),
+            }) => Some(VarlenArgs {
                 cu_seqlens_q: cu_seqlens("seqlens_q", seqlens_q)?,
                 cu_seqlens_k: cu_seqlens("seqlens_k", seqlens_k)?,
                 max_seqlen_q,

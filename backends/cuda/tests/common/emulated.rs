@@ -6,7 +6,7 @@ use super::emu::{check_compiler, emulator_source, run_dir, run_driver, run_with_
 use flashattn_core::{
     validate_backward_inputs, validate_decode_inputs, validate_inputs, Algorithm, AttentionSpec,
     Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, Error, ForwardInputs, Grads,
-    Output, Pass, Result, Tensor, TensorMut, TensorRef,
+    Output, Pass, Result, Tensor, TensorMut,
 };
 use flashattn_cuda::{
     backward_plan, decode_plan, flash_launch, select_decode, select_generic, select_generic_bwd,
