@@ -5,6 +5,7 @@
 //! The verdict is kept per variant, so a correct kernel is checked once, not per call.
 
 use crate::canary_problem::small_problem;
+use crate::canary_twin::Strided;
 use crate::store::JsonStore;
 use flashattn_core::testing::{check_backend, check_backward, check_decode, CheckReport};
 use flashattn_core::{AttentionSpec, Backend, Pass};
@@ -124,7 +125,7 @@ impl Canary {
 }
 
 /// Runs the small problem on `backend` and compares with the reference; a panic is a failure.
-fn compare(
+pub(crate) fn compare(
     backend: &dyn Backend,
     small: &AttentionSpec,
     pass: Pass,
@@ -134,7 +135,17 @@ fn compare(
         Pass::Backward => check_backward,
         Pass::Decode => check_decode,
     };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(backend, small, SEED)))
+    // The reference reads contiguous inputs: a strided twin runs on padded copies of them.
+    let strided = Strided {
+        inner: backend,
+        strides: small.strides,
+    };
+    let (backend, spec): (&dyn Backend, _) = if small.strides.is_contiguous() {
+        (backend, small.clone())
+    } else {
+        (&strided, small.contiguous())
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(backend, &spec, SEED)))
         .unwrap_or_else(|_| Err(format!("{} panicked on {small}", backend.name())))
 }
 

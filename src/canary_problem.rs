@@ -1,8 +1,9 @@
 //! The canary's small problem: the same kind of work as the caller's (dtype, head dims, GQA
 //! group, mask kinds, softcap, ALiBi, FP8 descales, varlen-ness, KV-cache layout, page size,
-//! rotary style, pass) at a size the f64 reference checks in well under a second, with
+//! rotary style, pass, layout class of strided inputs) at a size the f64 reference checks in well under a second, with
 //! several blocks of queries and keys so that tiling and masking are exercised.
 
+use crate::canary_twin::twin_strides;
 use crate::rotary_tables;
 use crate::runtime::supports;
 use flashattn_core::{Alibi, AttentionSpec, Backend, CacheLayout, Fp8Descale, KvCache, Pass};
@@ -64,7 +65,7 @@ pub fn small_problem(
 fn shrunk(spec: &AttentionSpec, cap_q: usize, cap_k: usize) -> Result<AttentionSpec, String> {
     let (max_q, max_k) = spec.max_lens();
     let (sq, sk) = (max_q.clamp(1, cap_q), max_k.clamp(1, cap_k));
-    // Resized buffers: the caller's strides no longer apply (the kernels are the same).
+    // Resized buffers: the caller's strides no longer apply; twin_strides sets the twin's.
     let mut s = spec.contiguous();
     s.batch = 2;
     // Two KV heads, or one when each has many query heads (the reference's cost).
@@ -100,6 +101,8 @@ fn shrunk(spec: &AttentionSpec, cap_q: usize, cap_k: usize) -> Result<AttentionS
         let positional_q = s.causal || s.window != (-1, -1);
         s = s.kv_cache(small_cache(cache, sq, sk, positional_q));
     }
+    // Strided where the caller's inputs are: a backend may pick its kernel by the layout.
+    s.strides = twin_strides(spec, &s);
     s.validate()
         .map_err(|e| format!("cannot build a small problem like {spec}: {e}"))?;
     Ok(s)

@@ -16,6 +16,7 @@
 mod autotune;
 mod canary;
 mod canary_problem;
+mod canary_twin;
 mod discovery;
 mod packed;
 mod rotary;

@@ -229,166 +229,201 @@ impl KvCache {
             CacheLayout::Contiguous {
                 batch_cache,
                 seqlen_cache,
-            } => {
-                if *batch_cache == 0 || *seqlen_cache == 0 {
-                    return Err(Error::invalid(
-                        "kv_cache.layout",
-                        format!("[{batch_cache}, {seqlen_cache}]"),
-                        "batch_cache and seqlen_cache must be at least 1",
-                    ));
-                }
-                match &self.batch_idx {
-                    None if batch > *batch_cache => {
-                        return Err(Error::invalid(
-                            "kv_cache.batch_idx",
-                            "none",
-                            format!(
-                                "batch {batch} exceeds batch_cache {batch_cache}: give batch_idx"
-                            ),
-                        ))
-                    }
-                    None => {}
-                    Some(idx) => {
-                        if idx.len() != batch {
-                            return Err(Error::invalid(
-                                "kv_cache.batch_idx",
-                                format!("{} entries", idx.len()),
-                                format!("expected one per batch entry ({batch})"),
-                            ));
-                        }
-                        if let Some((b, &i)) = idx
-                            .iter()
-                            .enumerate()
-                            .find(|(_, &i)| i < 0 || i as usize >= *batch_cache)
-                        {
-                            return Err(Error::invalid(
-                                "kv_cache.batch_idx",
-                                format!("batch_idx[{b}] = {i}"),
-                                format!("must be in 0..{batch_cache}"),
-                            ));
-                        }
-                        if self.seqlen_new > 0 {
-                            let mut seen = idx.clone();
-                            seen.sort_unstable();
-                            if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-                                return Err(Error::invalid(
-                                    "kv_cache.batch_idx",
-                                    format!("cache row {} used twice", w[0]),
-                                    "appending batch entries must write distinct cache rows",
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
+            } => self.validate_contiguous(batch, *batch_cache, *seqlen_cache)?,
             CacheLayout::Paged {
                 num_blocks,
                 page_size,
                 block_table,
                 max_blocks,
-            } => {
-                if *page_size == 0 {
-                    return Err(Error::invalid(
-                        "kv_cache.page_size",
-                        0,
-                        "must be at least 1",
-                    ));
-                }
-                if *num_blocks == 0 || *max_blocks == 0 {
-                    return Err(Error::invalid(
-                        "kv_cache.layout",
-                        format!("num_blocks {num_blocks}, max_blocks {max_blocks}"),
-                        "must be at least 1",
-                    ));
-                }
-                if self.batch_idx.is_some() {
+            } => self.validate_paged(batch, *num_blocks, *page_size, block_table, *max_blocks)?,
+        }
+        if let Some(r) = &self.rotary {
+            self.validate_rotary(r, head_dim, seqlen_q, positional_q)?;
+        }
+        Ok(())
+    }
+
+    /// The contiguous layout's sizes and `batch_idx` (in range; distinct when appending).
+    fn validate_contiguous(
+        &self,
+        batch: usize,
+        batch_cache: usize,
+        seqlen_cache: usize,
+    ) -> Result<()> {
+        if batch_cache == 0 || seqlen_cache == 0 {
+            return Err(Error::invalid(
+                "kv_cache.layout",
+                format!("[{batch_cache}, {seqlen_cache}]"),
+                "batch_cache and seqlen_cache must be at least 1",
+            ));
+        }
+        match &self.batch_idx {
+            None if batch > batch_cache => {
+                return Err(Error::invalid(
+                    "kv_cache.batch_idx",
+                    "none",
+                    format!("batch {batch} exceeds batch_cache {batch_cache}: give batch_idx"),
+                ))
+            }
+            None => {}
+            Some(idx) => {
+                if idx.len() != batch {
                     return Err(Error::invalid(
                         "kv_cache.batch_idx",
-                        "set",
-                        "a paged cache addresses sequences through block_table",
+                        format!("{} entries", idx.len()),
+                        format!("expected one per batch entry ({batch})"),
                     ));
                 }
-                if Some(block_table.len()) != batch.checked_mul(*max_blocks) {
+                if let Some((b, &i)) = idx
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &i)| i < 0 || i as usize >= batch_cache)
+                {
                     return Err(Error::invalid(
-                        "kv_cache.block_table",
-                        format!("{} entries", block_table.len()),
-                        format!("expected [batch = {batch}, max_blocks = {max_blocks}]"),
+                        "kv_cache.batch_idx",
+                        format!("batch_idx[{b}] = {i}"),
+                        format!("must be in 0..{batch_cache}"),
                     ));
                 }
-                for b in 0..batch {
-                    // Only the pages that hold rows of this call are read or written.
-                    let used = (self.seqlens[b] as usize + self.seqlen_new).div_ceil(*page_size);
-                    let pages = &block_table[b * max_blocks..b * max_blocks + used];
-                    if let Some((p, &blk)) = pages
-                        .iter()
-                        .enumerate()
-                        .find(|(_, &x)| x < 0 || x as usize >= *num_blocks)
-                    {
+                if self.seqlen_new > 0 {
+                    if let Some(row) = first_repeat(idx) {
                         return Err(Error::invalid(
-                            "kv_cache.block_table",
-                            format!("block_table[{b}][{p}] = {blk}"),
-                            format!("must be in 0..{num_blocks}"),
-                        ));
-                    }
-                    let mut seen = pages.to_vec();
-                    seen.sort_unstable();
-                    if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-                        return Err(Error::invalid(
-                            "kv_cache.block_table",
-                            format!("page {} twice in sequence {b}", w[0]),
-                            "a sequence's pages must be distinct",
+                            "kv_cache.batch_idx",
+                            format!("cache row {row} used twice"),
+                            "appending batch entries must write distinct cache rows",
                         ));
                     }
                 }
             }
         }
-        if let Some(r) = &self.rotary {
-            if self.seqlen_new == 0 {
-                return Err(Error::invalid(
-                    "kv_cache.rotary",
-                    "set",
-                    "rotary applies to new k/v rows (FlashAttention's rule): seqlen_new is 0",
-                ));
-            }
-            if r.dim == 0 || r.dim % 2 != 0 || r.dim > head_dim {
-                return Err(Error::invalid(
-                    "kv_cache.rotary.dim",
-                    r.dim,
-                    format!("must be even and between 2 and head_dim ({head_dim})"),
-                ));
-            }
-            let half = r.dim / 2;
-            if r.cos.len() != r.sin.len() || r.cos.len() % half != 0 {
-                return Err(Error::invalid(
-                    "kv_cache.rotary.cos",
-                    format!("{} cos and {} sin values", r.cos.len(), r.sin.len()),
-                    format!("expected two [seqlen_ro, {half}] tables"),
-                ));
-            }
-            if let Some(x) = r.cos.iter().chain(&r.sin).find(|x| !x.is_finite()) {
-                return Err(Error::invalid(
-                    "kv_cache.rotary.cos",
-                    x,
-                    "cos/sin values must be finite",
-                ));
-            }
-            let q_span = if positional_q { seqlen_q } else { 1 };
-            let needed = self
-                .seqlens
+        Ok(())
+    }
+
+    /// The paged layout's sizes and the pages each sequence of this call uses (in range and
+    /// distinct).
+    fn validate_paged(
+        &self,
+        batch: usize,
+        num_blocks: usize,
+        page_size: usize,
+        block_table: &[i32],
+        max_blocks: usize,
+    ) -> Result<()> {
+        if page_size == 0 {
+            return Err(Error::invalid(
+                "kv_cache.page_size",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if num_blocks == 0 || max_blocks == 0 {
+            return Err(Error::invalid(
+                "kv_cache.layout",
+                format!("num_blocks {num_blocks}, max_blocks {max_blocks}"),
+                "must be at least 1",
+            ));
+        }
+        if self.batch_idx.is_some() {
+            return Err(Error::invalid(
+                "kv_cache.batch_idx",
+                "set",
+                "a paged cache addresses sequences through block_table",
+            ));
+        }
+        if Some(block_table.len()) != batch.checked_mul(max_blocks) {
+            return Err(Error::invalid(
+                "kv_cache.block_table",
+                format!("{} entries", block_table.len()),
+                format!("expected [batch = {batch}, max_blocks = {max_blocks}]"),
+            ));
+        }
+        for b in 0..batch {
+            // Only the pages that hold rows of this call are read or written.
+            let used = (self.seqlens[b] as usize + self.seqlen_new).div_ceil(page_size);
+            let pages = &block_table[b * max_blocks..b * max_blocks + used];
+            if let Some((p, &blk)) = pages
                 .iter()
-                .map(|&l| (l as usize).saturating_add(self.seqlen_new.max(q_span)))
-                .max()
-                .unwrap_or(0);
-            if r.seqlen() < needed {
+                .enumerate()
+                .find(|(_, &x)| x < 0 || x as usize >= num_blocks)
+            {
                 return Err(Error::invalid(
-                    "kv_cache.rotary.cos",
-                    format!("{} positions", r.seqlen()),
-                    format!("positions up to {} are rotated", needed.saturating_sub(1)),
+                    "kv_cache.block_table",
+                    format!("block_table[{b}][{p}] = {blk}"),
+                    format!("must be in 0..{num_blocks}"),
+                ));
+            }
+            if let Some(page) = first_repeat(pages) {
+                return Err(Error::invalid(
+                    "kv_cache.block_table",
+                    format!("page {page} twice in sequence {b}"),
+                    "a sequence's pages must be distinct",
                 ));
             }
         }
         Ok(())
     }
+
+    /// The rotary tables: new rows to rotate, an even dim within head_dim, finite cos/sin
+    /// covering every rotated position.
+    fn validate_rotary(
+        &self,
+        r: &Rotary,
+        head_dim: usize,
+        seqlen_q: usize,
+        positional_q: bool,
+    ) -> Result<()> {
+        if self.seqlen_new == 0 {
+            return Err(Error::invalid(
+                "kv_cache.rotary",
+                "set",
+                "rotary applies to new k/v rows (FlashAttention's rule): seqlen_new is 0",
+            ));
+        }
+        if r.dim == 0 || !r.dim.is_multiple_of(2) || r.dim > head_dim {
+            return Err(Error::invalid(
+                "kv_cache.rotary.dim",
+                r.dim,
+                format!("must be even and between 2 and head_dim ({head_dim})"),
+            ));
+        }
+        let half = r.dim / 2;
+        if r.cos.len() != r.sin.len() || !r.cos.len().is_multiple_of(half) {
+            return Err(Error::invalid(
+                "kv_cache.rotary.cos",
+                format!("{} cos and {} sin values", r.cos.len(), r.sin.len()),
+                format!("expected two [seqlen_ro, {half}] tables"),
+            ));
+        }
+        if let Some(x) = r.cos.iter().chain(&r.sin).find(|x| !x.is_finite()) {
+            return Err(Error::invalid(
+                "kv_cache.rotary.cos",
+                x,
+                "cos/sin values must be finite",
+            ));
+        }
+        let q_span = if positional_q { seqlen_q } else { 1 };
+        let needed = self
+            .seqlens
+            .iter()
+            .map(|&l| (l as usize).saturating_add(self.seqlen_new.max(q_span)))
+            .max()
+            .unwrap_or(0);
+        if r.seqlen() < needed {
+            return Err(Error::invalid(
+                "kv_cache.rotary.cos",
+                format!("{} positions", r.seqlen()),
+                format!("positions up to {} are rotated", needed.saturating_sub(1)),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The smallest value that occurs twice in `values`, if any.
+fn first_repeat(values: &[i32]) -> Option<i32> {
+    let mut seen = values.to_vec();
+    seen.sort_unstable();
+    seen.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 #[cfg(test)]

@@ -240,6 +240,25 @@ pub(crate) trait Products<S: Simd> {
     unsafe fn scores(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, cols: Range<usize>);
     /// O = O * alpha + P · V for the query rows `rows` (V packed as needed).
     unsafe fn accumulate(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock, rows: Range<usize>);
+    /// Where `store_probs` writes besides S^T: the low-precision P operand and its row
+    /// stride (nothing on the f32 path).
+    #[inline(always)]
+    unsafe fn probs_target(_p: &Problem, _sc: &mut Scratch) -> (*mut u16, usize) {
+        (std::ptr::null_mut(), 0)
+    }
+    /// The probabilities of key `j` for the query lanes from `i`: in place in S^T (`s`, row
+    /// stride `ld`), the P·V operand of the f32 tiles.
+    #[inline(always)]
+    unsafe fn store_probs(
+        s: *mut f32,
+        ld: usize,
+        _to: (*mut u16, usize),
+        j: usize,
+        i: usize,
+        e: S::V,
+    ) {
+        S::store(s.add(j * ld + i), e)
+    }
 }
 
 /// The f32 register tiles (`simd.rs`): f16 / bf16 inputs are widened while packing.
@@ -301,7 +320,7 @@ unsafe fn run_task<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch, t: Ta
             block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
         }
         block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
-        online_softmax::<S>(sc, &blk);
+        online_softmax::<S, O>(p, sc, &blk);
         O::accumulate(p, sc, &blk, seen_l);
     }
     store(p, sc, t, &s, rows);
@@ -382,8 +401,9 @@ unsafe fn scores<S: Simd>(
 /// Online softmax, vectorised across queries: the block's row max, the rescale factor of the
 /// running O and l (`alpha`), then `P = 2^(S - m)` in place and `l = l * alpha + rowsum(P)`.
 #[inline(always)]
-unsafe fn online_softmax<S: Simd>(sc: &mut Scratch, blk: &ScoreBlock) {
+unsafe fn online_softmax<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) {
     let (ld, nk, rows_l) = (blk.key_stride, blk.nk, blk.rows_l);
+    let to = O::probs_target(p, sc);
     let sp = sc.s.as_mut_ptr();
     let mb = sc.m_blk.as_mut_ptr();
     for ig in (0..rows_l).step_by(S::LANES) {
@@ -417,7 +437,7 @@ unsafe fn online_softmax<S: Simd>(sc: &mut Scratch, blk: &ScoreBlock) {
         let mut sum = S::zero();
         for j in 0..nk {
             let e = S::exp2(S::sub(S::load(sp.add(j * ld + ig)), mu));
-            S::store(sp.add(j * ld + ig), e);
+            O::store_probs(sp, ld, to, j, ig, e);
             sum = S::add(sum, e);
         }
         let l = S::fma(S::load(lp.add(ig)), S::load(ap.add(ig)), sum);

@@ -201,9 +201,11 @@ impl<L: Lowp> Products<L> for LowProducts {
         let low = &mut sc.low;
         // The P·V tiles start at a multiple of MR rows; convert from the 16-column chunk
         // that holds it (those columns' probabilities are exact: 0 where masked).
-        let cols = rows.start / L::MR * L::MR / 16 * 16..rows.end;
-        let pp = low.p.as_mut_u16().as_mut_ptr();
-        lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
+        if L::FORMAT != Format::F16 {
+            let cols = rows.start / L::MR * L::MR / 16 * 16..rows.end;
+            let pp = low.p.as_mut_u16().as_mut_ptr();
+            lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
+        }
         let vrows = key_rows(blk, p.rows[2], l.dv);
         let tmp = &mut low.tmp;
         let (vp, v_scale) = low.v.get(blk.j0, blk.nk, |dst| {
@@ -225,5 +227,28 @@ impl<L: Lowp> Products<L> for LowProducts {
             chunk: PV_CHUNK,
         };
         block::pv_product::<LowTiles<L>>(rows, l.dv_pad, t);
+    }
+
+    /// The f16 tiles' P operand, `p[j * qld + i]`: the softmax rounds into it directly
+    /// (a separate pass over S^T cost ~4% at d 64). The bf16 pairs are converted in `accumulate`.
+    #[inline(always)]
+    unsafe fn probs_target(p: &Problem, sc: &mut Scratch) -> (*mut u16, usize) {
+        (sc.low.p.as_mut_u16().as_mut_ptr(), layout(p).qld)
+    }
+
+    #[inline(always)]
+    unsafe fn store_probs(
+        s: *mut f32,
+        ld: usize,
+        to: (*mut u16, usize),
+        j: usize,
+        i: usize,
+        e: L::V,
+    ) {
+        if L::FORMAT == Format::F16 {
+            (to.0.add(j * to.1 + i) as *mut [u16; 16]).write_unaligned(L::from_f32(e));
+        } else {
+            L::store(s.add(j * ld + i), e);
+        }
     }
 }

@@ -137,6 +137,13 @@ DEV void store_empty(const DecodeParams& dp, const DecodeTile& t) {
         store_row(dp, t, t.r0 + x / dv, x % dv, 0.f, x % dv == 0, NEG_INF);
 }
 
+// Stores an empty tile (store_empty) and says so: the split kernels return at once on it.
+DEV bool stored_if_empty(const DecodeParams& dp, const DecodeTile& t) {
+    if (t.n0 < t.n1) return false;
+    store_empty(dp, t);
+    return true;
+}
+
 // Shared-memory byte offset of 16-byte chunk c of row r of a tile (each kernel defines it).
 DEV uint32_t tile_offset(int r, int c);
 

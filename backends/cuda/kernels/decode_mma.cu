@@ -226,10 +226,7 @@ DEV void decode_mma(const DecodeParams& dp) {
     const uint32_t base = smem_addr(smem);
     const Params& p = dp.attn;
     const DecodeTile t = decode_tile_of(dp, TILE_ROWS, BLOCK_N);
-    if (t.n0 >= t.n1) {
-        store_empty(dp, t);
-        return;
-    }
+    if (stored_if_empty(dp, t)) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int slice = warp % MW, kbase = (warp / MW) * KEYS;
     const bool vec = p.head_dim % 8 == 0 && p.head_dim_v % 8 == 0 && q_rows_16b(dp);

@@ -120,10 +120,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) fa_decode_simt(const __
     const uint32_t base = smem_addr(smem);
     const Params& p = dp.attn;
     const DecodeTile t = decode_tile_of(dp, TILE_ROWS, BLOCK_N);
-    if (t.n0 >= t.n1) {
-        store_empty(dp, t);
-        return;
-    }
+    if (stored_if_empty(dp, t)) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int d = p.head_dim, dv = p.head_dim_v;
     const bool vec = d % EPC == 0 && dv % EPC == 0;

@@ -124,6 +124,22 @@ DEV void tile_blocks(const Params& p, const Tile& t, const SeqBounds& s, int& n_
     mask_key_blocks(p, m0, m1, s.q_len, s.k_len, BLOCK_N, n_lo, n_hi);
 }
 
+// Tile t of the persistent grid: which (batch, head, query block), its sequence's bounds and
+// the key blocks it visits (tile_blocks); the producer and the consumers walk the same tiles.
+struct TileWork {
+    Tile tile;
+    SeqBounds s;
+    int n_lo, n_hi;
+};
+
+DEV TileWork tile_work(const Params& p, int t) {
+    TileWork w;
+    w.tile = decode_tile(p, t);
+    w.s = seq_bounds(p, w.tile.b);
+    tile_blocks(p, w.tile, w.s, w.n_lo, w.n_hi);
+    return w;
+}
+
 // ---- producer warpgroup -----------------------------------------------------------------
 
 // One thread walks this CTA's tiles and loads Q once per tile and every visible K/V block
@@ -136,10 +152,7 @@ DEV void producer_loop(const Params& p, const TensorMap& tm_q, const TensorMap& 
     const KvRing& ring = sm.kv;
     uint32_t it = 0, q_count = 0;
     for (int t = blockIdx.x; t < p.total_tiles; t += gridDim.x) {
-        Tile tile = decode_tile(p, t);
-        SeqBounds s = seq_bounds(p, tile.b);
-        int n_lo, n_hi;
-        tile_blocks(p, tile, s, n_lo, n_hi);
+        const auto [tile, s, n_lo, n_hi] = tile_work(p, t);
         if (n_lo >= n_hi) continue;
         const int kv_h = tile.h / p.group;
         // Q: wait until both consumers are done with the previous tile's Q.
@@ -440,10 +453,7 @@ DEV void consumer_loop(const Params& p, const Smem& sm, int wg, int warp, int la
 
     uint32_t it = 0, q_count = 0;
     for (int t = blockIdx.x; t < p.total_tiles; t += gridDim.x) {
-        Tile tile = decode_tile(p, t);
-        SeqBounds s = seq_bounds(p, tile.b);
-        int n_lo, n_hi;
-        tile_blocks(p, tile, s, n_lo, n_hi);
+        const auto [tile, s, n_lo, n_hi] = tile_work(p, t);
         const int m0 = tile.m_block * BLOCK_M;
         if (m0 >= s.q_len) continue;
 

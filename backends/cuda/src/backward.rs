@@ -25,6 +25,7 @@ use crate::compile::BACKEND;
 use crate::device::{check_device_pointers, DevBuf};
 use crate::forward::{arg, Buffers, DevTensor};
 use crate::params::KernelParams;
+use crate::tables::DeviceTables;
 use crate::tiles::Launch;
 use crate::variants::{KernelKind, Tiles, Variant};
 use crate::CudaBackend;
@@ -33,7 +34,7 @@ use flashattn_core::{
     Result, Tensor,
 };
 use tiles::{
-    dq_launch, main_launch, mma_bwd_head_dim, mma_bwd_tiles, post_launch, prep_launch, BwdShape,
+    mma_bwd_head_dim, mma_bwd_tiles, per_head_launch, post_launch, prep_launch, BwdShape, PerHead,
 };
 
 fn unsupported(reason: impl Into<String>) -> Error {
@@ -79,14 +80,16 @@ pub fn backward_plan(spec: &CheckedSpec<'_>, variant: &Variant) -> Result<Backwa
     };
     let (main, dq) = match variant.tiles {
         Tiles::MmaBwd(t) => (
-            main_launch(
+            per_head_launch(
                 &shape,
+                PerHead::Keys,
                 t.block_n,
                 t.threads(),
                 t.smem_bytes(variant.head_dim),
             ),
-            dq_launch(
+            per_head_launch(
                 &shape,
+                PerHead::Queries,
                 t.dq_block_m(),
                 t.threads(),
                 t.dq_smem_bytes(variant.head_dim),
@@ -95,8 +98,8 @@ pub fn backward_plan(spec: &CheckedSpec<'_>, variant: &Variant) -> Result<Backwa
         Tiles::GenericBwd(t) => {
             let threads = (t.warps * 32) as u32;
             (
-                main_launch(&shape, t.warps * t.keys_per_warp, threads, 0),
-                dq_launch(&shape, t.warps, threads, 0),
+                per_head_launch(&shape, PerHead::Keys, t.warps * t.keys_per_warp, threads, 0),
+                per_head_launch(&shape, PerHead::Queries, t.warps, threads, 0),
             )
         }
         _ => {
@@ -354,6 +357,7 @@ impl CudaBackend {
             up(inputs.v.as_bytes())?,
             up(inputs.out.as_bytes())?,
             Some(up(bytemuck::cast_slice(inputs.lse))?),
+            &DeviceTables::default(),
         )?;
         let sizes = &checked.sizes;
         let grads = [
@@ -387,7 +391,24 @@ impl CudaBackend {
         spec: &AttentionSpec,
         tensors: &BackwardTensors,
     ) -> Result<()> {
+        self.backward_device_with_tables(spec, tensors, &DeviceTables::default())
+    }
+
+    /// [`backward_device`](Self::backward_device) reading the side tables in `tables` where
+    /// the caller holds them (no upload of those). It still waits for its kernels: its
+    /// workspace (delta, the dq accumulator) is allocated per call.
+    ///
+    /// # Safety
+    /// As for `backward_device`; each table holds `len` elements of its type with the values
+    /// the spec bounds (see `DeviceTables`).
+    pub unsafe fn backward_device_with_tables(
+        &self,
+        spec: &AttentionSpec,
+        tensors: &BackwardTensors,
+        tables: &DeviceTables,
+    ) -> Result<()> {
         let checked = spec.validate()?;
+        tables.check(spec)?;
         let variant = self.choose_backward(&checked)?;
         let plan = backward_plan(&checked, &variant)?;
         let t = tensors;
@@ -406,8 +427,8 @@ impl CudaBackend {
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
         let c = DevTensor::Callers;
-        let fwd =
-            Buffers::with_tensors(&checked, c(t.q), c(t.k), c(t.v), c(t.out), Some(c(t.lse)))?;
+        let (q, k, v, out, lse) = (c(t.q), c(t.k), c(t.v), c(t.out), Some(c(t.lse)));
+        let fwd = Buffers::with_tensors(&checked, q, k, v, out, lse, tables)?;
         let bufs = BwdBuffers::new(&checked, &plan, fwd, [c(t.dout), c(t.dq), c(t.dk), c(t.dv)])?;
         self.launch_backward(&checked, &variant, &plan, &bufs)?;
         self.gpu.synchronize()

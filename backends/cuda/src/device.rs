@@ -8,6 +8,7 @@ use cudarc::driver::{result as drv, sys, DriverError};
 use flashattn_core::{Error, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// A driver error as our error, naming the call.
@@ -121,6 +122,9 @@ pub struct Gpu {
     pub lock: Mutex<()>,
     /// The stream every launch goes on (null: the legacy default stream); see `set_stream`.
     stream: sys::CUstream,
+    /// Whether launches wait for the legacy default stream (`order_after_default_stream`);
+    /// cleared while a call that uploaded nothing launches (`unordered`).
+    after_uploads: AtomicBool,
 }
 
 // SAFETY: CUDA contexts, modules and functions are usable from any thread once the context is
@@ -148,6 +152,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             lock: Mutex::new(()),
             stream: std::ptr::null_mut(),
+            after_uploads: AtomicBool::new(true),
         };
         gpu.bind()?;
         Ok(gpu)
@@ -229,7 +234,7 @@ impl Gpu {
     /// from pageable memory may return before its DMA lands; a non-blocking stream would not
     /// wait for it). Nothing to do on the default stream itself.
     fn order_after_default_stream(&self) -> Result<()> {
-        if self.stream.is_null() {
+        if self.stream.is_null() || !self.after_uploads.load(Ordering::Relaxed) {
             return Ok(());
         }
         let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
@@ -251,6 +256,19 @@ impl Gpu {
         // SAFETY: created above, destroyed once.
         let _ = unsafe { drv::event::destroy(event) };
         r
+    }
+
+    /// Launches skip `order_after_default_stream` until the guard drops: for a call that
+    /// queued nothing on the default stream. Take it under `lock` (calls are serialised).
+    pub(crate) fn unordered(&self) -> impl Drop + '_ {
+        struct Restore<'a>(&'a AtomicBool);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        self.after_uploads.store(false, Ordering::Relaxed);
+        Restore(&self.after_uploads)
     }
 
     /// Launches `f` on the backend's stream (after the uploads queued before it) and checks

@@ -95,59 +95,55 @@ const HOPPER_FP8_DEF: KernelDef = KernelDef {
     sass_needs: &["QGMMA", "UTMALDG", "F2FP.SATFINITE.E4M3.F32"],
 };
 
-const MMA_DEF: KernelDef = KernelDef {
-    name: "mma",
-    pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, MMA_TILE, MMA],
-    entry_points: &["fa_mma_fwd"],
-    min_sm: 80,
-    only_arch: None,
-    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS"],
-};
+const MMA_DEF: KernelDef = KernelDef::any_arch(
+    "mma",
+    Pass::Forward,
+    &[PARAMS, DTYPE, MASK, SCORE_MOD, TILES, PTX, MMA_TILE, MMA],
+    &["fa_mma_fwd"],
+    80,
+    MMA_SASS,
+);
 
-const GENERIC_DEF: KernelDef = KernelDef {
-    name: "generic",
-    pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, WARP, GENERIC],
-    entry_points: &["fa_generic_fwd"],
-    min_sm: 70,
-    only_arch: None,
-    sass_needs: &[],
-};
+const GENERIC_DEF: KernelDef = KernelDef::any_arch(
+    "generic",
+    Pass::Forward,
+    &[PARAMS, DTYPE, MASK, SCORE_MOD, WARP, GENERIC],
+    &["fa_generic_fwd"],
+    70,
+    &[],
+);
 
-const NAIVE_DEF: KernelDef = KernelDef {
-    name: "naive",
-    pass: Pass::Forward,
-    sources: &[PARAMS, DTYPE, MASK, SCORE_MOD, NAIVE],
-    entry_points: &["naive_scores", "naive_softmax_pv"],
-    min_sm: 70,
-    only_arch: None,
-    sass_needs: &[],
-};
+const NAIVE_DEF: KernelDef = KernelDef::any_arch(
+    "naive",
+    Pass::Forward,
+    &[PARAMS, DTYPE, MASK, SCORE_MOD, NAIVE],
+    &["naive_scores", "naive_softmax_pv"],
+    70,
+    &[],
+);
 
 /// The decode families' entry points, in this order: the split kernel(s) come last
 /// (`decode_tiles::tile_rows` picks among them).
-const DECODE_MMA_DEF: KernelDef = KernelDef {
-    name: "decode_mma",
-    pass: Pass::Decode,
-    sources: &[
+const DECODE_MMA_DEF: KernelDef = KernelDef::any_arch(
+    "decode_mma",
+    Pass::Decode,
+    &[
         PARAMS, DTYPE, MASK, SCORE_MOD, PTX, DECODE_H, APPEND, COMBINE, DECODE_MMA,
     ],
-    entry_points: &[
+    &[
         "fa_decode_append",
         "fa_decode_combine",
         "fa_decode_mma_w1",
         "fa_decode_mma_w4",
     ],
-    min_sm: 80,
-    only_arch: None,
-    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS"],
-};
+    80,
+    MMA_SASS,
+);
 
-const DECODE_SIMT_DEF: KernelDef = KernelDef {
-    name: "decode_simt",
-    pass: Pass::Decode,
-    sources: &[
+const DECODE_SIMT_DEF: KernelDef = KernelDef::any_arch(
+    "decode_simt",
+    Pass::Decode,
+    &[
         PARAMS,
         DTYPE,
         MASK,
@@ -159,11 +155,10 @@ const DECODE_SIMT_DEF: KernelDef = KernelDef {
         COMBINE,
         DECODE_SIMT,
     ],
-    entry_points: &["fa_decode_append", "fa_decode_combine", "fa_decode_simt"],
-    min_sm: 80,
-    only_arch: None,
-    sass_needs: &["LDGSTS"],
-};
+    &["fa_decode_append", "fa_decode_combine", "fa_decode_simt"],
+    80,
+    &["LDGSTS"],
+);
 
 /// Entry points every decode family has: the append and the combine kernels.
 pub const DECODE_APPEND_ENTRY: usize = 0;
@@ -172,23 +167,22 @@ pub const DECODE_COMBINE_ENTRY: usize = 1;
 /// Every backward family has these entry points, in this order (backward.rs `Stage`): the
 /// pre-processing (delta, dq accumulator zeroed), the post-processing (dq from the accumulator),
 /// the main kernel over key blocks, the deterministic dq kernel.
-const MMA_BWD_DEF: KernelDef = KernelDef {
-    name: "mma_bwd",
-    pass: Pass::Backward,
-    sources: &[
+const MMA_BWD_DEF: KernelDef = KernelDef::any_arch(
+    "mma_bwd",
+    Pass::Backward,
+    &[
         PARAMS, DTYPE, MASK, SCORE_MOD, WARP, PTX, MMA_TILE, BWD, BWD_PREP, MMA_BWD,
     ],
-    entry_points: &["fa_bwd_prep", "fa_bwd_post", "fa_mma_bwd", "fa_mma_bwd_dq"],
-    min_sm: 80,
-    only_arch: None,
+    &["fa_bwd_prep", "fa_bwd_post", "fa_mma_bwd", "fa_mma_bwd_dq"],
+    80,
     // dq's f32 atomicAdd: RED before sm_90, REDG on sm_90.
-    sass_needs: &["HMMA.16816.F32", "LDSM", "LDGSTS", "RED|REDG"],
-};
+    &["HMMA.16816.F32", "LDSM", "LDGSTS", "RED|REDG"],
+);
 
-const GENERIC_BWD_DEF: KernelDef = KernelDef {
-    name: "generic_bwd",
-    pass: Pass::Backward,
-    sources: &[
+const GENERIC_BWD_DEF: KernelDef = KernelDef::any_arch(
+    "generic_bwd",
+    Pass::Backward,
+    &[
         PARAMS,
         DTYPE,
         MASK,
@@ -198,16 +192,40 @@ const GENERIC_BWD_DEF: KernelDef = KernelDef {
         BWD_PREP,
         GENERIC_BWD,
     ],
-    entry_points: &[
+    &[
         "fa_bwd_prep",
         "fa_bwd_post",
         "fa_generic_bwd",
         "fa_generic_bwd_dq",
     ],
-    min_sm: 70,
-    only_arch: None,
-    sass_needs: &["RED|REDG"],
-};
+    70,
+    &["RED|REDG"],
+);
+
+/// What every mma.sync family's cubin shows: the tensor-core MMA, ldmatrix, cp.async.
+const MMA_SASS: &[&str] = &["HMMA.16816.F32", "LDSM", "LDGSTS"];
+
+impl KernelDef {
+    /// A family built for every arch from `min_sm` on.
+    const fn any_arch(
+        name: &'static str,
+        pass: Pass,
+        sources: &'static [(&'static str, &'static str)],
+        entry_points: &'static [&'static str],
+        min_sm: u32,
+        sass_needs: &'static [&'static str],
+    ) -> KernelDef {
+        KernelDef {
+            name,
+            pass,
+            sources,
+            entry_points,
+            min_sm,
+            only_arch: None,
+            sass_needs,
+        }
+    }
+}
 
 impl KernelKind {
     pub const ALL: [KernelKind; 9] = [

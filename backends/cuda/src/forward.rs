@@ -1,16 +1,14 @@
-//! The forward pass: which kernel runs a spec on this GPU, the device buffers of one call, the
+//! The forward pass: the device buffers of one call (select.rs picks the kernel), the
 //! launches, and the host and device-resident entry points.
 
 use crate::compile::BACKEND;
-use crate::device::{check_device_pointers, DevBuf, DeviceInfo, Gpu};
+use crate::device::{check_device_pointers, DevBuf, Gpu};
 use crate::fp8::Fp8Buffers;
 use crate::params::KernelParams;
+use crate::tables::{DeviceTable, DeviceTables};
 use crate::tensor_map::TensorMapParams;
-use crate::tiles::{
-    check_tiles, head_major_order, hopper_tiles, mma_head_dim, mma_tiles, Launch, MmaTiles,
-    GENERIC_TILES, HOPPER_SMEM_LIMIT,
-};
-use crate::variants::{KernelKind, Tiles, Variant};
+use crate::tiles::{head_major_order, Launch};
+use crate::variants::{Tiles, Variant};
 use crate::CudaBackend;
 use cudarc::driver::sys;
 use flashattn_core::{
@@ -67,10 +65,10 @@ pub(crate) struct Buffers {
     v: DevTensor,
     out: DevTensor,
     lse: Option<DevTensor>,
-    /// cu_seqlens and ALiBi slopes: allocations beyond inputs and outputs.
-    cu_q: Option<DevBuf>,
-    cu_k: Option<DevBuf>,
-    alibi: Option<DevBuf>,
+    /// cu_seqlens and ALiBi slopes: uploaded from the spec, or the caller's (`DeviceTables`).
+    cu_q: Option<DevTensor>,
+    cu_k: Option<DevTensor>,
+    alibi: Option<DevTensor>,
     /// FP8: descales and the transposed V (fp8.rs).
     fp8: Option<Fp8Buffers>,
 }
@@ -103,11 +101,17 @@ impl Buffers {
             ours(DevBuf::from_bytes(v)?),
             ours(DevBuf::zeroed(out_bytes)?),
             lse,
+            &DeviceTables::default(),
         )
     }
 
-    /// Wraps the caller's tensors; only the small side tables are allocated.
-    fn callers(spec: &CheckedSpec<'_>, t: &DeviceTensors) -> Result<Buffers> {
+    /// Wraps the caller's tensors and tables; only the side tables not in `tables` (and FP8's
+    /// descales and transposed V) are allocated.
+    fn callers(
+        spec: &CheckedSpec<'_>,
+        t: &DeviceTensors,
+        tables: &DeviceTables,
+    ) -> Result<Buffers> {
         Buffers::with_tensors(
             spec,
             DevTensor::Callers(t.q),
@@ -115,6 +119,7 @@ impl Buffers {
             DevTensor::Callers(t.v),
             DevTensor::Callers(t.out),
             t.lse.map(DevTensor::Callers),
+            tables,
         )
     }
 
@@ -125,16 +130,28 @@ impl Buffers {
         v: DevTensor,
         out: DevTensor,
         lse: Option<DevTensor>,
+        tables: &DeviceTables,
     ) -> Result<Buffers> {
+        // The caller's table, else an upload of the host copy.
+        let table = |given: Option<DeviceTable>, host: &[u8]| match given {
+            Some(t) => Ok(DevTensor::Callers(t.ptr)),
+            None => DevBuf::from_bytes(host).map(DevTensor::Ours),
+        };
         let (cu_q, cu_k) = match &spec.varlen {
             Some(vl) => (
-                Some(DevBuf::from_bytes(bytemuck::cast_slice(&vl.cu_seqlens_q))?),
-                Some(DevBuf::from_bytes(bytemuck::cast_slice(&vl.cu_seqlens_k))?),
+                Some(table(
+                    tables.cu_seqlens_q,
+                    bytemuck::cast_slice(&vl.cu_seqlens_q),
+                )?),
+                Some(table(
+                    tables.cu_seqlens_k,
+                    bytemuck::cast_slice(&vl.cu_seqlens_k),
+                )?),
             ),
             None => (None, None),
         };
         let alibi = match &spec.alibi {
-            Some(a) => Some(DevBuf::from_bytes(bytemuck::cast_slice(&a.slopes))?),
+            Some(a) => Some(table(tables.alibi_slopes, bytemuck::cast_slice(&a.slopes))?),
             None => None,
         };
         let fp8 = match spec.dtype {
@@ -154,13 +171,28 @@ impl Buffers {
         })
     }
 
-    pub(crate) fn extra_bytes(&self) -> u64 {
+    /// Our side tables (uploads of the spec's host copies).
+    fn side_tables(&self) -> impl Iterator<Item = &DevBuf> {
         [&self.cu_q, &self.cu_k, &self.alibi]
-            .iter()
-            .filter_map(|b| b.as_ref())
-            .map(|b| b.bytes as u64)
-            .sum::<u64>()
+            .into_iter()
+            .filter_map(|b| match b {
+                Some(DevTensor::Ours(b)) => Some(b),
+                _ => None,
+            })
+    }
+
+    pub(crate) fn extra_bytes(&self) -> u64 {
+        self.side_tables().map(|b| b.bytes as u64).sum::<u64>()
             + self.fp8.as_ref().map_or(0, |f| f.bytes() as u64)
+    }
+
+    /// Whether the call allocated anything of its own (that must outlive its kernels).
+    pub(crate) fn allocates(&self) -> bool {
+        let ours = |t: &DevTensor| matches!(t, DevTensor::Ours(_));
+        let tensors = [&self.q, &self.k, &self.v, &self.out];
+        tensors.into_iter().chain(&self.lse).any(ours)
+            || self.side_tables().next().is_some()
+            || self.fp8.is_some()
     }
 
     /// The kernels' parameters for `spec` with query blocks of `block_m`, and our pointers.
@@ -176,9 +208,9 @@ impl Buffers {
         p.v = self.v.ptr();
         p.out = self.out.ptr();
         p.lse = self.lse.as_ref().map_or(0, |b| b.ptr());
-        p.cu_seqlens_q = self.cu_q.as_ref().map_or(0, |b| b.ptr);
-        p.cu_seqlens_k = self.cu_k.as_ref().map_or(0, |b| b.ptr);
-        p.alibi = self.alibi.as_ref().map_or(0, |b| b.ptr);
+        p.cu_seqlens_q = self.cu_q.as_ref().map_or(0, DevTensor::ptr);
+        p.cu_seqlens_k = self.cu_k.as_ref().map_or(0, DevTensor::ptr);
+        p.alibi = self.alibi.as_ref().map_or(0, DevTensor::ptr);
     }
 }
 
@@ -203,144 +235,6 @@ pub(crate) fn launch(
     }
     let f = gpu.function(variant, 0, l.smem)?;
     gpu.launch(f, l.grid, l.block, l.smem, args)
-}
-
-/// What decides which of two tensor-core kernels wins, as far as `bench` measures it: the
-/// dtype, the head dims and whether a mask skips blocks. Sizes are left out, so that a
-/// measurement on the runtime's shrunk copy of a problem applies to the problem itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct ChoiceKey {
-    dtype: DType,
-    head_dim: usize,
-    head_dim_v: usize,
-    masked: bool,
-}
-
-impl ChoiceKey {
-    pub(crate) fn of(spec: &CheckedSpec<'_>) -> ChoiceKey {
-        ChoiceKey {
-            dtype: spec.dtype,
-            head_dim: spec.head_dim,
-            head_dim_v: spec.head_dim_v,
-            masked: spec.mask.is_masked(),
-        }
-    }
-}
-
-/// The Hopper kernel for `spec` on `info`'s GPU with optional tile overrides, or why not.
-pub fn select_hopper(
-    spec: &CheckedSpec<'_>,
-    info: &DeviceInfo,
-    block_n: Option<usize>,
-    stages: Option<usize>,
-) -> std::result::Result<Variant, String> {
-    let arch = info.arch();
-    if arch != "sm_90a" {
-        return Err(format!(
-            "the Hopper kernel needs sm_90a, this GPU is {arch}"
-        ));
-    }
-    if !spec.strides.is_contiguous() {
-        // Its TMA tensor maps address q, k, v as [tokens, heads, dim] with one token stride.
-        return Err(format!(
-            "the Hopper kernel reads contiguous q, k, v only, not strided inputs ({:?})",
-            spec.strides
-        ));
-    }
-    if spec.dtype == DType::Fp8E4m3 {
-        return crate::fp8::select(spec, info, block_n, stages);
-    }
-    if !matches!(spec.dtype, DType::Bf16 | DType::F16) {
-        return Err(format!(
-            "the Hopper kernel takes bf16, f16 or fp8e4m3, not {}",
-            spec.dtype
-        ));
-    }
-    if spec.head_dim != spec.head_dim_v || hopper_tiles(spec.head_dim).is_none() {
-        return Err(format!(
-            "the Hopper kernel takes head_dim = head_dim_v in 64, 128, 256, not {}/{}",
-            spec.head_dim, spec.head_dim_v
-        ));
-    }
-    let tiles = check_tiles(spec.head_dim, block_n, stages)?;
-    let smem = tiles.smem_bytes(spec.head_dim);
-    if smem > info.smem_optin.min(HOPPER_SMEM_LIMIT) {
-        return Err(format!(
-            "the Hopper kernel needs {smem} bytes of shared memory"
-        ));
-    }
-    let score_mod = spec.softcap > 0.0 || spec.alibi.is_some();
-    Ok(Variant::hopper(spec.dtype, spec.head_dim, score_mod, tiles))
-}
-
-/// The mma.sync kernel for `spec` on a GPU of `compute_capability` whose blocks may use
-/// `smem_optin` bytes of shared memory (`tiles`: an override of `mma_tiles`), or why not.
-pub fn select_mma(
-    spec: &CheckedSpec<'_>,
-    compute_capability: (i32, i32),
-    smem_optin: usize,
-    tiles: Option<MmaTiles>,
-) -> std::result::Result<Variant, String> {
-    let (major, minor) = compute_capability;
-    if major < 8 {
-        return Err(format!(
-            "the mma.sync kernel needs sm_80 or newer, this GPU is sm_{major}{minor}"
-        ));
-    }
-    if !matches!(spec.dtype, DType::Bf16 | DType::F16) {
-        return Err(format!(
-            "the mma.sync kernel takes bf16 or f16, not {} (f32 runs the portable f32 kernel: \
-             tf32 tensor cores would miss the f32 accuracy)",
-            spec.dtype
-        ));
-    }
-    // Its rows go by 16-byte copies whenever the head dims allow (mma_fwd.cu keeps no
-    // register for a stride check: its largest tiles use all 255).
-    let st = &spec.strides;
-    for (name, s) in [("q", st.q), ("k", st.k), ("v", st.v)] {
-        if let Some(s) = s.filter(|s| (s.batch | s.seq | s.head) % 8 != 0) {
-            return Err(format!(
-                "the mma.sync kernel reads strided rows by 16-byte copies: {name}'s strides \
-                 {s:?} must be multiples of 8 elements (the portable kernel takes any)"
-            ));
-        }
-    }
-    let bucket = mma_head_dim(spec.head_dim, spec.head_dim_v).ok_or_else(|| {
-        format!(
-            "the mma.sync kernel takes head dims up to 256, not {}/{}",
-            spec.head_dim, spec.head_dim_v
-        )
-    })?;
-    let tiles = match tiles {
-        Some(t) => {
-            t.check(bucket)?;
-            if t.smem_bytes(bucket) > smem_optin {
-                return Err(format!(
-                    "mma tiles {t:?} need {} bytes of shared memory, this GPU allows {smem_optin}",
-                    t.smem_bytes(bucket)
-                ));
-            }
-            t
-        }
-        None => mma_tiles(bucket, smem_optin)?,
-    };
-    Ok(Variant::mma(spec.dtype, bucket, tiles))
-}
-
-/// The portable kernel for `spec` on a GPU whose blocks may use `smem_optin` bytes of shared
-/// memory, or why not.
-pub fn select_generic(
-    spec: &CheckedSpec<'_>,
-    smem_optin: usize,
-) -> std::result::Result<Variant, String> {
-    let smem = GENERIC_TILES.smem_bytes(spec.head_dim, spec.head_dim_v);
-    if smem > smem_optin {
-        return Err(format!(
-            "head_dim {} / head_dim_v {} needs {smem} bytes of shared memory in the portable kernel, this GPU allows {smem_optin}",
-            spec.head_dim, spec.head_dim_v
-        ));
-    }
-    Ok(Variant::generic(spec.dtype))
 }
 
 /// The parameters (pointers left 0) and the launch of the flash kernel `variant` for `spec`
@@ -386,91 +280,6 @@ pub fn flash_launch(
 }
 
 impl CudaBackend {
-    /// The kernel variant that runs `spec` here, or why none does.
-    pub fn variant_for(&self, spec: &AttentionSpec) -> Result<Variant> {
-        self.choose(&spec.validate()?)
-    }
-
-    /// The forced kernel family; else the one `bench` measured fastest for problems like
-    /// `spec` (see [`ChoiceKey`]); else the first of Hopper (wgmma: measured 1.6-2x faster than
-    /// FlashAttention-2 on an H100, PERF_NOTES.md), mma.sync, the portable kernel that can run
-    /// `spec` on this GPU.
-    pub(crate) fn choose(&self, spec: &CheckedSpec<'_>) -> Result<Variant> {
-        if let Some(kind) = self.forced {
-            return self.try_kind(spec, kind).map_err(unsupported);
-        }
-        let candidates = self.candidates(spec)?;
-        let measured = self.measured.lock().unwrap_or_else(|e| e.into_inner());
-        let pick = measured
-            .get(&ChoiceKey::of(spec))
-            .and_then(|kind| candidates.iter().find(|v| v.kind == *kind));
-        Ok(*pick.unwrap_or(&candidates[0]))
-    }
-
-    /// Every kernel family that can run `spec` here, in the default order (never empty).
-    pub(crate) fn candidates(&self, spec: &CheckedSpec<'_>) -> Result<Vec<Variant>> {
-        let kinds: &[KernelKind] = match spec.dtype {
-            // Only Hopper has FP8 tensor cores that the backend drives.
-            DType::Fp8E4m3 => &[KernelKind::Hopper],
-            _ => &[KernelKind::Hopper, KernelKind::Mma, KernelKind::Generic],
-        };
-        let (mut ok, mut why) = (Vec::new(), Vec::new());
-        for &kind in kinds {
-            match self.try_kind(spec, kind) {
-                Ok(v) => ok.push(v),
-                Err(e) => why.push(e),
-            }
-        }
-        if ok.is_empty() {
-            return Err(unsupported(why.join("; ")));
-        }
-        Ok(ok)
-    }
-
-    fn try_kind(
-        &self,
-        spec: &CheckedSpec<'_>,
-        kind: KernelKind,
-    ) -> std::result::Result<Variant, String> {
-        match kind {
-            KernelKind::HopperFp8 if spec.dtype != DType::Fp8E4m3 => Err(format!(
-                "the hopper_fp8 kernel takes fp8e4m3, not {}",
-                spec.dtype
-            )),
-            KernelKind::Hopper | KernelKind::HopperFp8 => self.hopper_variant(spec),
-            KernelKind::Mma => self.mma_variant(spec),
-            KernelKind::Generic => self.generic_variant(spec),
-            other => Err(format!(
-                "the {} kernel is not a forward flash kernel",
-                other.def().name
-            )),
-        }
-    }
-
-    /// Remembers that `kind` was the fastest kernel for problems like `spec`.
-    pub(crate) fn record_choice(&self, spec: &CheckedSpec<'_>, kind: KernelKind) {
-        let mut measured = self.measured.lock().unwrap_or_else(|e| e.into_inner());
-        measured.insert(ChoiceKey::of(spec), kind);
-    }
-
-    fn hopper_variant(&self, spec: &CheckedSpec<'_>) -> std::result::Result<Variant, String> {
-        select_hopper(spec, &self.gpu.info, self.block_n, self.stages)
-    }
-
-    fn mma_variant(&self, spec: &CheckedSpec<'_>) -> std::result::Result<Variant, String> {
-        let info = &self.gpu.info;
-        select_mma(
-            spec,
-            info.compute_capability,
-            info.smem_optin,
-            self.mma_tiles,
-        )
-    }
-
-    fn generic_variant(&self, spec: &CheckedSpec<'_>) -> std::result::Result<Variant, String> {
-        select_generic(spec, self.gpu.info.smem_optin)
-    }
-
     /// Queues the flash kernel for `spec` on the backend's stream (no synchronisation).
     pub(crate) fn launch_flash(
         &self,
@@ -559,7 +368,40 @@ impl CudaBackend {
         spec: &AttentionSpec,
         tensors: &DeviceTensors,
     ) -> Result<()> {
+        self.forward_on_device(spec, tensors, &DeviceTables::default(), true)
+    }
+
+    /// [`forward_device`](Self::forward_device) reading the side tables in `tables` where the
+    /// caller holds them (the others are uploaded from the spec). When the call allocates
+    /// nothing (every table the spec needs is in `tables`, see [`DeviceTables::complete`], and
+    /// the dtype is not FP8, whose descales and transposed V are per-call allocations) it only
+    /// queues the kernel on the backend's stream (`set_stream`) and returns, like any CUDA op:
+    /// no host copy, no wait. Otherwise it waits for the kernel before freeing its uploads.
+    ///
+    /// # Safety
+    /// As for `forward_device`, and: each table must hold `len` elements of its type (the
+    /// offsets within the spec's bounds: `varlen_bounds`), and every pointer, tensors and
+    /// tables, must stay valid and unchanged until the stream has passed this call (an event
+    /// recorded after it, or a synchronisation); out and lse are written until then.
+    pub unsafe fn forward_device_with_tables(
+        &self,
+        spec: &AttentionSpec,
+        tensors: &DeviceTensors,
+        tables: &DeviceTables,
+    ) -> Result<()> {
+        self.forward_on_device(spec, tensors, tables, false)
+    }
+
+    /// Both device forwards; `wait`: always wait for the kernel (else only when we allocated).
+    unsafe fn forward_on_device(
+        &self,
+        spec: &AttentionSpec,
+        tensors: &DeviceTensors,
+        tables: &DeviceTables,
+        wait: bool,
+    ) -> Result<()> {
         let checked = spec.validate()?;
+        tables.check(spec)?;
         let variant = self.choose(&checked)?;
         if spec.return_lse != tensors.lse.is_some() {
             return Err(Error::argument(
@@ -584,8 +426,13 @@ impl CudaBackend {
         check_device_pointers(named.into_iter().chain(tensors.lse.map(|p| ("lse", p))))?;
         let _guard = self.gpu.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.gpu.bind()?;
-        let bufs = Buffers::callers(&checked, tensors)?;
-        self.launch_flash(&checked, &variant, &bufs)?;
-        self.gpu.synchronize()
+        let bufs = Buffers::callers(&checked, tensors, tables)?;
+        if wait || bufs.allocates() {
+            self.launch_flash(&checked, &variant, &bufs)?;
+            return self.gpu.synchronize();
+        }
+        // Nothing uploaded: the launch need not wait for the legacy default stream either.
+        let _unordered = self.gpu.unordered();
+        self.launch_flash(&checked, &variant, &bufs)
     }
 }

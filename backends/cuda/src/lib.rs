@@ -37,6 +37,8 @@ mod kv_cache;
 mod loader;
 mod naive;
 mod params;
+mod select;
+mod tables;
 mod tensor_map;
 mod tiles;
 mod variants;
@@ -57,11 +59,16 @@ pub use decode::{decode_plan, select_decode, AppendLaunch, DecodePlan, DecodeTab
 pub use decode_device::DeviceDecode;
 pub use decode_tiles::{decode_head_dim, decode_tiles, num_splits, DecodeTiles, DECODE_HEAD_DIMS};
 pub use device::{probe, DeviceInfo};
-pub use forward::{flash_launch, select_generic, select_hopper, select_mma, DeviceTensors};
+pub use forward::{flash_launch, DeviceTensors};
 pub use fp8::{Fp8Args, Fp8Tables, KEY_PAD};
 pub use kv_cache::CudaKvCache;
 pub use loader::{nvrtc_search_dirs, nvrtc_search_dirs_in, SearchEnv};
 pub use params::{DecodeParams, KernelParams};
+pub use select::{
+    forward_candidates, select_forward_kind, select_generic, select_hopper, select_mma,
+    ForwardTiles,
+};
+pub use tables::{varlen_bounds, DeviceTable, DeviceTables};
 pub use tiles::{
     hopper_tiles, mma_head_dim, mma_tiles, smem_optin_of_arch, HopperTiles, Launch, MmaTiles,
     GENERIC_TILES, MMA_HEAD_DIMS,
@@ -107,7 +114,7 @@ pub struct CudaBackend {
     /// Tiles of the mma.sync kernel when not those of `tiles::mma_tiles` (tuning).
     mma_tiles: Option<MmaTiles>,
     /// The kernel `bench` measured fastest, where several can run a kind of problem.
-    measured: std::sync::Mutex<std::collections::HashMap<forward::ChoiceKey, KernelKind>>,
+    measured: std::sync::Mutex<std::collections::HashMap<select::ChoiceKey, KernelKind>>,
 }
 
 /// `FLASHATTN_CUDA_KERNEL`: a forward `KernelDef` name (hopper, hopper_fp8, mma, generic), or

@@ -198,46 +198,27 @@ pub fn post_launch(s: &BwdShape) -> Result<Option<Launch>, String> {
     Ok(launch((grid_x(ctas, "post")?, 1, 1), POST_THREADS, 0))
 }
 
-/// The main kernel: (key blocks of `keys` keys, heads_kv, batch).
-pub fn main_launch(
-    s: &BwdShape,
-    keys: usize,
-    threads: u32,
-    smem: usize,
-) -> Result<Option<Launch>, String> {
-    per_head_launch(
-        (s.max_k_len, keys, "key blocks"),
-        (s.heads_kv, "heads_kv"),
-        s,
-        threads,
-        smem,
-    )
+/// The backward's per-head grids: the main kernel's over key blocks and KV heads, the
+/// deterministic dq kernel's over query blocks and query heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PerHead {
+    Keys,
+    Queries,
 }
 
-/// The deterministic dq kernel: (query blocks of `rows` rows, heads_q, batch).
-pub fn dq_launch(
+/// `which` kernel's grid: (blocks of `block` keys or queries, heads, batch), each side named
+/// for its error.
+pub fn per_head_launch(
     s: &BwdShape,
-    rows: usize,
+    which: PerHead,
+    block: usize,
     threads: u32,
     smem: usize,
 ) -> Result<Option<Launch>, String> {
-    per_head_launch(
-        (s.max_q_len, rows, "query blocks"),
-        (s.heads_q, "heads_q"),
-        s,
-        threads,
-        smem,
-    )
-}
-
-/// A grid of (blocks of `len` in `block`s, heads, batch), each side named for its error.
-fn per_head_launch(
-    (len, block, blocks_name): (usize, usize, &str),
-    (heads, heads_name): (usize, &str),
-    s: &BwdShape,
-    threads: u32,
-    smem: usize,
-) -> Result<Option<Launch>, String> {
+    let (len, blocks_name, heads, heads_name) = match which {
+        PerHead::Keys => (s.max_k_len, "key blocks", s.heads_kv, "heads_kv"),
+        PerHead::Queries => (s.max_q_len, "query blocks", s.heads_q, "heads_q"),
+    };
     let grid = (
         grid_x(num_blocks(len, block), blocks_name)?,
         grid_yz(heads, heads_name)?,
@@ -329,9 +310,13 @@ mod tests {
             max_q_len: 300,
             max_k_len: 500,
         };
-        let l = main_launch(&s, 128, 256, 1000).unwrap().unwrap();
+        let l = per_head_launch(&s, PerHead::Keys, 128, 256, 1000)
+            .unwrap()
+            .unwrap();
         assert_eq!((l.grid, l.block, l.smem), ((4, 2, 2), 256, 1000));
-        let l = dq_launch(&s, 128, 256, 10).unwrap().unwrap();
+        let l = per_head_launch(&s, PerHead::Queries, 128, 256, 10)
+            .unwrap()
+            .unwrap();
         assert_eq!(l.grid, (3, 8, 2));
         let l = prep_launch(&s).unwrap().unwrap();
         assert_eq!((l.grid, l.block), ((600 * 8 / 4, 1, 1), 128));
@@ -339,12 +324,15 @@ mod tests {
         assert_eq!(l.grid, ((600 * 8 * 72usize).div_ceil(256) as u32, 1, 1));
         // Nothing to launch for empty grids; too many heads for a grid side is an error.
         let empty = BwdShape { max_k_len: 0, ..s };
-        assert_eq!(main_launch(&empty, 128, 256, 0).unwrap(), None);
+        assert_eq!(
+            per_head_launch(&empty, PerHead::Keys, 128, 256, 0).unwrap(),
+            None
+        );
         let wide = BwdShape {
             heads_kv: 70_000,
             ..s
         };
-        assert!(main_launch(&wide, 128, 256, 0)
+        assert!(per_head_launch(&wide, PerHead::Keys, 128, 256, 0)
             .unwrap_err()
             .contains("heads_kv"));
         let huge = BwdShape {
