@@ -70,6 +70,16 @@ impl Strided<'_> {
         spec.clone().strides(self.strides)
     }
 
+    /// q, k and v laid out through the twin's strides.
+    fn lay_out_qkv(&self, spec: &AttentionSpec, i: ForwardInputs<'_>) -> Result<[Tensor; 3]> {
+        let (d, st) = (Dims::of(spec), &self.strides);
+        Ok([
+            self.lay_out(i.q, d.q, st.q)?,
+            self.lay_out(i.k, d.k, st.k)?,
+            self.lay_out(i.v, d.v, st.v)?,
+        ])
+    }
+
     /// `t` laid out through `st` (unchanged when `st` is `None`).
     fn lay_out(
         &self,
@@ -108,10 +118,7 @@ impl Backend for Strided<'_> {
     }
 
     fn forward(&self, spec: &AttentionSpec, i: ForwardInputs<'_>) -> Result<Output> {
-        let (d, st) = (Dims::of(spec), &self.strides);
-        let q = self.lay_out(i.q, d.q, st.q)?;
-        let k = self.lay_out(i.k, d.k, st.k)?;
-        let v = self.lay_out(i.v, d.v, st.v)?;
+        let [q, k, v] = self.lay_out_qkv(spec, i)?;
         self.inner
             .forward(&self.spec(spec), ForwardInputs::of(&q, &k, &v))
     }
@@ -122,9 +129,14 @@ impl Backend for Strided<'_> {
 
     fn backward(&self, spec: &AttentionSpec, i: BackwardInputs<'_>) -> Result<Grads> {
         let (d, st) = (Dims::of(spec), &self.strides);
-        let q = self.lay_out(i.q, d.q, st.q)?;
-        let k = self.lay_out(i.k, d.k, st.k)?;
-        let v = self.lay_out(i.v, d.v, st.v)?;
+        let [q, k, v] = self.lay_out_qkv(
+            spec,
+            ForwardInputs {
+                q: i.q,
+                k: i.k,
+                v: i.v,
+            },
+        )?;
         let out = self.lay_out(i.out, d.out, st.out)?;
         let dout = self.lay_out(i.dout, d.out, st.dout)?;
         let inputs = BackwardInputs::of((&q, &k, &v), &out, i.lse, &dout);
