@@ -90,28 +90,30 @@ fn load_key(key: Key, b: u32, kh: u32, t: u32) {
     }
 }
 
+// Elements e and e + 1 of head h's row i of q (of dout when `is_dout`); zeros from row `end`
+// on and past the row.
+fn row_pair(blk: KeyBlock, h: u32, i: i32, end: i32, e: u32, is_dout: bool) -> vec2<f32> {
+    let width = select(p.d, p.dv, is_dout);
+    if i >= end || e >= width {
+        return vec2<f32>(0.0, 0.0);
+    }
+    let tok = blk.seq.q_start + u32(i);
+    if is_dout {
+        let base = at_dout(blk.b, tok, h) + e;
+        return vec2<f32>(ld_dout(base), select(0.0, ld_dout(base + 1u), e + 1u < width));
+    }
+    let base = at_q(blk.b, tok, h) + e;
+    return vec2<f32>(ld_q(base), select(0.0, ld_q(base + 1u), e + 1u < width));
+}
+
 // Stages q, dout and the statistics of head h's rows [i0, i0 + BLOCK_M) (zeros past `end`).
 fn stage_rows(blk: KeyBlock, h: u32, i0: i32, end: i32, lid: u32) {
     workgroupBarrier(); // the previous tile's readers are done
     for (var idx = lid; idx < BLOCK_M * DP2; idx += WG) {
-        let i = i0 + i32(idx / DP2);
-        let e = 2u * (idx % DP2);
-        var x = vec2<f32>(0.0, 0.0);
-        if i < end && e < p.d {
-            let base = at_q(blk.b, blk.seq.q_start + u32(i), h) + e;
-            x = vec2<f32>(ld_q(base), select(0.0, ld_q(base + 1u), e + 1u < p.d));
-        }
-        q_tile[idx] = x;
+        q_tile[idx] = row_pair(blk, h, i0 + i32(idx / DP2), end, 2u * (idx % DP2), false);
     }
     for (var idx = lid; idx < BLOCK_M * DVP2; idx += WG) {
-        let i = i0 + i32(idx / DVP2);
-        let e = 2u * (idx % DVP2);
-        var x = vec2<f32>(0.0, 0.0);
-        if i < end && e < p.dv {
-            let base = at_dout(blk.b, blk.seq.q_start + u32(i), h) + e;
-            x = vec2<f32>(ld_dout(base), select(0.0, ld_dout(base + 1u), e + 1u < p.dv));
-        }
-        do_tile[idx] = x;
+        do_tile[idx] = row_pair(blk, h, i0 + i32(idx / DVP2), end, 2u * (idx % DVP2), true);
     }
     for (var m = lid; m < BLOCK_M; m += WG) {
         let i = i0 + i32(m);

@@ -39,28 +39,30 @@ fn load_row(row: Row, h: u32, t: u32) {
     }
 }
 
+// Elements e and e + 1 of key `key`'s k row (v row when `is_v`); zeros past the block's keys
+// and past the row.
+fn kv_pair(blk: Block, key: i32, e: u32, is_v: bool) -> vec2<f32> {
+    let width = select(p.d, p.dv, is_v);
+    if key >= blk.keys.end || e >= width {
+        return vec2<f32>(0.0, 0.0);
+    }
+    let tok = blk.seq.k_start + u32(key);
+    if is_v {
+        let base = at_v(blk.b, tok, blk.kh) + e;
+        return vec2<f32>(ld_v(base), select(0.0, ld_v(base + 1u), e + 1u < width));
+    }
+    let base = at_k(blk.b, tok, blk.kh) + e;
+    return vec2<f32>(ld_k(base), select(0.0, ld_k(base + 1u), e + 1u < width));
+}
+
 // Stages K and V of keys [kt, kt + BLOCK_N) (zeros past the block's keys).
 fn stage_kv(blk: Block, kt: i32, lid: u32) {
     workgroupBarrier(); // the previous tile's readers are done
     for (var idx = lid; idx < BLOCK_N * DP2; idx += WG) {
-        let key = kt + i32(idx / DP2);
-        let e = 2u * (idx % DP2);
-        var x = vec2<f32>(0.0, 0.0);
-        if key < blk.keys.end && e < p.d {
-            let base = at_k(blk.b, blk.seq.k_start + u32(key), blk.kh) + e;
-            x = vec2<f32>(ld_k(base), select(0.0, ld_k(base + 1u), e + 1u < p.d));
-        }
-        k_tile[idx] = x;
+        k_tile[idx] = kv_pair(blk, kt + i32(idx / DP2), 2u * (idx % DP2), false);
     }
     for (var idx = lid; idx < BLOCK_N * DVP2; idx += WG) {
-        let key = kt + i32(idx / DVP2);
-        let e = 2u * (idx % DVP2);
-        var x = vec2<f32>(0.0, 0.0);
-        if key < blk.keys.end && e < p.dv {
-            let base = at_v(blk.b, blk.seq.k_start + u32(key), blk.kh) + e;
-            x = vec2<f32>(ld_v(base), select(0.0, ld_v(base + 1u), e + 1u < p.dv));
-        }
-        v_tile[idx] = x;
+        v_tile[idx] = kv_pair(blk, kt + i32(idx / DVP2), 2u * (idx % DVP2), true);
     }
     workgroupBarrier();
 }

@@ -8,7 +8,7 @@
 use flashattn_core::testing::strided::{strided_copy, Layout};
 use flashattn_core::{
     Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs,
-    Error, Grads, InputStrides, Output, Result, Strides, Tensor, TensorRef,
+    Error, ForwardInputs, Grads, InputStrides, Output, Result, Strides, Tensor, TensorRef,
 };
 
 /// The largest alignment kept, in elements (16 bf16 values are 32 bytes).
@@ -70,6 +70,16 @@ impl Strided<'_> {
         spec.clone().strides(self.strides)
     }
 
+    /// q, k and v laid out through the twin's strides.
+    fn lay_out_qkv(&self, spec: &AttentionSpec, i: ForwardInputs<'_>) -> Result<[Tensor; 3]> {
+        let (d, st) = (Dims::of(spec), &self.strides);
+        Ok([
+            self.lay_out(i.q, d.q, st.q)?,
+            self.lay_out(i.k, d.k, st.k)?,
+            self.lay_out(i.v, d.v, st.v)?,
+        ])
+    }
+
     /// `t` laid out through `st` (unchanged when `st` is `None`).
     fn lay_out(
         &self,
@@ -107,19 +117,10 @@ impl Backend for Strided<'_> {
         self.inner.supports(&self.spec(spec))
     }
 
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
-        let (d, st) = (Dims::of(spec), &self.strides);
-        let q = self.lay_out(q, d.q, st.q)?;
-        let k = self.lay_out(k, d.k, st.k)?;
-        let v = self.lay_out(v, d.v, st.v)?;
+    fn forward(&self, spec: &AttentionSpec, i: ForwardInputs<'_>) -> Result<Output> {
+        let [q, k, v] = self.lay_out_qkv(spec, i)?;
         self.inner
-            .forward(&self.spec(spec), q.as_ref(), k.as_ref(), v.as_ref())
+            .forward(&self.spec(spec), ForwardInputs::of(&q, &k, &v))
     }
 
     fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
@@ -128,9 +129,14 @@ impl Backend for Strided<'_> {
 
     fn backward(&self, spec: &AttentionSpec, i: BackwardInputs<'_>) -> Result<Grads> {
         let (d, st) = (Dims::of(spec), &self.strides);
-        let q = self.lay_out(i.q, d.q, st.q)?;
-        let k = self.lay_out(i.k, d.k, st.k)?;
-        let v = self.lay_out(i.v, d.v, st.v)?;
+        let [q, k, v] = self.lay_out_qkv(
+            spec,
+            ForwardInputs {
+                q: i.q,
+                k: i.k,
+                v: i.v,
+            },
+        )?;
         let out = self.lay_out(i.out, d.out, st.out)?;
         let dout = self.lay_out(i.dout, d.out, st.dout)?;
         let inputs = BackwardInputs::of((&q, &k, &v), &out, i.lse, &dout);
@@ -236,13 +242,7 @@ mod tests {
         fn supports(&self, spec: &AttentionSpec) -> Result<()> {
             H100Model::variant(spec).map(|_| ())
         }
-        fn forward(
-            &self,
-            _: &AttentionSpec,
-            _: TensorRef<'_>,
-            _: TensorRef<'_>,
-            _: TensorRef<'_>,
-        ) -> Result<Output> {
+        fn forward(&self, _: &AttentionSpec, _: ForwardInputs<'_>) -> Result<Output> {
             Err(Error::unsupported("cuda", "a model of kernel selection"))
         }
         fn kernel_variant(&self, spec: &AttentionSpec, _: Pass) -> String {
@@ -310,22 +310,16 @@ mod tests {
         fn supports(&self, spec: &AttentionSpec) -> Result<()> {
             self.0.supports(spec)
         }
-        fn forward(
-            &self,
-            spec: &AttentionSpec,
-            q: TensorRef<'_>,
-            k: TensorRef<'_>,
-            v: TensorRef<'_>,
-        ) -> Result<Output> {
+        fn forward(&self, spec: &AttentionSpec, i: ForwardInputs<'_>) -> Result<Output> {
             let plain = spec.contiguous();
             let head = |t: TensorRef<'_>, n: Option<usize>| {
                 let n = n.unwrap_or(0).min(t.len());
                 Tensor::from_f32(t.dtype(), &t.to_f32_vec()[..n])
             };
-            let q = head(q, plain.q_elems());
-            let k = head(k, plain.k_elems());
-            let v = head(v, plain.v_elems());
-            self.0.forward(&plain, q.as_ref(), k.as_ref(), v.as_ref())
+            let q = head(i.q, plain.q_elems());
+            let k = head(i.k, plain.k_elems());
+            let v = head(i.v, plain.v_elems());
+            self.0.forward(&plain, ForwardInputs::of(&q, &k, &v))
         }
         fn bench(
             &self,

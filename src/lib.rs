@@ -47,7 +47,7 @@ pub fn attention(
     v: TensorRef<'_>,
 ) -> Result<Output> {
     let selection = Runtime::global().select(spec)?;
-    selection.backend.forward(spec, q, k, v)
+    selection.backend.forward(spec, ForwardInputs { q, k, v })
 }
 
 /// The gradients dq, dk, dv of a loss whose gradient with respect to the forward's output is

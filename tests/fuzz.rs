@@ -5,7 +5,7 @@
 
 use flashattn::{
     random_inputs, reference_attention, reference_decode, AttentionSpec, CacheLayout, DType,
-    KvCache, Rotary, Runtime,
+    ForwardInputs, KvCache, Rotary, Runtime,
 };
 use proptest::prelude::*;
 
@@ -274,7 +274,7 @@ proptest! {
             prop_assert!(r.is_ok(), "{:?}", r.err());
             let cpu = Runtime::global().backend("cpu").unwrap();
             if cpu.supports(&spec).is_ok() {
-                let _ = cpu.forward(&spec, q.as_ref(), k.as_ref(), v.as_ref());
+                let _ = cpu.forward(&spec, ForwardInputs::of(&q, &k, &v));
             }
         }
     }

@@ -7,7 +7,7 @@ use flashattn::testing::backend_or_skip;
 use flashattn::{
     attention_backward, kv_packed, kv_packed_views, qkv_packed, qkv_packed_views, random_inputs,
     random_tensor, reference_attention, rel_l2_error, AttentionSpec, Backend, BackwardInputs,
-    DType, Error, Runtime, Tensor, TensorRef,
+    DType, Error, ForwardInputs, Runtime, Tensor, TensorRef,
 };
 use rand::SeedableRng;
 use std::sync::Arc;
@@ -44,9 +44,7 @@ fn qkv_packed_equals_contiguous_and_the_reference() {
     for (i, spec) in qkv_cases().into_iter().enumerate() {
         let spec = spec.return_lse(true);
         let (q, k, v) = random_inputs(&spec, 40 + i as u64);
-        let plain = cpu
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-            .unwrap();
+        let plain = cpu.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
         let qkv = pack(&[&q, &k, &v], spec.heads_q, spec.head_dim);
         let got = qkv_packed(&spec, qkv.as_ref()).unwrap();
         assert!(got == plain, "{spec}: packed output differs");
@@ -58,19 +56,8 @@ fn qkv_packed_equals_contiguous_and_the_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(i as u64);
         let dout = random_tensor(&mut rng, spec.dtype, spec.out_elems().unwrap());
         let lse = plain.lse.clone().unwrap();
-        let grads_plain = cpu
-            .backward(
-                &spec,
-                BackwardInputs {
-                    q: q.as_ref(),
-                    k: k.as_ref(),
-                    v: v.as_ref(),
-                    out: plain.out.as_ref(),
-                    lse: &lse,
-                    dout: dout.as_ref(),
-                },
-            )
-            .unwrap();
+        let inputs = BackwardInputs::of((&q, &k, &v), &plain.out, &lse, &dout);
+        let grads_plain = cpu.backward(&spec, inputs).unwrap();
         let (pspec, [pq, pk, pv]) = qkv_packed_views(&spec, qkv.as_ref()).unwrap();
         let out = got.out.as_ref();
         let grads = attention_backward(&pspec, pq, pk, pv, out, &lse, dout.as_ref()).unwrap();
@@ -87,9 +74,7 @@ fn kv_packed_with_gqa_equals_contiguous() {
         .dtype(DType::F16)
         .return_lse(true);
     let (q, k, v) = random_inputs(&spec, 9);
-    let plain = cpu
-        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
+    let plain = cpu.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
     let kv = pack(&[&k, &v], spec.heads_kv, spec.head_dim);
     let got = kv_packed(&spec, q.as_ref(), kv.as_ref()).unwrap();
     assert!(got == plain);

@@ -38,15 +38,20 @@ fn static_priority_when_autotune_is_off() {
     assert_eq!(s.backend.name(), "gpu");
 }
 
-#[test]
-fn only_supporting_backend_is_used_and_refusals_are_explained() {
-    let rt = Runtime::with_backends(
+/// An autotuned runtime of a "gpu" (1 ms, f16 only) and a "cpu" (5 ms, f32 only).
+fn gpu_f16_cpu_f32() -> Runtime {
+    Runtime::with_backends(
         vec![
             scripted("gpu", 1.0, &[DType::F16]),
             scripted("cpu", 5.0, &[DType::F32]),
         ],
         true,
-    );
+    )
+}
+
+#[test]
+fn only_supporting_backend_is_used_and_refusals_are_explained() {
+    let rt = gpu_f16_cpu_f32();
     let s = rt.select(&AttentionSpec::new(1, 1, 4, 4, 8)).unwrap();
     assert_eq!(s.backend.name(), "cpu");
     assert!(s.reason.contains("gpu: no f32 kernels"), "{}", s.reason);
@@ -58,13 +63,7 @@ fn only_supporting_backend_is_used_and_refusals_are_explained() {
 
 #[test]
 fn explicit_choice_is_honoured_or_refused_with_reason() {
-    let rt = Runtime::with_backends(
-        vec![
-            scripted("gpu", 1.0, &[DType::F16]),
-            scripted("cpu", 5.0, &[DType::F32]),
-        ],
-        true,
-    );
+    let rt = gpu_f16_cpu_f32();
     let spec = AttentionSpec::new(1, 1, 4, 4, 8);
     assert_eq!(
         rt.select_with(&spec, Pass::Forward, Some("cpu"))

@@ -3,7 +3,7 @@
 //! One test in this binary: it sets the environment before the global runtime exists.
 
 use flashattn::testing::{backend_required, check_backend};
-use flashattn::{random_inputs, AttentionSpec, Backend, Output, Runtime, Tensor};
+use flashattn::{random_inputs, AttentionSpec, Backend, ForwardInputs, Output, Runtime, Tensor};
 use std::sync::{Arc, Barrier};
 
 const THREADS: usize = 8;
@@ -102,7 +102,7 @@ fn eight_threads_get_identical_results_from_the_global_runtime_and_every_backend
         let results = on_threads(move || {
             let (spec, q, k, v) = &*shared;
             let b: &dyn Backend = backend.as_ref();
-            b.forward(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap()
+            b.forward(spec, ForwardInputs::of(q, k, v)).unwrap()
         });
         assert_identical(name, &results);
     }

@@ -58,6 +58,25 @@ impl BenchPlan {
     }
 }
 
+/// Host inputs of a forward pass: q, k and v.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardInputs<'a> {
+    pub q: TensorRef<'a>,
+    pub k: TensorRef<'a>,
+    pub v: TensorRef<'a>,
+}
+
+impl<'a> ForwardInputs<'a> {
+    /// The inputs as views of host tensors.
+    pub fn of(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        ForwardInputs {
+            q: q.as_ref(),
+            k: k.as_ref(),
+            v: v.as_ref(),
+        }
+    }
+}
+
 /// Host inputs of a backward pass.
 #[derive(Clone, Copy, Debug)]
 pub struct BackwardInputs<'a> {
@@ -159,13 +178,7 @@ pub trait Backend: Send + Sync {
     fn supports(&self, spec: &AttentionSpec) -> Result<()>;
 
     /// Forward pass on host data.
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output>;
+    fn forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output>;
 
     /// `Ok` if this backend can run the backward pass of `spec`; else `Error::Unsupported`.
     fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {

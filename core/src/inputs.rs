@@ -71,9 +71,7 @@ pub fn validate_decode_step<'s>(
     k_new: Option<&TensorRef<'_>>,
     v_new: Option<&TensorRef<'_>>,
 ) -> Result<CheckedSpec<'s>> {
-    let c = spec.validate()?;
-    cache_of(&c)?;
-    decode_strides(&c)?;
+    let c = decode_spec(spec)?;
     let view = q_view(&c, c.head_dim);
     check_tensor("q", q, c.dtype, c.sizes.q, view, spec.strides.q)?;
     check_new_rows(&c, k_new, v_new)?;
@@ -88,11 +86,17 @@ pub(crate) fn check_decode<'s>(
     k_new: Option<&TensorRef<'_>>,
     v_new: Option<&TensorRef<'_>>,
 ) -> Result<CheckedSpec<'s>> {
+    let c = decode_spec(spec)?;
+    check_qkv(&c, q, k_cache, v_cache)?;
+    check_new_rows(&c, k_new, v_new)?;
+    Ok(c)
+}
+
+/// The checked spec of a decode step: it has a cache, and strides a decode takes.
+fn decode_spec(spec: &AttentionSpec) -> Result<CheckedSpec<'_>> {
     let c = spec.validate()?;
     cache_of(&c)?;
     decode_strides(&c)?;
-    check_qkv(&c, q, k_cache, v_cache)?;
-    check_new_rows(&c, k_new, v_new)?;
     Ok(c)
 }
 

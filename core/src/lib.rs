@@ -21,7 +21,7 @@ mod tensor;
 pub mod testing;
 
 pub use backend::{
-    Algorithm, Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, Pass,
+    Algorithm, Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, ForwardInputs, Pass,
 };
 pub use cache_dir::cache_dir;
 pub use cache_state::{

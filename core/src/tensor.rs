@@ -23,6 +23,27 @@ pub enum TensorMut<'a> {
     Fp8E4m3(&'a mut [u8]),
 }
 
+/// `dtype`, `len` and `is_empty` of an owning or mutable tensor, read through its `as_ref`.
+macro_rules! through_as_ref {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn dtype(&self) -> DType {
+                self.as_ref().dtype()
+            }
+
+            pub fn len(&self) -> usize {
+                self.as_ref().len()
+            }
+
+            pub fn is_empty(&self) -> bool {
+                self.len() == 0
+            }
+        }
+    )*};
+}
+
+through_as_ref!(TensorMut<'_>, Tensor);
+
 impl TensorMut<'_> {
     /// A shared view of the same elements.
     pub fn as_ref(&self) -> TensorRef<'_> {
@@ -41,18 +62,6 @@ impl TensorMut<'_> {
             TensorMut::Bf16(s) => TensorMut::Bf16(s),
             TensorMut::Fp8E4m3(s) => TensorMut::Fp8E4m3(s),
         }
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.as_ref().dtype()
-    }
-
-    pub fn len(&self) -> usize {
-        self.as_ref().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Writes `values` (rounded to this tensor's dtype) at element offset `at`.
@@ -197,18 +206,6 @@ impl Tensor {
             Tensor::Bf16(v) => TensorRef::Bf16(v),
             Tensor::Fp8E4m3(v) => TensorRef::Fp8E4m3(v),
         }
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.as_ref().dtype()
-    }
-
-    pub fn len(&self) -> usize {
-        self.as_ref().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     pub fn to_f32_vec(&self) -> Vec<f32> {

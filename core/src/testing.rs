@@ -11,7 +11,8 @@ pub mod strided;
 
 use crate::{
     lse_max_error, random_inputs, random_tensor, reference_attention, reference_backward,
-    rel_l2_error, AttentionSpec, Backend, BackwardInputs, DType, Result as FaResult, Tensor,
+    rel_l2_error, AttentionSpec, Backend, BackwardInputs, DType, ForwardInputs, Result as FaResult,
+    Tensor,
 };
 use rand::SeedableRng;
 
@@ -33,7 +34,7 @@ pub fn check_backend(
     let reference = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref())
         .map_err(|e| format!("reference failed on {spec}: {e}"))?;
     let got = backend
-        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .forward(spec, ForwardInputs::of(&q, &k, &v))
         .map_err(|e| format!("{} failed on {spec}: {e}", backend.name()))?;
     compare_output(
         backend.name(),
@@ -182,7 +183,7 @@ impl BackwardCase {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
         let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap_or(0));
         let fwd = backend
-            .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
+            .forward(spec, ForwardInputs::of(&q, &k, &v))
             .map_err(|e| format!("{name} forward failed on {spec}: {e}"))?;
         let lse = fwd
             .lse

@@ -68,29 +68,27 @@ impl RunArgs {
     /// The output files asked for, checked against the inputs and each other, each with its
     /// temporary file created: before any work.
     pub fn outputs(&self) -> CliResult<Outputs> {
-        fn named<'a>(flag: &'static str, p: &'a Option<PathBuf>) -> Option<FileArg<'a>> {
-            p.as_deref().map(|p| (flag, p))
-        }
-        let outputs: Vec<FileArg<'_>> = [
-            named("--out", &self.out),
-            named("--lse", &self.lse),
-            named("--out-dq", &self.out_dq),
-            named("--out-dk", &self.out_dk),
-            named("--out-dv", &self.out_dv),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let inputs: Vec<FileArg<'_>> = [
-            named("--q", &self.q),
-            named("--k", &self.k),
-            named("--v", &self.v),
-            named("--alibi", &self.alibi),
-            named("--dout", &self.dout),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        // (flag, path, whether the run writes it)
+        let files: [(&'static str, &Option<PathBuf>, bool); 10] = [
+            ("--out", &self.out, true),
+            ("--lse", &self.lse, true),
+            ("--out-dq", &self.out_dq, true),
+            ("--out-dk", &self.out_dk, true),
+            ("--out-dv", &self.out_dv, true),
+            ("--q", &self.q, false),
+            ("--k", &self.k, false),
+            ("--v", &self.v, false),
+            ("--alibi", &self.alibi, false),
+            ("--dout", &self.dout, false),
+        ];
+        let given = |written: bool| -> Vec<FileArg<'_>> {
+            files
+                .iter()
+                .filter(|f| f.2 == written)
+                .filter_map(|&(flag, p, _)| p.as_deref().map(|p| (flag, p)))
+                .collect()
+        };
+        let (outputs, inputs) = (given(true), given(false));
         Outputs::prepare(&outputs, &inputs)
     }
 

@@ -5,7 +5,7 @@ use super::run::{finish, finite_or_null, write_out_and_lse, Check, Report, RunAr
 use super::run_forward::load;
 use super::CliResult;
 use flashattn::testing::backward_tolerance;
-use flashattn::{reference_backward, rel_l2_error, BackwardInputs, Pass};
+use flashattn::{reference_backward, rel_l2_error, BackwardInputs, ForwardInputs, Pass};
 use std::time::Instant;
 
 pub fn run(args: &RunArgs) -> CliResult<i32> {
@@ -17,7 +17,9 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
     let backend = &selection.backend;
     let (q, k, v) = (problem.q.as_ref(), problem.k.as_ref(), problem.v.as_ref());
     let start = Instant::now();
-    let fwd = backend.forward(spec, q, k, v).map_err(|e| e.to_string())?;
+    let fwd = backend
+        .forward(spec, ForwardInputs { q, k, v })
+        .map_err(|e| e.to_string())?;
     let forward_ms = start.elapsed().as_secs_f64() * 1e3;
     let lse = fwd
         .lse

@@ -3,7 +3,7 @@
 use super::run::{finish, finite_or_null, write_out_and_lse, Check, Report, RunArgs};
 use super::run_inputs::{InputArgs, Problem};
 use super::CliResult;
-use flashattn::{lse_max_error, reference_attention, rel_l2_error, Pass};
+use flashattn::{lse_max_error, reference_attention, rel_l2_error, ForwardInputs, Pass};
 use std::time::Instant;
 
 pub fn run(args: &RunArgs) -> CliResult<i32> {
@@ -15,7 +15,7 @@ pub fn run(args: &RunArgs) -> CliResult<i32> {
     let start = Instant::now();
     let output = selection
         .backend
-        .forward(spec, q, k, v)
+        .forward(spec, ForwardInputs { q, k, v })
         .map_err(|e| e.to_string())?;
     let time_ms = start.elapsed().as_secs_f64() * 1e3;
     let out = output.out.to_f32_vec();

@@ -7,8 +7,8 @@ pub mod cli;
 
 use flashattn::{
     reference_attention, reference_backward, reference_decode, Algorithm, AttentionSpec, Backend,
-    BackwardInputs, BenchMeasure, BenchPlan, DType, DecodeInputs, Error, Grads, Output, Pass,
-    Result, Tensor, TensorMut, TensorRef,
+    BackwardInputs, BenchMeasure, BenchPlan, DType, DecodeInputs, Error, ForwardInputs, Grads,
+    Output, Pass, Result, Tensor, TensorMut,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -120,13 +120,8 @@ impl Backend for Scripted {
     fn supports_decode(&self, spec: &AttentionSpec) -> Result<()> {
         self.refuse(spec, Pass::Decode)
     }
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
+    fn forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output> {
+        let ForwardInputs { q, k, v } = inputs;
         self.calls[0].fetch_add(1, Ordering::SeqCst);
         let r = reference_attention(spec, q, k, v)?;
         Ok(Output {

@@ -9,7 +9,7 @@ use crate::report::{
 };
 use flashattn_core::{
     random_inputs, Algorithm, AttentionSpec, BackwardInputs, BenchPlan, CheckedSpec, DType, Error,
-    Output, Pass, Tensor,
+    ForwardInputs, Output, Pass, Tensor,
 };
 use flashattn_wgpu::{BenchOptions, WgpuBackend};
 use serde::Serialize;
@@ -162,7 +162,7 @@ async fn run(backend: &WgpuBackend, cfg: &DemoConfig) -> Result<RunReport, Error
 
     let t0 = now_ms();
     let out = backend
-        .forward_async(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .forward_async(&spec, ForwardInputs::of(&q, &k, &v))
         .await?;
     let first_forward_ms = now_ms() - t0;
 

@@ -3,7 +3,7 @@
 use crate::CpuBackend;
 use flashattn_core::{
     alloc_meter, random_inputs, random_tensor, Algorithm, AttentionSpec, Backend, BackwardInputs,
-    BenchMeasure, BenchPlan, Error, Pass, Result,
+    BenchMeasure, BenchPlan, Error, ForwardInputs, Pass, Result,
 };
 use rand::SeedableRng;
 use std::time::Instant;
@@ -51,15 +51,15 @@ impl Bench<'_> {
         backend.supports(spec)?;
         let c = spec.validate()?;
         let (q, k, v) = random_inputs(spec, self.plan.seed);
-        let (q, k, v) = (q.as_ref(), k.as_ref(), v.as_ref());
+        let inputs = ForwardInputs::of(&q, &k, &v);
         // Output and LSE are results, not extra memory.
         let lse_bytes = if spec.return_lse { c.sizes.lse * 4 } else { 0 };
         let out_bytes = (c.sizes.out * spec.dtype.output().size_bytes() + lse_bytes) as u64;
         time_runs(self.plan, out_bytes, progress, || {
             if self.algo == Algorithm::Naive {
-                backend.naive_forward(spec, q, k, v)
+                backend.naive_forward(spec, inputs)
             } else {
-                backend.forward(spec, q, k, v)
+                backend.forward(spec, inputs)
             }
             .map(drop)
         })
@@ -75,7 +75,7 @@ impl Bench<'_> {
         let (q, k, v) = random_inputs(spec, self.plan.seed);
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.plan.seed ^ 0x5eed);
         let dout = random_tensor(&mut rng, spec.dtype.output(), c.sizes.out);
-        let fwd = backend.forward(spec, q.as_ref(), k.as_ref(), v.as_ref())?;
+        let fwd = backend.forward(spec, ForwardInputs::of(&q, &k, &v))?;
         let lse = fwd
             .lse
             .ok_or_else(|| Error::backend("cpu", "the forward gave no LSE"))?;

@@ -37,7 +37,7 @@ pub use kv_cache::CpuKvCache;
 use flashattn_core::{
     validate_backward_inputs, validate_decode_inputs, validate_inputs, Algorithm, AttentionSpec,
     Backend, BackwardInputs, BenchMeasure, BenchPlan, CacheConfig, CheckedSpec, DType,
-    DecodeInputs, Error, Grads, KvCacheHandle, Output, Result, TensorRef,
+    DecodeInputs, Error, ForwardInputs, Grads, KvCacheHandle, Output, Result, TensorRef,
 };
 use thread_pool::ThreadPool;
 
@@ -83,13 +83,8 @@ impl CpuBackend {
     }
 
     /// Naive attention that materialises the full score matrix: the baseline for benchmarks.
-    pub fn naive_forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
+    pub fn naive_forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output> {
+        let ForwardInputs { q, k, v } = inputs;
         let c = self.check(spec, &q, &k, &v)?;
         naive_contiguous(spec)?;
         naive::forward(&self.pool, &c, q, k, v)
@@ -184,13 +179,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
+    fn forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output> {
+        let ForwardInputs { q, k, v } = inputs;
         let c = self.check(spec, &q, &k, &v)?;
         forward::forward(&self.pool, self.isa, &c, q, k, v)
     }

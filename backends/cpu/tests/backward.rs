@@ -10,7 +10,7 @@ use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{backward_tolerance, check_backward, check_cases, feature_cases};
 use flashattn_core::{
     random_inputs, random_tensor, reference_backward, rel_l2_error, AttentionSpec, Backend,
-    BackwardInputs, DType, Grads, Tensor,
+    BackwardInputs, DType, ForwardInputs, Grads, Tensor,
 };
 use flashattn_cpu::CpuBackend;
 use proptest::prelude::*;
@@ -79,9 +79,7 @@ fn forward_backward(
     spec: &AttentionSpec,
     [q, k, v, dout]: [&Tensor; 4],
 ) -> Grads {
-    let fwd = backend
-        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
+    let fwd = backend.forward(spec, ForwardInputs::of(q, k, v)).unwrap();
     let lse = fwd.lse.as_deref().unwrap();
     let inputs = BackwardInputs::of((q, k, v), &fwd.out, lse, dout);
     backend.backward(spec, inputs).unwrap()

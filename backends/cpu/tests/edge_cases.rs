@@ -7,7 +7,7 @@ mod common;
 use flashattn_core::testing::{check_backend, check_cases};
 use flashattn_core::{
     lse_max_error, random_inputs, reference_attention, rel_l2_error, Algorithm, AttentionSpec,
-    Backend, BenchPlan, DType, Error, Pass, Tensor,
+    Backend, BenchPlan, DType, Error, ForwardInputs, Pass, Tensor,
 };
 use flashattn_cpu::CpuBackend;
 
@@ -49,11 +49,11 @@ fn check_nan(backend: &CpuBackend, label: &str, spec: &AttentionSpec, poison: Po
     for (path, got) in [
         (
             "flash",
-            backend.forward(spec, q.as_ref(), k.as_ref(), v.as_ref()),
+            backend.forward(spec, ForwardInputs::of(&q, &k, &v)),
         ),
         (
             "naive",
-            backend.naive_forward(spec, q.as_ref(), k.as_ref(), v.as_ref()),
+            backend.naive_forward(spec, ForwardInputs::of(&q, &k, &v)),
         ),
     ] {
         let got = got.unwrap_or_else(|e| panic!("[{label}] {path}: {e}"));

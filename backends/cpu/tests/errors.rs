@@ -2,7 +2,7 @@
 
 use flashattn_core::{
     random_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs, BenchPlan, DType, Error,
-    Fp8Descale, Pass, Tensor, TensorRef,
+    ForwardInputs, Fp8Descale, Pass, Tensor, TensorRef,
 };
 use flashattn_cpu::CpuBackend;
 
@@ -28,9 +28,9 @@ fn fp8_is_unsupported_with_a_reason() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
     let (q, k, v) = random_inputs(&spec, 1);
-    let fwd = b.forward(&spec, q.as_ref(), k.as_ref(), v.as_ref());
+    let fwd = b.forward(&spec, ForwardInputs::of(&q, &k, &v));
     assert!(matches!(fwd, Err(Error::Unsupported { .. })), "{fwd:?}");
-    let naive = b.naive_forward(&spec, q.as_ref(), k.as_ref(), v.as_ref());
+    let naive = b.naive_forward(&spec, ForwardInputs::of(&q, &k, &v));
     assert!(matches!(naive, Err(Error::Unsupported { .. })), "{naive:?}");
     let plan = BenchPlan {
         warmup: 0,
@@ -57,7 +57,10 @@ fn wrong_buffer_lengths_are_errors() {
         ("v", q.as_ref(), k.as_ref(), TensorRef::F32(&vs)),
         ("q", TensorRef::F32(&[]), k.as_ref(), v.as_ref()),
     ] {
-        for result in [b.forward(&spec, q, k, v), b.naive_forward(&spec, q, k, v)] {
+        for result in [
+            b.forward(&spec, ForwardInputs { q, k, v }),
+            b.naive_forward(&spec, ForwardInputs { q, k, v }),
+        ] {
             match result {
                 Err(Error::BufferLength { tensor, .. }) => assert_eq!(tensor, name),
                 other => panic!("expected BufferLength for {name}, got {other:?}"),
@@ -72,7 +75,7 @@ fn wrong_dtype_is_an_error() {
     let (q, k, v) = random_inputs(&spec, 3);
     let (k16, _, _) = random_inputs(&spec.clone().dtype(DType::F16), 3);
     let _ = k;
-    let r = backend().forward(&spec, q.as_ref(), k16.as_ref(), v.as_ref());
+    let r = backend().forward(&spec, ForwardInputs::of(&q, &k16, &v));
     assert!(
         matches!(r, Err(Error::DTypeMismatch { tensor: "k", .. })),
         "{r:?}"
@@ -119,7 +122,10 @@ fn invalid_specs_are_errors_naming_the_field() {
         }
         let q = vec![0.0f32; 64];
         let q = TensorRef::F32(&q);
-        for r in [b.forward(&spec, q, q, q), b.naive_forward(&spec, q, q, q)] {
+        for r in [
+            b.forward(&spec, ForwardInputs { q, k: q, v: q }),
+            b.naive_forward(&spec, ForwardInputs { q, k: q, v: q }),
+        ] {
             assert!(
                 matches!(r, Err(Error::InvalidSpec { .. })),
                 "{field}: {r:?}"
@@ -138,12 +144,16 @@ fn non_finite_inputs_do_not_panic() {
     let mut kv = k.to_f32_vec();
     kv[7] = f32::NEG_INFINITY;
     let b = backend();
+    let inputs = ForwardInputs {
+        q: TensorRef::F32(&qv),
+        k: TensorRef::F32(&kv),
+        v: v.as_ref(),
+    };
     let out = b
-        .forward(&spec, TensorRef::F32(&qv), TensorRef::F32(&kv), v.as_ref())
+        .forward(&spec, inputs)
         .expect("non-finite values are data, not an error");
     assert_eq!(out.out.len(), spec.out_elems().unwrap());
-    b.naive_forward(&spec, TensorRef::F32(&qv), TensorRef::F32(&kv), v.as_ref())
-        .expect("naive too");
+    b.naive_forward(&spec, inputs).expect("naive too");
 }
 
 #[test]
@@ -161,9 +171,7 @@ fn bad_backward_inputs_are_errors() {
     let b = backend();
     let spec = AttentionSpec::new(1, 2, 9, 11, 16).return_lse(true);
     let (q, k, v) = random_inputs(&spec, 5);
-    let fwd = b
-        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
+    let fwd = b.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
     let lse = fwd.lse.clone().unwrap();
     let dout = fwd.out.clone();
     let dout16 = Tensor::from_f32(DType::F16, &dout.to_f32_vec());

@@ -6,7 +6,8 @@ mod common;
 
 use flashattn_core::testing::{check_backend, check_cases};
 use flashattn_core::{
-    lse_max_error, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, Tensor,
+    lse_max_error, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, ForwardInputs,
+    Tensor,
 };
 use rand::{Rng, SeedableRng};
 
@@ -88,7 +89,7 @@ fn errors(backend: &dyn Backend, spec: &AttentionSpec, amp_q: f32, amp_k: f32) -
     );
     let want = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
     let got = backend
-        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .forward(spec, ForwardInputs::of(&q, &k, &v))
         .unwrap();
     let out = rel_l2_error(&got.out.to_f32_vec(), &want.out);
     (out, lse_max_error(&got.lse.unwrap(), &want.lse))

@@ -83,7 +83,7 @@ use compile::BACKEND;
 use device::Gpu;
 use flashattn_core::{
     Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, CacheConfig,
-    DecodeInputs, Error, Grads, KvCacheHandle, Output, Pass, Result, TensorRef,
+    DecodeInputs, Error, ForwardInputs, Grads, KvCacheHandle, Output, Pass, Result,
 };
 use loader::load_nvrtc;
 
@@ -235,13 +235,8 @@ impl Backend for CudaBackend {
         self.variant_for(spec).map(|_| ())
     }
 
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
+    fn forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output> {
+        let ForwardInputs { q, k, v } = inputs;
         self.forward_host(spec, q, k, v)
     }
 

@@ -10,7 +10,7 @@ mod common;
 use common::{check_nan, gpu_backend, long_cases, mma_cases, named, nan_spec, pipeline_cases, run};
 use flashattn_core::testing::strategy::{specs, SpecSpace};
 use flashattn_core::testing::{check_backend, feature_cases};
-use flashattn_core::{AttentionSpec, Backend, DType, Error, Fp8Descale, Pass};
+use flashattn_core::{AttentionSpec, Backend, DType, Error, ForwardInputs, Fp8Descale, Pass};
 use flashattn_cuda::{CudaBackend, KernelKind};
 use proptest::prelude::*;
 
@@ -384,11 +384,9 @@ fn strided_views_equal_contiguous() {
     let s = strided_inputs(&spec, (&q, &k, &v), None, Layout::Transposed);
     let kind = b.variant_for(&s.spec).unwrap().kind;
     b.force_kernel(Some(kind));
-    let plain = b
-        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
+    let plain = b.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
     let got = b
-        .forward(&s.spec, s.q.as_ref(), s.k.as_ref(), s.v.as_ref())
+        .forward(&s.spec, ForwardInputs::of(&s.q, &s.k, &s.v))
         .unwrap();
     assert!(got == plain, "{spec} on {kind:?}: strided output differs");
     let want = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();

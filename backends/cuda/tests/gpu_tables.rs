@@ -11,7 +11,7 @@ use common::gpu_backend;
 use cudarc::driver::result as drv;
 use flashattn_core::{
     random_inputs, reference_attention, reference_backward, rel_l2_error, AttentionSpec, DType,
-    Pass, Tensor,
+    ForwardInputs, Pass, Tensor,
 };
 use flashattn_cuda::{varlen_bounds, BackwardTensors, DeviceTable, DeviceTables, DeviceTensors};
 
@@ -101,8 +101,7 @@ fn backward_reads_device_tables() {
     let mem = common::device::DeviceMem::new();
     let (real, host) = problem(DType::Bf16);
     let (q, k, v) = random_inputs(&real, 43);
-    let fwd =
-        flashattn_core::Backend::forward(&b, &real, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
+    let fwd = flashattn_core::Backend::forward(&b, &real, ForwardInputs::of(&q, &k, &v)).unwrap();
     let lse = fwd.lse.clone().unwrap();
     let (dout, _, _) = random_inputs(&real, 44);
     let grad_bytes = |n: Option<usize>| vec![0u8; n.unwrap() * 2];

@@ -48,6 +48,15 @@ impl ForwardBuffers {
     }
 }
 
+/// One benchmark's arguments past the spec: the algorithm, the plan, the total number of
+/// runs (warm-up included) and the callback made after each.
+struct Runs<'a> {
+    algo: Algorithm,
+    plan: &'a BenchPlan,
+    runs: usize,
+    progress: &'a mut dyn FnMut(),
+}
+
 /// The timestamp query set of the timed pass, and the buffers its two stamps go through.
 struct Timer {
     set: wgpu::QuerySet,
@@ -88,24 +97,24 @@ impl WgpuBackend {
             ));
         }
         self.ready().await?;
+        let r = Runs {
+            algo,
+            plan,
+            runs,
+            progress,
+        };
         match plan.pass {
-            Pass::Forward => self.bench_forward(&c, algo, plan, runs, progress).await,
-            Pass::Backward => self.bench_backward(&c, algo, plan, runs, progress).await,
-            Pass::Decode => self.bench_decode(&c, algo, plan, runs, progress).await,
+            Pass::Forward => self.bench_forward(&c, r).await,
+            Pass::Backward => self.bench_backward(&c, r).await,
+            Pass::Decode => self.bench_decode(&c, r).await,
         }
     }
 
-    async fn bench_forward(
-        &self,
-        c: &CheckedSpec<'_>,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        runs: usize,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        let f = self.forward_buffers_of(c, plan.seed);
+    async fn bench_forward(&self, c: &CheckedSpec<'_>, r: Runs<'_>) -> Result<BenchMeasure> {
+        let f = self.forward_buffers_of(c, r.plan.seed);
         let (inputs, outputs) = (f.inputs(), f.outputs());
-        self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
+        let algo = r.algo;
+        self.time_runs(r, |enc, timer| match algo {
             Algorithm::Naive => self.encode_naive(c, inputs, outputs, enc, timer),
             _ => self.encode_forward(c, inputs, outputs, enc, timer),
         })
@@ -113,22 +122,15 @@ impl WgpuBackend {
     }
 
     /// The backward on random q, k, v, dout, with out and LSE from one forward pass first.
-    async fn bench_backward(
-        &self,
-        c: &CheckedSpec<'_>,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        runs: usize,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
+    async fn bench_backward(&self, c: &CheckedSpec<'_>, r: Runs<'_>) -> Result<BenchMeasure> {
         self.supports_backward_checked(c)?;
         let fwd_spec = c.spec.clone().return_lse(true);
         let fwd = fwd_spec.validate()?;
-        let f = self.forward_buffers_of(&fwd, plan.seed);
+        let f = self.forward_buffers_of(&fwd, r.plan.seed);
         self.submit(|enc| self.encode_forward(&fwd, f.inputs(), f.outputs(), enc, None))
             .await?;
         sync(&self.device, &self.queue).await?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0xd0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(r.plan.seed ^ 0xd0);
         let dout = self.device_tensor(&random_tensor(&mut rng, c.dtype, c.sizes.out));
         let es = c.dtype.size_bytes() as u64;
         let [dq, dk, dv] =
@@ -150,7 +152,8 @@ impl WgpuBackend {
             dk: (&dk).into(),
             dv: (&dv).into(),
         };
-        self.time_runs(runs, plan.warmup, progress, |enc, timer| match algo {
+        let algo = r.algo;
+        self.time_runs(r, |enc, timer| match algo {
             Algorithm::Naive => self.encode_naive_backward(c, inputs, grads, enc, timer),
             _ => self.encode_backward(c, inputs, grads, enc, timer),
         })
@@ -160,15 +163,8 @@ impl WgpuBackend {
     /// A decode step on resident caches (every run rewrites the same new rows, so the caches
     /// never overflow), or its copy peer: the bytes of K and V the step reads
     /// (`decode_bytes`), copied once on the device, host-timed (a copy is no compute pass).
-    async fn bench_decode(
-        &self,
-        c: &CheckedSpec<'_>,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        runs: usize,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        match algo {
+    async fn bench_decode(&self, c: &CheckedSpec<'_>, r: Runs<'_>) -> Result<BenchMeasure> {
+        match r.algo {
             Algorithm::Naive => return Err(unsupported("decode has no naive peer")),
             Algorithm::Copy => {
                 let bytes = decode_bytes(c.spec).max(4);
@@ -177,23 +173,23 @@ impl WgpuBackend {
                     times_ms: Vec::new(),
                     extra_bytes: Some(0),
                 };
-                for run in 0..runs {
+                for run in 0..r.runs {
                     let t0 = now_ms();
                     let mut enc = self.device.create_command_encoder(&Default::default());
                     enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes.next_multiple_of(4));
                     self.queue.submit([enc.finish()]);
                     sync(&self.device, &self.queue).await?;
-                    if run >= plan.warmup {
+                    if run >= r.plan.warmup {
                         m.times_ms.push(now_ms() - t0);
                     }
-                    progress();
+                    (r.progress)();
                 }
                 return Ok(m);
             }
             Algorithm::Flash => {}
         }
-        let (q, k, v) = random_inputs(c.spec, plan.seed);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0xdec0de);
+        let (q, k, v) = random_inputs(c.spec, r.plan.seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(r.plan.seed ^ 0xdec0de);
         let kn = random_tensor(&mut rng, c.dtype, c.sizes.k_new);
         let vn = random_tensor(&mut rng, c.dtype, c.sizes.v_new);
         let [qb, kb, vb, knb, vnb] = [&q, &k, &v, &kn, &vn].map(|t| self.device_tensor(t));
@@ -211,21 +207,20 @@ impl WgpuBackend {
             out: (&out).into(),
             lse: lse.as_ref().map(BufferSlice::from),
         };
-        self.time_runs(runs, plan.warmup, progress, |enc, timer| {
+        self.time_runs(r, |enc, timer| {
             self.encode_decode(c, inputs, Some(outputs), enc, timer)
         })
         .await
     }
 
-    /// Runs `encode` `runs` times (the first `warmup` untimed) and collects the times and the
-    /// largest scratch allocation.
+    /// Runs `encode` `r.runs` times (the first `warmup` untimed) and collects the times and
+    /// the largest scratch allocation.
     async fn time_runs(
         &self,
-        runs: usize,
-        warmup: usize,
-        progress: &mut dyn FnMut(),
+        r: Runs<'_>,
         encode: impl Fn(&mut wgpu::CommandEncoder, Option<&wgpu::QuerySet>) -> Result<Scratch>,
     ) -> Result<BenchMeasure> {
+        let (runs, warmup) = (r.runs, r.plan.warmup);
         let timer = self.has_timestamps().then(|| self.timer());
         let period_ns = f64::from(self.queue.get_timestamp_period());
         let mut measure = BenchMeasure {
@@ -260,7 +255,7 @@ impl WgpuBackend {
             if run >= warmup {
                 measure.times_ms.push(ms);
             }
-            progress();
+            (r.progress)();
         }
         Ok(measure)
     }

@@ -57,6 +57,19 @@ impl LayoutKind {
         }
     }
 
+    /// The tensor each binding holds, in order, for errors that name it.
+    fn names(self) -> &'static str {
+        match self {
+            LayoutKind::Forward => "params q k v out tables lse partials",
+            LayoutKind::BwdPrep => "params out dout lse stats",
+            LayoutKind::BwdDq => "params q k v dout tables stats dq",
+            LayoutKind::BwdDkdv => "params q k v dout tables stats dk dv",
+            LayoutKind::BwdCast => "params acc gradient",
+            LayoutKind::NaiveBwd => "params q k v dout tables stats scores gradient",
+            LayoutKind::Append => "params k_new v_new k_cache v_cache tables",
+        }
+    }
+
     /// Number of bindings.
     pub fn binding_count(self) -> usize {
         self.entries().len()
@@ -261,9 +274,10 @@ impl WgpuBackend {
         // every chunk at an aligned distance from its slice's start, so only a caller's slice
         // that starts off the alignment lands here.
         let align = u64::from(self.limits.min_storage_buffer_offset_alignment);
-        if let Some(r) = ranges[1..].iter().find(|r| !r.offset.is_multiple_of(align)) {
+        let mut named = kind.names().split(' ').zip(ranges).skip(1);
+        if let Some((name, r)) = named.find(|(_, r)| !r.offset.is_multiple_of(align)) {
             return Err(backend_err(format!(
-                "a device buffer slice starts at byte offset {}, not a multiple of the adapter's min_storage_buffer_offset_alignment ({align})",
+                "{name}: a device buffer slice starts at byte offset {}, not a multiple of the adapter's min_storage_buffer_offset_alignment ({align})",
                 r.offset
             )));
         }
@@ -277,5 +291,21 @@ impl WgpuBackend {
             layout: &self.layouts.get(kind).1,
             entries: &entries,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LayoutKind;
+
+    #[test]
+    fn every_binding_has_a_name() {
+        for kind in LayoutKind::ALL {
+            assert_eq!(
+                kind.names().split(' ').count(),
+                kind.binding_count(),
+                "{kind:?}"
+            );
+        }
     }
 }

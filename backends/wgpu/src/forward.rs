@@ -12,8 +12,8 @@ use crate::strided::{views, View};
 use crate::tiles::{TileLimits, Tiles};
 use crate::WgpuBackend;
 use flashattn_core::{
-    validate_inputs, Algorithm, AttentionSpec, CheckedSpec, DType, Output, Result, Tensor,
-    TensorRef,
+    validate_inputs, Algorithm, AttentionSpec, CheckedSpec, DType, ForwardInputs, Output, Result,
+    Tensor, TensorRef,
 };
 
 /// Device-resident inputs in the spec's layout and dtype (bf16 as raw 16-bit words, f16 as
@@ -60,11 +60,9 @@ impl WgpuBackend {
     pub async fn forward_async(
         &self,
         spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
+        inputs: ForwardInputs<'_>,
     ) -> Result<Output> {
-        self.run_host(spec, Algorithm::Flash, q, k, v).await
+        self.run_host(spec, Algorithm::Flash, inputs).await
     }
 
     /// Host API for naive attention (materialised scores): the benchmark's peer, exposed so
@@ -72,20 +70,16 @@ impl WgpuBackend {
     pub async fn naive_forward_async(
         &self,
         spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
+        inputs: ForwardInputs<'_>,
     ) -> Result<Output> {
-        self.run_host(spec, Algorithm::Naive, q, k, v).await
+        self.run_host(spec, Algorithm::Naive, inputs).await
     }
 
     async fn run_host(
         &self,
         spec: &AttentionSpec,
         algo: Algorithm,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
+        ForwardInputs { q, k, v }: ForwardInputs<'_>,
     ) -> Result<Output> {
         let c = validate_inputs(spec, &q, &k, &v)?;
         self.supports_checked(&c)?;

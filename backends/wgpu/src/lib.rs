@@ -49,6 +49,10 @@ pub use wgpu;
 
 use device::{unsupported, ErrorSink, NAME};
 use flashattn_core::{AttentionSpec, CheckedSpec, DType, Error, Result};
+#[cfg(not(target_arch = "wasm32"))]
+use flashattn_core::{
+    BackwardInputs, CacheConfig, DecodeInputs, ForwardInputs, Grads, KvCacheHandle, Output,
+};
 use shaders::Variant;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -297,25 +301,15 @@ impl flashattn_core::Backend for WgpuBackend {
         self.check_supported(spec)
     }
 
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: flashattn_core::TensorRef<'_>,
-        k: flashattn_core::TensorRef<'_>,
-        v: flashattn_core::TensorRef<'_>,
-    ) -> Result<flashattn_core::Output> {
-        pollster::block_on(self.forward_async(spec, q, k, v))
+    fn forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output> {
+        pollster::block_on(self.forward_async(spec, inputs))
     }
 
     fn supports_backward(&self, spec: &AttentionSpec) -> Result<()> {
         self.check_backward_supported(spec)
     }
 
-    fn backward(
-        &self,
-        spec: &AttentionSpec,
-        inputs: flashattn_core::BackwardInputs<'_>,
-    ) -> Result<flashattn_core::Grads> {
+    fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
         pollster::block_on(self.backward_async(spec, inputs))
     }
 
@@ -323,18 +317,11 @@ impl flashattn_core::Backend for WgpuBackend {
         self.check_decode_supported(spec)
     }
 
-    fn decode(
-        &self,
-        spec: &AttentionSpec,
-        inputs: flashattn_core::DecodeInputs<'_>,
-    ) -> Result<flashattn_core::Output> {
+    fn decode(&self, spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
         pollster::block_on(self.decode_async(spec, inputs))
     }
 
-    fn kv_cache(
-        &self,
-        config: flashattn_core::CacheConfig,
-    ) -> Result<Box<dyn flashattn_core::KvCacheHandle + '_>> {
+    fn kv_cache(&self, config: CacheConfig) -> Result<Box<dyn KvCacheHandle + '_>> {
         Ok(Box::new(WgpuKvCache::new(self, config)?))
     }
 

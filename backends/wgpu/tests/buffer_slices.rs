@@ -10,7 +10,7 @@ use flashattn_core::testing::decode::{self, DecodeData};
 use flashattn_core::testing::{backward_tolerance, BackwardCase};
 use flashattn_core::{
     lse_max_error, random_inputs, reference_attention, reference_backward, rel_l2_error,
-    AttentionSpec, Backend, DType, Tensor,
+    AttentionSpec, Backend, DType, ForwardInputs, Tensor,
 };
 use flashattn_wgpu::{
     wgpu, BufferSlice, DeviceBackwardInputs, DeviceDecodeInputs, DeviceGrads, DeviceInputs,
@@ -164,9 +164,7 @@ fn forward_on_slices_of_shared_buffers() {
             let lse_err = lse_max_error(&lse, &want.lse);
             assert!(lse_err < 1e-3, "{spec}: LSE error {lse_err:.3e}");
             // The same kernels as the host path, so the same bits.
-            let host = b
-                .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-                .unwrap();
+            let host = b.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
             assert_eq!(host.out.as_ref().as_bytes(), out.as_ref().as_bytes());
         }
     }
@@ -273,6 +271,7 @@ fn a_misaligned_slice_is_an_error_naming_its_offset() {
     q.offset += 4;
     let err = fails(q, arena.slice(1), out.slice(0));
     assert!(err.contains(&format!("offset {}", q.offset)), "{err}");
+    assert!(err.contains(": q: "), "{err}");
     // A slice shorter than the spec needs names its size.
     let mut short = arena.slice(1);
     short.size -= 4;

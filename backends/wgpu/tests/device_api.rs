@@ -5,7 +5,7 @@ mod common;
 
 use flashattn_core::{
     random_inputs, reference_attention, rel_l2_error, Algorithm, AttentionSpec, Backend, BenchPlan,
-    DType, Error, Pass, Tensor,
+    DType, Error, ForwardInputs, Pass, Tensor,
 };
 use flashattn_wgpu::{wgpu, DeviceInputs, DeviceOutputs, WgpuBackend};
 
@@ -22,6 +22,24 @@ fn storage_buffer(device: &wgpu::Device, queue: &wgpu::Queue, bytes: &[u8]) -> w
     padded.resize(bytes.len().next_multiple_of(4), 0);
     queue.write_buffer(&buf, 0, &padded);
     buf
+}
+
+/// `forward_buffers` on whole buffers q, k, v and out, without an LSE.
+fn forward_whole(
+    b: &WgpuBackend,
+    spec: &AttentionSpec,
+    [q, k, v, out]: [&wgpu::Buffer; 4],
+) -> flashattn_core::Result<()> {
+    let inputs = DeviceInputs {
+        q: q.into(),
+        k: k.into(),
+        v: v.into(),
+    };
+    let outputs = DeviceOutputs {
+        out: out.into(),
+        lse: None,
+    };
+    pollster::block_on(b.forward_buffers(spec, inputs, outputs))
 }
 
 #[test]
@@ -85,19 +103,7 @@ fn wgpu_validation_errors_become_backend_errors() {
     );
     // A destroyed buffer passes our size checks but fails wgpu's validation at submit.
     qb.destroy();
-    let err = pollster::block_on(b.forward_buffers(
-        &spec,
-        DeviceInputs {
-            q: (&qb).into(),
-            k: (&kb).into(),
-            v: (&vb).into(),
-        },
-        DeviceOutputs {
-            out: (&out).into(),
-            lse: None,
-        },
-    ))
-    .unwrap_err();
+    let err = forward_whole(b, &spec, [&qb, &kb, &vb, &out]).unwrap_err();
     assert!(
         matches!(
             err,
@@ -118,19 +124,7 @@ fn short_buffers_are_rejected_with_sizes() {
     let (device, queue) = (b.device_handle(), b.queue());
     let spec = AttentionSpec::new(1, 1, 8, 8, 16);
     let small = storage_buffer(device, queue, &[0u8; 64]);
-    let err = pollster::block_on(b.forward_buffers(
-        &spec,
-        DeviceInputs {
-            q: (&small).into(),
-            k: (&small).into(),
-            v: (&small).into(),
-        },
-        DeviceOutputs {
-            out: (&small).into(),
-            lse: None,
-        },
-    ))
-    .unwrap_err();
+    let err = forward_whole(b, &spec, [&small; 4]).unwrap_err();
     assert!(err.to_string().contains("512"), "{err}");
 }
 
@@ -180,7 +174,7 @@ fn naive_with_chunked_scores_matches_the_reference() {
 /// The naive forward (materialised scores) against the f64 reference.
 fn assert_naive_matches(b: &WgpuBackend, name: &str, spec: &AttentionSpec, seed: u64) {
     let (q, k, v) = random_inputs(spec, seed);
-    let got = pollster::block_on(b.naive_forward_async(spec, q.as_ref(), k.as_ref(), v.as_ref()))
+    let got = pollster::block_on(b.naive_forward_async(spec, ForwardInputs::of(&q, &k, &v)))
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     let reference = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
     let err = rel_l2_error(&got.out.to_f32_vec(), &reference.out);

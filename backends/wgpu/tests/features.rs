@@ -6,7 +6,9 @@ mod common;
 use common::assert_cases;
 use flashattn_core::testing::nan::same_nans_and_close;
 use flashattn_core::testing::{check_backend, feature_cases};
-use flashattn_core::{random_inputs, reference_attention, AttentionSpec, Backend, DType, Tensor};
+use flashattn_core::{
+    random_inputs, reference_attention, AttentionSpec, Backend, DType, ForwardInputs, Tensor,
+};
 
 #[test]
 fn feature_cases_every_dtype() {
@@ -143,7 +145,7 @@ fn nan_reaches_exactly_what_sees_it() {
         );
         let want = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
         let got = b
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+            .forward(&spec, ForwardInputs::of(&q, &k, &v))
             .unwrap_or_else(|e| panic!("{spec}: {e}"));
         assert!(
             want.lse.iter().any(|x| x.is_nan()),

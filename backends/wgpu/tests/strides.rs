@@ -7,33 +7,16 @@
 
 mod common;
 
-use flashattn_core::testing::backward_tolerance;
 use flashattn_core::testing::decode::{self, DecodeData};
-use flashattn_core::testing::strided::{strided_copy, strided_inputs, Layout, StridedInputs};
+use flashattn_core::testing::strided::{
+    self, cases, strided_copy, strided_inputs, with_dtype, Layout, Packed, StridedInputs,
+};
 use flashattn_core::{
-    random_inputs, random_tensor, reference_attention, reference_backward, rel_l2_error,
-    AttentionSpec, Backend, BackwardInputs, DType, Error, InputStrides, Strides, Tensor,
+    random_inputs, random_tensor, reference_attention, rel_l2_error, AttentionSpec, Backend,
+    BackwardInputs, DType, Error, ForwardInputs, InputStrides, Tensor,
 };
 use flashattn_wgpu::{BufferSlice, DeviceInputs, DeviceOutputs, WgpuBackend};
 use rand::SeedableRng;
-
-/// Odd sizes, GQA, causal and windowed masks, head dims 40 and 72, varlen, one query row.
-fn cases() -> Vec<AttentionSpec> {
-    vec![
-        AttentionSpec::new(2, 4, 17, 129, 40)
-            .heads_kv(2)
-            .causal(true),
-        AttentionSpec::new(2, 2, 129, 129, 72).causal(true),
-        AttentionSpec::new(2, 3, 1, 17, 72).head_dim_v(40),
-        AttentionSpec::new(1, 6, 129, 17, 40)
-            .heads_kv(3)
-            .window(8, 0),
-        AttentionSpec::new(3, 4, 147, 147, 40)
-            .heads_kv(1)
-            .varlen(vec![0, 1, 18, 147], vec![0, 17, 146, 147])
-            .causal(true),
-    ]
-}
 
 /// Transposed, and rows padded by NaN as one part of a packed buffer sees them (an odd pad:
 /// odd token strides, so bf16 rows start in either half of a word).
@@ -43,56 +26,10 @@ const LAYOUTS: [Layout; 3] = [
     Layout::Padded(3),
 ];
 
-/// q, k and v of `spec` (head_dim == head_dim_v) packed in one buffer per token,
-/// `[tokens, heads_q + 2 heads_kv, d]` and `pad` NaN elements, each read through strides
-/// from its offset in it (as `&qkv[offset..]`).
-struct Packed {
-    spec: AttentionSpec,
-    buf: Tensor,
-    at: [usize; 3],
-}
-
-fn packed(spec: &AttentionSpec, (q, k, v): (&Tensor, &Tensor, &Tensor), pad: usize) -> Packed {
-    assert_eq!(spec.seqlen_q, spec.seqlen_k);
-    assert_eq!(spec.head_dim, spec.head_dim_v);
-    let (hq, hkv, d) = (spec.heads_q, spec.heads_kv, spec.head_dim);
-    let tokens = if spec.is_varlen() {
-        spec.seqlen_q
-    } else {
-        spec.batch * spec.seqlen_q
-    };
-    let row = (hq + 2 * hkv) * d + pad;
-    let at = [0, hq * d, (hq + hkv) * d];
-    let mut buf = vec![f32::NAN; tokens * row];
-    for (t, heads, off) in [(q, hq, at[0]), (k, hkv, at[1]), (v, hkv, at[2])] {
-        let x = t.to_f32_vec();
-        for tok in 0..tokens {
-            let src = &x[tok * heads * d..][..heads * d];
-            buf[tok * row + off..][..heads * d].copy_from_slice(src);
-        }
-    }
-    let st = Some(Strides::new(spec.seqlen_q * row, row, d));
-    let strides = InputStrides {
-        q: st,
-        k: st,
-        v: st,
-        ..Default::default()
-    };
-    Packed {
-        spec: spec.clone().strides(strides),
-        buf: Tensor::from_f32(spec.dtype, &buf),
-        at,
-    }
-}
-
-fn with_dtype(spec: &AttentionSpec, dtype: DType) -> AttentionSpec {
-    spec.clone().dtype(dtype).return_lse(true)
-}
-
 /// The forward of `s` equals the contiguous one, bitwise; `want` is the reference's out.
 fn forward_equal(b: &dyn Backend, s: &StridedInputs, plain: &flashattn_core::Output, what: &str) {
     let got = b
-        .forward(&s.spec, s.q.as_ref(), s.k.as_ref(), s.v.as_ref())
+        .forward(&s.spec, ForwardInputs::of(&s.q, &s.k, &s.v))
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         got == *plain,
@@ -100,69 +37,18 @@ fn forward_equal(b: &dyn Backend, s: &StridedInputs, plain: &flashattn_core::Out
     );
 }
 
+/// The shared strided checks, and packed qkv where the shapes allow it.
 fn check_forward(b: &dyn Backend, spec: &AttentionSpec, seed: u64) {
-    let (q, k, v) = random_inputs(spec, seed);
-    let plain = b.forward(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
-    let want = reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
-    let err = rel_l2_error(&plain.out.to_f32_vec(), &want.out);
-    assert!(err <= spec.dtype.tolerance(), "{spec}: rel L2 {err:.2e}");
-    for layout in LAYOUTS {
-        let s = strided_inputs(spec, (&q, &k, &v), None, layout);
-        forward_equal(b, &s, &plain, &format!("{spec} {layout:?}"));
-    }
+    let ((q, k, v), plain) = strided::check_forward(b, spec, &LAYOUTS, seed);
     if spec.seqlen_q == spec.seqlen_k && spec.head_dim == spec.head_dim_v {
-        let p = packed(spec, (&q, &k, &v), 3);
-        let t = p.buf.as_ref();
-        let [qa, ka, va] = p.at.map(|a| t.tail(a).unwrap());
+        let p = Packed::new(spec, (&q, &k, &v), 3);
         let got = b
-            .forward(&p.spec, qa, ka, va)
+            .forward(&p.spec, p.inputs())
             .unwrap_or_else(|e| panic!("{spec} packed: {e}"));
         assert!(
             got == plain,
             "{spec} packed: output differs from contiguous"
         );
-    }
-}
-
-fn check_backward(b: &dyn Backend, spec: &AttentionSpec, seed: u64) {
-    let (q, k, v) = random_inputs(spec, seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xd0);
-    let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap());
-    let fwd = b.forward(spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
-    let lse = fwd.lse.clone().unwrap();
-    let inputs = |q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, dout: &Tensor| {
-        (q.clone(), k.clone(), v.clone(), out.clone(), dout.clone())
-    };
-    let run = |spec: &AttentionSpec, t: (Tensor, Tensor, Tensor, Tensor, Tensor)| {
-        b.backward(
-            spec,
-            BackwardInputs {
-                q: t.0.as_ref(),
-                k: t.1.as_ref(),
-                v: t.2.as_ref(),
-                out: t.3.as_ref(),
-                lse: &lse,
-                dout: t.4.as_ref(),
-            },
-        )
-    };
-    let plain = run(spec, inputs(&q, &k, &v, &fwd.out, &dout)).unwrap();
-    let want = reference_backward(spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
-    let tol = backward_tolerance(spec.dtype);
-    for (name, g, w) in [
-        ("dq", &plain.dq, &want.dq),
-        ("dk", &plain.dk, &want.dk),
-        ("dv", &plain.dv, &want.dv),
-    ] {
-        let err = rel_l2_error(&g.to_f32_vec(), w);
-        assert!(err <= tol, "{spec}: {name} rel L2 {err:.2e}");
-    }
-    for layout in LAYOUTS {
-        let s = strided_inputs(spec, (&q, &k, &v), Some((&fwd.out, &dout)), layout);
-        let (o, g) = (s.out.as_ref().unwrap(), s.dout.as_ref().unwrap());
-        let got = run(&s.spec, inputs(&s.q, &s.k, &s.v, o, g))
-            .unwrap_or_else(|e| panic!("{spec} {layout:?}: {e}"));
-        assert!(got == plain, "{spec} {layout:?}: strided gradients differ");
     }
 }
 
@@ -181,7 +67,7 @@ fn strided_backward_equals_contiguous() {
     let Some(b) = common::backend() else { return };
     for (i, case) in cases().iter().enumerate() {
         for dtype in [DType::F32, DType::Bf16] {
-            check_backward(b, &with_dtype(case, dtype), 70 + i as u64);
+            strided::check_backward(b, &with_dtype(case, dtype), &LAYOUTS, 70 + i as u64);
         }
     }
 }
@@ -197,31 +83,25 @@ fn packed_qkv_backward_equals_contiguous() {
     let (q, k, v) = random_inputs(&spec, 11);
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap());
-    let fwd = b
-        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
+    let fwd = b.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
     let lse = fwd.lse.clone().unwrap();
     let plain = b
         .backward(
             &spec,
-            BackwardInputs {
-                q: q.as_ref(),
-                k: k.as_ref(),
-                v: v.as_ref(),
-                out: fwd.out.as_ref(),
-                lse: &lse,
-                dout: dout.as_ref(),
-            },
+            BackwardInputs::of((&q, &k, &v), &fwd.out, &lse, &dout),
         )
         .unwrap();
-    let p = packed(&spec, (&q, &k, &v), 0);
+    let p = Packed::new(&spec, (&q, &k, &v), 0);
     let dims = (spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim_v);
     let (o, os) = strided_copy(&fwd.out, dims, Layout::Padded(5));
     let (g, gs) = strided_copy(&dout, dims, Layout::Transposed);
     let mut st = p.spec.strides;
     (st.out, st.dout) = (Some(os), Some(gs));
-    let t = p.buf.as_ref();
-    let [qa, ka, va] = p.at.map(|a| t.tail(a).unwrap());
+    let ForwardInputs {
+        q: qa,
+        k: ka,
+        v: va,
+    } = p.inputs();
     let got = b
         .backward(
             &spec.clone().strides(st),
@@ -337,73 +217,38 @@ fn strided_inputs_next_to_chunked_tensors() {
         let (q, k, v) = random_inputs(&spec, 5);
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         let dout = random_tensor(&mut rng, spec.dtype.output(), spec.out_elems().unwrap());
-        let fwd = b
-            .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-            .unwrap();
+        let fwd = b.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
         let want = reference_attention(&spec, q.as_ref(), k.as_ref(), v.as_ref()).unwrap();
         let err = rel_l2_error(&fwd.out.to_f32_vec(), &want.out);
         assert!(err <= spec.dtype.tolerance(), "{spec}: rel L2 {err:.2e}");
         let lse = fwd.lse.clone().unwrap();
         let backward = |s: &StridedInputs| {
             let (o, g) = (s.out.as_ref().unwrap(), s.dout.as_ref().unwrap());
-            b.backward(
-                &s.spec,
-                BackwardInputs {
-                    q: s.q.as_ref(),
-                    k: s.k.as_ref(),
-                    v: s.v.as_ref(),
-                    out: o.as_ref(),
-                    lse: &lse,
-                    dout: g.as_ref(),
-                },
-            )
+            b.backward(&s.spec, BackwardInputs::of((&s.q, &s.k, &s.v), o, &lse, g))
         };
         let all = [&q, &k, &v, &fwd.out, &dout];
-        let contiguous = only(
-            strided_inputs(
+        let only_strided = |names: &[&str]| {
+            let s = strided_inputs(
                 &spec,
                 (&q, &k, &v),
                 Some((&fwd.out, &dout)),
                 Layout::Transposed,
-            ),
-            all,
-            &[],
-        );
+            );
+            only(s, all, names)
+        };
+        let contiguous = only_strided(&[]);
         let grads = backward(&contiguous).unwrap();
-        let s = only(
-            strided_inputs(
-                &spec,
-                (&q, &k, &v),
-                Some((&fwd.out, &dout)),
-                Layout::Transposed,
-            ),
-            all,
-            short,
-        );
+        let s = only_strided(short);
         forward_equal(&b, &s, &fwd, &format!("{spec} strided {short:?}"));
         let got = backward(&s).unwrap_or_else(|e| panic!("{spec} strided {short:?}: {e}"));
         assert!(got == grads, "{spec} strided {short:?}: gradients differ");
         // The long side strided: too large for a binding.
         for name in long {
-            let wide = only(
-                strided_inputs(
-                    &spec,
-                    (&q, &k, &v),
-                    Some((&fwd.out, &dout)),
-                    Layout::Transposed,
-                ),
-                all,
-                &[name],
-            );
+            let wide = only_strided(&[name]);
             let ran = match *name {
                 "out" | "dout" => backward(&wide).err(),
                 _ => b
-                    .forward(
-                        &wide.spec,
-                        wide.q.as_ref(),
-                        wide.k.as_ref(),
-                        wide.v.as_ref(),
-                    )
+                    .forward(&wide.spec, ForwardInputs::of(&wide.q, &wide.k, &wide.v))
                     .err(),
             };
             let err = ran.unwrap_or_else(|| panic!("{spec}: a too large strided {name} ran"));
@@ -427,9 +272,7 @@ fn device_path_reads_strided_buffers() {
         .causal(true);
     let (q, k, v) = random_inputs(&spec, 9);
     let s = strided_inputs(&spec, (&q, &k, &v), None, Layout::Transposed);
-    let want = b
-        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
-        .unwrap();
+    let want = b.forward(&spec, ForwardInputs::of(&q, &k, &v)).unwrap();
     let dev = b.device_handle();
     let buf = |t: &Tensor| buffer(b, t.as_ref().as_bytes());
     let (qb, kb, vb) = (buf(&s.q), buf(&s.k), buf(&s.v));

@@ -3,8 +3,8 @@
 
 use crate::{
     random_inputs, random_tensor, reference_attention, reference_decode, rel_l2_error,
-    AttentionSpec, Backend, CacheConfig, DType, DecodeInputs, DecodeStep, KvCache, ReferenceDecode,
-    Result, Rotary, Tensor, TensorRef,
+    AttentionSpec, Backend, CacheConfig, DType, DecodeInputs, DecodeStep, ForwardInputs, KvCache,
+    ReferenceDecode, Result, Rotary, Tensor, TensorRef,
 };
 use rand::SeedableRng;
 
@@ -323,7 +323,14 @@ pub fn decode_steps_equal_prefills(
             let (kf, vf) = (TensorRef::F32(&kf), TensorRef::F32(&vf));
             let want = reference_attention(&dense, TensorRef::F32(&qr), kf, vf).unwrap();
             let prefill = backend
-                .forward(&dense, TensorRef::F32(&qr), kf, vf)
+                .forward(
+                    &dense,
+                    ForwardInputs {
+                        q: TensorRef::F32(&qr),
+                        k: kf,
+                        v: vf,
+                    },
+                )
                 .unwrap();
             let tol = dtype.tolerance();
             let err = rel_l2_error(&got.out.to_f32_vec(), &want.out);

@@ -5,7 +5,7 @@
 use super::backward_tolerance;
 use crate::{
     random_inputs, random_tensor, reference_backward, rel_l2_error, AttentionSpec, Backend,
-    BackwardInputs, DType, Tensor,
+    BackwardInputs, DType, ForwardInputs, Tensor,
 };
 use rand::SeedableRng;
 
@@ -60,7 +60,7 @@ pub fn backward_nan_stays_in_its_head_group(
     let mut rng = rand::rngs::StdRng::seed_from_u64(14);
     let dout = random_tensor(&mut rng, dtype, spec.out_elems().unwrap_or(0));
     let fwd = backend
-        .forward(&spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .forward(&spec, ForwardInputs::of(&q, &k, &v))
         .map_err(|e| format!("{name} forward on {spec}: {e}"))?;
     let lse = fwd.lse.ok_or_else(|| format!("{name}: no LSE on {spec}"))?;
     let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, &lse, &dout);

@@ -4,7 +4,9 @@
 use crate::host::{fa_err, view, Elem, View};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use flashattn_core::{AttentionSpec, Backend, BackwardInputs, DType as FaDType, InputStrides};
+use flashattn_core::{
+    AttentionSpec, Backend, BackwardInputs, DType as FaDType, ForwardInputs, InputStrides,
+};
 use flashattn_cpu::CpuBackend;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -155,15 +157,10 @@ impl FlashAttnOp {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The forward on q, k, v given as (storage, layout) pairs.
     fn cpu_fwd_t<T: Elem>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        [(s1, l1), (s2, l2), (s3, l3)]: [(&CpuStorage, &Layout); 3],
     ) -> Result<(CpuStorage, Shape)> {
         let spec = self.params.spec(T::FA, l1.dims(), l2.dims(), l3.dims())?;
         // Strided views (transposed, narrowed) are read in place, not copied.
@@ -174,13 +171,9 @@ impl FlashAttnOp {
             v: v.strides,
             ..Default::default()
         });
+        let [q, k, v] = [&q, &k, &v].map(|x| T::tensor_ref(&x.data));
         let out = cpu_backend()
-            .forward(
-                &spec,
-                T::tensor_ref(&q.data),
-                T::tensor_ref(&k.data),
-                T::tensor_ref(&v.data),
-            )
+            .forward(&spec, ForwardInputs { q, k, v })
             .map_err(fa_err)?;
         *self.lse_slot()? = out.lse;
         let values = T::from_fa(out.out)?;
@@ -193,13 +186,10 @@ impl FlashAttnOp {
             .map_err(|_| candle_core::Error::msg("flashattn: the LSE slot's lock is poisoned"))
     }
 
+    /// The backward on q, k, v, the forward's out and dout.
     fn bwd_t<T: Elem>(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        dout: &Tensor,
+        [q, k, v, out, dout]: [&Tensor; 5],
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if !q.device().is_cpu() {
             candle_core::bail!(
@@ -251,6 +241,24 @@ impl FlashAttnOp {
     }
 }
 
+/// A forward on one of candle's GPU devices: an error naming the device and the way out
+/// (candle's default would only say there is no implementation).
+macro_rules! unsupported_device {
+    ($name:ident, $storage:ty, $msg:literal) => {
+        fn $name(
+            &self,
+            _: &$storage,
+            _: &Layout,
+            _: &$storage,
+            _: &Layout,
+            _: &$storage,
+            _: &Layout,
+        ) -> Result<($storage, Shape)> {
+            candle_core::bail!($msg)
+        }
+    };
+}
+
 impl CustomOp3 for FlashAttnOp {
     fn name(&self) -> &'static str {
         "flashattn"
@@ -269,40 +277,27 @@ impl CustomOp3 for FlashAttnOp {
         if d1 != d2 || d1 != d3 {
             candle_core::bail!("flashattn: q, k, v dtypes differ: {d1:?}, {d2:?}, {d3:?}");
         }
+        let qkv = [(s1, l1), (s2, l2), (s3, l3)];
         match d1 {
-            DType::F32 => self.cpu_fwd_t::<f32>(s1, l1, s2, l2, s3, l3),
-            DType::F16 => self.cpu_fwd_t::<half::f16>(s1, l1, s2, l2, s3, l3),
-            DType::BF16 => self.cpu_fwd_t::<half::bf16>(s1, l1, s2, l2, s3, l3),
+            DType::F32 => self.cpu_fwd_t::<f32>(qkv),
+            DType::F16 => self.cpu_fwd_t::<half::f16>(qkv),
+            DType::BF16 => self.cpu_fwd_t::<half::bf16>(qkv),
             dt => candle_core::bail!("flashattn: q, k, v are {dt:?}; expected f32, f16 or bf16"),
         }
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        candle_core::bail!(
-            "flashattn: unsupported on candle's CUDA device yet (only its CPU device); \
-             move q, k, v to Device::Cpu or use candle-flash-attn there"
-        )
-    }
+    unsupported_device!(
+        cuda_fwd,
+        candle_core::CudaStorage,
+        "flashattn: unsupported on candle's CUDA device yet (only its CPU device); \
+         move q, k, v to Device::Cpu or use candle-flash-attn there"
+    );
 
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        candle_core::bail!("flashattn: unsupported on candle's Metal device (only its CPU device)")
-    }
+    unsupported_device!(
+        metal_fwd,
+        candle_core::MetalStorage,
+        "flashattn: unsupported on candle's Metal device (only its CPU device)"
+    );
 
     fn bwd(
         &self,
@@ -312,10 +307,11 @@ impl CustomOp3 for FlashAttnOp {
         out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let tensors = [q, k, v, out, dout];
         match q.dtype() {
-            DType::F32 => self.bwd_t::<f32>(q, k, v, out, dout),
-            DType::F16 => self.bwd_t::<half::f16>(q, k, v, out, dout),
-            DType::BF16 => self.bwd_t::<half::bf16>(q, k, v, out, dout),
+            DType::F32 => self.bwd_t::<f32>(tensors),
+            DType::F16 => self.bwd_t::<half::f16>(tensors),
+            DType::BF16 => self.bwd_t::<half::bf16>(tensors),
             dt => candle_core::bail!("flashattn: q, k, v are {dt:?}; expected f32, f16 or bf16"),
         }
     }

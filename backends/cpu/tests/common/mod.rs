@@ -3,8 +3,8 @@
 
 use flashattn_core::testing::backend_or_skip;
 use flashattn_core::{
-    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, Grads, Output,
-    Result, TensorRef,
+    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, ForwardInputs,
+    Grads, Output, Result,
 };
 use flashattn_cpu::{CpuBackend, Isa};
 use std::sync::OnceLock;
@@ -46,14 +46,8 @@ impl Backend for Naive {
     fn supports(&self, spec: &AttentionSpec) -> Result<()> {
         self.0.supports(spec)
     }
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
-        self.0.naive_forward(spec, q, k, v)
+    fn forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output> {
+        self.0.naive_forward(spec, inputs)
     }
     fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
         self.0.naive_backward(spec, inputs)

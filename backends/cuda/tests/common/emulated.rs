@@ -5,8 +5,8 @@
 use super::emu::{check_compiler, emulator_source, run_dir, run_driver, run_with_limit, Drivers};
 use flashattn_core::{
     validate_backward_inputs, validate_decode_inputs, validate_inputs, Algorithm, AttentionSpec,
-    Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, Error, Grads, Output, Pass,
-    Result, Tensor, TensorMut, TensorRef,
+    Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, Error, ForwardInputs, Grads,
+    Output, Pass, Result, Tensor, TensorMut,
 };
 use flashattn_cuda::{
     backward_plan, decode_plan, flash_launch, select_decode, select_generic, select_generic_bwd,
@@ -182,13 +182,8 @@ impl Backend for Emulated {
         self.variant(spec).map(|_| ())
     }
 
-    fn forward(
-        &self,
-        spec: &AttentionSpec,
-        q: TensorRef<'_>,
-        k: TensorRef<'_>,
-        v: TensorRef<'_>,
-    ) -> Result<Output> {
+    fn forward(&self, spec: &AttentionSpec, inputs: ForwardInputs<'_>) -> Result<Output> {
+        let ForwardInputs { q, k, v } = inputs;
         let checked = validate_inputs(spec, &q, &k, &v)?;
         let variant = self.variant_for(spec, Pass::Forward)?;
         let bin = self.driver(&variant)?;

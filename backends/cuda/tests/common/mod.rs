@@ -10,7 +10,7 @@ use flashattn_core::testing::{
 };
 use flashattn_core::{
     lse_max_error, random_inputs, reference_attention, rel_l2_error, AttentionSpec, Backend, DType,
-    Pass, Tensor,
+    ForwardInputs, Pass, Tensor,
 };
 use flashattn_cuda::{CudaBackend, KernelKind};
 use std::time::Instant;
@@ -110,7 +110,7 @@ pub fn check_nan(
     let q = Tensor::from_f32(spec.dtype, &qv);
     let k = Tensor::from_f32(spec.dtype, &kv);
     let got = b
-        .forward(spec, q.as_ref(), k.as_ref(), v.as_ref())
+        .forward(spec, ForwardInputs::of(&q, &k, &v))
         .map_err(|e| e.to_string())?;
     let want =
         reference_attention(spec, q.as_ref(), k.as_ref(), v.as_ref()).map_err(|e| e.to_string())?;
