@@ -7,8 +7,8 @@
 
 use flashattn_core::testing::strided::{strided_copy, Layout};
 use flashattn_core::{
-    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs,
-    Error, ForwardInputs, Grads, InputStrides, Output, Result, Strides, Tensor, TensorRef,
+    AttentionSpec, Backend, BackwardInputs, DecodeInputs, Error, ForwardInputs, Grads,
+    InputStrides, Output, Result, Strides, Tensor, TensorRef,
 };
 
 /// The largest alignment kept, in elements (16 bf16 values are 32 bytes).
@@ -157,19 +157,6 @@ impl Backend for Strided<'_> {
     fn kernel_variant(&self, spec: &AttentionSpec, pass: flashattn_core::Pass) -> String {
         self.inner.kernel_variant(&self.spec(spec), pass)
     }
-
-    fn bench(
-        &self,
-        _: &AttentionSpec,
-        _: Algorithm,
-        _: &BenchPlan,
-        _: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        Err(Error::unsupported(
-            self.name(),
-            "a canary's twin is not timed",
-        ))
-    }
 }
 
 #[cfg(test)]
@@ -248,15 +235,6 @@ mod tests {
         fn kernel_variant(&self, spec: &AttentionSpec, _: Pass) -> String {
             H100Model::variant(spec).map_or_else(|e| e.to_string(), |v| v.name())
         }
-        fn bench(
-            &self,
-            _: &AttentionSpec,
-            _: Algorithm,
-            _: &BenchPlan,
-            _: &mut dyn FnMut(),
-        ) -> Result<BenchMeasure> {
-            Err(Error::unsupported("cuda", "a model of kernel selection"))
-        }
     }
 
     /// On an H100 a strided call runs mma.sync (strides of multiples of 8 elements) or the
@@ -320,15 +298,6 @@ mod tests {
             let k = head(i.k, plain.k_elems());
             let v = head(i.v, plain.v_elems());
             self.0.forward(&plain, ForwardInputs::of(&q, &k, &v))
-        }
-        fn bench(
-            &self,
-            _: &AttentionSpec,
-            _: Algorithm,
-            _: &BenchPlan,
-            _: &mut dyn FnMut(),
-        ) -> Result<BenchMeasure> {
-            Err(Error::unsupported("stride-blind", "not timed"))
         }
     }
 

@@ -58,6 +58,31 @@ impl BenchPlan {
     }
 }
 
+/// One [`Backend::bench`] request: time `algo` for `plan.pass` of `spec`; `progress` is
+/// called once per run, warm-up included.
+pub struct BenchRun<'a> {
+    pub spec: &'a AttentionSpec,
+    pub algo: Algorithm,
+    pub plan: &'a BenchPlan,
+    pub progress: &'a mut dyn FnMut(),
+}
+
+impl<'a> BenchRun<'a> {
+    pub fn new(
+        spec: &'a AttentionSpec,
+        algo: Algorithm,
+        plan: &'a BenchPlan,
+        progress: &'a mut dyn FnMut(),
+    ) -> Self {
+        BenchRun {
+            spec,
+            algo,
+            plan,
+            progress,
+        }
+    }
+}
+
 /// Host inputs of a forward pass: q, k and v.
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardInputs<'a> {
@@ -229,13 +254,13 @@ pub trait Backend: Send + Sync {
         ))
     }
 
-    /// Times `algo` for `plan.pass` on random inputs that stay resident on the device (no host round trips
-    /// inside the timed region). `progress` is called once per run, warm-up included.
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure>;
+    /// Times `run.algo` for `run.plan.pass` on random inputs that stay resident on the device
+    /// (no host round trips inside the timed region).
+    fn bench(&self, run: BenchRun<'_>) -> Result<BenchMeasure> {
+        let _ = run;
+        Err(Error::unsupported(
+            self.name(),
+            "timing is not implemented on this backend",
+        ))
+    }
 }

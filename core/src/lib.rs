@@ -21,7 +21,8 @@ mod tensor;
 pub mod testing;
 
 pub use backend::{
-    Algorithm, Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, ForwardInputs, Pass,
+    Algorithm, Backend, BackwardInputs, BenchMeasure, BenchPlan, BenchRun, DecodeInputs,
+    ForwardInputs, Pass,
 };
 pub use cache_dir::cache_dir;
 pub use cache_state::{

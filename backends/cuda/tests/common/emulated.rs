@@ -4,9 +4,9 @@
 
 use super::emu::{check_compiler, emulator_source, run_dir, run_driver, run_with_limit, Drivers};
 use flashattn_core::{
-    validate_backward_inputs, validate_decode_inputs, validate_inputs, Algorithm, AttentionSpec,
-    Backend, BackwardInputs, BenchMeasure, BenchPlan, DecodeInputs, Error, ForwardInputs, Grads,
-    Output, Pass, Result, Tensor, TensorMut,
+    validate_backward_inputs, validate_decode_inputs, validate_inputs, AttentionSpec, Backend,
+    BackwardInputs, DecodeInputs, Error, ForwardInputs, Grads, Output, Pass, Result, Tensor,
+    TensorMut,
 };
 use flashattn_cuda::{
     backward_plan, decode_plan, flash_launch, select_decode, select_generic, select_generic_bwd,
@@ -312,15 +312,5 @@ impl Backend for Emulated {
         write_back(&mut inputs.v_cache, &read("v_out.bin")?)?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(output)
-    }
-
-    fn bench(
-        &self,
-        _: &AttentionSpec,
-        _: Algorithm,
-        _: &BenchPlan,
-        _: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        Err(unsupported("no timings in emulation"))
     }
 }
