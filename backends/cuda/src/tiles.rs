@@ -52,7 +52,7 @@ pub fn hopper_tiles(head_dim: usize) -> Option<HopperTiles> {
 }
 
 /// Keys-per-block values the kernel can be built with: wgmma N sizes generated in
-/// kernels/wgmma.cuh that are multiples of 16 (P V steps over keys 16 at a time).
+/// the wgmma wrappers (build.rs) that are multiples of 16 (P V steps over keys 16 at a time).
 pub const HOPPER_BLOCK_N_CHOICES: [usize; 9] = [64, 80, 96, 112, 128, 144, 160, 176, 192];
 
 /// Checks overrides of the keys per block and ring depth for `head_dim` (`None`: the
