@@ -111,8 +111,17 @@ pub fn spec(hq: usize, hkv: usize, sq: usize, d: usize, cache: KvCache) -> Atten
 /// sizes 1 / 3 / 16 / 256, appends across pages, GQA 32/8 and MQA, every mask and score
 /// feature, rotary both styles), for `dtype`.
 pub fn decode_cases(dtype: DType) -> Vec<(&'static str, AttentionSpec)> {
+    layout_and_mask_cases()
+        .into_iter()
+        .chain(score_and_cache_feature_cases())
+        .map(|(name, s)| (name, s.dtype(dtype)))
+        .collect()
+}
+
+/// Cache lengths, page sizes, appends, head groups and masks.
+fn layout_and_mask_cases() -> Vec<(&'static str, AttentionSpec)> {
     let lens = [0, 1, 17, 1000];
-    let cases = vec![
+    vec![
         (
             "contiguous 0/1/17/1000, GQA 32/8",
             spec(32, 8, 1, 64, contiguous(&lens, 1, 3)),
@@ -150,6 +159,12 @@ pub fn decode_cases(dtype: DType) -> Vec<(&'static str, AttentionSpec)> {
                 .causal(false)
                 .window(7, 2),
         ),
+    ]
+}
+
+/// Softcap, ALiBi, a narrower v, a custom scale, batch_idx and rotary.
+fn score_and_cache_feature_cases() -> Vec<(&'static str, AttentionSpec)> {
+    vec![
         (
             "softcap",
             spec(4, 2, 1, 64, contiguous(&[400, 3], 1, 0)).softcap(3.0),
@@ -221,26 +236,54 @@ pub fn decode_cases(dtype: DType) -> Vec<(&'static str, AttentionSpec)> {
             )
             .window(5, -1),
         ),
-    ];
-    cases
-        .into_iter()
-        .map(|(name, s)| (name, s.dtype(dtype)))
-        .collect()
+    ]
 }
 
-/// Rotation as the reference defines it, in f32.
+/// Rotation as the reference defines it (its own code, in f64), rounded back to f32.
 pub fn rotate(x: &mut [f32], pos: usize, r: &Rotary) {
-    let half = r.dim / 2;
-    for i in 0..half {
-        let (c, s) = (r.cos[pos * half + i], r.sin[pos * half + i]);
-        let (a, b) = if r.interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + half)
-        };
-        let (xa, xb) = (x[a], x[b]);
-        x[a] = xa * c - xb * s;
-        x[b] = xa * s + xb * c;
+    let mut wide: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    crate::reference::rotate(&mut wide, pos, r);
+    for (v, w) in x.iter_mut().zip(wide) {
+        *v = w as f32;
+    }
+}
+
+/// Every row appended to a handle, as the cache should hold it (`[batch][token][heads_kv * d]`,
+/// rounded to the dtype, k rotated at its position).
+struct Appended {
+    dtype: DType,
+    row: usize,
+    head_dim: usize,
+    rotary: Option<Rotary>,
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+}
+
+impl Appended {
+    /// Keeps the `n` rows per sequence of `k` and `v` (`[batch, n, heads_kv, d]`), k rotated
+    /// at positions `at..` where given.
+    fn keep(&mut self, (k, v): (&Tensor, &Tensor), n: usize, at: Option<usize>) {
+        let (k, v) = (k.to_f32_vec(), v.to_f32_vec());
+        for b in 0..self.k.len() {
+            for i in 0..n {
+                let span = (b * n + i) * self.row..(b * n + i + 1) * self.row;
+                let mut kr = k[span.clone()].to_vec();
+                if let (Some(r), Some(at)) = (&self.rotary, at) {
+                    for head in kr.chunks_mut(self.head_dim) {
+                        rotate(head, at + i, r);
+                    }
+                }
+                let round = |x: &[f32]| Tensor::from_f32(self.dtype, x).to_f32_vec();
+                self.k[b].push(round(&kr));
+                self.v[b].push(round(&v[span]));
+            }
+        }
+    }
+
+    /// k and v as dense `[batch, len, heads_kv, d]` f32.
+    fn dense(&self) -> (Vec<f32>, Vec<f32>) {
+        let flat = |h: &[Vec<Vec<f32>>]| h.iter().flatten().flatten().copied().collect();
+        (flat(&self.k), flat(&self.v))
     }
 }
 
@@ -255,113 +298,93 @@ pub fn decode_steps_equal_prefills(
     rot: Option<bool>,
     steps: usize,
 ) {
-    {
-        let (batch, hq, hkv, d, prompt) = (2, 4, 2, 32, 5);
-        let mut config = CacheConfig::contiguous(batch, prompt + steps, hkv, d).dtype(dtype);
-        config.page_size = page;
-        let mut cache = backend.kv_cache(config).unwrap();
-        let rotary = rot.map(|interleaved| rotary(16, prompt + steps, interleaved));
-        // Host copies of every appended row ([batch][token][heads_kv * d]), k rotated.
-        let (mut ks, mut vs) = (vec![Vec::new(); batch], vec![Vec::new(); batch]);
-        let rows = |n: usize, seed: u64| {
-            let (_, k, v) =
-                random_inputs(&AttentionSpec::new(batch, hkv, n, n, d).dtype(dtype), seed);
-            (k, v)
-        };
-        // Rows of `t` ([batch, n, heads_kv, d]) kept, rotated at `at..` where given.
-        let keep = |hist: &mut Vec<Vec<Vec<f32>>>, t: &Tensor, n: usize, at: Option<usize>| {
-            let x = t.to_f32_vec();
-            for (b, h) in hist.iter_mut().enumerate() {
-                for i in 0..n {
-                    let mut row = x[(b * n + i) * hkv * d..][..hkv * d].to_vec();
-                    if let (Some(r), Some(at)) = (&rotary, at) {
-                        for head in row.chunks_mut(d) {
-                            rotate(head, at + i, r);
-                        }
-                    }
-                    let row = Tensor::from_f32(dtype, &row).to_f32_vec();
-                    h.push(row);
-                }
-            }
-        };
-        // The prompt: appended without rotation (append takes rows as they are).
-        let (k, v) = rows(prompt, 1);
-        cache.append(k.as_ref(), v.as_ref()).unwrap();
-        keep(&mut ks, &k, prompt, None);
-        keep(&mut vs, &v, prompt, None);
-        for step in 0..steps {
-            let len = prompt + step;
-            let (k, v) = rows(1, 100 + step as u64);
-            let (q, _, _) = random_inputs(
-                &AttentionSpec::new(batch, hq, 1, 1, d).dtype(dtype),
-                900 + step as u64,
-            );
-            let mut ds = DecodeStep::new(hq);
-            ds.return_lse = true;
-            ds.rotary = rotary.clone();
-            let got = cache
-                .decode(&ds, q.as_ref(), Some(k.as_ref()), Some(v.as_ref()))
-                .unwrap();
-            assert_eq!(cache.state().seqlens(), &[len as i32 + 1; 2]);
-            keep(&mut ks, &k, 1, Some(len));
-            keep(&mut vs, &v, 1, None);
-            // The same step as a prefill: q rotated at its position, all len + 1 keys.
-            let mut qr = q.to_f32_vec();
-            if let Some(r) = &rotary {
-                for head in qr.chunks_mut(d) {
-                    rotate(head, len, r);
-                }
-            }
-            let dense = AttentionSpec::new(batch, hq, 1, len + 1, d)
-                .heads_kv(hkv)
-                .causal(true)
-                .return_lse(true);
-            // [batch, len + 1, heads_kv, d]
-            let flat =
-                |h: &[Vec<Vec<f32>>]| h.iter().flatten().flatten().copied().collect::<Vec<f32>>();
-            let (kf, vf) = (flat(&ks), flat(&vs));
-            let (kf, vf) = (TensorRef::F32(&kf), TensorRef::F32(&vf));
-            let want = reference_attention(&dense, TensorRef::F32(&qr), kf, vf).unwrap();
-            let prefill = backend
-                .forward(
-                    &dense,
-                    ForwardInputs {
-                        q: TensorRef::F32(&qr),
-                        k: kf,
-                        v: vf,
-                    },
-                )
-                .unwrap();
-            let tol = dtype.tolerance();
-            let err = rel_l2_error(&got.out.to_f32_vec(), &want.out);
-            assert!(err < tol, "{dtype} step {step}: {err:.2e} vs the reference");
-            let pre: Vec<f64> = prefill.out.to_f32_vec().iter().map(|&x| x as f64).collect();
-            let err = rel_l2_error(&got.out.to_f32_vec(), &pre);
-            assert!(
-                err < tol,
-                "{dtype} step {step}: {err:.2e} vs the backend's prefill"
-            );
-            let lse = got.lse.unwrap();
-            for (a, e) in lse.iter().zip(&want.lse) {
-                assert!(
-                    (*a as f64 - e).abs() < dtype.lse_tolerance(),
-                    "{dtype} step {step} LSE"
-                );
+    let (batch, hq, hkv, d, prompt) = (2, 4, 2, 32, 5);
+    let mut config = CacheConfig::contiguous(batch, prompt + steps, hkv, d).dtype(dtype);
+    config.page_size = page;
+    let mut cache = backend.kv_cache(config).unwrap();
+    let mut appended = Appended {
+        dtype,
+        row: hkv * d,
+        head_dim: d,
+        rotary: rot.map(|interleaved| rotary(16, prompt + steps, interleaved)),
+        k: vec![Vec::new(); batch],
+        v: vec![Vec::new(); batch],
+    };
+    let rows = |n: usize, seed: u64| {
+        let (_, k, v) = random_inputs(&AttentionSpec::new(batch, hkv, n, n, d).dtype(dtype), seed);
+        (k, v)
+    };
+    // The prompt: appended without rotation (append takes rows as they are).
+    let (k, v) = rows(prompt, 1);
+    cache.append(k.as_ref(), v.as_ref()).unwrap();
+    appended.keep((&k, &v), prompt, None);
+    for step in 0..steps {
+        let len = prompt + step;
+        let (k, v) = rows(1, 100 + step as u64);
+        let q_spec = AttentionSpec::new(batch, hq, 1, 1, d).dtype(dtype);
+        let (q, _, _) = random_inputs(&q_spec, 900 + step as u64);
+        let mut ds = DecodeStep::new(hq);
+        ds.return_lse = true;
+        ds.rotary = appended.rotary.clone();
+        let got = cache
+            .decode(&ds, q.as_ref(), Some(k.as_ref()), Some(v.as_ref()))
+            .unwrap();
+        assert_eq!(cache.state().seqlens(), &[len as i32 + 1; 2]);
+        appended.keep((&k, &v), 1, Some(len));
+        // The same step as a prefill: q rotated at its position, all len + 1 keys.
+        let mut qr = q.to_f32_vec();
+        if let Some(r) = &appended.rotary {
+            for head in qr.chunks_mut(d) {
+                rotate(head, len, r);
             }
         }
-        // read(): the buffers hold what was appended, where the state put it.
-        let (kb, _) = cache.read().unwrap();
-        let kb = kb.to_f32_vec();
-        let spec = cache.state().spec(&DecodeStep::new(hq), 0).unwrap();
-        let kvc = spec.kv_cache.unwrap();
-        for (b, seq) in ks.iter().enumerate() {
-            for (t, row) in seq.iter().enumerate() {
-                let at = kvc.row(b, t) * hkv * d;
-                assert_eq!(&kb[at..at + hkv * d], &row[..], "{dtype} seq {b} row {t}");
-            }
+        let dense = AttentionSpec::new(batch, hq, 1, len + 1, d)
+            .heads_kv(hkv)
+            .causal(true)
+            .return_lse(true);
+        let what = format!("{dtype} step {step}");
+        check_step(backend, &dense, &qr, &appended, &got, &what);
+    }
+    // read(): the buffers hold what was appended, where the state put it.
+    let (kb, _) = cache.read().unwrap();
+    let kb = kb.to_f32_vec();
+    let spec = cache.state().spec(&DecodeStep::new(hq), 0).unwrap();
+    let kvc = spec.kv_cache.unwrap();
+    for (b, seq) in appended.k.iter().enumerate() {
+        for (t, row) in seq.iter().enumerate() {
+            let at = kvc.row(b, t) * hkv * d;
+            assert_eq!(&kb[at..at + hkv * d], &row[..], "{dtype} seq {b} row {t}");
         }
-        cache.reset(0).unwrap();
-        assert_eq!(cache.state().seqlens(), &[0, (prompt + steps) as i32]);
+    }
+    cache.reset(0).unwrap();
+    assert_eq!(cache.state().seqlens(), &[0, (prompt + steps) as i32]);
+}
+
+/// One decode step's output `got` equals the f64 reference and the backend's own forward on
+/// the dense prefix (`dense`, q already rotated).
+fn check_step(
+    backend: &dyn Backend,
+    dense: &AttentionSpec,
+    q: &[f32],
+    appended: &Appended,
+    got: &crate::Output,
+    what: &str,
+) {
+    let dtype = appended.dtype;
+    let (kf, vf) = appended.dense();
+    let (q, k, v) = (TensorRef::F32(q), TensorRef::F32(&kf), TensorRef::F32(&vf));
+    let want = reference_attention(dense, q, k, v).unwrap();
+    let prefill = backend.forward(dense, ForwardInputs { q, k, v }).unwrap();
+    let tol = dtype.tolerance();
+    let out = got.out.to_f32_vec();
+    let err = rel_l2_error(&out, &want.out);
+    assert!(err < tol, "{what}: {err:.2e} vs the reference");
+    let pre: Vec<f64> = prefill.out.to_f32_vec().iter().map(|&x| x as f64).collect();
+    let err = rel_l2_error(&out, &pre);
+    assert!(err < tol, "{what}: {err:.2e} vs the backend's prefill");
+    let lse = got.lse.as_ref().unwrap();
+    for (a, e) in lse.iter().zip(&want.lse) {
+        assert!((*a as f64 - e).abs() < dtype.lse_tolerance(), "{what} LSE");
     }
 }
 
