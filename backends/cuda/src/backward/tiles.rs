@@ -37,6 +37,22 @@ pub const POST_THREADS: u32 = 256;
 const POST_MAX_CTAS: usize = 1 << 20;
 
 impl MmaBwdTiles {
+    pub const fn new(
+        block_m: usize,
+        block_n: usize,
+        warps: usize,
+        stages: usize,
+        dq_block_n: usize,
+    ) -> Self {
+        MmaBwdTiles {
+            block_m,
+            block_n,
+            warps,
+            stages,
+            dq_block_n,
+        }
+    }
+
     pub fn threads(&self) -> u32 {
         (self.warps * 32) as u32
     }
@@ -125,13 +141,7 @@ impl MmaBwdTiles {
 ///
 /// Registers without spills on every CI arch: tests/sass.rs. None of these was timed on a GPU.
 pub fn mma_bwd_tiles(head_dim: usize, smem_optin: usize) -> Result<MmaBwdTiles, String> {
-    let t = |block_m, block_n, warps, stages, dq_block_n| MmaBwdTiles {
-        block_m,
-        block_n,
-        warps,
-        stages,
-        dq_block_n,
-    };
+    let t = MmaBwdTiles::new;
     let choices = match head_dim {
         64 => vec![t(64, 128, 8, 2, 64), t(64, 64, 4, 2, 64)],
         128 => vec![t(64, 128, 8, 2, 64), t(64, 64, 4, 1, 64)],
@@ -272,13 +282,7 @@ mod tests {
 
     #[test]
     fn tile_checks_refuse_shapes_the_kernel_cannot_take() {
-        let t = |block_m, block_n, warps, stages, dq_block_n| MmaBwdTiles {
-            block_m,
-            block_n,
-            warps,
-            stages,
-            dq_block_n,
-        };
+        let t = MmaBwdTiles::new;
         assert!(t(64, 128, 8, 2, 64).check(64).is_ok());
         assert!(
             t(64, 96, 8, 2, 64).check(64).is_err(),
