@@ -3,7 +3,7 @@
 //! slower than the CPU backend instead of assuming a GPU always wins.
 
 use crate::store::JsonStore;
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, CacheLayout, Pass};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, BenchRun, CacheLayout, Pass};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -207,7 +207,7 @@ fn measure_all(
 }
 
 fn time(backend: &dyn Backend, spec: &AttentionSpec, plan: &BenchPlan) -> Option<f64> {
-    match backend.bench(spec, Algorithm::Flash, plan, &mut || {}) {
+    match backend.bench(BenchRun::new(spec, Algorithm::Flash, plan, &mut || {})) {
         Ok(m) => m.median_ms(),
         Err(e) => {
             log::warn!("flashattn: autotune of {} failed: {e}", backend.name());

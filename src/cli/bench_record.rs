@@ -3,7 +3,7 @@
 
 use super::budget::human;
 use super::run_decode::kv_bytes_read;
-use flashattn::{Algorithm, AttentionSpec, Backend, BenchPlan, CacheLayout, Pass};
+use flashattn::{Algorithm, AttentionSpec, Backend, BenchPlan, BenchRun, CacheLayout, Pass};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
@@ -145,7 +145,8 @@ pub fn measure(
         Pass::Backward => backend.supports_backward(spec),
         Pass::Decode => backend.supports_decode(spec),
     };
-    let result = supported.and_then(|_| backend.bench(spec, algo, plan, &mut || bar.inc(1)));
+    let result =
+        supported.and_then(|_| backend.bench(BenchRun::new(spec, algo, plan, &mut || bar.inc(1))));
     match result {
         Ok(m) => {
             let time_ms = m.median_ms();

@@ -6,8 +6,8 @@
 pub mod cli;
 
 use flashattn::{
-    reference_attention, reference_backward, reference_decode, Algorithm, AttentionSpec, Backend,
-    BackwardInputs, BenchMeasure, BenchPlan, DType, DecodeInputs, Error, ForwardInputs, Grads,
+    reference_attention, reference_backward, reference_decode, AttentionSpec, Backend,
+    BackwardInputs, BenchMeasure, BenchRun, DType, DecodeInputs, Error, ForwardInputs, Grads,
     Output, Pass, Result, Tensor, TensorMut,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -161,13 +161,8 @@ impl Backend for Scripted {
             lse: lse(spec, &r.lse),
         })
     }
-    fn bench(
-        &self,
-        _: &AttentionSpec,
-        _: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
+    fn bench(&self, run: BenchRun<'_>) -> Result<BenchMeasure> {
+        let BenchRun { plan, progress, .. } = run;
         for _ in 0..plan.runs()? {
             progress();
         }

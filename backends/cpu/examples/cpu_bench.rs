@@ -7,7 +7,7 @@
 //!     [--backward]
 
 use flashattn_core::alloc_meter::MeteredAlloc;
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, BenchRun, DType, Pass};
 
 mod common;
 
@@ -58,7 +58,7 @@ fn main() {
         };
         let cpu0 = process_cpu_seconds();
         let m = backend
-            .bench(&spec, algo, &plan, &mut || {})
+            .bench(BenchRun::new(&spec, algo, &plan, &mut || {}))
             .expect("bench failed");
         // CPU seconds per run over all threads (input generation and warm-up included):
         // a throughput per busy core that the other processes on the machine disturb less.

@@ -10,7 +10,7 @@
 
 use flashattn_core::alloc_meter::MeteredAlloc;
 use flashattn_core::{
-    decode_bytes, Algorithm, AttentionSpec, Backend, BenchPlan, DType, KvCache, Pass,
+    decode_bytes, Algorithm, AttentionSpec, Backend, BenchPlan, BenchRun, DType, KvCache, Pass,
 };
 
 mod common;
@@ -63,7 +63,7 @@ fn main() {
         let mut medians = [0.0; 2];
         for (slot, algo) in [Algorithm::Flash, Algorithm::Copy].into_iter().enumerate() {
             let m = backend
-                .bench(&spec, algo, &plan, &mut || {})
+                .bench(BenchRun::new(&spec, algo, &plan, &mut || {}))
                 .expect("bench failed");
             let median = m.median_ms().expect("timings");
             let best = m.times_ms.iter().copied().fold(f64::INFINITY, f64::min);

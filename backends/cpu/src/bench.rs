@@ -3,18 +3,18 @@
 use crate::CpuBackend;
 use flashattn_core::{
     alloc_meter, random_inputs, random_tensor, Algorithm, AttentionSpec, Backend, BackwardInputs,
-    BenchMeasure, BenchPlan, Error, ForwardInputs, Pass, Result,
+    BenchMeasure, BenchPlan, BenchRun, Error, ForwardInputs, Pass, Result,
 };
 use rand::SeedableRng;
 use std::time::Instant;
 
-pub(crate) fn bench(
-    backend: &CpuBackend,
-    spec: &AttentionSpec,
-    algo: Algorithm,
-    plan: &BenchPlan,
-    progress: &mut dyn FnMut(),
-) -> Result<BenchMeasure> {
+pub(crate) fn bench(backend: &CpuBackend, run: BenchRun<'_>) -> Result<BenchMeasure> {
+    let BenchRun {
+        spec,
+        algo,
+        plan,
+        progress,
+    } = run;
     plan.runs()?;
     // The random inputs are contiguous buffers: a strided spec is timed in that layout.
     let spec = &spec.contiguous();

@@ -35,9 +35,9 @@ pub use device::Isa;
 pub use kv_cache::CpuKvCache;
 
 use flashattn_core::{
-    validate_backward_inputs, validate_decode_inputs, validate_inputs, Algorithm, AttentionSpec,
-    Backend, BackwardInputs, BenchMeasure, BenchPlan, CacheConfig, CheckedSpec, DType,
-    DecodeInputs, Error, ForwardInputs, Grads, KvCacheHandle, Output, Result, TensorRef,
+    validate_backward_inputs, validate_decode_inputs, validate_inputs, AttentionSpec, Backend,
+    BackwardInputs, BenchMeasure, BenchRun, CacheConfig, CheckedSpec, DType, DecodeInputs, Error,
+    ForwardInputs, Grads, KvCacheHandle, Output, Result, TensorRef,
 };
 use thread_pool::ThreadPool;
 
@@ -222,13 +222,7 @@ impl Backend for CpuBackend {
         Ok(Box::new(CpuKvCache::new(self, config)?))
     }
 
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        bench::bench(self, spec, algo, plan, progress)
+    fn bench(&self, run: BenchRun<'_>) -> Result<BenchMeasure> {
+        bench::bench(self, run)
     }
 }

@@ -7,7 +7,7 @@ use flashattn_core::testing::decode::{
     contiguous, decode_cases, decode_nan_reaches_exactly_the_rows_that_see_it,
     decode_steps_equal_prefills, paged, spec,
 };
-use flashattn_core::{AttentionSpec, Backend, DType};
+use flashattn_core::{AttentionSpec, Backend, BenchRun, DType};
 use flashattn_cpu::{CpuBackend, Isa};
 
 fn backends() -> Vec<(String, CpuBackend)> {
@@ -95,17 +95,17 @@ fn decode_bench_times_the_step_and_the_copy_peer() {
     for algo in [Algorithm::Flash, Algorithm::Copy] {
         let mut calls = 0;
         let m = backend
-            .bench(&spec, algo, &plan, &mut || calls += 1)
+            .bench(BenchRun::new(&spec, algo, &plan, &mut || calls += 1))
             .unwrap_or_else(|e| panic!("{algo:?}: {e}"));
         assert_eq!((m.times_ms.len(), calls), (3, 4), "{algo:?}");
         assert!(m.median_ms().is_some_and(|t| t > 0.0), "{algo:?}");
     }
     let e = backend
-        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
+        .bench(BenchRun::new(&spec, Algorithm::Naive, &plan, &mut || {}))
         .unwrap_err();
     assert!(e.to_string().contains("naive"), "{e}");
     let forward = AttentionSpec::new(1, 1, 1, 1, 8);
     assert!(backend
-        .bench(&forward, Algorithm::Flash, &plan, &mut || {})
+        .bench(BenchRun::new(&forward, Algorithm::Flash, &plan, &mut || {}))
         .is_err());
 }

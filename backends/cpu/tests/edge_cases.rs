@@ -7,7 +7,7 @@ mod common;
 use flashattn_core::testing::{check_backend, check_cases};
 use flashattn_core::{
     lse_max_error, random_inputs, reference_attention, rel_l2_error, Algorithm, AttentionSpec,
-    Backend, BenchPlan, DType, Error, ForwardInputs, Pass, Tensor,
+    Backend, BenchPlan, BenchRun, DType, Error, ForwardInputs, Pass, Tensor,
 };
 use flashattn_cpu::CpuBackend;
 
@@ -214,12 +214,17 @@ fn bench_plans_that_overflow_or_time_nothing_are_errors() {
                 pass,
             };
             let mut runs = 0;
-            let r = b.bench(&spec, algo, &plan(usize::MAX, 1), &mut || runs += 1);
+            let r = b.bench(BenchRun::new(
+                &spec,
+                algo,
+                &plan(usize::MAX, 1),
+                &mut || runs += 1,
+            ));
             assert!(
                 matches!(r, Err(Error::InvalidArgument { .. })),
                 "{pass:?} {algo:?}: {r:?}"
             );
-            let r = b.bench(&spec, algo, &plan(1, 0), &mut || runs += 1);
+            let r = b.bench(BenchRun::new(&spec, algo, &plan(1, 0), &mut || runs += 1));
             assert!(
                 matches!(r, Err(Error::InvalidArgument { .. })),
                 "{pass:?} {algo:?}: {r:?}"

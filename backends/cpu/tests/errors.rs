@@ -1,8 +1,8 @@
 //! Bad input gives typed errors, never panics; fp8 is rejected with a reason.
 
 use flashattn_core::{
-    random_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs, BenchPlan, DType, Error,
-    ForwardInputs, Fp8Descale, Pass, Tensor, TensorRef,
+    random_inputs, Algorithm, AttentionSpec, Backend, BackwardInputs, BenchPlan, BenchRun, DType,
+    Error, ForwardInputs, Fp8Descale, Pass, Tensor, TensorRef,
 };
 use flashattn_cpu::CpuBackend;
 
@@ -38,7 +38,7 @@ fn fp8_is_unsupported_with_a_reason() {
         seed: 1,
         pass: Pass::Forward,
     };
-    let bench = b.bench(&spec, Algorithm::Flash, &plan, &mut || {});
+    let bench = b.bench(BenchRun::new(&spec, Algorithm::Flash, &plan, &mut || {}));
     assert!(matches!(bench, Err(Error::Unsupported { .. })), "{bench:?}");
 }
 

@@ -12,7 +12,7 @@
 //! FlashAttention's benchmarks. Prints one line per shape: median ms and TFLOP/s.
 
 use flashattn_core::testing::check_backend;
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, BenchRun, DType, Pass};
 use flashattn_cuda::{CudaBackend, KernelKind, MmaTiles};
 
 fn arg_list(args: &[String], name: &str, default: &str) -> Vec<String> {
@@ -192,7 +192,7 @@ fn time_one(backend: &CudaBackend, o: &Options, spec: &AttentionSpec, algo: Algo
         Algorithm::Copy => "copy".into(),
     };
     let (d, s, c) = (spec.head_dim, spec.seqlen_q, spec.causal);
-    match backend.bench(spec, algo, &plan, &mut || {}) {
+    match backend.bench(BenchRun::new(spec, algo, &plan, &mut || {})) {
         Ok(m) => {
             let ms = median(&m.times_ms);
             let tflops = spec.flops() / (ms * 1e-3) / 1e12;

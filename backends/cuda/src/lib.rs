@@ -82,8 +82,8 @@ use bench::BenchCall;
 use compile::BACKEND;
 use device::Gpu;
 use flashattn_core::{
-    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, CacheConfig,
-    DecodeInputs, Error, ForwardInputs, Grads, KvCacheHandle, Output, Pass, Result,
+    AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchRun, CacheConfig, DecodeInputs,
+    Error, ForwardInputs, Grads, KvCacheHandle, Output, Pass, Result,
 };
 use loader::load_nvrtc;
 
@@ -277,13 +277,13 @@ impl Backend for CudaBackend {
         Ok(Box::new(CudaKvCache::new(self, config)?))
     }
 
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
+    fn bench(&self, run: BenchRun<'_>) -> Result<BenchMeasure> {
+        let BenchRun {
+            spec,
+            algo,
+            plan,
+            progress,
+        } = run;
         // Checked once here; each pass's bench takes the checked spec.
         plan.runs()?;
         let c = spec.validate()?;

@@ -8,7 +8,7 @@
 //! FlashAttention does) against the naive backward that materialises P and dS.
 //! FLASHATTN_WGPU_TILES="br=32,bc=16" forces tile sizes (for tuning).
 
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, BenchRun, DType, Pass};
 use flashattn_wgpu::WgpuBackend;
 
 fn median(v: &[f64]) -> f64 {
@@ -92,7 +92,7 @@ fn main() {
             &[Algorithm::Flash]
         };
         for &algo in algos {
-            match backend.bench(&spec, algo, &plan, &mut || {}) {
+            match backend.bench(BenchRun::new(&spec, algo, &plan, &mut || {})) {
                 Ok(m) => {
                     let ms = median(&m.times_ms);
                     println!(

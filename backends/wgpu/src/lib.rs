@@ -325,13 +325,13 @@ impl flashattn_core::Backend for WgpuBackend {
         Ok(Box::new(WgpuKvCache::new(self, config)?))
     }
 
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        algo: flashattn_core::Algorithm,
-        plan: &flashattn_core::BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<flashattn_core::BenchMeasure> {
+    fn bench(&self, run: flashattn_core::BenchRun<'_>) -> Result<flashattn_core::BenchMeasure> {
+        let flashattn_core::BenchRun {
+            spec,
+            algo,
+            plan,
+            progress,
+        } = run;
         pollster::block_on(self.bench_async(spec, algo, plan, progress))
     }
 }

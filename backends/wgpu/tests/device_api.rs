@@ -5,7 +5,7 @@ mod common;
 
 use flashattn_core::{
     random_inputs, reference_attention, rel_l2_error, Algorithm, AttentionSpec, Backend, BenchPlan,
-    DType, Error, ForwardInputs, Pass, Tensor,
+    BenchRun, DType, Error, ForwardInputs, Pass, Tensor,
 };
 use flashattn_wgpu::{wgpu, DeviceInputs, DeviceOutputs, WgpuBackend};
 
@@ -148,7 +148,7 @@ fn naive_reports_a_score_buffer_that_does_not_fit() {
         pass: Pass::Forward,
     };
     let err = b
-        .bench(&spec, Algorithm::Naive, &plan, &mut || {})
+        .bench(BenchRun::new(&spec, Algorithm::Naive, &plan, &mut || {}))
         .unwrap_err();
     assert!(err.to_string().contains("score buffer"), "{err}");
 }

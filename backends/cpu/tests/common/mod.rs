@@ -3,7 +3,7 @@
 
 use flashattn_core::testing::backend_or_skip;
 use flashattn_core::{
-    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchPlan, ForwardInputs,
+    Algorithm, AttentionSpec, Backend, BackwardInputs, BenchMeasure, BenchRun, ForwardInputs,
     Grads, Output, Result,
 };
 use flashattn_cpu::{CpuBackend, Isa};
@@ -52,13 +52,10 @@ impl Backend for Naive {
     fn backward(&self, spec: &AttentionSpec, inputs: BackwardInputs<'_>) -> Result<Grads> {
         self.0.naive_backward(spec, inputs)
     }
-    fn bench(
-        &self,
-        spec: &AttentionSpec,
-        _algo: Algorithm,
-        plan: &BenchPlan,
-        progress: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        self.0.bench(spec, Algorithm::Naive, plan, progress)
+    fn bench(&self, run: BenchRun<'_>) -> Result<BenchMeasure> {
+        self.0.bench(BenchRun {
+            algo: Algorithm::Naive,
+            ..run
+        })
     }
 }

@@ -4,7 +4,7 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 use flashattn_core::testing::{backend_or_skip, check_cases, CheckReport};
-use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, DType, Pass};
+use flashattn_core::{Algorithm, AttentionSpec, Backend, BenchPlan, BenchRun, DType, Pass};
 use flashattn_wgpu::{wgpu, WgpuBackend};
 use std::sync::OnceLock;
 
@@ -91,11 +91,13 @@ pub fn assert_bench_memory(
     };
     let mut runs = 0;
     let flash = b
-        .bench(spec, Algorithm::Flash, &plan, &mut || runs += 1)
+        .bench(BenchRun::new(spec, Algorithm::Flash, &plan, &mut || {
+            runs += 1
+        }))
         .expect("flash bench");
     assert_eq!(runs, 3);
     let naive = b
-        .bench(spec, Algorithm::Naive, &plan, &mut || {})
+        .bench(BenchRun::new(spec, Algorithm::Naive, &plan, &mut || {}))
         .expect("naive bench");
     assert_eq!(flash.times_ms.len(), 2);
     assert!(flash
