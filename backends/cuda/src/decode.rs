@@ -1,8 +1,9 @@
 //! Decode against a KV cache on the GPU (FlashAttention's `flash_attn_with_kvcache`): which
 //! kernels run a decode spec, the plan of one call (parameters, launches, host tables,
 //! workspace sizes), the small device buffers beside the caches, the launches, and the
-//! host-slice entry point. The caller's device pointers enter through `decode_device.rs`, the
-//! handle that keeps caches on the GPU between steps is `kv_cache.rs`.
+//! host-slice entry point. The caller's device pointers enter through `decode_device.rs` (with
+//! the cache lengths on the device only: `decode_tables.rs`), the handle that keeps caches on
+//! the GPU between steps is `kv_cache.rs`.
 //!
 //! One call is up to three launches on the backend's stream: the append (new rows into the cache,
 //! k and q rotated), the split-KV attention (the keys of each (batch, KV head) in chunks across

@@ -14,7 +14,8 @@ use flashattn_core::{AttentionSpec, CacheLayout, Error, KvCache, Result};
 /// primary context of the backend's device: q, the caches and the new rows in the spec's dtype, out in its output
 /// dtype, lse f32 (exactly when `return_lse`), and the cache's int32 tables. The tables must
 /// hold the same values as the spec's `kv_cache` (the host copies validate the call and size
-/// the split; the kernels read the device copies).
+/// the split; the kernels read the device copies), except the lengths for
+/// `decode_device_with_tables`, where the spec's are bounds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceDecode {
     pub q: u64,

@@ -3,7 +3,9 @@
 //! `max_seqlen_k`), ALiBi slopes and rotary cos / sin are the caller's [`DeviceTable`]s, and
 //! the split-KV scratch is one caller allocation ([`DeviceWorkspace`]), so that
 //! `CudaBackend::decode_device_with_tables` allocates and uploads nothing and returns without
-//! waiting for its kernels.
+//! waiting for its kernels. The spec still says which tables there are: its ALiBi entry (per
+//! head or per batch and head) and its rotary entry (dim, style, and the tables' length), whose
+//! values are not read when the device tables are given (zeros will do).
 //!
 //! Why a caller workspace and not one the backend keeps: a backend-held buffer reused by a call
 //! that did not wait is only safe while every call runs on one stream and the buffer never
