@@ -107,3 +107,39 @@ impl Workspace {
         self.bufs.iter().flatten().map(|b| b.bytes as u64).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{decode_plan_from_bounds, select_decode};
+    use crate::tiles::smem_optin_of_arch;
+    use crate::variants::KernelKind;
+    use flashattn_core::testing::decode::{contiguous, rotary, spec};
+    use flashattn_core::DType;
+
+    fn plan(s: &flashattn_core::AttentionSpec) -> DecodePlan {
+        let c = s.validate().unwrap();
+        let smem = smem_optin_of_arch("sm_80");
+        let v = select_decode(&c, (8, 0), smem, KernelKind::DecodeMma).unwrap();
+        decode_plan_from_bounds(&c, &v, 108).unwrap()
+    }
+
+    #[test]
+    fn a_caller_scratch_holds_each_part_at_its_offset_and_only_the_parts_needed() {
+        let cache = contiguous(&[2000], 1, 0).rotary(rotary(64, 2001, false));
+        let p = plan(&spec(8, 2, 1, 128, cache).dtype(DType::Bf16));
+        assert!(p.q_rot > 0 && p.part_out > 0, "rotary and several chunks");
+        let (offsets, _) = scratch_layout(&p);
+        let ptrs = scratch_in(&p, 0x10_000, DecodePointers::default());
+        let at = |o: usize| 0x10_000 + o as u64;
+        assert_eq!(
+            [ptrs.q_rot, ptrs.part_out, ptrs.part_lse],
+            [at(offsets[0]), at(offsets[1]), at(offsets[2])]
+        );
+        assert_ne!(ptrs.part_out, ptrs.part_lse);
+        // No rotary, one chunk: nothing in the scratch.
+        let p = plan(&spec(8, 2, 1, 64, contiguous(&[100; 64], 0, 0)).dtype(DType::F16));
+        let ptrs = scratch_in(&p, 0x10_000, DecodePointers::default());
+        assert_eq!([ptrs.q_rot, ptrs.part_out, ptrs.part_lse], [0, 0, 0]);
+    }
+}
