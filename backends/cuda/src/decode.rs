@@ -1,8 +1,9 @@
 //! Decode against a KV cache on the GPU (FlashAttention's `flash_attn_with_kvcache`): which
 //! kernels run a decode spec, the plan of one call (parameters, launches, host tables,
 //! workspace sizes), the small device buffers beside the caches, the launches, and the
-//! host-slice entry point. The caller's device pointers enter through `decode_device.rs`, the
-//! handle that keeps caches on the GPU between steps is `kv_cache.rs`.
+//! host-slice entry point. The caller's device pointers enter through `decode_device.rs` (with
+//! the cache lengths on the device only: `decode_tables.rs`), the handle that keeps caches on
+//! the GPU between steps is `kv_cache.rs`.
 //!
 //! One call is up to three launches on the backend's stream: the append (new rows into the cache,
 //! k and q rotated), the split-KV attention (the keys of each (batch, KV head) in chunks across
@@ -12,13 +13,13 @@
 
 use crate::compile::BACKEND;
 use crate::decode_tiles::{decode_head_dim, decode_tiles, num_splits, tile_rows};
-use crate::device::{drv_err, DevBuf};
+pub(crate) use crate::decode_workspace::Workspace;
+use crate::device::DevBuf;
 use crate::forward::arg;
 use crate::params::{DecodeParams, KernelParams};
 use crate::tiles::{grid_x, Launch};
 use crate::variants::{KernelKind, Tiles, Variant, DECODE_APPEND_ENTRY, DECODE_COMBINE_ENTRY};
 use crate::CudaBackend;
-use cudarc::driver::result as drv;
 use flashattn_core::{
     validate_decode_inputs, AttentionSpec, CacheLayout, CheckedSpec, DType, DecodeInputs, Error,
     KvCache, Output, Result, Tensor, TensorMut, TensorRef,
@@ -109,8 +110,32 @@ fn to_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| unsupported(format!("{what} = {v} exceeds int32")))
 }
 
-/// Whether two batch entries write the same cache row in this call.
-fn appends_collide(cache: &KvCache, batch: usize) -> bool {
+/// Whether two batch entries write the same cache row in this call. With `bounds` (the
+/// lengths are upper bounds, the real ones on the device) whether they may, for any lengths
+/// within the bounds: a page two sequences share among those they may write (a contiguous
+/// cache appends to distinct slots, which validation checks).
+fn appends_collide(cache: &KvCache, batch: usize, bounds: bool) -> bool {
+    if bounds {
+        let CacheLayout::Paged {
+            page_size,
+            block_table,
+            max_blocks,
+            ..
+        } = &cache.layout
+        else {
+            return false;
+        };
+        let mut pages: Vec<i32> = (0..batch)
+            .flat_map(|b| {
+                let used = cache.keys(b).div_ceil(*page_size);
+                block_table[b * max_blocks..b * max_blocks + used]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        pages.sort_unstable();
+        return pages.windows(2).any(|w| w[0] == w[1]);
+    }
     let mut rows: Vec<usize> = (0..batch)
         .flat_map(|b| {
             let used = cache.seqlens[b] as usize;
@@ -122,11 +147,14 @@ fn appends_collide(cache: &KvCache, batch: usize) -> bool {
 }
 
 /// The host tables of a call (lengths, block table or batch_idx, ALiBi slopes, and the cos /
-/// sin rows of the positions it rotates), setting the cache's fields of `p`.
+/// sin rows of the positions it rotates), setting the cache's fields of `p`. With `bounds`
+/// the cos / sin rows are the tables' first rows, up to the last the bounds can reach,
+/// indexed by position (the real lengths are on the device only).
 fn cache_tables(
     spec: &CheckedSpec<'_>,
     cache: &KvCache,
     p: &mut DecodeParams,
+    bounds: bool,
 ) -> Result<DecodeTables> {
     let mut tables = DecodeTables {
         seqlens: cache.seqlens.clone(),
@@ -160,7 +188,15 @@ fn cache_tables(
         } else {
             1
         });
-        for b in 0..spec.batch {
+        if bounds {
+            let rows = (0..spec.batch)
+                .map(|b| cache.seqlens[b] as usize + span)
+                .max();
+            let n = rows.unwrap_or(0) * half;
+            tables.rot_cos = rot.cos[..n].to_vec();
+            tables.rot_sin = rot.sin[..n].to_vec();
+        }
+        for b in (0..spec.batch).filter(|_| !bounds) {
             let first = cache.seqlens[b] as usize * half;
             tables
                 .rot_cos
@@ -171,7 +207,11 @@ fn cache_tables(
         }
         p.rot_dim = to_i32("rotary.dim", rot.dim)?;
         p.rot_interleaved = rot.interleaved as i32;
-        p.rot_span = to_i32("rotary positions", span)?;
+        p.rot_span = if bounds {
+            0
+        } else {
+            to_i32("rotary positions", span)?
+        };
     }
     Ok(tables)
 }
@@ -180,14 +220,14 @@ fn cache_tables(
 /// entry in batch order when two write the same cache row; the first also rotates q.
 fn append_launches(
     cache: &KvCache,
-    batch: usize,
-    sq: usize,
+    (batch, sq): (usize, usize),
     threads: u32,
+    bounds: bool,
 ) -> Result<Vec<AppendLaunch>> {
     if cache.seqlen_new == 0 {
         return Ok(Vec::new());
     }
-    let groups: Vec<(usize, usize)> = if appends_collide(cache, batch) {
+    let groups: Vec<(usize, usize)> = if appends_collide(cache, batch, bounds) {
         (0..batch).map(|b| (b, 1)).collect()
     } else {
         vec![(0, batch)]
@@ -217,6 +257,29 @@ pub fn decode_plan(
     spec: &CheckedSpec<'_>,
     variant: &Variant,
     sm_count: usize,
+) -> Result<DecodePlan> {
+    plan_of(spec, variant, sm_count, false)
+}
+
+/// The plan of `spec` whose cache lengths are upper bounds of the real ones, which the kernels
+/// read from the device (`decode_bounds`): the split count is sized for the bounds, and the
+/// kernels split each entry's real keys over it (an empty split stores LSE -inf, which the
+/// combine weighs 0), so it holds for every real length within the bounds. Its host tables
+/// index rotary by position (the whole tables' first rows), not by the real lengths, and
+/// entries that may write a shared page append one by one.
+pub fn decode_plan_from_bounds(
+    spec: &CheckedSpec<'_>,
+    variant: &Variant,
+    sm_count: usize,
+) -> Result<DecodePlan> {
+    plan_of(spec, variant, sm_count, true)
+}
+
+fn plan_of(
+    spec: &CheckedSpec<'_>,
+    variant: &Variant,
+    sm_count: usize,
+    bounds: bool,
 ) -> Result<DecodePlan> {
     let cache = spec
         .kv_cache
@@ -257,13 +320,13 @@ pub fn decode_plan(
         positional_q: (spec.causal || spec.window != (-1, -1)) as i32,
         ..Default::default()
     };
-    let tables = cache_tables(spec, cache, &mut p)?;
+    let tables = cache_tables(spec, cache, &mut p, bounds)?;
     let q_rot = if cache.rotary.is_some() {
         spec.sizes.q
     } else {
         0
     };
-    let appends = append_launches(cache, batch, sq, threads)?;
+    let appends = append_launches(cache, (batch, sq), threads, bounds)?;
     let combine = (splits > 1)
         .then(|| grid_x(out_rows.div_ceil(4), "combine CTAs"))
         .transpose()
@@ -395,67 +458,6 @@ impl DecodeBuffers {
     }
 }
 
-/// Device buffers beside the caller's tensors: the tables and the scratch of a call. A handle
-/// keeps one across steps (buffers grow when a step needs more, else are reused).
-#[derive(Default)]
-pub(crate) struct Workspace {
-    bufs: [Option<DevBuf>; 9],
-}
-
-impl Workspace {
-    /// A buffer of at least `bytes` in slot `i` (0 when `bytes` is 0), holding `data` if given.
-    pub(crate) fn slot(&mut self, i: usize, bytes: usize, data: Option<&[u8]>) -> Result<u64> {
-        if bytes == 0 {
-            return Ok(0);
-        }
-        if self.bufs[i].as_ref().is_none_or(|b| b.bytes < bytes) {
-            self.bufs[i] = None; // free before allocating the larger one
-            self.bufs[i] = Some(DevBuf::alloc(bytes)?);
-        }
-        let ptr = self.bufs[i].as_ref().map_or(0, |b| b.ptr);
-        if let Some(data) = data {
-            // SAFETY: the buffer holds at least `bytes` = data.len() bytes.
-            unsafe { drv::memcpy_htod_sync(ptr, data) }.map_err(drv_err("cuMemcpyHtoD"))?;
-        }
-        Ok(ptr)
-    }
-
-    /// Uploads `plan`'s tables (those not in `own`: the caller's device copies) and sizes the
-    /// scratch; returns `base` with the workspace's pointers filled in.
-    pub fn prepare(
-        &mut self,
-        plan: &DecodePlan,
-        mut base: DecodePointers,
-    ) -> Result<DecodePointers> {
-        let t = &plan.tables;
-        let bytes = |v: &[i32]| bytemuck::cast_slice::<i32, u8>(v).to_vec();
-        let floats = |v: &[f32]| bytemuck::cast_slice::<f32, u8>(v).to_vec();
-        let uploads: [(usize, &mut u64, Vec<u8>); 6] = [
-            (0, &mut base.seqlens, bytes(&t.seqlens)),
-            (1, &mut base.block_table, bytes(&t.block_table)),
-            (2, &mut base.batch_idx, bytes(&t.batch_idx)),
-            (3, &mut base.rot_cos, floats(&t.rot_cos)),
-            (4, &mut base.rot_sin, floats(&t.rot_sin)),
-            (5, &mut base.alibi, floats(&t.alibi)),
-        ];
-        for (i, ptr, data) in uploads {
-            if *ptr == 0 {
-                *ptr = self.slot(i, data.len(), Some(&data))?;
-            }
-        }
-        let es = plan.variant.dtype.size_bytes();
-        base.q_rot = self.slot(6, plan.q_rot * es, None)?;
-        base.part_out = self.slot(7, plan.part_out * 4, None)?;
-        base.part_lse = self.slot(8, plan.part_lse * 4, None)?;
-        Ok(base)
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> u64 {
-        self.bufs.iter().flatten().map(|b| b.bytes as u64).sum()
-    }
-}
-
 /// The kernel variant name of a decode plan's split kernel, for the canary.
 pub(crate) fn variant_name(plan: &DecodePlan) -> String {
     let entry = plan.variant.entry_points()[plan.split_entry];
@@ -496,11 +498,15 @@ impl CudaBackend {
     /// The plan of a validated decode spec on this GPU, or why it cannot run.
     pub(crate) fn plan_decode(&self, c: &CheckedSpec<'_>) -> Result<DecodePlan> {
         let variant = self.decode_variant(c)?;
-        let plan = decode_plan(c, &variant, self.gpu.info.sm_count)?;
+        self.fits(decode_plan(c, &variant, self.gpu.info.sm_count)?)
+    }
+
+    /// `plan`, if its shared memory fits this GPU.
+    pub(crate) fn fits(&self, plan: DecodePlan) -> Result<DecodePlan> {
         if plan.split.smem > self.gpu.info.smem_optin {
             return Err(unsupported(format!(
                 "{} needs {} bytes of shared memory, this GPU allows {}",
-                variant.name(),
+                plan.variant.name(),
                 plan.split.smem,
                 self.gpu.info.smem_optin
             )));

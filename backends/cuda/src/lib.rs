@@ -28,7 +28,9 @@ mod compile;
 mod decode;
 mod decode_bench;
 mod decode_device;
+mod decode_tables;
 mod decode_tiles;
+mod decode_workspace;
 mod device;
 mod families;
 mod forward;
@@ -55,9 +57,13 @@ pub use compile::{
     compile, compile_all, compile_many, compile_source, compile_threads, nvrtc_version,
     options as nvrtc_options, Compiled,
 };
-pub use decode::{decode_plan, select_decode, AppendLaunch, DecodePlan, DecodeTables};
+pub use decode::{
+    decode_plan, decode_plan_from_bounds, select_decode, AppendLaunch, DecodePlan, DecodeTables,
+};
 pub use decode_device::DeviceDecode;
+pub use decode_tables::{decode_bounds, DecodeDeviceTables, DeviceWorkspace};
 pub use decode_tiles::{decode_head_dim, decode_tiles, num_splits, DecodeTiles, DECODE_HEAD_DIMS};
+pub use decode_workspace::scratch_layout;
 pub use device::{probe, DeviceInfo};
 pub use forward::{flash_launch, DeviceTensors};
 pub use fp8::{Fp8Args, Fp8Tables, KEY_PAD};

@@ -43,36 +43,10 @@ impl DeviceTables {
     /// Refuses, by name, a table `spec` has no use for, a null or misaligned pointer, or a
     /// length other than `spec`'s.
     pub fn check(&self, spec: &AttentionSpec) -> Result<()> {
-        for (name, table, len) in self.needed(spec) {
-            let Some(t) = table else {
-                continue;
-            };
-            let Some(len) = len else {
-                return Err(Error::argument(
-                    name,
-                    format!("{t:?}"),
-                    match name {
-                        "alibi_slopes" => "given, but the spec has no ALiBi",
-                        _ => "given, but the spec is not varlen",
-                    },
-                ));
-            };
-            if t.ptr == 0 || t.ptr % 4 != 0 {
-                return Err(Error::argument(
-                    name,
-                    format!("{:#x}", t.ptr),
-                    "device tables must be non-null and 4-byte aligned",
-                ));
-            }
-            if t.len != len {
-                return Err(Error::argument(
-                    name,
-                    t.len,
-                    format!("the spec needs {len} elements"),
-                ));
-            }
-        }
-        Ok(())
+        check_needed(&self.needed(spec), |name| match name {
+            "alibi_slopes" => "given, but the spec has no ALiBi",
+            _ => "given, but the spec is not varlen",
+        })
     }
 
     /// (name, table, the length `spec` needs or `None` when it needs none).
@@ -81,19 +55,54 @@ impl DeviceTables {
         spec: &AttentionSpec,
     ) -> [(&'static str, Option<DeviceTable>, Option<usize>); 3] {
         let cu = spec.is_varlen().then_some(spec.batch + 1);
-        let slopes = spec.alibi.as_ref().map(|a| {
-            if a.per_batch {
-                spec.batch * spec.heads_q
-            } else {
-                spec.heads_q
-            }
-        });
         [
             ("cu_seqlens_q", self.cu_seqlens_q, cu),
             ("cu_seqlens_k", self.cu_seqlens_k, cu),
-            ("alibi_slopes", self.alibi_slopes, slopes),
+            ("alibi_slopes", self.alibi_slopes, slopes_len(spec)),
         ]
     }
+}
+
+/// Elements of `spec`'s ALiBi slopes (`[heads_q]` or `[batch, heads_q]`), `None` without ALiBi.
+pub(crate) fn slopes_len(spec: &AttentionSpec) -> Option<usize> {
+    let per_batch = spec.alibi.as_ref()?.per_batch;
+    Some(if per_batch {
+        spec.batch * spec.heads_q
+    } else {
+        spec.heads_q
+    })
+}
+
+/// Refuses, by name, a table of `needed` (name, table, the length the spec needs or `None`)
+/// the spec has no use for (`no_use` says why), a null or misaligned pointer, or another
+/// length.
+pub(crate) fn check_needed(
+    needed: &[(&'static str, Option<DeviceTable>, Option<usize>)],
+    no_use: fn(&str) -> &'static str,
+) -> Result<()> {
+    for &(name, table, len) in needed {
+        let Some(t) = table else {
+            continue;
+        };
+        let Some(len) = len else {
+            return Err(Error::argument(name, format!("{t:?}"), no_use(name)));
+        };
+        if t.ptr == 0 || t.ptr % 4 != 0 {
+            return Err(Error::argument(
+                name,
+                format!("{:#x}", t.ptr),
+                "device tables must be non-null and 4-byte aligned",
+            ));
+        }
+        if t.len != len {
+            return Err(Error::argument(
+                name,
+                t.len,
+                format!("the spec needs {len} elements"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Host `cu_seqlens_q` and `cu_seqlens_k` for a spec whose device tables hold the real

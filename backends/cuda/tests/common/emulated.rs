@@ -10,7 +10,7 @@ use flashattn_core::{
 };
 use flashattn_cuda::{
     backward_plan, decode_plan, flash_launch, select_decode, select_generic, select_generic_bwd,
-    select_mma, select_mma_bwd, smem_optin_of_arch, KernelKind, Variant,
+    select_mma, select_mma_bwd, smem_optin_of_arch, DecodePlan, DecodeTables, KernelKind, Variant,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -260,10 +260,37 @@ impl Backend for Emulated {
 
     /// The backend's own decode plan (`decode_plan`: appends, split, combine) run by the
     /// decode driver; the caches come back appended.
-    fn decode(&self, spec: &AttentionSpec, mut inputs: DecodeInputs<'_>) -> Result<Output> {
+    fn decode(&self, spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
         let c = validate_decode_inputs(spec, &inputs)?;
         let variant = self.variant_for(spec, Pass::Decode)?;
         let plan = decode_plan(&c, &variant, self.sm_count)?;
+        self.run_decode(spec, &plan, &plan.tables, inputs)
+    }
+
+    fn bench(
+        &self,
+        _: &AttentionSpec,
+        _: Algorithm,
+        _: &BenchPlan,
+        _: &mut dyn FnMut(),
+    ) -> Result<BenchMeasure> {
+        Err(unsupported("no timings in emulation"))
+    }
+}
+
+impl Emulated {
+    /// Runs `plan` (of `spec`) by the decode driver on `inputs`, the kernels reading `tables`
+    /// (the plan's host tables, or what a caller's device tables would hold); the caches come
+    /// back appended.
+    pub fn run_decode(
+        &self,
+        spec: &AttentionSpec,
+        plan: &DecodePlan,
+        tables: &DecodeTables,
+        mut inputs: DecodeInputs<'_>,
+    ) -> Result<Output> {
+        let variant = plan.variant;
+        let c = spec.validate()?;
         let bin = self.driver(&variant)?;
         let dir = run_dir(&self.drivers.dir);
         std::fs::create_dir_all(&dir).map_err(io)?;
@@ -275,7 +302,7 @@ impl Backend for Emulated {
         let (q_rot, part_out, part_lse) = (plan.q_rot * es, plan.part_out, plan.part_lse);
         let sizes = format!("{out_bytes} {lse_floats} {q_rot} {part_out} {part_lse}");
         write("sizes.txt", sizes.as_bytes())?;
-        write("launches.txt", decode_launches(&variant, &plan).as_bytes())?;
+        write("launches.txt", decode_launches(&variant, plan).as_bytes())?;
         write("q.bin", inputs.q.as_bytes())?;
         write("k_cache.bin", inputs.k_cache.as_ref().as_bytes())?;
         write("v_cache.bin", inputs.v_cache.as_ref().as_bytes())?;
@@ -283,7 +310,7 @@ impl Backend for Emulated {
             write("k_new.bin", k.as_bytes())?;
             write("v_new.bin", v.as_bytes())?;
         }
-        let t = &plan.tables;
+        let t = tables;
         write("seqlens.bin", bytemuck::cast_slice(&t.seqlens))?;
         let ints = [
             ("block_table.bin", &t.block_table),
