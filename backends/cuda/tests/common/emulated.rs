@@ -266,16 +266,6 @@ impl Backend for Emulated {
         let plan = decode_plan(&c, &variant, self.sm_count)?;
         self.run_decode(spec, &plan, &plan.tables, inputs)
     }
-
-    fn bench(
-        &self,
-        _: &AttentionSpec,
-        _: Algorithm,
-        _: &BenchPlan,
-        _: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        Err(unsupported("no timings in emulation"))
-    }
 }
 
 impl Emulated {
