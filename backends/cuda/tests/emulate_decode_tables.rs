@@ -14,8 +14,7 @@ use common::emulated::Emulated;
 use flashattn_core::testing::decode::{contiguous, paged, rotary, spec, DecodeData};
 use flashattn_core::testing::{backend_or_skip, check_decode};
 use flashattn_core::{
-    rel_l2_error, Algorithm, AttentionSpec, Backend, BenchMeasure, BenchPlan, DType, DecodeInputs,
-    Error, ForwardInputs, Output, Result,
+    rel_l2_error, AttentionSpec, Backend, DType, DecodeInputs, Error, ForwardInputs, Output, Result,
 };
 use flashattn_cuda::{decode_bounds, decode_plan_from_bounds, select_decode, KernelKind};
 
@@ -90,19 +89,6 @@ impl Backend for FromBounds {
 
     fn decode(&self, spec: &AttentionSpec, inputs: DecodeInputs<'_>) -> Result<Output> {
         self.decode_from_bounds(spec, inputs)
-    }
-
-    fn bench(
-        &self,
-        _: &AttentionSpec,
-        _: Algorithm,
-        _: &BenchPlan,
-        _: &mut dyn FnMut(),
-    ) -> Result<BenchMeasure> {
-        Err(Error::unsupported(
-            "cuda-emulate",
-            "no timings in emulation",
-        ))
     }
 }
 
