@@ -219,7 +219,7 @@ fn cache_row(cache: &KvCache, b: usize, pos: usize) -> usize {
 }
 
 /// Rotates the first `rot.dim` values of one head at position `pos`.
-pub(crate) fn rotate(x: &mut [f64], pos: usize, rot: &crate::Rotary) {
+fn rotate(x: &mut [f64], pos: usize, rot: &crate::Rotary) {
     let half = rot.dim / 2;
     for i in 0..half {
         let (c, s) = (

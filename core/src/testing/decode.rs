@@ -239,12 +239,20 @@ fn score_and_cache_feature_cases() -> Vec<(&'static str, AttentionSpec)> {
     ]
 }
 
-/// Rotation as the reference defines it (its own code, in f64), rounded back to f32.
+/// Rotation as the reference defines it, in f32 arithmetic (a backend's f32 rotation of a
+/// cache row must match it bit for bit: the cache read-back compares exactly).
 pub fn rotate(x: &mut [f32], pos: usize, r: &Rotary) {
-    let mut wide: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    crate::reference::rotate(&mut wide, pos, r);
-    for (v, w) in x.iter_mut().zip(wide) {
-        *v = w as f32;
+    let half = r.dim / 2;
+    for i in 0..half {
+        let (c, s) = (r.cos[pos * half + i], r.sin[pos * half + i]);
+        let (a, b) = if r.interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (xa, xb) = (x[a], x[b]);
+        x[a] = xa * c - xb * s;
+        x[b] = xa * s + xb * c;
     }
 }
 
