@@ -9,15 +9,10 @@ use rand::SeedableRng;
 use std::time::Instant;
 
 pub(crate) fn bench(backend: &CpuBackend, run: BenchRun<'_>) -> Result<BenchMeasure> {
-    let BenchRun {
-        spec,
-        algo,
-        plan,
-        progress,
-    } = run;
+    let (algo, plan, progress) = (run.algo, run.plan, run.progress);
     plan.runs()?;
     // The random inputs are contiguous buffers: a strided spec is timed in that layout.
-    let spec = &spec.contiguous();
+    let spec = &run.spec.contiguous();
     let b = Bench {
         backend,
         spec,

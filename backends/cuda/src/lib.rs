@@ -284,22 +284,16 @@ impl Backend for CudaBackend {
     }
 
     fn bench(&self, run: BenchRun<'_>) -> Result<BenchMeasure> {
-        let BenchRun {
-            spec,
-            algo,
-            plan,
-            progress,
-        } = run;
         // Checked once here; each pass's bench takes the checked spec.
-        plan.runs()?;
-        let c = spec.validate()?;
+        run.plan.runs()?;
+        let pass = run.plan.pass;
         let call = BenchCall {
-            c,
-            algo,
-            plan,
-            progress,
+            c: run.spec.validate()?,
+            algo: run.algo,
+            plan: run.plan,
+            progress: run.progress,
         };
-        match plan.pass {
+        match pass {
             Pass::Decode => self.bench_decode(call),
             Pass::Backward => self.bench_backward(call),
             _ => self.bench_forward(call),

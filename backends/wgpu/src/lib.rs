@@ -326,13 +326,7 @@ impl flashattn_core::Backend for WgpuBackend {
     }
 
     fn bench(&self, run: flashattn_core::BenchRun<'_>) -> Result<flashattn_core::BenchMeasure> {
-        let flashattn_core::BenchRun {
-            spec,
-            algo,
-            plan,
-            progress,
-        } = run;
-        pollster::block_on(self.bench_async(spec, algo, plan, progress))
+        pollster::block_on(self.bench_async(run.spec, run.algo, run.plan, run.progress))
     }
 }
 
