@@ -23,11 +23,13 @@
 //! (which recomputes S and dP: 7 block products instead of 5), and no O(key blocks x tokens)
 //! partial-dq buffers.
 
+use crate::backward_lowp::{BwdLowLayout, BwdLowScratch, LowBwd};
 use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
 use crate::device::Isa;
 use crate::dq_turns::Turns;
 use crate::forward::lanes;
 use crate::io::{try_zeroed, AlignedBuf, OutBuf, RowLayout, SharedRows, Src};
+use crate::lowp::{Format, Lowp};
 use crate::params::{backward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
 use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
@@ -37,25 +39,30 @@ use std::f32::consts::LOG2_E;
 use std::ops::Range;
 
 #[derive(Clone, Copy, Debug)]
-struct Task {
-    b: usize,
-    kv_head: usize,
+pub(crate) struct Task {
+    pub b: usize,
+    pub kv_head: usize,
     /// Key block index within the sequence.
     kb: usize,
 }
 
 /// Everything the workers share for one backward call.
-struct Problem<'a> {
-    spec: CheckedSpec<'a>,
+pub(crate) struct Problem<'a> {
+    pub spec: CheckedSpec<'a>,
     /// Q and dO head-major, `[heads_q][q_tokens][d_pad]` (and dv_pad), f32, zero padded: a
     /// query block's rows are contiguous, read in place by every key block.
     q: &'a [f32],
     dout: &'a [f32],
-    k: Src<'a>,
-    v: Src<'a>,
+    /// Q and dO as given (the f16 tiles pack them per block) and where their rows lie.
+    pub q_in: Src<'a>,
+    pub dout_in: Src<'a>,
+    pub q_rows: RowLayout,
+    pub dout_rows: RowLayout,
+    pub k: Src<'a>,
+    pub v: Src<'a>,
     /// Where k's and v's rows lie (the spec's strides, or contiguous).
-    k_rows: RowLayout,
-    v_rows: RowLayout,
+    pub k_rows: RowLayout,
+    pub v_rows: RowLayout,
     lse: &'a [f32],
     /// rowsum(dout * out), head-major `[heads_q][q_tokens]`.
     delta: &'a [f32],
@@ -65,32 +72,36 @@ struct Problem<'a> {
     tasks: Vec<Task>,
     turns: Turns,
     /// Multiplier folded into K^T: scale, times log2(e) unless softcap needs the natural scale.
-    k_mul: f32,
+    pub k_mul: f32,
     post: bool,
     d_pad: usize,
-    dv_pad: usize,
+    pub dv_pad: usize,
     blocks: Blocks,
     /// Row stride of K^T, V^T and the score blocks: block_n padded to an odd line count.
-    ld: usize,
+    pub ld: usize,
+    /// The f16 tiles' layout, when this call's dtype and instruction set use them.
+    pub low: Option<BwdLowLayout>,
 }
 
 /// Per-worker scratch: O(block_n * (d + dv) + block_m * (block_n + d)) floats.
-struct Scratch {
+pub(crate) struct Scratch {
     kp: AlignedBuf,
     kt: AlignedBuf,
     vt: AlignedBuf,
     dk: AlignedBuf,
-    dv: AlignedBuf,
-    s: AlignedBuf,
-    dp: AlignedBuf,
+    pub dv: AlignedBuf,
+    pub s: AlignedBuf,
+    pub dp: AlignedBuf,
     /// The softcap's derivative per score (empty without softcap).
     grad: AlignedBuf,
     dq: AlignedBuf,
     lse2: Vec<f32>,
-    ones: AlignedBuf,
+    pub ones: AlignedBuf,
     row: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
+    /// The f16 tiles' operands (empty on the f32 path).
+    pub low: BwdLowScratch,
 }
 
 impl Scratch {
@@ -99,10 +110,12 @@ impl Scratch {
         let Blocks { block_m, block_n } = p.blocks;
         let mut ones = AlignedBuf::zeroed(block_m.max(block_n));
         ones.as_mut_slice().fill(1.0);
+        // The f16 tiles read K^T and V^T in f16 (`low`), not these.
+        let f32_t = if p.low.is_some() { 0 } else { p.ld };
         Scratch {
             kp: AlignedBuf::zeroed(block_n * p.d_pad),
-            kt: AlignedBuf::zeroed(d * p.ld),
-            vt: AlignedBuf::zeroed(dv * p.ld),
+            kt: AlignedBuf::zeroed(d * f32_t),
+            vt: AlignedBuf::zeroed(dv * f32_t),
             dk: AlignedBuf::zeroed(block_n * p.d_pad),
             dv: AlignedBuf::zeroed(block_n * p.dv_pad),
             s: AlignedBuf::zeroed(block_m * p.ld),
@@ -118,6 +131,7 @@ impl Scratch {
             row: vec![0.0; d.max(dv)],
             lo: vec![0; block_m],
             hi: vec![0; block_m],
+            low: BwdLowScratch::new(p.low.as_ref(), p.blocks),
         }
     }
 }
@@ -131,31 +145,40 @@ pub(crate) fn backward(
 ) -> Result<Grads> {
     let lanes = lanes(isa);
     let (d, dv) = (spec.head_dim, spec.head_dim_v);
-    let (d_pad, dv_pad) = (d.div_ceil(lanes) * lanes, dv.div_ceil(lanes) * lanes);
-    let q = (Src::new(inputs.q)?, RowLayout::q(spec));
-    let q = head_major(pool, spec, q, d, d_pad, None)?;
+    let f16_tiles = BwdLowLayout::applies(isa, spec);
+    let blocks = backward_blocks(f16_tiles);
+    let low = f16_tiles.then(|| BwdLowLayout::new(spec, blocks));
+    let d_pad = d.div_ceil(lanes) * lanes;
+    let dv_pad = low
+        .as_ref()
+        .map_or(dv.div_ceil(lanes) * lanes, |l| l.dv_pad);
+    let (q_in, q_rows) = (Src::new(inputs.q)?, RowLayout::q(spec));
+    let q = head_major(pool, spec, (q_in, q_rows), d, d_pad, None)?;
     let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
     let out = (
         Src::new(inputs.out)?,
         RowLayout::out(spec, spec.strides.out),
     );
-    let dout = (
+    let (dout_in, dout_rows) = (
         Src::new(inputs.dout)?,
         RowLayout::out(spec, spec.strides.dout),
     );
     let out = Some((out, SharedRows::new(&mut delta)));
-    let dout = head_major(pool, spec, dout, dv, dv_pad, out)?;
+    let dout = head_major(pool, spec, (dout_in, dout_rows), dv, dv_pad, out)?;
     // dq accumulates in f32, head-major (a query block's rows are contiguous, not a page
     // apart), and is written out in the input's layout and dtype at the end.
     let mut dq_acc = try_zeroed(spec.sizes.q, 1, "the dq accumulator")?;
     let (dk_t, dk) = OutBuf::zeroed(spec.dtype, spec.sizes.k)?;
     let (dv_t, dv_out) = OutBuf::zeroed(spec.dtype, spec.sizes.v)?;
-    let blocks = backward_blocks();
     let tasks = tasks(spec, blocks);
     let problem = Problem {
         spec: *spec,
         q: &q,
         dout: &dout,
+        q_in,
+        dout_in,
+        q_rows,
+        dout_rows,
         k: Src::new(inputs.k)?,
         v: Src::new(inputs.v)?,
         k_rows: RowLayout::k(spec),
@@ -176,7 +199,8 @@ pub(crate) fn backward(
         d_pad,
         dv_pad,
         blocks,
-        ld: odd_lines(blocks.block_n),
+        ld: low.as_ref().map_or(odd_lines(blocks.block_n), |l| l.ld),
+        low,
     };
     pool.run_kernel(isa, &problem);
     drop(problem);
@@ -284,58 +308,171 @@ impl Kernel for Problem<'_> {
         &self.tasks
     }
 
-    /// One key block: load K, K^T and V^T, then for each query block that sees it and each
-    /// query head of the kv head, the block's gradients; finally store dK and dV.
     #[inline(always)]
     unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: Task) {
-        let p = self;
-        let spec = &p.spec;
-        let s = spec.seq(t.b);
-        let Blocks { block_m, block_n } = p.blocks;
-        let j0 = t.kb * block_n;
-        let nk = block_n.min(s.k_len - j0);
-        load_key_block(p, sc, t, j0, nk);
-        let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
-        let group = spec.group_size();
-        for qb in block_range(rows, block_m) {
-            let q0 = qb * block_m;
-            let m = block_m.min(s.q_len - q0);
-            let blk = ScoreBlock {
-                s,
-                q0,
-                rows: m,
-                rows_l: m,
-                j0,
-                nk,
-                kh: t.kv_head,
-                query_stride: p.ld,
-                key_stride: 1,
-            };
-            block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
-            let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
-            for h in t.kv_head * group..(t.kv_head + 1) * group {
-                block_grads::<S>(p, sc, &blk, (t.b, h), seen.clone());
-                p.turns.wait(t.b, h, qb, t.kb);
-                add_dq(p, sc, &blk, h, seen.clone());
-                p.turns.pass(t.b, h, qb, t.kb);
-            }
+        run_key_block::<S, F32Bwd>(self, sc, t)
+    }
+
+    /// The f16 tiles for S, dP and dV where `low` is set (AVX512-FP16 with f16 / bf16).
+    #[inline(always)]
+    unsafe fn run_task_low<L: Lowp>(&self, sc: &mut Scratch, t: Task) {
+        if self.low.is_some() && L::FORMAT == Format::F16 {
+            run_key_block::<L, LowBwd>(self, sc, t)
+        } else {
+            run_key_block::<L, F32Bwd>(self, sc, t)
         }
-        store_dk_dv(p, sc, t, j0, nk);
     }
 }
 
-/// K rows (for dQ), K^T pre-scaled (for S) and V^T (for dP) of the task's key block, and
-/// zeroed dK, dV accumulators.
+/// One key block: load K, K^T and V^T, then for each query block that sees it and each
+/// query head of the kv head, the block's gradients; finally store dK and dV.
+#[inline(always)]
+unsafe fn run_key_block<S: Simd, B: BwdProducts<S>>(p: &Problem, sc: &mut Scratch, t: Task) {
+    let spec = &p.spec;
+    let s = spec.seq(t.b);
+    let Blocks { block_m, block_n } = p.blocks;
+    let j0 = t.kb * block_n;
+    let nk = block_n.min(s.k_len - j0);
+    B::load_keys(p, sc, t, j0, nk);
+    sc.dk.as_mut_slice()[..nk * p.d_pad].fill(0.0);
+    sc.dv.as_mut_slice()[..nk * p.dv_pad].fill(0.0);
+    let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
+    let group = spec.group_size();
+    for qb in block_range(rows, block_m) {
+        let q0 = qb * block_m;
+        let m = block_m.min(s.q_len - q0);
+        let blk = ScoreBlock {
+            s,
+            q0,
+            rows: m,
+            rows_l: m,
+            j0,
+            nk,
+            kh: t.kv_head,
+            query_stride: p.ld,
+            key_stride: 1,
+        };
+        block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
+        let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
+        for h in t.kv_head * group..(t.kv_head + 1) * group {
+            block_grads::<S, B>(p, sc, &blk, (t.b, h), seen.clone());
+            p.turns.wait(t.b, h, qb, t.kb);
+            add_dq(p, sc, &blk, h, seen.clone());
+            p.turns.pass(t.b, h, qb, t.kb);
+        }
+    }
+    store_dk_dv(p, sc, t, j0, nk);
+}
+
+/// The block products whose operands differ between the f32 tiles and the f16 tiles
+/// (`backward_lowp.rs`): S, dP and dV. dK and dQ are f32 on both. Query rows `seen` of the
+/// block `blk` and head `h`; key columns `keys` (whole f32 vectors).
+pub(crate) trait BwdProducts<S: Simd> {
+    /// The task's key block: f32 K rows for dQ (`load_k_rows`) and the operands of S and dP.
+    unsafe fn load_keys(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize);
+    /// `S = Q · K^T * k_mul` into `sc.s`.
+    unsafe fn scores(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        h: usize,
+        seen: Range<usize>,
+        keys: Range<usize>,
+    );
+    /// `dP = dO · V^T` into `sc.dp`.
+    unsafe fn dprobs(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        h: usize,
+        seen: Range<usize>,
+        keys: Range<usize>,
+    );
+    /// `dV += P^T · dO` (P in `sc.s`).
+    unsafe fn add_dv(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        h: usize,
+        seen: Range<usize>,
+        keys: Range<usize>,
+    );
+}
+
+/// The f32 register tiles: f16 / bf16 inputs widened (Q and dO once per call, head-major).
+struct F32Bwd;
+
+impl<S: Simd> BwdProducts<S> for F32Bwd {
+    #[inline(always)]
+    unsafe fn load_keys(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
+        load_key_block(p, sc, t, j0, nk);
+    }
+    #[inline(always)]
+    unsafe fn scores(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        h: usize,
+        seen: Range<usize>,
+        keys: Range<usize>,
+    ) {
+        let (row0, ld) = (query_row0(p, blk, h, &seen), p.ld);
+        let (q, sp) = (
+            p.q.as_ptr().add(row0 * p.d_pad),
+            sc.s.as_mut_ptr().add(seen.start * ld),
+        );
+        let t = product(p.spec.head_dim, q, p.d_pad, sc.kt.as_ptr(), sp, ld);
+        block::qk_product::<QkTiles<S>>(seen.len(), keys, t);
+    }
+    #[inline(always)]
+    unsafe fn dprobs(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        h: usize,
+        seen: Range<usize>,
+        keys: Range<usize>,
+    ) {
+        let (row0, ld) = (query_row0(p, blk, h, &seen), p.ld);
+        let dout = p.dout.as_ptr().add(row0 * p.dv_pad);
+        let dp = sc.dp.as_mut_ptr().add(seen.start * ld);
+        let t = product(p.spec.head_dim_v, dout, p.dv_pad, sc.vt.as_ptr(), dp, ld);
+        block::qk_product::<QkTiles<S>>(seen.len(), keys, t);
+    }
+    #[inline(always)]
+    unsafe fn add_dv(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        h: usize,
+        seen: Range<usize>,
+        _keys: Range<usize>,
+    ) {
+        let row0 = query_row0(p, blk, h, &seen);
+        let t = Tile {
+            k: seen.len(),
+            a: sc.s.as_ptr().add(seen.start * p.ld),
+            a_rs: 1,
+            a_cs: p.ld,
+            b: p.dout.as_ptr().add(row0 * p.dv_pad),
+            ldb: p.dv_pad,
+            c: sc.dv.as_mut_ptr(),
+            ldc: p.dv_pad,
+            alpha: sc.ones.as_ptr(),
+        };
+        block::pv_product::<PvTiles<S>>(0..blk.nk, p.dv_pad, t);
+    }
+}
+
+/// K rows (for dQ), K^T pre-scaled (for S) and V^T (for dP) of the task's key block.
 #[inline(always)]
 fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
     let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
     let tok0 = p.spec.seq(t.b).k_start + j0;
-    let (k0, k_stride) = (p.k_rows.at(tok0, t.kv_head), p.k_rows.token);
-    // Each row is read once (no software prefetch: unlike the forward, a task reads its K and
-    // V block once, and prefetching it measured slower); K^T is transposed from the copy.
-    let (kp, kt) = (sc.kp.as_mut_slice(), sc.kt.as_mut_slice());
+    load_k_rows(p, sc, tok0, t.kv_head, nk);
+    // K^T is transposed from the copy.
+    let (kp, kt) = (sc.kp.as_slice(), sc.kt.as_mut_slice());
     for j in 0..nk {
-        p.k.read_row(k0 + j * k_stride, &mut kp[j * p.d_pad..j * p.d_pad + d]);
         for x in 0..d {
             kt[x * p.ld + j] = kp[j * p.d_pad + x] * p.k_mul;
         }
@@ -352,40 +489,45 @@ fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) 
         vt,
         p.ld,
     );
-    sc.dk.as_mut_slice()[..nk * p.d_pad].fill(0.0);
-    sc.dv.as_mut_slice()[..nk * p.dv_pad].fill(0.0);
+}
+
+/// The `nk` K rows from token `tok0` of `kv_head`, widened to f32 (dQ = dS · K reads them).
+#[inline(always)]
+pub(crate) fn load_k_rows(p: &Problem, sc: &mut Scratch, tok0: usize, kv_head: usize, nk: usize) {
+    let d = p.spec.head_dim;
+    let (k0, k_stride) = (p.k_rows.at(tok0, kv_head), p.k_rows.token);
+    // Each row is read once (no software prefetch: unlike the forward, a task reads its K and
+    // V block once, and prefetching it measured slower).
+    let kp = sc.kp.as_mut_slice();
+    for j in 0..nk {
+        p.k.read_row(k0 + j * k_stride, &mut kp[j * p.d_pad..j * p.d_pad + d]);
+    }
+}
+
+/// The first head-major row of the rows `seen` of the block `blk` of head `h`.
+#[inline(always)]
+fn query_row0(p: &Problem, blk: &ScoreBlock, h: usize, seen: &Range<usize>) -> usize {
+    h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start
 }
 
 /// The gradients of one (query block, head) against the task's key block, over the query
 /// rows `seen` that see it: dK and dV accumulate in scratch, this block's dQ lands in
 /// `sc.dq`.
 #[inline(always)]
-unsafe fn block_grads<S: Simd>(
+unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
     p: &Problem,
     sc: &mut Scratch,
     blk: &ScoreBlock,
     (b, h): (usize, usize),
     seen: Range<usize>,
 ) {
-    let (ld, d_pad, dv_pad) = (p.ld, p.d_pad, p.dv_pad);
+    let (ld, d_pad) = (p.ld, p.d_pad);
     let keys = 0..blk.nk.div_ceil(S::LANES) * S::LANES;
-    let row0 = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
-    let (q, dout) = (
-        p.q.as_ptr().add(row0 * d_pad),
-        p.dout.as_ptr().add(row0 * dv_pad),
-    );
+    let row0 = query_row0(p, blk, h, &seen);
+    let q = p.q.as_ptr().add(row0 * d_pad);
     let (s0, n) = (seen.start, seen.len());
     // S = Q · K^T, score mod, mask, P = 2^(S - lse).
-    let (sp, dp) = (
-        sc.s.as_mut_ptr().add(s0 * ld),
-        sc.dp.as_mut_ptr().add(s0 * ld),
-    );
-    let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
-    block::qk_product::<QkTiles<S>>(
-        n,
-        keys.clone(),
-        product(d, q, d_pad, sc.kt.as_ptr(), sp, ld),
-    );
+    B::scores(p, sc, blk, h, seen.clone(), keys.clone());
     if p.post {
         let grad = (p.spec.softcap > 0.0).then_some(sc.grad.as_mut_slice());
         let sm = ScoreMod::of(&p.spec, b, h);
@@ -394,32 +536,25 @@ unsafe fn block_grads<S: Simd>(
     block::mask_block(sc.s.as_mut_slice(), blk, seen.clone(), &sc.lo, &sc.hi);
     load_lse(p, sc, blk, (b, h), seen.clone());
     probabilities::<S>(sc, ld, seen.clone(), keys.clone());
-    // dP = dO · V^T, then dS in place.
-    block::qk_product::<QkTiles<S>>(
-        n,
-        keys.clone(),
-        product(dv, dout, dv_pad, sc.vt.as_ptr(), dp, ld),
-    );
+    // dP = dO · V^T, then dS in place (P stays in `sc.s`).
+    B::dprobs(p, sc, blk, h, seen.clone(), keys.clone());
     let delta = &p.delta[row0 - s0..];
-    score_grads::<S>(p, sc, delta, seen.clone(), keys);
-    // dV += P^T · dO and dK += dS^T · Q over the queries that see the block.
-    for (a, bm, ldb, c) in [
-        (sp, dout, dv_pad, sc.dv.as_mut_ptr()),
-        (dp, q, d_pad, sc.dk.as_mut_ptr()),
-    ] {
-        let t = Tile {
-            k: n,
-            a,
-            a_rs: 1,
-            a_cs: ld,
-            b: bm,
-            ldb,
-            c,
-            ldc: ldb,
-            alpha: sc.ones.as_ptr(),
-        };
-        block::pv_product::<PvTiles<S>>(0..blk.nk, ldb, t);
-    }
+    score_grads::<S>(p, sc, delta, seen.clone(), keys.clone());
+    // dV += P^T · dO and dK += dS^T · Q over the queries that see the block (dV after dP:
+    // the f16 tiles pack dO there).
+    B::add_dv(p, sc, blk, h, seen.clone(), keys);
+    let t = Tile {
+        k: n,
+        a: sc.dp.as_ptr().add(s0 * ld),
+        a_rs: 1,
+        a_cs: ld,
+        b: q,
+        ldb: d_pad,
+        c: sc.dk.as_mut_ptr(),
+        ldc: d_pad,
+        alpha: sc.ones.as_ptr(),
+    };
+    block::pv_product::<PvTiles<S>>(0..blk.nk, d_pad, t);
     // dQ_blk = dS · K (overwrites the rows `seen`, rounded out to whole tiles).
     let t = Tile {
         k: blk.nk,
