@@ -13,6 +13,9 @@
 //! broadcasts), so no query block is ever transposed. Extra memory: the Q and dO copies, the
 //! head-major f32 dq accumulator, delta and per-worker tiles, O(tokens x heads) in all.
 //!
+//! S, dP and dV run on the f32 tiles (`backward_f32.rs`), or for f16 / bf16 inputs on
+//! AVX512-FP16 on the f16 tiles (`backward_lowp.rs`); dK and dQ are f32 tiles on both.
+//!
 //! dq is summed over key blocks without races and in a fixed order: each (batch, head, query
 //! block) has a turn counter that says which key block adds next; a task computes its dQ
 //! block privately, waits for its turn, adds it, and passes the turn on. Tasks are queued key
@@ -23,8 +26,10 @@
 //! (which recomputes S and dP: 7 block products instead of 5), and no O(key blocks x tokens)
 //! partial-dq buffers.
 
+use crate::backward_f32::F32Bwd;
+use crate::backward_io::{head_major, token_major};
 use crate::backward_lowp::{BwdLowLayout, BwdLowScratch, LowBwd};
-use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
+use crate::block::{self, PvTiles, ScoreBlock};
 use crate::device::Isa;
 use crate::dq_turns::Turns;
 use crate::forward::lanes;
@@ -32,9 +37,9 @@ use crate::io::{try_zeroed, AlignedBuf, OutBuf, RowLayout, SharedRows, Src};
 use crate::lowp::{Format, Lowp};
 use crate::params::{backward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
-use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
+use crate::thread_pool::{Kernel, ThreadPool};
 use flashattn_core::mask::blocks as block_range;
-use flashattn_core::{BackwardInputs, CheckedSpec, Grads, Result, ScoreMod, Tensor};
+use flashattn_core::{BackwardInputs, CheckedSpec, Grads, Result, ScoreMod};
 use std::f32::consts::LOG2_E;
 use std::ops::Range;
 
@@ -51,8 +56,8 @@ pub(crate) struct Problem<'a> {
     pub spec: CheckedSpec<'a>,
     /// Q and dO head-major, `[heads_q][q_tokens][d_pad]` (and dv_pad), f32, zero padded: a
     /// query block's rows are contiguous, read in place by every key block.
-    q: &'a [f32],
-    dout: &'a [f32],
+    pub q: &'a [f32],
+    pub dout: &'a [f32],
     /// Q and dO as given (the f16 tiles pack them per block) and where their rows lie.
     pub q_in: Src<'a>,
     pub dout_in: Src<'a>,
@@ -74,7 +79,7 @@ pub(crate) struct Problem<'a> {
     /// Multiplier folded into K^T: scale, times log2(e) unless softcap needs the natural scale.
     pub k_mul: f32,
     post: bool,
-    d_pad: usize,
+    pub d_pad: usize,
     pub dv_pad: usize,
     blocks: Blocks,
     /// Row stride of K^T, V^T and the score blocks: block_n padded to an odd line count.
@@ -85,9 +90,9 @@ pub(crate) struct Problem<'a> {
 
 /// Per-worker scratch: O(block_n * (d + dv) + block_m * (block_n + d)) floats.
 pub(crate) struct Scratch {
-    kp: AlignedBuf,
-    kt: AlignedBuf,
-    vt: AlignedBuf,
+    pub kp: AlignedBuf,
+    pub kt: AlignedBuf,
+    pub vt: AlignedBuf,
     dk: AlignedBuf,
     pub dv: AlignedBuf,
     pub s: AlignedBuf,
@@ -97,7 +102,7 @@ pub(crate) struct Scratch {
     dq: AlignedBuf,
     lse2: Vec<f32>,
     pub ones: AlignedBuf,
-    row: Vec<f32>,
+    pub row: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
     /// The f16 tiles' operands (empty on the f32 path).
@@ -209,74 +214,6 @@ pub(crate) fn backward(
         dk: dk_t,
         dv: dv_t,
     })
-}
-
-/// A `[tokens, heads_q, dim]` tensor (read through its row layout) as f32
-/// `[heads_q][tokens][dim_pad]` (zero padded). With `delta`, also
-/// `delta[h][token] = row · out_row` (dout's rowsum with out, in a fixed order).
-fn head_major(
-    pool: &ThreadPool,
-    spec: &CheckedSpec<'_>,
-    (src, layout): (Src, RowLayout),
-    dim: usize,
-    dim_pad: usize,
-    delta: Option<((Src, RowLayout), SharedRows)>,
-) -> Result<Vec<f32>> {
-    let (tokens, hq) = (spec.sizes.q_tokens, spec.heads_q);
-    let mut dst = try_zeroed(tokens * hq, dim_pad, "a head-major copy of q or dout")?;
-    let shared = SharedRows::new(&mut dst);
-    per_head_chunks(pool, tokens, hq, &|h, toks| {
-        let mut o = vec![0.0f32; dim];
-        // SAFETY: each (head, chunk of tokens) belongs to one task.
-        let rows =
-            unsafe { shared.rows((h * tokens + toks.start) * dim_pad, toks.len() * dim_pad) };
-        // SAFETY: as above.
-        let mut d_rows = delta
-            .as_ref()
-            .map(|(_, d)| unsafe { d.rows(h * tokens + toks.start, toks.len()) });
-        for (i, tok) in toks.enumerate() {
-            let row = &mut rows[i * dim_pad..i * dim_pad + dim];
-            src.read_row(layout.at(tok, h), row);
-            if let (Some(((out, out_rows), _)), Some(dr)) = (&delta, &mut d_rows) {
-                out.read_row(out_rows.at(tok, h), &mut o);
-                dr[i] = row.iter().zip(&o).map(|(a, b)| a * b).sum();
-            }
-        }
-    });
-    Ok(dst)
-}
-
-/// Runs `work(head, tokens)` for every head and chunk of tokens, on the pool's threads.
-fn per_head_chunks(
-    pool: &ThreadPool,
-    tokens: usize,
-    heads: usize,
-    work: &(dyn Fn(usize, Range<usize>) + Sync),
-) {
-    const CHUNK: usize = 256;
-    let chunks = tokens.div_ceil(CHUNK);
-    let queue = TaskQueue::new(chunks * heads);
-    pool.run(chunks * heads, &|| {
-        while let Some(t) = queue.take() {
-            let c = t % chunks;
-            work(t / chunks, c * CHUNK..((c + 1) * CHUNK).min(tokens));
-        }
-    });
-}
-
-/// The head-major `[heads_q][q_tokens][d]` f32 accumulator as dq: `[q_tokens, heads_q, d]`
-/// in the input dtype.
-fn token_major(pool: &ThreadPool, spec: &CheckedSpec<'_>, acc: &[f32]) -> Result<Tensor> {
-    let (tokens, hq, d) = (spec.sizes.q_tokens, spec.heads_q, spec.head_dim);
-    let (dq, out) = OutBuf::zeroed(spec.dtype, spec.sizes.q)?;
-    per_head_chunks(pool, tokens, hq, &|h, toks| {
-        for tok in toks {
-            let row = &acc[(h * tokens + tok) * d..][..d];
-            // SAFETY: each (token, head) row is written by one task.
-            unsafe { out.write_row((tok * hq + h) * d, row) };
-        }
-    });
-    Ok(dq)
 }
 
 /// All (batch, kv head, key block) tasks whose keys some query sees, key block first (the
@@ -399,98 +336,6 @@ pub(crate) trait BwdProducts<S: Simd> {
     );
 }
 
-/// The f32 register tiles: f16 / bf16 inputs widened (Q and dO once per call, head-major).
-struct F32Bwd;
-
-impl<S: Simd> BwdProducts<S> for F32Bwd {
-    #[inline(always)]
-    unsafe fn load_keys(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
-        load_key_block(p, sc, t, j0, nk);
-    }
-    #[inline(always)]
-    unsafe fn scores(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        h: usize,
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
-        let (row0, ld) = (query_row0(p, blk, h, &seen), p.ld);
-        let (q, sp) = (
-            p.q.as_ptr().add(row0 * p.d_pad),
-            sc.s.as_mut_ptr().add(seen.start * ld),
-        );
-        let t = product(p.spec.head_dim, q, p.d_pad, sc.kt.as_ptr(), sp, ld);
-        block::qk_product::<QkTiles<S>>(seen.len(), keys, t);
-    }
-    #[inline(always)]
-    unsafe fn dprobs(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        h: usize,
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
-        let (row0, ld) = (query_row0(p, blk, h, &seen), p.ld);
-        let dout = p.dout.as_ptr().add(row0 * p.dv_pad);
-        let dp = sc.dp.as_mut_ptr().add(seen.start * ld);
-        let t = product(p.spec.head_dim_v, dout, p.dv_pad, sc.vt.as_ptr(), dp, ld);
-        block::qk_product::<QkTiles<S>>(seen.len(), keys, t);
-    }
-    #[inline(always)]
-    unsafe fn add_dv(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        h: usize,
-        seen: Range<usize>,
-        _keys: Range<usize>,
-    ) {
-        let row0 = query_row0(p, blk, h, &seen);
-        let t = Tile {
-            k: seen.len(),
-            a: sc.s.as_ptr().add(seen.start * p.ld),
-            a_rs: 1,
-            a_cs: p.ld,
-            b: p.dout.as_ptr().add(row0 * p.dv_pad),
-            ldb: p.dv_pad,
-            c: sc.dv.as_mut_ptr(),
-            ldc: p.dv_pad,
-            alpha: sc.ones.as_ptr(),
-        };
-        block::pv_product::<PvTiles<S>>(0..blk.nk, p.dv_pad, t);
-    }
-}
-
-/// K rows (for dQ), K^T pre-scaled (for S) and V^T (for dP) of the task's key block.
-#[inline(always)]
-fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
-    let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
-    let tok0 = p.spec.seq(t.b).k_start + j0;
-    load_k_rows(p, sc, tok0, t.kv_head, nk);
-    // K^T is transposed from the copy.
-    let (kp, kt) = (sc.kp.as_slice(), sc.kt.as_mut_slice());
-    for j in 0..nk {
-        for x in 0..d {
-            kt[x * p.ld + j] = kp[j * p.d_pad + x] * p.k_mul;
-        }
-    }
-    let vt = sc.vt.as_mut_slice();
-    let rows = (nk, nk);
-    block::pack_transposed(
-        &p.v,
-        (p.v_rows.at(tok0, t.kv_head), p.v_rows.token),
-        rows,
-        dv,
-        1.0,
-        &mut sc.row,
-        vt,
-        p.ld,
-    );
-}
-
 /// The `nk` K rows from token `tok0` of `kv_head`, widened to f32 (dQ = dS · K reads them).
 #[inline(always)]
 pub(crate) fn load_k_rows(p: &Problem, sc: &mut Scratch, tok0: usize, kv_head: usize, nk: usize) {
@@ -506,7 +351,7 @@ pub(crate) fn load_k_rows(p: &Problem, sc: &mut Scratch, tok0: usize, kv_head: u
 
 /// The first head-major row of the rows `seen` of the block `blk` of head `h`.
 #[inline(always)]
-fn query_row0(p: &Problem, blk: &ScoreBlock, h: usize, seen: &Range<usize>) -> usize {
+pub(crate) fn query_row0(p: &Problem, blk: &ScoreBlock, h: usize, seen: &Range<usize>) -> usize {
     h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start
 }
 
@@ -568,22 +413,6 @@ unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
         alpha: std::ptr::null(),
     };
     block::pv_product::<PvTiles<S>>(seen, d_pad, t);
-}
-
-/// The `C = A · B` product of query rows `a` (`k` wide, row stride `a_rs`) with a transposed
-/// key block `bt` into `c` (both `ld` apart).
-fn product(k: usize, a: *const f32, a_rs: usize, bt: *const f32, c: *mut f32, ld: usize) -> Tile {
-    Tile {
-        k,
-        a,
-        a_rs,
-        a_cs: 1,
-        b: bt,
-        ldb: ld,
-        c,
-        ldc: ld,
-        alpha: std::ptr::null(),
-    }
 }
 
 /// The LSE of the rows `seen` in log2; +inf for a fully masked row (LSE -inf), so that its
