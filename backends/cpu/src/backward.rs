@@ -58,11 +58,6 @@ pub(crate) struct Problem<'a> {
     /// query block's rows are contiguous, read in place by every key block.
     pub q: &'a [f32],
     pub dout: &'a [f32],
-    /// Q and dO as given (the f16 tiles pack them per block) and where their rows lie.
-    pub q_in: Src<'a>,
-    pub dout_in: Src<'a>,
-    pub q_rows: RowLayout,
-    pub dout_rows: RowLayout,
     pub k: Src<'a>,
     pub v: Src<'a>,
     /// Where k's and v's rows lie (the spec's strides, or contiguous).
@@ -152,11 +147,7 @@ pub(crate) fn backward(
     let (d, dv) = (spec.head_dim, spec.head_dim_v);
     let f16_tiles = BwdLowLayout::applies(isa, spec);
     let blocks = backward_blocks(f16_tiles);
-    let low = f16_tiles.then(|| BwdLowLayout::new(spec, blocks));
     let d_pad = d.div_ceil(lanes) * lanes;
-    let dv_pad = low
-        .as_ref()
-        .map_or(dv.div_ceil(lanes) * lanes, |l| l.dv_pad);
     let (q_in, q_rows) = (Src::new(inputs.q)?, RowLayout::q(spec));
     let q = head_major(pool, spec, (q_in, q_rows), d, d_pad, None)?;
     let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
@@ -169,6 +160,17 @@ pub(crate) fn backward(
         RowLayout::out(spec, spec.strides.dout),
     );
     let out = Some((out, SharedRows::new(&mut delta)));
+    let low = if f16_tiles {
+        let (q, dout) = ((q_in, q_rows), (dout_in, dout_rows));
+        Some(BwdLowLayout::new(pool, isa, spec, blocks, q, dout)?)
+    } else {
+        None
+    };
+    // The f16 tiles' dV rows are whole f16 registers.
+    let dv_pad = low
+        .as_ref()
+        .map_or(dv.div_ceil(lanes) * lanes, |l| l.dv_pad);
+    // (On the f16 tiles only delta needs dO in f32; the copy is kept for simplicity.)
     let dout = head_major(pool, spec, (dout_in, dout_rows), dv, dv_pad, out)?;
     // dq accumulates in f32, head-major (a query block's rows are contiguous, not a page
     // apart), and is written out in the input's layout and dtype at the end.
@@ -180,10 +182,6 @@ pub(crate) fn backward(
         spec: *spec,
         q: &q,
         dout: &dout,
-        q_in,
-        dout_in,
-        q_rows,
-        dout_rows,
         k: Src::new(inputs.k)?,
         v: Src::new(inputs.v)?,
         k_rows: RowLayout::k(spec),
@@ -312,7 +310,7 @@ pub(crate) trait BwdProducts<S: Simd> {
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        bh: (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     );
@@ -321,7 +319,7 @@ pub(crate) trait BwdProducts<S: Simd> {
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        bh: (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     );
@@ -330,7 +328,7 @@ pub(crate) trait BwdProducts<S: Simd> {
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        bh: (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     );
@@ -372,7 +370,7 @@ unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
     let q = p.q.as_ptr().add(row0 * d_pad);
     let (s0, n) = (seen.start, seen.len());
     // S = Q · K^T, score mod, mask, P = 2^(S - lse).
-    B::scores(p, sc, blk, h, seen.clone(), keys.clone());
+    B::scores(p, sc, blk, (b, h), seen.clone(), keys.clone());
     if p.post {
         let grad = (p.spec.softcap > 0.0).then_some(sc.grad.as_mut_slice());
         let sm = ScoreMod::of(&p.spec, b, h);
@@ -382,12 +380,12 @@ unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
     load_lse(p, sc, blk, (b, h), seen.clone());
     probabilities::<S>(sc, ld, seen.clone(), keys.clone());
     // dP = dO · V^T, then dS in place (P stays in `sc.s`).
-    B::dprobs(p, sc, blk, h, seen.clone(), keys.clone());
+    B::dprobs(p, sc, blk, (b, h), seen.clone(), keys.clone());
     let delta = &p.delta[row0 - s0..];
     score_grads::<S>(p, sc, delta, seen.clone(), keys.clone());
     // dV += P^T · dO and dK += dS^T · Q over the queries that see the block (dV after dP:
     // the f16 tiles pack dO there).
-    B::add_dv(p, sc, blk, h, seen.clone(), keys);
+    B::add_dv(p, sc, blk, (b, h), seen.clone(), keys);
     let t = Tile {
         k: n,
         a: sc.dp.as_ptr().add(s0 * ld),

@@ -19,7 +19,7 @@ impl<S: Simd> BwdProducts<S> for F32Bwd {
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        (_, h): (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     ) {
@@ -36,7 +36,7 @@ impl<S: Simd> BwdProducts<S> for F32Bwd {
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        (_, h): (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     ) {
@@ -51,7 +51,7 @@ impl<S: Simd> BwdProducts<S> for F32Bwd {
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        (_, h): (usize, usize),
         seen: Range<usize>,
         _keys: Range<usize>,
     ) {

@@ -1,9 +1,10 @@
 //! The backward's block products on the f16 tiles of the AVX512-FP16 level (`lowp.rs`), for
 //! f16 / bf16 inputs: `S = Q · K^T` and `dP = dO · V^T` take the input tensors themselves,
-//! packed per block into f16 by the forward's packing (`lowp_pack.rs`: a power of two per
-//! block brings the largest |x| into [4, 8), so bf16's range is kept and no f16 sum
-//! overflows); `dV += P^T · dO` takes P rounded to f16 (P is in [0, 1]), as the forward's
-//! P·V does. Everything else is the f32 code of `backward.rs`.
+//! packed into f16 by the forward's packing (`lowp_pack.rs`: a power of two per block brings
+//! the largest |x| into [4, 8), so bf16's range is kept and no f16 sum overflows); K and V
+//! per key block (per task), Q and dO once per call per (head, query block);
+//! `dV += P^T · dO` takes P rounded to f16 (P is in [0, 1]), as the forward's P·V does.
+//! Everything else is the f32 code of `backward.rs`.
 //!
 //! `dK += dS^T · Q` and `dQ = dS · K` stay on the f32 tiles: dS = P (dP - delta) has no
 //! bound below, and its small entries (a small P times a small difference) would flush to
@@ -13,11 +14,13 @@
 use crate::backward::{BwdProducts, Problem, Scratch, Task};
 use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
-use crate::io::AlignedBuf;
+use crate::io::{try_zeroed, AlignedBuf, RowLayout, SharedRows, Src};
 use crate::lowp::{Format, LowTile, LowTiles, Lowp};
 use crate::lowp_pack::{self, block_scale, Rows};
 use crate::params::{odd_lines, Blocks};
-use flashattn_core::{CheckedSpec, DType};
+use crate::simd::Simd;
+use crate::thread_pool::{Kernel, ThreadPool};
+use flashattn_core::{CheckedSpec, DType, Result};
 use std::ops::Range;
 
 /// Reduction steps an f16 accumulator of S and dP runs before it is flushed into f32: the
@@ -41,6 +44,24 @@ pub(crate) struct BwdLowLayout {
     pub ld: usize,
     d: usize,
     dv: usize,
+    block_m: usize,
+    queries: PackedQueries,
+}
+
+/// Q and dO in f16, packed once per call: head-major `[heads_q][q_tokens][qld]` and
+/// `[heads_q][q_tokens][dv_pad]` (zero past dv), each (head, query block) scaled by its own
+/// power of two. (Packed per key block instead, every query block was scanned and converted
+/// once per key block.) The u16 data lives in f32 buffers of half the length.
+struct PackedQueries {
+    q: Vec<f32>,
+    dout: Vec<f32>,
+    /// Q's row length: head_dim rounded up to even (rows start on an f32).
+    qld: usize,
+    /// The Q and dO factors of (head h, query block i): `scales[(h * blocks + i) * 2..]`.
+    scales: Vec<f32>,
+    /// The index of each sequence's first query block, and the blocks of all sequences.
+    first_block: Vec<usize>,
+    blocks: usize,
 }
 
 impl BwdLowLayout {
@@ -49,15 +70,145 @@ impl BwdLowLayout {
         isa == Isa::Avx512Fp16 && matches!(spec.dtype, DType::F16 | DType::Bf16)
     }
 
-    /// The layout for `spec` and `blocks`.
-    pub fn new(spec: &CheckedSpec<'_>, blocks: Blocks) -> BwdLowLayout {
+    /// The layout for `spec` and `blocks`, with Q and dO (tensors and row layouts) packed
+    /// on `pool` (`isa` is AVX512-FP16: `applies`).
+    pub fn new(
+        pool: &ThreadPool,
+        isa: Isa,
+        spec: &CheckedSpec<'_>,
+        blocks: Blocks,
+        q: (Src, RowLayout),
+        dout: (Src, RowLayout),
+    ) -> Result<BwdLowLayout> {
         let keys = blocks.block_n.next_multiple_of(COLS);
-        BwdLowLayout {
+        let (d, dv) = (spec.head_dim, spec.head_dim_v);
+        let dv_pad = dv.next_multiple_of(COLS);
+        let qld = d.next_multiple_of(2);
+        let (mut first_block, mut tasks) = (Vec::with_capacity(spec.batch), Vec::new());
+        let mut n = 0;
+        for b in 0..spec.batch {
+            first_block.push(n);
+            let qbs = spec.seq(b).q_len.div_ceil(blocks.block_m);
+            for qb in 0..qbs {
+                tasks.extend((0..spec.heads_q).map(|h| PackTask { b, h, qb }));
+            }
+            n += qbs;
+        }
+        let rows = spec.sizes.q_tokens * spec.heads_q;
+        let mut queries = PackedQueries {
+            q: try_zeroed(rows, qld / 2, "an f16 copy of q")?,
+            dout: try_zeroed(rows, dv_pad / 2, "an f16 copy of dout")?,
+            qld,
+            scales: try_zeroed(spec.heads_q * n, 2, "the f16 copies' scales")?,
+            first_block,
+            blocks: n,
+        };
+        let packing = Packing {
+            spec,
+            block_m: blocks.block_m,
+            src: [(q.0, q.1, d, qld), (dout.0, dout.1, dv, dv_pad)],
+            out: [
+                SharedRows::new(&mut queries.q),
+                SharedRows::new(&mut queries.dout),
+            ],
+            scales: SharedRows::new(&mut queries.scales),
+            first_block: &queries.first_block,
+            blocks: n,
+            tasks,
+        };
+        pool.run_kernel(isa, &packing);
+        drop(packing);
+        Ok(BwdLowLayout {
             tld: (keys.div_ceil(COLS) | 1) * COLS,
-            dv_pad: spec.head_dim_v.next_multiple_of(COLS),
+            dv_pad,
             ld: odd_lines(keys),
-            d: spec.head_dim,
-            dv: spec.head_dim_v,
+            d,
+            dv,
+            block_m: blocks.block_m,
+            queries,
+        })
+    }
+
+    /// The first packed Q and dO rows of the rows `seen` of block `blk` of (batch b, head h),
+    /// and their factors.
+    fn queries(
+        &self,
+        p: &Problem,
+        blk: &ScoreBlock,
+        (b, h): (usize, usize),
+        seen: &Range<usize>,
+    ) -> [(*const u16, f32); 2] {
+        let qs = &self.queries;
+        let row = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
+        let at = (h * qs.blocks + qs.first_block[b] + blk.q0 / self.block_m) * 2;
+        let (q, dout) = (qs.q.as_ptr() as *const u16, qs.dout.as_ptr() as *const u16);
+        assert!(row < p.spec.sizes.q_tokens * p.spec.heads_q || seen.is_empty());
+        // SAFETY (of the caller's reads): `row` and its block's rows lie inside the copies.
+        [
+            (q.wrapping_add(row * qs.qld), qs.scales[at]),
+            (dout.wrapping_add(row * self.dv_pad), qs.scales[at + 1]),
+        ]
+    }
+}
+
+/// One (batch, head, query block) of the packing.
+#[derive(Clone, Copy)]
+struct PackTask {
+    b: usize,
+    h: usize,
+    qb: usize,
+}
+
+/// Packs Q and dO into `PackedQueries` on the f16 level's workers.
+struct Packing<'a> {
+    spec: &'a CheckedSpec<'a>,
+    block_m: usize,
+    /// Q and dO: tensor, row layout, row length, packed row stride.
+    src: [(Src<'a>, RowLayout, usize, usize); 2],
+    out: [SharedRows; 2],
+    scales: SharedRows,
+    first_block: &'a [usize],
+    blocks: usize,
+    tasks: Vec<PackTask>,
+}
+
+impl Kernel for Packing<'_> {
+    type Task = PackTask;
+    type Scratch = ();
+    fn scratch(&self) {}
+    fn tasks(&self) -> &[PackTask] {
+        &self.tasks
+    }
+
+    unsafe fn run_task<S: Simd>(&self, _: &mut (), _: PackTask) {
+        unreachable!("the f16 packing runs on the AVX512-FP16 level only");
+    }
+
+    #[inline(always)]
+    unsafe fn run_task_low<L: Lowp>(&self, _: &mut (), t: PackTask) {
+        assert!(
+            L::FORMAT == Format::F16,
+            "the f16 packing needs the f16 tiles"
+        );
+        let s = self.spec.seq(t.b);
+        let q0 = t.qb * self.block_m;
+        let (tok, m) = (s.q_start + q0, self.block_m.min(s.q_len - q0));
+        let row = t.h * self.spec.sizes.q_tokens + tok;
+        let at = (t.h * self.blocks + self.first_block[t.b] + t.qb) * 2;
+        // SAFETY: each task writes its own (head, query block) rows and scales.
+        let scales = self.scales.rows(at, 2);
+        for (i, &(src, layout, len, ld)) in self.src.iter().enumerate() {
+            let rows = Rows {
+                off: layout.at(tok, t.h),
+                stride: layout.token,
+                n: m,
+                len,
+            };
+            scales[i] = block_scale::<L>(&src, rows);
+            // SAFETY: as above; `ld` is even, so the rows are whole f32 of the buffer.
+            let dst = self.out[i].rows(row * ld / 2, m * ld / 2);
+            let dst = std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u16, m * ld);
+            lowp_pack::pack_keys::<L>(&src, rows, scales[i], dst, ld);
         }
     }
 }
@@ -66,43 +217,33 @@ impl BwdLowLayout {
 pub(crate) struct BwdLowScratch {
     kt: AlignedBuf,
     vt: AlignedBuf,
-    q: AlignedBuf,
-    dout: AlignedBuf,
     p: AlignedBuf,
     tmp: Vec<u16>,
-    /// The packing factors of the task's K and V blocks and of the current Q and dO rows.
+    /// The packing factors of the task's K and V blocks.
     k_scale: f32,
     v_scale: f32,
-    q_scale: f32,
-    do_scale: f32,
 }
 
 impl BwdLowScratch {
     pub fn new(layout: Option<&BwdLowLayout>, blocks: Blocks) -> BwdLowScratch {
         // u16 counts, as f32 buffers of half the length.
         let buf = |n: usize| AlignedBuf::zeroed(n.div_ceil(2));
-        let (kt, vt, q, dout, p, tmp) = match layout {
+        let (kt, vt, p, tmp) = match layout {
             Some(l) => (
                 l.d * l.tld,
                 l.dv * l.tld,
-                blocks.block_m * l.d,
-                blocks.block_m * l.dv_pad,
                 blocks.block_m * l.tld,
                 l.d.max(l.dv),
             ),
-            None => (0, 0, 0, 0, 0, 0),
+            None => (0, 0, 0, 0),
         };
         BwdLowScratch {
             kt: buf(kt),
             vt: buf(vt),
-            q: buf(q),
-            dout: buf(dout),
             p: buf(p),
             tmp: vec![0; tmp],
             k_scale: 1.0,
             v_scale: 1.0,
-            q_scale: 1.0,
-            do_scale: 1.0,
         }
     }
 }
@@ -114,22 +255,6 @@ fn layout<'a>(p: &'a Problem) -> &'a BwdLowLayout {
     p.low
         .as_ref()
         .expect("the f16 backward runs only with its layout")
-}
-
-/// The query rows `seen` of the block's head `h` in `src` laid out as `rows` (`len` wide).
-fn query_rows(
-    blk: &ScoreBlock,
-    h: usize,
-    seen: &Range<usize>,
-    rows: crate::io::RowLayout,
-    len: usize,
-) -> Rows {
-    Rows {
-        off: rows.at(blk.s.q_start + blk.q0 + seen.start, h),
-        stride: rows.token,
-        n: seen.len(),
-        len,
-    }
 }
 
 /// `C = scale * A · B^T` of `n` packed rows `a` (`k` wide) and a transposed packed key
@@ -165,28 +290,25 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
         }
     }
 
-    /// Packs the rows `seen` of Q, then `S = Q · K^T * k_mul`.
+    /// `S = Q · K^T * k_mul` from the packed Q rows.
     #[inline(always)]
     unsafe fn scores(
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        bh: (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     ) {
         let l = layout(p);
-        let low = &mut sc.low;
-        let rows = query_rows(blk, h, &seen, p.q_rows, l.d);
-        low.q_scale = block_scale::<L>(&p.q_in, rows);
-        lowp_pack::pack_keys::<L>(&p.q_in, rows, low.q_scale, low.q.as_mut_u16(), l.d);
-        let scale = p.k_mul as f64 / (low.q_scale as f64 * low.k_scale as f64);
+        let [(q, q_scale), _] = l.queries(p, blk, bh, &seen);
+        let scale = p.k_mul as f64 / (q_scale as f64 * sc.low.k_scale as f64);
         let t = LowTile {
             k: l.d,
-            a: low.q.as_u16(),
-            a_rs: l.d,
+            a: q,
+            a_rs: l.queries.qld,
             a_cs: 1,
-            b: low.kt.as_u16(),
+            b: sc.low.kt.as_u16(),
             ldb: l.tld,
             c: sc.s.as_mut_ptr().add(seen.start * p.ld),
             ldc: p.ld,
@@ -197,29 +319,25 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
         scores_tile::<L>(seen.len(), keys.start..keys.end.next_multiple_of(COLS), t);
     }
 
-    /// Packs the rows `seen` of dO (kept for dV), then `dP = dO · V^T`.
+    /// `dP = dO · V^T` from the packed dO rows.
     #[inline(always)]
     unsafe fn dprobs(
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        h: usize,
+        bh: (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     ) {
         let l = layout(p);
-        let low = &mut sc.low;
-        let rows = query_rows(blk, h, &seen, p.dout_rows, l.dv);
-        low.do_scale = block_scale::<L>(&p.dout_in, rows);
-        let dst = low.dout.as_mut_u16();
-        lowp_pack::pack_keys::<L>(&p.dout_in, rows, low.do_scale, dst, l.dv_pad);
-        let scale = 1.0 / (low.do_scale as f64 * low.v_scale as f64);
+        let [_, (dout, do_scale)] = l.queries(p, blk, bh, &seen);
+        let scale = 1.0 / (do_scale as f64 * sc.low.v_scale as f64);
         let t = LowTile {
             k: l.dv,
-            a: low.dout.as_u16(),
+            a: dout,
             a_rs: l.dv_pad,
             a_cs: 1,
-            b: low.vt.as_u16(),
+            b: sc.low.vt.as_u16(),
             ldb: l.tld,
             c: sc.dp.as_mut_ptr().add(seen.start * p.ld),
             ldc: p.ld,
@@ -236,11 +354,12 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
-        _h: usize,
+        bh: (usize, usize),
         seen: Range<usize>,
         keys: Range<usize>,
     ) {
         let l = layout(p);
+        let [_, (dout, do_scale)] = l.queries(p, blk, bh, &seen);
         let low = &mut sc.low;
         let pp = low.p.as_mut_u16().as_mut_ptr();
         let sp = sc.s.as_ptr().add(seen.start * p.ld);
@@ -250,12 +369,12 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
             a: low.p.as_u16(),
             a_rs: 1,
             a_cs: l.tld,
-            b: low.dout.as_u16(),
+            b: dout,
             ldb: l.dv_pad,
             c: sc.dv.as_mut_ptr(),
             ldc: p.dv_pad,
             alpha: sc.ones.as_ptr(),
-            scale: 1.0 / low.do_scale,
+            scale: 1.0 / do_scale,
             chunk: PV_CHUNK,
         };
         block::pv_product::<LowTiles<L>>(0..blk.nk, l.dv_pad, t);
