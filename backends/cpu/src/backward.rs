@@ -13,6 +13,9 @@
 //! broadcasts), so no query block is ever transposed. Extra memory: the Q and dO copies, the
 //! head-major f32 dq accumulator, delta and per-worker tiles, O(tokens x heads) in all.
 //!
+//! S, dP and dV run on the f32 tiles (`backward_f32.rs`), or for f16 / bf16 inputs on
+//! AVX512-FP16 on the f16 tiles (`backward_lowp.rs`); dK and dQ are f32 tiles on both.
+//!
 //! dq is summed over key blocks without races and in a fixed order: each (batch, head, query
 //! block) has a turn counter that says which key block adds next; a task computes its dQ
 //! block privately, waits for its turn, adds it, and passes the turn on. Tasks are queued key
@@ -23,39 +26,43 @@
 //! (which recomputes S and dP: 7 block products instead of 5), and no O(key blocks x tokens)
 //! partial-dq buffers.
 
-use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
+use crate::backward_f32::F32Bwd;
+use crate::backward_io::{head_major, token_major};
+use crate::backward_lowp::{BwdLowLayout, BwdLowScratch, LowBwd};
+use crate::block::{self, PvTiles, ScoreBlock};
 use crate::device::Isa;
 use crate::dq_turns::Turns;
 use crate::forward::lanes;
 use crate::io::{try_zeroed, AlignedBuf, OutBuf, RowLayout, SharedRows, Src};
+use crate::lowp::{Format, Lowp};
 use crate::params::{backward_blocks, odd_lines, Blocks};
 use crate::simd::{Simd, Tile};
-use crate::thread_pool::{Kernel, TaskQueue, ThreadPool};
+use crate::thread_pool::{Kernel, ThreadPool};
 use flashattn_core::mask::blocks as block_range;
-use flashattn_core::{BackwardInputs, CheckedSpec, Grads, Result, ScoreMod, Tensor};
+use flashattn_core::{BackwardInputs, CheckedSpec, Grads, Result, ScoreMod};
 use std::f32::consts::LOG2_E;
 use std::ops::Range;
 
 #[derive(Clone, Copy, Debug)]
-struct Task {
-    b: usize,
-    kv_head: usize,
+pub(crate) struct Task {
+    pub b: usize,
+    pub kv_head: usize,
     /// Key block index within the sequence.
     kb: usize,
 }
 
 /// Everything the workers share for one backward call.
-struct Problem<'a> {
-    spec: CheckedSpec<'a>,
+pub(crate) struct Problem<'a> {
+    pub spec: CheckedSpec<'a>,
     /// Q and dO head-major, `[heads_q][q_tokens][d_pad]` (and dv_pad), f32, zero padded: a
     /// query block's rows are contiguous, read in place by every key block.
-    q: &'a [f32],
-    dout: &'a [f32],
-    k: Src<'a>,
-    v: Src<'a>,
+    pub q: &'a [f32],
+    pub dout: &'a [f32],
+    pub k: Src<'a>,
+    pub v: Src<'a>,
     /// Where k's and v's rows lie (the spec's strides, or contiguous).
-    k_rows: RowLayout,
-    v_rows: RowLayout,
+    pub k_rows: RowLayout,
+    pub v_rows: RowLayout,
     lse: &'a [f32],
     /// rowsum(dout * out), head-major `[heads_q][q_tokens]`.
     delta: &'a [f32],
@@ -65,32 +72,36 @@ struct Problem<'a> {
     tasks: Vec<Task>,
     turns: Turns,
     /// Multiplier folded into K^T: scale, times log2(e) unless softcap needs the natural scale.
-    k_mul: f32,
+    pub k_mul: f32,
     post: bool,
-    d_pad: usize,
-    dv_pad: usize,
+    pub d_pad: usize,
+    pub dv_pad: usize,
     blocks: Blocks,
     /// Row stride of K^T, V^T and the score blocks: block_n padded to an odd line count.
-    ld: usize,
+    pub ld: usize,
+    /// The f16 tiles' layout, when this call's dtype and instruction set use them.
+    pub low: Option<BwdLowLayout>,
 }
 
 /// Per-worker scratch: O(block_n * (d + dv) + block_m * (block_n + d)) floats.
-struct Scratch {
-    kp: AlignedBuf,
-    kt: AlignedBuf,
-    vt: AlignedBuf,
+pub(crate) struct Scratch {
+    pub kp: AlignedBuf,
+    pub kt: AlignedBuf,
+    pub vt: AlignedBuf,
     dk: AlignedBuf,
-    dv: AlignedBuf,
-    s: AlignedBuf,
-    dp: AlignedBuf,
+    pub dv: AlignedBuf,
+    pub s: AlignedBuf,
+    pub dp: AlignedBuf,
     /// The softcap's derivative per score (empty without softcap).
     grad: AlignedBuf,
     dq: AlignedBuf,
     lse2: Vec<f32>,
-    ones: AlignedBuf,
-    row: Vec<f32>,
+    pub ones: AlignedBuf,
+    pub row: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
+    /// The f16 tiles' operands (empty on the f32 path).
+    pub low: BwdLowScratch,
 }
 
 impl Scratch {
@@ -99,10 +110,12 @@ impl Scratch {
         let Blocks { block_m, block_n } = p.blocks;
         let mut ones = AlignedBuf::zeroed(block_m.max(block_n));
         ones.as_mut_slice().fill(1.0);
+        // The f16 tiles read K^T and V^T in f16 (`low`), not these.
+        let f32_t = if p.low.is_some() { 0 } else { p.ld };
         Scratch {
             kp: AlignedBuf::zeroed(block_n * p.d_pad),
-            kt: AlignedBuf::zeroed(d * p.ld),
-            vt: AlignedBuf::zeroed(dv * p.ld),
+            kt: AlignedBuf::zeroed(d * f32_t),
+            vt: AlignedBuf::zeroed(dv * f32_t),
             dk: AlignedBuf::zeroed(block_n * p.d_pad),
             dv: AlignedBuf::zeroed(block_n * p.dv_pad),
             s: AlignedBuf::zeroed(block_m * p.ld),
@@ -118,6 +131,7 @@ impl Scratch {
             row: vec![0.0; d.max(dv)],
             lo: vec![0; block_m],
             hi: vec![0; block_m],
+            low: BwdLowScratch::new(p.low.as_ref(), p.blocks),
         }
     }
 }
@@ -131,26 +145,38 @@ pub(crate) fn backward(
 ) -> Result<Grads> {
     let lanes = lanes(isa);
     let (d, dv) = (spec.head_dim, spec.head_dim_v);
-    let (d_pad, dv_pad) = (d.div_ceil(lanes) * lanes, dv.div_ceil(lanes) * lanes);
-    let q = (Src::new(inputs.q)?, RowLayout::q(spec));
-    let q = head_major(pool, spec, q, d, d_pad, None)?;
+    let f16_tiles = BwdLowLayout::applies(isa, spec);
+    let blocks = backward_blocks(f16_tiles);
+    let d_pad = d.div_ceil(lanes) * lanes;
+    let (q_in, q_rows) = (Src::new(inputs.q)?, RowLayout::q(spec));
+    let q = head_major(pool, spec, (q_in, q_rows), d, d_pad, None)?;
     let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
     let out = (
         Src::new(inputs.out)?,
         RowLayout::out(spec, spec.strides.out),
     );
-    let dout = (
+    let (dout_in, dout_rows) = (
         Src::new(inputs.dout)?,
         RowLayout::out(spec, spec.strides.dout),
     );
     let out = Some((out, SharedRows::new(&mut delta)));
-    let dout = head_major(pool, spec, dout, dv, dv_pad, out)?;
+    let low = if f16_tiles {
+        let (q, dout) = ((q_in, q_rows), (dout_in, dout_rows));
+        Some(BwdLowLayout::new(pool, isa, spec, blocks, q, dout)?)
+    } else {
+        None
+    };
+    // The f16 tiles' dV rows are whole f16 registers.
+    let dv_pad = low
+        .as_ref()
+        .map_or(dv.div_ceil(lanes) * lanes, |l| l.dv_pad);
+    // (On the f16 tiles only delta needs dO in f32; the copy is kept for simplicity.)
+    let dout = head_major(pool, spec, (dout_in, dout_rows), dv, dv_pad, out)?;
     // dq accumulates in f32, head-major (a query block's rows are contiguous, not a page
     // apart), and is written out in the input's layout and dtype at the end.
     let mut dq_acc = try_zeroed(spec.sizes.q, 1, "the dq accumulator")?;
     let (dk_t, dk) = OutBuf::zeroed(spec.dtype, spec.sizes.k)?;
     let (dv_t, dv_out) = OutBuf::zeroed(spec.dtype, spec.sizes.v)?;
-    let blocks = backward_blocks();
     let tasks = tasks(spec, blocks);
     let problem = Problem {
         spec: *spec,
@@ -176,7 +202,8 @@ pub(crate) fn backward(
         d_pad,
         dv_pad,
         blocks,
-        ld: odd_lines(blocks.block_n),
+        ld: low.as_ref().map_or(odd_lines(blocks.block_n), |l| l.ld),
+        low,
     };
     pool.run_kernel(isa, &problem);
     drop(problem);
@@ -185,74 +212,6 @@ pub(crate) fn backward(
         dk: dk_t,
         dv: dv_t,
     })
-}
-
-/// A `[tokens, heads_q, dim]` tensor (read through its row layout) as f32
-/// `[heads_q][tokens][dim_pad]` (zero padded). With `delta`, also
-/// `delta[h][token] = row · out_row` (dout's rowsum with out, in a fixed order).
-fn head_major(
-    pool: &ThreadPool,
-    spec: &CheckedSpec<'_>,
-    (src, layout): (Src, RowLayout),
-    dim: usize,
-    dim_pad: usize,
-    delta: Option<((Src, RowLayout), SharedRows)>,
-) -> Result<Vec<f32>> {
-    let (tokens, hq) = (spec.sizes.q_tokens, spec.heads_q);
-    let mut dst = try_zeroed(tokens * hq, dim_pad, "a head-major copy of q or dout")?;
-    let shared = SharedRows::new(&mut dst);
-    per_head_chunks(pool, tokens, hq, &|h, toks| {
-        let mut o = vec![0.0f32; dim];
-        // SAFETY: each (head, chunk of tokens) belongs to one task.
-        let rows =
-            unsafe { shared.rows((h * tokens + toks.start) * dim_pad, toks.len() * dim_pad) };
-        // SAFETY: as above.
-        let mut d_rows = delta
-            .as_ref()
-            .map(|(_, d)| unsafe { d.rows(h * tokens + toks.start, toks.len()) });
-        for (i, tok) in toks.enumerate() {
-            let row = &mut rows[i * dim_pad..i * dim_pad + dim];
-            src.read_row(layout.at(tok, h), row);
-            if let (Some(((out, out_rows), _)), Some(dr)) = (&delta, &mut d_rows) {
-                out.read_row(out_rows.at(tok, h), &mut o);
-                dr[i] = row.iter().zip(&o).map(|(a, b)| a * b).sum();
-            }
-        }
-    });
-    Ok(dst)
-}
-
-/// Runs `work(head, tokens)` for every head and chunk of tokens, on the pool's threads.
-fn per_head_chunks(
-    pool: &ThreadPool,
-    tokens: usize,
-    heads: usize,
-    work: &(dyn Fn(usize, Range<usize>) + Sync),
-) {
-    const CHUNK: usize = 256;
-    let chunks = tokens.div_ceil(CHUNK);
-    let queue = TaskQueue::new(chunks * heads);
-    pool.run(chunks * heads, &|| {
-        while let Some(t) = queue.take() {
-            let c = t % chunks;
-            work(t / chunks, c * CHUNK..((c + 1) * CHUNK).min(tokens));
-        }
-    });
-}
-
-/// The head-major `[heads_q][q_tokens][d]` f32 accumulator as dq: `[q_tokens, heads_q, d]`
-/// in the input dtype.
-fn token_major(pool: &ThreadPool, spec: &CheckedSpec<'_>, acc: &[f32]) -> Result<Tensor> {
-    let (tokens, hq, d) = (spec.sizes.q_tokens, spec.heads_q, spec.head_dim);
-    let (dq, out) = OutBuf::zeroed(spec.dtype, spec.sizes.q)?;
-    per_head_chunks(pool, tokens, hq, &|h, toks| {
-        for tok in toks {
-            let row = &acc[(h * tokens + tok) * d..][..d];
-            // SAFETY: each (token, head) row is written by one task.
-            unsafe { out.write_row((tok * hq + h) * d, row) };
-        }
-    });
-    Ok(dq)
 }
 
 /// All (batch, kv head, key block) tasks whose keys some query sees, key block first (the
@@ -284,108 +243,134 @@ impl Kernel for Problem<'_> {
         &self.tasks
     }
 
-    /// One key block: load K, K^T and V^T, then for each query block that sees it and each
-    /// query head of the kv head, the block's gradients; finally store dK and dV.
     #[inline(always)]
     unsafe fn run_task<S: Simd>(&self, sc: &mut Scratch, t: Task) {
-        let p = self;
-        let spec = &p.spec;
-        let s = spec.seq(t.b);
-        let Blocks { block_m, block_n } = p.blocks;
-        let j0 = t.kb * block_n;
-        let nk = block_n.min(s.k_len - j0);
-        load_key_block(p, sc, t, j0, nk);
-        let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
-        let group = spec.group_size();
-        for qb in block_range(rows, block_m) {
-            let q0 = qb * block_m;
-            let m = block_m.min(s.q_len - q0);
-            let blk = ScoreBlock {
-                s,
-                q0,
-                rows: m,
-                rows_l: m,
-                j0,
-                nk,
-                kh: t.kv_head,
-                query_stride: p.ld,
-                key_stride: 1,
-            };
-            block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
-            let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
-            for h in t.kv_head * group..(t.kv_head + 1) * group {
-                block_grads::<S>(p, sc, &blk, (t.b, h), seen.clone());
-                p.turns.wait(t.b, h, qb, t.kb);
-                add_dq(p, sc, &blk, h, seen.clone());
-                p.turns.pass(t.b, h, qb, t.kb);
-            }
+        run_key_block::<S, F32Bwd>(self, sc, t)
+    }
+
+    /// The f16 tiles for S, dP and dV where `low` is set (AVX512-FP16 with f16 / bf16).
+    #[inline(always)]
+    unsafe fn run_task_low<L: Lowp>(&self, sc: &mut Scratch, t: Task) {
+        if self.low.is_some() && L::FORMAT == Format::F16 {
+            run_key_block::<L, LowBwd>(self, sc, t)
+        } else {
+            run_key_block::<L, F32Bwd>(self, sc, t)
         }
-        store_dk_dv(p, sc, t, j0, nk);
     }
 }
 
-/// K rows (for dQ), K^T pre-scaled (for S) and V^T (for dP) of the task's key block, and
-/// zeroed dK, dV accumulators.
+/// One key block: load K, K^T and V^T, then for each query block that sees it and each
+/// query head of the kv head, the block's gradients; finally store dK and dV.
 #[inline(always)]
-fn load_key_block(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
-    let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
-    let tok0 = p.spec.seq(t.b).k_start + j0;
-    let (k0, k_stride) = (p.k_rows.at(tok0, t.kv_head), p.k_rows.token);
-    // Each row is read once (no software prefetch: unlike the forward, a task reads its K and
-    // V block once, and prefetching it measured slower); K^T is transposed from the copy.
-    let (kp, kt) = (sc.kp.as_mut_slice(), sc.kt.as_mut_slice());
-    for j in 0..nk {
-        p.k.read_row(k0 + j * k_stride, &mut kp[j * p.d_pad..j * p.d_pad + d]);
-        for x in 0..d {
-            kt[x * p.ld + j] = kp[j * p.d_pad + x] * p.k_mul;
-        }
-    }
-    let vt = sc.vt.as_mut_slice();
-    let rows = (nk, nk);
-    block::pack_transposed(
-        &p.v,
-        (p.v_rows.at(tok0, t.kv_head), p.v_rows.token),
-        rows,
-        dv,
-        1.0,
-        &mut sc.row,
-        vt,
-        p.ld,
-    );
+unsafe fn run_key_block<S: Simd, B: BwdProducts<S>>(p: &Problem, sc: &mut Scratch, t: Task) {
+    let spec = &p.spec;
+    let s = spec.seq(t.b);
+    let Blocks { block_m, block_n } = p.blocks;
+    let j0 = t.kb * block_n;
+    let nk = block_n.min(s.k_len - j0);
+    B::load_keys(p, sc, t, j0, nk);
     sc.dk.as_mut_slice()[..nk * p.d_pad].fill(0.0);
     sc.dv.as_mut_slice()[..nk * p.dv_pad].fill(0.0);
+    let rows = spec.mask.rows_of_keys(j0..j0 + nk, s.q_len, s.k_len);
+    let group = spec.group_size();
+    for qb in block_range(rows, block_m) {
+        let q0 = qb * block_m;
+        let m = block_m.min(s.q_len - q0);
+        let blk = ScoreBlock {
+            s,
+            q0,
+            rows: m,
+            rows_l: m,
+            j0,
+            nk,
+            kh: t.kv_head,
+            query_stride: p.ld,
+            key_stride: 1,
+        };
+        block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
+        let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
+        for h in t.kv_head * group..(t.kv_head + 1) * group {
+            block_grads::<S, B>(p, sc, &blk, (t.b, h), seen.clone());
+            p.turns.wait(t.b, h, qb, t.kb);
+            add_dq(p, sc, &blk, h, seen.clone());
+            p.turns.pass(t.b, h, qb, t.kb);
+        }
+    }
+    store_dk_dv(p, sc, t, j0, nk);
+}
+
+/// The block products whose operands differ between the f32 tiles and the f16 tiles
+/// (`backward_lowp.rs`): S, dP and dV. dK and dQ are f32 on both. Query rows `seen` of the
+/// block `blk` and head `h`; key columns `keys` (whole f32 vectors).
+pub(crate) trait BwdProducts<S: Simd> {
+    /// The task's key block: f32 K rows for dQ (`load_k_rows`) and the operands of S and dP.
+    unsafe fn load_keys(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize);
+    /// `S = Q · K^T * k_mul` into `sc.s`.
+    unsafe fn scores(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        bh: (usize, usize),
+        seen: Range<usize>,
+        keys: Range<usize>,
+    );
+    /// `dP = dO · V^T` into `sc.dp`.
+    unsafe fn dprobs(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        bh: (usize, usize),
+        seen: Range<usize>,
+        keys: Range<usize>,
+    );
+    /// `dV += P^T · dO` (P in `sc.s`).
+    unsafe fn add_dv(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        bh: (usize, usize),
+        seen: Range<usize>,
+        keys: Range<usize>,
+    );
+}
+
+/// The `nk` K rows from token `tok0` of `kv_head`, widened to f32 (dQ = dS · K reads them).
+#[inline(always)]
+pub(crate) fn load_k_rows(p: &Problem, sc: &mut Scratch, tok0: usize, kv_head: usize, nk: usize) {
+    let d = p.spec.head_dim;
+    let (k0, k_stride) = (p.k_rows.at(tok0, kv_head), p.k_rows.token);
+    // Each row is read once (no software prefetch: unlike the forward, a task reads its K and
+    // V block once, and prefetching it measured slower).
+    let kp = sc.kp.as_mut_slice();
+    for j in 0..nk {
+        p.k.read_row(k0 + j * k_stride, &mut kp[j * p.d_pad..j * p.d_pad + d]);
+    }
+}
+
+/// The first head-major row of the rows `seen` of the block `blk` of head `h`.
+#[inline(always)]
+pub(crate) fn query_row0(p: &Problem, blk: &ScoreBlock, h: usize, seen: &Range<usize>) -> usize {
+    h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start
 }
 
 /// The gradients of one (query block, head) against the task's key block, over the query
 /// rows `seen` that see it: dK and dV accumulate in scratch, this block's dQ lands in
 /// `sc.dq`.
 #[inline(always)]
-unsafe fn block_grads<S: Simd>(
+unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
     p: &Problem,
     sc: &mut Scratch,
     blk: &ScoreBlock,
     (b, h): (usize, usize),
     seen: Range<usize>,
 ) {
-    let (ld, d_pad, dv_pad) = (p.ld, p.d_pad, p.dv_pad);
+    let (ld, d_pad) = (p.ld, p.d_pad);
     let keys = 0..blk.nk.div_ceil(S::LANES) * S::LANES;
-    let row0 = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
-    let (q, dout) = (
-        p.q.as_ptr().add(row0 * d_pad),
-        p.dout.as_ptr().add(row0 * dv_pad),
-    );
+    let row0 = query_row0(p, blk, h, &seen);
+    let q = p.q.as_ptr().add(row0 * d_pad);
     let (s0, n) = (seen.start, seen.len());
     // S = Q · K^T, score mod, mask, P = 2^(S - lse).
-    let (sp, dp) = (
-        sc.s.as_mut_ptr().add(s0 * ld),
-        sc.dp.as_mut_ptr().add(s0 * ld),
-    );
-    let (d, dv) = (p.spec.head_dim, p.spec.head_dim_v);
-    block::qk_product::<QkTiles<S>>(
-        n,
-        keys.clone(),
-        product(d, q, d_pad, sc.kt.as_ptr(), sp, ld),
-    );
+    B::scores(p, sc, blk, (b, h), seen.clone(), keys.clone());
     if p.post {
         let grad = (p.spec.softcap > 0.0).then_some(sc.grad.as_mut_slice());
         let sm = ScoreMod::of(&p.spec, b, h);
@@ -394,32 +379,25 @@ unsafe fn block_grads<S: Simd>(
     block::mask_block(sc.s.as_mut_slice(), blk, seen.clone(), &sc.lo, &sc.hi);
     load_lse(p, sc, blk, (b, h), seen.clone());
     probabilities::<S>(sc, ld, seen.clone(), keys.clone());
-    // dP = dO · V^T, then dS in place.
-    block::qk_product::<QkTiles<S>>(
-        n,
-        keys.clone(),
-        product(dv, dout, dv_pad, sc.vt.as_ptr(), dp, ld),
-    );
+    // dP = dO · V^T, then dS in place (P stays in `sc.s`).
+    B::dprobs(p, sc, blk, (b, h), seen.clone(), keys.clone());
     let delta = &p.delta[row0 - s0..];
-    score_grads::<S>(p, sc, delta, seen.clone(), keys);
-    // dV += P^T · dO and dK += dS^T · Q over the queries that see the block.
-    for (a, bm, ldb, c) in [
-        (sp, dout, dv_pad, sc.dv.as_mut_ptr()),
-        (dp, q, d_pad, sc.dk.as_mut_ptr()),
-    ] {
-        let t = Tile {
-            k: n,
-            a,
-            a_rs: 1,
-            a_cs: ld,
-            b: bm,
-            ldb,
-            c,
-            ldc: ldb,
-            alpha: sc.ones.as_ptr(),
-        };
-        block::pv_product::<PvTiles<S>>(0..blk.nk, ldb, t);
-    }
+    score_grads::<S>(p, sc, delta, seen.clone(), keys.clone());
+    // dV += P^T · dO and dK += dS^T · Q over the queries that see the block (dV after dP:
+    // the f16 tiles pack dO there).
+    B::add_dv(p, sc, blk, (b, h), seen.clone(), keys);
+    let t = Tile {
+        k: n,
+        a: sc.dp.as_ptr().add(s0 * ld),
+        a_rs: 1,
+        a_cs: ld,
+        b: q,
+        ldb: d_pad,
+        c: sc.dk.as_mut_ptr(),
+        ldc: d_pad,
+        alpha: sc.ones.as_ptr(),
+    };
+    block::pv_product::<PvTiles<S>>(0..blk.nk, d_pad, t);
     // dQ_blk = dS · K (overwrites the rows `seen`, rounded out to whole tiles).
     let t = Tile {
         k: blk.nk,
@@ -433,22 +411,6 @@ unsafe fn block_grads<S: Simd>(
         alpha: std::ptr::null(),
     };
     block::pv_product::<PvTiles<S>>(seen, d_pad, t);
-}
-
-/// The `C = A · B` product of query rows `a` (`k` wide, row stride `a_rs`) with a transposed
-/// key block `bt` into `c` (both `ld` apart).
-fn product(k: usize, a: *const f32, a_rs: usize, bt: *const f32, c: *mut f32, ld: usize) -> Tile {
-    Tile {
-        k,
-        a,
-        a_rs,
-        a_cs: 1,
-        b: bt,
-        ldb: ld,
-        c,
-        ldc: ld,
-        alpha: std::ptr::null(),
-    }
 }
 
 /// The LSE of the rows `seen` in log2; +inf for a fully masked row (LSE -inf), so that its

@@ -9,6 +9,9 @@
 //! f32, f16 and bf16 inputs; fp8 is CUDA-only.
 
 mod backward;
+mod backward_f32;
+mod backward_io;
+mod backward_lowp;
 mod bench;
 mod block;
 mod decode;

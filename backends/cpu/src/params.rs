@@ -25,6 +25,10 @@ const BLOCK_N: usize = 128;
 /// 128 in 6 of 6 paired rounds at d = 64, median +9% GFLOP per CPU-s; +7% at d = 128).
 const BWD_BLOCK_N: usize = 144;
 const BWD_BLOCK_M: usize = 96;
+/// Keys per backward task on the f16 tiles (`backward_lowp.rs`): whole 32-key f16
+/// registers (144 would pad S and dP to 160 columns). 128, 160 and 192 measured alike at
+/// d 64 (3 noisy rounds each, PERF_NOTES.md).
+const BWD_BLOCK_N_F16: usize = 128;
 
 /// Upper bounds of an override: far above any useful size, small enough that every scratch
 /// product (at most `block_m * block_n` and `block * MAX_HEAD_DIM` floats per worker) is a
@@ -49,13 +53,17 @@ pub(crate) fn forward_blocks(spec: &CheckedSpec<'_>, threads: usize) -> Blocks {
     })
 }
 
-/// The backward's blocks (the override, if set and valid).
-pub(crate) fn backward_blocks() -> Blocks {
+/// The backward's blocks, on the f16 tiles or not (the override, if set and valid).
+pub(crate) fn backward_blocks(f16_tiles: bool) -> Blocks {
     static OVERRIDE: OnceLock<Option<Blocks>> = OnceLock::new();
     let o = OVERRIDE.get_or_init(|| env_override("FLASHATTN_CPU_BWD_BLOCKS"));
     o.unwrap_or(Blocks {
         block_m: BWD_BLOCK_M,
-        block_n: BWD_BLOCK_N,
+        block_n: if f16_tiles {
+            BWD_BLOCK_N_F16
+        } else {
+            BWD_BLOCK_N
+        },
     })
 }
 

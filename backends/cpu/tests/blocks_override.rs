@@ -1,10 +1,11 @@
 //! `FLASHATTN_CPU_BLOCKS` / `FLASHATTN_CPU_BWD_BLOCKS` are read once per process, so each
 //! value runs in a child process (this test binary again, filtered to `child`): hostile
 //! values (the product that used to wrap and corrupt the heap) are ignored and the results
-//! stay exact; valid values are used and stay exact too.
+//! stay exact; valid values are used and stay exact too (f32, and bf16 on the default
+//! instruction set, which is the f16 tiles' path where the CPU has AVX512-FP16).
 
 use flashattn_core::testing::{check_backend, check_backward};
-use flashattn_core::AttentionSpec;
+use flashattn_core::{AttentionSpec, DType};
 use flashattn_cpu::CpuBackend;
 use std::process::Command;
 
@@ -18,6 +19,11 @@ fn child() {
         AttentionSpec::new(1, 4, 50, 400, 72)
             .heads_kv(2)
             .window(60, 5),
+        // bf16: the f16 tiles' layouts on AVX512-FP16 (key blocks rounded to 32-key
+        // registers), the widened path elsewhere.
+        AttentionSpec::new(1, 2, 130, 171, 72)
+            .dtype(DType::Bf16)
+            .causal(true),
     ];
     for threads in [1, 3] {
         let b = CpuBackend::with_threads(threads);

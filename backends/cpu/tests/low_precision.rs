@@ -1,13 +1,14 @@
 //! f16 / bf16 inputs on every instruction set this CPU has (the low-precision tiles of the
 //! AVX512-FP16 and AVX512-BF16 levels, the f32 tiles of the others) against the f64
-//! reference: long key ranges, large scores, and values outside f16's range.
+//! reference, forward and backward: long key ranges, large scores, and values outside f16's
+//! range.
 
 mod common;
 
-use flashattn_core::testing::{check_backend, check_cases};
+use flashattn_core::testing::{backward_tolerance, check_backend, check_backward, check_cases};
 use flashattn_core::{
-    lse_max_error, reference_attention, rel_l2_error, AttentionSpec, Backend, DType, ForwardInputs,
-    Tensor,
+    lse_max_error, reference_attention, reference_backward, rel_l2_error, AttentionSpec, Backend,
+    BackwardInputs, DType, ForwardInputs, Tensor,
 };
 use rand::{Rng, SeedableRng};
 
@@ -123,6 +124,106 @@ fn large_scores_and_wide_ranges_every_isa() {
                         "[{label}] {dtype} {name}: out {out:.2e} lse {lse:.2e}"
                     ));
                 }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The backward of f16 / bf16 inputs on every instruction set (on AVX512-FP16: S, dP and dV
+/// on the f16 tiles, `backward_lowp.rs`) against the f64 reference backward: odd sizes, a
+/// few thousand keys (many key blocks into one dq and one query block's dO / P in each dV),
+/// GQA, causal, window, varlen, softcap, ALiBi, head dims 40 / 72 / 200 and a differing dv.
+#[test]
+fn backward_every_isa() {
+    let mut cases = Vec::new();
+    for dtype in [DType::Bf16, DType::F16] {
+        let spec = |h, sq, sk, d| AttentionSpec::new(1, h, sq, sk, d).dtype(dtype);
+        cases.push((
+            format!("{dtype} 3001 keys gqa"),
+            spec(4, 37, 3001, 64).heads_kv(1),
+        ));
+        cases.push((
+            format!("{dtype} 2100 causal"),
+            spec(2, 2100, 2100, 128).causal(true),
+        ));
+        cases.push((
+            format!("{dtype} window softcap alibi"),
+            spec(2, 301, 1100, 40)
+                .window(200, 31)
+                .softcap(8.0)
+                .alibi(vec![0.05, 0.01], false),
+        ));
+        cases.push((
+            format!("{dtype} d 72 gqa"),
+            spec(6, 131, 259, 72).heads_kv(2),
+        ));
+        cases.push((
+            format!("{dtype} d 200 dv 72"),
+            spec(2, 97, 389, 200).head_dim_v(72),
+        ));
+        cases.push((
+            format!("{dtype} varlen causal"),
+            AttentionSpec::new(1, 4, 650, 900, 64)
+                .heads_kv(2)
+                .dtype(dtype)
+                .causal(true)
+                .varlen(vec![0, 300, 317, 650], vec![0, 400, 431, 900]),
+        ));
+    }
+    let mut failures = Vec::new();
+    for (label, backend) in common::every_isa(&[2]) {
+        for e in check_cases(&backend, &cases, 47, check_backward) {
+            failures.push(format!("[{label}] {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The backward with bf16 keys near 1e6, queries near 1e-6 and dout near 1e-4: far outside
+/// f16's range, kept by the f16 tiles' per-block scale; the gradients must match the
+/// reference within bf16's backward tolerance on every instruction set.
+#[test]
+fn backward_wide_ranges_every_isa() {
+    let spec = AttentionSpec::new(1, 2, 77, 301, 72)
+        .dtype(DType::Bf16)
+        .return_lse(true);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut t = |n: Option<usize>, amp: f32| {
+        let vals: Vec<f32> = (0..n.unwrap())
+            .map(|_| rng.random_range(-amp..amp))
+            .collect();
+        Tensor::from_f32(DType::Bf16, &vals)
+    };
+    let (q, k, v) = (
+        t(spec.q_elems(), 2e-6),
+        t(spec.k_elems(), 1e6),
+        t(spec.v_elems(), 1.0),
+    );
+    let dout = t(spec.out_elems(), 1e-4);
+    let want =
+        reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
+    let tol = backward_tolerance(DType::Bf16);
+    let mut failures = Vec::new();
+    for (label, backend) in common::every_isa(&[2]) {
+        let fwd = backend
+            .forward(&spec, ForwardInputs::of(&q, &k, &v))
+            .unwrap();
+        let lse = fwd.lse.as_deref().unwrap();
+        let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, lse, &dout);
+        let got = backend.backward(&spec, inputs).unwrap();
+        for (name, g, w) in [
+            ("dq", &got.dq, &want.dq),
+            ("dk", &got.dk, &want.dk),
+            ("dv", &got.dv, &want.dv),
+        ] {
+            let err = rel_l2_error(&g.to_f32_vec(), w);
+            assert!(
+                w.iter().any(|&x| x != 0.0),
+                "{name} is all zero: test is void"
+            );
+            if err.is_nan() || err > tol {
+                failures.push(format!("[{label}] {name}: relative L2 error {err:.2e}"));
             }
         }
     }
