@@ -13,8 +13,8 @@
 //! broadcasts), so no query block is ever transposed. Extra memory: the Q and dO copies, the
 //! head-major f32 dq accumulator, delta and per-worker tiles, O(tokens x heads) in all.
 //!
-//! S, dP and dV run on the f32 tiles (`backward_f32.rs`), or for f16 / bf16 inputs on
-//! AVX512-FP16 on the f16 tiles (`backward_lowp.rs`); dK and dQ are f32 tiles on both.
+//! The five block products run on the f32 tiles (`backward_f32.rs`), or for f16 / bf16
+//! inputs on AVX512-FP16 on the f16 tiles (`backward_lowp.rs`; dS scaled per block).
 //!
 //! dq is summed over key blocks without races and in a fixed order: each (batch, head, query
 //! block) has a turn counter that says which key block adds next; a task computes its dQ
@@ -88,13 +88,13 @@ pub(crate) struct Scratch {
     pub kp: AlignedBuf,
     pub kt: AlignedBuf,
     pub vt: AlignedBuf,
-    dk: AlignedBuf,
+    pub dk: AlignedBuf,
     pub dv: AlignedBuf,
     pub s: AlignedBuf,
     pub dp: AlignedBuf,
     /// The softcap's derivative per score (empty without softcap).
     grad: AlignedBuf,
-    dq: AlignedBuf,
+    pub dq: AlignedBuf,
     lse2: Vec<f32>,
     pub ones: AlignedBuf,
     pub row: Vec<f32>,
@@ -110,10 +110,10 @@ impl Scratch {
         let Blocks { block_m, block_n } = p.blocks;
         let mut ones = AlignedBuf::zeroed(block_m.max(block_n));
         ones.as_mut_slice().fill(1.0);
-        // The f16 tiles read K^T and V^T in f16 (`low`), not these.
+        // The f16 tiles read K, K^T and V^T in f16 (`low`), not these.
         let f32_t = if p.low.is_some() { 0 } else { p.ld };
         Scratch {
-            kp: AlignedBuf::zeroed(block_n * p.d_pad),
+            kp: AlignedBuf::zeroed(block_n * if p.low.is_some() { 0 } else { p.d_pad }),
             kt: AlignedBuf::zeroed(d * f32_t),
             vt: AlignedBuf::zeroed(dv * f32_t),
             dk: AlignedBuf::zeroed(block_n * p.d_pad),
@@ -147,9 +147,7 @@ pub(crate) fn backward(
     let (d, dv) = (spec.head_dim, spec.head_dim_v);
     let f16_tiles = BwdLowLayout::applies(isa, spec);
     let blocks = backward_blocks(f16_tiles);
-    let d_pad = d.div_ceil(lanes) * lanes;
     let (q_in, q_rows) = (Src::new(inputs.q)?, RowLayout::q(spec));
-    let q = head_major(pool, spec, (q_in, q_rows), d, d_pad, None)?;
     let mut delta = try_zeroed(spec.sizes.q_tokens, spec.heads_q, "delta")?;
     let out = (
         Src::new(inputs.out)?,
@@ -166,10 +164,17 @@ pub(crate) fn backward(
     } else {
         None
     };
-    // The f16 tiles' dV rows are whole f16 registers.
+    // The f16 tiles' dV, dK and dQ rows are whole f16 registers; they read Q in f16 only.
     let dv_pad = low
         .as_ref()
         .map_or(dv.div_ceil(lanes) * lanes, |l| l.dv_pad);
+    let d_pad = low
+        .as_ref()
+        .map_or(d.div_ceil(lanes) * lanes, |l| l.d_pad());
+    let q = match low {
+        Some(_) => Vec::new(),
+        None => head_major(pool, spec, (q_in, q_rows), d, d_pad, None)?,
+    };
     // (On the f16 tiles only delta needs dO in f32; the copy is kept for simplicity.)
     let dout = head_major(pool, spec, (dout_in, dout_rows), dv, dv_pad, out)?;
     // dq accumulates in f32, head-major (a query block's rows are contiguous, not a page
@@ -299,11 +304,11 @@ unsafe fn run_key_block<S: Simd, B: BwdProducts<S>>(p: &Problem, sc: &mut Scratc
     store_dk_dv(p, sc, t, j0, nk);
 }
 
-/// The block products whose operands differ between the f32 tiles and the f16 tiles
-/// (`backward_lowp.rs`): S, dP and dV. dK and dQ are f32 on both. Query rows `seen` of the
+/// The block products, on the f32 tiles (`backward_f32.rs`) or the f16 tiles
+/// (`backward_lowp.rs`): S, dP, dV, dK and dQ. Query rows `seen` of the
 /// block `blk` and head `h`; key columns `keys` (whole f32 vectors).
 pub(crate) trait BwdProducts<S: Simd> {
-    /// The task's key block: f32 K rows for dQ (`load_k_rows`) and the operands of S and dP.
+    /// The task's key block: the operands of S, dP and dQ.
     unsafe fn load_keys(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize);
     /// `S = Q · K^T * k_mul` into `sc.s`.
     unsafe fn scores(
@@ -325,6 +330,16 @@ pub(crate) trait BwdProducts<S: Simd> {
     );
     /// `dV += P^T · dO` (P in `sc.s`).
     unsafe fn add_dv(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        bh: (usize, usize),
+        seen: Range<usize>,
+        keys: Range<usize>,
+    );
+    /// `dK += dS^T · Q` and `dQ_blk = dS · K` into `sc.dk` and the rows `seen` of `sc.dq`
+    /// (dS in `sc.dp`), after `add_dv`.
+    unsafe fn dk_dq(
         p: &Problem,
         sc: &mut Scratch,
         blk: &ScoreBlock,
@@ -364,11 +379,10 @@ unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
     (b, h): (usize, usize),
     seen: Range<usize>,
 ) {
-    let (ld, d_pad) = (p.ld, p.d_pad);
+    let ld = p.ld;
     let keys = 0..blk.nk.div_ceil(S::LANES) * S::LANES;
     let row0 = query_row0(p, blk, h, &seen);
-    let q = p.q.as_ptr().add(row0 * d_pad);
-    let (s0, n) = (seen.start, seen.len());
+    let s0 = seen.start;
     // S = Q · K^T, score mod, mask, P = 2^(S - lse).
     B::scores(p, sc, blk, (b, h), seen.clone(), keys.clone());
     if p.post {
@@ -383,12 +397,27 @@ unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
     B::dprobs(p, sc, blk, (b, h), seen.clone(), keys.clone());
     let delta = &p.delta[row0 - s0..];
     score_grads::<S>(p, sc, delta, seen.clone(), keys.clone());
-    // dV += P^T · dO and dK += dS^T · Q over the queries that see the block (dV after dP:
-    // the f16 tiles pack dO there).
-    B::add_dv(p, sc, blk, (b, h), seen.clone(), keys);
+    // dV += P^T · dO, dK += dS^T · Q and dQ_blk = dS · K (dV after dP: the f16 tiles pack
+    // dO there).
+    B::add_dv(p, sc, blk, (b, h), seen.clone(), keys.clone());
+    B::dk_dq(p, sc, blk, (b, h), seen, keys);
+}
+
+/// `dK += dS^T · Q` over the queries `seen` and `dQ_blk = dS · K` (into the rows `seen` of
+/// `sc.dq`, rounded out to whole tiles) on the f32 tiles, dS in `sc.dp`.
+#[inline(always)]
+pub(crate) unsafe fn dk_dq_f32<S: Simd>(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    h: usize,
+    seen: Range<usize>,
+) {
+    let (ld, d_pad) = (p.ld, p.d_pad);
+    let q = p.q.as_ptr().add(query_row0(p, blk, h, &seen) * d_pad);
     let t = Tile {
-        k: n,
-        a: sc.dp.as_ptr().add(s0 * ld),
+        k: seen.len(),
+        a: sc.dp.as_ptr().add(seen.start * ld),
         a_rs: 1,
         a_cs: ld,
         b: q,
@@ -398,7 +427,6 @@ unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
         alpha: sc.ones.as_ptr(),
     };
     block::pv_product::<PvTiles<S>>(0..blk.nk, d_pad, t);
-    // dQ_blk = dS · K (overwrites the rows `seen`, rounded out to whole tiles).
     let t = Tile {
         k: blk.nk,
         a: sc.dp.as_ptr(),

@@ -1,7 +1,7 @@
 //! The backward's block products on the f32 register tiles (`simd.rs`): f16 / bf16 inputs
 //! widened (Q and dO once per call, head-major; K^T and V^T once per key block).
 
-use crate::backward::{load_k_rows, query_row0, BwdProducts, Problem, Scratch, Task};
+use crate::backward::{dk_dq_f32, load_k_rows, query_row0, BwdProducts, Problem, Scratch, Task};
 use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
 use crate::simd::{Simd, Tile};
 use std::ops::Range;
@@ -68,6 +68,17 @@ impl<S: Simd> BwdProducts<S> for F32Bwd {
             alpha: sc.ones.as_ptr(),
         };
         block::pv_product::<PvTiles<S>>(0..blk.nk, p.dv_pad, t);
+    }
+    #[inline(always)]
+    unsafe fn dk_dq(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        (_, h): (usize, usize),
+        seen: Range<usize>,
+        _keys: Range<usize>,
+    ) {
+        dk_dq_f32::<S>(p, sc, blk, h, seen);
     }
 }
 

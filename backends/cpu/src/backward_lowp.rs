@@ -4,19 +4,21 @@
 //! the largest |x| into [4, 8), so bf16's range is kept and no f16 sum overflows); K and V
 //! per key block (per task), Q and dO once per call per (head, query block);
 //! `dV += P^T · dO` takes P rounded to f16 (P is in [0, 1]), as the forward's P·V does.
-//! Everything else is the f32 code of `backward.rs`.
-//!
-//! `dK += dS^T · Q` and `dQ = dS · K` stay on the f32 tiles: dS = P (dP - delta) has no
-//! bound below, and its small entries (a small P times a small difference) would flush to
-//! f16 subnormals or zero without a per-block scale of dS. Scaling dS per block and moving
-//! those two products to the f16 tiles is the next step (`PERF_NOTES.md`).
+//! `dK += dS^T · Q` and `dQ = dS · K` take dS rounded to f16 after a power of two per
+//! (query block, head, key block) that brings its largest finite |dS| into [4, 8)
+//! (`pow2_scale`, as the inputs): dS = P (dP - delta) has no bound below, and unscaled its
+//! small entries would flush to f16 subnormals or zero. K is packed in rows (per task) for
+//! dQ; Q is the packed copy S reads. Every product of two operands in [4, 8) is below 64, so
+//! no f16 chunk sum of `DS_CHUNK` steps can overflow. Infinities and NaN in dS are rounded
+//! into the operand as they are (not into the scale) and propagate as in f32.
+//! Everything else (softmax, dS) is the f32 code of `backward.rs`.
 
 use crate::backward::{BwdProducts, Problem, Scratch, Task};
 use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
 use crate::io::{try_zeroed, AlignedBuf, RowLayout, SharedRows, Src};
 use crate::lowp::{Format, LowTile, LowTiles, Lowp};
-use crate::lowp_pack::{self, block_scale, Rows};
+use crate::lowp_pack::{self, block_scale, pow2_scale, Rows};
 use crate::params::{odd_lines, Blocks};
 use crate::simd::Simd;
 use crate::thread_pool::{Kernel, ThreadPool};
@@ -29,6 +31,10 @@ const QK_CHUNK: usize = 16;
 /// dV's f16 sums run over one query block (at most 128 rows of P <= 1 times dO in [-8, 8):
 /// |sum| <= 1024), as the forward's P·V flushes once per 128 keys.
 const PV_CHUNK: usize = 128;
+/// dK's and dQ's f16 chunk sums: 32 steps of products below 64 (|sum| < 2048). dS sums to
+/// zero along a row, so its sums cancel; short chunks keep the f16 rounding of the partial
+/// sums small against the result.
+const DS_CHUNK: usize = 32;
 /// Columns of one f16 register.
 const COLS: usize = 32;
 
@@ -55,7 +61,8 @@ pub(crate) struct BwdLowLayout {
 struct PackedQueries {
     q: Vec<f32>,
     dout: Vec<f32>,
-    /// Q's row length: head_dim rounded up to even (rows start on an f32).
+    /// Q's row length: head_dim rounded up to whole f16 registers (Q is dK's B operand;
+    /// zero past head_dim).
     qld: usize,
     /// The Q and dO factors of (head h, query block i): `scales[(h * blocks + i) * 2..]`.
     scales: Vec<f32>,
@@ -83,7 +90,7 @@ impl BwdLowLayout {
         let keys = blocks.block_n.next_multiple_of(COLS);
         let (d, dv) = (spec.head_dim, spec.head_dim_v);
         let dv_pad = dv.next_multiple_of(COLS);
-        let qld = d.next_multiple_of(2);
+        let qld = d.next_multiple_of(COLS);
         let (mut first_block, mut tasks) = (Vec::with_capacity(spec.batch), Vec::new());
         let mut n = 0;
         for b in 0..spec.batch {
@@ -127,6 +134,11 @@ impl BwdLowLayout {
             block_m: blocks.block_m,
             queries,
         })
+    }
+
+    /// The row length of dK, dQ and the packed Q and K rows (whole f16 registers).
+    pub fn d_pad(&self) -> usize {
+        self.queries.qld
     }
 
     /// The first packed Q and dO rows of the rows `seen` of block `blk` of (batch b, head h),
@@ -215,6 +227,8 @@ impl Kernel for Packing<'_> {
 
 /// Per-worker f16 operands (empty on the f32 path).
 pub(crate) struct BwdLowScratch {
+    /// K rows (dQ's B operand), `d_pad` apart.
+    k: AlignedBuf,
     kt: AlignedBuf,
     vt: AlignedBuf,
     p: AlignedBuf,
@@ -228,16 +242,18 @@ impl BwdLowScratch {
     pub fn new(layout: Option<&BwdLowLayout>, blocks: Blocks) -> BwdLowScratch {
         // u16 counts, as f32 buffers of half the length.
         let buf = |n: usize| AlignedBuf::zeroed(n.div_ceil(2));
-        let (kt, vt, p, tmp) = match layout {
+        let (k, kt, vt, p, tmp) = match layout {
             Some(l) => (
+                blocks.block_n * l.d_pad(),
                 l.d * l.tld,
                 l.dv * l.tld,
                 blocks.block_m * l.tld,
                 l.d.max(l.dv),
             ),
-            None => (0, 0, 0, 0),
+            None => (0, 0, 0, 0, 0),
         };
         BwdLowScratch {
+            k: buf(k),
             kt: buf(kt),
             vt: buf(vt),
             p: buf(p),
@@ -265,13 +281,12 @@ unsafe fn scores_tile<L: Lowp>(n: usize, keys: Range<usize>, t: LowTile) {
 }
 
 impl<L: Lowp> BwdProducts<L> for LowBwd {
-    /// f32 K rows (for dQ), and K^T and V^T in f16, each block scaled by its own factor.
+    /// K, K^T and V^T in f16, each block scaled by its own factor (K and K^T by one).
     #[inline(always)]
     unsafe fn load_keys(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize) {
         debug_assert!(L::FORMAT == Format::F16 && L::KW == 1);
         let l = layout(p);
         let tok0 = p.spec.seq(t.b).k_start + j0;
-        crate::backward::load_k_rows(p, sc, tok0, t.kv_head, nk);
         let low = &mut sc.low;
         let n_pad = nk.next_multiple_of(COLS);
         for (src, rows, len, dst, scale) in [
@@ -288,6 +303,14 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
             let dst = dst.as_mut_u16();
             lowp_pack::pack_transposed::<L>(src, rows, n_pad, *scale, &mut low.tmp, dst, l.tld);
         }
+        let rows = Rows {
+            off: p.k_rows.at(tok0, t.kv_head),
+            stride: p.k_rows.token,
+            n: nk,
+            len: l.d,
+        };
+        let ld = l.d_pad();
+        lowp_pack::pack_keys::<L>(&p.k, rows, low.k_scale, low.k.as_mut_u16(), ld);
     }
 
     /// `S = Q · K^T * k_mul` from the packed Q rows.
@@ -363,7 +386,7 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
         let low = &mut sc.low;
         let pp = low.p.as_mut_u16().as_mut_ptr();
         let sp = sc.s.as_ptr().add(seen.start * p.ld);
-        lowp_pack::convert_probs::<L>(sp, p.ld, seen.len(), keys, pp, l.tld);
+        lowp_pack::convert_probs::<L>(sp, p.ld, seen.len(), keys, pp, l.tld, 1.0);
         let t = LowTile {
             k: seen.len(),
             a: low.p.as_u16(),
@@ -378,5 +401,55 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
             chunk: PV_CHUNK,
         };
         block::pv_product::<LowTiles<L>>(0..blk.nk, l.dv_pad, t);
+    }
+
+    /// dS of the rows `seen` scaled by its block's power of two and rounded to f16 (into the
+    /// P operand, which `add_dv` has used), then `dK += dS^T · Q` and `dQ_blk = dS · K`.
+    #[inline(always)]
+    unsafe fn dk_dq(
+        p: &Problem,
+        sc: &mut Scratch,
+        blk: &ScoreBlock,
+        bh: (usize, usize),
+        seen: Range<usize>,
+        keys: Range<usize>,
+    ) {
+        let l = layout(p);
+        let [(q, q_scale), _] = l.queries(p, blk, bh, &seen);
+        let (n, d_pad) = (seen.len(), l.d_pad());
+        let low = &mut sc.low;
+        let dsp = sc.dp.as_ptr().add(seen.start * p.ld);
+        let ds_scale = pow2_scale(L::max_finite_f32(dsp, p.ld, n, keys.end));
+        let pp = low.p.as_mut_u16().as_mut_ptr();
+        lowp_pack::convert_probs::<L>(dsp, p.ld, n, keys, pp, l.tld, ds_scale);
+        let ds = low.p.as_u16();
+        let dk = LowTile {
+            k: n,
+            a: ds,
+            a_rs: 1,
+            a_cs: l.tld,
+            b: q,
+            ldb: l.queries.qld,
+            c: sc.dk.as_mut_ptr(),
+            ldc: d_pad,
+            alpha: sc.ones.as_ptr(),
+            scale: (1.0 / (ds_scale as f64 * q_scale as f64)) as f32,
+            chunk: DS_CHUNK,
+        };
+        block::pv_product::<LowTiles<L>>(0..blk.nk, d_pad, dk);
+        let dq = LowTile {
+            k: blk.nk,
+            a: ds,
+            a_rs: l.tld,
+            a_cs: 1,
+            b: low.k.as_u16(),
+            ldb: d_pad,
+            c: sc.dq.as_mut_ptr().add(seen.start * d_pad),
+            ldc: d_pad,
+            alpha: std::ptr::null(),
+            scale: (1.0 / (ds_scale as f64 * low.k_scale as f64)) as f32,
+            chunk: DS_CHUNK,
+        };
+        block::pv_product::<LowTiles<L>>(0..n, d_pad, dq);
     }
 }

@@ -204,7 +204,7 @@ impl<L: Lowp> Products<L> for LowProducts {
         if L::FORMAT != Format::F16 {
             let cols = rows.start / L::MR * L::MR / 16 * 16..rows.end;
             let pp = low.p.as_mut_u16().as_mut_ptr();
-            lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld);
+            lowp_pack::convert_probs::<L>(sc.s.as_ptr(), p.ld, blk.nk, cols, pp, l.qld, 1.0);
         }
         let vrows = key_rows(blk, p.rows[2], l.dv);
         let tmp = &mut low.tmp;

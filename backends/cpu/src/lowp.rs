@@ -72,6 +72,9 @@ pub(crate) trait Lowp: Simd {
     /// The largest `bits & 0x7fff` below `inf` (the finite magnitudes) of the rows `rows`
     /// (`rows.off` from `src`), prefetching the row `ahead` rows on.
     unsafe fn max_magnitude(src: *const u16, rows: Rows, inf: u16, ahead: usize) -> u16;
+    /// The largest finite |x| of `n` f32 rows at `src` (`ld` apart), columns `0..cols` (a
+    /// multiple of 16); 0 if there is none (infinities and NaN are skipped).
+    unsafe fn max_finite_f32(src: *const f32, ld: usize, n: usize, cols: usize) -> f32;
 }
 
 /// Forwards `Simd` to `Avx512`: the low-precision levels compute everything outside their
@@ -318,6 +321,10 @@ macro_rules! avx512_lowp {
             unsafe fn max_magnitude(src: *const u16, rows: Rows, inf: u16, ahead: usize) -> u16 {
                 max_magnitude(src, rows, inf, ahead)
             }
+            #[inline(always)]
+            unsafe fn max_finite_f32(src: *const f32, ld: usize, n: usize, cols: usize) -> f32 {
+                max_finite_f32(src, ld, n, cols)
+            }
         }
     };
 }
@@ -401,6 +408,23 @@ unsafe fn max_magnitude(src: *const u16, rows: Rows, inf: u16, ahead: usize) -> 
     }
     let lanes: [u16; 32] = std::mem::transmute(mx);
     lanes.iter().fold(0, |a, &b| a.max(b))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn max_finite_f32(src: *const f32, ld: usize, n: usize, cols: usize) -> f32 {
+    debug_assert!(cols % 16 == 0);
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    let mut mx = _mm512_setzero_ps();
+    for r in 0..n {
+        for x in (0..cols).step_by(16) {
+            let v = _mm512_abs_ps(_mm512_loadu_ps(src.add(r * ld + x)));
+            // Ordered less-than: false for NaN and for infinities.
+            let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, inf);
+            mx = _mm512_mask_max_ps(mx, finite, mx, v);
+        }
+    }
+    _mm512_reduce_max_ps(mx)
 }
 
 /// The tiles of a low-precision level, for [`qk_product`](crate::block::qk_product) (`C[r][cols] = scale *

@@ -190,9 +190,10 @@ pub(crate) unsafe fn pack_keys<L: Lowp>(
     }
 }
 
-/// Probabilities `pt[j * src_ld + i]` (keys x queries, f32) as the A operand of P·V:
-/// `dst[((j / KW) * ld + i) * KW + j % KW]` for the keys `0..nk` (a zero key after an odd
-/// `nk` with KW = 2) and the queries `cols` (16-aligned start and end).
+/// Probabilities `pt[j * src_ld + i]` (keys x queries, f32) times `scale` as the A operand
+/// of P·V: `dst[((j / KW) * ld + i) * KW + j % KW]` for the keys `0..nk` (a zero key after
+/// an odd `nk` with KW = 2) and the queries `cols` (16-aligned start and end). (The
+/// backward's dS takes the same path with its block's power of two.)
 #[inline(always)]
 pub(crate) unsafe fn convert_probs<L: Lowp>(
     pt: *const f32,
@@ -201,16 +202,18 @@ pub(crate) unsafe fn convert_probs<L: Lowp>(
     cols: Range<usize>,
     dst: *mut u16,
     ld: usize,
+    scale: f32,
 ) {
+    let sc = L::splat(scale);
     for j in (0..nk.next_multiple_of(L::KW)).step_by(L::KW) {
         for i in cols.clone().step_by(16) {
-            let lo = L::from_f32(L::load(pt.add(j * src_ld + i)));
+            let lo = L::from_f32(L::mul(L::load(pt.add(j * src_ld + i)), sc));
             if L::KW == 1 {
                 (dst.add(j * ld + i) as *mut [u16; 16]).write_unaligned(lo);
                 continue;
             }
             let hi = if j + 1 < nk {
-                L::from_f32(L::load(pt.add((j + 1) * src_ld + i)))
+                L::from_f32(L::mul(L::load(pt.add((j + 1) * src_ld + i)), sc))
             } else {
                 [0; 16]
             };

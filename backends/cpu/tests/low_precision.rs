@@ -229,3 +229,68 @@ fn backward_wide_ranges_every_isa() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// dS spanning a wide range inside every block: dout rows alternate between 1e-2 and 1e+2
+/// (so each query block's dS rows differ by ~1e4), and q, k are large enough that P spans
+/// many orders. The f16 tiles scale dS per block by its largest value; the small rows must
+/// still keep their precision, so dq is checked on the small and the large rows apart
+/// (against the f64 reference, each within the dtype's backward tolerance), and dk, dv whole.
+#[test]
+fn backward_ds_wide_range_in_one_block_every_isa() {
+    for dtype in [DType::F16, DType::Bf16] {
+        let spec = AttentionSpec::new(1, 2, 203, 291, 64)
+            .dtype(dtype)
+            .return_lse(true);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+        let mut vals = |n: usize, amp: f32| -> Vec<f32> {
+            (0..n).map(|_| rng.random_range(-amp..amp)).collect()
+        };
+        let (q, k, v) = (
+            vals(spec.q_elems().unwrap(), 1.5),
+            vals(spec.k_elems().unwrap(), 1.5),
+            vals(spec.v_elems().unwrap(), 1.0),
+        );
+        // dout is [tokens, heads, dv]: token t's rows are small for even t.
+        let row = 2 * 64;
+        let small = |i: usize| (i / row) % 2 == 0;
+        let mut dout = vals(spec.out_elems().unwrap(), 1.0);
+        for (i, x) in dout.iter_mut().enumerate() {
+            *x *= if small(i) { 1e-2 } else { 1e2 };
+        }
+        let t = |x: &[f32]| Tensor::from_f32(dtype, x);
+        let (q, k, v, dout) = (t(&q), t(&k), t(&v), t(&dout));
+        let want =
+            reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
+        let tol = backward_tolerance(dtype);
+        let mut failures = Vec::new();
+        for (label, backend) in common::every_isa(&[2]) {
+            let fwd = backend
+                .forward(&spec, ForwardInputs::of(&q, &k, &v))
+                .unwrap();
+            let lse = fwd.lse.as_deref().unwrap();
+            let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, lse, &dout);
+            let got = backend.backward(&spec, inputs).unwrap();
+            let dq = got.dq.to_f32_vec();
+            // q is [tokens, heads, d], the same row split as dout's.
+            let part = |keep: bool| -> (Vec<f32>, Vec<f64>) {
+                let idx = (0..dq.len()).filter(|&i| small(i) == keep);
+                idx.map(|i| (dq[i], want.dq[i])).unzip()
+            };
+            let (dq_small, want_small) = part(true);
+            let (dq_large, want_large) = part(false);
+            for (name, g, w) in [
+                ("dq, small rows", dq_small, want_small),
+                ("dq, large rows", dq_large, want_large),
+                ("dk", got.dk.to_f32_vec(), want.dk.clone()),
+                ("dv", got.dv.to_f32_vec(), want.dv.clone()),
+            ] {
+                assert!(w.iter().any(|&x| x != 0.0), "{name} is all zero: void");
+                let err = rel_l2_error(&g, &w);
+                if err.is_nan() || err > tol {
+                    failures.push(format!("[{label}] {dtype} {name}: rel L2 {err:.2e}"));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}
