@@ -413,7 +413,7 @@ unsafe fn max_magnitude(src: *const u16, rows: Rows, inf: u16, ahead: usize) -> 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn max_finite_f32(src: *const f32, ld: usize, n: usize, cols: usize) -> f32 {
-    debug_assert!(cols % 16 == 0);
+    debug_assert!(cols.is_multiple_of(16));
     let inf = _mm512_set1_ps(f32::INFINITY);
     let mut mx = _mm512_setzero_ps();
     for r in 0..n {

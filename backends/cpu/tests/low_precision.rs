@@ -252,7 +252,7 @@ fn backward_ds_wide_range_in_one_block_every_isa() {
         );
         // dout is [tokens, heads, dv]: token t's rows are small for even t.
         let row = 2 * 64;
-        let small = |i: usize| (i / row) % 2 == 0;
+        let small = |i: usize| (i / row).is_multiple_of(2);
         let mut dout = vals(spec.out_elems().unwrap(), 1.0);
         for (i, x) in dout.iter_mut().enumerate() {
             *x *= if small(i) { 1e-2 } else { 1e2 };
@@ -292,5 +292,37 @@ fn backward_ds_wide_range_in_one_block_every_isa() {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}
+
+/// dout all zero: every dS block is zero (its scale must stay finite, 1), so every gradient
+/// is exactly zero, on every instruction set.
+#[test]
+fn backward_zero_dout_every_isa() {
+    for dtype in [DType::F16, DType::Bf16] {
+        let spec = AttentionSpec::new(1, 2, 45, 133, 40)
+            .dtype(dtype)
+            .return_lse(true);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut t = |n: Option<usize>| {
+            let vals: Vec<f32> = (0..n.unwrap())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            Tensor::from_f32(dtype, &vals)
+        };
+        let (q, k, v) = (t(spec.q_elems()), t(spec.k_elems()), t(spec.v_elems()));
+        let dout = Tensor::from_f32(dtype, &vec![0.0; spec.out_elems().unwrap()]);
+        for (label, backend) in common::every_isa(&[2]) {
+            let fwd = backend
+                .forward(&spec, ForwardInputs::of(&q, &k, &v))
+                .unwrap();
+            let lse = fwd.lse.as_deref().unwrap();
+            let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, lse, &dout);
+            let got = backend.backward(&spec, inputs).unwrap();
+            for (name, g) in [("dq", &got.dq), ("dk", &got.dk), ("dv", &got.dv)] {
+                let bad = g.to_f32_vec().into_iter().find(|&x| x != 0.0);
+                assert!(bad.is_none(), "[{label}] {dtype} {name}: {bad:?}, want 0");
+            }
+        }
     }
 }
