@@ -33,7 +33,7 @@ const QK_CHUNK: usize = 16;
 const PV_CHUNK: usize = 128;
 /// dK's and dQ's f16 chunk sums: up to 128 steps (one default block) of products below 64
 /// (|sum| <= 8192 < 65504). 128 measured ~9% faster than 32 and stays within the tests'
-/// tolerances (PERF_NOTES.md).
+/// tolerances (PERF_NOTES_BACKWARD_F16.md).
 const DS_CHUNK: usize = 128;
 /// Columns of one f16 register.
 const COLS: usize = 32;
