@@ -195,7 +195,9 @@ impl OutBuf {
     ///
     /// # Safety
     /// No other thread writes this range concurrently and the tensor is alive.
-    #[inline]
+    // Inlined so that the bf16 loop is vectorised with the worker's target features
+    // (`half`'s slice conversion of bf16 is a scalar loop: 3.6% of a bf16 forward at d 64).
+    #[inline(always)]
     pub unsafe fn write_row(&self, offset: usize, vals: &[f32]) {
         assert!(offset + vals.len() <= self.len, "output row out of bounds");
         match self.ptr {
@@ -204,9 +206,26 @@ impl OutBuf {
             }
             OutPtr::F16(p) => std::slice::from_raw_parts_mut(p.add(offset), vals.len())
                 .convert_from_f32_slice(vals),
-            OutPtr::Bf16(p) => std::slice::from_raw_parts_mut(p.add(offset), vals.len())
-                .convert_from_f32_slice(vals),
+            OutPtr::Bf16(p) => {
+                let dst = std::slice::from_raw_parts_mut(p.add(offset) as *mut u16, vals.len());
+                for (d, &x) in dst.iter_mut().zip(vals) {
+                    *d = bf16_bits(x);
+                }
+            }
         }
+    }
+}
+
+/// `x` rounded to nearest even bf16 (a NaN stays a quiet NaN): `half::bf16::from_f32`
+/// without branches, so that a loop of it vectorises.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        (b >> 16) as u16 | 0x40
+    } else {
+        rounded
     }
 }
 
@@ -326,4 +345,26 @@ pub(crate) fn try_zeroed(rows: usize, cols: usize, what: &str) -> Result<Vec<f32
     v.try_reserve_exact(n).map_err(|_| fail())?;
     v.resize(n, 0.0);
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bf16_bits;
+    use half::bf16;
+
+    /// Against `half` on every sign / exponent and a spread of mantissas (ties, values next
+    /// to ties, overflow to inf, subnormals, NaN payloads).
+    #[test]
+    fn bf16_bits_matches_half() {
+        let mantissas = [
+            0, 1, 0x7fff, 0x8000, 0x8001, 0x1_7fff, 0x1_8000, 0x7f_ffff, 0x40_0001,
+        ];
+        for top in 0..=0x1ffu32 {
+            for m in mantissas {
+                let x = f32::from_bits(top << 23 | m);
+                let want = bf16::from_f32(x).to_bits();
+                assert_eq!(bf16_bits(x), want, "{x:e} ({:#010x})", x.to_bits());
+            }
+        }
+    }
 }
