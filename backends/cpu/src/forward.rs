@@ -71,9 +71,9 @@ pub(crate) struct Scratch {
     pub s: AlignedBuf,
     pub o: AlignedBuf,
     m: AlignedBuf,
-    l: AlignedBuf,
+    pub l: AlignedBuf,
     pub alpha: AlignedBuf,
-    m_use: AlignedBuf,
+    pub m_use: AlignedBuf,
     m_blk: AlignedBuf,
     row: Vec<f32>,
     lo: Vec<usize>,
@@ -245,6 +245,12 @@ pub(crate) trait Products<S: Simd> {
     #[inline(always)]
     unsafe fn probs_target(_p: &Problem, _sc: &mut Scratch) -> (*mut u16, usize) {
         (std::ptr::null_mut(), 0)
+    }
+    /// The probabilities (and their row sums, into `l`) of the query rows `0..n` that the
+    /// tiles compute in their own arithmetic, returning `n`; the f32 pass does the rest.
+    #[inline(always)]
+    unsafe fn probs(_p: &Problem, _sc: &mut Scratch, _blk: &ScoreBlock) -> usize {
+        0
     }
     /// The probabilities of key `j` for the query lanes from `i`: in place in S^T (`s`, row
     /// stride `ld`), the P·V operand of the f32 tiles.
@@ -425,14 +431,20 @@ unsafe fn online_softmax<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch,
                 alpha[i] = 1.0;
                 m_use[i] = 0.0;
             } else {
-                alpha[i] = (m[i] - m_new).exp2();
+                // Once a row's max settles it rarely moves: skip the libm call (2% at d 64).
+                alpha[i] = if m[i] == m_new {
+                    1.0
+                } else {
+                    (m[i] - m_new).exp2()
+                };
                 m_use[i] = m_new;
             }
             m[i] = m_new;
         }
     }
+    let done = O::probs(p, sc, blk);
     let (lp, ap, up) = (sc.l.as_mut_ptr(), sc.alpha.as_ptr(), sc.m_use.as_ptr());
-    for ig in (0..rows_l).step_by(S::LANES) {
+    for ig in (done..rows_l).step_by(S::LANES) {
         let mu = S::load(up.add(ig));
         let mut sum = S::zero();
         for j in 0..nk {

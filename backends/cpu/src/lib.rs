@@ -25,6 +25,7 @@ mod io;
 mod kv_cache;
 mod kv_prefetch;
 mod lowp;
+mod lowp_exp;
 mod lowp_pack;
 mod lowp_reuse;
 mod naive;
