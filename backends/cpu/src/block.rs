@@ -137,16 +137,34 @@ pub(crate) trait TileKernel {
 /// Column groups outer: one group's B slice stays in L1 while A's rows stream past it.
 #[inline(always)]
 pub(crate) unsafe fn qk_product<K: TileKernel>(nk: usize, cols: Range<usize>, t: K::Tile) {
+    qk_product_with::<K>(nk, cols, t, || {})
+}
+
+/// `qk_product` calling `step` before each of its `qk_tiles` tiles (a paced prefetch).
+#[inline(always)]
+pub(crate) unsafe fn qk_product_with<K: TileKernel>(
+    nk: usize,
+    cols: Range<usize>,
+    t: K::Tile,
+    mut step: impl FnMut(),
+) {
     let w = K::NV * K::COLS;
     for ig in (cols.start / w * w..cols.end).step_by(w) {
         let nv = K::vectors(cols.end - ig);
         let mut jt = 0;
         while jt < nk {
             let mr = K::MR.min(nk - jt);
+            step();
             K::run(mr, nv, K::at(&t, jt, ig, false));
             jt += mr;
         }
     }
+}
+
+/// The tiles `qk_product` runs for `nk` keys and the query columns `cols`.
+pub(crate) fn qk_tiles<K: TileKernel>(nk: usize, cols: &Range<usize>) -> usize {
+    let w = K::NV * K::COLS;
+    (cols.end - cols.start / w * w).div_ceil(w) * nk.div_ceil(K::MR)
 }
 
 /// `C[i][0..width] = C[i] * alpha[i] + sum_k A(i, k) B[k]` for the rows `rows` (rounded down

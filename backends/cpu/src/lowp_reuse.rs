@@ -42,6 +42,14 @@ impl PackedBlocks {
         self.held.fill(None);
     }
 
+    /// Whether a slot holds the block of `nk` keys from `j0` (a `get` of it packs nothing).
+    pub fn holds(&self, j0: usize, nk: usize) -> bool {
+        let slot = j0 / self.block_n;
+        j0.is_multiple_of(self.block_n)
+            && slot + 1 < self.held.len()
+            && matches!(self.held[slot], Some((j, n, _)) if (j, n) == (j0, nk))
+    }
+
     /// The block of `nk` keys from `j0`: its packed operand and scale, packed by
     /// `pack(dst) -> scale` unless a slot still holds it.
     #[inline(always)]
