@@ -1,9 +1,10 @@
 //! The forward's block products on the low-precision tiles (`lowp.rs`), for f16 / bf16
 //! inputs on the AVX512-FP16 and AVX512-BF16 levels. Q, K and V blocks are packed in the
 //! tiles' format (`lowp_pack.rs`: f16 scaled by a power of two per block, or bf16 pairs);
-//! the scores land in the same f32 S^T as on the f32 path, so mask, score mod and online
-//! softmax are the f32 code; the probabilities are rounded to the format for P·V (their
-//! row sum stays f32, as in FlashAttention's GPU kernels) and O accumulates in f32.
+//! the scores land in the same f32 S^T as on the f32 path, so mask, score mod and the
+//! online softmax's max and rescaling are the f32 code. The probabilities are rounded to the
+//! format for P·V; on the f16 tiles they are computed in f16 (`lowp_exp.rs`), with row sums
+//! in f32 every 16 keys. O accumulates in f32.
 
 use crate::block::{self, ScoreBlock};
 use crate::device::Isa;
