@@ -150,7 +150,7 @@ pub fn check_backward(
                 spec.dtype
             ));
         }
-        let err = rel_l2_error(&g.to_f32_vec(), w);
+        let err = grad_error(&g.to_f32_vec(), w);
         if err.is_nan() || err > tol {
             return Err(format!(
                 "{name}: {which} relative L2 error {err:.3e} > {tol:.0e} on {spec} (seed {seed})"
@@ -162,6 +162,20 @@ pub fn check_backward(
         rel_l2: worst,
         lse_max_abs: None,
     })
+}
+
+/// A gradient's error against the reference: relative L2, or the per-element RMS where the
+/// reference is all zero. That happens when every row sees one key (dS = 0, so dq = dk = 0),
+/// and there is no scale to be relative to: the low-precision tiles leave rounding noise of
+/// |dP| * eps there (~1e-4 per element for f16 at d 64), while an absolute L2 norm would
+/// grow with the element count alone. A wrong gradient of O(1) inputs still fails either way.
+fn grad_error(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() == want.len() && !want.is_empty() && want.iter().all(|&w| w == 0.0) {
+        let sum: f64 = got.iter().map(|&g| (g as f64).powi(2)).sum();
+        (sum / got.len() as f64).sqrt()
+    } else {
+        rel_l2_error(got, want)
+    }
 }
 
 /// A backward problem: random q, k, v and dout of `spec` (`seed`), and `backend`'s forward out
