@@ -294,59 +294,80 @@ unsafe fn run_key_block<S: Simd, B: BwdProducts<S>>(p: &Problem, sc: &mut Scratc
         };
         block::row_key_ranges(&spec.mask, &s, q0, m, &mut sc.lo, &mut sc.hi);
         let seen = block::rows_seeing(&sc.lo, &sc.hi, m, j0..j0 + nk);
+        let keys = 0..nk.div_ceil(S::LANES) * S::LANES;
         for h in t.kv_head * group..(t.kv_head + 1) * group {
-            block_grads::<S, B>(p, sc, &blk, (t.b, h), seen.clone());
+            let part = BlockPart::new(&blk, (t.b, h), seen.clone(), keys.clone());
+            block_grads::<S, B>(p, sc, part);
             p.turns.wait(t.b, h, qb, t.kb);
-            add_dq(p, sc, &blk, h, seen.clone());
+            add_dq(p, sc, part);
             p.turns.pass(t.b, h, qb, t.kb);
         }
     }
     store_dk_dv(p, sc, t, j0, nk);
 }
 
+/// The part of a score block that one query head computes: the query rows `seen` of the
+/// block `blk` that see its keys, for (batch `b`, head `h`), over the key columns `keys`
+/// (whole f32 vectors). (Ranges are not `Copy`, so they are kept as bounds.)
+#[derive(Clone, Copy)]
+pub(crate) struct BlockPart<'a> {
+    pub blk: &'a ScoreBlock,
+    pub b: usize,
+    pub h: usize,
+    seen: (usize, usize),
+    keys: (usize, usize),
+}
+
+impl<'a> BlockPart<'a> {
+    #[inline(always)]
+    fn new(
+        blk: &'a ScoreBlock,
+        (b, h): (usize, usize),
+        seen: Range<usize>,
+        keys: Range<usize>,
+    ) -> Self {
+        BlockPart {
+            blk,
+            b,
+            h,
+            seen: (seen.start, seen.end),
+            keys: (keys.start, keys.end),
+        }
+    }
+
+    /// The query rows (within the block) that see the key block.
+    #[inline(always)]
+    pub fn seen(&self) -> Range<usize> {
+        self.seen.0..self.seen.1
+    }
+
+    /// The key columns (within the block), whole f32 vectors.
+    #[inline(always)]
+    pub fn keys(&self) -> Range<usize> {
+        self.keys.0..self.keys.1
+    }
+
+    /// The first head-major row of the rows `seen`.
+    #[inline(always)]
+    pub fn query_row0(&self, p: &Problem) -> usize {
+        self.h * p.spec.sizes.q_tokens + self.blk.s.q_start + self.blk.q0 + self.seen.0
+    }
+}
+
 /// The block products, on the f32 tiles (`backward_f32.rs`) or the f16 tiles
-/// (`backward_lowp.rs`): S, dP, dV, dK and dQ. Query rows `seen` of the
-/// block `blk` and head `h`; key columns `keys` (whole f32 vectors).
+/// (`backward_lowp.rs`): S, dP, dV, dK and dQ of one `BlockPart`.
 pub(crate) trait BwdProducts<S: Simd> {
     /// The task's key block: the operands of S, dP and dQ.
     unsafe fn load_keys(p: &Problem, sc: &mut Scratch, t: Task, j0: usize, nk: usize);
     /// `S = Q · K^T * k_mul` into `sc.s`.
-    unsafe fn scores(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    );
+    unsafe fn scores(p: &Problem, sc: &mut Scratch, part: BlockPart);
     /// `dP = dO · V^T` into `sc.dp`.
-    unsafe fn dprobs(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    );
+    unsafe fn dprobs(p: &Problem, sc: &mut Scratch, part: BlockPart);
     /// `dV += P^T · dO` (P in `sc.s`).
-    unsafe fn add_dv(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    );
+    unsafe fn add_dv(p: &Problem, sc: &mut Scratch, part: BlockPart);
     /// `dK += dS^T · Q` and `dQ_blk = dS · K` into `sc.dk` and the rows `seen` of `sc.dq`
     /// (dS in `sc.dp`), after `add_dv`.
-    unsafe fn dk_dq(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    );
+    unsafe fn dk_dq(p: &Problem, sc: &mut Scratch, part: BlockPart);
 }
 
 /// The `nk` K rows from token `tok0` of `kv_head`, widened to f32 (dQ = dS · K reads them).
@@ -362,59 +383,37 @@ pub(crate) fn load_k_rows(p: &Problem, sc: &mut Scratch, tok0: usize, kv_head: u
     }
 }
 
-/// The first head-major row of the rows `seen` of the block `blk` of head `h`.
+/// The gradients of one `BlockPart` (a query block and head against the task's key block):
+/// dK and dV accumulate in scratch, this block's dQ lands in `sc.dq`.
 #[inline(always)]
-pub(crate) fn query_row0(p: &Problem, blk: &ScoreBlock, h: usize, seen: &Range<usize>) -> usize {
-    h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start
-}
-
-/// The gradients of one (query block, head) against the task's key block, over the query
-/// rows `seen` that see it: dK and dV accumulate in scratch, this block's dQ lands in
-/// `sc.dq`.
-#[inline(always)]
-unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(
-    p: &Problem,
-    sc: &mut Scratch,
-    blk: &ScoreBlock,
-    (b, h): (usize, usize),
-    seen: Range<usize>,
-) {
-    let ld = p.ld;
-    let keys = 0..blk.nk.div_ceil(S::LANES) * S::LANES;
-    let row0 = query_row0(p, blk, h, &seen);
-    let s0 = seen.start;
+unsafe fn block_grads<S: Simd, B: BwdProducts<S>>(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+    let (ld, blk, seen, keys) = (p.ld, part.blk, part.seen(), part.keys());
     // S = Q · K^T, score mod, mask, P = 2^(S - lse).
-    B::scores(p, sc, blk, (b, h), seen.clone(), keys.clone());
+    B::scores(p, sc, part);
     if p.post {
         let grad = (p.spec.softcap > 0.0).then_some(sc.grad.as_mut_slice());
-        let sm = ScoreMod::of(&p.spec, b, h);
+        let sm = ScoreMod::of(&p.spec, part.b, part.h);
         block::score_mod(sc.s.as_mut_slice(), blk, seen.clone(), &sm, grad);
     }
     block::mask_block(sc.s.as_mut_slice(), blk, seen.clone(), &sc.lo, &sc.hi);
-    load_lse(p, sc, blk, (b, h), seen.clone());
+    load_lse(p, sc, part);
     probabilities::<S>(sc, ld, seen.clone(), keys.clone());
     // dP = dO · V^T, then dS in place (P stays in `sc.s`).
-    B::dprobs(p, sc, blk, (b, h), seen.clone(), keys.clone());
-    let delta = &p.delta[row0 - s0..];
-    score_grads::<S>(p, sc, delta, seen.clone(), keys.clone());
+    B::dprobs(p, sc, part);
+    let delta = &p.delta[part.query_row0(p) - seen.start..];
+    score_grads::<S>(p, sc, delta, seen, keys);
     // dV += P^T · dO, dK += dS^T · Q and dQ_blk = dS · K (dV after dP: the f16 tiles pack
     // dO there).
-    B::add_dv(p, sc, blk, (b, h), seen.clone(), keys.clone());
-    B::dk_dq(p, sc, blk, (b, h), seen, keys);
+    B::add_dv(p, sc, part);
+    B::dk_dq(p, sc, part);
 }
 
 /// `dK += dS^T · Q` over the queries `seen` and `dQ_blk = dS · K` (into the rows `seen` of
 /// `sc.dq`, rounded out to whole tiles) on the f32 tiles, dS in `sc.dp`.
 #[inline(always)]
-pub(crate) unsafe fn dk_dq_f32<S: Simd>(
-    p: &Problem,
-    sc: &mut Scratch,
-    blk: &ScoreBlock,
-    h: usize,
-    seen: Range<usize>,
-) {
-    let (ld, d_pad) = (p.ld, p.d_pad);
-    let q = p.q.as_ptr().add(query_row0(p, blk, h, &seen) * d_pad);
+pub(crate) unsafe fn dk_dq_f32<S: Simd>(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+    let (ld, d_pad, blk, seen) = (p.ld, p.d_pad, part.blk, part.seen());
+    let q = p.q.as_ptr().add(part.query_row0(p) * d_pad);
     let t = Tile {
         k: seen.len(),
         a: sc.dp.as_ptr().add(seen.start * ld),
@@ -444,15 +443,9 @@ pub(crate) unsafe fn dk_dq_f32<S: Simd>(
 /// The LSE of the rows `seen` in log2; +inf for a fully masked row (LSE -inf), so that its
 /// P is 0, never NaN.
 #[inline(always)]
-fn load_lse(
-    p: &Problem,
-    sc: &mut Scratch,
-    blk: &ScoreBlock,
-    (b, h): (usize, usize),
-    seen: Range<usize>,
-) {
-    for i in seen {
-        let lse = p.lse[p.spec.lse_index(b, h, blk.q0 + i)];
+fn load_lse(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+    for i in part.seen() {
+        let lse = p.lse[p.spec.lse_index(part.b, part.h, part.blk.q0 + i)];
         sc.lse2[i] = if lse == f32::NEG_INFINITY {
             f32::INFINITY
         } else {
@@ -510,11 +503,10 @@ unsafe fn score_grads<S: Simd>(
 /// Adds this key block's dQ rows into the head-major dq accumulator (the caller holds the
 /// turn).
 #[inline(always)]
-unsafe fn add_dq(p: &Problem, sc: &Scratch, blk: &ScoreBlock, h: usize, seen: Range<usize>) {
-    let d = p.spec.head_dim;
-    let row0 = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
+unsafe fn add_dq(p: &Problem, sc: &Scratch, part: BlockPart) {
+    let (d, seen) = (p.spec.head_dim, part.seen());
     // SAFETY: the turn of (b, h, this query block) gives this task these dq rows alone.
-    let dst = p.dq.rows(row0 * d, seen.len() * d);
+    let dst = p.dq.rows(part.query_row0(p) * d, seen.len() * d);
     let src = sc.dq.as_slice();
     for (dst, i) in dst.chunks_exact_mut(d).zip(seen) {
         for (x, &y) in dst.iter_mut().zip(&src[i * p.d_pad..]) {

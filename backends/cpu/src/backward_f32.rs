@@ -1,10 +1,9 @@
 //! The backward's block products on the f32 register tiles (`simd.rs`): f16 / bf16 inputs
 //! widened (Q and dO once per call, head-major; K^T and V^T once per key block).
 
-use crate::backward::{dk_dq_f32, load_k_rows, query_row0, BwdProducts, Problem, Scratch, Task};
-use crate::block::{self, PvTiles, QkTiles, ScoreBlock};
+use crate::backward::{dk_dq_f32, load_k_rows, BlockPart, BwdProducts, Problem, Scratch, Task};
+use crate::block::{self, PvTiles, QkTiles};
 use crate::simd::{Simd, Tile};
-use std::ops::Range;
 
 /// The f32 register tiles: f16 / bf16 inputs widened (Q and dO once per call, head-major).
 pub(crate) struct F32Bwd;
@@ -15,47 +14,26 @@ impl<S: Simd> BwdProducts<S> for F32Bwd {
         load_key_block(p, sc, t, j0, nk);
     }
     #[inline(always)]
-    unsafe fn scores(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        (_, h): (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
-        let (row0, ld) = (query_row0(p, blk, h, &seen), p.ld);
+    unsafe fn scores(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+        let (row0, ld, seen) = (part.query_row0(p), p.ld, part.seen());
         let (q, sp) = (
             p.q.as_ptr().add(row0 * p.d_pad),
             sc.s.as_mut_ptr().add(seen.start * ld),
         );
         let t = product(p.spec.head_dim, q, p.d_pad, sc.kt.as_ptr(), sp, ld);
-        block::qk_product::<QkTiles<S>>(seen.len(), keys, t);
+        block::qk_product::<QkTiles<S>>(seen.len(), part.keys(), t);
     }
     #[inline(always)]
-    unsafe fn dprobs(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        (_, h): (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
-        let (row0, ld) = (query_row0(p, blk, h, &seen), p.ld);
+    unsafe fn dprobs(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+        let (row0, ld, seen) = (part.query_row0(p), p.ld, part.seen());
         let dout = p.dout.as_ptr().add(row0 * p.dv_pad);
         let dp = sc.dp.as_mut_ptr().add(seen.start * ld);
         let t = product(p.spec.head_dim_v, dout, p.dv_pad, sc.vt.as_ptr(), dp, ld);
-        block::qk_product::<QkTiles<S>>(seen.len(), keys, t);
+        block::qk_product::<QkTiles<S>>(seen.len(), part.keys(), t);
     }
     #[inline(always)]
-    unsafe fn add_dv(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        (_, h): (usize, usize),
-        seen: Range<usize>,
-        _keys: Range<usize>,
-    ) {
-        let row0 = query_row0(p, blk, h, &seen);
+    unsafe fn add_dv(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+        let (row0, seen) = (part.query_row0(p), part.seen());
         let t = Tile {
             k: seen.len(),
             a: sc.s.as_ptr().add(seen.start * p.ld),
@@ -67,18 +45,11 @@ impl<S: Simd> BwdProducts<S> for F32Bwd {
             ldc: p.dv_pad,
             alpha: sc.ones.as_ptr(),
         };
-        block::pv_product::<PvTiles<S>>(0..blk.nk, p.dv_pad, t);
+        block::pv_product::<PvTiles<S>>(0..part.blk.nk, p.dv_pad, t);
     }
     #[inline(always)]
-    unsafe fn dk_dq(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        (_, h): (usize, usize),
-        seen: Range<usize>,
-        _keys: Range<usize>,
-    ) {
-        dk_dq_f32::<S>(p, sc, blk, h, seen);
+    unsafe fn dk_dq(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+        dk_dq_f32::<S>(p, sc, part);
     }
 }
 

@@ -13,8 +13,8 @@
 //! into the operand as they are (not into the scale) and propagate as in f32.
 //! Everything else (softmax, dS) is the f32 code of `backward.rs`.
 
-use crate::backward::{BwdProducts, Problem, Scratch, Task};
-use crate::block::{self, ScoreBlock};
+use crate::backward::{BlockPart, BwdProducts, Problem, Scratch, Task};
+use crate::block;
 use crate::device::Isa;
 use crate::io::{try_zeroed, AlignedBuf, RowLayout, SharedRows, Src};
 use crate::lowp::{Format, LowTile, LowTiles, Lowp};
@@ -23,7 +23,6 @@ use crate::params::{odd_lines, Blocks};
 use crate::simd::Simd;
 use crate::thread_pool::{Kernel, ThreadPool};
 use flashattn_core::{CheckedSpec, DType, Result};
-use std::ops::Range;
 
 /// Reduction steps an f16 accumulator of S and dP runs before it is flushed into f32: the
 /// forward's Q·K^T chunk (`forward_lowp.rs`), for the same reason (S feeds exp).
@@ -141,20 +140,13 @@ impl BwdLowLayout {
         self.queries.qld
     }
 
-    /// The first packed Q and dO rows of the rows `seen` of block `blk` of (batch b, head h),
-    /// and their factors.
-    fn queries(
-        &self,
-        p: &Problem,
-        blk: &ScoreBlock,
-        (b, h): (usize, usize),
-        seen: &Range<usize>,
-    ) -> [(*const u16, f32); 2] {
+    /// The first packed Q and dO rows of the rows `seen` of `part`, and their factors.
+    fn queries(&self, p: &Problem, part: BlockPart) -> [(*const u16, f32); 2] {
         let qs = &self.queries;
-        let row = h * p.spec.sizes.q_tokens + blk.s.q_start + blk.q0 + seen.start;
-        let at = (h * qs.blocks + qs.first_block[b] + blk.q0 / self.block_m) * 2;
+        let row = part.query_row0(p);
+        let at = (part.h * qs.blocks + qs.first_block[part.b] + part.blk.q0 / self.block_m) * 2;
         let (q, dout) = (qs.q.as_ptr() as *const u16, qs.dout.as_ptr() as *const u16);
-        assert!(row < p.spec.sizes.q_tokens * p.spec.heads_q || seen.is_empty());
+        assert!(row < p.spec.sizes.q_tokens * p.spec.heads_q || part.seen().is_empty());
         // SAFETY (of the caller's reads): `row` and its block's rows lie inside the copies.
         [
             (q.wrapping_add(row * qs.qld), qs.scales[at]),
@@ -273,11 +265,33 @@ fn layout<'a>(p: &'a Problem) -> &'a BwdLowLayout {
         .expect("the f16 backward runs only with its layout")
 }
 
-/// `C = scale * A · B^T` of `n` packed rows `a` (`k` wide) and a transposed packed key
-/// block `bt`, into the score rows `c` (key columns `keys`, rounded out to registers).
+/// `C = scale * A · B^T` of the packed rows `a` of `part` (`k` wide, `a_rs` apart) and a
+/// transposed packed key block `bt`, into the rows `seen` of the score block `c` (S or dP;
+/// key columns rounded out to registers).
 #[inline(always)]
-unsafe fn scores_tile<L: Lowp>(n: usize, keys: Range<usize>, t: LowTile) {
-    block::qk_product::<LowTiles<L>>(n, keys, t);
+unsafe fn scores_tile<L: Lowp>(
+    p: &Problem,
+    part: BlockPart,
+    (a, a_rs, k): (*const u16, usize, usize),
+    bt: *const u16,
+    c: *mut f32,
+    scale: f64,
+) {
+    let (seen, keys) = (part.seen(), part.keys());
+    let t = LowTile {
+        k,
+        a,
+        a_rs,
+        a_cs: 1,
+        b: bt,
+        ldb: layout(p).tld,
+        c: c.add(seen.start * p.ld),
+        ldc: p.ld,
+        alpha: std::ptr::null(),
+        scale: scale as f32,
+        chunk: QK_CHUNK,
+    };
+    block::qk_product::<LowTiles<L>>(seen.len(), keys.start..keys.end.next_multiple_of(COLS), t);
 }
 
 impl<L: Lowp> BwdProducts<L> for LowBwd {
@@ -315,78 +329,33 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
 
     /// `S = Q · K^T * k_mul` from the packed Q rows.
     #[inline(always)]
-    unsafe fn scores(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
+    unsafe fn scores(p: &Problem, sc: &mut Scratch, part: BlockPart) {
         let l = layout(p);
-        let [(q, q_scale), _] = l.queries(p, blk, bh, &seen);
+        let [(q, q_scale), _] = l.queries(p, part);
         let scale = p.k_mul as f64 / (q_scale as f64 * sc.low.k_scale as f64);
-        let t = LowTile {
-            k: l.d,
-            a: q,
-            a_rs: l.queries.qld,
-            a_cs: 1,
-            b: sc.low.kt.as_u16(),
-            ldb: l.tld,
-            c: sc.s.as_mut_ptr().add(seen.start * p.ld),
-            ldc: p.ld,
-            alpha: std::ptr::null(),
-            scale: scale as f32,
-            chunk: QK_CHUNK,
-        };
-        scores_tile::<L>(seen.len(), keys.start..keys.end.next_multiple_of(COLS), t);
+        let (a, kt) = ((q, l.queries.qld, l.d), sc.low.kt.as_u16());
+        scores_tile::<L>(p, part, a, kt, sc.s.as_mut_ptr(), scale);
     }
 
     /// `dP = dO · V^T` from the packed dO rows.
     #[inline(always)]
-    unsafe fn dprobs(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
+    unsafe fn dprobs(p: &Problem, sc: &mut Scratch, part: BlockPart) {
         let l = layout(p);
-        let [_, (dout, do_scale)] = l.queries(p, blk, bh, &seen);
+        let [_, (dout, do_scale)] = l.queries(p, part);
         let scale = 1.0 / (do_scale as f64 * sc.low.v_scale as f64);
-        let t = LowTile {
-            k: l.dv,
-            a: dout,
-            a_rs: l.dv_pad,
-            a_cs: 1,
-            b: sc.low.vt.as_u16(),
-            ldb: l.tld,
-            c: sc.dp.as_mut_ptr().add(seen.start * p.ld),
-            ldc: p.ld,
-            alpha: std::ptr::null(),
-            scale: scale as f32,
-            chunk: QK_CHUNK,
-        };
-        scores_tile::<L>(seen.len(), keys.start..keys.end.next_multiple_of(COLS), t);
+        let (a, vt) = ((dout, l.dv_pad, l.dv), sc.low.vt.as_u16());
+        scores_tile::<L>(p, part, a, vt, sc.dp.as_mut_ptr(), scale);
     }
 
     /// P of the rows `seen` rounded to f16, then `dV += P^T · dO`.
     #[inline(always)]
-    unsafe fn add_dv(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
-        let l = layout(p);
-        let [_, (dout, do_scale)] = l.queries(p, blk, bh, &seen);
+    unsafe fn add_dv(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+        let (l, seen) = (layout(p), part.seen());
+        let [_, (dout, do_scale)] = l.queries(p, part);
         let low = &mut sc.low;
         let pp = low.p.as_mut_u16().as_mut_ptr();
         let sp = sc.s.as_ptr().add(seen.start * p.ld);
-        lowp_pack::convert_probs::<L>(sp, p.ld, seen.len(), keys, pp, l.tld, 1.0);
+        lowp_pack::convert_probs::<L>(sp, p.ld, seen.len(), part.keys(), pp, l.tld, 1.0);
         let t = LowTile {
             k: seen.len(),
             a: low.p.as_u16(),
@@ -400,22 +369,15 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
             scale: 1.0 / do_scale,
             chunk: PV_CHUNK,
         };
-        block::pv_product::<LowTiles<L>>(0..blk.nk, l.dv_pad, t);
+        block::pv_product::<LowTiles<L>>(0..part.blk.nk, l.dv_pad, t);
     }
 
     /// dS of the rows `seen` scaled by its block's power of two and rounded to f16 (into the
     /// P operand, which `add_dv` has used), then `dK += dS^T · Q` and `dQ_blk = dS · K`.
     #[inline(always)]
-    unsafe fn dk_dq(
-        p: &Problem,
-        sc: &mut Scratch,
-        blk: &ScoreBlock,
-        bh: (usize, usize),
-        seen: Range<usize>,
-        keys: Range<usize>,
-    ) {
-        let l = layout(p);
-        let [(q, q_scale), _] = l.queries(p, blk, bh, &seen);
+    unsafe fn dk_dq(p: &Problem, sc: &mut Scratch, part: BlockPart) {
+        let (l, blk, seen, keys) = (layout(p), part.blk, part.seen(), part.keys());
+        let [(q, q_scale), _] = l.queries(p, part);
         let (n, d_pad) = (seen.len(), l.d_pad());
         let low = &mut sc.low;
         let dsp = sc.dp.as_ptr().add(seen.start * p.ld);

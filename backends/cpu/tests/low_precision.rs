@@ -8,7 +8,7 @@ mod common;
 use flashattn_core::testing::{backward_tolerance, check_backend, check_backward, check_cases};
 use flashattn_core::{
     lse_max_error, reference_attention, reference_backward, rel_l2_error, AttentionSpec, Backend,
-    BackwardInputs, DType, ForwardInputs, Tensor,
+    BackwardInputs, DType, ForwardInputs, Grads, ReferenceGrads, Tensor,
 };
 use rand::{Rng, SeedableRng};
 
@@ -180,6 +180,59 @@ fn backward_every_isa() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// A backward case: q, k, v and dout uniform in +-`amps` (drawn in that order from `seed`),
+/// dout's element i then times `dout_mul(i)`, all rounded to `spec.dtype`. Returns the f64
+/// reference gradients and each instruction set's gradients (after its own forward for the
+/// LSE) with its label.
+fn backward_case(
+    spec: &AttentionSpec,
+    seed: u64,
+    amps: [f32; 4],
+    dout_mul: impl Fn(usize) -> f32,
+) -> (ReferenceGrads, Vec<(String, Grads)>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut vals = |n: Option<usize>, amp: f32| -> Vec<f32> {
+        (0..n.unwrap())
+            .map(|_| rng.random_range(-amp..amp))
+            .collect()
+    };
+    let (q, k, v) = (
+        vals(spec.q_elems(), amps[0]),
+        vals(spec.k_elems(), amps[1]),
+        vals(spec.v_elems(), amps[2]),
+    );
+    let mut dout = vals(spec.out_elems(), amps[3]);
+    for (i, x) in dout.iter_mut().enumerate() {
+        *x *= dout_mul(i);
+    }
+    let t = |x: &[f32]| Tensor::from_f32(spec.dtype, x);
+    let (q, k, v, dout) = (t(&q), t(&k), t(&v), t(&dout));
+    let want = reference_backward(spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
+    let mut grads = Vec::new();
+    for (label, backend) in common::every_isa(&[2]) {
+        let fwd = backend
+            .forward(spec, ForwardInputs::of(&q, &k, &v))
+            .unwrap();
+        let lse = fwd.lse.as_deref().unwrap();
+        let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, lse, &dout);
+        grads.push((label, backend.backward(spec, inputs).unwrap()));
+    }
+    (want, grads)
+}
+
+/// Records `what` in `failures` where `got`'s relative L2 error against `want` is NaN or
+/// over `tol`; panics where `want` is all zero (the check would be void).
+fn check_grad(failures: &mut Vec<String>, what: String, got: &[f32], want: &[f64], tol: f64) {
+    assert!(
+        want.iter().any(|&x| x != 0.0),
+        "{what} is all zero: test is void"
+    );
+    let err = rel_l2_error(got, want);
+    if err.is_nan() || err > tol {
+        failures.push(format!("{what}: relative L2 error {err:.2e}"));
+    }
+}
+
 /// The backward with bf16 keys near 1e6, queries near 1e-6 and dout near 1e-4: far outside
 /// f16's range, kept by the f16 tiles' per-block scale; the gradients must match the
 /// reference within bf16's backward tolerance on every instruction set.
@@ -188,43 +241,17 @@ fn backward_wide_ranges_every_isa() {
     let spec = AttentionSpec::new(1, 2, 77, 301, 72)
         .dtype(DType::Bf16)
         .return_lse(true);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let mut t = |n: Option<usize>, amp: f32| {
-        let vals: Vec<f32> = (0..n.unwrap())
-            .map(|_| rng.random_range(-amp..amp))
-            .collect();
-        Tensor::from_f32(DType::Bf16, &vals)
-    };
-    let (q, k, v) = (
-        t(spec.q_elems(), 2e-6),
-        t(spec.k_elems(), 1e6),
-        t(spec.v_elems(), 1.0),
-    );
-    let dout = t(spec.out_elems(), 1e-4);
-    let want =
-        reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
+    let (want, grads) = backward_case(&spec, 11, [2e-6, 1e6, 1.0, 1e-4], |_| 1.0);
     let tol = backward_tolerance(DType::Bf16);
     let mut failures = Vec::new();
-    for (label, backend) in common::every_isa(&[2]) {
-        let fwd = backend
-            .forward(&spec, ForwardInputs::of(&q, &k, &v))
-            .unwrap();
-        let lse = fwd.lse.as_deref().unwrap();
-        let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, lse, &dout);
-        let got = backend.backward(&spec, inputs).unwrap();
+    for (label, got) in grads {
         for (name, g, w) in [
             ("dq", &got.dq, &want.dq),
             ("dk", &got.dk, &want.dk),
             ("dv", &got.dv, &want.dv),
         ] {
-            let err = rel_l2_error(&g.to_f32_vec(), w);
-            assert!(
-                w.iter().any(|&x| x != 0.0),
-                "{name} is all zero: test is void"
-            );
-            if err.is_nan() || err > tol {
-                failures.push(format!("[{label}] {name}: relative L2 error {err:.2e}"));
-            }
+            let what = format!("[{label}] {name}");
+            check_grad(&mut failures, what, &g.to_f32_vec(), w, tol);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -241,35 +268,14 @@ fn backward_ds_wide_range_in_one_block_every_isa() {
         let spec = AttentionSpec::new(1, 2, 203, 291, 64)
             .dtype(dtype)
             .return_lse(true);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(23);
-        let mut vals = |n: usize, amp: f32| -> Vec<f32> {
-            (0..n).map(|_| rng.random_range(-amp..amp)).collect()
-        };
-        let (q, k, v) = (
-            vals(spec.q_elems().unwrap(), 1.5),
-            vals(spec.k_elems().unwrap(), 1.5),
-            vals(spec.v_elems().unwrap(), 1.0),
-        );
         // dout is [tokens, heads, dv]: token t's rows are small for even t.
         let row = 2 * 64;
         let small = |i: usize| (i / row).is_multiple_of(2);
-        let mut dout = vals(spec.out_elems().unwrap(), 1.0);
-        for (i, x) in dout.iter_mut().enumerate() {
-            *x *= if small(i) { 1e-2 } else { 1e2 };
-        }
-        let t = |x: &[f32]| Tensor::from_f32(dtype, x);
-        let (q, k, v, dout) = (t(&q), t(&k), t(&v), t(&dout));
-        let want =
-            reference_backward(&spec, q.as_ref(), k.as_ref(), v.as_ref(), dout.as_ref()).unwrap();
+        let dout_mul = |i| if small(i) { 1e-2 } else { 1e2 };
+        let (want, grads) = backward_case(&spec, 23, [1.5, 1.5, 1.0, 1.0], dout_mul);
         let tol = backward_tolerance(dtype);
         let mut failures = Vec::new();
-        for (label, backend) in common::every_isa(&[2]) {
-            let fwd = backend
-                .forward(&spec, ForwardInputs::of(&q, &k, &v))
-                .unwrap();
-            let lse = fwd.lse.as_deref().unwrap();
-            let inputs = BackwardInputs::of((&q, &k, &v), &fwd.out, lse, &dout);
-            let got = backend.backward(&spec, inputs).unwrap();
+        for (label, got) in grads {
             let dq = got.dq.to_f32_vec();
             // q is [tokens, heads, d], the same row split as dout's.
             let part = |keep: bool| -> (Vec<f32>, Vec<f64>) {
@@ -284,11 +290,8 @@ fn backward_ds_wide_range_in_one_block_every_isa() {
                 ("dk", got.dk.to_f32_vec(), want.dk.clone()),
                 ("dv", got.dv.to_f32_vec(), want.dv.clone()),
             ] {
-                assert!(w.iter().any(|&x| x != 0.0), "{name} is all zero: void");
-                let err = rel_l2_error(&g, &w);
-                if err.is_nan() || err > tol {
-                    failures.push(format!("[{label}] {dtype} {name}: rel L2 {err:.2e}"));
-                }
+                let what = format!("[{label}] {dtype} {name}");
+                check_grad(&mut failures, what, &g, &w, tol);
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
