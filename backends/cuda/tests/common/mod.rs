@@ -1,6 +1,7 @@
 //! Cases and checks shared by tests/gpu*.rs (on a GPU) and tests/emulate.rs (the emulator).
 #![allow(dead_code)] // each test file uses part of it
 
+pub mod decode_tables;
 pub mod device;
 pub mod emu;
 pub mod emulated;
