@@ -290,6 +290,7 @@ unsafe fn scores_tile<L: Lowp>(
         alpha: std::ptr::null(),
         scale: scale as f32,
         chunk: QK_CHUNK,
+        max: std::ptr::null_mut(),
     };
     block::qk_product::<LowTiles<L>>(seen.len(), keys.start..keys.end.next_multiple_of(COLS), t);
 }
@@ -368,6 +369,7 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
             alpha: sc.ones.as_ptr(),
             scale: 1.0 / do_scale,
             chunk: PV_CHUNK,
+            max: std::ptr::null_mut(),
         };
         block::pv_product::<LowTiles<L>>(0..part.blk.nk, l.dv_pad, t);
     }
@@ -397,6 +399,7 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
             alpha: sc.ones.as_ptr(),
             scale: (1.0 / (ds_scale as f64 * q_scale as f64)) as f32,
             chunk: DS_CHUNK,
+            max: std::ptr::null_mut(),
         };
         block::pv_product::<LowTiles<L>>(0..blk.nk, d_pad, dk);
         let dq = LowTile {
@@ -411,6 +414,7 @@ impl<L: Lowp> BwdProducts<L> for LowBwd {
             alpha: std::ptr::null(),
             scale: (1.0 / (ds_scale as f64 * low.k_scale as f64)) as f32,
             chunk: DS_CHUNK,
+            max: std::ptr::null_mut(),
         };
         block::pv_product::<LowTiles<L>>(0..n, d_pad, dq);
     }

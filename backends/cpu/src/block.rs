@@ -291,19 +291,19 @@ pub(crate) fn score_mod(
 }
 
 /// Sets the scores of keys outside each row's `[lo, hi)` to -inf (so their P is 0), for the
-/// rows `rows`. Nothing to do when every row of the block sees the whole block (padding rows
-/// are then left alone: their zero queries never reach the output, and the backward never
-/// reads them).
+/// rows `rows`; returns whether it did. Nothing to do when every row of the block sees the
+/// whole block (padding rows are then left alone: their zero queries never reach the output,
+/// and the backward never reads them).
 pub(crate) fn mask_block(
     st: &mut [f32],
     blk: &ScoreBlock,
     rows: Range<usize>,
     lo: &[usize],
     hi: &[usize],
-) {
+) -> bool {
     let (j0, end) = (blk.j0, blk.j0 + blk.nk);
     if (0..blk.rows).all(|i| lo[i] <= j0 && hi[i] >= end) {
-        return;
+        return false;
     }
     // Per row, the hidden keys of this block are the two runs outside [lo, hi).
     for i in rows {
@@ -313,4 +313,5 @@ pub(crate) fn mask_block(
             st[blk.at(i, j - j0)] = f32::NEG_INFINITY;
         }
     }
+    true
 }

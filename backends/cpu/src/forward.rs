@@ -74,7 +74,7 @@ pub(crate) struct Scratch {
     pub l: AlignedBuf,
     pub alpha: AlignedBuf,
     pub m_use: AlignedBuf,
-    m_blk: AlignedBuf,
+    pub m_blk: AlignedBuf,
     row: Vec<f32>,
     lo: Vec<usize>,
     hi: Vec<usize>,
@@ -246,6 +246,12 @@ pub(crate) trait Products<S: Simd> {
     unsafe fn probs_target(_p: &Problem, _sc: &mut Scratch) -> (*mut u16, usize) {
         (std::ptr::null_mut(), 0)
     }
+    /// Copies the column max of S^T that `scores` folded in its tiles into `m_blk` (rows
+    /// `0..rows_l`); false where the tiles fold none (the caller then takes the max itself).
+    #[inline(always)]
+    unsafe fn folded_max(_sc: &mut Scratch, _rows_l: usize) -> bool {
+        false
+    }
     /// The probabilities (and their row sums, into `l`) of the query rows `0..n` that the
     /// tiles compute in their own arithmetic, returning `n`; the f32 pass does the rest.
     #[inline(always)]
@@ -325,8 +331,8 @@ unsafe fn run_task<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch, t: Ta
         if p.post {
             block::score_mod(sc.s.as_mut_slice(), &blk, 0..rows, &sm, None);
         }
-        block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
-        online_softmax::<S, O>(p, sc, &blk);
+        let masked = block::mask_block(sc.s.as_mut_slice(), &blk, 0..rows_l, &sc.lo, &sc.hi);
+        online_softmax::<S, O>(p, sc, &blk, !masked && !p.post);
         O::accumulate(p, sc, &blk, seen_l);
     }
     store(p, sc, t, &s, rows);
@@ -404,20 +410,28 @@ unsafe fn scores<S: Simd>(
     );
 }
 
-/// Online softmax, vectorised across queries: the block's row max, the rescale factor of the
+/// Online softmax, vectorised across queries: the block's row max (the one the tiles folded
+/// when `as_scored`: no mask or score mod changed S^T since), the rescale factor of the
 /// running O and l (`alpha`), then `P = 2^(S - m)` in place and `l = l * alpha + rowsum(P)`.
 #[inline(always)]
-unsafe fn online_softmax<S: Simd, O: Products<S>>(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) {
+unsafe fn online_softmax<S: Simd, O: Products<S>>(
+    p: &Problem,
+    sc: &mut Scratch,
+    blk: &ScoreBlock,
+    as_scored: bool,
+) {
     let (ld, nk, rows_l) = (blk.key_stride, blk.nk, blk.rows_l);
     let to = O::probs_target(p, sc);
     let sp = sc.s.as_mut_ptr();
-    let mb = sc.m_blk.as_mut_ptr();
-    for ig in (0..rows_l).step_by(S::LANES) {
-        let mut mx = S::splat(f32::NEG_INFINITY);
-        for j in 0..nk {
-            mx = S::max(mx, S::load(sp.add(j * ld + ig)));
+    if !(as_scored && O::folded_max(sc, rows_l)) {
+        let mb = sc.m_blk.as_mut_ptr();
+        for ig in (0..rows_l).step_by(S::LANES) {
+            let mut mx = S::splat(f32::NEG_INFINITY);
+            for j in 0..nk {
+                mx = S::max(mx, S::load(sp.add(j * ld + ig)));
+            }
+            S::store(mb.add(ig), mx);
         }
-        S::store(mb.add(ig), mx);
     }
     {
         let m = sc.m.as_mut_slice();

@@ -94,6 +94,8 @@ pub(crate) struct LowScratch {
     q_scale: f32,
     /// Lines of blocks not yet packed, prefetched while the Q·K^T tiles run.
     paced: Paced,
+    /// The f16 tiles' column max of the block's S^T (`LowTile::max`).
+    col_max: AlignedBuf,
 }
 
 impl LowScratch {
@@ -111,6 +113,7 @@ impl LowScratch {
                 tmp: Vec::new(),
                 q_scale: 1.0,
                 paced: Paced::default(),
+                col_max: AlignedBuf::zeroed(0),
             };
         };
         let padded = block_n.next_multiple_of(l.kw);
@@ -123,6 +126,7 @@ impl LowScratch {
             tmp: vec![0; l.kld.max(l.dv)],
             q_scale: 1.0,
             paced: Paced::default(),
+            col_max: AlignedBuf::zeroed(l.qld),
         }
     }
 }
@@ -212,6 +216,15 @@ impl<L: Lowp> Products<L> for LowProducts {
             .paced
             .pace(block::qk_tiles::<LowTiles<L>>(blk.nk, &cols));
         let scale = p.q_mul as f64 / (sc.low.q_scale as f64 * k_scale as f64);
+        // The tiles cover whole 64-column groups from the group of `cols.start`.
+        let max = if L::FORMAT == Format::F16 {
+            let cm = sc.low.col_max.as_mut_slice();
+            let end = cols.end.next_multiple_of(L::NV * L::COLS).min(cm.len());
+            cm[..end].fill(f32::NEG_INFINITY);
+            cm.as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        };
         let t = LowTile {
             k: l.kld / l.kw,
             a: kp,
@@ -224,6 +237,7 @@ impl<L: Lowp> Products<L> for LowProducts {
             alpha: std::ptr::null(),
             scale: scale as f32,
             chunk: QK_CHUNK,
+            max,
         };
         let paced = &mut sc.low.paced;
         block::qk_product_with::<LowTiles<L>>(blk.nk, cols, t, || paced.step());
@@ -261,8 +275,19 @@ impl<L: Lowp> Products<L> for LowProducts {
             alpha: sc.alpha.as_ptr(),
             scale: 1.0 / v_scale,
             chunk: PV_CHUNK,
+            max: std::ptr::null_mut(),
         };
         block::pv_product::<LowTiles<L>>(rows, l.dv_pad, t);
+    }
+
+    /// The f16 tiles fold the block's column max while they store S^T.
+    #[inline(always)]
+    unsafe fn folded_max(sc: &mut Scratch, rows_l: usize) -> bool {
+        if L::FORMAT != Format::F16 {
+            return false;
+        }
+        sc.m_blk.as_mut_slice()[..rows_l].copy_from_slice(&sc.low.col_max.as_slice()[..rows_l]);
+        true
     }
 
     /// On the f16 tiles, P of the whole 32-query groups in f16 arithmetic (`lowp_exp.rs`):

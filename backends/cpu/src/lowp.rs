@@ -49,6 +49,10 @@ pub(crate) struct LowTile {
     /// Reduction steps an f16 accumulator runs before it is added into the f32 result
     /// (the f16 format only: each chunk's sum is rounded at f16's relative precision).
     pub chunk: usize,
+    /// Where the f16 tiles fold each C column's max over the tile's rows (`max[c] =
+    /// max(max[c], C[i][c])`, NaN as `vmaxps` orders it), so the forward needs no separate
+    /// max pass over S^T; null for none (and on the bf16 tiles).
+    pub max: *mut f32,
 }
 
 /// A low-precision level: the f32 primitives of AVX-512 (`Simd`) plus its tile format.
@@ -206,22 +210,26 @@ macro_rules! low_dispatch {
     };
 }
 
-/// Writes one accumulator's f32 columns: `C = C * alpha + scale * x` (or `scale * x`).
+/// Writes one accumulator's f32 columns: `C = C * alpha + scale * x` (or `scale * x`),
+/// and returns them.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn store_cols(c: *mut f32, x: __m512, scale: __m512, alpha: Option<__m512>) {
+unsafe fn store_cols(c: *mut f32, x: __m512, scale: __m512, alpha: Option<__m512>) -> __m512 {
     let v = match alpha {
         Some(al) => _mm512_fmadd_ps(x, scale, _mm512_mul_ps(_mm512_loadu_ps(c), al)),
         None => _mm512_mul_ps(x, scale),
     };
     _mm512_storeu_ps(c, v);
+    v
 }
 
-/// Adds one accumulator's f32 columns: `C += scale * x`.
+/// Adds one accumulator's f32 columns: `C += scale * x`, and returns them.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn add_cols(c: *mut f32, x: __m512, scale: __m512) {
-    _mm512_storeu_ps(c, _mm512_fmadd_ps(x, scale, _mm512_loadu_ps(c)));
+unsafe fn add_cols(c: *mut f32, x: __m512, scale: __m512) -> __m512 {
+    let v = _mm512_fmadd_ps(x, scale, _mm512_loadu_ps(c));
+    _mm512_storeu_ps(c, v);
+    v
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -246,6 +254,8 @@ unsafe fn tile_fp16<const MR: usize, const NV: usize>(t: LowTile) {
             a = a.add(t.a_cs);
             b = b.add(t.ldb);
         }
+        let fold = s0 + steps >= t.k && !t.max.is_null();
+        let mut mx = [[_mm512_set1_ps(f32::NEG_INFINITY); 2]; NV];
         for (i, row) in acc.iter().enumerate() {
             // The first chunk starts C (from C * alpha, or from nothing); later ones add.
             let alpha = if s0 > 0 || t.alpha.is_null() {
@@ -257,12 +267,27 @@ unsafe fn tile_fp16<const MR: usize, const NV: usize>(t: LowTile) {
                 let c = t.c.add(i * t.ldc + v * 32);
                 let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(*x));
                 let hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(*x));
-                if s0 == 0 {
-                    store_cols(c, lo, scale, alpha);
-                    store_cols(c.add(16), hi, scale, alpha);
+                let out = if s0 == 0 {
+                    [
+                        store_cols(c, lo, scale, alpha),
+                        store_cols(c.add(16), hi, scale, alpha),
+                    ]
                 } else {
-                    add_cols(c, lo, scale);
-                    add_cols(c.add(16), hi, scale);
+                    [add_cols(c, lo, scale), add_cols(c.add(16), hi, scale)]
+                };
+                if fold {
+                    mx[v] = [
+                        _mm512_max_ps(mx[v][0], out[0]),
+                        _mm512_max_ps(mx[v][1], out[1]),
+                    ];
+                }
+            }
+        }
+        if fold {
+            for (v, halves) in mx.iter().enumerate() {
+                for (h, m) in halves.iter().enumerate() {
+                    let at = t.max.add(v * 32 + h * 16);
+                    _mm512_storeu_ps(at, _mm512_max_ps(_mm512_loadu_ps(at), *m));
                 }
             }
         }
@@ -473,6 +498,7 @@ impl<L: Lowp> TileKernel for LowTiles<L> {
             b: t.b.add(c * L::KW),
             c: t.c.add(r * t.ldc + c),
             alpha: alpha_at(t.alpha, r, alpha),
+            max: if t.max.is_null() { t.max } else { t.max.add(c) },
             ..*t
         }
     }
