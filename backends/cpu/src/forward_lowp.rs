@@ -294,23 +294,25 @@ impl<L: Lowp> Products<L> for LowProducts {
     /// half the instructions of the f32 pass, which is a sixth of the time at d 64.
     #[inline(always)]
     unsafe fn probs(p: &Problem, sc: &mut Scratch, blk: &ScoreBlock) -> usize {
-        if L::FORMAT != Format::F16 {
-            return 0;
-        }
-        let n = blk.rows_l / 32 * 32;
-        let (sp, pp) = (sc.s.as_ptr(), sc.low.p.as_mut_u16().as_mut_ptr());
-        let (lp, ap, up) = (sc.l.as_mut_ptr(), sc.alpha.as_ptr(), sc.m_use.as_ptr());
-        for ig in (0..n).step_by(32) {
-            let sums = L::probs_f16(sp, blk.key_stride, blk.nk, ig, up, pp, layout(p).qld);
-            for (h, sum) in sums.into_iter().enumerate() {
-                let i = ig + 16 * h;
-                L::store(
-                    lp.add(i),
-                    L::fma(L::load(lp.add(i)), L::load(ap.add(i)), sum),
-                );
+        #[cfg(target_arch = "x86_64")]
+        if L::FORMAT == Format::F16 {
+            let t = crate::lowp_exp::Probs {
+                s: sc.s.as_ptr(),
+                ld: blk.key_stride,
+                nk: blk.nk,
+                mu: sc.m_use.as_ptr(),
+                alpha: sc.alpha.as_ptr(),
+                l: sc.l.as_mut_ptr(),
+                p: sc.low.p.as_mut_u16().as_mut_ptr(),
+                qld: layout(p).qld,
+            };
+            let n = blk.rows_l / 32 * 32;
+            for i in (0..n).step_by(32) {
+                crate::lowp_exp::probs_f16(&t, i);
             }
+            return n;
         }
-        n
+        0
     }
 
     /// The f16 tiles' P operand, `p[j * qld + i]`: the softmax rounds into it directly

@@ -25,6 +25,7 @@ mod io;
 mod kv_cache;
 mod kv_prefetch;
 mod lowp;
+#[cfg(target_arch = "x86_64")]
 mod lowp_exp;
 mod lowp_pack;
 mod lowp_reuse;

@@ -79,19 +79,6 @@ pub(crate) trait Lowp: Simd {
     /// The largest finite |x| of `n` f32 rows at `src` (`ld` apart), columns `0..cols` (a
     /// multiple of 16); 0 if there is none (infinities and NaN are skipped).
     unsafe fn max_finite_f32(src: *const f32, ld: usize, n: usize, cols: usize) -> f32;
-    /// The forward's probabilities of the 32 query lanes from `i` in f16 arithmetic
-    /// (`lowp_exp.rs`): `P[j][i..] = 2^(S^T[j][i..] - mu[i..])` into `p` (row stride `qld`),
-    /// returning the two 16-lane row sums.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn probs_f16(
-        s: *const f32,
-        ld: usize,
-        nk: usize,
-        i: usize,
-        mu: *const f32,
-        p: *mut u16,
-        qld: usize,
-    ) -> [Self::V; 2];
 }
 
 /// Forwards `Simd` to `Avx512`: the low-precision levels compute everything outside their
@@ -362,18 +349,6 @@ macro_rules! avx512_lowp {
             #[inline(always)]
             unsafe fn max_finite_f32(src: *const f32, ld: usize, n: usize, cols: usize) -> f32 {
                 max_finite_f32(src, ld, n, cols)
-            }
-            #[inline(always)]
-            unsafe fn probs_f16(
-                s: *const f32,
-                ld: usize,
-                nk: usize,
-                i: usize,
-                mu: *const f32,
-                p: *mut u16,
-                qld: usize,
-            ) -> [__m512; 2] {
-                crate::lowp_exp::probs_f16(s, ld, nk, i, mu, p, qld)
             }
         }
     };

@@ -3,9 +3,9 @@
 //! operand (which is f16 anyway). `S - m` is taken in f32 and then rounded to f16, so the
 //! probabilities that weigh most (`S - m` near 0) keep f16's full precision; measured on
 //! random `S - m` in [-16, 0]: relative L2 error of P 2.6e-4 against 1.9e-4 for the f32
-//! exp2 rounded to f16. Row sums run in f16 for `SUM_CHUNK` keys, then in f32.
+//! exp2 rounded to f16. Row sums run in f16 for `SUM_CHUNK` keys, then in f32. x86_64 only
+//! (`lib.rs`).
 
-#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// 2^f for f in [-0.5, 0.5]: a degree-3 least-squares fit (a 4th term gains nothing once x
@@ -18,7 +18,6 @@ const SUM_CHUNK: usize = 16;
 
 /// One AVX512-FP16 instruction `op dst, a, b` on 32 f16 lanes (these intrinsics are not
 /// stable in Rust 1.95, as in `lowp.rs`).
-#[cfg(target_arch = "x86_64")]
 macro_rules! ph {
     ($op:literal, $a:expr, $b:expr) => {{
         let d: __m512i;
@@ -34,7 +33,6 @@ macro_rules! ph {
 }
 
 /// `a * b + c` on 32 f16 lanes, rounded once.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn fma_ph(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
@@ -50,14 +48,12 @@ unsafe fn fma_ph(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
 }
 
 /// 32 f16 lanes of `x`.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn splat_ph(x: f32) -> __m512i {
     _mm512_set1_epi16(half::f16::from_f32(x).to_bits() as i16)
 }
 
 /// 2^x on 32 f16 lanes: NaN stays NaN, -inf and x below `CUT` give 0.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn exp2_ph(x: __m512i, c: &[__m512i; 5]) -> __m512i {
@@ -78,26 +74,31 @@ unsafe fn exp2_ph(x: __m512i, c: &[__m512i; 5]) -> __m512i {
 }
 
 /// `a + b` on 32 f16 lanes.
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn add_ph(a: __m512i, b: __m512i) -> __m512i {
     ph!("vaddph", a, b)
 }
 
-/// `P[j][i..i + 32] = 2^(S^T[j][i..i + 32] - mu[i..i + 32])` for the `nk` keys, into `p`
-/// (row stride `qld`, f16 bits); returns the row sums of lanes `i..i + 16` and `i + 16..i + 32`.
-#[cfg(target_arch = "x86_64")]
+/// The operands of the probabilities of one key block (all pointers at query column 0).
+pub(crate) struct Probs {
+    /// S^T, keys x queries, row stride `ld` (f32).
+    pub s: *const f32,
+    pub ld: usize,
+    pub nk: usize,
+    /// Each query's max to subtract, its O / l rescale factor, and its running sum l.
+    pub mu: *const f32,
+    pub alpha: *const f32,
+    pub l: *mut f32,
+    /// The P·V operand, keys x queries, row stride `qld` (f16 bits).
+    pub p: *mut u16,
+    pub qld: usize,
+}
+
+/// `P[j][i..i + 32] = 2^(S^T[j][i..i + 32] - mu[i..i + 32])` for the block's keys, and
+/// `l = l * alpha + rowsum(P)` for those 32 queries.
 #[inline(always)]
-pub(crate) unsafe fn probs_f16(
-    s: *const f32,
-    ld: usize,
-    nk: usize,
-    i: usize,
-    mu: *const f32,
-    p: *mut u16,
-    qld: usize,
-) -> [__m512; 2] {
+pub(crate) unsafe fn probs_f16(t: &Probs, i: usize) {
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     let c = [
         splat_ph(EXP2_P[0]),
@@ -106,18 +107,21 @@ pub(crate) unsafe fn probs_f16(
         splat_ph(1.0),
         splat_ph(CUT),
     ];
-    let (m0, m1) = (_mm512_loadu_ps(mu.add(i)), _mm512_loadu_ps(mu.add(i + 16)));
+    let (m0, m1) = (
+        _mm512_loadu_ps(t.mu.add(i)),
+        _mm512_loadu_ps(t.mu.add(i + 16)),
+    );
     let mut sums = [_mm512_setzero_ps(); 2];
     let mut j0 = 0;
-    while j0 < nk {
-        let end = (j0 + SUM_CHUNK).min(nk);
+    while j0 < t.nk {
+        let end = (j0 + SUM_CHUNK).min(t.nk);
         let mut acc = _mm512_setzero_si512();
         for j in j0..end {
-            let row = s.add(j * ld + i);
+            let row = t.s.add(j * t.ld + i);
             let lo = _mm512_cvtps_ph::<NEAREST>(_mm512_sub_ps(_mm512_loadu_ps(row), m0));
             let hi = _mm512_cvtps_ph::<NEAREST>(_mm512_sub_ps(_mm512_loadu_ps(row.add(16)), m1));
             let e = exp2_ph(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), &c);
-            _mm512_storeu_si512(p.add(j * qld + i) as *mut _, e);
+            _mm512_storeu_si512(t.p.add(j * t.qld + i) as *mut _, e);
             acc = add_ph(acc, e);
         }
         let lo = _mm512_cvtph_ps(_mm512_castsi512_si256(acc));
@@ -125,5 +129,13 @@ pub(crate) unsafe fn probs_f16(
         sums = [_mm512_add_ps(sums[0], lo), _mm512_add_ps(sums[1], hi)];
         j0 = end;
     }
-    sums
+    for (h, sum) in sums.into_iter().enumerate() {
+        let q = i + 16 * h;
+        let l = _mm512_fmadd_ps(
+            _mm512_loadu_ps(t.l.add(q)),
+            _mm512_loadu_ps(t.alpha.add(q)),
+            sum,
+        );
+        _mm512_storeu_ps(t.l.add(q), l);
+    }
 }
