@@ -139,3 +139,75 @@ pub(crate) unsafe fn probs_f16(t: &Probs, i: usize) {
         _mm512_storeu_ps(t.l.add(q), l);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{probs_f16, Probs};
+    use half::f16;
+    use rand::{Rng, SeedableRng};
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn run(t: &Probs, queries: usize) {
+        for i in (0..queries).step_by(32) {
+            probs_f16(t, i);
+        }
+    }
+
+    /// Against f64 `exp2` on fresh random scores (a sharp and a flat spread, 37 keys so the
+    /// f16 row sums flush mid-block), with -inf, NaN and very negative scores planted.
+    #[test]
+    fn probs_match_exp2_and_keep_nan() {
+        if !std::arch::is_x86_feature_detected!("avx512fp16") {
+            eprintln!("SKIP probs_match_exp2_and_keep_nan: this CPU has no AVX512-FP16");
+            return;
+        }
+        let (nk, q, ld, qld) = (37, 64, 80, 72);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
+        let mut s: Vec<f32> = (0..nk * ld)
+            .map(|x| rng.random_range(-1.0..1.0) * if x % 2 == 0 { 30.0 } else { 3.0 })
+            .collect();
+        s[3 * ld + 5] = f32::NEG_INFINITY;
+        s[4 * ld + 6] = f32::NAN;
+        s[5 * ld + 7] = -1e30;
+        let mu: Vec<f32> = (0..q)
+            .map(|i| (0..nk).map(|j| s[j * ld + i]).fold(f32::MIN, f32::max))
+            .collect();
+        let alpha: Vec<f32> = (0..q).map(|_| rng.random_range(0.0..1.0)).collect();
+        let l0: Vec<f32> = (0..q).map(|_| rng.random_range(0.0..10.0)).collect();
+        let (mut l, mut p) = (l0.clone(), vec![0u16; nk * qld]);
+        let t = Probs {
+            s: s.as_ptr(),
+            ld,
+            nk,
+            mu: mu.as_ptr(),
+            alpha: alpha.as_ptr(),
+            l: l.as_mut_ptr(),
+            p: p.as_mut_ptr(),
+            qld,
+        };
+        unsafe { run(&t, q) };
+        for i in 0..q {
+            let mut sum = 0.0f64;
+            for j in 0..nk {
+                let want = (s[j * ld + i] as f64 - mu[i] as f64).exp2();
+                let got = f16::from_bits(p[j * qld + i]).to_f64();
+                sum += want;
+                let at = format!("key {j}, query {i}: got {got}, want {want}");
+                if want.is_nan() {
+                    assert!(got.is_nan(), "{at}");
+                } else {
+                    // f16 keeps ~11 bits of `S - m`: the error grows with |S - m| where P is small.
+                    let tol = 1.5e-3 * want + 2e-5;
+                    assert!((got - want).abs() <= tol, "{at}");
+                }
+            }
+            let want_l = l0[i] as f64 * alpha[i] as f64 + sum;
+            if sum.is_nan() {
+                assert!(l[i].is_nan(), "query {i}: l {} should be NaN", l[i]);
+            } else {
+                let err = (l[i] as f64 - want_l).abs() / want_l;
+                assert!(err < 2e-3, "query {i}: l {} want {want_l}", l[i]);
+            }
+        }
+    }
+}
