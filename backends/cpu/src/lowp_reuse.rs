@@ -42,12 +42,22 @@ impl PackedBlocks {
         self.held.fill(None);
     }
 
+    /// The slot of the block from `j0`: its own, or the last (scratch, never held) for blocks
+    /// past the kept ones and those off the block grid (a window's first block).
+    #[inline(always)]
+    fn slot(&self, j0: usize) -> usize {
+        let scratch = self.held.len() - 1;
+        if j0.is_multiple_of(self.block_n) {
+            (j0 / self.block_n).min(scratch)
+        } else {
+            scratch
+        }
+    }
+
     /// Whether a slot holds the block of `nk` keys from `j0` (a `get` of it packs nothing).
+    #[inline(always)]
     pub fn holds(&self, j0: usize, nk: usize) -> bool {
-        let slot = j0 / self.block_n;
-        j0.is_multiple_of(self.block_n)
-            && slot + 1 < self.held.len()
-            && matches!(self.held[slot], Some((j, n, _)) if (j, n) == (j0, nk))
+        matches!(self.held[self.slot(j0)], Some((j, n, _)) if (j, n) == (j0, nk))
     }
 
     /// The block of `nk` keys from `j0`: its packed operand and scale, packed by
@@ -59,13 +69,7 @@ impl PackedBlocks {
         nk: usize,
         pack: impl FnOnce(&mut [u16]) -> f32,
     ) -> (*const u16, f32) {
-        let scratch = self.held.len() - 1;
-        // Blocks that do not start on the block grid (a window's first block) are not kept.
-        let slot = if j0.is_multiple_of(self.block_n) {
-            (j0 / self.block_n).min(scratch)
-        } else {
-            scratch
-        };
+        let slot = self.slot(j0);
         let at = slot * self.slot_len;
         let ptr = self.buf.as_u16().wrapping_add(at);
         if let Some((j, n, scale)) = self.held[slot] {
@@ -75,7 +79,7 @@ impl PackedBlocks {
         }
         let dst = &mut self.buf.as_mut_u16()[at..at + self.slot_len];
         let scale = pack(dst);
-        if slot < scratch {
+        if slot + 1 < self.held.len() {
             self.held[slot] = Some((j0, nk, scale));
         }
         (ptr, scale)
