@@ -98,7 +98,8 @@ impl Scratch {
             l: AlignedBuf::zeroed(block_m),
             alpha: AlignedBuf::zeroed(block_m),
             m_use: AlignedBuf::zeroed(block_m),
-            m_blk: AlignedBuf::zeroed(block_m),
+            // Whole 64-column groups: the f16 tiles fold their column max straight into it.
+            m_blk: AlignedBuf::zeroed(block_m.next_multiple_of(64)),
             row: vec![0.0; d.max(p.dv_pad)],
             lo: vec![0; block_m],
             hi: vec![0; block_m],
@@ -246,12 +247,9 @@ pub(crate) trait Products<S: Simd> {
     unsafe fn probs_target(_p: &Problem, _sc: &mut Scratch) -> (*mut u16, usize) {
         (std::ptr::null_mut(), 0)
     }
-    /// Copies the column max of S^T that `scores` folded in its tiles into `m_blk` (rows
-    /// `0..rows_l`); false where the tiles fold none (the caller then takes the max itself).
-    #[inline(always)]
-    unsafe fn folded_max(_sc: &mut Scratch, _rows_l: usize) -> bool {
-        false
-    }
+    /// Whether `scores` leaves the column max of S^T in `m_blk` (its tiles fold it while
+    /// they store S^T); otherwise the softmax takes the max itself.
+    const FOLDS_MAX: bool = false;
     /// The probabilities (and their row sums, into `l`) of the query rows `0..n` that the
     /// tiles compute in their own arithmetic, returning `n`; the f32 pass does the rest.
     #[inline(always)]
@@ -423,7 +421,7 @@ unsafe fn online_softmax<S: Simd, O: Products<S>>(
     let (ld, nk, rows_l) = (blk.key_stride, blk.nk, blk.rows_l);
     let to = O::probs_target(p, sc);
     let sp = sc.s.as_mut_ptr();
-    if !(as_scored && O::folded_max(sc, rows_l)) {
+    if !(as_scored && O::FOLDS_MAX) {
         let mb = sc.m_blk.as_mut_ptr();
         for ig in (0..rows_l).step_by(S::LANES) {
             let mut mx = S::splat(f32::NEG_INFINITY);

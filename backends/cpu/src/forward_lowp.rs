@@ -94,8 +94,6 @@ pub(crate) struct LowScratch {
     q_scale: f32,
     /// Lines of blocks not yet packed, prefetched while the Q·K^T tiles run.
     paced: Paced,
-    /// The f16 tiles' column max of the block's S^T (`LowTile::max`).
-    col_max: AlignedBuf,
 }
 
 impl LowScratch {
@@ -113,7 +111,6 @@ impl LowScratch {
                 tmp: Vec::new(),
                 q_scale: 1.0,
                 paced: Paced::default(),
-                col_max: AlignedBuf::zeroed(0),
             };
         };
         let padded = block_n.next_multiple_of(l.kw);
@@ -126,7 +123,6 @@ impl LowScratch {
             tmp: vec![0; l.kld.max(l.dv)],
             q_scale: 1.0,
             paced: Paced::default(),
-            col_max: AlignedBuf::zeroed(l.qld),
         }
     }
 }
@@ -216,12 +212,14 @@ impl<L: Lowp> Products<L> for LowProducts {
             .paced
             .pace(block::qk_tiles::<LowTiles<L>>(blk.nk, &cols));
         let scale = p.q_mul as f64 / (sc.low.q_scale as f64 * k_scale as f64);
-        // The tiles cover whole 64-column groups from the group of `cols.start`.
-        let max = if L::FORMAT == Format::F16 {
-            let cm = sc.low.col_max.as_mut_slice();
-            let end = cols.end.next_multiple_of(L::NV * L::COLS).min(cm.len());
-            cm[..end].fill(f32::NEG_INFINITY);
-            cm.as_mut_ptr()
+        // The f16 tiles fold the column max into `m_blk` (`FOLDS_MAX`); they cover whole
+        // 64-column groups from the group of `cols.start`.
+        let max = if <Self as Products<L>>::FOLDS_MAX {
+            let mb = sc.m_blk.as_mut_slice();
+            let end = cols.end.next_multiple_of(L::NV * L::COLS);
+            debug_assert!(end <= mb.len(), "m_blk holds whole tile groups");
+            mb[..end].fill(f32::NEG_INFINITY);
+            mb.as_mut_ptr()
         } else {
             std::ptr::null_mut()
         };
@@ -280,15 +278,8 @@ impl<L: Lowp> Products<L> for LowProducts {
         block::pv_product::<LowTiles<L>>(rows, l.dv_pad, t);
     }
 
-    /// The f16 tiles fold the block's column max while they store S^T.
-    #[inline(always)]
-    unsafe fn folded_max(sc: &mut Scratch, rows_l: usize) -> bool {
-        if L::FORMAT != Format::F16 {
-            return false;
-        }
-        sc.m_blk.as_mut_slice()[..rows_l].copy_from_slice(&sc.low.col_max.as_slice()[..rows_l]);
-        true
-    }
+    /// The f16 tiles fold the block's column max while they store S^T (`scores`).
+    const FOLDS_MAX: bool = matches!(L::FORMAT, Format::F16);
 
     /// On the f16 tiles, P of the whole 32-query groups in f16 arithmetic (`lowp_exp.rs`):
     /// half the instructions of the f32 pass, which is a sixth of the time at d 64.
